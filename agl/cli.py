@@ -1,0 +1,68 @@
+"""The ``agl`` command line: ``agl ingest|info|train|evaluate|tune|predict|bench``.
+
+Each feature area registers its own sub-commands (``register(subparsers)`` in the
+modules listed in ``_COMMAND_MODULES``), so this file stays a thin dispatcher.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from agl.errors import AGLError
+
+# Modules that expose ``register(subparsers: argparse._SubParsersAction) -> None``.
+# A sub-command's handler is stored as ``func`` in its parser defaults and returns an exit code.
+_COMMAND_MODULES = (
+    "agl.data.commands",
+    "agl.commands",
+    "agl.distributed.commands",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agl",
+        description="Auxiliary Gene Learning: spatial gene expression from H&E, with DkGSB gene selection.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    bench = sub.add_parser("bench", help="benchmarks that print figures and write JSON results")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT")
+    bench.set_defaults(func=lambda a: (bench.print_help(), 2)[1])
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:  # an optional feature area not present in this install
+                continue
+            raise
+        module.register(sub, bench_sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except AGLError as err:
+        print(f"agl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"agl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Patch extraction (placeholder until implemented)."""
+def extract_patches(*a, **k):
+    raise NotImplementedError
