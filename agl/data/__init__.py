@@ -1,13 +1,13 @@
 """Data: readers into the canonical AnnData, patch extraction, preprocessing and the store."""
+from agl.data.patches import extract_patches
 from agl.data.readers import (
     READERS,
-
+    read_anndata,
     read_her2st,
-
+    read_hest,
     read_slides,
-
+    read_visium,
 )
-from agl.data.patches import extract_patches
 
 __all__ = [
     "READERS",

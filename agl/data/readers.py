@@ -60,7 +60,7 @@ def _require_file(path: Path, what: str) -> Path:
 
 
 def counts_to_csr(values: Any, path: Path | str, barcodes: Sequence[str] | None = None,
-                  genes: Sequence[str] | None = None) -> sp.csr_matrix:
+                  genes: Sequence[str] | None = None, what: str = "counts") -> sp.csr_matrix:
     """Check raw counts (dense array or sparse matrix) and return them as int32 CSR.
 
     Raises DataError on NaN/inf, negative, non-integer or int32-overflowing values, naming
@@ -68,7 +68,7 @@ def counts_to_csr(values: Any, path: Path | str, barcodes: Sequence[str] | None 
     """
     mat = sp.csr_matrix(values) if not sp.issparse(values) else values.tocsr()
     if mat.dtype.kind not in "biuf":
-        raise DataError(path, f"counts must be numeric, got dtype {mat.dtype}")
+        raise DataError(path, f"{what} must be numeric, got dtype {mat.dtype}")
     data = mat.data
 
     def where(mask: np.ndarray) -> str:
@@ -82,16 +82,16 @@ def counts_to_csr(values: Any, path: Path | str, barcodes: Sequence[str] | None 
     if data.dtype.kind == "f":
         bad = ~np.isfinite(data)
         if bad.any():
-            raise DataError(path, f"NaN or infinite counts ({where(bad)})")
+            raise DataError(path, f"NaN or infinite {what} ({where(bad)})")
         bad = data != np.round(data)
         if bad.any():
-            raise DataError(path, f"counts are not integers (raw UMI counts expected; {where(bad)})")
+            raise DataError(path, f"{what} are not integers (raw UMI counts expected; {where(bad)})")
     bad = data < 0
     if bad.any():
-        raise DataError(path, f"negative counts ({where(bad)})")
+        raise DataError(path, f"negative {what} ({where(bad)})")
     bad = data > _INT32_MAX
     if bad.any():
-        raise DataError(path, f"counts overflow int32 ({where(bad)})")
+        raise DataError(path, f"{what} overflow int32 ({where(bad)})")
     out = sp.csr_matrix((data.astype(np.int32), mat.indices, mat.indptr), shape=mat.shape)
     out.eliminate_zeros()
     out.sort_indices()
@@ -167,8 +167,7 @@ def assemble(slides: Sequence[SlideData]) -> ad.AnnData:
             log.warning("%s: slide %s has %d genes that other slides lack; dropped them "
                         "(%d genes kept)", s.source or s.slide_id, s.slide_id, dropped, len(common))
         cols = pd.Index(s.genes).get_indexer(common)
-        blocks.append(s.counts[:, cols] if dropped or not np.array_equal(cols, np.arange(len(cols)))
-                      else s.counts)
+        blocks.append(s.counts if np.array_equal(cols, np.arange(len(s.genes))) else s.counts[:, cols])
         meta = dict(s.meta)
         meta["dropped_genes"] = int(dropped)
         meta["n_spots"] = int(s.counts.shape[0])
@@ -294,17 +293,15 @@ def read_her2st_section(root: str | Path, section: str, *, require_image: bool =
         raise DataError(spot_path, "non-numeric array coordinates x/y")
     pos_ids = pd.Index(pos["x"].round().astype(int).astype(str) + "x" + pos["y"].round().astype(int).astype(str))
     _check_unique_barcodes(pos_ids, spot_path)
-    # Spots without a pixel position count as unmatched (there is nowhere to cut a patch).
-    no_pixel = ~np.isfinite(pos[["pixel_x", "pixel_y", "new_x", "new_y"]].to_numpy(float)).all(axis=1)
+    rows, pos_rows, n_dropped = _join_spots(pd.Index(count_ids), pos_ids, counts_path, spot_path, strict)
+    # Matched spots without a pixel position are dropped too: there is nowhere to cut a patch.
+    no_pixel = ~np.isfinite(pos[["pixel_x", "pixel_y", "new_x", "new_y"]].to_numpy(float)[pos_rows]).all(axis=1)
     if no_pixel.any():
-        problem = f"{int(no_pixel.sum())} spots lack pixel coordinates (e.g. {list(pos_ids[no_pixel][:3])})"
+        problem = f"{int(no_pixel.sum())} spots lack pixel coordinates (e.g. {list(pos_ids[pos_rows[no_pixel]][:3])})"
         if strict:
             raise DataError(spot_path, problem)
         log.warning("%s: %s; dropped them", spot_path, problem)
-        pos, pos_ids = pos[~no_pixel].reset_index(drop=True), pos_ids[~no_pixel]
-
-    rows, pos_rows, n_dropped = _join_spots(pd.Index(count_ids), pos_ids, counts_path, spot_path, strict)
-    n_dropped += int(no_pixel.sum())
+        rows, pos_rows, n_dropped = rows[~no_pixel], pos_rows[~no_pixel], n_dropped + int(no_pixel.sum())
     if len(rows) == 0:
         raise DataError(counts_path, f"no spots left after joining with {spot_path.name}")
     barcodes = count_ids[rows]
@@ -317,11 +314,11 @@ def read_her2st_section(root: str | Path, section: str, *, require_image: bool =
         raise DataError(spot_path, f"only {len(rows)} spots: too few to estimate the pixel size")
     mpp, rms = estimate_mpp_from_grid(array_xy, pixels)
     meta = {
-        "image_path": str(image.resolve()) if image is not None else None,
+        "image_path": str(image.absolute()) if image is not None else None,
         "microns_per_pixel": mpp,
         "spot_diameter_um": ST_SPOT_UM,
         "source_format": "her2st",
-        "source_files": [str(p.resolve()) for p in (counts_path, spot_path, image) if p is not None],
+        "source_files": [str(p.absolute()) for p in (counts_path, spot_path, image) if p is not None],
         "dropped_spots": int(n_dropped),
         "mpp_fit_rms_px": rms,  # how well the spots sit on a regular grid
     }
@@ -357,7 +354,322 @@ def read_her2st(root: str | Path, sections: Sequence[str] | str | None = None, *
     return assemble(slides)
 
 
-READERS: dict[str, Callable[..., ad.AnnData]] = {"her2st": read_her2st}
+
+# --------------------------------------------------------------------------- HEST-1k
+
+# HEST-1k (mahmoodlab/HEST, src/hest/HESTData.py, HESTData.dump_patches): patches are cut
+# around adata.obsm["spatial"] at 0.5 um/px, 224 px wide; the .h5 holds "img" [N,224,224,3]
+# uint8, "coords" = the patch's TOP-LEFT corner in full-resolution pixels
+# (coords_center - patch_size_src // 2) and "barcode" [N,1] bytes (adata.obs index).
+HEST_PATCH_PX = 224
+HEST_PATCH_MPP = 0.5
+
+
+def _decode(values: np.ndarray) -> np.ndarray:
+    flat = np.asarray(values).reshape(len(values), -1)[:, 0] if np.ndim(values) > 1 else np.asarray(values)
+    return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in flat], dtype=str)
+
+
+def _read_h5ad(path: Path) -> ad.AnnData:
+    _require_file(path, "AnnData file")
+    try:
+        return ad.read_h5ad(path)
+    except Exception as err:  # anndata/h5py raise many types for damaged files
+        raise DataError(path, f"cannot read the AnnData file: {type(err).__name__}: {err}") from err
+
+
+def _counts_of(adata: ad.AnnData, path: Path) -> tuple[Any, str]:
+    """Raw counts of an AnnData: layers["counts"] if present, else X (which must be integer)."""
+    if "counts" in adata.layers:
+        return adata.layers["counts"], "layers['counts']"
+    if adata.X is None:
+        raise DataError(path, "no counts: X is empty and there is no layers['counts']")
+    return adata.X, "X"
+
+
+def _hest_meta(path: Path) -> dict[str, Any]:
+    _require_file(path, "HEST metadata file")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(path, f"cannot read the metadata JSON: {err}") from err
+
+
+def _positive_float(value: Any, path: Path, key: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise DataError(path, f"{key} must be a number, got {value!r}") from None
+    if not np.isfinite(out) or out <= 0:
+        raise DataError(path, f"{key} must be positive, got {value!r}")
+    return out
+
+
+def read_hest_sample(root: str | Path, sample_id: str, *, duplicate_genes: str = "error") -> SlideData:
+    """One HEST-1k sample: ``st/{id}.h5ad``, ``metadata/{id}.json``, optional patches and WSI."""
+    root = Path(root)
+    st_path = root / "st" / f"{sample_id}.h5ad"
+    meta_path = root / "metadata" / f"{sample_id}.json"
+    adata = _read_h5ad(st_path)
+    meta = _hest_meta(meta_path)
+    key = next((k for k in ("pixel_size_um_estimated", "pixel_size_um_embedded") if meta.get(k)), None)
+    if key is None:
+        raise DataError(meta_path, "no pixel size (pixel_size_um_estimated / pixel_size_um_embedded)")
+    mpp = _positive_float(meta[key], meta_path, key)
+    spot_um = meta.get("spot_diameter")
+    spot_um = _positive_float(spot_um, meta_path, "spot_diameter") if spot_um is not None else None
+
+    barcodes = np.asarray(adata.obs_names, dtype=str)
+    _check_unique_barcodes(barcodes, st_path)
+    if "spatial" in adata.obsm:
+        pixels = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+    elif {"pxl_col_in_fullres", "pxl_row_in_fullres"} <= set(adata.obs.columns):
+        pixels = adata.obs[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
+    else:
+        raise DataError(st_path, "no spot positions (obsm['spatial'] or obs pxl_col/row_in_fullres)")
+    _check_pixels(pixels, barcodes, st_path)
+    values, where = _counts_of(adata, st_path)
+    counts = counts_to_csr(values, st_path, barcodes, list(adata.var_names), where)
+    counts, genes = resolve_duplicate_genes(counts, list(adata.var_names), st_path, duplicate_genes)
+
+    wsi = next((p for p in sorted((root / "wsis").glob(f"{sample_id}.*"))
+                if p.suffix.lower() in IMAGE_SUFFIXES), None) if (root / "wsis").is_dir() else None
+    patches = root / "patches" / f"{sample_id}.h5"
+    if not patches.is_file() and wsi is None:
+        raise DataError(root / "wsis" / f"{sample_id}.tif", "missing image: neither the WSI nor "
+                        f"{patches} exists")
+    info = {
+        "image_path": str(wsi.absolute()) if wsi is not None else None,
+        "microns_per_pixel": mpp,
+        "spot_diameter_um": spot_um,
+        "source_format": "hest",
+        "source_files": [str(p.absolute()) for p in (st_path, meta_path, patches, wsi)
+                         if p is not None and p.is_file()],
+        "dropped_spots": 0,
+    }
+    if patches.is_file():
+        info["patches_h5"] = str(patches.absolute())
+        info["patches_um_per_px"] = HEST_PATCH_MPP
+    extra = {c: adata.obs[c].to_numpy() for c in ("array_row", "array_col") if c in adata.obs}
+    return SlideData(sample_id, counts, genes, barcodes, pixels, info, extra, str(st_path))
+
+
+def read_hest(root: str | Path, sample_ids: Sequence[str] | str | None = None, *,
+              duplicate_genes: str = "error") -> ad.AnnData:
+    """Read HEST-1k samples (``st/``, ``metadata/``, ``patches/``, ``wsis/``) without the hest package.
+
+    ``sample_ids=None`` reads every ``st/{id}.h5ad``. The pixel size comes from the metadata's
+    ``pixel_size_um_estimated``; pre-extracted patches are recorded as ``patches_h5``.
+    """
+    root = Path(root)
+    if not (root / "st").is_dir():
+        raise DataError(root / "st", "missing folder: not a HEST-1k layout")
+    if isinstance(sample_ids, str):
+        sample_ids = [sample_ids]
+    if sample_ids is None:
+        sample_ids = sorted(p.stem for p in (root / "st").glob("*.h5ad"))
+        if not sample_ids:
+            raise DataError(root / "st", "no .h5ad samples")
+    return assemble([read_hest_sample(root, s, duplicate_genes=duplicate_genes) for s in sample_ids])
+
+
+# --------------------------------------------------------------------------- 10x Visium
+
+_POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+
+
+def read_10x_h5(path: Path, feature_type: str = "Gene Expression") -> tuple[sp.csr_matrix, list[str], np.ndarray]:
+    """Counts (barcodes x genes, int32 CSR), gene symbols and barcodes of a 10x HDF5 matrix."""
+    _require_file(path, "10x feature-barcode matrix")
+    try:
+        with h5py.File(path, "r") as f:
+            if "matrix" not in f:
+                raise DataError(path, "no 'matrix' group: not a Space Ranger v3+ HDF5 matrix")
+            m = f["matrix"]
+            n_features, n_barcodes = (int(v) for v in m["shape"][:])
+            # 10x stores features x barcodes in CSC, i.e. barcodes x features in CSR.
+            data = m["data"][:]
+            mat = sp.csr_matrix((data, m["indices"][:], m["indptr"][:]), shape=(n_barcodes, n_features))
+            barcodes = _decode(m["barcodes"][:])
+            names = _decode(m["features/name"][:])
+            types = _decode(m["features/feature_type"][:]) if "feature_type" in m["features"] else None
+    except DataError:
+        raise
+    except (OSError, KeyError, ValueError) as err:
+        raise DataError(path, f"cannot read the 10x HDF5 matrix: {type(err).__name__}: {err}") from err
+    if types is not None:
+        keep = np.flatnonzero(types == feature_type)
+        if len(keep) == 0:
+            raise DataError(path, f"no {feature_type!r} features")
+        mat, names = mat[:, keep], names[keep]
+    return counts_to_csr(mat, path, barcodes, names), list(names), barcodes
+
+
+def _read_positions(spatial: Path) -> tuple[pd.DataFrame, Path]:
+    new, old = spatial / "tissue_positions.csv", spatial / "tissue_positions_list.csv"
+    if new.is_file():
+        path, kw = new, {"header": 0}
+    elif old.is_file():
+        path, kw = old, {"header": None, "names": _POSITION_COLUMNS}
+    else:
+        raise DataError(new, "missing spot positions (tissue_positions.csv or tissue_positions_list.csv)")
+    try:
+        pos = pd.read_csv(path, engine="c", dtype={"barcode": str} if "names" not in kw else {0: str}, **kw)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(path, f"cannot read spot positions: {err}") from err
+    missing = [c for c in _POSITION_COLUMNS if c not in pos.columns]
+    if missing:
+        raise DataError(path, f"lacks columns {missing}")
+    return pos, path
+
+
+def read_visium(outs_dir: str | Path, image_path: str | Path | None = None, *,
+                slide_id: str | None = None, duplicate_genes: str = "error",
+                strict: bool = False) -> ad.AnnData:
+    """Read a Space Ranger ``outs/`` folder (filtered matrix, spatial/ positions and scale factors).
+
+    The full-resolution image is ``image_path`` or the single image in ``outs_dir`` or its
+    parent. ``microns_per_pixel = 55 / spot_diameter_fullres``.
+    """
+    outs = Path(outs_dir)
+    h5 = outs / "filtered_feature_bc_matrix.h5"
+    counts, genes, barcodes = read_10x_h5(h5)
+    _check_unique_barcodes(barcodes, h5)
+    counts, genes = resolve_duplicate_genes(counts, genes, h5, duplicate_genes)
+    pos, pos_path = _read_positions(outs / "spatial")
+    pos_ids = pd.Index(pos["barcode"].astype(str))
+    _check_unique_barcodes(pos_ids, pos_path)
+    # Positions list every spot on the slide; only barcodes of the matrix without a position matter.
+    missing = pd.Index(barcodes).difference(pos_ids, sort=False)
+    if len(missing):
+        problem = f"{len(missing)} barcodes have no position in {pos_path.name} (e.g. {list(missing[:3])})"
+        if strict:
+            raise DataError(h5, problem)
+        log.warning("%s: %s; dropped them", h5, problem)
+    rows = np.flatnonzero(pd.Index(barcodes).isin(pos_ids))
+    if len(rows) == 0:
+        raise DataError(h5, f"no barcode has a position in {pos_path.name}")
+    pos = pos.iloc[pos_ids.get_indexer(barcodes[rows])]
+    pixels = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
+    _check_pixels(pixels, barcodes[rows], pos_path)
+
+    sf_path = _require_file(outs / "spatial" / "scalefactors_json.json", "scale factors")
+    try:
+        scalefactors = json.loads(sf_path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(sf_path, f"cannot read the scale factors JSON: {err}") from err
+    if "spot_diameter_fullres" not in scalefactors:
+        raise DataError(sf_path, "lacks spot_diameter_fullres")
+    diameter_px = _positive_float(scalefactors["spot_diameter_fullres"], sf_path, "spot_diameter_fullres")
+
+    if image_path is None:
+        image = _single_image(outs) or _single_image(outs.parent)
+        if image is None:
+            raise DataError(outs, "missing full-resolution image: none found in the folder or its "
+                                  "parent; pass image_path")
+    else:
+        image = _require_file(Path(image_path), "full-resolution image")
+    sid = slide_id or (outs.parent.name if outs.name == "outs" else outs.name)
+    info = {
+        "image_path": str(image.absolute()),
+        "microns_per_pixel": VISIUM_SPOT_UM / diameter_px,
+        "spot_diameter_um": VISIUM_SPOT_UM,
+        "source_format": "visium",
+        "source_files": [str(p.absolute()) for p in (h5, pos_path, sf_path, image)],
+        "dropped_spots": int(len(missing)),
+    }
+    extra = {"array_row": pos["array_row"].to_numpy(np.int64), "array_col": pos["array_col"].to_numpy(np.int64)}
+    return assemble([SlideData(sid, counts[rows], genes, barcodes[rows], pixels, info, extra, str(h5))])
+
+
+# --------------------------------------------------------------------------- generic .h5ad
+
+
+def _plain(value: Any) -> Any:
+    """uns values as plain Python (h5ad turns lists into arrays and floats into numpy scalars)."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def read_anndata(path: str | Path, *, image_path: str | Path | None = None, slide_id: str | None = None,
+                 microns_per_pixel: float | None = None, spot_diameter_um: float | None = None,
+                 duplicate_genes: str = "error") -> ad.AnnData:
+    """Read a generic ``.h5ad`` with ``obsm["spatial"]`` (or a canonical agl AnnData).
+
+    Raw counts come from ``layers["counts"]`` if present, else ``X`` (must be integer-valued).
+    A file that already has ``obs["slide_id"]`` and ``uns["slides"]`` keeps its slides; any
+    other file is one slide whose image and pixel size come from the arguments or from
+    ``uns`` (``image_path``, ``microns_per_pixel``, ``spot_diameter_um``).
+    """
+    path = Path(path)
+    adata = _read_h5ad(path)
+    if "spatial" not in adata.obsm:
+        raise DataError(path, "no obsm['spatial'] spot positions")
+    values, where = _counts_of(adata, path)
+    genes = [str(g) for g in adata.var_names]
+    pixels_all = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+    barcodes_all = (adata.obs[schema.OBS_BARCODE].astype(str).to_numpy() if schema.OBS_BARCODE in adata.obs
+                    else np.asarray(adata.obs_names, dtype=str))
+    uns_slides = _plain(dict(adata.uns.get(schema.UNS_SLIDES, {})))
+    if schema.OBS_SLIDE in adata.obs and uns_slides:  # already canonical: keep its slides
+        slide_of = adata.obs[schema.OBS_SLIDE].astype(str).to_numpy()
+        order = list(dict.fromkeys(slide_of))
+        if slide_id is not None:
+            if len(order) != 1:
+                raise DataError(path, f"slide_id given but the file holds {len(order)} slides {order}")
+            uns_slides = {slide_id: uns_slides.get(order[0], {})}
+            slide_of, order = np.full(adata.n_obs, slide_id), [slide_id]
+    else:
+        sid = slide_id or path.stem
+        slide_of, order = np.full(adata.n_obs, sid), [sid]
+        uns = _plain(dict(adata.uns))
+        uns_slides = {sid: {
+            "image_path": image_path if image_path is not None else uns.get("image_path"),
+            "microns_per_pixel": microns_per_pixel if microns_per_pixel is not None else
+            uns.get("microns_per_pixel", uns.get("pixel_size_um_estimated")),
+            "spot_diameter_um": spot_diameter_um if spot_diameter_um is not None else uns.get("spot_diameter_um"),
+        }}
+    counts_all = counts_to_csr(values, path, barcodes_all, genes, where)
+    counts_all, genes = resolve_duplicate_genes(counts_all, genes, path, duplicate_genes)
+    slides = []
+    for sid in order:
+        rows = np.flatnonzero(slide_of == sid)
+        meta = dict(uns_slides.get(sid, {}))
+        if image_path is not None:
+            meta["image_path"] = str(image_path)
+        if microns_per_pixel is not None:
+            meta["microns_per_pixel"] = microns_per_pixel
+        if spot_diameter_um is not None:
+            meta["spot_diameter_um"] = spot_diameter_um
+        if meta.get("microns_per_pixel") is None:
+            raise DataError(path, f"slide {sid!r}: unknown pixel size; pass microns_per_pixel "
+                                  "or store uns['microns_per_pixel']")
+        meta["microns_per_pixel"] = _positive_float(meta["microns_per_pixel"], path, "microns_per_pixel")
+        if meta.get("image_path") is not None:
+            meta["image_path"] = str(Path(meta["image_path"]).absolute())
+        meta.setdefault("spot_diameter_um", None)
+        meta.setdefault("source_format", "anndata")
+        meta["source_files"] = list(meta.get("source_files") or []) or [str(path.absolute())]
+        barcodes = barcodes_all[rows]
+        _check_unique_barcodes(barcodes, path)
+        _check_pixels(pixels_all[rows], barcodes, path)
+        extra = {c: adata.obs[c].to_numpy()[rows] for c in ("array_row", "array_col") if c in adata.obs}
+        slides.append(SlideData(sid, counts_all[rows], genes, barcodes, pixels_all[rows], meta, extra, str(path)))
+    return assemble(slides)
+
+
+READERS: dict[str, Callable[..., ad.AnnData]] = {
+    "her2st": read_her2st,
+    "hest": read_hest,
+    "visium": read_visium,
+    "anndata": read_anndata,
+    "h5ad": read_anndata,
+}
 
 
 def read_slides(fmt: str, path: str | Path, **kw: Any) -> ad.AnnData:

@@ -1,0 +1,248 @@
+"""Readers on the real her2st release, and exact round trips through HEST, Visium and h5ad layouts."""
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from agl.data import extract_patches, schema
+from agl.data.readers import (READERS, estimate_mpp_from_grid, read_anndata, read_her2st, read_hest,
+                              read_slides, read_visium)
+from agl.errors import DataError
+from layouts import write_hest, write_visium
+
+
+@pytest.fixture(scope="module")
+def b4_c2(her2st_dir):
+    return read_her2st(her2st_dir, ["B4", "C2"])
+
+
+def _tsv_counts(her2st_dir, section):
+    return pd.read_csv(her2st_dir / "ST-cnts" / f"{section}.tsv.gz", sep="\t", index_col=0)
+
+
+def test_her2st_spot_counts_and_schema(b4_c2):
+    schema.validate_canonical(b4_c2)
+    n = b4_c2.obs["slide_id"].value_counts()
+    assert n["B4"] == 283 and n["C2"] == 187  # the data README's numbers after the join
+    assert b4_c2.uns["slides"]["B4"]["dropped_spots"] == 1  # 18x20 has no counts row
+    assert b4_c2.uns["slides"]["C2"]["dropped_spots"] == 0
+    assert isinstance(b4_c2.X, sp.csr_matrix)
+    assert b4_c2.X.dtype == np.int32
+
+
+def test_her2st_counts_equal_tsv(b4_c2, her2st_dir):
+    for section in ("B4", "C2"):
+        table = _tsv_counts(her2st_dir, section)
+        sub = b4_c2[b4_c2.obs["slide_id"] == section]
+        barcodes = sub.obs["barcode"].tolist()
+        genes = ["ERBB2", "GAPDH", "ACTB", "KRT19", str(b4_c2.var_names[7])]
+        got = sub[:, genes].X.toarray()
+        want = table.loc[barcodes, genes].to_numpy()
+        np.testing.assert_array_equal(got, want)
+        assert got.sum() > 0
+        # Whole matrix of the shared genes, not only a few columns.
+        np.testing.assert_array_equal(sub.X.toarray(), table.loc[barcodes, list(b4_c2.var_names)].to_numpy())
+
+
+def test_her2st_pixels_equal_selection_file(b4_c2, her2st_dir):
+    sel = pd.read_csv(her2st_dir / "ST-spotfiles" / "C2_selection.tsv", sep="\t")
+    sel.index = sel["x"].astype(str) + "x" + sel["y"].astype(str)
+    sub = b4_c2.obs[b4_c2.obs["slide_id"] == "C2"]
+    np.testing.assert_array_equal(sub["pixel_x"].to_numpy(), sel.loc[sub["barcode"], "pixel_x"].to_numpy())
+    np.testing.assert_array_equal(sub["pixel_y"].to_numpy(), sel.loc[sub["barcode"], "pixel_y"].to_numpy())
+    np.testing.assert_array_equal(b4_c2.obsm["spatial"][b4_c2.obs["slide_id"].to_numpy() == "C2"],
+                                  sub[["pixel_x", "pixel_y"]].to_numpy())
+
+
+def test_her2st_mpp_and_metadata(b4_c2, her2st_dir):
+    for sid in ("B4", "C2"):
+        meta = b4_c2.uns["slides"][sid]
+        assert 0.55 <= meta["microns_per_pixel"] <= 0.8  # README: about 0.69 um/px
+        assert meta["spot_diameter_um"] == 100.0
+        assert meta["source_format"] == "her2st"
+        assert meta["image_path"].endswith(".jpg")
+        assert len(meta["source_files"]) == 3
+
+
+def test_her2st_gene_intersection(b4_c2, her2st_dir):
+    header_b4 = gzip.open(her2st_dir / "ST-cnts" / "B4.tsv.gz", "rt").readline().rstrip("\n").split("\t")[1:]
+    header_c2 = gzip.open(her2st_dir / "ST-cnts" / "C2.tsv.gz", "rt").readline().rstrip("\n").split("\t")[1:]
+    common = set(header_b4) & set(header_c2)
+    assert set(b4_c2.var_names) == common
+    assert b4_c2.uns["slides"]["B4"]["dropped_genes"] == len(header_b4) - len(common)
+    assert b4_c2.uns["slides"]["C2"]["dropped_genes"] == len(header_c2) - len(common)
+
+
+def test_her2st_default_sections_need_images(her2st_dir):
+    from agl.data.readers import _her2st_sections
+
+    assert _her2st_sections(her2st_dir, require_image=True) == ["B4", "C2", "C3", "C4", "C5"]
+    assert len(_her2st_sections(her2st_dir, require_image=False)) == 35
+
+
+def test_her2st_expression_only_section(her2st_dir):
+    a = read_her2st(her2st_dir, "A1", require_image=False)
+    assert a.uns["slides"]["A1"]["image_path"] is None
+    assert a.n_obs > 100
+
+
+def test_mpp_grid_fit_recovers_known_scale():
+    # Synthetic rotated grid: 290 px per 200 um step -> 0.6897 um/px.
+    xy = np.array([[i, j] for i in range(5) for j in range(4)], dtype=float)
+    theta = 0.03
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    px = xy @ rot.T * 290.0 + [100.0, 250.0]
+    mpp, rms = estimate_mpp_from_grid(xy, px)
+    assert mpp == pytest.approx(200 / 290, rel=1e-9)
+    assert rms < 1e-6
+
+
+def test_read_slides_dispatch(her2st_dir):
+    assert "her2st" in READERS
+    a = read_slides("her2st", her2st_dir, sections=["C2"])
+    assert a.n_obs == 187
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@pytest.fixture(scope="module")
+def c3(her2st_dir):
+    return read_her2st(her2st_dir, "C3")
+
+
+def assert_same_spots(got, want, slide_id=None, mpp_rel=1e-12):
+    """Same counts, genes, barcodes, pixel positions and pixel size (slide ids may be renamed)."""
+    schema.validate_canonical(got)
+    assert list(got.var_names) == list(want.var_names)
+    assert got.obs["barcode"].tolist() == want.obs["barcode"].tolist()
+    assert got.X.dtype == np.int32
+    assert (got.X != want.X).nnz == 0
+    np.testing.assert_array_equal(got.obs[["pixel_x", "pixel_y"]].to_numpy(), want.obs[["pixel_x", "pixel_y"]].to_numpy())
+    np.testing.assert_array_equal(got.obsm["spatial"], want.obsm["spatial"])
+    (sid,) = got.obs["slide_id"].unique()
+    (want_sid,) = want.obs["slide_id"].unique()
+    assert sid == (slide_id or want_sid)
+    assert got.uns["slides"][sid]["microns_per_pixel"] == pytest.approx(
+        want.uns["slides"][want_sid]["microns_per_pixel"], rel=mpp_rel)
+
+
+@pytest.fixture(scope="module")
+def hest_root(c3, tmp_path_factory):
+    return write_hest(c3, tmp_path_factory.mktemp("hest"), "C3")
+
+
+def test_hest_round_trip(c3, hest_root):
+    got = read_hest(hest_root)
+    assert_same_spots(got, c3)
+    meta = got.uns["slides"]["C3"]
+    assert meta["source_format"] == "hest"
+    assert meta["patches_h5"].endswith("C3.h5")
+    assert meta["image_path"].endswith("C3.jpg")
+    assert got.obs["array_row"].tolist() == c3.obs["array_row"].tolist()
+    # Patches for 112 um at 224 px come straight from the .h5 (matched by barcode) ...
+    order = np.random.default_rng(0).permutation(got.n_obs)
+    shuffled = got[order].copy()
+    from_h5, keep, report = extract_patches(shuffled, progress=False)
+    assert report["slides"]["C3"]["n_from_h5"] == got.n_obs and keep.all()
+    # ... and equal the patches cut from the whole-slide image.
+    direct, _, rep2 = extract_patches(c3[order[:30]].copy(), progress=False)
+    assert rep2["slides"]["C3"]["n_from_h5"] == 0
+    np.testing.assert_array_equal(from_h5[:30], direct)
+    # A different physical size ignores the .h5 and cuts from the image.
+    _, _, rep3 = extract_patches(got[:5].copy(), patch_um=100.0, patch_px=64, progress=False)
+    assert rep3["slides"]["C3"]["n_from_h5"] == 0
+    # A different pixel count with the same physical size resamples the .h5 patches.
+    small, _, rep4 = extract_patches(got[:5].copy(), patch_um=112.0, patch_px=112, progress=False)
+    assert rep4["slides"]["C3"]["n_from_h5"] == 5 and small.shape == (5, 112, 112, 3)
+
+
+def test_hest_coords_are_top_left(hest_root, tmp_path):
+    import h5py
+
+    with h5py.File(hest_root / "patches" / "C3.h5") as f:
+        coords, barcodes = f["coords"][:], f["barcode"][:, 0].astype(str)
+    # The same sample without its whole-slide image: patches only.
+    root = tmp_path / "hest"
+    for sub, name in (("st", "C3.h5ad"), ("metadata", "C3.json"), ("patches", "C3.h5")):
+        (root / sub).mkdir(parents=True)
+        (root / sub / name).symlink_to(hest_root / sub / name)
+    got = read_hest(root)
+    side = 112.0 / got.uns["slides"]["C3"]["microns_per_pixel"]
+    centres = got.obs.set_index("barcode").loc[barcodes, ["pixel_x", "pixel_y"]].to_numpy()
+    assert np.abs(coords + side // 2 - centres).max() < 1.0
+    assert got.uns["slides"]["C3"]["image_path"] is None
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_visium_round_trip(c3, tmp_path, legacy):
+    outs = write_visium(c3, tmp_path / "C3" / "outs", legacy_positions=legacy)
+    got = read_visium(outs)
+    assert_same_spots(got, c3, slide_id="C3", mpp_rel=1e-9)
+    meta = got.uns["slides"]["C3"]
+    assert meta["spot_diameter_um"] == 55.0 and meta["source_format"] == "visium"
+    assert meta["image_path"] == c3.uns["slides"]["C3"]["image_path"] or meta["image_path"].endswith(".jpg")
+    assert "CD3_TotalSeqB" not in got.var_names  # antibody features left out
+    assert meta["dropped_spots"] == 0  # off-tissue positions are not spots of the matrix
+
+
+def test_visium_explicit_image_and_slide_id(c3, tmp_path):
+    outs = write_visium(c3, tmp_path / "run" / "outs")
+    image = c3.uns["slides"]["C3"]["image_path"]
+    got = read_visium(outs, image_path=image, slide_id="mine")
+    assert got.uns["slides"]["mine"]["image_path"] == image
+    assert read_slides("visium", outs).obs["slide_id"].iloc[0] == "run"
+
+
+def test_anndata_round_trip_canonical(b4_c2, tmp_path):
+    path = tmp_path / "both.h5ad"
+    b4_c2.write_h5ad(path)
+    got = read_anndata(path)
+    schema.validate_canonical(got)
+    assert got.obs_names.tolist() == b4_c2.obs_names.tolist()
+    assert (got.X != b4_c2.X).nnz == 0 and list(got.var_names) == list(b4_c2.var_names)
+    np.testing.assert_array_equal(got.obsm["spatial"], b4_c2.obsm["spatial"])
+    for sid in ("B4", "C2"):
+        want = b4_c2.uns["slides"][sid]
+        meta = got.uns["slides"][sid]
+        for key in ("image_path", "microns_per_pixel", "spot_diameter_um", "source_format", "source_files"):
+            assert meta[key] == want[key], key
+    # One slide of a canonical file can be renamed; several cannot be merged under one id.
+    b4_c2[b4_c2.obs["slide_id"] == "C2"].copy().write_h5ad(tmp_path / "c2.h5ad")
+    renamed = read_anndata(tmp_path / "c2.h5ad", slide_id="C2b")
+    assert renamed.uns["slides"]["C2b"]["microns_per_pixel"] == b4_c2.uns["slides"]["C2"]["microns_per_pixel"]
+    assert renamed.obs_names[0].startswith("C2b_")
+    with pytest.raises(DataError, match="2 slides"):
+        read_anndata(path, slide_id="x")
+
+
+def test_anndata_plain_file(c3, tmp_path):
+    image = c3.uns["slides"]["C3"]["image_path"]
+    plain = ad_plain(c3, layer=True)
+    plain.uns["microns_per_pixel"] = 0.7
+    path = tmp_path / "plain.h5ad"
+    plain.write_h5ad(path)
+    got = read_anndata(path, image_path=image, spot_diameter_um=100.0)
+    assert got.obs["slide_id"].iloc[0] == "plain"
+    assert got.uns["slides"]["plain"]["microns_per_pixel"] == 0.7
+    assert got.uns["slides"]["plain"]["image_path"] == image
+    assert (got.X != c3.X).nnz == 0
+    assert read_anndata(path, microns_per_pixel=0.5, slide_id="s").uns["slides"]["s"]["microns_per_pixel"] == 0.5
+
+
+def ad_plain(c3, layer=False):
+    """C3 as a plain scanpy-style AnnData: normalised X, raw counts in layers['counts'] if asked."""
+    import anndata as ad
+
+    X = sp.csr_matrix(c3.X, dtype=np.float32)
+    plain = ad.AnnData(X=X.multiply(1.0 / X.sum(axis=1)).tocsr() if layer else X,
+                       obs=pd.DataFrame(index=c3.obs["barcode"].astype(str).to_numpy()),
+                       var=pd.DataFrame(index=c3.var_names.copy()))
+    if layer:
+        plain.layers["counts"] = sp.csr_matrix(c3.X)
+    plain.obsm["spatial"] = c3.obsm["spatial"].copy()
+    return plain
