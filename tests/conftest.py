@@ -16,3 +16,22 @@ def her2st_dir() -> Path:
     if not (path / "ST-cnts").is_dir():
         pytest.fail(f"real her2st data not found at {path}; set AGL_HER2ST_DIR")
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_store() -> Path:
+    """The store built from the bundled her2st demo (built once into $AGL_CACHE_DIR or ~/.cache/agl)."""
+    from agl.datasets import her2st_demo_store
+
+    return her2st_demo_store()
+
+
+@pytest.fixture(scope="session")
+def small_store(her2st_dir, tmp_path_factory) -> Path:
+    """A small real store (her2st C2 + C3, 32 px patches, seed 0), built once per session."""
+    from agl.data.ingest import build_store
+    from agl.data.readers import read_her2st
+
+    adata = read_her2st(her2st_dir, ["C2", "C3"])
+    return build_store(adata, tmp_path_factory.mktemp("stores") / "small", patch_px=32, seeds=(0,),
+                       split_kinds=("kfold", "spatial", "loso"))

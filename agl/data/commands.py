@@ -1,0 +1,139 @@
+"""CLI: ``agl ingest FORMAT PATH --out STORE``, ``agl info STORE``, ``agl bench data``."""
+from __future__ import annotations
+
+import argparse
+import inspect
+from pathlib import Path
+from typing import Any
+
+from agl.errors import ConfigError
+
+FORMATS = ("her2st", "hest", "visium", "anndata")
+# reader keyword that selects a subset of slides, tried in this order
+_SUBSET_KWARGS = ("sections", "sample_ids")
+
+
+def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
+    """Add ``ingest`` and ``info`` to the top-level parser and ``data`` to ``agl bench``."""
+    p = sub.add_parser("ingest", help="read slides, cut patches, preprocess, write a store")
+    p.add_argument("format", choices=FORMATS, help="input format")
+    p.add_argument("path", type=Path, help="dataset folder or file")
+    p.add_argument("--out", type=Path, required=True, help="store folder to create")
+    p.add_argument("--sections", nargs="+", help="slides/sections/samples to read (default: all with an image)")
+    p.add_argument("--image", type=Path, help="full-resolution image (visium/anndata inputs)")
+    p.add_argument("--patch-um", type=float, default=112.0, help="tissue width of a patch in micrometres")
+    p.add_argument("--patch-px", type=int, default=224, help="patch size in pixels")
+    p.add_argument("--border", choices=("pad", "drop"), default="pad", help="spots near the image edge")
+    p.add_argument("--min-genes", type=int, default=200)
+    p.add_argument("--min-cells", type=int, default=3)
+    p.add_argument("--normalize-total", type=float, default=None, metavar="X",
+                   help="scale each spot to X counts before log1p (default: off, as the paper)")
+    p.add_argument("--no-log1p", action="store_true")
+    p.add_argument("--n-primary", type=int, default=50, help="primary genes (HVGs of the training spots)")
+    p.add_argument("--priors", nargs="+", default=["hvg", "mean"])
+    p.add_argument("--splits", nargs="+", default=["kfold", "spatial", "loso"], dest="split_kinds")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--prior-sections", nargs="+",
+                   help="her2st sections read without images, for the co-expression prior")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("info", help="describe a store")
+    p.add_argument("store", type=Path)
+    p.add_argument("--split", help="split whose primary genes to list (default: the first)")
+    p.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    p.set_defaults(func=cmd_info)
+
+    p = bench_sub.add_parser("data", help="patches/s: the store's batched loader vs a naive per-item loader")
+    p.add_argument("--store", type=Path, help="store to read (default: the bundled her2st demo store)")
+    p.add_argument("--out", type=Path, default=Path("results"), help="folder for bench_data.json")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batches", type=int, default=20, help="batches timed per loader (alternating)")
+    p.set_defaults(func=cmd_bench_data)
+
+
+def _reader_kwargs(fmt: str, args: argparse.Namespace) -> dict[str, Any]:
+    from agl.data.readers import READERS
+
+    if fmt not in READERS:
+        raise ConfigError("agl ingest", f"format {fmt!r} is not available in this install; have {sorted(READERS)}")
+    params = inspect.signature(READERS[fmt]).parameters
+    kw: dict[str, Any] = {}
+    if args.sections:
+        key = next((k for k in _SUBSET_KWARGS if k in params), None)
+        if key is None:
+            raise ConfigError("--sections", f"the {fmt} reader does not select slides")
+        kw[key] = args.sections
+    if args.image is not None:
+        if "image_path" not in params:
+            raise ConfigError("--image", f"the {fmt} reader takes no image path")
+        kw["image_path"] = args.image
+    return kw
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from agl.data.ingest import build_store
+    from agl.data.readers import read_slides
+    from agl.data.store import check_target
+
+    check_target(args.out, args.overwrite)  # before reading anything
+    adata = read_slides(args.format, args.path, **_reader_kwargs(args.format, args))
+    prior_data = None
+    if args.prior_sections:
+        if args.format != "her2st":
+            raise ConfigError("--prior-sections", "only her2st releases have expression-only sections")
+        prior_data = read_slides("her2st", args.path, sections=args.prior_sections, require_image=False)
+    path = build_store(adata, args.out, patch_um=args.patch_um, patch_px=args.patch_px, border=args.border,
+                       min_genes=args.min_genes, min_cells=args.min_cells, normalize_total=args.normalize_total,
+                       log1p=not args.no_log1p, n_primary=args.n_primary, priors=args.priors,
+                       prior_data=prior_data, split_kinds=args.split_kinds, seeds=args.seeds,
+                       overwrite=args.overwrite)
+    print(f"store written: {path}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from agl.data.store import open_store
+
+    store = open_store(args.store)
+    if args.verify:
+        store.verify()
+    print(describe(store, args.split))
+    return 0
+
+
+def describe(store: Any, split: str | None = None) -> str:
+    """Human-readable summary of a store (what ``agl info`` prints)."""
+    m = store.manifest
+    lines = [f"store      {store.path}",
+             f"created    {m.get('created')} by agl {m.get('agl_version')} (schema {m.get('schema_version')})",
+             f"spots      {m['n_spots']} in {len(m['slides'])} slides: "
+             + ", ".join(f"{s} {n}" for s, n in m["slides"].items()),
+             f"genes      {m['n_genes']}"]
+    patch = m.get("patch", {})
+    lines.append(f"patches    {' x '.join(map(str, m['patch_shape']))} uint8, "
+                 f"{patch.get('patch_um')} um wide, border={patch.get('border')}")
+    lines.append(f"preprocess {m.get('preprocessing')}")
+    names = store.split_names
+    kinds: dict[str, int] = {}
+    for n in names:
+        kinds[n.split("-", 1)[0]] = kinds.get(n.split("-", 1)[0], 0) + 1
+    lines.append(f"splits     {len(names)}: " + ", ".join(f"{k} x{v}" for k, v in kinds.items())
+                 + (f" ({names[0]} ... {names[-1]})" if names else ""))
+    if names:
+        split = split or names[0]
+        gs = store.gene_set(split)
+        roles = store.split(split).value_counts()
+        primary = gs.loc[gs["role"] == "primary", "gene"].tolist()
+        lines.append(f"split      {split}: " + ", ".join(f"{r or 'unused'} {roles.get(r, 0)}" for r in ("train", "val", "test")))
+        lines.append(f"primary    {len(primary)} genes: {' '.join(primary)}")
+        lines.append(f"auxiliary  {int((gs['role'] == 'auxiliary').sum())} genes, priors "
+                     f"{[c[len('prior_'):] for c in gs.columns if c.startswith('prior_')]}")
+    return "\n".join(lines)
+
+
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    from agl.data.bench import bench_data
+
+    bench_data(store_path=args.store, out_dir=args.out, batch_size=args.batch_size, n_batches=args.batches)
+    return 0

@@ -1,0 +1,163 @@
+"""Expression preprocessing (scanpy) and per-split gene sets with prior rankings.
+
+``preprocess`` reproduces the authors' targets: ``filter_cells(min_genes)``,
+``filter_genes(min_cells)``, optional ``normalize_total``, ``log1p``.
+
+``gene_set`` chooses the primary genes of one split from its TRAINING spots only
+(the release computed HVGs on whole slides, test spots included, which leaks) and
+scores every other gene as an auxiliary candidate with prior knowledge from the
+``PRIORS`` registry. Ranks are min-max normalised ordinal ranks among the auxiliary
+genes (0 = best), the input of DkGSB's threshold gate.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scipy.sparse as sp
+from anndata import AnnData
+
+from agl.errors import ConfigError, DataError
+
+PREPROCESS_KEY = "agl_preprocess"
+
+
+def preprocess(adata: AnnData, min_genes: int = 200, min_cells: int = 3,
+               normalize_total: float | None = None, log1p: bool = True) -> AnnData:
+    """Filter spots and genes, then normalise; returns a new AnnData.
+
+    Raw counts of the kept spots/genes stay in ``layers["counts"]``; ``X`` is float32
+    (sparse CSR). The switches are recorded in ``uns["agl_preprocess"]``.
+    """
+    ad = adata.copy()
+    sc.pp.filter_cells(ad, min_genes=min_genes)
+    sc.pp.filter_genes(ad, min_cells=min_cells)
+    if ad.n_obs == 0 or ad.n_vars == 0:
+        raise DataError(None, f"preprocessing left {ad.n_obs} spots x {ad.n_vars} genes "
+                              f"(min_genes={min_genes}, min_cells={min_cells})")
+    ad.layers["counts"] = ad.X.copy()
+    ad.X = sp.csr_matrix(ad.X, dtype=np.float32)
+    if normalize_total:
+        sc.pp.normalize_total(ad, target_sum=float(normalize_total))
+    if log1p:
+        sc.pp.log1p(ad)
+    ad.uns[PREPROCESS_KEY] = {"min_genes": int(min_genes), "min_cells": int(min_cells),
+                              "normalize_total": None if not normalize_total else float(normalize_total),
+                              "log1p": bool(log1p)}
+    return ad
+
+
+@dataclass
+class PriorContext:
+    """What a prior function may read: training spots only, plus optional outside data."""
+
+    train: AnnData               # preprocessed, training spots of the split
+    hvg: pd.DataFrame            # scanpy HVG table on the training spots (index = genes)
+    primary: np.ndarray          # bool [n_genes], primary genes
+    prior_data: AnnData | None   # expression-only data (preprocessed alike), e.g. other sections
+
+
+def _hvg_prior(ctx: PriorContext) -> np.ndarray:
+    return ctx.hvg["dispersions_norm"].to_numpy(dtype=np.float64)
+
+
+def _mean_prior(ctx: PriorContext) -> np.ndarray:
+    return np.asarray(ctx.train.X.mean(axis=0), dtype=np.float64).ravel()
+
+
+def _coexpr_prior(ctx: PriorContext) -> np.ndarray:
+    """Mean |Pearson r| of each gene with the primary genes, measured on ``prior_data``."""
+    if ctx.prior_data is None:
+        raise ConfigError("priors", "prior 'coexpr' needs prior_data (expression-only sections)")
+    genes = ctx.train.var_names
+    pdata = ctx.prior_data
+    present = genes.isin(pdata.var_names)
+    primary_names = genes[ctx.primary & present]
+    if len(primary_names) == 0:
+        raise DataError(None, "prior_data shares no primary gene with the store")
+    common = genes[present]
+    x = sp.csr_matrix(pdata[:, common].X, dtype=np.float64)
+    xp = x[:, common.get_indexer(primary_names)].toarray()
+    n = x.shape[0]
+    mu = np.asarray(x.mean(axis=0)).ravel()
+    sd = np.sqrt(np.maximum(np.asarray(x.multiply(x).mean(axis=0)).ravel() - mu ** 2, 0.0))
+    mup, sdp = xp.mean(0), xp.std(0)
+    cov = np.asarray(x.T @ xp) / n - np.outer(mu, mup)  # sparse x dense: no dense genes x spots copy
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = cov / np.outer(sd, sdp)
+    r[~np.isfinite(r)] = 0.0  # constant genes correlate with nothing
+    score = np.full(len(genes), np.nan)
+    score[present] = np.abs(r).mean(axis=1)
+    return score
+
+
+# name -> function(ctx) -> score per gene (higher = better; NaN = no information, ranked last)
+PRIORS: dict[str, Callable[[PriorContext], np.ndarray]] = {
+    "hvg": _hvg_prior,
+    "mean": _mean_prior,
+    "coexpr": _coexpr_prior,
+}
+
+
+def normalised_rank(score: np.ndarray) -> np.ndarray:
+    """Ordinal rank by descending score, min-max normalised to [0, 1] (0 = best; NaN last)."""
+    score = np.asarray(score, dtype=np.float64)
+    n = len(score)
+    key = np.where(np.isnan(score), -np.inf, score)
+    order = np.argsort(-key, kind="stable")  # ties keep gene order
+    rank = np.empty(n, dtype=np.float64)
+    rank[order] = np.arange(n)
+    return rank / max(n - 1, 1)
+
+
+def gene_set(adata_pp: AnnData, train_mask: np.ndarray | pd.Series, n_primary: int = 50,
+             priors: Iterable[str] = ("hvg", "mean"), prior_data: AnnData | None = None) -> pd.DataFrame:
+    """Primary and auxiliary genes of one split, from its training spots only.
+
+    Primary genes: ``sc.pp.highly_variable_genes(flavor="seurat", n_top_genes=n_primary)``
+    on the training spots. Auxiliary genes: every other gene, with one ``prior_<name>``
+    score and ``rank_<name>`` (among auxiliary genes, 0 = best) per prior. The "hvg"
+    prior is always included; "coexpr" is added when ``prior_data`` is given.
+
+    Returns columns ``gene, column, role, prior_*, rank_*``: primary genes first (by
+    HVG score), then auxiliary genes by ``rank_hvg``. ``column`` indexes the store's
+    expression matrix (the order of ``adata_pp.var_names``). Primary rows have NaN ranks.
+    """
+    mask = np.asarray(train_mask, dtype=bool)
+    if mask.shape != (adata_pp.n_obs,):
+        raise ConfigError("gene_set", f"train_mask has shape {mask.shape}, expected ({adata_pp.n_obs},)")
+    if mask.sum() < 3:
+        raise ConfigError("gene_set", f"only {int(mask.sum())} training spots")
+    names = ["hvg"] + [p for p in priors if p != "hvg"]
+    if prior_data is not None and "coexpr" not in names:
+        names.append("coexpr")
+    unknown = [p for p in names if p not in PRIORS]
+    if unknown:
+        raise ConfigError("priors", f"unknown prior(s) {unknown}; known: {sorted(PRIORS)}")
+    if not 0 < n_primary < adata_pp.n_vars:
+        raise ConfigError("n_primary", f"must be in 1..{adata_pp.n_vars - 1}, got {n_primary}")
+    # a light copy of the training rows: scanpy is much faster on it than on a view
+    train = AnnData(X=sp.csr_matrix(adata_pp.X)[mask], var=pd.DataFrame(index=adata_pp.var_names))
+    with warnings.catch_warnings():  # scanpy warns about genes with zero mean in a subset
+        warnings.simplefilter("ignore")
+        hvg = sc.pp.highly_variable_genes(train, flavor="seurat", n_top_genes=n_primary, inplace=False)
+    primary = hvg["highly_variable"].to_numpy(dtype=bool)
+    ctx = PriorContext(train=train, hvg=hvg, primary=primary, prior_data=prior_data)
+
+    table = pd.DataFrame({"gene": adata_pp.var_names.astype(str), "column": np.arange(adata_pp.n_vars),
+                          "role": np.where(primary, "primary", "auxiliary")})
+    aux = ~primary
+    for p in names:
+        score = np.asarray(PRIORS[p](ctx), dtype=np.float64)
+        table[f"prior_{p}"] = score
+        rank = np.full(len(score), np.nan)
+        rank[aux] = normalised_rank(score[aux])
+        table[f"rank_{p}"] = rank
+    prim = table[primary].assign(_k=normalised_rank(table.loc[primary, "prior_hvg"].to_numpy()))
+    prim = prim.sort_values("_k", kind="stable").drop(columns="_k")
+    rest = table[aux].sort_values("rank_hvg", kind="stable")
+    return pd.concat([prim, rest], ignore_index=True)

@@ -1,0 +1,157 @@
+"""Named, seeded train/validation/test splits of the spots of a store.
+
+Names (see docs/architecture.md):
+
+- ``kfold-s{seed}-f{f}``: per slide, ``n_folds`` random spot folds; test = fold f,
+  validation = fold (f+1) % n_folds, train = the rest (the paper's intra-batch protocol).
+- ``spatial-s{seed}-f{f}``: the same roles over spatially blocked folds per slide
+  (size-balanced k-means on pixel coordinates), so test spots are not surrounded by
+  training spots (random folds leak through spatial autocorrelation).
+- ``loso-{slide}``: test = that slide, validation = a seeded 20% of every other slide's
+  spots, train = the rest.
+
+A split is a column of roles ``"train" | "val" | "test" | ""`` (unused) in spot order.
+Every random draw is seeded by the split seed and the slide name, so adding a slide
+does not change the folds of the others.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+
+from agl.errors import ConfigError
+from agl.data.schema import OBS_PX, OBS_PY, OBS_SLIDE
+
+ROLES = ("train", "val", "test")
+LOSO_VAL_FRACTION = 0.2
+LOSO_SEED = 0
+
+
+def _rng(seed: int, slide: str, salt: str) -> np.random.Generator:
+    """A generator keyed by (seed, slide, kind) so each slide's draw is independent of the others."""
+    return np.random.default_rng([int(seed), zlib.crc32(slide.encode()), zlib.crc32(salt.encode())])
+
+
+def random_folds(n: int, n_folds: int, rng: np.random.Generator) -> np.ndarray:
+    """Fold id per item: a random permutation cut into ``n_folds`` near-equal parts."""
+    folds = np.empty(n, dtype=np.int64)
+    folds[rng.permutation(n)] = np.arange(n) % n_folds
+    return folds
+
+
+def spatial_folds(xy: np.ndarray, n_folds: int, rng: np.random.Generator, n_iter: int = 20) -> np.ndarray:
+    """Fold id per spot: contiguous, size-balanced spatial blocks.
+
+    Lloyd's k-means (k-means++ start) where the assignment step is capacity-constrained
+    (each block takes at most ceil(n / n_folds) spots, closest pairs first), so blocks
+    stay compact and folds have near-equal size.
+    """
+    xy = np.asarray(xy, dtype=np.float64)
+    n = len(xy)
+    if n < n_folds:
+        raise ConfigError("splits", f"{n} spots cannot make {n_folds} spatial folds")
+    centres = [xy[rng.integers(n)]]
+    for _ in range(1, n_folds):  # k-means++ seeding: far points are likely new centres
+        d2 = np.min(((xy[:, None, :] - np.asarray(centres)[None]) ** 2).sum(-1), axis=1)
+        centres.append(xy[rng.choice(n, p=d2 / d2.sum())] if d2.sum() > 0 else xy[rng.integers(n)])
+    centres = np.asarray(centres)
+    cap = -(-n // n_folds)
+    labels = np.full(n, -1)
+    for _ in range(n_iter):
+        dist = ((xy[:, None, :] - centres[None]) ** 2).sum(-1)
+        order = np.argsort(dist, axis=None, kind="stable")
+        new = np.full(n, -1)
+        fill = np.zeros(n_folds, dtype=np.int64)
+        for flat in order:  # greedy: closest (spot, block) pairs first, respecting capacity
+            i, c = divmod(int(flat), n_folds)
+            if new[i] < 0 and fill[c] < cap:
+                new[i] = c
+                fill[c] += 1
+        if np.array_equal(new, labels):
+            break
+        labels = new
+        centres = np.stack([xy[labels == c].mean(0) for c in range(n_folds)])
+    # random block -> fold numbering, so fold 0 is not always the first seeded block
+    return rng.permutation(n_folds)[labels]
+
+
+def _fold_splits(obs: pd.DataFrame, kind: str, n_folds: int, seeds: Iterable[int],
+                 assign: Callable[[pd.DataFrame, int, np.random.Generator], np.ndarray]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    slides = obs[OBS_SLIDE].astype(str).to_numpy()
+    for seed in seeds:
+        folds = np.empty(len(obs), dtype=np.int64)
+        for slide in pd.unique(slides):
+            at = np.flatnonzero(slides == slide)
+            if len(at) < n_folds:
+                raise ConfigError("splits", f"slide {slide!r} has {len(at)} spots, fewer than {n_folds} folds")
+            folds[at] = assign(obs.iloc[at], n_folds, _rng(seed, slide, kind))
+        for f in range(n_folds):
+            roles = np.full(len(obs), "train", dtype=object)
+            roles[folds == (f + 1) % n_folds] = "val"
+            roles[folds == f] = "test"
+            out[f"{kind}-s{seed}-f{f}"] = roles
+    return out
+
+
+def _kfold(obs: pd.DataFrame, n_folds: int, seeds: Iterable[int]) -> dict[str, np.ndarray]:
+    return _fold_splits(obs, "kfold", n_folds, seeds, lambda o, k, rng: random_folds(len(o), k, rng))
+
+
+def _spatial(obs: pd.DataFrame, n_folds: int, seeds: Iterable[int]) -> dict[str, np.ndarray]:
+    return _fold_splits(obs, "spatial", n_folds, seeds,
+                        lambda o, k, rng: spatial_folds(o[[OBS_PX, OBS_PY]].to_numpy(), k, rng))
+
+
+def _loso(obs: pd.DataFrame, n_folds: int, seeds: Iterable[int]) -> dict[str, np.ndarray]:
+    slides = obs[OBS_SLIDE].astype(str).to_numpy()
+    names = list(pd.unique(slides))
+    out: dict[str, np.ndarray] = {}
+    if len(names) < 2:
+        return out  # leave-one-slide-out needs another slide to train on
+    for held in names:
+        roles = np.full(len(obs), "train", dtype=object)
+        roles[slides == held] = "test"
+        for other in names:
+            if other == held:
+                continue
+            at = np.flatnonzero(slides == other)
+            n_val = max(1, int(round(LOSO_VAL_FRACTION * len(at))))
+            roles[_rng(LOSO_SEED, other, f"loso-{held}").choice(at, n_val, replace=False)] = "val"
+        out[f"loso-{held}"] = roles
+    return out
+
+
+# kind -> function(obs, n_folds, seeds) -> {split name: roles}; add a kind by registering it here.
+SPLIT_KINDS: dict[str, Callable[[pd.DataFrame, int, Iterable[int]], dict[str, np.ndarray]]] = {
+    "kfold": _kfold,
+    "spatial": _spatial,
+    "loso": _loso,
+}
+
+
+def make_splits(obs: pd.DataFrame, kinds: Iterable[str] = ("kfold", "spatial", "loso"),
+                n_folds: int = 5, seeds: Iterable[int] = (0,)) -> pd.DataFrame:
+    """All named splits of the spots in ``obs`` (needs ``slide_id``, ``pixel_x``, ``pixel_y``).
+
+    Returns a DataFrame indexed like ``obs``, one column per split name, values
+    ``"train" | "val" | "test" | ""``.
+    """
+    unknown = [k for k in kinds if k not in SPLIT_KINDS]
+    if unknown:
+        raise ConfigError("splits", f"unknown split kind(s) {unknown}; known: {sorted(SPLIT_KINDS)}")
+    if n_folds < 3:
+        raise ConfigError("splits", f"n_folds must be >= 3 (test, validation and train folds), got {n_folds}")
+    seeds = [int(s) for s in seeds]
+    columns: dict[str, np.ndarray] = {}
+    for kind in kinds:
+        columns.update(SPLIT_KINDS[kind](obs, n_folds, seeds))
+    return pd.DataFrame(columns, index=obs.index, dtype=object)
+
+
+def split_kind(name: str) -> str:
+    """The kind of a split name (``kfold-s0-f1`` -> ``kfold``)."""
+    return name.split("-", 1)[0]

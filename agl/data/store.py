@@ -1,0 +1,308 @@
+"""The on-disk store: Parquet partitioned by slide (for Ray Data) + memory-mapped Arrow IPC.
+
+Layout (docs/architecture.md)::
+
+    STORE/manifest.json  genes.parquet  splits.parquet  gene_sets/SPLIT.parquet
+    STORE/spots/slide_id=S/part-0.parquet   (spot table with patch and expression vectors)
+    STORE/arrays/patches.arrow  arrays/expression.arrow  (uncompressed, one record batch)
+    STORE/cache/                 (derived data, safe to delete, not hashed)
+
+``write_store`` builds everything in a hidden temporary folder beside the target and
+renames it into place at the end, so a crash never leaves a half store under the
+target name. ``open_store`` checks the schema version; ``Store.verify`` the sha256
+of every file listed in the manifest.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from functools import cached_property
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from agl.errors import ConfigError, DataError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SPOT_COLUMNS = ("spot_id", "slide_id", "barcode", "pixel_x", "pixel_y", "row")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # slide ids and split names become file names
+
+
+class StoreExistsError(DataError):
+    """The target folder already exists and ``overwrite`` was not given."""
+
+
+def agl_version() -> str:
+    try:
+        return metadata.version("agl")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gene_list_hash(genes: list[str] | pd.Index) -> str:
+    return hashlib.sha256("\n".join(map(str, genes)).encode()).hexdigest()
+
+
+def check_target(out: str | Path, overwrite: bool) -> Path:
+    """Fail early (before any expensive work) if writing ``out`` would clobber something."""
+    out = Path(out)
+    if out.exists():
+        if not overwrite:
+            raise StoreExistsError(out, "already exists; pass overwrite=True (agl ingest --overwrite) to replace it")
+        if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
+            raise DataError(out, "exists and is not an agl store; refusing to replace it")
+    return out
+
+
+def _fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:
+    """[N, ...] numpy -> fixed_size_list<dtype>[prod(...)] without copying the data."""
+    flat = np.ascontiguousarray(values).reshape(len(values), -1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+
+
+def _write_ipc(path: Path, name: str, values: np.ndarray) -> None:
+    # one record batch, no compression: the reader maps it as one contiguous zero-copy array
+    table = pa.table({name: _fixed_list(values)})
+    table = table.replace_schema_metadata({"shape": json.dumps(list(values.shape)),
+                                           "dtype": str(values.dtype)})
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=max(len(values), 1))
+
+
+def _read_ipc(path: Path) -> np.ndarray:
+    """Zero-copy, read-only numpy view of an array written by ``_write_ipc``."""
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+        meta = reader.schema.metadata or {}
+        shape = json.loads(meta[b"shape"])
+        if reader.num_record_batches != 1:
+            raise ValueError(f"expected 1 record batch, found {reader.num_record_batches}")
+        column = reader.get_batch(0).column(0)
+        flat = column.values.to_numpy(zero_copy_only=True)
+    except (OSError, KeyError, ValueError, pa.ArrowException) as err:
+        raise DataError(path, f"cannot memory-map the array: {err}") from err
+    return flat.reshape(shape)
+
+
+def _write_parquet(df: pd.DataFrame, path: Path) -> None:
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), str(path), compression="zstd")
+
+
+def write_store(out: str | Path, *, spots: pd.DataFrame, patches: np.ndarray, expression: np.ndarray,
+                genes: pd.DataFrame, splits: pd.DataFrame, gene_sets: Mapping[str, pd.DataFrame],
+                manifest: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write a complete store at ``out`` (temp folder beside it, renamed into place at the end).
+
+    ``spots``: spot_id, slide_id, barcode, pixel_x, pixel_y in row order; ``patches``
+    uint8 [N, px, px, 3]; ``expression`` float32 [N, G]; ``genes``: one row per
+    expression column (name, mean, n_spots); ``splits``: one column of roles per split
+    (row order); ``gene_sets``: split -> gene-set table; ``manifest``: extra fields
+    (preprocessing, patch settings, sources). Refuses an existing ``out`` unless
+    ``overwrite``, in which case the old store is swapped out only once the new one is complete.
+    """
+    out = check_target(out, overwrite)
+    n = len(spots)
+    if patches.shape[0] != n or expression.shape[0] != n or len(splits) != n:
+        raise DataError(out, f"row counts differ: spots {n}, patches {patches.shape[0]}, "
+                             f"expression {expression.shape[0]}, splits {len(splits)}")
+    if patches.dtype != np.uint8 or patches.ndim != 4 or expression.dtype != np.float32:
+        raise DataError(out, "patches must be uint8 [N, px, px, 3] and expression float32 [N, G]")
+    if expression.shape[1] != len(genes):
+        raise DataError(out, f"expression has {expression.shape[1]} columns but genes lists {len(genes)}")
+    bad = [s for s in list(pd.unique(spots["slide_id"].astype(str))) + list(splits.columns)
+           if not _SAFE_NAME.match(str(s))]
+    if bad:
+        raise DataError(out, f"slide/split names must match {_SAFE_NAME.pattern}: {bad[:5]}")
+    missing = [s for s in splits.columns if s not in gene_sets]
+    if missing:
+        raise DataError(out, f"no gene set for split(s) {missing}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        table = spots[list(SPOT_COLUMNS[:-1])].reset_index(drop=True).copy()
+        table["slide_id"] = table["slide_id"].astype(str)
+        table["row"] = np.arange(n, dtype=np.int64)
+        for slide in pd.unique(table["slide_id"]):
+            at = np.flatnonzero(table["slide_id"].to_numpy() == slide)
+            part = pa.Table.from_pandas(table.iloc[at], preserve_index=False)
+            part = part.append_column("patch", _fixed_list(patches[at]))
+            part = part.append_column("expression", _fixed_list(expression[at]))
+            folder = tmp / "spots" / f"slide_id={slide}"
+            folder.mkdir(parents=True)
+            # small row groups so Ray Data can split a slide across blocks
+            pq.write_table(part, str(folder / "part-0.parquet"), row_group_size=256,
+                           compression={"patch": "none", "expression": "zstd", **{c: "zstd" for c in table}})
+        (tmp / "arrays").mkdir()
+        _write_ipc(tmp / "arrays" / "patches.arrow", "patch", patches)
+        _write_ipc(tmp / "arrays" / "expression.arrow", "expression", expression)
+        _write_parquet(genes.reset_index(drop=True), tmp / "genes.parquet")
+        split_table = splits.reset_index(drop=True).astype(str)
+        split_table.insert(0, "spot_id", table["spot_id"].to_numpy())
+        _write_parquet(split_table, tmp / "splits.parquet")
+        (tmp / "gene_sets").mkdir()
+        for name in splits.columns:
+            _write_parquet(gene_sets[name], tmp / "gene_sets" / f"{name}.parquet")
+        (tmp / "cache").mkdir()
+        files = {p.relative_to(tmp).as_posix(): sha256_file(p)
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        full = {
+            "schema_version": SCHEMA_VERSION,
+            "agl_version": agl_version(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **dict(manifest or {}),
+            "n_spots": n,
+            "n_genes": int(expression.shape[1]),
+            "patch_shape": list(patches.shape[1:]),
+            "slides": {s: int((table["slide_id"] == s).sum()) for s in pd.unique(table["slide_id"])},
+            "splits": list(map(str, splits.columns)),
+            "gene_list_sha256": gene_list_hash(list(genes["name"])),
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=1, default=str))
+        _publish(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``out``; with ``overwrite`` swap out an old store first."""
+    if out.exists():
+        check_target(out, overwrite)
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)  # put the previous store back: never leave no store or half a store
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        os.rename(tmp, out)
+    except OSError as err:  # another process published the same target meanwhile
+        if out.exists():
+            raise StoreExistsError(out, "appeared while this store was being written") from err
+        raise
+
+
+class Store:
+    """A read-only view of a store folder; arrays are memory-mapped on first use."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        if not mpath.is_file():
+            raise DataError(mpath, "missing: not an agl store (or an unfinished write)")
+        try:
+            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+        except (OSError, ValueError) as err:
+            raise DataError(mpath, f"unreadable manifest: {err}") from err
+        version = self.manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise DataError(mpath, f"schema_version {version!r} is not supported by this agl "
+                                   f"(reads {SCHEMA_VERSION}); rebuild the store with agl ingest")
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Store({str(self.path)!r}, spots={m.get('n_spots')}, genes={m.get('n_genes')}, slides={list(m.get('slides', {}))})"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Folder for derived data (frozen-backbone features); safe to delete."""
+        return self.path / "cache"
+
+    @cached_property
+    def spots(self) -> pd.DataFrame:
+        """spot_id, slide_id, barcode, pixel_x, pixel_y, row; in row order (index = row)."""
+        parts = []
+        for f in sorted((self.path / "spots").glob("slide_id=*/part-0.parquet")):
+            parts.append(pq.read_table(str(f), columns=list(SPOT_COLUMNS)).to_pandas())
+        if not parts:
+            raise DataError(self.path / "spots", "no spot partitions")
+        df = pd.concat(parts, ignore_index=True).sort_values("row").reset_index(drop=True)
+        if not np.array_equal(df["row"].to_numpy(), np.arange(len(df))):
+            raise DataError(self.path / "spots", "spot rows are not 0..N-1")
+        return df
+
+    @cached_property
+    def expression(self) -> np.ndarray:
+        """float32 [N, G], memory-mapped, read-only."""
+        return _read_ipc(self.path / "arrays" / "expression.arrow")
+
+    @cached_property
+    def patches(self) -> np.ndarray:
+        """uint8 [N, px, px, 3], memory-mapped, read-only."""
+        return _read_ipc(self.path / "arrays" / "patches.arrow")
+
+    @cached_property
+    def genes(self) -> pd.DataFrame:
+        return pq.read_table(str(self.path / "genes.parquet")).to_pandas()
+
+    @cached_property
+    def gene_names(self) -> list[str]:
+        """Expression gene symbols in column order."""
+        return list(self.genes["name"])
+
+    @property
+    def split_names(self) -> list[str]:
+        return list(self.manifest.get("splits", []))
+
+    @cached_property
+    def _splits(self) -> pd.DataFrame:
+        return pq.read_table(str(self.path / "splits.parquet")).to_pandas()
+
+    def _check_split(self, name: str) -> None:
+        if name not in self.split_names:
+            raise ConfigError(self.path / "splits.parquet",
+                              f"unknown split {name!r}; this store has {self.split_names}")
+
+    def split(self, name: str) -> pd.Series:
+        """Roles ("train" | "val" | "test" | "") of every spot, in row order."""
+        self._check_split(name)
+        return self._splits[name].rename(name)
+
+    def rows(self, split: str, part: str) -> np.ndarray:
+        """Row indices of the spots with role ``part`` in ``split``."""
+        return np.flatnonzero(self.split(split).to_numpy() == part)
+
+    def gene_set(self, split: str) -> pd.DataFrame:
+        """The split's genes: gene, column, role, prior_*, rank_*; primary first."""
+        self._check_split(split)
+        return pq.read_table(str(self.path / "gene_sets" / f"{split}.parquet")).to_pandas()
+
+    def verify(self) -> None:
+        """Recompute every file's sha256; raise DataError naming the first file that differs."""
+        for rel, expected in self.manifest.get("files", {}).items():
+            f = self.path / rel
+            if not f.is_file():
+                raise DataError(f, "missing from the store")
+            if sha256_file(f) != expected:
+                raise DataError(f, "sha256 differs from manifest.json: the store was modified or corrupted")
+
+
+def open_store(path: str | Path) -> Store:
+    """Open a store folder written by :func:`write_store` (checks the schema version)."""
+    return Store(path)

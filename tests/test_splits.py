@@ -1,0 +1,104 @@
+"""Named splits on the real her2st spot layout: roles, coverage, seeding, spatial blocking."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from agl.data.readers import read_her2st
+from agl.data.splits import make_splits, spatial_folds
+from agl.errors import ConfigError
+
+SECTIONS = ["B4", "C2", "C3"]
+
+
+@pytest.fixture(scope="module")
+def obs(her2st_dir) -> pd.DataFrame:
+    return read_her2st(her2st_dir, SECTIONS, require_image=False).obs
+
+
+@pytest.fixture(scope="module")
+def splits(obs) -> pd.DataFrame:
+    return make_splits(obs, seeds=(0, 1))
+
+
+def test_names_follow_the_contract(splits):
+    expected = ([f"kfold-s{s}-f{f}" for s in (0, 1) for f in range(5)]
+                + [f"spatial-s{s}-f{f}" for s in (0, 1) for f in range(5)]
+                + [f"loso-{s}" for s in SECTIONS])
+    assert list(splits.columns) == expected
+
+
+@pytest.mark.parametrize("kind", ["kfold", "spatial"])
+def test_fold_roles_partition_every_slide(obs, splits, kind):
+    slides = obs["slide_id"].to_numpy()
+    tests = []
+    for f in range(5):
+        roles = splits[f"{kind}-s0-f{f}"]
+        assert set(roles) == {"train", "val", "test"}  # every spot has a role (no "" here)
+        for part in ("train", "val", "test"):
+            assert set(slides[roles == part]) == set(SECTIONS), (f, part)  # every slide in every part
+        # validation of fold f is the test part of fold f+1
+        assert (splits[f"{kind}-s0-f{(f + 1) % 5}"] == "test").equals(roles == "val")
+        tests.append((roles == "test").to_numpy())
+    # the 5 test parts are disjoint and cover every spot exactly once
+    assert np.array_equal(np.sum(tests, axis=0), np.ones(len(obs)))
+    # folds are balanced within a slide (random: +-1; spatial blocks: capacity-bounded)
+    for slide in SECTIONS:
+        sizes = [t[slides == slide].sum() for t in tests]
+        assert max(sizes) - min(sizes) <= 1 if kind == "kfold" else max(sizes) <= -(-sum(sizes) // 5)
+
+
+def test_loso(obs, splits):
+    slides = obs["slide_id"].to_numpy()
+    for held in SECTIONS:
+        roles = splits[f"loso-{held}"].to_numpy()
+        assert set(slides[roles == "test"]) == {held} and (roles[slides == held] == "test").all()
+        for other in set(SECTIONS) - {held}:
+            val = (roles[slides == other] == "val").mean()
+            assert abs(val - 0.2) < 0.01
+
+
+def test_seeded_and_deterministic(obs, splits):
+    again = make_splits(obs, seeds=(0, 1))
+    pd.testing.assert_frame_equal(splits, again)
+    assert not splits["kfold-s0-f0"].equals(splits["kfold-s1-f0"])
+    assert not splits["spatial-s0-f0"].equals(splits["spatial-s1-f0"])
+    # a slide's folds do not depend on which other slides are present
+    alone = make_splits(obs[obs["slide_id"] == "C2"], kinds=("kfold", "spatial"), seeds=(0,))
+    both = splits.loc[obs["slide_id"] == "C2", alone.columns]
+    pd.testing.assert_frame_equal(alone, both)
+
+
+def _mean_nn_same_fold(xy: np.ndarray, folds: np.ndarray) -> float:
+    """Fraction of spots whose nearest neighbour lies in the same fold (1 = compact blocks)."""
+    d = ((xy[:, None] - xy[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    return float((folds[d.argmin(1)] == folds).mean())
+
+
+def test_spatial_folds_are_compact(obs, splits):
+    """Spatial blocks keep neighbours together; random folds scatter them (measured on real spots)."""
+    for slide in SECTIONS:
+        at = (obs["slide_id"] == slide).to_numpy()
+        xy = obs.loc[at, ["pixel_x", "pixel_y"]].to_numpy()
+
+        def folds(kind: str) -> np.ndarray:
+            return np.argmax([(splits.loc[at, f"{kind}-s0-f{f}"] == "test").to_numpy() for f in range(5)], axis=0)
+
+        spatial, random = _mean_nn_same_fold(xy, folds("spatial")), _mean_nn_same_fold(xy, folds("kfold"))
+        assert spatial > 0.8 and random < 0.4, (slide, spatial, random)
+
+
+def test_spatial_folds_on_a_grid_make_blocks():
+    xy = np.stack(np.meshgrid(np.arange(20), np.arange(10)), -1).reshape(-1, 2).astype(float)
+    folds = spatial_folds(xy, 5, np.random.default_rng(0))
+    assert np.bincount(folds).tolist() == [40] * 5
+    assert _mean_nn_same_fold(xy, folds) > 0.85
+
+
+def test_bad_arguments(obs):
+    with pytest.raises(ConfigError, match="unknown split kind"):
+        make_splits(obs, kinds=("kfold", "bogus"))
+    with pytest.raises(ConfigError, match="n_folds"):
+        make_splits(obs, n_folds=2)
