@@ -1,0 +1,313 @@
+"""Hypergradients for a gate's outer parameters by unrolled inner optimisation (torch.func).
+
+Bi-level problem (DkGSB): the outer parameters ``phi`` of the gate (the threshold ``t``)
+minimise the primary-gene loss on validation spots of model weights ``theta*(phi)`` trained
+on the gate-weighted training loss. Per outer step we approximate ``theta*`` by ``H``
+differentiable optimiser steps from the current weights on one training batch (as the
+authors do with the ``higher`` library), evaluate the validation primary loss and
+back-propagate into ``phi``.
+
+The model itself is never copied or modified: its parameters are swapped in functionally
+with ``torch.func.functional_call``, and its buffers (BatchNorm running statistics) are
+cloned for the unrolled steps, so the real ones stay untouched.
+
+Cost: ``H`` forward/backward passes with ``create_graph=True``, one validation
+forward/backward, and one backward through the unrolled graph (the second-order pass).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from agl.errors import ConfigError
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------- functional optimisers
+class FunctionalSGD:
+    """``theta - lr * g``; stateless."""
+
+    def __init__(self, params: Sequence[Tensor], lr: float, **_: Any):
+        self.lr = lr
+
+    def step(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
+        return [p - self.lr * g for p, g in zip(params, grads)]
+
+
+class FunctionalAdam:
+    """Adam (as ``torch.optim.Adam``, no weight decay) with its moments as ordinary tensors.
+
+    Each step returns new parameter tensors that stay in the autograd graph, so the
+    trajectory can be differentiated. ``state`` seeds the moments (e.g. from the training
+    optimiser, as ``higher`` does); otherwise they start at zero.
+    """
+
+    def __init__(self, params: Sequence[Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, state: Sequence[dict[str, Any]] | None = None):
+        self.lr, self.betas, self.eps = lr, betas, eps
+        if state is not None:
+            self.m = [s["exp_avg"].detach().clone() for s in state]
+            self.v = [s["exp_avg_sq"].detach().clone() for s in state]
+            self.t = int(state[0]["step"]) if len(state) else 0
+        else:
+            self.m = [torch.zeros_like(p) for p in params]
+            self.v = [torch.zeros_like(p) for p in params]
+            self.t = 0
+
+    def step(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1.0 - b1**self.t, 1.0 - b2**self.t
+        out = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            self.m[i] = b1 * self.m[i] + (1.0 - b1) * g
+            self.v[i] = b2 * self.v[i] + (1.0 - b2) * g * g
+            v_hat = self.v[i] / c2
+            # sqrt'(0) is infinite: where v_hat == 0 (g == 0 throughout) take sqrt(1) on a branch
+            # that is then zeroed, so the second-order pass gets 0 instead of inf * 0 = NaN
+            positive = v_hat > 0
+            root = torch.where(positive, v_hat, torch.ones_like(v_hat)).sqrt() * positive
+            out.append(p - self.lr * (self.m[i] / c1) / (root + self.eps))
+        return out
+
+
+INNER_OPTIMIZERS: dict[str, type] = {"sgd": FunctionalSGD, "adam": FunctionalAdam}
+
+
+def _adam_state(optimizer: torch.optim.Optimizer | None, params: Sequence[Tensor]) -> tuple[list[dict[str, Any]] | None, dict[str, Any]]:
+    """Moments and hyperparameters of a ``torch.optim.Adam`` over ``params``, if it has them for all."""
+    if not isinstance(optimizer, torch.optim.Adam):
+        return None, {}
+    group = optimizer.param_groups[0]
+    hyper = {"betas": tuple(group["betas"]), "eps": group["eps"]}
+    states = [optimizer.state.get(p, {}) for p in params]
+    if not all("exp_avg" in s for s in states):
+        return None, hyper
+    return states, hyper
+
+
+# --------------------------------------------------------------------------- helpers
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP (its forward hooks must not run on unrolled copies)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _cuda_index(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    index = _cuda_index(device)
+    return torch.get_rng_state(), (None if index is None else torch.cuda.get_rng_state(index))
+
+
+@contextlib.contextmanager
+def _replay_rng(state: tuple[Tensor, Tensor | None], device: torch.device) -> Iterator[None]:
+    """Run with a saved RNG state (same dropout masks as before), restoring the current one after."""
+    cpu, cuda = state
+    index = _cuda_index(device)
+    with torch.random.fork_rng(devices=[] if index is None else [index]):
+        torch.set_rng_state(cpu)
+        if cuda is not None and index is not None:
+            torch.cuda.set_rng_state(cuda, index)
+        yield
+
+
+class _Unrolled:
+    """The model as a function of a list of parameter tensors, with private buffer copies."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        self.model = _unwrap(model)
+        self.loss_fn = loss_fn
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        # clones: BatchNorm updates running stats in place during training-mode forwards
+        self.buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        # models that can compute only their first outputs (Estimator) skip the auxiliary head rows
+        self.partial = "n_outputs" in inspect.signature(self.model.forward).parameters
+
+    def per_gene(self, params: Sequence[Tensor], batch: tuple[Tensor, Tensor], n_cols: int | None = None) -> Tensor:
+        """Per-gene loss of the model with ``params`` on ``batch`` (only the first ``n_cols`` genes if given)."""
+        x, y = batch
+        kwargs = {"n_outputs": n_cols} if n_cols is not None and self.partial else {}
+        pred = functional_call(self.model, ({**dict(zip(self.names, params)), **self.buffers}), (x,), kwargs)
+        if n_cols is not None:
+            pred, y = pred[:, :n_cols], y[:, :n_cols]
+        return self.loss_fn(pred, y)
+
+
+def _weighted(gate: nn.Module, per_gene: Tensor, n_primary: int) -> Tensor:
+    return gate.loss(per_gene[:n_primary], per_gene[n_primary:])
+
+
+def _grads(loss: Tensor, params: Sequence[Tensor], create_graph: bool) -> list[Tensor]:
+    grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+# --------------------------------------------------------------------------- hypergradient
+def hypergradient(
+    model: nn.Module,
+    gate: nn.Module,
+    loss_fn: LossFn,
+    train_batch: tuple[Tensor, Tensor],
+    val_batch: tuple[Tensor, Tensor],
+    n_primary: int,
+    inner_steps: int = 2,
+    inner_lr: float = 1e-3,
+    inner_optimizer: str = "adam",
+    first_order: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
+    fd_eps: float = 1e-2,
+) -> dict[str, Any]:
+    """Accumulate into ``p.grad`` for ``p in gate.outer_parameters()`` the hypergradient of the
+    validation primary loss after ``inner_steps`` unrolled optimiser steps.
+
+    Args:
+        model: the estimator (trainable parameters are unrolled; its mode decides dropout/BN).
+        gate: provides ``loss(l_primary, l_aux)`` and ``outer_parameters()``.
+        loss_fn: per-gene loss ``(pred, target) -> [G]``.
+        train_batch, val_batch: ``(x, y)`` with ``y`` columns in model output order.
+        n_primary: the first ``n_primary`` outputs are primary genes.
+        inner_steps: ``H``, unrolled steps on ``train_batch``.
+        inner_lr, inner_optimizer: ``"sgd"`` or ``"adam"`` (functional, differentiable).
+        first_order: skip differentiating through the trajectory (see ``_first_order``).
+        optimizer: the training ``torch.optim.Adam``; if given, its moments seed the inner Adam
+            (as ``higher`` does) so the unrolled steps continue the real optimiser's state.
+        fd_eps: relative finite-difference step of the first-order approximation.
+
+    Returns:
+        ``outer_loss`` (float), ``inner_losses`` (floats), ``hypergrad`` (tensors, one per outer
+        parameter, also added to ``.grad``), ``hypergrad_norm``. Does not step any optimiser and
+        leaves the model's parameters, gradients and buffers unchanged.
+    """
+    if inner_optimizer not in INNER_OPTIMIZERS:
+        raise ConfigError("inner_optimizer", f"unknown inner optimiser {inner_optimizer!r}; choose {sorted(INNER_OPTIMIZERS)}")
+    if inner_steps < 1:
+        raise ConfigError("inner_steps", f"must be >= 1, got {inner_steps}")
+    outer = [p for p in gate.outer_parameters() if p.requires_grad]
+    if not outer:
+        return {"outer_loss": math.nan, "inner_losses": [], "hypergrad": [], "hypergrad_norm": 0.0}
+
+    net = _Unrolled(model, loss_fn)
+    state, hyper = _adam_state(optimizer, net.params) if inner_optimizer == "adam" else (None, {})
+    opt = INNER_OPTIMIZERS[inner_optimizer](net.params, inner_lr, state=state, **hyper)
+    with torch.enable_grad():
+        if first_order:
+            outer_loss, inner_losses, hyper_grads = _first_order(net, gate, opt, train_batch, val_batch, n_primary, inner_steps, outer, fd_eps)
+        else:
+            outer_loss, inner_losses, hyper_grads = _full(net, gate, opt, train_batch, val_batch, n_primary, inner_steps, outer)
+
+    for p, g in zip(outer, hyper_grads):
+        g = g.detach()
+        p.grad = g.clone() if p.grad is None else p.grad + g
+    norm = math.sqrt(sum(float(g.detach().square().sum()) for g in hyper_grads))
+    return {"outer_loss": outer_loss, "inner_losses": inner_losses, "hypergrad": [g.detach() for g in hyper_grads], "hypergrad_norm": norm}
+
+
+def _full(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
+          steps: int, outer: list[Tensor]) -> tuple[float, list[float], list[Tensor]]:
+    """Exact hypergradient of the unrolled objective: differentiate through every inner step."""
+    params: list[Tensor] = list(net.params)  # the real leaves: the graph starts there, but we only ask for d/d outer
+    inner_losses = []
+    for _ in range(steps):
+        loss = _weighted(gate, net.per_gene(params, train), n_primary)
+        params = opt.step(params, _grads(loss, params, create_graph=True))
+        inner_losses.append(float(loss.detach()))
+    val_loss = net.per_gene(params, val, n_primary).mean()
+    grads = torch.autograd.grad(val_loss, outer, allow_unused=True)
+    return float(val_loss.detach()), inner_losses, [torch.zeros_like(p) if g is None else g for p, g in zip(outer, grads)]
+
+
+def _first_order(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
+                 steps: int, outer: list[Tensor], fd_eps: float) -> tuple[float, list[float], list[Tensor]]:
+    """First-order approximation: inner gradients are computed without ``create_graph``.
+
+    Taken literally, treating the inner gradients ``g_h`` as constants leaves the validation loss
+    with no dependence on ``t`` at all (the mask acts only through ``g_h``), i.e. a zero
+    hypergradient. We keep instead the *direct* dependence of each step on ``phi`` and drop the
+    Hessian terms (how earlier steps' changes of ``theta`` alter later gradients):
+
+        dL_val/dphi ~= sum_h u_h . d/dphi grad_theta L_train(theta_h, phi),  u_h = dL_val/dg_h,
+
+    where ``u_h`` back-propagates the validation gradient through the optimiser arithmetic only
+    (SGD: ``-lr * grad L_val``; Adam: its elementwise Jacobian, incl. later moment updates). The
+    mixed derivative is a directional derivative along ``u_h``, taken by central differences
+    as in DARTS (Liu et al., ICLR 2019, eq. 8):
+
+        [grad_phi L_train(theta_h + e u_h, phi) - grad_phi L_train(theta_h - e u_h, phi)] / 2e
+
+    which needs two forward passes per step and no second-order autograd. With ``H = 1`` and
+    SGD this is exactly the one-step unrolled hypergradient up to O(e^2).
+    """
+    values = [p.detach() for p in net.params]      # theta_h as plain tensors (forward passes)
+    tracked: list[Tensor] = list(values)            # theta_h as a function of the g leaves
+    thetas, leaves, rng_states, inner_losses = [], [], [], []
+    device = values[0].device
+    for _ in range(steps):
+        thetas.append(values)
+        rng_states.append(_rng_state(device))  # replayed below: same dropout masks as this step
+        current = [v.detach().requires_grad_() for v in values]
+        loss = _weighted(gate, net.per_gene(current, train), n_primary)
+        g = [x.detach().requires_grad_() for x in _grads(loss, current, create_graph=False)]
+        leaves.append(g)
+        inner_losses.append(float(loss.detach()))
+        tracked = opt.step(tracked, g)
+        values = [t.detach() for t in tracked]
+    val_loss = net.per_gene(tracked, val, n_primary).mean()
+    flat_leaves = [x for g in leaves for x in g]
+    u_flat = _grads(val_loss, flat_leaves, create_graph=False)
+
+    total = [torch.zeros_like(p) for p in outer]
+    n = len(net.params)
+    for h in range(steps):
+        u = u_flat[h * n:(h + 1) * n]
+        norm = math.sqrt(sum(float(x.square().sum()) for x in u))
+        if norm == 0.0:
+            continue
+        eps = fd_eps / norm
+        sides = []
+        for sign in (1.0, -1.0):
+            shifted = [v + sign * eps * d for v, d in zip(thetas[h], u)]
+            with torch.no_grad(), _replay_rng(rng_states[h], device):
+                per_gene = net.per_gene(shifted, train)
+            # only the gate is differentiated here: d/dphi of the weighted loss at fixed per-gene losses
+            sides.append(_grads(_weighted(gate, per_gene, n_primary), outer, create_graph=False))
+        total = [t + (gp - gm) / (2.0 * eps) for t, gp, gm in zip(total, *sides)]
+    return float(val_loss.detach()), inner_losses, total
+
+
+# --------------------------------------------------------------------------- distributed
+def allreduce_gradients(params: Sequence[Tensor]) -> None:
+    """Average ``p.grad`` over ranks when ``torch.distributed`` is initialised (no-op otherwise).
+
+    DDP does not synchronise gradients from ``torch.autograd.grad`` or double backward, so
+    hypergradients (and gate inner parameters outside DDP) are averaged here. Parameters
+    without a gradient contribute zeros, so every rank issues the same collective.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    if world == 1 or not params:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    flat /= world
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n

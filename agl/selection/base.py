@@ -1,0 +1,153 @@
+"""The gate interface: how per-gene losses become the training objective.
+
+A gate owns the auxiliary-gene weights. ``loss(l_primary, l_aux)`` combines per-gene
+losses; ``inner_parameters()`` train with the model (e.g. uncertainty weights);
+``outer_parameters()`` train by hypergradient on validation data (DkGSB's threshold).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from agl.errors import ConfigError
+
+GATES: dict[str, type["Gate"]] = {}
+
+
+def register_gate(name: str) -> Callable[[type["Gate"]], type["Gate"]]:
+    """Class decorator adding a gate to the registry under ``name``."""
+
+    def add(cls: type[Gate]) -> type[Gate]:
+        if name in GATES:
+            raise ValueError(f"gate {name!r} registered twice")
+        GATES[name] = cls
+        cls.name = name
+        return cls
+
+    return add
+
+
+def ordinal_ranks(scores: Tensor) -> Tensor:
+    """Re-rank ``scores`` (lower = better) to evenly spaced ranks in [0, 1]; ties keep input order."""
+    n = scores.numel()
+    order = torch.sort(scores, stable=True).indices
+    ranks = torch.empty(n, dtype=torch.float64)
+    ranks[order] = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
+    return ranks
+
+
+def blend_ranks(
+    prior_ranks: Mapping[str, Tensor | np.ndarray],
+    n_aux: int,
+    prior: str = "hvg",
+    second_prior: str | None = "mean",
+    prior_weight: float = 1.0,
+) -> Tensor:
+    """``normalise(w * rank[prior] + (1 - w) * rank[second_prior])``, re-ranked to [0, 1] (0 = best).
+
+    With ``prior_weight == 1`` the second prior is not read, so it may be absent.
+    """
+    if not 0.0 <= prior_weight <= 1.0:
+        raise ConfigError("prior_weight", f"must lie in [0, 1], got {prior_weight}")
+    needed = [prior] + ([second_prior] if prior_weight < 1.0 else [])
+    rows = []
+    for name in needed:
+        if name not in prior_ranks:
+            raise ConfigError("prior", f"prior ranking {name!r} not available; the gene set has {sorted(prior_ranks)}")
+        r = torch.as_tensor(np.asarray(prior_ranks[name]), dtype=torch.float64).reshape(-1)
+        if r.numel() != n_aux:
+            raise ConfigError("prior", f"prior {name!r} ranks {r.numel()} genes, but there are {n_aux} auxiliary genes")
+        if not torch.isfinite(r).all():
+            raise ConfigError("prior", f"prior {name!r} has non-finite ranks")
+        rows.append(r)
+    score = rows[0] if len(rows) == 1 else prior_weight * rows[0] + (1.0 - prior_weight) * rows[1]
+    return ordinal_ranks(score)
+
+
+class Gate(nn.Module):
+    """Base gate: fixed auxiliary weights ``weights()`` combined by a weighted mean.
+
+    Subclasses set ``needs_prior = True`` when they read the blended prior rank (buffer
+    ``ranks``, 0 = best) and override ``weights`` (and, for learnable gates, the
+    parameter groups and ``summary``).
+    """
+
+    name: str = "gate"
+    needs_prior: bool = False
+
+    def __init__(
+        self,
+        n_aux: int,
+        prior_ranks: Mapping[str, Tensor | np.ndarray] | None = None,
+        prior: str = "hvg",
+        second_prior: str | None = "mean",
+        prior_weight: float = 1.0,
+    ):
+        super().__init__()
+        if n_aux < 0:
+            raise ConfigError("n_aux", f"must be >= 0, got {n_aux}")
+        self.n_aux = int(n_aux)
+        ranks = (
+            blend_ranks(prior_ranks or {}, n_aux, prior, second_prior, prior_weight)
+            if self.needs_prior
+            else torch.zeros(0, dtype=torch.float64)
+        )
+        self.register_buffer("ranks", ranks.float())
+
+    # -- objective -------------------------------------------------------------------------
+    def weights(self) -> Tensor:
+        """Auxiliary-gene loss weights ``[A]`` (primary genes always weigh 1)."""
+        raise NotImplementedError
+
+    def loss(self, l_primary: Tensor, l_aux: Tensor) -> Tensor:
+        """``(sum l_primary + sum w * l_aux) / (P + sum w)``; the normaliser is a constant (no gradient)."""
+        w = self.weights().to(l_aux)
+        total = l_primary.sum() + (w * l_aux).sum()
+        return total / (l_primary.numel() + w.sum()).detach()
+
+    # -- read-out --------------------------------------------------------------------------
+    def k(self) -> int:
+        """Number of auxiliary genes in use."""
+        return int(self.selected().numel())
+
+    def selected(self) -> Tensor:
+        """Indices (into the auxiliary genes) of the genes in use, best prior rank first."""
+        idx = torch.nonzero(self.weights().detach() > 0.5).flatten()
+        if self.ranks.numel():
+            idx = idx[torch.argsort(self.ranks[idx], stable=True)]
+        return idx
+
+    # -- parameter groups ------------------------------------------------------------------
+    def inner_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained together with the model on the training loss."""
+        return []
+
+    def outer_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by hypergradient on the validation primary loss."""
+        return []
+
+    def project_(self) -> None:
+        """Put outer parameters back into their feasible set after an optimiser step."""
+
+    def on_epoch_end(self, epoch: int, n_epochs: int) -> None:
+        """Hook for schedules (tau annealing); ``epoch`` is 0-based, the one that just ended."""
+
+    def summary(self) -> dict[str, float]:
+        """Scalars worth logging every epoch."""
+        return {"k": float(self.k())}
+
+
+def gate_kwargs(cls: type[Gate], cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``cfg`` that ``cls`` (or one of its base gates) accepts; the rest are ignored."""
+    accepted: set[str] = set()
+    for klass in cls.__mro__:
+        if isinstance(klass, type) and issubclass(klass, Gate):
+            params = inspect.signature(klass.__init__).parameters
+            accepted |= {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    accepted -= {"self", "n_aux", "prior_ranks"}
+    return {k: v for k, v in cfg.items() if k in accepted}
+

@@ -1,0 +1,97 @@
+"""DkGSB: differentiable prior-based top-k auxiliary gene selection (Shiku et al., AAAI 2026).
+
+Auxiliary genes are ordered by a prior (blended, re-ranked to ``r_j`` in [0, 1], 0 =
+best). One scalar threshold ``t`` gives the soft mask ``m_j = sigmoid((t - r_j) / tau)``,
+a soft top-k: genes ranked before ``t`` weigh about 1, later ones about 0. ``t`` is an
+outer parameter, learned by hypergradient (``agl.bilevel``) on the validation loss of the
+primary genes.
+
+Read-out convention (used by ``k()``, ``selected()`` and export alike): the kept genes are
+those with ``m_j > 0.5``, i.e. ``r_j < t``, so ``k = #{j : r_j < t}``. With evenly spaced
+ranks this equals the paper's ``round(t * (A - 1))`` up to one gene. As ``t`` is kept in
+[0, 1], at most ``A - 1`` genes can be kept (the last-ranked gene sits at ``r = 1``).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from agl.errors import ConfigError
+from agl.selection.base import Gate, register_gate
+
+
+@register_gate("dkgsb")
+class DkGSBGate(Gate):
+    needs_prior = True
+
+    def __init__(
+        self,
+        n_aux: int,
+        prior_ranks: Mapping | None = None,
+        t_init: float = 0.5,
+        k: int | None = None,
+        tau: float = 0.01,
+        tau_final: float | None = None,
+        hard: bool = False,
+        **base,
+    ):
+        super().__init__(n_aux, prior_ranks, **base)
+        if tau <= 0 or (tau_final is not None and tau_final <= 0):
+            raise ConfigError("tau", f"tau and tau_final must be > 0, got {tau} and {tau_final}")
+        gap = 1.0 / max(n_aux - 1, 1)
+        if k is not None:
+            if not 0 <= int(k) <= n_aux:
+                raise ConfigError("k", f"dkgsb: k={k} is outside 0..{n_aux}")
+            # midway between the k-th and (k+1)-th rank, so the read-out starts at exactly k genes
+            t_init = (int(k) - 0.5) * gap
+        elif not 0.0 <= t_init <= 1.0:
+            raise ConfigError("t_init", f"must lie in [0, 1], got {t_init}")
+        self.t = nn.Parameter(torch.tensor(min(max(float(t_init), 0.0), 1.0)))
+        self.tau_init = float(tau)
+        self.tau_final = None if tau_final is None else float(tau_final)
+        self.hard = bool(hard)
+        self.register_buffer("tau", torch.tensor(float(tau)))  # current temperature, saved with the gate
+
+    def soft_weights(self) -> Tensor:
+        """``sigmoid((t - r) / tau)``, differentiable in ``t``."""
+        return torch.sigmoid((self.t - self.ranks) / self.tau)
+
+    def hard_mask(self) -> Tensor:
+        return (self.ranks < self.t).to(self.ranks.dtype)
+
+    def weights(self) -> Tensor:
+        soft = self.soft_weights()
+        if not self.hard:
+            return soft
+        # straight-through: the forward value is the hard top-k mask, the gradient the soft one's
+        return (soft - soft.detach()) + self.hard_mask()  # exact 0/1 values: the bracket is exactly 0
+
+    def k(self) -> int:
+        return int((self.ranks < self.t.detach()).sum())
+
+    def selected(self) -> Tensor:
+        return torch.argsort(self.ranks, stable=True)[: self.k()]
+
+    def outer_parameters(self) -> list[nn.Parameter]:
+        return [self.t]
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        self.t.clamp_(0.0, 1.0)
+
+    def on_epoch_end(self, epoch: int, n_epochs: int) -> None:
+        """Geometric annealing from ``tau`` to ``tau_final``, reached after the last epoch's predecessor."""
+        if self.tau_final is None:
+            return
+        frac = min((epoch + 1) / max(n_epochs - 1, 1), 1.0)
+        self.tau.fill_(self.tau_init * (self.tau_final / self.tau_init) ** frac)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "k": float(self.k()),
+            "t": float(self.t.detach()),
+            "tau": float(self.tau),
+            "soft_k": float(self.soft_weights().detach().sum()),
+        }

@@ -1,0 +1,164 @@
+"""Hypergradients: finite-difference checks against real torch.optim trajectories (float64)."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from agl.bilevel import FunctionalAdam, allreduce_gradients, hypergradient
+from agl.losses import pearson_loss
+from agl.models import Estimator
+from agl.selection import create_gate
+
+P, A, D = 3, 12, 6
+
+
+def _problem(seed: int = 0, batchnorm: bool = False):
+    """A tiny estimator, a DkGSB gate and correlated train/val batches, all float64."""
+    torch.manual_seed(seed)
+    backbone = nn.Sequential(nn.Linear(D, D), nn.BatchNorm1d(D)) if batchnorm else None
+    model = Estimator(D, P + A, trunk=(8,), dropout=0.0, backbone=backbone).double()
+    ranks = {"hvg": np.linspace(0, 1, A), "mean": np.random.default_rng(seed).random(A)}
+    gate = create_gate("dkgsb", A, ranks, t_init=0.45, tau=0.1).double()
+    mix = torch.randn(D, P + A, dtype=torch.float64)
+
+    def batch(n: int):
+        x = torch.randn(n, D, dtype=torch.float64)
+        return x, x @ mix + 0.5 * torch.randn(n, P + A, dtype=torch.float64)
+
+    return model, gate, batch(16), batch(12)
+
+
+def _warm_adam(model, train, steps: int = 3) -> torch.optim.Adam:
+    """Train a few ordinary Adam steps so the optimiser has moments to hand to the inner loop."""
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        opt.zero_grad()
+        pearson_loss(model(train[0]), train[1]).mean().backward()
+        opt.step()
+    for p in model.parameters():
+        p.grad = None
+    return opt
+
+
+def _outer_loss_reference(model, gate, train, val, t: float, steps: int, lr: float, opt_name: str,
+                          warm: torch.optim.Adam | None = None) -> float:
+    """The unrolled objective recomputed from scratch with a deep copy and a real torch optimiser.
+
+    The mask is written out independently of the gate; the normaliser P + sum(w) is held at
+    its value at the gate's current t (METHOD.md: no gradient through the normaliser).
+    """
+    net = copy.deepcopy(model)
+    ranks, tau = gate.ranks.double(), float(gate.tau)
+    w = torch.sigmoid((t - ranks) / tau)
+    norm = P + float(torch.sigmoid((gate.t.detach() - ranks) / tau).sum())
+    opt = (torch.optim.Adam if opt_name == "adam" else torch.optim.SGD)(net.parameters(), lr=lr)
+    if warm is not None:
+        opt.load_state_dict(copy.deepcopy(warm.state_dict()))  # same moments; deep copy: Adam updates them in place
+        for group in opt.param_groups:
+            group["lr"] = lr
+    for _ in range(steps):
+        opt.zero_grad()
+        per_gene = pearson_loss(net(train[0]), train[1])
+        ((per_gene[:P].sum() + (w * per_gene[P:]).sum()) / norm).backward()
+        opt.step()
+    with torch.no_grad():
+        return float(pearson_loss(net(val[0])[:, :P], val[1][:, :P]).mean())
+
+
+@pytest.mark.parametrize("opt_name,steps,warm", [("sgd", 1, False), ("sgd", 3, False), ("adam", 1, True),
+                                                 ("adam", 3, False), ("adam", 3, True)])
+def test_hypergradient_matches_finite_differences(opt_name: str, steps: int, warm: bool) -> None:
+    # (fresh Adam with one step is lr * sign(g): almost flat in t, hence warm moments for H = 1)
+    model, gate, train, val = _problem()
+    opt = _warm_adam(model, train) if warm else None
+    lr = 0.05 if opt_name == "sgd" else 0.01
+    out = hypergradient(model, gate, pearson_loss, train, val, P, inner_steps=steps, inner_lr=lr,
+                        inner_optimizer=opt_name, optimizer=opt)
+    t0, h = gate.t.item(), 1e-5
+    fd = (_outer_loss_reference(model, gate, train, val, t0 + h, steps, lr, opt_name, opt)
+          - _outer_loss_reference(model, gate, train, val, t0 - h, steps, lr, opt_name, opt)) / (2 * h)
+    analytic = float(gate.t.grad)
+    assert abs(fd) > 1e-6, "degenerate test problem: the outer loss does not depend on t"
+    assert abs(analytic - fd) / abs(fd) < 1e-4, (analytic, fd)
+    assert out["hypergrad"][0].item() == pytest.approx(analytic)
+    assert out["outer_loss"] == pytest.approx(_outer_loss_reference(model, gate, train, val, t0, steps, lr, opt_name, opt), rel=1e-10)
+    assert len(out["inner_losses"]) == steps
+
+
+def test_model_untouched_and_grad_accumulates() -> None:
+    model, gate, train, val = _problem(batchnorm=True)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hypergradient(model, gate, pearson_loss, train, val, P, inner_steps=2, inner_lr=0.01)
+    first = gate.t.grad.clone()
+    after = model.state_dict()
+    for key, value in before.items():  # parameters and BatchNorm running stats alike
+        assert torch.equal(value, after[key]), key
+    assert all(p.grad is None for p in model.parameters())
+    hypergradient(model, gate, pearson_loss, train, val, P, inner_steps=2, inner_lr=0.01)
+    assert torch.allclose(gate.t.grad, 2 * first)  # accumulates like .backward(), never steps
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_first_order_equals_full_for_one_sgd_step(dropout: float) -> None:
+    """With H = 1 and SGD no Hessian term exists, so the first-order form is exact (up to FD error).
+
+    With dropout, this also checks that the finite-difference passes replay the inner step's masks.
+    """
+    model, gate, train, val = _problem(seed=1)
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = dropout
+    model.train()
+    torch.manual_seed(5)
+    full = hypergradient(model, gate, pearson_loss, train, val, P, inner_steps=1, inner_lr=0.05, inner_optimizer="sgd")
+    gate.t.grad = None
+    torch.manual_seed(5)
+    fo = hypergradient(model, gate, pearson_loss, train, val, P, inner_steps=1, inner_lr=0.05,
+                       inner_optimizer="sgd", first_order=True, fd_eps=1e-4)
+    assert fo["hypergrad"][0].item() == pytest.approx(full["hypergrad"][0].item(), rel=1e-5)
+
+
+def test_first_order_approximates_full_with_several_adam_steps() -> None:
+    """Several Adam steps: the first-order form drops Hessian terms, so it differs but keeps the sign."""
+    model, gate, train, val = _problem(seed=2)
+    opt = _warm_adam(model, train)  # give Adam a history so its steps are smooth in g
+    kw = dict(inner_steps=3, inner_lr=0.01, inner_optimizer="adam", optimizer=opt)
+    full = hypergradient(model, gate, pearson_loss, train, val, P, **kw)["hypergrad"][0].item()
+    gate.t.grad = None
+    fo = hypergradient(model, gate, pearson_loss, train, val, P, first_order=True, **kw)["hypergrad"][0].item()
+    assert fo != pytest.approx(full, rel=1e-6)
+    assert np.sign(fo) == np.sign(full) and abs(full) > 0
+
+
+def test_functional_adam_matches_torch_adam() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    reference = torch.optim.Adam([w], lr=0.1)
+    ours = FunctionalAdam([w], lr=0.1)
+    value = w.detach().clone()
+    for step in range(4):
+        grad = torch.randn(5, 4, dtype=torch.float64)
+        grad[0, 0] = 0.0  # an entry that never gets a gradient: must stay finite and fixed
+        w.grad = grad.clone()
+        reference.step()
+        (value,) = ours.step([value], [grad])
+    assert torch.allclose(value, w.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_gates_without_outer_parameters_are_a_no_op() -> None:
+    model, _, train, val = _problem()
+    gate = create_gate("agl_all", A, {})
+    out = hypergradient(model, gate, pearson_loss, train, val, P)
+    assert out["hypergrad"] == [] and np.isnan(out["outer_loss"])
+
+
+def test_allreduce_is_a_no_op_without_distributed() -> None:
+    p = nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    allreduce_gradients([p])
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
