@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from agl.cli import main
@@ -119,4 +121,121 @@ def test_bench_data_writes_json(small_store, tmp_path, capsys):
     result = json.loads((tmp_path / "bench_data.json").read_text())
     assert {"timestamp", "machine", "naive", "batched", "batched_uint8", "ratio"} <= set(result)
     assert result["naive"]["patches"] == result["batched"]["patches"] == 32
+    assert result["ratio_cpu"] > 0 and all("what" in result[k] for k in ("naive", "batched", "batched_uint8"))
     assert "ratio" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the other input formats
+# Real her2st section C2 written into each format's layout (tests/layouts.py), ingested by the CLI,
+# must give the same store as ingesting the her2st release itself.
+ONE = ["--patch-px", "32", "--seeds", "0", "--splits", "kfold", "--n-primary", "20"]
+
+
+@pytest.fixture(scope="module")
+def c2(her2st_dir):
+    from agl.data.readers import read_her2st
+
+    return read_her2st(her2st_dir, ["C2"])
+
+
+@pytest.fixture(scope="module")
+def c2_store(her2st_dir, tmp_path_factory):
+    """The reference: her2st C2 ingested from the original release."""
+    out = tmp_path_factory.mktemp("ref") / "store"
+    assert main(["ingest", "her2st", str(her2st_dir), "--sections", "C2", "--out", str(out), *ONE]) == 0
+    return open_store(out)
+
+
+def _hest(c2, root: Path) -> list[str]:
+    from layouts import write_hest
+
+    write_hest(c2, root / "hest", "C2")  # with HEST's pre-extracted 224 px patches (patches/C2.h5)
+    return ["hest", str(root / "hest"), "--sections", "C2"]
+
+
+def _visium(c2, root: Path) -> list[str]:
+    from layouts import write_visium
+
+    write_visium(c2, root / "C2" / "outs")  # the image lies beside outs/, as Space Ranger users keep it
+    return ["visium", str(root / "C2" / "outs")]
+
+
+def _anndata(c2, root: Path) -> list[str]:
+    """A plain scanpy-style file: counts in X, obsm['spatial'], pixel size in uns, image on the command line."""
+    import anndata as ad
+
+    meta = c2.uns["slides"]["C2"]
+    plain = ad.AnnData(X=c2.X.copy(), obs=pd.DataFrame(index=c2.obs["barcode"].astype(str).to_numpy()),
+                       var=pd.DataFrame(index=c2.var_names.copy()),
+                       uns={"microns_per_pixel": meta["microns_per_pixel"],
+                            "spot_diameter_um": meta["spot_diameter_um"]})
+    plain.obsm["spatial"] = c2.obs[["pixel_x", "pixel_y"]].to_numpy()
+    plain.write_h5ad(root / "C2.h5ad")
+    return ["anndata", str(root / "C2.h5ad"), "--image", meta["image_path"]]
+
+
+LAYOUTS = {"hest": _hest, "visium": _visium, "anndata": _anndata}
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS)
+def test_ingest_other_formats_gives_the_her2st_store(fmt, c2, c2_store, tmp_path, capsys):
+    args = LAYOUTS[fmt](c2, tmp_path)
+    out = tmp_path / "store"
+    assert main(["ingest", *args, "--out", str(out), *ONE]) == 0
+    store = open_store(out)
+    store.verify()
+    assert store.manifest["slides"] == c2_store.manifest["slides"] == {"C2": 185}
+    assert store.gene_names == c2_store.gene_names
+    # the same spots with the same preprocessed expression (rows matched by barcode)
+    ref = c2_store.spots.set_index("barcode")["row"]
+    rows = ref.loc[store.spots["barcode"]].to_numpy()
+    np.testing.assert_array_equal(store.expression, c2_store.expression[rows])
+    np.testing.assert_array_equal(store.spots[["pixel_x", "pixel_y"]].to_numpy(),
+                                  c2_store.spots[["pixel_x", "pixel_y"]].to_numpy()[rows])
+    assert store.gene_set("kfold-s0-f0")["gene"].tolist() == c2_store.gene_set("kfold-s0-f0")["gene"].tolist()
+    patches, want = np.asarray(store.patches, dtype=np.int16), np.asarray(c2_store.patches, dtype=np.int16)[rows]
+    if fmt == "hest":  # resampled from HEST's 224 px patches instead of cut from the slide: close, not equal
+        assert np.abs(patches - want).mean() < 2  # measured 0.34 grey levels
+    else:
+        np.testing.assert_array_equal(patches, want)
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "C2 185" in text and "32 x 32 x 3" in text and "kfold x5" in text
+
+
+def _break_hest(c2, root: Path) -> tuple[list[str], Path]:
+    args = _hest(c2, root)
+    bad = root / "hest" / "st" / "C2.h5ad"
+    bad.write_bytes(b"not an HDF5 file")
+    return args, bad
+
+
+def _break_visium(c2, root: Path) -> tuple[list[str], Path]:
+    args = _visium(c2, root)
+    bad = root / "C2" / "outs" / "spatial" / "scalefactors_json.json"
+    bad.write_text('{"tissue_hires_scalef": 0.1}')  # no spot_diameter_fullres: the pixel size is unknown
+    return args, bad
+
+
+def _break_anndata(c2, root: Path) -> tuple[list[str], Path]:
+    """A readable file whose image is damaged: fails while cutting patches, after reading."""
+    args = _anndata(c2, root)
+    bad = root / "damaged.jpg"
+    bad.write_bytes(Path(args[-1]).read_bytes()[:20000])  # a truncated JPEG
+    return [*args[:-1], str(bad)], bad
+
+
+BROKEN = {"hest": _break_hest, "visium": _break_visium, "anndata": _break_anndata}
+
+
+@pytest.mark.parametrize("fmt", BROKEN)
+def test_bad_input_in_each_format_exits_2_and_writes_nothing(fmt, c2, tmp_path, capsys):
+    args, bad = BROKEN[fmt](c2, tmp_path)
+    out = tmp_path / "store"
+    assert main(["ingest", *args, "--out", str(out), *ONE]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err, err
+    assert "Traceback" not in err
+    assert not out.exists()
+    _no_temp_left(tmp_path)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from agl.data.augment import dihedral, dihedral_batch, dihedral_inverse
+from agl.data.augment import dihedral, dihedral_batch, dihedral_chw, dihedral_inverse
 from agl.data.loaders import (IMAGENET_MEAN, IMAGENET_STD, PatchDataset, load_views, iter_patch_batches,
                               normalise_uint8, ray_dataset)
 from agl.data.store import open_store
@@ -53,16 +53,44 @@ def test_numpy_and_torch_agree(patch):
         dihedral(patch, 8)
 
 
-def test_load_views_matches_per_item(store):
-    idx = np.array([1, 4, 5, 9, 20])
-    ks = np.array([0, 6, 6, 3, 7])
+def test_dihedral_chw_is_the_same_view_in_chw(store):
+    batch = np.asarray(store.patches[:3])
+    for k in range(8):
+        view = dihedral_chw(batch[0], k)
+        assert np.shares_memory(view, batch) and view.shape == (3, 32, 32)  # a view, no copy
+        assert np.array_equal(view, dihedral(batch[0], k).transpose(2, 0, 1))
+        assert np.array_equal(dihedral_chw(batch, k), np.moveaxis(dihedral(batch, k), -1, -3))
+
+
+def _torchvision_reference(patch: np.ndarray, k: int) -> torch.Tensor:
+    """What the naive loader computes for view k: ToTensor then Normalize (torchvision)."""
+    from torchvision.transforms import functional as TF
+
+    return TF.normalize(TF.to_tensor(dihedral(patch, k).copy()), IMAGENET_MEAN, IMAGENET_STD)
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_load_views_matches_per_item_for_every_view(store, k):
+    idx = np.array([1, 4, 5, 9, 20, 33])
+    ks = np.array([k, (k + 3) % 8, k, 7 - k, k, (k + 5) % 8])
     out = load_views(store.patches, idx, ks)
-    assert out.shape == (5, 3, 32, 32) and out.dtype == torch.float32 and out.is_contiguous()
-    for i, (r, k) in enumerate(zip(idx, ks)):
-        expected = normalise_uint8(np.ascontiguousarray(dihedral(store.patches[r], int(k)).transpose(2, 0, 1)))
-        torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(load_views(store.patches, idx, None)[1],
-                               normalise_uint8(store.patches[4].transpose(2, 0, 1).copy()), rtol=0, atol=1e-6)
+    assert out.shape == (6, 3, 32, 32) and out.dtype == torch.float32 and out.is_contiguous()
+    out8 = load_views(store.patches, idx, ks, normalise=False)
+    assert out8.dtype == torch.uint8 and out8.is_contiguous()
+    for i, (r, kk) in enumerate(zip(idx, ks)):
+        chw = np.ascontiguousarray(dihedral(store.patches[r], int(kk)).transpose(2, 0, 1))
+        assert np.array_equal(out8[i].numpy(), chw)
+        # bit-identical to the previous path (view, transpose, then normalise_uint8) ...
+        assert torch.equal(out[i], normalise_uint8(chw))
+        # ... and to torchvision's ToTensor + Normalize of the same view (the naive loader) up to rounding
+        torch.testing.assert_close(out[i], _torchvision_reference(store.patches[r], int(kk)), rtol=0, atol=1e-6)
+    # no augmentation is view 0; a given ``out`` array is filled in place
+    buf = np.full((6, 3, 32, 32), np.nan, dtype=np.float32)
+    plain = load_views(store.patches, idx, None, out=buf)
+    assert np.shares_memory(plain.numpy(), buf)
+    assert torch.equal(plain, load_views(store.patches, idx, np.zeros(6, dtype=np.int64)))
+    with pytest.raises(ValueError, match="out must be"):
+        load_views(store.patches, idx, ks, out=np.empty((6, 32, 32, 3), dtype=np.float32))
 
 
 def test_normalisation_is_imagenet():
@@ -122,6 +150,28 @@ def test_augmented_batches_are_views_of_the_same_patches(store):
         assert any(torch.equal(a, c) for c in candidates)
         n_changed += not torch.equal(a, p)
     assert n_changed > 8  # most items got a non-identity view
+
+
+def test_batch_memory_is_recycled_only_when_released(store):
+    """Dropped batches lend their memory to later ones; kept batches (or views of them) never change."""
+    rows = store.rows("kfold-s0-f0", "train")
+    batches = iter_patch_batches(store, rows, None, 16, augment=True, seed=4)
+    kept, kept_copy = [], []
+    for i, (x, _) in enumerate(batches):
+        if i < 3:  # keep a view of the first three batches only
+            kept.append(x[1:3])
+            kept_copy.append(x[1:3].clone())
+        if i == 6:
+            break
+    for view, copy in zip(kept, kept_copy):
+        assert torch.equal(view, copy)
+    # a consumer that drops each batch gets two alternating arrays (no fresh 77 MB per batch at 224 px)
+    pointers = [x.data_ptr() for x, _ in itertools.islice(iter_patch_batches(store, rows, None, 16, seed=4), 6)]
+    assert len(set(pointers)) == 2
+    # the contents do not depend on recycling
+    fresh = [x.clone() for x, _ in iter_patch_batches(store, rows, None, 16, seed=4)]
+    for (x, _), ref in zip(iter_patch_batches(store, rows, None, 16, seed=4), fresh, strict=True):
+        assert torch.equal(x, ref)
 
 
 def test_ray_dataset(store):
