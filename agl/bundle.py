@@ -1,0 +1,171 @@
+"""Data bundles: what ``agl.train.fit`` reads from a store for one split.
+
+``make_bundle(store, split, cfg)`` gathers the split's gene columns and roles once and
+serves seeded batches. Two input sources share the batching logic:
+
+- ``features``: frozen-backbone features of the 8 dihedral views (``feature_cache``);
+  a training spot gets a random view per epoch, evaluation uses view 0.
+- ``finetune``: the store's patches with the loader's transforms (``agl.data.loaders``).
+
+Every draw is seeded by ``(cfg.seed, epoch)``, and with ``world_size > 1`` each rank
+iterates a disjoint, equally long slice of the shuffled training order (data parallel).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from agl.errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from agl.train import TrainConfig
+
+N_VIEWS = 8
+PARTS = ("train", "val", "test")
+
+
+class FeatureInputs:
+    """Cached frozen features ``[8, N, D]`` held in memory (tens of MB for thousands of spots)."""
+
+    def __init__(self, features: Any):
+        self.features = torch.tensor(np.asarray(features), dtype=torch.float32)  # a copy: caches are read-only memmaps
+        if self.features.dim() != 3 or self.features.shape[0] != N_VIEWS:
+            raise DataError("feature cache", f"expected features [8, N, D], got {tuple(self.features.shape)}")
+        self.dim = int(self.features.shape[2])
+
+    def batch(self, rows: np.ndarray, views: np.ndarray) -> Tensor:
+        return self.features[torch.as_tensor(views, dtype=torch.long), torch.as_tensor(rows, dtype=torch.long)]
+
+
+class PatchInputs:
+    """Store patches for fine-tuning: memory-mapped uint8, a dihedral view per spot, ImageNet-normalised.
+
+    Uses the same transforms as ``agl.data.loaders.iter_patch_batches`` (batched dihedral view,
+    fused normalisation) but the bundle's own seeded, shardable order.
+    """
+
+    dim = None
+
+    def __init__(self, store: Any, cfg: "TrainConfig"):
+        self.patches = store.patches
+
+    def batch(self, rows: np.ndarray, views: np.ndarray) -> Tensor:
+        from agl.data.augment import dihedral_batch
+        from agl.data.loaders import normalise_uint8
+
+        x = torch.from_numpy(np.ascontiguousarray(self.patches[np.asarray(rows)])).permute(0, 3, 1, 2)
+        return normalise_uint8(dihedral_batch(x, views)).contiguous()
+
+
+def _feature_inputs(store: Any, cfg: "TrainConfig") -> FeatureInputs:
+    from agl.models import feature_cache
+
+    return FeatureInputs(feature_cache(store, cfg.backbone, cfg.weights))
+
+
+INPUTS: dict[str, Callable[[Any, "TrainConfig"], Any]] = {
+    "features": _feature_inputs,
+    "finetune": PatchInputs,
+}
+
+
+@dataclass
+class InMemoryBundle:
+    """A split's targets, roles and inputs; implements ``agl.train.DataBundle``."""
+
+    genes: pd.DataFrame
+    n_primary: int
+    prior_ranks: dict[str, np.ndarray]
+    input_dim: int | None
+    targets: np.ndarray                 # [N, G] float32, gene-set columns in model output order
+    slide_ids: np.ndarray               # [N]
+    parts: dict[str, np.ndarray]        # part -> spot rows
+    inputs: Any                         # FeatureInputs | PatchInputs
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    split: str | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def _shard(self, order: np.ndarray) -> np.ndarray:
+        """This rank's equally long, disjoint slice (equal lengths keep collective calls in step)."""
+        if self.world_size == 1:
+            return order
+        per_rank = len(order) // self.world_size
+        return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def _batches(self, rows: np.ndarray, views: np.ndarray, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        # near-equal batches: no trailing batch of 1-2 spots, whose Pearson loss is degenerate
+        n_batches = max(1, math.ceil(len(rows) / batch_size)) if len(rows) else 0
+        for chunk in np.array_split(np.arange(len(rows)), n_batches) if n_batches else []:
+            r = rows[chunk]
+            yield self.inputs.batch(r, views[chunk]), torch.from_numpy(self.targets[r])
+
+    def train_rows(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's shuffled training rows and their dihedral views for ``epoch``."""
+        rng = np.random.default_rng([self.seed, epoch, 0])
+        order = rng.permutation(self.parts["train"])
+        views = rng.integers(0, N_VIEWS, size=len(order))
+        keep = self._shard(np.arange(len(order)))
+        return order[keep], views[keep]
+
+    def val_rows(self, epoch: int) -> np.ndarray:
+        """This rank's shuffled validation rows for ``epoch``."""
+        return self._shard(np.random.default_rng([self.seed, epoch, 1]).permutation(self.parts["val"]))
+
+    def train_batches(self, batch_size: int, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Shuffled training batches, a random dihedral view per spot, seeded by (seed, epoch)."""
+        return self._batches(*self.train_rows(epoch), batch_size)
+
+    def val_batches(self, batch_size: int, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Shuffled validation batches (view 0) for outer steps, seeded by (seed, epoch)."""
+        rows = self.val_rows(epoch)
+        return self._batches(rows, np.zeros(len(rows), dtype=np.int64), batch_size)
+
+    def eval_arrays(self, part: str) -> tuple[Tensor, np.ndarray, np.ndarray]:
+        """(inputs, targets, slide ids) of every spot of ``part`` in store order, view 0."""
+        if part not in self.parts:
+            raise ValueError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
+        rows = self.parts[part]
+        x = self.inputs.batch(rows, np.zeros(len(rows), dtype=np.int64))
+        return x, self.targets[rows], self.slide_ids[rows]
+
+
+def make_bundle(store: Any, split: str, cfg: "TrainConfig", rank: int | None = None,
+                world_size: int | None = None) -> InMemoryBundle:
+    """Gather one split of a store (an opened Store or its path) into an ``InMemoryBundle``.
+
+    ``rank``/``world_size`` default to torch.distributed's when it is initialised.
+    """
+    from agl.data.store import open_store
+    from agl.train import dist_info
+
+    if isinstance(store, (str, Path)):
+        store = open_store(store)
+    if rank is None or world_size is None:
+        rank, world_size = dist_info()
+    genes = store.gene_set(split).reset_index(drop=True)
+    roles = np.asarray(store.split(split))
+    parts = {part: np.flatnonzero(roles == part) for part in PARTS}
+    for part, rows in parts.items():
+        if len(rows) < 2:
+            raise DataError(getattr(store, "path", None), f"split {split!r} has {len(rows)} {part} spots; need at least 2")
+    n_primary = int((genes["role"] == "primary").sum())
+    if n_primary == 0 or not (genes["role"].iloc[:n_primary] == "primary").all():
+        raise DataError(getattr(store, "path", None), f"gene set of split {split!r} must list its primary genes first")
+    aux = genes.iloc[n_primary:]
+    prior_ranks = {c[len("rank_"):]: aux[c].to_numpy(np.float32) for c in genes.columns if c.startswith("rank_")}
+    targets = np.ascontiguousarray(np.asarray(store.expression)[:, genes["column"].to_numpy()], dtype=np.float32)
+    inputs = INPUTS[cfg.mode](store, cfg)
+    return InMemoryBundle(
+        genes=genes, n_primary=n_primary, prior_ranks=prior_ranks, input_dim=inputs.dim, targets=targets,
+        slide_ids=store.spots["slide_id"].astype(str).to_numpy(), parts=parts, inputs=inputs, seed=cfg.seed,
+        rank=rank, world_size=world_size, split=split, manifest=dict(getattr(store, "manifest", {}) or {}),
+    )

@@ -1,0 +1,203 @@
+"""Sub-commands ``agl train``, ``agl evaluate`` and ``agl bench core``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from agl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- shared helpers
+def open_store_arg(spec: str) -> Any:
+    """``--store``: a store folder, or ``demo`` for the bundled her2st demo store."""
+    if spec == "demo":
+        from agl.datasets import her2st_demo_store
+
+        store = her2st_demo_store()
+        if isinstance(store, (str, Path)):
+            from agl.data.store import open_store
+
+            store = open_store(store)
+        return store
+    from agl.data.store import open_store
+
+    return open_store(spec)
+
+
+def read_config_file(path: str | None) -> dict[str, Any]:
+    """Settings from a YAML or JSON file (a mapping)."""
+    if path is None:
+        return {}
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(file, "config file not found")
+    try:
+        values = yaml.safe_load(file.read_text())  # JSON is a subset of YAML
+    except yaml.YAMLError as err:
+        raise ConfigError(file, f"not valid YAML/JSON: {err}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(file, "must hold a mapping of settings (key: value)")
+    return values
+
+
+def parse_sets(items: Sequence[str] | None) -> dict[str, Any]:
+    """``--set key=value`` pairs (values read as YAML scalars/lists)."""
+    from agl.evaluate import parse_value
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("--set", f"{item!r} must look like key=value")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def base_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Config file settings overridden by ``--set``; validated against TrainConfig."""
+    from agl.train import TrainConfig
+
+    values = {**read_config_file(args.config), **parse_sets(args.set)}
+    TrainConfig.from_dict(values, source=args.config or "--set")  # fail fast, naming the key
+    return values
+
+
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(name, f"{text!r} must be comma-separated integers, e.g. 0,1,2") from None
+
+
+# --------------------------------------------------------------------------- agl train
+def write_run_outputs(out: Path, result: Any, data: Any, split: str, label: str) -> dict[str, Any]:
+    """result.json, selected_genes.csv, k_trajectory.png and per_gene_pcc.png of one run."""
+    from agl import plotting
+    from agl.checkpoint import write_json
+    from agl.evaluate import result_record
+
+    record = result_record(result, split, label, data.genes, data.n_primary)
+    aux = data.genes.iloc[data.n_primary:].reset_index(drop=True)
+    selected = np.asarray(result.selected, dtype=np.int64)
+    rank_col = f"rank_{result.config.prior}"
+    ranks = getattr(result.gate, "ranks", None)
+    prior_rank = (ranks.detach().cpu().numpy() if ranks is not None and ranks.numel() == len(aux)
+                  else aux[rank_col].to_numpy() if rank_col in aux else np.full(len(aux), np.nan))
+    weights = np.asarray(result.weights, dtype=float)
+    table = pd.DataFrame({"name": aux["gene"].to_numpy()[selected] if len(selected) else [],
+                          "prior_rank": prior_rank[selected] if len(selected) else [],
+                          "weight": weights[selected] if len(selected) else []})
+    tmp = out / ".selected_genes.csv.tmp"
+    table.to_csv(tmp, index=False)
+    tmp.replace(out / "selected_genes.csv")
+    plotting.plot_k_trajectories({label: [[row["k"] for row in result.history]]}, out / "k_trajectory.png",
+                                 n_aux=len(aux))
+    plotting.plot_per_gene_pcc(result.test["per_gene_pcc"], result.test["genes"], out / "per_gene_pcc.png",
+                               title=f"{label} on {split}: test PCC per primary gene")
+    write_json(out / "result.json", record)  # last: its presence marks a finished run
+    return record
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from agl.bundle import make_bundle
+    from agl.evaluate import parse_method
+    from agl.train import TrainConfig, fit
+
+    out = Path(args.out)
+    if (out / "result.json").exists() and not args.overwrite and not args.resume:
+        raise ConfigError(out / "result.json", "exists; pass --overwrite to replace this run (or use another --out)")
+    label, overrides = parse_method(args.method)
+    cfg = TrainConfig.from_dict({**base_settings(args), **overrides}, source=args.config or "--set")
+    resume = None
+    if args.resume:
+        resume = out / "checkpoint"
+        if not resume.is_dir():
+            raise ConfigError(resume, "--resume needs a checkpoint folder from an earlier run in --out")
+    store = open_store_arg(args.store)
+    data = make_bundle(store, args.split, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.overwrite and not args.resume:
+        (out / "result.json").unlink(missing_ok=True)  # a crash must not leave the old run's result beside new files
+    result = fit(cfg, data, resume_from=resume, out_dir=out)
+    record = write_run_outputs(out, result, data, args.split, label)
+    print(f"{label} on {args.split} (seed {cfg.seed}): test PCC {record['pcc']:.4f}  SCC {record['scc']:.4f}  "
+          f"MSE {record['mse']:.4f}  k {record['k']}/{record['n_aux']}  epochs {record['epochs']}  "
+          f"{record['wall_time_s']:.0f} s -> {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- agl evaluate
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from agl.evaluate import evaluate, results_markdown, split_methods
+
+    seeds = _int_list(args.seeds, "--seeds")
+    folds = _int_list(args.folds, "--folds") if args.folds else None
+    methods = split_methods(args.methods)
+    store = open_store_arg(args.store)
+    summary = evaluate(store, args.protocol, seeds, methods, args.out, base=base_settings(args),
+                       jobs=args.jobs, folds=folds)
+    print(results_markdown(summary["table"], summary["wilcoxon"]))
+    print(f"written: {', '.join(str(p) for p in summary['paths'].values())}")
+    return 0
+
+
+# --------------------------------------------------------------------------- agl bench core
+def cmd_bench_core(args: argparse.Namespace) -> int:
+    from agl.bench_core import run_bench_core
+
+    report = run_bench_core(store=open_store_arg(args.store), out=Path(args.out), repeats=args.repeats,
+                            patch_px=args.patch_px)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML or JSON file of TrainConfig settings")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable)")
+
+
+def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
+    """Add ``train``, ``evaluate`` and ``bench core``."""
+    p = sub.add_parser("train", help="train one method on one split of a store",
+                       description="Train one run; writes result.json, checkpoint/, selected_genes.csv and plots.")
+    p.add_argument("--store", required=True, help="store folder, or 'demo' for the bundled her2st demo")
+    p.add_argument("--method", required=True, help="pgl | agl_all | topk | random_k | uncertainty | dkgsb, "
+                                                  "optionally with options: topk:k=100")
+    p.add_argument("--split", required=True, help="split name, e.g. kfold-s0-f0 (see `agl info`)")
+    p.add_argument("--out", required=True, help="output folder")
+    _add_config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing finished run in --out")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="protocol x seeds x methods grid with tables, Wilcoxon tests and plots",
+                       description="Run a resumable evaluation grid; finished runs in --out are skipped.")
+    p.add_argument("--store", required=True, help="store folder, or 'demo'")
+    p.add_argument("--protocol", required=True, choices=["kfold", "spatial", "loso"])
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (split seed and training seed)")
+    p.add_argument("--folds", default=None, help="only these folds of kfold/spatial (default: all)")
+    p.add_argument("--methods", required=True,
+                   help="comma-separated method specs; options after ':' e.g. pgl,agl_all,topk:k=100,dkgsb:hard=true")
+    p.add_argument("--out", required=True, help="output folder (reused to resume)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (one core each)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = bench_sub.add_parser("core", help="cost of a DkGSB outer step vs plain steps; feature-cache speed-up")
+    p.add_argument("--store", default="demo", help="store folder, or 'demo'")
+    p.add_argument("--out", default="results", help="folder for bench_core.json")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (median)")
+    p.add_argument("--patch-px", type=int, default=112, help="patch size for the fine-tuning measurement")
+    p.set_defaults(func=cmd_bench_core)

@@ -1,0 +1,96 @@
+"""Figures of runs and evaluations (matplotlib, headless); every PNG is written atomically."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _save(fig: "plt.Figure", path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_k_trajectories(trajectories: Mapping[str, Sequence[Sequence[float]]], path: str | Path,
+                        n_aux: int | None = None, title: str = "Auxiliary genes kept (k) per epoch") -> Path:
+    """One line per run, one colour per label: ``{label: [k per epoch, ...runs]}``."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, runs) in enumerate(trajectories.items()):
+        for j, ks in enumerate(runs):
+            ax.plot(np.arange(1, len(ks) + 1), ks, color=colours[i % len(colours)], alpha=0.6, lw=1.2,
+                    label=label if j == 0 else None)
+    if n_aux:
+        ax.axhline(n_aux, color="grey", ls=":", lw=1, label=f"all auxiliary genes ({n_aux})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("k (auxiliary genes with weight > 0.5)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_per_gene_pcc(per_gene_pcc: Sequence[float], genes: Sequence[str], path: str | Path,
+                      title: str = "Test PCC per primary gene") -> Path:
+    """Sorted bar chart of the per-gene test PCC."""
+    values = np.asarray(per_gene_pcc, dtype=float)
+    order = np.argsort(-np.nan_to_num(values, nan=-2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.16 * len(values)), 4.0))
+    ax.bar(np.arange(len(values)), values[order], color="#4c72b0")
+    ax.set_xticks(np.arange(len(values)))
+    ax.set_xticklabels([genes[i] for i in order], rotation=90, fontsize=6)
+    ax.axhline(np.nanmean(values), color="k", ls="--", lw=1, label=f"mean {np.nanmean(values):.3f}")
+    ax.set_ylabel("PCC")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_method_bars(table: pd.DataFrame, path: str | Path, metric: str = "pcc") -> Path:
+    """Mean ± std of ``metric`` per method (rows of the evaluation table)."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(table)), 4.0))
+    x = np.arange(len(table))
+    mean = table[f"{metric}_mean"].to_numpy(float)
+    std = np.nan_to_num(table[f"{metric}_std"].to_numpy(float))  # one run: no spread to draw
+    ax.bar(x, mean, yerr=std, capsize=3, color="#4c72b0")
+    ax.set_xticks(x)
+    ax.set_xticklabels(table["method"], rotation=35, ha="right", fontsize=8)
+    low, high = float(np.nanmin(mean - std)), float(np.nanmax(mean + std))
+    pad = 0.1 * (high - low) if high > low else 0.01
+    ax.set_ylim(low - pad, high + pad)
+    ax.set_ylabel(f"test {metric.upper()} (mean ± std over runs)")
+    ax.set_title(f"Test {metric.upper()} of the primary genes per method")
+    return _save(fig, path)
+
+
+def plot_gene_scatter(reference: pd.Series, others: Mapping[str, pd.Series], path: str | Path,
+                      reference_name: str = "pgl") -> Path:
+    """Per-gene PCC of each method (y) against the reference method (x); points above the diagonal win."""
+    n = max(len(others), 1)
+    cols = min(n, 4)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (label, series) in zip(axes.flat, others.items()):
+        both = pd.concat([reference.rename("ref"), series.rename("other")], axis=1).dropna()
+        ax.scatter(both["ref"], both["other"], s=8, alpha=0.7)
+        lo, hi = float(both.min().min()), float(both.max().max())
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--")
+        wins = int((both["other"] > both["ref"]).sum())
+        ax.set_title(f"{label}: {wins}/{len(both)} genes above", fontsize=8)
+        ax.set_xlabel(f"{reference_name} PCC", fontsize=8)
+        ax.set_ylabel(f"{label} PCC", fontsize=8)
+    for ax in list(axes.flat)[len(others):]:
+        ax.axis("off")
+    return _save(fig, path)

@@ -1,0 +1,533 @@
+"""One training loop for every gene-selection method (``fit``) and its configuration.
+
+A method is a gate (``agl.selection``) plugged into the same loop; the loop only
+differs by schedule (when the gate's outer parameters get bi-level updates).
+The same ``fit`` runs in a plain process, in a Ray Train worker and in a Tune trial:
+everything outside the loop talks to it through ``DataBundle`` and ``Reporter``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from agl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("pgl", "agl_all", "topk", "random_k", "uncertainty", "dkgsb")
+# Fraction of the epochs that the "warmstart" schedule trains AGL-all style before selecting.
+WARMUP_FRACTION = 0.2
+
+
+# --------------------------------------------------------------------------- configuration
+@dataclass
+class TrainConfig:
+    """Every setting of one training run; every field is a plain JSON value (MLflow/Tune log it)."""
+
+    method: str = "dkgsb"
+    k: int | None = None
+    t_init: float = 0.5
+    prior: str = "hvg"
+    second_prior: str = "mean"
+    prior_weight: float = 1.0
+    tau: float = 0.01
+    tau_final: float | None = None
+    hard: bool = False
+    lr: float = 1e-3
+    outer_lr: float = 3e-3
+    inner_steps: int = 2
+    inner_optimizer: str = "adam"
+    first_order: bool = False
+    schedule: str = "interleaved"
+    epochs: int = 100
+    patience: int = 20
+    batch_size: int = 128
+    bilevel_batch_size: int = 64
+    loss: str = "pcc"
+    mode: str = "features"
+    backbone: str = "torchvision/mobilenet_v2"
+    weights: str | None = "imagenet"
+    trunk: list[int] = field(default_factory=lambda: [512])
+    dropout: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str | Path | None = None) -> "TrainConfig":
+        """Build a config from plain values; unknown keys or bad values raise ConfigError naming the key."""
+        if not isinstance(values, dict):
+            raise ConfigError(source, f"expected a mapping of settings, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(source, f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = dict(values)
+        if isinstance(values.get("trunk"), tuple):
+            values["trunk"] = list(values["trunk"])
+        cfg = cls(**values)
+        cfg.validate(source)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-compatible values."""
+        out = dataclasses.asdict(self)
+        out["trunk"] = list(out["trunk"])
+        return out
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A validated copy with some fields changed."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def validate(self, source: str | Path | None = None) -> None:
+        """Raise ConfigError("source: key: problem") for the first bad value."""
+        for name, check in _CHECKS.items():
+            problem = check(getattr(self, name))
+            if problem:
+                raise ConfigError(source, f"{name}: {problem} (got {getattr(self, name)!r})")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_at_least(lo: int) -> Callable[[Any], str | None]:
+    return lambda v: None if _is_int(v) and v >= lo else f"must be an integer >= {lo}"
+
+
+def _num_in(lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        ok = _is_num(v) and (v > lo if lo_open else v >= lo)
+        if ok and hi is not None:
+            ok = v < hi if hi_open else v <= hi
+        if ok:
+            return None
+        left, right = "(" if lo_open else "[", ")" if hi_open or hi is None else "]"
+        return f"must be a number in {left}{lo}, {'inf' if hi is None else hi}{right}"
+    return check
+
+
+def _choice(*options: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in options else f"must be one of {', '.join(options)}"
+
+
+def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    return lambda v: None if v is None else check(v)
+
+
+def _string(v: Any) -> str | None:
+    return None if isinstance(v, str) and v else "must be a non-empty string"
+
+
+def _boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def _trunk(v: Any) -> str | None:
+    ok = isinstance(v, (list, tuple)) and all(_is_int(x) and x >= 1 for x in v)
+    return None if ok else "must be a list of positive layer widths, e.g. [512] (or [] for none)"
+
+
+def _device(v: Any) -> str | None:
+    ok = isinstance(v, str) and (v in ("auto", "cpu", "cuda", "mps") or v.startswith("cuda:"))
+    return None if ok else "must be auto, cpu, cuda, cuda:N or mps"
+
+
+def _method(v: Any) -> str | None:
+    return None if v in METHODS else f"must be one of {', '.join(METHODS)}"
+
+
+def _loss(v: Any) -> str | None:
+    from agl.losses import LOSSES  # lazy: keeps config parsing import-light
+
+    return None if v in LOSSES else f"must be one of {', '.join(LOSSES)}"
+
+
+_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "method": _method,
+    "k": _optional(_int_at_least(0)),
+    "t_init": _num_in(0.0, 1.0),
+    "prior": _string,
+    "second_prior": _string,
+    "prior_weight": _num_in(0.0, 1.0),
+    "tau": _num_in(0.0, lo_open=True),
+    "tau_final": _optional(_num_in(0.0, lo_open=True)),
+    "hard": _boolean,
+    "lr": _num_in(0.0, lo_open=True),
+    "outer_lr": _num_in(0.0, lo_open=True),
+    "inner_steps": _int_at_least(1),
+    "inner_optimizer": _choice("adam", "sgd"),
+    "first_order": _boolean,
+    "schedule": _choice("interleaved", "warmstart"),
+    "epochs": _int_at_least(1),
+    "patience": _int_at_least(1),
+    "batch_size": _int_at_least(2),
+    "bilevel_batch_size": _int_at_least(2),
+    "loss": _loss,
+    "mode": _choice("features", "finetune"),
+    "backbone": _string,
+    "weights": _optional(_string),
+    "trunk": _trunk,
+    "dropout": _num_in(0.0, 1.0, hi_open=True),
+    "seed": _int_at_least(0),
+    "device": _device,
+}
+
+
+# --------------------------------------------------------------------------- interfaces
+class DataBundle(Protocol):
+    """What ``fit`` reads; ``agl.bundle.make_bundle(store, split, cfg)`` builds one."""
+
+    genes: pd.DataFrame
+    n_primary: int
+    prior_ranks: dict[str, np.ndarray]
+    input_dim: int | None
+
+    def train_batches(self, batch_size: int, epoch: int) -> Iterable[tuple[Tensor, Tensor]]: ...
+    def val_batches(self, batch_size: int, epoch: int) -> Iterable[tuple[Tensor, Tensor]]: ...
+    def eval_arrays(self, part: str) -> tuple[Tensor, np.ndarray, np.ndarray]: ...
+
+
+class Reporter(Protocol):
+    """Receives per-epoch metrics and, when one was written, the checkpoint folder."""
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None: ...
+
+
+@dataclass
+class FitResult:
+    """What one run produced: history, the best model's test metrics and its gate's selection."""
+
+    config: TrainConfig
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_pcc: float
+    test: dict[str, Any]
+    k: int
+    weights: np.ndarray
+    selected: np.ndarray
+    epochs_run: int
+    stopped_early: bool
+    wall_time_s: float
+    checkpoint_dir: str | None
+    model: torch.nn.Module
+    gate: Any
+
+
+# --------------------------------------------------------------------------- schedules
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one epoch does: a bi-level pass before training, and whether gate weights are forced to 1."""
+
+    bilevel: bool
+    all_genes: bool
+
+
+def _interleaved(epoch: int, cfg: TrainConfig) -> EpochPlan:
+    # The public release: every epoch after the first starts with a bi-level pass.
+    return EpochPlan(bilevel=epoch >= 1, all_genes=False)
+
+
+def _warmstart(epoch: int, cfg: TrainConfig) -> EpochPlan:
+    # Submission-time code: AGL-all warm-up stage, then alternate bi-level and normal stages.
+    warmup = warmup_epochs(cfg)
+    return EpochPlan(bilevel=epoch >= warmup, all_genes=epoch < warmup)
+
+
+def warmup_epochs(cfg: TrainConfig) -> int:
+    """Length of the AGL-all stage of the warmstart schedule."""
+    return max(1, int(round(WARMUP_FRACTION * cfg.epochs)))
+
+
+SCHEDULES: dict[str, Callable[[int, TrainConfig], EpochPlan]] = {
+    "interleaved": _interleaved,
+    "warmstart": _warmstart,
+}
+
+
+# --------------------------------------------------------------------------- helpers
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """One integer per (seed, epoch): dropout and shuffles restart identically after a resume."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) without torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def n_outputs(cfg: TrainConfig, n_genes: int, n_primary: int) -> int:
+    """PGL predicts the primary genes only (the paper's 50-output baseline); others predict every gene."""
+    return n_primary if cfg.method == "pgl" else n_genes
+
+
+def build_model(cfg: TrainConfig, genes: pd.DataFrame, n_primary: int, prior_ranks: dict[str, np.ndarray],
+                input_dim: int | None, pretrained: bool = True) -> tuple[torch.nn.Module, Any]:
+    """The estimator and gate of a run (used by ``fit`` and by ``agl.checkpoint.load_model``).
+
+    ``pretrained=False`` skips loading backbone weights (a checkpoint overwrites them anyway).
+    """
+    from agl.models import Estimator, create_backbone
+    from agl.selection import create_gate
+
+    torch.manual_seed(cfg.seed)
+    backbone = None
+    in_dim = input_dim
+    if cfg.mode == "finetune":
+        backbone, in_dim = create_backbone(cfg.backbone, weights=cfg.weights if pretrained else None)
+    if in_dim is None:
+        raise ConfigError(None, "mode: features mode needs the bundle's input_dim (feature size)")
+    n_out = n_outputs(cfg, len(genes), n_primary)
+    n_aux = n_out - n_primary  # PGL's gate sees no auxiliary genes because its model predicts none
+    model = Estimator(in_dim, n_out, trunk=tuple(cfg.trunk), dropout=cfg.dropout, backbone=backbone)
+    gate = create_gate(cfg.method, n_aux, {name: np.asarray(r)[:n_aux] for name, r in prior_ranks.items()},
+                       **gate_options(cfg))
+    return model, gate
+
+
+def gate_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The config fields a gate reads."""
+    return {"k": cfg.k, "t_init": cfg.t_init, "tau": cfg.tau, "tau_final": cfg.tau_final, "hard": cfg.hard,
+            "seed": cfg.seed, "prior": cfg.prior, "second_prior": cfg.second_prior, "prior_weight": cfg.prior_weight}
+
+
+def predict(model: torch.nn.Module, x: Tensor, device: torch.device, batch_size: int = 512) -> Tensor:
+    """Model outputs for every row of x, in evaluation mode, without gradients."""
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            outs.append(model(x[start:start + batch_size].to(device)).float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def _gate_scalars(gate: Any) -> dict[str, float]:
+    """k, t and tau of the gate (NaN where a gate has no such quantity)."""
+    summary = gate.summary() if hasattr(gate, "summary") else {}
+    out = {"k": float(gate.k())}
+    for key in ("t", "tau"):
+        value = summary.get(key)
+        out[key] = float(value) if isinstance(value, (int, float, np.floating, np.integer)) else float("nan")
+    return out
+
+
+def _allreduce(params: list[torch.nn.Parameter]) -> None:
+    if dist_info()[1] > 1:
+        from agl.bilevel import allreduce_gradients
+
+        allreduce_gradients(params)
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+@dataclass
+class LoopState:
+    """Everything the loop carries between epochs (restored on resume)."""
+
+    next_epoch: int = 0
+    best_epoch: int = -1
+    best_val_pcc: float = -math.inf
+    history: list[dict[str, float]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    best_model: dict[str, Tensor] | None = None
+    best_gate: dict[str, Tensor] | None = None
+
+
+# --------------------------------------------------------------------------- the loop
+class _Trainer:
+    """Holds a run's model, gate and optimisers; ``fit`` drives it epoch by epoch."""
+
+    def __init__(self, cfg: TrainConfig, data: DataBundle):
+        from agl.losses import LOSSES
+
+        self.cfg, self.data = cfg, data
+        self.device = resolve_device(cfg.device)
+        self.n_primary = int(data.n_primary)
+        self.n_out = n_outputs(cfg, len(data.genes), self.n_primary)
+        self.model, self.gate = build_model(cfg, data.genes, self.n_primary, data.prior_ranks, data.input_dim)
+        self.model.to(self.device)
+        if isinstance(self.gate, torch.nn.Module):
+            self.gate.to(self.device)
+        self.loss_fn = LOSSES[cfg.loss]
+        self.inner_params = list(self.model.parameters()) + list(self.gate.inner_parameters())
+        self.outer_params = list(self.gate.outer_parameters())
+        self.opt = torch.optim.Adam(self.inner_params, lr=cfg.lr)
+        self.outer_opt = torch.optim.Adam(self.outer_params, lr=cfg.outer_lr) if self.outer_params else None
+
+    def objective(self, pred: Tensor, y: Tensor, all_genes: bool) -> Tensor:
+        """Per-gene loss split into primary/auxiliary and combined by the gate (or uniformly in warm-up)."""
+        per_gene = self.loss_fn(pred, y[:, : self.n_out])
+        if all_genes:
+            return per_gene.mean()
+        return self.gate.loss(per_gene[: self.n_primary], per_gene[self.n_primary:])
+
+    def train_epoch(self, epoch: int, all_genes: bool) -> tuple[float, int]:
+        """One pass of ordinary training (gate outer parameters frozen); returns (mean loss, spots seen)."""
+        self.model.train()
+        total, n_batches, n_spots = 0.0, 0, 0
+        for x, y in self.data.train_batches(self.cfg.batch_size, epoch):
+            x, y = x.to(self.device), y.to(self.device)
+            self.opt.zero_grad(set_to_none=True)
+            loss = self.objective(self.model(x), y, all_genes)
+            loss.backward()
+            _allreduce(self.inner_params)
+            self.opt.step()
+            total += float(loss.detach())
+            n_batches += 1
+            n_spots += len(x)
+        return total / max(n_batches, 1), n_spots
+
+    def bilevel_pass(self, epoch: int) -> int:
+        """One pass over the training set of outer steps (hypergradient of the val primary loss)."""
+        from agl.bilevel import hypergradient
+
+        bs = self.cfg.bilevel_batch_size
+        val_iter = _cycle(lambda e: self.data.val_batches(bs, e), epoch)
+        n_steps = 0
+        self.model.train()
+        for xt, yt in self.data.train_batches(bs, epoch):
+            xv, yv = next(val_iter)
+            self.outer_opt.zero_grad(set_to_none=True)
+            # accumulates into .grad of the gate's outer parameters; the inner Adam starts from ours
+            hypergradient(self.model, self.gate, self.loss_fn,
+                          (xt.to(self.device), yt[:, : self.n_out].to(self.device)),
+                          (xv.to(self.device), yv[:, : self.n_out].to(self.device)),
+                          self.n_primary, self.cfg.inner_steps, self.cfg.lr,
+                          self.cfg.inner_optimizer, self.cfg.first_order, optimizer=self.opt)
+            _allreduce(self.outer_params)
+            self.outer_opt.step()
+            self.gate.project_()
+            n_steps += 1
+        return n_steps
+
+    def evaluate(self, part: str) -> tuple[dict[str, Any], float]:
+        """Metrics over the primary genes of one part, and its mean primary loss."""
+        from agl.metrics import evaluate_predictions
+
+        x, y, slide_ids = self.data.eval_arrays(part)
+        pred = predict(self.model, x, self.device)[:, : self.n_primary]
+        target = torch.as_tensor(np.asarray(y)[:, : self.n_primary], dtype=torch.float32)
+        loss = float(self.loss_fn(pred, target).mean())
+        names = list(self.data.genes["gene"].iloc[: self.n_primary])
+        return evaluate_predictions(pred.numpy(), target.numpy(), np.asarray(slide_ids), names), loss
+
+    def snapshot(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        return _clone_state(self.model.state_dict()), _clone_state(_gate_state(self.gate))
+
+    def load_snapshot(self, model_state: dict[str, Tensor], gate_state: dict[str, Tensor]) -> None:
+        self.model.load_state_dict(model_state)
+        if gate_state:
+            self.gate.load_state_dict(gate_state)
+
+
+def _gate_state(gate: Any) -> dict[str, Tensor]:
+    return gate.state_dict() if hasattr(gate, "state_dict") else {}
+
+
+def _clone_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def _cycle(make: Callable[[int], Iterable[tuple[Tensor, Tensor]]], epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Validation batches for outer steps, reshuffled each time the validation set runs out."""
+    round_ = 0
+    while True:
+        empty = True
+        for batch in make(epoch * 1000 + round_):
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the validation part has no spots; bi-level selection needs validation data")
+        round_ += 1
+
+
+def fit(cfg: TrainConfig, data: DataBundle, reporter: Reporter | None = None,
+        resume_from: str | Path | None = None, out_dir: str | Path | None = None) -> FitResult:
+    """Train one run: ``cfg.method``'s gate, early stopping on validation PCC, test metrics of the best epoch.
+
+    ``out_dir``: when given (and on rank 0), ``out_dir/checkpoint`` is rewritten atomically every
+    epoch and handed to ``reporter``. ``resume_from``: a checkpoint folder; training continues at its
+    next epoch and reproduces the uninterrupted run.
+    """
+    from agl import checkpoint as ckpt
+
+    cfg.validate()
+    rank, world = dist_info()
+    tr = _Trainer(cfg, data)
+    state = LoopState()
+    if resume_from is not None:
+        state = ckpt.restore(resume_from, tr, cfg)
+    ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None and rank == 0 else None
+    schedule = SCHEDULES[cfg.schedule]
+    started = time.perf_counter() - state.elapsed_s
+    stopped_early = False
+    epoch_times: list[float] = []
+    for epoch in range(state.next_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))
+        plan = schedule(epoch, cfg)
+        n_outer = tr.bilevel_pass(epoch) if plan.bilevel and tr.outer_opt is not None else 0
+        train_loss, n_spots = tr.train_epoch(epoch, plan.all_genes)
+        tr.gate.on_epoch_end(epoch, cfg.epochs)
+        val_metrics, val_loss = tr.evaluate("val")
+        val_pcc = float(val_metrics["pcc"])
+        if val_pcc > state.best_val_pcc or state.best_epoch < 0:
+            state.best_val_pcc, state.best_epoch = val_pcc, epoch
+            state.best_model, state.best_gate = tr.snapshot()
+        epoch_time = time.perf_counter() - t0
+        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_pcc": val_pcc,
+                   "best_val_pcc": state.best_val_pcc, **_gate_scalars(tr.gate), "epoch_time_s": epoch_time}
+        state.history.append(metrics)
+        state.next_epoch = epoch + 1
+        state.elapsed_s = time.perf_counter() - started
+        epoch_times.append(epoch_time)
+        stop = epoch - state.best_epoch >= cfg.patience
+        written = None
+        if ckpt_dir is not None:
+            written = str(ckpt.save_checkpoint(ckpt_dir, tr, cfg, state, data))
+        if reporter is not None:
+            reporter.report(dict(metrics), written)
+        if rank == 0:
+            remaining = (cfg.epochs - epoch - 1) * float(np.mean(epoch_times[-5:]))
+            log.info("epoch %d/%d %s: train_loss %.4f val_pcc %.4f (best %.4f @%d) k %d%s | %.1f s, %.0f spots/s, ETA %s",
+                     epoch + 1, cfg.epochs, cfg.method, train_loss, val_pcc, state.best_val_pcc, state.best_epoch + 1,
+                     metrics["k"], f" outer {n_outer}" if n_outer else "", epoch_time,
+                     n_spots * world / max(epoch_time, 1e-9), _format_eta(0 if stop else remaining))
+        if stop:
+            stopped_early = True
+            break
+    tr.load_snapshot(state.best_model, state.best_gate)
+    test_metrics, _ = tr.evaluate("test")
+    with torch.no_grad():
+        weights = tr.gate.weights().detach().cpu().numpy().astype(np.float32)
+        selected = tr.gate.selected().cpu().numpy()
+    return FitResult(
+        config=cfg, history=state.history, best_epoch=state.best_epoch, best_val_pcc=state.best_val_pcc,
+        test=test_metrics, k=int(tr.gate.k()), weights=weights, selected=selected,
+        epochs_run=state.next_epoch, stopped_early=stopped_early, wall_time_s=time.perf_counter() - started,
+        checkpoint_dir=None if ckpt_dir is None else str(ckpt_dir), model=tr.model, gate=tr.gate)

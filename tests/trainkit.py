@@ -1,0 +1,59 @@
+"""Helpers for the training tests: cheap real features and small, fast configurations.
+
+The training loop does not care where features come from; computing MobileNetV2 features of
+every demo patch under 8 views takes minutes on 2 CPU cores, so tests use a cheap, real
+image descriptor instead: the mean colour of a 4 x 4 grid of cells of each (real) patch,
+for each dihedral view (pooling commutes with the view, so view k is exact).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agl.data.augment import N_VIEWS, dihedral
+
+GRID = 4
+
+
+@lru_cache(maxsize=4)
+def _pooled(store_path: str) -> np.ndarray:
+    from agl.data.store import open_store
+
+    patches = np.asarray(open_store(store_path).patches)
+    n, px = patches.shape[0], patches.shape[1]
+    cell = px // GRID
+    crop = patches[:, : cell * GRID, : cell * GRID].reshape(n, GRID, cell, GRID, cell, 3)
+    grid = crop.mean(axis=(2, 4), dtype=np.float32) / 255.0  # [N, 4, 4, 3] (HWC); no float copy of the patches
+    views = np.stack([np.ascontiguousarray(dihedral(grid, k)).reshape(n, -1) for k in range(N_VIEWS)])
+    return ((views - views.mean(axis=(0, 1))) / (views.std(axis=(0, 1)) + 1e-6)).astype(np.float32)
+
+
+def pooled_features(store: Any) -> np.ndarray:
+    """[8, N, 48] grid-pooled colour features of the store's real patches."""
+    return _pooled(str(Path(getattr(store, "path", store)).resolve()))
+
+
+def use_cheap_features(monkeypatch: Any) -> None:
+    """Make features mode read ``pooled_features`` instead of a CNN feature cache."""
+    from agl import bundle
+
+    monkeypatch.setitem(bundle.INPUTS, "features", lambda store, cfg: bundle.FeatureInputs(pooled_features(store)))
+
+
+def small_config(**changes: Any) -> Any:
+    """A fast TrainConfig for the demo store (small trunk, few epochs, CPU)."""
+    from agl.train import TrainConfig
+
+    base = dict(method="dkgsb", epochs=3, patience=10, batch_size=128, bilevel_batch_size=128, trunk=[16],
+                dropout=0.1, lr=3e-3, outer_lr=3e-2, device="cpu", weights=None, seed=0)
+    return TrainConfig.from_dict({**base, **changes})
+
+
+def first_split(store: Any) -> str:
+    from agl.data.store import open_store
+
+    names = open_store(getattr(store, "path", store)).split_names
+    return next(n for n in names if n.startswith("kfold"))
