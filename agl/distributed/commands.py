@@ -1,0 +1,191 @@
+"""Sub-commands ``agl tune``, ``agl train-ray``, ``agl predict`` and ``agl bench ray``.
+
+``launch/tune.py``, ``launch/train.py`` and ``launch/predict.py`` are thin wrappers
+around the same parsers and handlers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- agl tune
+def add_tune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", default="default",
+                   help="search space: a bundled name (default, tiny, large, finetune-gpu) or a YAML path")
+    p.add_argument("--store", default="demo", help="store folder, or 'demo' for the bundled her2st demo store")
+    p.add_argument("--out", default="results/sweep", help="output folder (trial table, MLflow DB, Ray results)")
+    p.add_argument("--name", default="agl-sweep", help="experiment name in Ray Tune")
+    p.add_argument("--num-samples", type=int, default=None, help="number of trials (default: the space's)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join ('auto' on a cluster node); default: start Ray locally")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
+    p.add_argument("--experiment", default="agl-sweep", help="MLflow experiment name")
+    p.add_argument("--model-name", default="agl-model", help="MLflow registered model for the champion")
+    p.add_argument("--resume", action="store_true", help="continue the sweep in --out (errored trials resume)")
+    p.add_argument("--trainer", choices=("function", "train"), default="function",
+                   help="function: fit() in-process per trial (ASHA allowed); train: a TorchTrainer per trial "
+                        "(data parallel, FIFO + in-loop early stopping)")
+    p.add_argument("--workers-per-trial", type=int, default=2, help="TorchTrainer workers per trial (--trainer train)")
+    p.add_argument("--use-gpu", action="store_true", help="GPU workers (--trainer train)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what fits)")
+    p.add_argument("--storage-path", default=None,
+                   help="Ray results/checkpoints (default OUT/ray; on a multi-node cluster use s3://... or a shared mount)")
+    p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard on 127.0.0.1 (local Ray only)")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from agl.distributed.tune import SweepOptions, format_table, run_sweep
+
+    opts = SweepOptions(space=args.space, store=args.store, out=args.out, name=args.name,
+                        num_samples=args.num_samples, address=args.address, num_cpus=args.num_cpus,
+                        tracking_uri=args.tracking_uri, experiment=args.experiment, model_name=args.model_name,
+                        resume=args.resume, trainer=args.trainer, workers_per_trial=args.workers_per_trial,
+                        use_gpu=args.use_gpu, max_concurrent=args.max_concurrent, storage_path=args.storage_path,
+                        dashboard=args.dashboard)
+    summary = run_sweep(opts)
+    print(format_table(summary.table, summary.best))
+    print(f"\ntrial table: {summary.paths.get('table_csv')}\nplot: {summary.paths.get('table_png')}")
+    print(f"MLflow: {summary.tracking_uri} (parent run {summary.parent_run_id}); "
+          f"champion: {args.model_name} version {summary.champion_version or '-'}")
+    if summary.tracking_uri.startswith("sqlite:"):
+        print(f"UI: mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri {summary.tracking_uri}")
+    if not summary.complete:
+        print(f"\ninterrupted: continue with the same command plus --resume", file=sys.stderr)
+        return 130
+    return 0 if summary.best is not None else 1
+
+
+# --------------------------------------------------------------------------- agl train-ray
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default="demo", help="store folder, or 'demo'")
+    p.add_argument("--split", default="kfold-s0-f0", help="split name")
+    p.add_argument("--config", help="YAML or JSON file of TrainConfig settings")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one TrainConfig setting")
+    p.add_argument("--num-workers", type=int, default=2, help="Train workers (0 = in-process, for debugging)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs per worker (with --data ray_data leave CPUs for Ray Data readers)")
+    p.add_argument("--data", choices=("bundle", "ray_data"), default="bundle",
+                   help="bundle: each worker slices the memory-mapped store; ray_data: Ray Data shards of the Parquet store")
+    p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (from the last checkpoint)")
+    p.add_argument("--storage-path", default="results/ray", help="Ray Train results and checkpoints")
+    p.add_argument("--name", default=None, help="run name (same name + storage path resumes a run)")
+    p.add_argument("--address", default=None, help="Ray cluster address ('auto'); default: local Ray")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI to log the run to (optional)")
+    p.add_argument("--experiment", default="agl-train", help="MLflow experiment name")
+
+
+def cmd_train_ray(args: argparse.Namespace) -> int:
+    from agl.commands import parse_sets, read_config_file
+    from agl.distributed import tracking
+    from agl.distributed.runtime import init_ray, resolve_store
+    from agl.distributed.train import run_train
+    from agl.train import TrainConfig
+
+    cfg = TrainConfig.from_dict({**read_config_file(args.config), **parse_sets(args.set)},
+                                source=args.config or "--set")
+    store = resolve_store(args.store)
+    init_ray(args.address, num_cpus=args.num_cpus)
+    scaling: dict[str, Any] = {"num_workers": args.num_workers, "use_gpu": args.use_gpu}
+    if args.cpus_per_worker is not None:
+        scaling["resources_per_worker"] = {"CPU": args.cpus_per_worker}
+    name = args.name or f"agl-train-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = str(Path(args.storage_path).resolve()) if "://" not in args.storage_path else args.storage_path
+    result = run_train(cfg, store, args.split, scaling, storage, failure_max=args.max_failures,
+                       name=name, data=args.data)
+    if result.error:
+        raise result.error
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    print(json.dumps({"run": name, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+                      **metrics}, indent=1))
+    if args.tracking_uri and result.checkpoint is not None:
+        with result.checkpoint.as_directory() as folder:
+            history = json.loads((Path(folder) / tracking.RESULT_JSON).read_text()).get("history", [])
+            run_id = tracking.log_single_run(tracking.check_tracking_uri(args.tracking_uri), args.experiment, cfg,
+                                             history, folder, run_name=name, tags={"agl.split": args.split})
+        print(f"MLflow run {run_id} in {args.tracking_uri}")
+    return 0
+
+
+# --------------------------------------------------------------------------- agl predict
+def add_predict_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("model (a checkpoint folder, or the MLflow champion)")
+    src.add_argument("--checkpoint", default=None, help="checkpoint folder (safetensors + JSON)")
+    src.add_argument("--tracking-uri", default=None, help="MLflow tracking URI holding the registered model")
+    src.add_argument("--model-name", default="agl-model", help="registered model name")
+    src.add_argument("--alias", default="champion", help="model version alias")
+    p.add_argument("--input", required=True, help="slide data: her2st root, HEST root, Visium outs/, or .h5ad")
+    p.add_argument("--format", default="her2st", help="reader: her2st | hest | visium | anndata")
+    p.add_argument("--sections", default=None,
+                   help="comma-separated sections (her2st) or sample ids (hest) to read")
+    p.add_argument("--reader-arg", action="append", metavar="KEY=VALUE", help="extra reader argument (repeatable)")
+    p.add_argument("--out", required=True, help="output folder (predictions.h5ad + maps/)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--patch-um", type=float, default=None, help="patch size in um (default: as in training)")
+    p.add_argument("--patch-px", type=int, default=None, help="patch size in px (default: as in training)")
+    p.add_argument("--top-genes", type=int, default=6, help="primary genes to map (PNG)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+_SECTION_ARG = {"her2st": "sections", "hest": "sample_ids"}
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from agl.commands import parse_sets
+    from agl.errors import ConfigError
+    from agl.predict import PredictOptions, predict_slides
+
+    reader_args = parse_sets(args.reader_arg)
+    if args.sections:
+        if args.format not in _SECTION_ARG:
+            raise ConfigError("--sections", f"only for formats {sorted(_SECTION_ARG)}; use --reader-arg")
+        reader_args[_SECTION_ARG[args.format]] = [s.strip() for s in args.sections.split(",") if s.strip()]
+    summary = predict_slides(PredictOptions(
+        out=args.out, input=args.input, format=args.format, reader_args=reader_args, checkpoint=args.checkpoint,
+        tracking_uri=args.tracking_uri, model_name=args.model_name, alias=args.alias, patch_um=args.patch_um,
+        patch_px=args.patch_px, top_genes=args.top_genes, device=args.device, overwrite=args.overwrite))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+# --------------------------------------------------------------------------- agl bench ray
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default="demo", help="store folder, or 'demo'")
+    p.add_argument("--out", default="results", help="folder for bench_ray.json")
+    p.add_argument("--trials", type=int, default=4, help="trials in the timed frozen-feature sweep")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per trial / Train run")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs for the local Ray")
+
+
+def cmd_bench_ray(args: argparse.Namespace) -> int:
+    from agl.distributed.bench import bench_ray
+
+    report = bench_ray(store=args.store, out=args.out, trials=args.trials, epochs=args.epochs, num_cpus=args.num_cpus)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
+    """Add ``tune``, ``train-ray``, ``predict`` and ``bench ray`` to the ``agl`` parser."""
+    p = sub.add_parser("tune", help="gene-subset sweep: Ray Tune + Optuna, tracked in MLflow")
+    add_tune_args(p)
+    p.set_defaults(func=cmd_tune)
+    p = sub.add_parser("train-ray", help="one training run with Ray Train (data parallel, fault tolerant)")
+    add_train_args(p)
+    p.set_defaults(func=cmd_train_ray)
+    p = sub.add_parser("predict", help="predict expression of a new slide: .h5ad + PNG maps")
+    add_predict_args(p)
+    p.set_defaults(func=cmd_predict)
+    p = bench_sub.add_parser("ray", help="trials/hour of a frozen-feature sweep; Train samples/s with 1 vs 2 workers")
+    add_bench_args(p)
+    p.set_defaults(func=cmd_bench_ray)

@@ -1,0 +1,80 @@
+"""Starting or joining Ray, and locating the store that trials read."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from agl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Small enough for a 2-core, shared 24 GB machine; trials pass paths, not arrays, through it.
+DEFAULT_OBJECT_STORE_BYTES = 400 * 1024**2
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
+             dashboard: bool = False, object_store_memory: int | None = None) -> dict[str, Any]:
+    """Start a local Ray (``address=None``) or join a cluster (``"auto"`` / ``"ray://..."``).
+
+    The dashboard is off unless asked for, and then bound to 127.0.0.1. Token
+    authentication follows ``RAY_AUTH_MODE`` (Ray's default: a token in
+    ``~/.ray/auth_token``); the CLI that started a cluster and this driver must agree.
+    Returns ``ray.cluster_resources()``.
+    """
+    import ray
+
+    if ray.is_initialized():  # a caller (a test module, a notebook) already started or joined Ray
+        return ray.cluster_resources()
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    kwargs: dict[str, Any] = {"include_dashboard": dashboard, "log_to_driver": True}
+    if dashboard:
+        kwargs["dashboard_host"] = "127.0.0.1"
+    if address in (None, "", "local"):
+        kwargs.update(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
+                      object_store_memory=object_store_memory or DEFAULT_OBJECT_STORE_BYTES)
+    else:
+        _match_cli_auth()
+        if num_cpus is not None or num_gpus is not None:
+            log.warning("--num-cpus/--num-gpus are ignored when joining the cluster at %s", address)
+        kwargs = {"address": address, "log_to_driver": True}
+    ray.init(**kwargs)
+    resources = ray.cluster_resources()
+    log.info("Ray %s: %s", "cluster " + address if address not in (None, "", "local") else "local",
+             {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")})
+    return resources
+
+
+def _match_cli_auth() -> None:
+    """Use token auth when joining a cluster if a token exists and RAY_AUTH_MODE is unset.
+
+    ``ray start`` switches itself to token mode when ``~/.ray/auth_token`` exists; a driver
+    joining with ``address="auto"`` does not, and is then refused (InvalidAuthToken).
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:  # Ray's own rule (the one `ray start` applies); it also refreshes Ray's cached config
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # another Ray version: set the mode before Ray reads it
+        token_path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token")).expanduser()
+        if os.environ.get("RAY_AUTH_TOKEN") or token_path.is_file():
+            os.environ["RAY_AUTH_MODE"] = "token"
+        return
+    if maybe_enable_token_auth_if_token_available(warn_if_disabled=False):
+        log.info("joining with Ray token auth (RAY_AUTH_MODE=token)")
+
+
+def resolve_store(store: str | Path | None) -> Path:
+    """A store path as given, or the bundled her2st demo store (built on first use)."""
+    if store is None or str(store) == "demo":
+        from agl.datasets import her2st_demo_store
+
+        demo = her2st_demo_store()
+        return Path(getattr(demo, "path", demo)).resolve()
+    path = Path(store).expanduser().resolve()
+    if not (path / "manifest.json").is_file():
+        raise ConfigError("--store", f"{path} is not an agl store (no manifest.json); build one with `agl ingest`")
+    return path

@@ -1,0 +1,490 @@
+"""The gene-subset sweep: Ray Tune + Optuna over TrainConfig, tracked in MLflow.
+
+Two ways to run a trial, chosen so that scheduling cannot deadlock:
+
+- ``trainer="function"`` (default): each trial calls :func:`agl.train.fit` in its own
+  process (1 CPU, or 1 GPU); ASHA may stop trials early on ``val_pcc``.
+- ``trainer="train"``: each trial runs a nested Ray Train ``TorchTrainer`` (data
+  parallel over several workers/GPUs). A stopped trial's nested placement group can stay
+  allocated and starve the next trial, so this mode never uses ASHA: trials stop early
+  inside the loop (``patience``) and run under FIFO.
+
+Sweeps are resumable (``resume=True`` restores the Tune experiment, errored trials from
+their latest checkpoint) and log a parent MLflow run with one child run per trial; the
+best finished trial's checkpoint becomes the registered model version ``champion``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+
+from agl.distributed import tracking
+from agl.distributed.spaces import SearchSpace, load_space
+from agl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TRAINERS = ("function", "train")
+SWEEP_JSON = "sweep.json"
+TABLE_CSV = "trials.csv"
+TABLE_PNG = "trials.png"
+SUMMARY_COLUMNS = ("trial_id", "status", "method", "k", "final_k", "val_pcc", "test_pcc", "test_scc",
+                   "test_mse", "epochs_run")
+
+
+@dataclass
+class SweepOptions:
+    """Everything ``launch/tune.py`` / ``agl tune`` pass to :func:`run_sweep`."""
+
+    space: str = "default"
+    store: str | None = None               # None: the bundled her2st demo store
+    out: str = "results/sweep"
+    name: str = "agl-sweep"
+    num_samples: int | None = None         # None: the space's num_samples
+    address: str | None = None             # None: start Ray locally; "auto": join a cluster
+    num_cpus: int | None = None
+    tracking_uri: str | None = None        # None: sqlite:///<out>/mlflow.db
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+    model_name: str = tracking.DEFAULT_MODEL_NAME
+    resume: bool = False
+    trainer: str = "function"
+    workers_per_trial: int = 2             # trainer="train" only
+    use_gpu: bool = False                  # trainer="train" only (function trials use resources.gpu)
+    max_concurrent: int | None = None
+    storage_path: str | None = None        # None: <out>/ray (use s3:// or a shared mount on a cluster)
+    dashboard: bool = False
+    threads_per_trial: int = 1
+
+
+@dataclass
+class SweepSummary:
+    """The outcome of a sweep: one row per trial, the best one, where things were written."""
+
+    table: pd.DataFrame
+    best: dict[str, Any] | None
+    champion_version: str | None
+    tracking_uri: str
+    parent_run_id: str
+    paths: dict[str, str] = field(default_factory=dict)
+    complete: bool = True                  # False: interrupted, resume with resume=True
+
+
+# --------------------------------------------------------------------------- trial bodies
+class TuneReporter:
+    """``agl.train.Reporter`` for a function trial: every epoch to Tune, with fit's checkpoint."""
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
+        from ray import tune
+
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(dict(metrics), checkpoint=checkpoint)
+
+
+def trial_config(space: SearchSpace, sampled: Mapping[str, Any]) -> dict[str, Any]:
+    """The validated TrainConfig values of one trial (used by the trial and for MLflow params)."""
+    from agl.train import TrainConfig
+
+    return TrainConfig.from_dict(space.train_config(sampled), source=space.source).to_dict()
+
+
+def agl_trial(config: dict[str, Any], *, space: SearchSpace, store_path: str, threads: int = 1) -> None:
+    """One trial in-process: fit() with a TuneReporter, then a final report with the run artifacts."""
+    import torch
+    from ray import tune
+
+    from agl.bundle import make_bundle
+    from agl.train import TrainConfig, fit
+
+    torch.set_num_threads(threads)
+    cfg = TrainConfig.from_dict(space.train_config(config), source=space.source)
+    data = make_bundle(store_path, space.split, cfg, rank=0, world_size=1)
+    work = Path(tempfile.mkdtemp(prefix="agl-trial-"))
+    try:
+        previous = tune.get_checkpoint()
+        with (previous.as_directory() if previous else nullcontext(None)) as resume_from:
+            result = fit(cfg, data, reporter=TuneReporter(), resume_from=resume_from, out_dir=work)
+        final = work / "final"
+        summary = tracking.finalize_checkpoint(result, data, final)
+        tune.report({**summary["metrics"], "epoch": result.epochs_run - 1, "final": True,
+                     "resumed": resume_from is not None},
+                    checkpoint=tune.Checkpoint.from_directory(str(final)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def agl_train_trial(config: dict[str, Any], *, space: SearchSpace, store_path: str, workers: int,
+                use_gpu: bool, storage_path: str) -> None:
+    """One trial as a nested TorchTrainer; TuneReportCallback forwards rank 0's reports to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from agl.distributed.train import build_trainer
+
+    cfg = trial_config(space, config)
+    trial_id = tune.get_context().get_trial_id()
+    # the same name + storage path lets a restored sweep resume the nested run from its checkpoint
+    trainer = build_trainer(cfg, store_path, space.split, {"num_workers": workers, "use_gpu": use_gpu},
+                            storage_path=storage_path, name=f"train-{trial_id}",
+                            failure_max=1, callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+# --------------------------------------------------------------------------- MLflow callback
+def _callback_base() -> type:
+    from ray.tune import Callback
+
+    return Callback
+
+
+class MlflowSweepCallback(_callback_base()):
+    """Driver-side Tune callback: a child MLflow run per trial under the sweep's parent run.
+
+    Logs the trial's TrainConfig as params, every epoch as metrics (step = epoch), and when
+    the trial ends its final metrics and run folder (gene set CSV + hash tag, k plot,
+    checkpoint). Its state (trial -> run id) is saved with the Tune experiment, so a
+    restored sweep keeps logging into the same runs.
+    """
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, space: SearchSpace):
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.space = space
+        self.runs: dict[str, str] = {}
+        self._client = None
+
+    def __getstate__(self) -> dict[str, Any]:  # MLflow clients hold sessions; rebuild after unpickling
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = tracking.client(self.tracking_uri)
+        return self._client
+
+    def get_state(self) -> dict[str, Any]:
+        return {"runs": dict(self.runs)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.runs.update(state.get("runs", {}))
+
+    def run_id(self, trial: Any) -> str:
+        """The child run of a trial, created (with its params) on first sight."""
+        if trial.trial_id not in self.runs:
+            run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.trial_id}", tags={
+                "mlflow.parentRunId": self.parent_run_id, "agl.kind": "trial", "trial_id": trial.trial_id,
+            })
+            self.runs[trial.trial_id] = run.info.run_id
+            self.client.log_batch(run.info.run_id, params=tracking._params(trial_config(self.space, trial.config)))
+        return self.runs[trial.trial_id]
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.run_id(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get("final"):
+            return  # end-of-run metrics come from result.json at completion
+        epoch_metrics = {k: v for k, v in result.items() if k in EPOCH_KEYS}
+        metrics = tracking._metrics(epoch_metrics, int(result.get("epoch", 0)))
+        if metrics:
+            self.client.log_batch(self.run_id(trial), metrics=metrics)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, failed=False)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, failed=True)
+
+    def _finish(self, trial: Any, failed: bool) -> None:
+        run_id = self.run_id(trial)
+        last = trial.last_result or {}
+        finished = bool(last.get("final"))
+        try:
+            checkpoint = _final_checkpoint(trial, last) if finished else None
+            if checkpoint is not None:
+                with checkpoint.as_directory() as local:
+                    tracking.log_run_folder(self.client, run_id, local)
+            elif not failed:
+                self.client.set_tag(run_id, "agl.stopped_by", "scheduler")
+        except Exception as err:  # tracking must not kill the sweep; say what was lost
+            log.warning("MLflow: could not log the final artifacts of trial %s: %s", trial.trial_id, err)
+        self.client.set_terminated(run_id, "FAILED" if failed else ("FINISHED" if finished else "KILLED"))
+
+
+EPOCH_KEYS = ("train_loss", "val_loss", "val_pcc", "best_val_pcc", "k", "t", "tau", "epoch_time_s")
+
+
+def _final_checkpoint(trial: Any, last: Mapping[str, Any]) -> Any:
+    """A trial's final checkpoint: Tune's own, or the one its nested TorchTrainer reported."""
+    from ray.tune import Checkpoint
+
+    if last.get("checkpoint_path"):  # TuneReportCallback puts the Train checkpoint path here
+        return Checkpoint(last["checkpoint_path"])
+    return trial.checkpoint
+
+
+# --------------------------------------------------------------------------- the sweep
+def _scheduler(space: SearchSpace, trainer: str, max_t: int) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    spec = dict(space.scheduler)
+    if spec.get("name") == "asha" and trainer == "train":
+        log.warning("%s: ASHA is not used with nested TorchTrainer trials (a stopped trial's placement group "
+                    "can block the next one); trials stop early in the loop (patience) under FIFO", space.source)
+        spec = {"name": "fifo"}
+    if spec.get("name") == "asha":
+        return ASHAScheduler(time_attr="training_iteration", metric=space.metric, mode=space.mode,
+                             max_t=max_t, grace_period=min(spec.get("grace_period", 1), max_t),
+                             reduction_factor=spec.get("reduction_factor", 2))
+    return FIFOScheduler()
+
+
+def _searcher(space: SearchSpace) -> Any:
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=min(10, max(2, space.num_samples // 2)))
+    return OptunaSearch(metric=space.metric, mode=space.mode, sampler=sampler)
+
+
+def _trainable(opts: SweepOptions, space: SearchSpace, store_path: str, storage_path: str) -> Any:
+    """The Tune trainable for ``opts.trainer``, with its per-trial resources."""
+    from ray import tune
+
+    if opts.trainer == "function":
+        body = tune.with_parameters(agl_trial, space=space, store_path=store_path,
+                                    threads=opts.threads_per_trial)
+        resources = {"cpu": space.resources.get("cpu", 1), "gpu": space.resources.get("gpu", 0)}
+    else:
+        body = tune.with_parameters(agl_train_trial, space=space, store_path=store_path,
+                                    workers=opts.workers_per_trial, use_gpu=opts.use_gpu,
+                                    storage_path=storage_path)
+        # the trial only drives its TorchTrainer, whose workers hold the real resources
+        # (Tune cannot place an empty resource request, hence a sliver of a CPU)
+        resources = {"cpu": 0.1}
+    return tune.with_resources(body, resources)
+
+
+def _max_concurrent(opts: SweepOptions, space: SearchSpace, resources: Mapping[str, float]) -> int:
+    """How many trials fit at once (nested trainers: whole worker groups, so no trial waits half-placed)."""
+    if opts.max_concurrent:
+        return opts.max_concurrent
+    cpus = max(1.0, float(resources.get("CPU", 1)))
+    if opts.trainer == "train":
+        per_trial = opts.workers_per_trial * 1.0 + 1.0  # workers + the Train controller
+        if opts.use_gpu:
+            return max(1, int(float(resources.get("GPU", 0)) // max(1, opts.workers_per_trial)))
+        return max(1, int(cpus // per_trial))
+    if space.resources.get("gpu"):
+        return max(1, int(float(resources.get("GPU", 0)) // space.resources["gpu"]))
+    return max(1, int(cpus // max(space.resources.get("cpu", 1), 1e-9)))
+
+
+def run_sweep(opts: SweepOptions) -> SweepSummary:
+    """Run (or resume) a sweep; write the trial table CSV/PNG; register the champion; return the summary."""
+    import ray
+    from ray import tune
+
+    from agl.distributed.runtime import init_ray, resolve_store
+
+    if opts.trainer not in TRAINERS:
+        raise ConfigError("--trainer", f"must be one of {TRAINERS}, got {opts.trainer!r}")
+    space = load_space(opts.space)
+    if opts.num_samples is not None:
+        if opts.num_samples < 1:
+            raise ConfigError("--num-samples", f"must be >= 1, got {opts.num_samples}")
+        space = SearchSpace(**{**space.__dict__, "num_samples": opts.num_samples})
+    out = Path(opts.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    tracking_uri = tracking.check_tracking_uri(opts.tracking_uri or tracking.default_tracking_uri(out))
+    storage_path = opts.storage_path or str(out / "ray")
+    exp_path = _join(storage_path, opts.name)
+    state_file = out / SWEEP_JSON
+    state = json.loads(state_file.read_text()) if state_file.is_file() else None
+    if state and not opts.resume:
+        raise ConfigError(out, f"already holds sweep {state.get('name')!r}; pass --resume to continue it "
+                               f"or choose another --out")
+    store_path = str(resolve_store(opts.store))
+    # num_to_keep forces an experiment snapshot per checkpoint; harmless at this scale, so no warning spam
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    owns_ray = not ray.is_initialized()  # shut down at the end only what this call started
+    resources = init_ray(opts.address, num_cpus=opts.num_cpus, dashboard=opts.dashboard)
+    _warm_caches(store_path, space)
+
+    if opts.resume and state and tune.Tuner.can_restore(exp_path):
+        parent_run_id, experiment_id = state["parent_run_id"], state["experiment_id"]
+        log.info("resuming sweep %s from %s (MLflow parent run %s)", opts.name, exp_path, parent_run_id)
+        tuner = tune.Tuner.restore(exp_path, trainable=_trainable(opts, space, store_path, storage_path),
+                                   resume_errored=True)
+    else:
+        experiment_id, parent_run_id = tracking.start_parent_run(
+            tracking_uri, opts.experiment, opts.name,
+            {"space": space.source, "split": space.split, "num_samples": space.num_samples,
+             "trainer": opts.trainer, "store": store_path, "metric": space.metric, "mode": space.mode,
+             **{f"fixed.{k}": v for k, v in space.fixed.items()}},
+            artifact_root=out / "mlartifacts")
+        _atomic_json(state_file, {"name": opts.name, "parent_run_id": parent_run_id, "experiment_id": experiment_id,
+                                  "tracking_uri": tracking_uri, "storage_path": storage_path,
+                                  "options": asdict(opts)})
+        max_t = int(space.train_config({}).get("epochs", 100)) + 1  # +1: the final report after the last epoch
+        callback = MlflowSweepCallback(tracking_uri, experiment_id, parent_run_id, space)
+        tuner = tune.Tuner(
+            _trainable(opts, space, store_path, storage_path),
+            param_space=space.tune_space(),
+            tune_config=tune.TuneConfig(search_alg=_searcher(space), scheduler=_scheduler(space, opts.trainer, max_t),
+                                        num_samples=space.num_samples,
+                                        max_concurrent_trials=_max_concurrent(opts, space, resources)),
+            run_config=tune.RunConfig(name=opts.name, storage_path=storage_path, callbacks=[callback],
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                      failure_config=tune.FailureConfig(max_failures=1), verbose=1),
+        )
+    started = time.perf_counter()
+    grid = tuner.fit()
+    wall = time.perf_counter() - started
+    table = summary_table(grid, space, tracking.child_runs(tracking_uri, experiment_id, parent_run_id))
+    paths = write_table(table, out, space)
+    # interrupted (Ctrl-C / SIGINT): Tune saved its state; keep the parent run open for --resume
+    complete = grid.num_terminated + grid.num_errors >= space.num_samples
+    best = best_trial(table, space)
+    champion = None
+    if not complete:
+        log.warning("sweep %s interrupted after %d of %d trials; continue it with --resume (same --out)",
+                    opts.name, grid.num_terminated + grid.num_errors, space.num_samples)
+    else:
+        if best is not None and best.get("mlflow_run_id"):
+            champion = tracking.register_champion(tracking_uri, best["mlflow_run_id"], opts.model_name)
+        tracking.finish_parent_run(
+            tracking_uri, parent_run_id, paths.values(),
+            metrics={f"best_{k}": best[k] for k in ("val_pcc", "test_pcc", "test_scc", "final_k")
+                     if best and best.get(k) is not None},
+            tags={"best_trial": best["trial_id"], "champion_version": champion or ""} if best else None)
+    log.info("sweep %s: %d trials in %.0f s (%.1f trials/h)", opts.name, len(table), wall,
+             len(table) / max(wall, 1e-9) * 3600)
+    if owns_ray:
+        ray.shutdown()
+    return SweepSummary(table=table, best=best, champion_version=champion, tracking_uri=tracking_uri,
+                        parent_run_id=parent_run_id, paths={k: str(v) for k, v in paths.items()},
+                        complete=complete)
+
+
+def _join(storage_path: str, name: str) -> str:
+    return f"{storage_path.rstrip('/')}/{name}" if "://" in storage_path else str(Path(storage_path) / name)
+
+
+def _atomic_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _warm_caches(store_path: str, space: SearchSpace) -> None:
+    """Compute the frozen-feature cache once in the driver, so concurrent trials only read it."""
+    from agl.train import TrainConfig
+
+    cfg = TrainConfig.from_dict(space.train_config({}), source=space.source)
+    if cfg.mode == "features":
+        from agl.data.store import open_store
+        from agl.models import feature_cache
+
+        feature_cache(open_store(store_path), cfg.backbone, cfg.weights)
+
+
+def summary_table(grid: Any, space: SearchSpace, runs: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """One row per trial: status, searched params, val/test PCC, final k, MLflow run id."""
+    rows = []
+    runs = runs or {}
+    for result in grid:
+        metrics = dict(result.metrics or {})
+        config = dict(result.config or {})
+        trial_id = metrics.get("trial_id") or (Path(result.path).name if result.path else "")
+        status = "error" if result.error else ("finished" if metrics.get("final") else "stopped")
+        row = {"trial_id": trial_id, "status": status,
+               **{f"param.{k}": config.get(k) for k in space.params},
+               "val_pcc": metrics.get("best_val_pcc", metrics.get("val_pcc", math.nan)),
+               "test_pcc": metrics.get("test_pcc", math.nan), "test_scc": metrics.get("test_scc", math.nan),
+               "test_mse": metrics.get("test_mse", math.nan),
+               "final_k": metrics.get("final_k", metrics.get("k", math.nan)),
+               "epochs_run": metrics.get("epochs_run", metrics.get("training_iteration", math.nan)),
+               "mlflow_run_id": runs.get(trial_id, "")}
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if len(table):
+        table = table.sort_values("val_pcc", ascending=space.mode == "min", na_position="last", kind="stable")
+    return table.reset_index(drop=True)
+
+
+def best_trial(table: pd.DataFrame, space: SearchSpace) -> dict[str, Any] | None:
+    """The best finished trial by the space's metric (validation, never test)."""
+    done = table[(table["status"] == "finished") & table["val_pcc"].notna()] if len(table) else table
+    if not len(done):
+        return None
+    row = done.sort_values("val_pcc", ascending=space.mode == "min").iloc[0]
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.to_dict().items()}
+
+
+def write_table(table: pd.DataFrame, out: Path, space: SearchSpace) -> dict[str, Path]:
+    """trials.csv and trials.png (validation PCC per trial, final k vs validation/test PCC)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    csv = out / TABLE_CSV
+    _atomic_text(csv, table.to_csv(index=False))
+    png = out / TABLE_PNG
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    if len(table):
+        colors = {"finished": "tab:green", "stopped": "tab:gray", "error": "tab:red"}
+        ax1.bar(range(len(table)), table["val_pcc"].fillna(0),
+                color=[colors.get(s, "tab:blue") for s in table["status"]])
+        ax1.set_xticks(range(len(table)), [str(t)[-5:] for t in table["trial_id"]], rotation=60, fontsize=7)
+        method = table.get("param.method", pd.Series(["?"] * len(table)))
+        for name in sorted(set(map(str, method))):
+            sel = (method.astype(str) == name).to_numpy()
+            ax2.scatter(table.loc[sel, "final_k"], table.loc[sel, "val_pcc"], label=f"{name} (val)")
+            ax2.scatter(table.loc[sel, "final_k"], table.loc[sel, "test_pcc"], marker="x", label=f"{name} (test)")
+        ax2.legend(fontsize=7)
+    ax1.set_ylabel("best validation PCC")
+    ax1.set_title("trials (green finished, grey stopped early)")
+    ax2.set_xscale("symlog")
+    ax2.set_xlabel("final k (auxiliary genes kept)")
+    ax2.set_ylabel("PCC (primary genes)")
+    ax2.set_title("k vs PCC")
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, png)
+    plt.close(fig)
+    return {"table_csv": csv, "table_png": png}
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def format_table(table: pd.DataFrame, best: Mapping[str, Any] | None) -> str:
+    """A fixed-width summary for the terminal: params, val PCC, test PCC, k; then the best trial."""
+    if not len(table):
+        return "no trials ran"
+    cols = ["trial_id", "status"] + [c for c in table.columns if c.startswith("param.")] + \
+           ["val_pcc", "test_pcc", "final_k", "epochs_run"]
+    view = table[cols].rename(columns=lambda c: c.removeprefix("param."))
+    text = view.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    if best:
+        params = ", ".join(f"{k.removeprefix('param.')}={v}" for k, v in best.items() if k.startswith("param."))
+        text += (f"\n\nbest trial {best['trial_id']}: val PCC {best['val_pcc']:.4f}, test PCC "
+                 f"{best.get('test_pcc') or float('nan'):.4f}, k {best.get('final_k')} ({params})")
+    return text

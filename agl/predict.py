@@ -1,0 +1,275 @@
+"""Predict spatial expression of a new slide with a trained checkpoint.
+
+``predict_slides`` takes a checkpoint folder (or the MLflow model version
+``<model>@champion``), reads the slide in any supported format
+(``agl.data.readers.read_slides``), cuts patches as in training, runs the model and
+writes ``OUT/predictions.h5ad`` plus PNG spatial maps (predicted vs measured) of the
+top primary genes under ``OUT/maps/``.
+
+The .h5ad holds the predicted expression of every gene the model outputs in ``X``
+(log1p scale, as in training), the measured expression of the same genes in
+``layers["measured"]`` when the slide has counts for them (NaN for missing genes),
+the input slide's ``obs``/``obsm``/``uns["slides"]`` unchanged, and per-gene agreement
+in ``var`` (``pcc_measured``). The output folder is built beside the target and
+renamed into place, so a crash leaves no half output; an existing output is replaced
+only with ``overwrite=True``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from agl.errors import CheckpointError, ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+H5AD = "predictions.h5ad"
+MAPS = "maps"
+DEFAULT_PATCH_UM = 112.0
+DEFAULT_PATCH_PX = 224
+
+
+@dataclass
+class PredictOptions:
+    """Where the model comes from, what to read, where to write."""
+
+    out: str
+    input: str
+    format: str = "her2st"
+    reader_args: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None           # a checkpoint folder, or None to pull from MLflow
+    tracking_uri: str | None = None
+    model_name: str = "agl-model"
+    alias: str = "champion"
+    patch_um: float | None = None           # None: the training store's setting (else 112 um)
+    patch_px: int | None = None             # None: the training store's setting (else 224 px)
+    top_genes: int = 6
+    batch_size: int = 64
+    device: str = "auto"
+    overwrite: bool = False
+
+
+def resolve_checkpoint(opts: PredictOptions, download_to: Path) -> Path:
+    """The local checkpoint folder: the given path, or ``model_name@alias`` downloaded from MLflow."""
+    if opts.checkpoint:
+        path = Path(opts.checkpoint)
+        if not path.is_dir():
+            raise CheckpointError(path, "checkpoint folder not found")
+        return path
+    if not opts.tracking_uri:
+        raise ConfigError("--checkpoint", "give a checkpoint folder, or --tracking-uri (and --model-name/--alias) "
+                                          "to pull the registered champion from MLflow")
+    from agl.distributed.tracking import download_model
+
+    return download_model(opts.tracking_uri, opts.model_name, opts.alias, dst=download_to)
+
+
+def patch_settings(ckpt: Path, opts: PredictOptions) -> tuple[float, int]:
+    """Patch size in um and px: explicit options, else the checkpoint's store record, else the defaults."""
+    record: Mapping[str, Any] = {}
+    store_json = ckpt / "store.json"
+    if store_json.is_file():
+        record = json.loads(store_json.read_text())
+    patch = record.get("patch") or {}
+    um = opts.patch_um or patch.get("patch_um") or record.get("patch_um")
+    px = opts.patch_px or patch.get("patch_px") or record.get("patch_px")
+    if um is None or px is None:
+        log.warning("%s records no patch size; using %s um / %s px (pass --patch-um/--patch-px to match training)",
+                    ckpt, um or DEFAULT_PATCH_UM, px or DEFAULT_PATCH_PX)
+    return float(um or DEFAULT_PATCH_UM), int(px or DEFAULT_PATCH_PX)
+
+
+def preprocessing(ckpt: Path) -> dict[str, Any]:
+    """The store's preprocessing switches recorded in the checkpoint (log1p by default)."""
+    store_json = ckpt / "store.json"
+    record = json.loads(store_json.read_text()) if store_json.is_file() else {}
+    return dict(record.get("preprocessing") or {"log1p": True, "normalize_total": None})
+
+
+def measured_expression(adata: Any, genes: list[str], switches: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of ``genes`` normalised as in training (no spot/gene filtering); NaN columns for absent genes."""
+    import scipy.sparse as sp
+
+    counts = sp.csr_matrix(adata.X, dtype=np.float64)
+    if switches.get("normalize_total"):
+        totals = np.asarray(counts.sum(axis=1)).ravel()
+        scale = np.divide(float(switches["normalize_total"]), totals, out=np.zeros_like(totals), where=totals > 0)
+        counts = sp.diags(scale) @ counts
+    index = pd.Index(adata.var_names.astype(str))
+    pos = index.get_indexer(genes)
+    present = pos >= 0
+    out = np.full((adata.n_obs, len(genes)), np.nan, dtype=np.float32)
+    if present.any():
+        values = counts[:, pos[present]].toarray()
+        out[:, present] = np.log1p(values) if switches.get("log1p", True) else values
+    return out, present
+
+
+def run_model(model: Any, cfg: Any, patches: np.ndarray, batch_size: int, device: str) -> np.ndarray:
+    """Model outputs for uint8 patches: through the frozen backbone first in features mode."""
+    import torch
+
+    from agl.models import create_backbone
+    from agl.models.features import to_model_input
+    from agl.train import resolve_device
+
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    encoder = None
+    if cfg.mode == "features":
+        encoder, _ = create_backbone(cfg.backbone, cfg.weights)
+        encoder = encoder.to(dev).eval()
+    outs = []
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(patches), batch_size):
+            x = to_model_input(np.ascontiguousarray(patches[start:start + batch_size]), dev)
+            if encoder is not None:
+                x = encoder(x)
+            outs.append(model(x).float().cpu().numpy())
+            done = min(start + batch_size, len(patches))
+            if (start // batch_size) % 10 == 9 or done == len(patches):
+                rate = done / max(time.perf_counter() - started, 1e-9)
+                log.info("predicted %d/%d spots (%.0f spots/s, ETA %.0f s)", done, len(patches), rate,
+                         (len(patches) - done) / max(rate, 1e-9))
+    return np.concatenate(outs) if outs else np.zeros((0, 0), dtype=np.float32)
+
+
+def _pcc(a: np.ndarray, b: np.ndarray) -> float:
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3 or np.std(a[ok]) == 0 or np.std(b[ok]) == 0:
+        return math.nan
+    return float(np.corrcoef(a[ok], b[ok])[0, 1])
+
+
+def plot_maps(adata: Any, genes: list[str], folder: Path) -> list[Path]:
+    """One PNG per slide: predicted vs measured expression of ``genes`` at the spot positions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    has_measured = "measured" in adata.layers
+    written = []
+    slides = adata.obs["slide_id"].astype(str).to_numpy()
+    for slide in dict.fromkeys(slides):
+        rows = np.flatnonzero(slides == slide)
+        xy = np.asarray(adata.obsm["spatial"])[rows]
+        ncols = 2 if has_measured else 1
+        fig, axes = plt.subplots(len(genes), ncols, figsize=(3.2 * ncols, 3.0 * len(genes)), dpi=100, squeeze=False)
+        for i, gene in enumerate(genes):
+            j = adata.var_names.get_loc(gene)
+            pred = np.asarray(adata.X[rows, j]).ravel()
+            panels = [("predicted", pred)]
+            if has_measured:
+                panels.append(("measured", np.asarray(adata.layers["measured"][rows, j]).ravel()))
+            for col, (label, values) in enumerate(panels):
+                ax = axes[i, col]
+                sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=9, cmap="viridis")
+                ax.invert_yaxis()  # image coordinates: y grows downwards
+                ax.set_aspect("equal")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                title = f"{gene} {label}"
+                if label == "measured":
+                    title += f" (PCC {_pcc(pred, values):.2f})"
+                ax.set_title(title, fontsize=9)
+                fig.colorbar(sc, ax=ax, fraction=0.046)
+        fig.suptitle(f"slide {slide}", fontsize=10)
+        fig.tight_layout()
+        path = folder / f"{slide}.png"
+        fig.savefig(path, format="png")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def predict_slides(opts: PredictOptions) -> dict[str, Any]:
+    """Predict, then write ``OUT/predictions.h5ad`` and ``OUT/maps/*.png`` atomically; return a summary."""
+    import anndata as ad
+
+    from agl.checkpoint import load_model
+    from agl.data.patches import extract_patches
+    from agl.data.readers import read_slides
+
+    out = Path(opts.out)
+    if out.exists() and not opts.overwrite:
+        raise DataError(out, "already exists; pass --overwrite to replace it")
+    if opts.top_genes < 0:
+        raise ConfigError("--top-genes", f"must be >= 0, got {opts.top_genes}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        ckpt = resolve_checkpoint(opts, tmp / ".download")
+        model, _gate, cfg, genes = load_model(ckpt)
+        n_out = int(getattr(model, "n_genes", len(genes)))
+        out_genes = genes.iloc[:n_out].reset_index(drop=True)
+        patch_um, patch_px = patch_settings(ckpt, opts)
+        adata = read_slides(opts.format, opts.input, **opts.reader_args)
+        patches, keep, report = extract_patches(adata, patch_um=patch_um, patch_px=patch_px, border="pad")
+        if not keep.all():
+            adata, patches = adata[keep].copy(), patches[keep]
+        pred = run_model(model, cfg, patches, opts.batch_size, opts.device)
+        names = out_genes["gene"].astype(str).tolist()
+        measured, present = measured_expression(adata, names, preprocessing(ckpt))
+        var = out_genes.set_index(out_genes["gene"].astype(str))
+        var.index.name = None
+        var["measured"] = present
+        var["pcc_measured"] = [_pcc(pred[:, j], measured[:, j]) if present[j] else math.nan for j in range(n_out)]
+        result = ad.AnnData(X=pred.astype(np.float32), obs=adata.obs.copy(), var=var.drop(columns=["gene"]))
+        for key, value in adata.obsm.items():
+            result.obsm[key] = np.asarray(value)
+        if present.any():
+            result.layers["measured"] = measured
+        result.uns["slides"] = adata.uns.get("slides", {})
+        result.uns["agl_predict"] = {
+            "checkpoint": str(opts.checkpoint or f"models:/{opts.model_name}@{opts.alias}"),
+            "config": json.dumps(cfg.to_dict()), "patch_um": patch_um, "patch_px": patch_px,
+            "n_dropped_spots": int((~keep).sum()), "input": str(opts.input), "format": opts.format,
+        }
+        n_primary = int((out_genes["role"] == "primary").sum())
+        primary = [g for g in names[:n_primary]]
+        primary_pcc = var["pcc_measured"].to_numpy()[:n_primary]
+        result.write_h5ad(tmp / H5AD)
+        top = primary[: opts.top_genes]
+        maps = plot_maps(result, top, tmp / MAPS) if top else []
+        shutil.rmtree(tmp / ".download", ignore_errors=True)
+        _publish(tmp, out, opts.overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary = {
+        "out": str(out), "h5ad": str(out / H5AD), "maps": [str(out / MAPS / p.name) for p in maps],
+        "n_spots": int(result.n_obs), "n_genes": int(result.n_vars),
+        "mean_pcc_primary_measured": float(np.nanmean(primary_pcc)) if np.isfinite(primary_pcc).any() else None,
+    }
+    log.info("wrote %s (%d spots x %d genes)%s", summary["h5ad"], summary["n_spots"], summary["n_genes"],
+             "" if summary["mean_pcc_primary_measured"] is None else
+             f"; mean PCC vs measured over primary genes {summary['mean_pcc_primary_measured']:.3f}")
+    return summary
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished temp folder into place (the old output goes only once the new one is complete)."""
+    old = None
+    if out.exists():
+        if not overwrite:
+            raise DataError(out, "already exists; pass --overwrite to replace it")
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,99 @@
+"""Prediction on a real her2st section: from a checkpoint folder and from the MLflow champion."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from agl.distributed import tracking
+from agl.errors import CheckpointError, DataError
+from agl.predict import PredictOptions, predict_slides
+
+SPLIT = "kfold-s0-f0"
+SECTION = "C5"
+
+
+@pytest.fixture(scope="module")
+def trained(demo_store: Path, tmp_path_factory) -> Path:
+    """A short real run on the demo store, finalised like a sweep trial (checkpoint + artifacts)."""
+    from agl.bundle import make_bundle
+    from agl.train import TrainConfig, fit
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = TrainConfig.from_dict({"method": "topk", "k": 32, "epochs": 3, "trunk": [64]})
+    data = make_bundle(demo_store, SPLIT, cfg)
+    result = fit(cfg, data, out_dir=root / "run")
+    tracking.finalize_checkpoint(result, data, root / "final")
+    return root / "final"
+
+
+def options(her2st_dir: Path, out: Path, **kw) -> PredictOptions:
+    return PredictOptions(out=str(out), input=str(her2st_dir), format="her2st",
+                          reader_args={"sections": [SECTION]}, top_genes=3, **kw)
+
+
+def test_predict_from_checkpoint(trained: Path, her2st_dir: Path, tmp_path: Path) -> None:
+    from agl.data.readers import read_her2st
+
+    out = tmp_path / "pred"
+    summary = predict_slides(options(her2st_dir, out, checkpoint=str(trained)))
+    result = ad.read_h5ad(out / "predictions.h5ad")
+    source = read_her2st(her2st_dir, [SECTION])
+    # every spot kept with its obs/obsm; one output per model gene
+    assert list(result.obs_names) == list(source.obs_names)
+    assert np.allclose(result.obsm["spatial"], source.obsm["spatial"])
+    assert (result.obs["slide_id"] == SECTION).all()
+    import pandas as pd
+
+    genes = pd.read_parquet(trained / "genes.parquet")
+    assert list(result.var_names) == list(genes["gene"])
+    assert result.X.shape == (source.n_obs, len(genes)) and np.isfinite(result.X).all()
+    # measured expression (log1p counts) of the same genes, aligned by gene name
+    gene = result.var_names[0]
+    j = list(source.var_names).index(gene)
+    expected = np.log1p(np.asarray(source.X[:, j].todense()).ravel())
+    assert np.allclose(result.layers["measured"][:, 0], expected, atol=1e-5)
+    assert result.var["measured"].all()
+    # the model learned something transferable: positive mean PCC over primary genes on this section
+    assert summary["mean_pcc_primary_measured"] > 0
+    maps = list((out / "maps").glob("*.png"))
+    assert [m.name for m in maps] == [f"{SECTION}.png"] and maps[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_no_silent_overwrite_and_atomic(trained: Path, her2st_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pred"
+    out.mkdir()
+    (out / "mine.txt").write_text("user data")
+    with pytest.raises(DataError, match="--overwrite"):
+        predict_slides(options(her2st_dir, out, checkpoint=str(trained)))
+    assert (out / "mine.txt").read_text() == "user data"
+    with pytest.raises(CheckpointError):
+        predict_slides(options(her2st_dir, tmp_path / "other", checkpoint=str(tmp_path / "missing")))
+    assert not (tmp_path / "other").exists() and not list(tmp_path.glob(".other.tmp-*"))
+    predict_slides(options(her2st_dir, out, checkpoint=str(trained), overwrite=True))
+    assert (out / "predictions.h5ad").is_file() and not (out / "mine.txt").exists()
+
+
+def test_predict_pulls_the_champion(trained: Path, her2st_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from agl.train import TrainConfig
+
+    uri = tracking.default_tracking_uri(tmp_path)
+    history = json.loads((trained / "result.json").read_text())["history"]
+    cfg = TrainConfig.from_dict(json.loads((trained / "config.json").read_text()))
+    run_id = tracking.log_single_run(uri, "agl-predict", cfg, history, trained, run_name="one",
+                                     artifact_root=tmp_path / "artifacts")
+    tracking.register_champion(uri, run_id, "agl-test-model")
+    summary = predict_slides(options(her2st_dir, tmp_path / "pred", tracking_uri=uri, model_name="agl-test-model"))
+    assert summary["n_spots"] > 100
+
+
+def test_cli_reports_errors(her2st_dir: Path, tmp_path: Path, capsys) -> None:
+    from agl.cli import main
+
+    code = main(["predict", "--checkpoint", str(tmp_path / "nope"), "--input", str(her2st_dir),
+                 "--sections", SECTION, "--out", str(tmp_path / "o")])
+    assert code == 2 and "checkpoint folder not found" in capsys.readouterr().err

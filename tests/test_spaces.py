@@ -1,0 +1,112 @@
+"""Search-space files: the bundled ones load, bad ones fail with ConfigError naming file and key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agl.distributed.spaces import SPACES_DIR, SearchSpace, load_space, parse_space
+from agl.errors import ConfigError
+from agl.train import TrainConfig
+
+BUNDLED = sorted(SPACES_DIR.glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = """
+fixed: {epochs: 3}
+params:
+  lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+"""
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.stem)
+def test_bundled_spaces_load_and_make_valid_configs(path: Path) -> None:
+    space = load_space(path)
+    assert space.params, path
+    # fixed values plus any sampled value yield a valid TrainConfig
+    for name, dist in space.params.items():
+        for value in dist.candidates():
+            TrainConfig.from_dict(space.train_config({name: value}))
+
+
+def test_expected_profiles_exist() -> None:
+    assert {"default", "tiny", "finetune-gpu", "large"} <= {p.stem for p in BUNDLED}
+    tiny = load_space("tiny")  # by name
+    assert tiny.fixed["epochs"] <= 3 and tiny.num_samples <= 3
+
+
+def test_tune_space_maps_distributions() -> None:
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    space = parse_space({
+        "params": {
+            "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+            "k": {"type": "int", "low": 4, "high": 64},
+            "method": {"type": "categorical", "choices": ["dkgsb", "topk"]},
+            "trunk_width": {"type": "categorical", "choices": [64, 128]},
+        }
+    })
+    tuned = space.tune_space()
+    assert isinstance(tuned["lr"], Float) and isinstance(tuned["k"], Integer)
+    assert isinstance(tuned["method"], Categorical)
+    # the YAML upper bound is inclusive: tune.randint's exclusive bound is high + 1
+    assert tuned["k"].upper == 65 and tuned["k"].lower == 4
+    samples = [tuned["k"].sample() for _ in range(300)]
+    assert min(samples) >= 4 and max(samples) <= 64
+    lrs = [tuned["lr"].sample() for _ in range(200)]
+    assert 1e-4 <= min(lrs) and max(lrs) <= 1e-2
+    cfg = space.train_config({"lr": 0.001, "k": 10, "method": "topk", "trunk_width": 128})
+    assert cfg["trunk"] == [128] and "trunk_width" not in cfg
+    assert TrainConfig.from_dict(cfg).k == 10
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("params: {lr: {type: float, low: 1.0e-4, high: 1.0e-2}}\nbogus: 1\n", "unknown top-level key"),
+    ("params: {lrr: {type: float, low: 0.1, high: 0.2}}\n", "params.lrr: unknown setting"),
+    ("fixed: {epoch: 2}\nparams: {lr: {type: float, low: 0.1, high: 0.2}}\n", "fixed.epoch: unknown setting"),
+    ("params: {lr: {type: gaussian, low: 0.1, high: 0.2}}\n", "unknown distribution type 'gaussian'"),
+    ("params: {lr: {type: float, low: 0.2, high: 0.1}}\n", "params.lr: low (0.2) must be < high (0.1)"),
+    ("params: {lr: {type: float, low: 0.0, high: 0.1, log: true}}\n", "log scale needs positive bounds"),
+    ("params: {lr: {type: float, low: 1e-4, high: 0.1}}\n", "write 1.0e-4"),
+    ("params: {k: {type: int, low: 1.5, high: 8}}\n", "integer bounds"),
+    ("params: {lr: {type: float, low: 0.1, high: 0.2, scale: log}}\n", "unknown key(s) ['scale']"),
+    ("params: {method: {type: categorical, choices: [dkgsb, magic]}}\n", "params.method='magic': TrainConfig rejects"),
+    ("params: {prior_weight: {type: float, low: 0.5, high: 1.5}}\n", "params.prior_weight=1.5: TrainConfig rejects"),
+    ("params: {epochs: {type: float, low: 1.0, high: 5.0}}\n", "TrainConfig.epochs takes ['int']"),
+    ("params: {hard: {type: categorical, choices: [1, 0]}}\n", "TrainConfig.hard takes ['bool']"),
+    ("fixed: {epochs: 0}\nparams: {lr: {type: float, low: 0.1, high: 0.2}}\n", "fixed: TrainConfig rejects it: epochs"),
+    ("fixed: {lr: 0.1}\nparams: {lr: {type: float, low: 0.1, high: 0.2}}\n", "appear in both"),
+    ("params: {lr: {type: float, low: 0.1, high: 0.2}}\nmode: maximise\n", "mode: must be one of"),
+    ("params: {lr: {type: float, low: 0.1, high: 0.2}}\nscheduler: {name: hyperband}\n", "scheduler: must name"),
+    ("params: {lr: {type: float, low: 0.1, high: 0.2}}\nnum_samples: 0\n", "num_samples: must be a positive"),
+    ("params: {}\n", "params: must be a non-empty mapping"),
+    ("[1, 2]\n", "top level must be a mapping"),
+    ("params: {lr: [1, 2\n", "not valid YAML"),
+])
+def test_bad_spaces_name_file_and_key(tmp_path: Path, text: str, needle: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert message.startswith(str(path)), message
+    assert needle in message, message
+
+
+def test_missing_space_lists_bundled(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="bundled spaces: .*default"):
+        load_space(tmp_path / "nope.yaml")
+
+
+def test_minimal_space_defaults(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, MINIMAL))
+    assert isinstance(space, SearchSpace)
+    assert (space.metric, space.mode, space.split) == ("val_pcc", "max", "kfold-s0-f0")
+    assert space.train_config({"lr": 0.003}) == {"epochs": 3, "lr": 0.003}
+    assert yaml.safe_load(MINIMAL)["fixed"] == space.fixed
