@@ -9,7 +9,7 @@ Layout of a checkpoint folder (written to a temporary sibling, then renamed into
     state.json             epoch, best epoch/PCC, history, optimiser scalars, input size
     config.json            the TrainConfig
     genes.parquet          the gene set in model output order (roles, priors, ranks)
-    store.json             the store's manifest hash and preprocessing switches
+    store.json             the store's manifest hash, preprocessing switches and patch size
 """
 from __future__ import annotations
 
@@ -145,7 +145,10 @@ def save_checkpoint(path: str | Path, trainer: "_Trainer", cfg: "TrainConfig", s
     manifest = getattr(data, "manifest", None) or {}
     write_json(tmp / "store.json", {"manifest_sha256": manifest_hash(manifest) if manifest else None,
                                     "split": getattr(data, "split", None),
-                                    "preprocessing": manifest.get("preprocessing")})
+                                    "preprocessing": manifest.get("preprocessing"),
+                                    # prediction must cut patches of the physical size the model saw
+                                    "patch": {k: (manifest.get("patch") or {}).get(k)
+                                              for k in ("patch_um", "patch_px", "border")}})
     data.genes.reset_index(drop=True).to_parquet(tmp / GENES_FILE, index=False)
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():

@@ -47,6 +47,8 @@ def test_layout_and_round_trip(trained):
     assert ck.state["next_epoch"] == 2 and len(ck.state["history"]) == 2
     assert list(ck.genes["gene"]) == list(trained["data"].genes["gene"])
     assert ck.store["manifest_sha256"] and ck.store["split"] == trained["data"].split
+    patch = trained["data"].manifest["patch"]
+    assert ck.store["patch"] == {k: patch[k] for k in ("patch_um", "patch_px", "border")}
     model, gate, cfg, genes = load_model(trained["ckpt"])
     res = trained["result"]
     for (name, a), b in zip(model.state_dict().items(), res.model.state_dict().values()):

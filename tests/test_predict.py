@@ -97,3 +97,22 @@ def test_cli_reports_errors(her2st_dir: Path, tmp_path: Path, capsys) -> None:
     code = main(["predict", "--checkpoint", str(tmp_path / "nope"), "--input", str(her2st_dir),
                  "--sections", SECTION, "--out", str(tmp_path / "o")])
     assert code == 2 and "checkpoint folder not found" in capsys.readouterr().err
+
+
+def test_patch_size_comes_from_the_checkpoint(trained: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from agl.predict import patch_settings
+
+    # the checkpoint records the training store's patch size (fit writes it; test_checkpoint checks that)
+    assert json.loads((trained / "store.json").read_text())["patch"]["patch_px"] == 224
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained, ckpt)
+    record = json.loads((ckpt / "store.json").read_text())
+    record["patch"] = {"patch_um": 80.0, "patch_px": 160, "border": "pad"}  # not the defaults
+    (ckpt / "store.json").write_text(json.dumps(record))
+    opts = PredictOptions(out=str(tmp_path / "p"), input="unused", checkpoint=str(ckpt))
+    assert patch_settings(ckpt, opts) == (80.0, 160)
+    opts.patch_px = 96  # an explicit option wins over the checkpoint's record
+    assert patch_settings(ckpt, opts) == (80.0, 96)
