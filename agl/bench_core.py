@@ -130,7 +130,7 @@ def run_bench_core(store: Any, out: Path, repeats: int = 3, patch_px: int = 112,
     """Measure, print progress, write ``out/bench_core.json`` and return the report."""
     import torch
 
-    from agl.checkpoint import write_json
+    from agl.fileio import atomic_write_json
     from agl.models import feature_cache
 
     if split is None:
@@ -176,7 +176,7 @@ def run_bench_core(store: Any, out: Path, repeats: int = 3, patch_px: int = 112,
     report["feature_cache_speedup_per_epoch"] = report["finetune"]["epoch_s"] / report["features"]["epoch_s"]
     report["raw"] = results
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "bench_core.json", report)
+    atomic_write_json(out / "bench_core.json", report)
     for mode in ("features", "finetune"):
         r = report[mode]
         print(f"{mode:9s} outer step (inner Adam) / {inner_steps} plain steps: {r['outer_vs_plain']:.2f}x  "

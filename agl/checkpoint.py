@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from agl.errors import AGLError, CheckpointError
+from agl.fileio import atomic_write_json, jsonable, swap_folder
 
 if TYPE_CHECKING:  # pragma: no cover
     from agl.train import LoopState, TrainConfig, _Trainer
@@ -57,28 +58,6 @@ class Checkpoint:
 
 
 # --------------------------------------------------------------------------- JSON helpers
-def jsonable(value: Any) -> Any:
-    """Plain JSON values: numpy scalars to Python, NaN/inf to null (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write strict JSON atomically (temporary file in the same folder, then os.replace)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(jsonable(value), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
 def manifest_hash(manifest: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of a store manifest."""
     return hashlib.sha256(json.dumps(jsonable(manifest), sort_keys=True).encode()).hexdigest()
@@ -135,28 +114,22 @@ def save_checkpoint(path: str | Path, trainer: "_Trainer", cfg: "TrainConfig", s
     best = {f"model/{k}": v for k, v in (state.best_model or {}).items()}
     best.update({f"gate/{k}": v for k, v in (state.best_gate or {}).items()})
     save_file(_contiguous(best), str(tmp / "best.safetensors"))
-    write_json(tmp / "state.json", {
+    atomic_write_json(tmp / "state.json", {
         "format": FORMAT_VERSION, "epoch": state.next_epoch - 1, "next_epoch": state.next_epoch,
         "best_epoch": state.best_epoch, "best_val_pcc": state.best_val_pcc, "elapsed_s": state.elapsed_s,
         "history": state.history, "n_primary": int(data.n_primary), "input_dim": data.input_dim,
         "optimizer": {"model": model_s, "outer": outer_s},
     })
-    write_json(tmp / "config.json", cfg.to_dict())
+    atomic_write_json(tmp / "config.json", cfg.to_dict())
     manifest = getattr(data, "manifest", None) or {}
-    write_json(tmp / "store.json", {"manifest_sha256": manifest_hash(manifest) if manifest else None,
-                                    "split": getattr(data, "split", None),
-                                    "preprocessing": manifest.get("preprocessing"),
-                                    # prediction must cut patches of the physical size the model saw
-                                    "patch": {k: (manifest.get("patch") or {}).get(k)
-                                              for k in ("patch_um", "patch_px", "border")}})
+    atomic_write_json(tmp / "store.json", {"manifest_sha256": manifest_hash(manifest) if manifest else None,
+                                           "split": getattr(data, "split", None),
+                                           "preprocessing": manifest.get("preprocessing"),
+                                           # prediction must cut patches of the physical size the model saw
+                                           "patch": {k: (manifest.get("patch") or {}).get(k)
+                                                     for k in ("patch_um", "patch_px", "border")}})
     data.genes.reset_index(drop=True).to_parquet(tmp / GENES_FILE, index=False)
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.rename(path, old)
-    os.rename(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
-    return path
+    return swap_folder(tmp, path)
 
 
 # --------------------------------------------------------------------------- load

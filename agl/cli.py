@@ -9,7 +9,7 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from agl.errors import AGLError
 
@@ -43,25 +43,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+def _run(handler: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, name: str) -> int:
+    """Call ``handler(args)``; an AGLError becomes ``name: error: ...`` on stderr and exit code 2."""
+    try:
+        return int(handler(args) or 0)
+    except AGLError as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except AGLError as err:
-        print(f"agl {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"agl {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return _run(args.func, args, f"agl {args.command}")
+
+
+def run_script(add_args: Callable[[argparse.ArgumentParser], None],
+               handler: Callable[[argparse.Namespace], int | None], description: str,
+               argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Entry point of a stand-alone script (``launch/*.py``) that runs one sub-command's handler.
+
+    Parses ``argv`` with the options ``add_args`` adds, sets up logging as ``agl`` does and
+    returns the handler's exit code (2 after an AGLError, 130 after Ctrl-C).
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_args(parser)
+    args = parser.parse_args(argv)
+    _setup_logging()
+    return _run(handler, args, parser.prog)
 
 
 if __name__ == "__main__":  # pragma: no cover

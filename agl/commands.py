@@ -85,8 +85,8 @@ def _int_list(text: str, name: str) -> list[int]:
 def write_run_outputs(out: Path, result: Any, data: Any, split: str, label: str) -> dict[str, Any]:
     """result.json, selected_genes.csv, k_trajectory.png and per_gene_pcc.png of one run."""
     from agl import plotting
-    from agl.checkpoint import write_json
     from agl.evaluate import result_record
+    from agl.fileio import atomic_write_json, atomic_write_text
 
     record = result_record(result, split, label, data.genes, data.n_primary)
     aux = data.genes.iloc[data.n_primary:].reset_index(drop=True)
@@ -99,14 +99,12 @@ def write_run_outputs(out: Path, result: Any, data: Any, split: str, label: str)
     table = pd.DataFrame({"name": aux["gene"].to_numpy()[selected] if len(selected) else [],
                           "prior_rank": prior_rank[selected] if len(selected) else [],
                           "weight": weights[selected] if len(selected) else []})
-    tmp = out / ".selected_genes.csv.tmp"
-    table.to_csv(tmp, index=False)
-    tmp.replace(out / "selected_genes.csv")
+    atomic_write_text(out / "selected_genes.csv", table.to_csv(index=False))
     plotting.plot_k_trajectories({label: [[row["k"] for row in result.history]]}, out / "k_trajectory.png",
                                  n_aux=len(aux))
     plotting.plot_per_gene_pcc(result.test["per_gene_pcc"], result.test["genes"], out / "per_gene_pcc.png",
                                title=f"{label} on {split}: test PCC per primary gene")
-    write_json(out / "result.json", record)  # last: its presence marks a finished run
+    atomic_write_json(out / "result.json", record)  # last: its presence marks a finished run
     return record
 
 

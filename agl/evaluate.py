@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from agl.checkpoint import jsonable, write_json
 from agl.errors import ConfigError
+from agl.fileio import atomic_write_json, atomic_write_text, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def run_one(store_path: str, spec: RunSpec, out: str, quiet: bool = True) -> dic
     record = result_record(result, spec.split, spec.label, data.genes, data.n_primary)
     run_dir = spec.directory(Path(out))
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "result.json", record)
+    atomic_write_json(run_dir / "result.json", record)
     return record
 
 
@@ -241,13 +241,9 @@ def write_outputs(out: Path, records: list[dict[str, Any]], order: Sequence[str]
     table = summary_table(records, order)
     wil = wilcoxon_table(records, order)
     paths = {"table_csv": out / "table.csv", "table_md": out / "table.md", "wilcoxon_csv": out / "wilcoxon.csv"}
-    for key, frame in (("table_csv", table), ("wilcoxon_csv", wil)):
-        tmp = paths[key].with_suffix(".csv.tmp")
-        frame.to_csv(tmp, index=False)
-        tmp.replace(paths[key])
-    tmp = paths["table_md"].with_suffix(".md.tmp")
-    tmp.write_text(results_markdown(table, wil))
-    tmp.replace(paths["table_md"])
+    atomic_write_text(paths["table_csv"], table.to_csv(index=False))
+    atomic_write_text(paths["wilcoxon_csv"], wil.to_csv(index=False))
+    atomic_write_text(paths["table_md"], results_markdown(table, wil))
     paths["bars"] = plotting.plot_method_bars(table, out / "pcc_bars.png")
     present = [m for m in order if m in set(table["method"])]
     if REFERENCE in present and len(present) > 1:
@@ -350,9 +346,9 @@ def evaluate(store: Any, protocol: str, seeds: Sequence[int], methods: Sequence[
         _finished(spec, out)
     prepare_inputs(store, specs)
     records = run_grid(str(store.path), specs, out, jobs)
-    write_json(out / "grid.json", {"store": str(store.path), "protocol": protocol, "seeds": list(seeds),
-                                   "methods": list(methods), "folds": None if folds is None else list(folds),
-                                   "base": base or {}, "n_runs": len(specs)})
+    atomic_write_json(out / "grid.json", {"store": str(store.path), "protocol": protocol, "seeds": list(seeds),
+                                          "methods": list(methods), "folds": None if folds is None else list(folds),
+                                          "base": base or {}, "n_runs": len(specs)})
     order = [parse_method(m)[0] for m in methods]
     paths = write_outputs(out, records, order)
     return {"records": records, "table": summary_table(records, order),

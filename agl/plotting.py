@@ -1,7 +1,6 @@
 """Figures of runs and evaluations (matplotlib, headless); every PNG is written atomically."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -12,16 +11,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from agl.fileio import atomic_savefig  # noqa: E402
+
 
 def _save(fig: "plt.Figure", path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_savefig(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def plot_k_trajectories(trajectories: Mapping[str, Sequence[Sequence[float]]], path: str | Path,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 import uuid
@@ -31,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from agl.errors import CheckpointError, ConfigError, DataError
+from agl.fileio import swap_folder
 
 log = logging.getLogger(__name__)
 
@@ -264,12 +264,6 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished temp folder into place (the old output goes only once the new one is complete)."""
-    old = None
-    if out.exists():
-        if not overwrite:
-            raise DataError(out, "already exists; pass --overwrite to replace it")
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if out.exists() and not overwrite:
+        raise DataError(out, "already exists; pass --overwrite to replace it")
+    swap_folder(tmp, out)

@@ -3,31 +3,13 @@
 
 Same options as `agl train-ray`; run `python launch/train.py --help`.
 """
-from __future__ import annotations
-
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from agl.distributed.commands import cmd_train_ray, add_train_args  # noqa: E402
-from agl.errors import AGLError  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_train_args(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    try:
-        return cmd_train_ray(args)
-    except AGLError as err:
-        print(f"{Path(__file__).name}: error: {err}", file=sys.stderr)
-        return 2
-
+from agl.cli import run_script  # noqa: E402
+from agl.distributed.commands import add_train_args, cmd_train_ray  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(add_train_args, cmd_train_ray, __doc__.splitlines()[0]))

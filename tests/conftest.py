@@ -35,3 +35,14 @@ def small_store(her2st_dir, tmp_path_factory) -> Path:
     adata = read_her2st(her2st_dir, ["C2", "C3"])
     return build_store(adata, tmp_path_factory.mktemp("stores") / "small", patch_px=32, seeds=(0,),
                        split_kinds=("kfold", "spatial", "loso"))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One small local Ray per test module (2 CPUs, no dashboard), shut down at the module's end."""
+    import ray
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2)
+    yield ray
+    ray.shutdown()

@@ -21,17 +21,6 @@ from agl.train import TrainConfig
 SPLIT = "kfold-s0-f0"
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One small local Ray for the module (2 CPUs, no dashboard), shut down at the end."""
-    import ray
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2)
-    yield ray
-    ray.shutdown()
-
-
 def small_cfg(**changes) -> TrainConfig:
     return TrainConfig.from_dict({"method": "dkgsb", "k": 64, "epochs": 2, "patience": 50, "trunk": [32],
                                   "inner_steps": 1, "batch_size": 64, "bilevel_batch_size": 32, **changes})

@@ -107,15 +107,6 @@ def mlflow_server(tmp_path_factory):
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2)
-    yield ray
-    ray.shutdown()
-
-
 def test_sweep_logged_to_server(mlflow_server: str, ray_local, demo_store: Path, tmp_path: Path) -> None:
     from agl.distributed.tune import SweepOptions, run_sweep
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import itertools
-import json
 import logging
 import os
 import platform
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from agl.errors import ConfigError
+from agl.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,6 @@ def bench_data(store_path: str | Path | None = None, out_dir: str | Path = "resu
          f"load average {result['load_average'][0]:.1f})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".bench_data.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "bench_data.json")
+    atomic_write_json(out / "bench_data.json", result, indent=1)
     echo(f"wrote {out / 'bench_data.json'}")
     return result

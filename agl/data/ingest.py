@@ -18,8 +18,9 @@ from agl.data.patches import extract_patches
 from agl.data.preprocess import PRIORS, gene_set, preprocess
 from agl.data.schema import OBS_SLIDE, UNS_SLIDES, validate_canonical
 from agl.data.splits import SPLIT_KINDS, make_splits
-from agl.data.store import check_target, sha256_file, write_store
+from agl.data.store import check_target, write_store
 from agl.errors import ConfigError, DataError
+from agl.fileio import jsonable, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +49,6 @@ def source_files(adata: AnnData) -> list[dict[str, Any]]:
                 continue
             seen[str(p)] = {"slide_id": sid, "path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
     return list(seen.values())
-
-
-def _jsonable(value: Any) -> Any:
-    """Report dicts from other stages may hold numpy scalars/arrays: make them JSON values."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist() if value.size <= 1000 else f"array{list(value.shape)}"
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def _check_names(names: list[str], registry: dict, field: str) -> None:
@@ -138,14 +126,14 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
     sources = source_files(adata)
     progress.step(f"provenance: sha256 of {len(sources)} source files")
 
-    slides_meta = {sid: _jsonable(dict(m)) for sid, m in adata.uns.get(UNS_SLIDES, {}).items()
+    slides_meta = {sid: jsonable(dict(m), max_array=1000) for sid, m in adata.uns.get(UNS_SLIDES, {}).items()
                    if sid in set(spots["slide_id"])}
     manifest = {
         "preprocessing": {**pp.uns["agl_preprocess"], "n_primary": int(n_primary), "priors": priors,
                           "prior_slides": None if prior_data is None
                           else sorted(map(str, prior_data.obs[OBS_SLIDE].unique()))},
         "patch": {"patch_um": float(patch_um), "patch_px": int(patch_px), "border": border,
-                  "report": _jsonable(report)},
+                  "report": jsonable(report, max_array=1000)},
         "split_settings": {"kinds": split_kinds, "seeds": seeds, "n_folds": int(n_folds)},
         "spots_read": int(n_read),
         "slide_meta": slides_meta,

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from agl.errors import ConfigError, DataError
+from agl.fileio import sha256_file, swap_folder
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -48,14 +49,6 @@ def agl_version() -> str:
         return metadata.version("agl")
     except metadata.PackageNotFoundError:  # running from a source tree that is not installed
         return "unknown"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def gene_list_hash(genes: list[str] | pd.Index) -> str:
@@ -191,14 +184,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished ``tmp`` to ``out``; with ``overwrite`` swap out an old store first."""
     if out.exists():
         check_target(out, overwrite)
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old, out)  # put the previous store back: never leave no store or half a store
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        swap_folder(tmp, out)  # puts the previous store back if the rename fails
         return
     try:
         os.rename(tmp, out)

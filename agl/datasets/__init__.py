@@ -44,7 +44,8 @@ def default_cache_dir() -> Path:
 
 def _demo_key() -> str:
     """Hash of the bundled files, the ingest settings and the store schema."""
-    from agl.data.store import SCHEMA_VERSION, sha256_file
+    from agl.data.store import SCHEMA_VERSION
+    from agl.fileio import sha256_file
 
     h = hashlib.sha256(json.dumps({"settings": DEMO_STORE_SETTINGS, "schema": SCHEMA_VERSION},
                                   sort_keys=True).encode())

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agl.fileio import atomic_write_json
+
 log = logging.getLogger(__name__)
 
 BENCH_JSON = "bench_ray.json"
@@ -78,9 +80,7 @@ def bench_ray(store: str | None = "demo", out: str | Path = "results", trials: i
         report["train"]["speedup_2_vs_1"] = round(two / max(one, 1e-9), 2)
         ray.shutdown()
     path = out / BENCH_JSON
-    tmp_path = path.with_name(f".{path.name}.tmp")
-    tmp_path.write_text(json.dumps(report, indent=1))
-    os.replace(tmp_path, path)
+    atomic_write_json(path, report, indent=1)
     report["written"] = str(path)
     return report
 

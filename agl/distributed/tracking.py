@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from agl.errors import CheckpointError, ConfigError
+from agl.fileio import atomic_savefig, atomic_write_json, atomic_write_text, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -124,20 +125,10 @@ def plot_k_trajectory(history: list[Mapping[str, float]], path: str | Path, titl
     ax2.set_ylabel("validation PCC", color="tab:red")
     ax.set_title(title or "k trajectory")
     fig.tight_layout()
-    _atomic_savefig(fig, Path(path))
-    plt.close(fig)
-
-
-def _atomic_savefig(fig: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        atomic_savefig(fig, path, format="png")
+    finally:
+        plt.close(fig)
 
 
 def write_run_artifacts(result: Any, genes: pd.DataFrame, prior_rank: np.ndarray, n_primary: int,
@@ -146,24 +137,18 @@ def write_run_artifacts(result: Any, genes: pd.DataFrame, prior_rank: np.ndarray
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     table = selected_genes_table(result, genes, prior_rank, n_primary)
-    _atomic_write_text(dest / GENES_CSV, table.to_csv(index=False))
+    atomic_write_text(dest / GENES_CSV, table.to_csv(index=False))
     plot_k_trajectory(result.history, dest / K_PLOT, title=f"{result.config.method}: k per epoch")
     summary = {
         "metrics": final_metrics(result),
         "gene_set_sha256": gene_set_hash(table["name"]),
         "n_selected": int(len(table)),
         "config": result.config.to_dict(),
-        "history": [{k: _json_float(v) for k, v in h.items()} for h in result.history],
+        "history": jsonable(list(result.history)),
         **(dict(extra) if extra else {}),
     }
-    _atomic_write_text(dest / RESULT_JSON, json.dumps(summary, indent=1))
+    atomic_write_json(dest / RESULT_JSON, summary, indent=1)
     return summary
-
-
-def _json_float(value: Any) -> Any:
-    if isinstance(value, (float, np.floating)):
-        return None if not math.isfinite(value) else float(value)
-    return value.item() if hasattr(value, "item") else value
 
 
 def finalize_checkpoint(result: Any, data: Any, dest: str | Path) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from agl.errors import ConfigError
+from agl.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,7 @@ def train_func(config: dict[str, Any]) -> None:
 def _write_pid(folder: Path, rank: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"rank{rank}-{os.getpid()}.pid"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(str(os.getpid()))
-    os.replace(tmp, path)
+    atomic_write_text(path, str(os.getpid()))
 
 
 def scaling_config(scaling: Mapping[str, Any]) -> Any:

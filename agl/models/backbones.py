@@ -15,7 +15,6 @@ Weights, in order of what is looked at:
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from agl.errors import CheckpointError, ConfigError
+from agl.fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +131,6 @@ def _timm_spec(model_name: str) -> BackboneSpec:
 
 def _offline() -> bool:
     return os.environ.get("AGL_OFFLINE", "").lower() not in ("", "0", "false", "no")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: str | Path, sha256: str | None = None) -> dict[str, torch.Tensor]:

@@ -1,0 +1,110 @@
+"""Small file helpers shared by every part of agl: hashing, strict JSON and atomic writes.
+
+Every output file is written to a hidden temporary file in the same folder and then
+renamed into place with ``os.replace`` (atomic on one file system), so a crash never
+leaves a half-written file under the final name. Temporary names start with "." so that
+folder copies which skip hidden files (e.g. MLflow artifact uploads) never pick them up.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks of ``chunk`` bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def jsonable(value: Any, *, max_array: int | None = None) -> Any:
+    """Plain JSON values: numpy scalars/arrays to Python, NaN/inf to None (strict JSON).
+
+    Arrays with more than ``max_array`` elements become a short ``"array[shape]"`` note
+    (for reports that should record that an array was there, not its contents).
+    """
+    if isinstance(value, dict):
+        return {str(k): jsonable(v, max_array=max_array) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v, max_array=max_array) for v in value]
+    if isinstance(value, np.ndarray):
+        if max_array is not None and value.size > max_array:
+            return f"array{list(value.shape)}"
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value
+
+
+def _temp_sibling(path: Path) -> Path:
+    """A hidden, unique temporary name beside ``path`` (not ending in its suffix, so globs skip it)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(temporary_path)``, then rename the result to ``path``; the temporary goes on failure."""
+    path = Path(path)
+    tmp = _temp_sibling(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_json(path: str | Path, value: Any, *, indent: int | None = 2,
+                      default: Callable[[Any], Any] | None = None) -> Path:
+    """Write ``value`` as strict JSON (see :func:`jsonable`) atomically; ``default`` as in ``json.dumps``."""
+    text = json.dumps(jsonable(value), indent=indent, allow_nan=False, default=default) + "\n"
+    return atomic_write_text(path, text)
+
+
+def atomic_savefig(fig: Any, path: str | Path, **kwargs: Any) -> Path:
+    """``fig.savefig(path, **kwargs)`` atomically (the figure is left open).
+
+    The format comes from ``path``'s suffix (PNG without one) unless ``format`` is given,
+    since the temporary file name does not carry the suffix.
+    """
+    kwargs.setdefault("format", Path(path).suffix.lstrip(".") or "png")
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, **kwargs))
+
+
+def swap_folder(tmp: str | Path, out: str | Path) -> Path:
+    """Rename the finished folder ``tmp`` to ``out``, replacing an existing ``out`` only once ``tmp`` is in place.
+
+    If the final rename fails the previous ``out`` is put back, so there is never no
+    folder or half a folder under ``out``. Callers decide beforehand whether replacing is allowed.
+    """
+    tmp, out = Path(tmp), Path(out)
+    if not out.exists():
+        os.rename(tmp, out)
+        return out
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out
