@@ -110,3 +110,43 @@ def test_minimal_space_defaults(tmp_path: Path) -> None:
     assert (space.metric, space.mode, space.split) == ("val_pcc", "max", "kfold-s0-f0")
     assert space.train_config({"lr": 0.003}) == {"epochs": 3, "lr": 0.003}
     assert yaml.safe_load(MINIMAL)["fixed"] == space.fixed
+
+
+PINNED = """
+num_samples: 4
+params:
+  method: {type: categorical, choices: [topk, dkgsb, pgl]}
+  k: {type: int, low: 16, high: 4096, log: true}
+  lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+  tau: {type: float, low: 0.05, high: 0.2}
+start_with:
+  - {method: dkgsb, k: 100}
+  - {method: pgl}
+"""
+
+
+def test_start_with_pins_complete_first_trials() -> None:
+    space = parse_space(yaml.safe_load(PINNED), "pinned.yaml")
+    first, second = space.start_with
+    # given keys kept; open keys take TrainConfig's default where the range allows it (lr = 1e-3),
+    # else the range's centre (tau: default 0.01 is outside [0.05, 0.2]; k: default None -> geometric centre)
+    assert first == {"method": "dkgsb", "k": 100, "lr": TrainConfig().lr, "tau": pytest.approx(0.125)}
+    assert second["method"] == "pgl" and second["k"] == 256 and set(second) == set(space.params)
+    for point in space.start_with:
+        TrainConfig.from_dict(space.train_config(point))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("start_with: [{method: uncertainty}]", r"start_with\[0\]\.method: 'uncertainty' is outside"),
+    ("start_with: [{k: 8}]", r"start_with\[0\]\.k: 8 is outside"),
+    ("start_with: [{epochs: 3}]", r"start_with\[0\]\.epochs: not a searched setting"),
+    ("start_with: {method: pgl}", r"start_with: must be a list"),
+    ("start_with: [{method: pgl}, {method: pgl}, {method: pgl}, {method: pgl}, {method: pgl}]",
+     r"start_with: 5 pinned trials but num_samples is 4"),
+])
+def test_bad_start_with_names_the_entry(bad: str, message: str) -> None:
+    raw = yaml.safe_load(PINNED)
+    raw.pop("start_with")
+    raw.update(yaml.safe_load(bad))
+    with pytest.raises(ConfigError, match=rf"pinned\.yaml: {message}"):
+        parse_space(raw, "pinned.yaml")

@@ -20,16 +20,6 @@ from agl.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One small local Ray for the module (2 CPUs, no dashboard), shut down at the end."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2)
-    yield ray
-    ray.shutdown()
-
-
 def test_tiny_sweep_table_mlflow_and_champion(ray_local, demo_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     summary = run_sweep(SweepOptions(space="tiny", store=str(demo_store), out=str(out), num_samples=2))
@@ -116,3 +106,20 @@ def test_interrupted_sweep_resumes(demo_store: Path, tmp_path: Path) -> None:
     runs = c.search_runs([exp_id], filter_string="tags.`agl.kind` = 'trial'")
     assert len(runs) == 3
     assert set(table["mlflow_run_id"]) == {r.info.run_id for r in runs}
+
+
+def test_default_out_never_reuses_an_earlier_sweep(tmp_path: Path) -> None:
+    from agl.distributed.commands import default_sweep_out
+    from agl.distributed.tune import SWEEP_JSON
+
+    base = tmp_path / "results" / "sweep"
+    assert default_sweep_out(False, base) == str(base)  # first run
+    base.mkdir(parents=True)
+    (base / SWEEP_JSON).write_text("{}")
+    assert default_sweep_out(False, base) == str(base.with_name("sweep-2"))  # re-run: a new folder
+    assert default_sweep_out(True, base) == str(base)  # --resume: the newest sweep
+    second = base.with_name("sweep-2")
+    second.mkdir()
+    (second / SWEEP_JSON).write_text("{}")
+    assert default_sweep_out(False, base) == str(base.with_name("sweep-3"))
+    assert default_sweep_out(True, base) == str(second)

@@ -21,7 +21,9 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", default="default",
                    help="search space: a bundled name (default, tiny, large, finetune-gpu) or a YAML path")
     p.add_argument("--store", default="demo", help="store folder, or 'demo' for the bundled her2st demo store")
-    p.add_argument("--out", default="results/sweep", help="output folder (trial table, MLflow DB, Ray results)")
+    p.add_argument("--out", default=None,
+                   help="output folder (trial table, MLflow DB, Ray results); default: results/sweep, or the "
+                        "next free results/sweep-N when that holds an earlier sweep (never overwritten)")
     p.add_argument("--name", default="agl-sweep", help="experiment name in Ray Tune")
     p.add_argument("--num-samples", type=int, default=None, help="number of trials (default: the space's)")
     p.add_argument("--address", default=None,
@@ -42,10 +44,27 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard on 127.0.0.1 (local Ray only)")
 
 
+def default_sweep_out(resume: bool, base: Path = Path("results/sweep")) -> str:
+    """Where a sweep goes without --out: ``base``, or with earlier sweeps there, the next free
+    ``base-N``, so re-running the main job starts a new sweep and keeps the old ones (with
+    --resume: the newest existing one)."""
+    from agl.distributed.tune import SWEEP_JSON
+
+    taken = [base] + [base.with_name(f"{base.name}-{n}") for n in range(2, 10_000)]
+    used = [p for p in taken if (p / SWEEP_JSON).is_file()]
+    if resume:
+        return str(used[-1] if used else base)
+    path = next(p for p in taken if not (p / SWEEP_JSON).is_file() and (p == base or not p.exists()))
+    if path != base:
+        log.info("%s holds an earlier sweep; this one goes to %s", base, path)
+    return str(path)
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from agl.distributed.tune import SweepOptions, format_table, run_sweep
 
-    opts = SweepOptions(space=args.space, store=args.store, out=args.out, name=args.name,
+    opts = SweepOptions(space=args.space, store=args.store, out=args.out or default_sweep_out(args.resume),
+                        name=args.name,
                         num_samples=args.num_samples, address=args.address, num_cpus=args.num_cpus,
                         tracking_uri=args.tracking_uri, experiment=args.experiment, model_name=args.model_name,
                         resume=args.resume, trainer=args.trainer, workers_per_trial=args.workers_per_trial,
@@ -177,15 +196,15 @@ def cmd_bench_ray(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
     """Add ``tune``, ``train-ray``, ``predict`` and ``bench ray`` to the ``agl`` parser."""
-    p = sub.add_parser("tune", help="gene-subset sweep: Ray Tune + Optuna, tracked in MLflow")
-    add_tune_args(p)
-    p.set_defaults(func=cmd_tune)
-    p = sub.add_parser("train-ray", help="one training run with Ray Train (data parallel, fault tolerant)")
-    add_train_args(p)
-    p.set_defaults(func=cmd_train_ray)
-    p = sub.add_parser("predict", help="predict expression of a new slide: .h5ad + PNG maps")
-    add_predict_args(p)
-    p.set_defaults(func=cmd_predict)
-    p = bench_sub.add_parser("ray", help="trials/hour of a frozen-feature sweep; Train samples/s with 1 vs 2 workers")
-    add_bench_args(p)
-    p.set_defaults(func=cmd_bench_ray)
+    commands = (
+        (sub, "tune", "gene-subset sweep: Ray Tune + Optuna, tracked in MLflow", add_tune_args, cmd_tune),
+        (sub, "train-ray", "one training run with Ray Train (data parallel, fault tolerant)",
+         add_train_args, cmd_train_ray),
+        (sub, "predict", "predict expression of a new slide: .h5ad + PNG maps", add_predict_args, cmd_predict),
+        (bench_sub, "ray", "trials/hour of a frozen-feature sweep; Train samples/s with 1 vs 2 workers",
+         add_bench_args, cmd_bench_ray),
+    )
+    for parent, name, help_text, add_args, handler in commands:
+        p = parent.add_parser(name, help=help_text)
+        add_args(p)
+        p.set_defaults(func=handler)

@@ -35,7 +35,8 @@ import yaml
 from agl.errors import AGLError, ConfigError
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
-TOP_KEYS = {"description", "split", "metric", "mode", "num_samples", "scheduler", "fixed", "params", "resources", "seed"}
+TOP_KEYS = {"description", "split", "metric", "mode", "num_samples", "scheduler", "fixed", "params", "resources", "seed",
+            "start_with"}
 DIST_KEYS = {
     "float": {"type", "low", "high", "log", "step"},
     "int": {"type", "low", "high", "log", "step"},
@@ -60,6 +61,14 @@ class Distribution:
     log: bool = False
     step: float | None = None
     choices: tuple = ()
+
+    def contains(self, value: Any) -> bool:
+        """Whether the distribution can produce ``value``."""
+        if self.type == "categorical":
+            return value in self.choices
+        if not _is_number(value) or (self.type == "int" and not float(value).is_integer()):
+            return False
+        return self.low <= value <= self.high
 
     def candidates(self) -> list[Any]:
         """Values that bound what the distribution can produce (checked against TrainConfig)."""
@@ -99,6 +108,9 @@ class SearchSpace:
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1})
     seed: int = 0
     description: str = ""
+    # complete parameter sets of the first trials (from partial ones in the file, see _default_value);
+    # Optuna runs them first, then samples
+    start_with: tuple[dict[str, Any], ...] = ()
 
     def tune_space(self) -> dict[str, Any]:
         """The Tune ``param_space`` (searched keys only; fixed values are merged per trial)."""
@@ -204,11 +216,52 @@ def parse_space(raw: Any, source: str = "<space>") -> SearchSpace:
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise err(f"seed: must be an integer, got {seed!r}")
+    start_with = _parse_start_with(err, raw.get("start_with") or [], params, fixed_expanded)
+    if len(start_with) > num_samples:
+        raise err(f"start_with: {len(start_with)} pinned trials but num_samples is {num_samples}")
     return SearchSpace(
         source=source, params=params, fixed=dict(fixed), split=split, metric=metric, mode=mode,
         num_samples=num_samples, scheduler=scheduler, resources=dict(resources), seed=seed,
-        description=str(raw.get("description", "")),
+        description=str(raw.get("description", "")), start_with=start_with,
     )
+
+
+def _parse_start_with(err: "_Errors", raw: Any, params: Mapping[str, Distribution],
+                      fixed: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+    """``start_with``: a list of partial settings for the first trials, each inside its distribution."""
+    if not isinstance(raw, list):
+        raise err("start_with: must be a list of mappings of searched settings to values")
+    points = []
+    for i, point in enumerate(raw):
+        where = f"start_with[{i}]"
+        if not isinstance(point, dict) or not point:
+            raise err(f"{where}: must be a non-empty mapping of searched settings to values")
+        for key, value in point.items():
+            if key not in params:
+                raise err(f"{where}.{key}: not a searched setting (params are {sorted(params)})")
+            if not params[key].contains(value):
+                raise err(f"{where}.{key}: {value!r} is outside its distribution {params[key]}")
+        full = {key: point[key] if key in point else _default_value(key, dist) for key, dist in params.items()}
+        _check_config(err, where, {**fixed, **expand(full)})
+        points.append(full)
+    return tuple(points)
+
+
+def _default_value(key: str, dist: Distribution) -> Any:
+    """A pinned trial's value for a key it leaves open (Ray's OptunaSearch needs complete points):
+    TrainConfig's default when the distribution allows it, else the distribution's centre."""
+    from agl.train import TrainConfig
+
+    target = DERIVED[key][0] if key in DERIVED else key
+    default = getattr(TrainConfig(), target, None)
+    if key in DERIVED and isinstance(default, list) and len(default) == 1:
+        default = default[0]
+    if dist.contains(default):
+        return default
+    if dist.type == "categorical":
+        return dist.choices[0]
+    centre = math.sqrt(dist.low * dist.high) if dist.log else (dist.low + dist.high) / 2
+    return int(round(centre)) if dist.type == "int" else float(centre)
 
 
 class _Errors:

@@ -32,6 +32,7 @@ import pandas as pd
 from agl.distributed import tracking
 from agl.distributed.spaces import SearchSpace, load_space
 from agl.errors import ConfigError
+from agl.fileio import atomic_savefig, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,9 @@ def _searcher(space: SearchSpace) -> Any:
     from ray.tune.search.optuna import OptunaSearch
 
     sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=min(10, max(2, space.num_samples // 2)))
-    return OptunaSearch(metric=space.metric, mode=space.mode, sampler=sampler)
+    # pinned first trials (start_with): OptunaSearch enqueues them in the study before sampling
+    points = [dict(p) for p in space.start_with] or None
+    return OptunaSearch(metric=space.metric, mode=space.mode, sampler=sampler, points_to_evaluate=points)
 
 
 def _trainable(opts: SweepOptions, space: SearchSpace, store_path: str, storage_path: str) -> Any:
@@ -334,9 +337,10 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
              "trainer": opts.trainer, "store": store_path, "metric": space.metric, "mode": space.mode,
              **{f"fixed.{k}": v for k, v in space.fixed.items()}},
             artifact_root=out / "mlartifacts")
-        _atomic_json(state_file, {"name": opts.name, "parent_run_id": parent_run_id, "experiment_id": experiment_id,
-                                  "tracking_uri": tracking_uri, "storage_path": storage_path,
-                                  "options": asdict(opts)})
+        atomic_write_json(state_file, {"name": opts.name, "parent_run_id": parent_run_id,
+                                       "experiment_id": experiment_id, "tracking_uri": tracking_uri,
+                                       "storage_path": storage_path, "options": asdict(opts)},
+                          indent=1, default=str)
         max_t = int(space.train_config({}).get("epochs", 100)) + 1  # +1: the final report after the last epoch
         callback = MlflowSweepCallback(tracking_uri, experiment_id, parent_run_id, space)
         tuner = tune.Tuner(
@@ -380,12 +384,6 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
 
 def _join(storage_path: str, name: str) -> str:
     return f"{storage_path.rstrip('/')}/{name}" if "://" in storage_path else str(Path(storage_path) / name)
-
-
-def _atomic_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def _warm_caches(store_path: str, space: SearchSpace) -> None:
@@ -441,7 +439,7 @@ def write_table(table: pd.DataFrame, out: Path, space: SearchSpace) -> dict[str,
     import matplotlib.pyplot as plt
 
     csv = out / TABLE_CSV
-    _atomic_text(csv, table.to_csv(index=False))
+    atomic_write_text(csv, table.to_csv(index=False))
     png = out / TABLE_PNG
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
     if len(table):
@@ -462,17 +460,11 @@ def write_table(table: pd.DataFrame, out: Path, space: SearchSpace) -> dict[str,
     ax2.set_ylabel("PCC (primary genes)")
     ax2.set_title("k vs PCC")
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, png)
-    plt.close(fig)
+    try:
+        atomic_savefig(fig, png, format="png")
+    finally:
+        plt.close(fig)
     return {"table_csv": csv, "table_png": png}
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def format_table(table: pd.DataFrame, best: Mapping[str, Any] | None) -> str:
