@@ -47,8 +47,8 @@ class FeatureInputs:
 class PatchInputs:
     """Store patches for fine-tuning: memory-mapped uint8, a dihedral view per spot, ImageNet-normalised.
 
-    Uses the same transforms as ``agl.data.loaders.iter_patch_batches`` (batched dihedral view,
-    fused normalisation) but the bundle's own seeded, shardable order.
+    The batches come from ``agl.data.loaders.load_views`` (the training loader's fast path),
+    in the bundle's own seeded, shardable order.
     """
 
     dim = None
@@ -57,11 +57,9 @@ class PatchInputs:
         self.patches = store.patches
 
     def batch(self, rows: np.ndarray, views: np.ndarray) -> Tensor:
-        from agl.data.augment import dihedral_batch
-        from agl.data.loaders import normalise_uint8
+        from agl.data.loaders import load_views
 
-        x = torch.from_numpy(np.ascontiguousarray(self.patches[np.asarray(rows)])).permute(0, 3, 1, 2)
-        return normalise_uint8(dihedral_batch(x, views)).contiguous()
+        return load_views(self.patches, np.asarray(rows), np.asarray(views))
 
 
 def _feature_inputs(store: Any, cfg: "TrainConfig") -> FeatureInputs:

@@ -221,3 +221,23 @@ def test_data_parallel_ranks_stay_in_sync(demo_store, tmp_path):
     assert r0 == r1  # same weights and threshold on both ranks: gradients and hypergradients were averaged
     assert (tmp_path / "rank0" / "checkpoint" / "model.safetensors").is_file()
     assert not (tmp_path / "rank1").exists()  # only rank 0 writes files
+
+
+def test_finetune_bundle_batches_are_the_views_of_the_store_patches(small_store):
+    """Fine-tuning batches: store patch -> the drawn dihedral view -> ImageNet normalisation, per spot."""
+    from agl.data.augment import dihedral
+    from agl.data.loaders import IMAGENET_MEAN, IMAGENET_STD
+    from agl.data.store import open_store
+
+    store = open_store(small_store)
+    data = make_bundle(store, first_split(small_store), small_config(mode="finetune"))
+    rows, views = data.train_rows(epoch=3)
+    assert len(set(views.tolist())) > 1  # several views drawn, so a view mix-up would show
+    x, y = next(iter(data.train_batches(batch_size=16, epoch=3)))
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None, None]
+    for i in range(len(x)):
+        view = np.ascontiguousarray(dihedral(np.asarray(store.patches[rows[i]]), int(views[i])))
+        expected = (view.transpose(2, 0, 1).astype(np.float32) / 255.0 - mean) / std
+        np.testing.assert_allclose(x[i].numpy(), expected, atol=1e-5)
+        np.testing.assert_array_equal(y[i].numpy(), data.targets[rows[i]])
