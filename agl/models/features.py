@@ -25,13 +25,12 @@ import torch
 from torch import nn
 
 from agl.data.augment import N_VIEWS, dihedral
+from agl.data.loaders import IMAGENET_MEAN, IMAGENET_STD  # one definition for loader and cache
 from agl.errors import ConfigError, DataError
 from agl.models.backbones import create_backbone
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CACHE_VERSION = 1  # bump when the way features are computed changes
 
 
