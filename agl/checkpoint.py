@@ -95,17 +95,45 @@ def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def save_checkpoint(path: str | Path, trainer: "_Trainer", cfg: "TrainConfig", state: "LoopState", data: Any) -> Path:
-    """Write a checkpoint folder atomically (temporary sibling folder, then rename over the old one)."""
-    from safetensors.torch import save_file
+    """Write a checkpoint folder atomically (temporary sibling folder, then rename over the old one).
 
-    from agl.train import _gate_state
-
+    A failed write (full disk, quota) removes its temporary folder and leaves the previous
+    checkpoint as it was; a full disk raises CheckpointError saying so.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+        _write_checkpoint_files(tmp, trainer, cfg, state, data)
+        return swap_folder(tmp, path)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint beside the good one
+        if _disk_error(err):
+            kept = f"the previous checkpoint at {path} is intact" if path.is_dir() else "no earlier checkpoint exists"
+            raise CheckpointError(path, f"could not write the checkpoint of epoch {state.next_epoch}: {err}; "
+                                        f"{kept}. Free disk space, then resume from it") from err
+        raise
+
+
+def _disk_error(err: BaseException) -> bool:
+    """True for a full disk, an exceeded quota or file-size limit (also as reported by safetensors' Rust code)."""
+    import errno
+
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "Disk quota exceeded" in text or "File too large" in text
+
+
+def _write_checkpoint_files(tmp: Path, trainer: "_Trainer", cfg: "TrainConfig", state: "LoopState", data: Any) -> None:
+    """Every file of a checkpoint folder, into ``tmp``."""
+    from safetensors.torch import save_file
+
+    from agl.train import _gate_state
+
     save_file(_contiguous(trainer.model.state_dict()), str(tmp / "model.safetensors"))
     save_file(_contiguous(_gate_state(trainer.gate)), str(tmp / "gate.safetensors"))
     model_t, model_s = _flat_optimizer("model", trainer.opt)
@@ -129,7 +157,6 @@ def save_checkpoint(path: str | Path, trainer: "_Trainer", cfg: "TrainConfig", s
                                            "patch": {k: (manifest.get("patch") or {}).get(k)
                                                      for k in ("patch_um", "patch_px", "border")}})
     data.genes.reset_index(drop=True).to_parquet(tmp / GENES_FILE, index=False)
-    return swap_folder(tmp, path)
 
 
 # --------------------------------------------------------------------------- load

@@ -46,3 +46,49 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2)
     yield ray
     ray.shutdown()
+
+
+# --------------------------------------------------------------------------- reliability cases
+# Tests of bad input, faults, load and secure defaults carry
+#   @pytest.mark.reliability(kind="bad input" | "fault" | "load" | "secure default",
+#                            case="what was given or done", outcome="what must happen")
+# `scripts/reliability.py` runs them with AGL_RELIABILITY_JSON=<file> and turns the
+# recorded cases and their outcomes into docs/reliability.md.
+RELIABILITY_KINDS = ("bad input", "fault", "load", "secure default")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "reliability(kind, case, outcome): a case of docs/reliability.md")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for mark in item.iter_markers("reliability"):
+            missing = {"kind", "case", "outcome"} - set(mark.kwargs)
+            if missing or mark.kwargs.get("kind") not in RELIABILITY_KINDS:
+                raise pytest.UsageError(f"{item.nodeid}: reliability marker needs kind in {RELIABILITY_KINDS}, "
+                                        f"case and outcome (got {mark.kwargs})")
+
+
+_RELIABILITY_ROWS: list[dict] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    mark = item.get_closest_marker("reliability")
+    if mark is None or not os.environ.get("AGL_RELIABILITY_JSON"):
+        return
+    # one row per test: the call phase decides, a setup failure or skip counts too
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        _RELIABILITY_ROWS.append({**mark.kwargs, "test": item.nodeid, "outcome_status": report.outcome,
+                                  "seconds": round(report.duration, 2)})
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    path = os.environ.get("AGL_RELIABILITY_JSON")
+    if path and _RELIABILITY_ROWS:
+        from agl.fileio import atomic_write_json
+
+        atomic_write_json(path, _RELIABILITY_ROWS)

@@ -73,6 +73,8 @@ def test_existing_output_is_not_overwritten(her2st_dir, tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "user data"
 
 
+@pytest.mark.reliability(kind="fault", case="ingest is interrupted midway (KeyboardInterrupt while writing)",
+                         outcome="no store and no temporary folder left; re-running completes a verified store")
 def test_interrupted_ingest_leaves_nothing_and_rerun_completes(her2st_dir, tmp_path, monkeypatch, capsys):
     import agl.data.store as store_mod
 

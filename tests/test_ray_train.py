@@ -56,6 +56,8 @@ def test_two_workers_read_ray_data_shards(ray_local, demo_store: Path, tmp_path:
     assert np.isfinite(result.metrics["test_pcc"])
 
 
+@pytest.mark.reliability(kind="fault", case="a Ray Train worker is SIGKILLed mid-run",
+                         outcome="Ray Train restarts the worker group; fit resumes from the last checkpoint and runs every epoch")
 def test_killed_worker_resumes_from_last_checkpoint(ray_local, demo_store: Path, tmp_path: Path) -> None:
     epochs = 25
     pids = tmp_path / "pids"

@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -20,6 +14,7 @@ import pytest
 
 from agl.distributed import tracking
 from agl.errors import ConfigError
+from servers import MlflowServer, free_port  # noqa: F401  (free_port: used by other test modules)
 
 SPLIT = "kfold-s0-f0"
 
@@ -62,12 +57,6 @@ def test_run_artifacts_of_a_real_fit(demo_store: Path, tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- against a real server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rest(base: str, path: str, body: dict | None = None, **query) -> dict:
     url = f"{base}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
     data = None if body is None else json.dumps(body).encode()
@@ -79,32 +68,11 @@ def rest(base: str, path: str, body: dict | None = None, **query) -> dict:
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts), stopped by its process group id."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    exe = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"), start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-        yield base
+        yield server.url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its own workers, by our process group id
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        server.stop()
 
 
 def test_sweep_logged_to_server(mlflow_server: str, ray_local, demo_store: Path, tmp_path: Path) -> None:

@@ -72,6 +72,8 @@ def test_nested_trainer_mode_never_uses_asha() -> None:
     assert isinstance(_scheduler(space, "train", 7), FIFOScheduler)
 
 
+@pytest.mark.reliability(kind="fault", case="the sweep driver is interrupted (SIGINT) mid-sweep",
+                         outcome="exit 130 with a partial table; --resume finishes every trial once, one MLflow run per trial")
 def test_interrupted_sweep_resumes(demo_store: Path, tmp_path: Path) -> None:
     """SIGINT the launcher mid-sweep (by its PID), then --resume: every trial finishes once."""
     out = tmp_path / "sweep"

@@ -83,6 +83,8 @@ def _write_ipc(path: Path, name: str, values: np.ndarray) -> None:
 
 def _read_ipc(path: Path) -> np.ndarray:
     """Zero-copy, read-only numpy view of an array written by ``_write_ipc``."""
+    if not path.is_file():
+        raise DataError(path, "missing from the store")
     try:
         reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
         meta = reader.schema.metadata or {}
@@ -130,7 +132,8 @@ def write_store(out: str | Path, *, spots: pd.DataFrame, patches: np.ndarray, ex
         raise DataError(out, f"no gene set for split(s) {missing}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    _remove_stale_temps(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         table = spots[list(SPOT_COLUMNS[:-1])].reset_index(drop=True).copy()
@@ -180,6 +183,20 @@ def write_store(out: str | Path, *, spots: pd.DataFrame, patches: np.ndarray, ex
     return out
 
 
+def _remove_stale_temps(out: Path) -> None:
+    """Delete temporary folders of earlier writes of ``out`` whose process is gone (killed mid-write)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished ``tmp`` to ``out``; with ``overwrite`` swap out an old store first."""
     if out.exists():
@@ -206,10 +223,36 @@ class Store:
             self.manifest: dict[str, Any] = json.loads(mpath.read_text())
         except (OSError, ValueError) as err:
             raise DataError(mpath, f"unreadable manifest: {err}") from err
+        if not isinstance(self.manifest, dict):
+            raise DataError(mpath, "unreadable manifest: expected a JSON object")
         version = self.manifest.get("schema_version")
         if version != SCHEMA_VERSION:
             raise DataError(mpath, f"schema_version {version!r} is not supported by this agl "
                                    f"(reads {SCHEMA_VERSION}); rebuild the store with agl ingest")
+        self._check_manifest_paths(mpath)
+
+    def _check_manifest_paths(self, mpath: Path) -> None:
+        """Refuse names in the manifest that would address files outside the store folder."""
+        files = self.manifest.get("files", {})
+        if not isinstance(files, dict):
+            raise DataError(mpath, "'files' must map relative paths to sha256 digests")
+        for rel in files:
+            self._inside(rel, mpath, "files")
+        splits = self.manifest.get("splits", [])
+        if not isinstance(splits, list):
+            raise DataError(mpath, "'splits' must be a list of split names")
+        bad = [s for s in splits if not isinstance(s, str) or not _SAFE_NAME.match(s) or s in (".", "..")]
+        if bad:
+            raise DataError(mpath, f"split name(s) {bad[:3]} are not plain file names "
+                                   f"(must match {_SAFE_NAME.pattern}); the manifest was edited or is foreign")
+
+    def _inside(self, rel: str, mpath: Path, field: str) -> Path:
+        """``self.path / rel``, refused when ``rel`` is absolute or climbs out of the store (``..``, links)."""
+        root = self.path.resolve()
+        target = (root / rel).resolve()
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or not target.is_relative_to(root):
+            raise DataError(mpath, f"{field} entry {rel!r} escapes the store folder {root}; refusing to read it")
+        return self.path / rel
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -225,7 +268,7 @@ class Store:
         """spot_id, slide_id, barcode, pixel_x, pixel_y, row; in row order (index = row)."""
         parts = []
         for f in sorted((self.path / "spots").glob("slide_id=*/part-0.parquet")):
-            parts.append(pq.read_table(str(f), columns=list(SPOT_COLUMNS)).to_pandas())
+            parts.append(_read_parquet(f, columns=list(SPOT_COLUMNS)))
         if not parts:
             raise DataError(self.path / "spots", "no spot partitions")
         df = pd.concat(parts, ignore_index=True).sort_values("row").reset_index(drop=True)
@@ -245,7 +288,7 @@ class Store:
 
     @cached_property
     def genes(self) -> pd.DataFrame:
-        return pq.read_table(str(self.path / "genes.parquet")).to_pandas()
+        return _read_parquet(self.path / "genes.parquet")
 
     @cached_property
     def gene_names(self) -> list[str]:
@@ -258,7 +301,7 @@ class Store:
 
     @cached_property
     def _splits(self) -> pd.DataFrame:
-        return pq.read_table(str(self.path / "splits.parquet")).to_pandas()
+        return _read_parquet(self.path / "splits.parquet")
 
     def _check_split(self, name: str) -> None:
         if name not in self.split_names:
@@ -277,18 +320,43 @@ class Store:
     def gene_set(self, split: str) -> pd.DataFrame:
         """The split's genes: gene, column, role, prior_*, rank_*; primary first."""
         self._check_split(split)
-        return pq.read_table(str(self.path / "gene_sets" / f"{split}.parquet")).to_pandas()
+        return _read_parquet(self.path / "gene_sets" / f"{split}.parquet")
 
     def verify(self) -> None:
-        """Recompute every file's sha256; raise DataError naming the first file that differs."""
-        for rel, expected in self.manifest.get("files", {}).items():
-            f = self.path / rel
+        """Recompute every file's sha256; raise DataError naming the first file that differs.
+
+        Also refuses data files that the manifest does not list (a partition or gene set
+        dropped in by hand would otherwise be read without ever being checked).
+        """
+        mpath = self.path / MANIFEST
+        listed = self.manifest.get("files", {})
+        for rel, expected in listed.items():
+            f = self._inside(rel, mpath, "files")
             if not f.is_file():
-                raise DataError(f, "missing from the store")
+                raise DataError(f, "missing from the store (listed in manifest.json)")
             if sha256_file(f) != expected:
                 raise DataError(f, "sha256 differs from manifest.json: the store was modified or corrupted")
+        for f in sorted(self.path.rglob("*")):
+            rel = f.relative_to(self.path).as_posix()
+            hidden = any(part.startswith(".") for part in f.relative_to(self.path).parts)  # editor/NFS files
+            if f.is_file() and not hidden and rel != MANIFEST and not rel.startswith("cache/") and rel not in listed:
+                raise DataError(f, "not listed in manifest.json: the store was modified after it was written")
 
 
-def open_store(path: str | Path) -> Store:
-    """Open a store folder written by :func:`write_store` (checks the schema version)."""
-    return Store(path)
+def _read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """A Parquet file of the store as a DataFrame; a missing or damaged file raises DataError naming it."""
+    if not path.is_file():
+        raise DataError(path, "missing from the store")
+    try:
+        return pq.read_table(str(path), columns=columns).to_pandas()
+    except (OSError, ValueError, pa.ArrowException) as err:  # truncated, not Parquet, wrong columns
+        raise DataError(path, f"not a readable Parquet file (truncated or corrupt?): {err}") from None
+
+
+def open_store(path: str | Path, verify: bool = False) -> Store:
+    """Open a store folder written by :func:`write_store` (checks the schema version and the
+    manifest's paths); ``verify=True`` also checks every file's sha256 (reads the whole store)."""
+    store = Store(path)
+    if verify:
+        store.verify()
+    return store

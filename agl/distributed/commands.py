@@ -1,4 +1,4 @@
-"""Sub-commands ``agl tune``, ``agl train-ray``, ``agl predict`` and ``agl bench ray``.
+"""Sub-commands ``agl tune``, ``agl train-ray``, ``agl predict``, ``agl bench ray`` and ``agl bench load``.
 
 ``launch/tune.py``, ``launch/train.py`` and ``launch/predict.py`` are thin wrappers
 around the same parsers and handlers.
@@ -77,10 +77,32 @@ def cmd_tune(args: argparse.Namespace) -> int:
           f"champion: {args.model_name} version {summary.champion_version or '-'}")
     if summary.tracking_uri.startswith("sqlite:"):
         print(f"UI: mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri {summary.tracking_uri}")
+    if summary.tracking_pending:
+        from agl.distributed.sync import sync_command
+
+        print(f"\nwarning: MLflow at {summary.tracking_uri} missed part of this sweep; every result is kept in "
+              f"{opts.out}. Send it once MLflow is back: {sync_command(opts.out)}", file=sys.stderr)
     if not summary.complete:
         print(f"\ninterrupted: continue with the same command plus --resume", file=sys.stderr)
         return 130
     return 0 if summary.best is not None else 1
+
+
+# --------------------------------------------------------------------------- agl tune-sync
+def add_sync_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="the sweep's output folder (holds sweep.json)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="send to this MLflow instead of the sweep's own (e.g. the server moved)")
+
+
+def cmd_tune_sync(args: argparse.Namespace) -> int:
+    from agl.distributed.sync import sync_sweep
+
+    report = sync_sweep(args.out, args.tracking_uri)
+    print(json.dumps({"runs": len(report.runs), "created": report.created, "epochs_logged": report.epochs_logged,
+                      "run_folders_logged": report.folders_logged, "closed": report.closed,
+                      "champion_version": report.champion}, indent=1))
+    return 0
 
 
 # --------------------------------------------------------------------------- agl train-ray
@@ -113,6 +135,8 @@ def cmd_train_ray(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig.from_dict({**read_config_file(args.config), **parse_sets(args.set)},
                                 source=args.config or "--set")
+    if args.tracking_uri:  # refuse an unreachable server before training, not after
+        tracking.check_reachable(tracking.check_tracking_uri(args.tracking_uri))
     store = resolve_store(args.store)
     init_ray(args.address, num_cpus=args.num_cpus)
     scaling: dict[str, Any] = {"num_workers": args.num_workers, "use_gpu": args.use_gpu}
@@ -194,15 +218,44 @@ def cmd_bench_ray(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- agl bench load
+def add_bench_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default="demo", help="store folder, or 'demo'")
+    p.add_argument("--out", default="results",
+                   help="folder for bench_load.json/.png; the sweep itself runs in a temporary folder inside it "
+                        "(Ray results and MLflow DB included), removed afterwards")
+    p.add_argument("--trials", type=int, default=64, help="trials in the sweep (many more than --num-cpus)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per trial (fixed: no early stopping)")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs for the local Ray")
+    p.add_argument("--space", default="tiny",
+                   help="search space (bundled name or YAML path); run with frozen features, FIFO, fixed epochs")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between memory samples")
+    p.add_argument("--keep-sweep", action="store_true", help="keep the sweep's temporary folder (its path is logged)")
+
+
+def cmd_bench_load(args: argparse.Namespace) -> int:
+    from agl.distributed.bench import bench_load
+
+    report = bench_load(store=args.store, out=args.out, trials=args.trials, epochs=args.epochs,
+                        num_cpus=args.num_cpus, space=args.space, interval_s=args.interval,
+                        keep_sweep=args.keep_sweep)
+    print(json.dumps({k: v for k, v in report.items() if k != "series"}, indent=1))
+    return 0 if report["trials"]["failed"] == 0 and report["memory"]["bounded"] is not False else 1
+
+
 def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
-    """Add ``tune``, ``train-ray``, ``predict`` and ``bench ray`` to the ``agl`` parser."""
+    """Add ``tune``, ``train-ray``, ``predict``, ``bench ray`` and ``bench load`` to the ``agl`` parser."""
     commands = (
         (sub, "tune", "gene-subset sweep: Ray Tune + Optuna, tracked in MLflow", add_tune_args, cmd_tune),
+        (sub, "tune-sync", "send MLflow the results a sweep kept locally while MLflow was unreachable",
+         add_sync_args, cmd_tune_sync),
         (sub, "train-ray", "one training run with Ray Train (data parallel, fault tolerant)",
          add_train_args, cmd_train_ray),
         (sub, "predict", "predict expression of a new slide: .h5ad + PNG maps", add_predict_args, cmd_predict),
         (bench_sub, "ray", "trials/hour of a frozen-feature sweep; Train samples/s with 1 vs 2 workers",
          add_bench_args, cmd_bench_ray),
+        (bench_sub, "load", "many more trials than cores: peak memory, growth per trial, trials "
+                            "finished/failed/retried", add_bench_load_args, cmd_bench_load),
     )
     for parent, name, help_text, add_args, handler in commands:
         p = parent.add_parser(name, help=help_text)

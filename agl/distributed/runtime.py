@@ -1,8 +1,10 @@
 """Starting or joining Ray, and locating the store that trials read."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +14,16 @@ log = logging.getLogger(__name__)
 
 # Small enough for a 2-core, shared 24 GB machine; trials pass paths, not arrays, through it.
 DEFAULT_OBJECT_STORE_BYTES = 400 * 1024**2
+LOOPBACK = "127.0.0.1"  # the node address of a local Ray: its servers listen on loopback only
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
              dashboard: bool = False, object_store_memory: int | None = None) -> dict[str, Any]:
     """Start a local Ray (``address=None``) or join a cluster (``"auto"`` / ``"ray://..."``).
 
-    The dashboard is off unless asked for, and then bound to 127.0.0.1. Token
+    The dashboard is off unless asked for, and then bound to 127.0.0.1. A local Ray
+    uses 127.0.0.1 as its node address, so none of its servers (GCS, raylet, object
+    manager, workers, agents) listens on another interface (see ``_loopback_node``). Token
     authentication follows ``RAY_AUTH_MODE`` (Ray's default: a token in
     ``~/.ray/auth_token``); the CLI that started a cluster and this driver must agree.
     Returns ``ray.cluster_resources()``.
@@ -31,19 +36,48 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     kwargs: dict[str, Any] = {"include_dashboard": dashboard, "log_to_driver": True}
     if dashboard:
         kwargs["dashboard_host"] = "127.0.0.1"
-    if address in (None, "", "local"):
-        kwargs.update(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
+    local = address in (None, "", "local")
+    if local:
+        kwargs.update(address="local", num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address=LOOPBACK,
                       object_store_memory=object_store_memory or DEFAULT_OBJECT_STORE_BYTES)
     else:
         _match_cli_auth()
         if num_cpus is not None or num_gpus is not None:
             log.warning("--num-cpus/--num-gpus are ignored when joining the cluster at %s", address)
         kwargs = {"address": address, "log_to_driver": True}
-    ray.init(**kwargs)
+    with contextlib.nullcontext():
+        ray.init(**kwargs)
     resources = ray.cluster_resources()
-    log.info("Ray %s: %s", "cluster " + address if address not in (None, "", "local") else "local",
+    log.info("Ray %s: %s", "local" if local else f"cluster {address}",
              {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")})
     return resources
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Let a local ``ray.init`` keep 127.0.0.1 as its node address.
+
+    Ray 2.60 binds its gRPC servers (GCS, raylet node and object managers, every worker) to
+    all interfaces unless the node address is a loopback address, and its agents to the
+    node address. ``ray.init(_node_ip_address="127.0.0.1")`` alone does not help on Linux:
+    Ray replaces a loopback address by the machine's IP (``resolve_ip_for_localhost``)
+    unless it runs in its single-machine mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``,
+    its default on macOS and Windows). That flag is read once, when Ray is imported, so it
+    is switched here for the duration of ``ray.init`` only; the started processes get the
+    node address on their command lines.
+    """
+    from ray._private import ray_constants
+
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # another Ray version: nothing to switch
+        log.warning("this Ray has no single-machine switch; the local Ray may listen on all interfaces")
+        yield
+        return
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def _match_cli_auth() -> None:

@@ -255,6 +255,7 @@ def download_model(tracking_uri: str, model_name: str = DEFAULT_MODEL_NAME, alia
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    check_reachable(check_tracking_uri(tracking_uri))
     c = client(tracking_uri)
     try:
         version = c.get_model_version_by_alias(model_name, alias)
@@ -277,12 +278,17 @@ def start_parent_run(tracking_uri: str, experiment: str, name: str, params: Mapp
     return exp_id, run.info.run_id
 
 
-def child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> dict[str, str]:
-    """trial id -> MLflow run id of a sweep's child runs."""
+def child_run_objects(tracking_uri: str, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
+    """trial id -> MLflow Run (info, params, tags) of a sweep's child runs (the oldest run per trial)."""
     c = client(tracking_uri)
     runs = c.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                         max_results=10000)
-    return {r.data.tags.get("trial_id", ""): r.info.run_id for r in runs}
+                         max_results=10000, order_by=["attributes.start_time DESC"])
+    return {r.data.tags.get("trial_id", ""): r for r in runs}  # later (older) entries win
+
+
+def child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> dict[str, str]:
+    """trial id -> MLflow run id of a sweep's child runs."""
+    return {k: r.info.run_id for k, r in child_run_objects(tracking_uri, experiment_id, parent_run_id).items()}
 
 
 def finish_parent_run(tracking_uri: str, run_id: str, files: Iterable[str | Path], status: str = "FINISHED",
@@ -297,6 +303,38 @@ def finish_parent_run(tracking_uri: str, run_id: str, files: Iterable[str | Path
         if Path(path).is_file():
             c.log_artifact(run_id, str(path))
     c.set_terminated(run_id, status)
+
+
+class TrackingUnavailable(ConfigError):
+    """The MLflow tracking server cannot be reached (or refused the request)."""
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> str:
+    """Fail fast, naming the URI, when an http(s) tracking server does not answer its /health check.
+
+    Without this, MLflow's own retries make a mistyped or stopped server look like a hang.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as resp:
+            resp.read(64)
+    except (OSError, urllib.error.URLError) as err:  # refused, timed out, DNS, HTTP 5xx
+        raise TrackingUnavailable("--tracking-uri", f"MLflow tracking server {uri} is unreachable "
+                                                    f"({getattr(err, 'reason', err)}); start it "
+                                                    f"(mlflow server --host 127.0.0.1 ...) or fix the URI") from None
+    return uri
+
+
+def quick_failure_env() -> None:
+    """Short MLflow HTTP retries for a sweep driver (unless the user set them): an outage should be
+    noticed in seconds and handled (results kept, synced later), not retried for minutes per call."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def check_tracking_uri(uri: str) -> str:

@@ -25,12 +25,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import pandas as pd
 
 from agl.distributed import tracking
 from agl.distributed.spaces import SearchSpace, load_space
+from agl.distributed.sync import EPOCH_KEYS, PENDING_FILE, finish_tracking, mark_pending, sync_command
 from agl.errors import ConfigError
 from agl.fileio import atomic_savefig, atomic_write_json, atomic_write_text
 
@@ -79,6 +80,7 @@ class SweepSummary:
     parent_run_id: str
     paths: dict[str, str] = field(default_factory=dict)
     complete: bool = True                  # False: interrupted, resume with resume=True
+    tracking_pending: bool = False         # True: MLflow missed results; `agl tune-sync` sends them
 
 
 # --------------------------------------------------------------------------- trial bodies
@@ -155,18 +157,26 @@ class MlflowSweepCallback(_callback_base()):
     the trial ends its final metrics and run folder (gene set CSV + hash tag, k plot,
     checkpoint). Its state (trial -> run id) is saved with the Tune experiment, so a
     restored sweep keeps logging into the same runs.
+
+    Tracking never stops the sweep: when an MLflow call fails (server stopped, network
+    gone) the callback says so once, writes ``OUT/mlflow-pending.json`` and sends nothing
+    more; the trials' results stay in Tune's folder and :mod:`agl.distributed.sync` sends
+    them at the end of the sweep, or later with ``agl tune-sync``.
     """
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, space: SearchSpace):
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, space: SearchSpace,
+                 out: str | Path | None = None):
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.space = space
+        self.out = None if out is None else str(out)
         self.runs: dict[str, str] = {}
+        self.offline: str | None = None    # why MLflow was given up on, while it is
         self._client = None
 
     def __getstate__(self) -> dict[str, Any]:  # MLflow clients hold sessions; rebuild after unpickling
-        return {**self.__dict__, "_client": None}
+        return {**self.__dict__, "_client": None, "offline": None}
 
     @property
     def client(self) -> Any:
@@ -180,18 +190,36 @@ class MlflowSweepCallback(_callback_base()):
     def set_state(self, state: dict[str, Any]) -> None:
         self.runs.update(state.get("runs", {}))
 
+    def _send(self, trial: Any, what: str, send: Callable[[], None]) -> None:
+        """Run one MLflow write for ``trial``; on failure go offline (once, loudly) and record the trial."""
+        if self.offline is None:
+            try:
+                send()
+                return
+            except Exception as err:  # any tracking failure: the sweep goes on, results stay local
+                self.offline = f"{type(err).__name__}: {str(err)[:300]}"
+                log.warning("MLflow at %s failed while %s of trial %s (%s). The sweep goes on and its results "
+                            "stay in %s; they are sent at the end of the sweep if MLflow is back, else run: %s",
+                            self.tracking_uri, what, trial.trial_id, self.offline, self.out or "the sweep folder",
+                            sync_command(self.out or "OUT"))
+        if self.out is not None:
+            mark_pending(self.out, self.tracking_uri, self.offline or "", [trial.trial_id])
+
     def run_id(self, trial: Any) -> str:
-        """The child run of a trial, created (with its params) on first sight."""
+        """The child run of a trial: known, found by its trial_id tag (a restored sweep), or created."""
         if trial.trial_id not in self.runs:
-            run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.trial_id}", tags={
-                "mlflow.parentRunId": self.parent_run_id, "agl.kind": "trial", "trial_id": trial.trial_id,
-            })
-            self.runs[trial.trial_id] = run.info.run_id
-            self.client.log_batch(run.info.run_id, params=tracking._params(trial_config(self.space, trial.config)))
+            found = tracking.child_runs(self.tracking_uri, self.experiment_id, self.parent_run_id).get(trial.trial_id)
+            if found is None:
+                run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.trial_id}", tags={
+                    "mlflow.parentRunId": self.parent_run_id, "agl.kind": "trial", "trial_id": trial.trial_id,
+                })
+                found = run.info.run_id
+                self.client.log_batch(found, params=tracking._params(trial_config(self.space, trial.config)))
+            self.runs[trial.trial_id] = found
         return self.runs[trial.trial_id]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.run_id(trial)
+        self._send(trial, "creating the run", lambda: self.run_id(trial))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if result.get("final"):
@@ -199,31 +227,25 @@ class MlflowSweepCallback(_callback_base()):
         epoch_metrics = {k: v for k, v in result.items() if k in EPOCH_KEYS}
         metrics = tracking._metrics(epoch_metrics, int(result.get("epoch", 0)))
         if metrics:
-            self.client.log_batch(self.run_id(trial), metrics=metrics)
+            self._send(trial, "logging an epoch", lambda: self.client.log_batch(self.run_id(trial), metrics=metrics))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, failed=False)
+        self._send(trial, "finishing the run", lambda: self._finish(trial, failed=False))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, failed=True)
+        self._send(trial, "finishing the run", lambda: self._finish(trial, failed=True))
 
     def _finish(self, trial: Any, failed: bool) -> None:
         run_id = self.run_id(trial)
         last = trial.last_result or {}
         finished = bool(last.get("final"))
-        try:
-            checkpoint = _final_checkpoint(trial, last) if finished else None
-            if checkpoint is not None:
-                with checkpoint.as_directory() as local:
-                    tracking.log_run_folder(self.client, run_id, local)
-            elif not failed:
-                self.client.set_tag(run_id, "agl.stopped_by", "scheduler")
-        except Exception as err:  # tracking must not kill the sweep; say what was lost
-            log.warning("MLflow: could not log the final artifacts of trial %s: %s", trial.trial_id, err)
+        checkpoint = _final_checkpoint(trial, last) if finished else None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as local:
+                tracking.log_run_folder(self.client, run_id, local)
+        elif not failed:
+            self.client.set_tag(run_id, "agl.stopped_by", "scheduler")
         self.client.set_terminated(run_id, "FAILED" if failed else ("FINISHED" if finished else "KILLED"))
-
-
-EPOCH_KEYS = ("train_loss", "val_loss", "val_pcc", "best_val_pcc", "k", "t", "tau", "epoch_time_s")
 
 
 def _final_checkpoint(trial: Any, last: Mapping[str, Any]) -> Any:
@@ -309,8 +331,10 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
             raise ConfigError("--num-samples", f"must be >= 1, got {opts.num_samples}")
         space = SearchSpace(**{**space.__dict__, "num_samples": opts.num_samples})
     out = Path(opts.out).resolve()
+    # an unreachable tracking server is refused before anything is written
+    tracking_uri = tracking.check_reachable(tracking.check_tracking_uri(opts.tracking_uri or tracking.default_tracking_uri(out)))
+    tracking.quick_failure_env()
     out.mkdir(parents=True, exist_ok=True)
-    tracking_uri = tracking.check_tracking_uri(opts.tracking_uri or tracking.default_tracking_uri(out))
     storage_path = opts.storage_path or str(out / "ray")
     exp_path = _join(storage_path, opts.name)
     state_file = out / SWEEP_JSON
@@ -342,7 +366,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                                        "storage_path": storage_path, "options": asdict(opts)},
                           indent=1, default=str)
         max_t = int(space.train_config({}).get("epochs", 100)) + 1  # +1: the final report after the last epoch
-        callback = MlflowSweepCallback(tracking_uri, experiment_id, parent_run_id, space)
+        callback = MlflowSweepCallback(tracking_uri, experiment_id, parent_run_id, space, out=out)
         tuner = tune.Tuner(
             _trainable(opts, space, store_path, storage_path),
             param_space=space.tune_space(),
@@ -356,30 +380,22 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     started = time.perf_counter()
     grid = tuner.fit()
     wall = time.perf_counter() - started
-    table = summary_table(grid, space, tracking.child_runs(tracking_uri, experiment_id, parent_run_id))
-    paths = write_table(table, out, space)
     # interrupted (Ctrl-C / SIGINT): Tune saved its state; keep the parent run open for --resume
     complete = grid.num_terminated + grid.num_errors >= space.num_samples
-    best = best_trial(table, space)
-    champion = None
+    table, best, sent, _ = finish_tracking(grid, space, out, tracking_uri, experiment_id, parent_run_id,
+                                           complete, opts.model_name)
+    champion = sent.champion
     if not complete:
         log.warning("sweep %s interrupted after %d of %d trials; continue it with --resume (same --out)",
                     opts.name, grid.num_terminated + grid.num_errors, space.num_samples)
-    else:
-        if best is not None and best.get("mlflow_run_id"):
-            champion = tracking.register_champion(tracking_uri, best["mlflow_run_id"], opts.model_name)
-        tracking.finish_parent_run(
-            tracking_uri, parent_run_id, paths.values(),
-            metrics={f"best_{k}": best[k] for k in ("val_pcc", "test_pcc", "test_scc", "final_k")
-                     if best and best.get(k) is not None},
-            tags={"best_trial": best["trial_id"], "champion_version": champion or ""} if best else None)
     log.info("sweep %s: %d trials in %.0f s (%.1f trials/h)", opts.name, len(table), wall,
              len(table) / max(wall, 1e-9) * 3600)
     if owns_ray:
         ray.shutdown()
     return SweepSummary(table=table, best=best, champion_version=champion, tracking_uri=tracking_uri,
-                        parent_run_id=parent_run_id, paths={k: str(v) for k, v in paths.items()},
-                        complete=complete)
+                        parent_run_id=parent_run_id, paths={"table_csv": str(out / TABLE_CSV),
+                                                            "table_png": str(out / TABLE_PNG)},
+                        complete=complete, tracking_pending=(out / PENDING_FILE).is_file())
 
 
 def _join(storage_path: str, name: str) -> str:
