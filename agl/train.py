@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -521,6 +522,9 @@ def fit(cfg: TrainConfig, data: DataBundle, reporter: Reporter | None = None,
         if stop:
             stopped_early = True
             break
+    if ckpt_dir is not None and resume_from is not None and not ckpt_dir.exists():
+        # resumed after its last epoch (killed before reporting the end): no epoch wrote a checkpoint
+        shutil.copytree(resume_from, ckpt_dir)
     tr.load_snapshot(state.best_model, state.best_gate)
     test_metrics, _ = tr.evaluate("test")
     with torch.no_grad():

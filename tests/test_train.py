@@ -124,6 +124,18 @@ def test_resume_reproduces_an_uninterrupted_run(bundle_of, tmp_path):
     assert torch.equal(resumed.gate.t.detach(), full.gate.t.detach())
 
 
+def test_resume_after_the_last_epoch_still_yields_a_checkpoint(bundle_of, tmp_path):
+    """A run killed after its last epoch but before it reported the end (a sweep driver SIGKILLed)
+    resumes with nothing left to train; its output folder must still get the checkpoint."""
+    cfg = small_config(epochs=2)
+    done = fit(cfg, bundle_of(cfg), out_dir=tmp_path / "first")
+    resumed = fit(cfg, bundle_of(cfg), resume_from=tmp_path / "first" / "checkpoint", out_dir=tmp_path / "again")
+    assert resumed.history == done.history and resumed.test["pcc"] == done.test["pcc"]
+    from agl.checkpoint import load_checkpoint
+
+    assert load_checkpoint(resumed.checkpoint_dir).state["next_epoch"] == 2
+
+
 def test_early_stopping_and_best_model_selection(bundle_of, tmp_path):
     cfg = small_config(method="agl_all", epochs=30, patience=2, lr=0.05)
     rec = Recorder()

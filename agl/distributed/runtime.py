@@ -45,7 +45,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         if num_cpus is not None or num_gpus is not None:
             log.warning("--num-cpus/--num-gpus are ignored when joining the cluster at %s", address)
         kwargs = {"address": address, "log_to_driver": True}
-    with contextlib.nullcontext():
+    with _loopback_node() if local else contextlib.nullcontext():
         ray.init(**kwargs)
     resources = ray.cluster_resources()
     log.info("Ray %s: %s", "local" if local else f"cluster {address}",

@@ -14,6 +14,7 @@ sends it and removes the file.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -49,8 +50,6 @@ def mark_pending(out: str | Path, tracking_uri: str, reason: str, trial_ids: Ite
 
 
 def read_pending(out: str | Path) -> dict[str, Any] | None:
-    import json
-
     path = Path(out) / PENDING_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -97,12 +96,10 @@ class SyncReport:
     closed: int = 0
     champion: str | None = None
 
-    def changed(self) -> bool:
-        return bool(self.created or self.epochs_logged or self.folders_logged or self.closed)
 
-
-def send_trial(c: Any, run_id: str, trial: TrialView, logged_steps: set[int]) -> tuple[int, bool]:
-    """Log a trial's epochs not in ``logged_steps`` and, if it finished, its run folder; returns (epochs, folder)."""
+def send_trial(c: Any, run_id: str, trial: TrialView, logged_steps: set[int], has_folder: bool) -> tuple[int, bool]:
+    """Log a trial's epochs not in ``logged_steps`` and, if it finished and the run lacks it, its run
+    folder; returns (epochs sent, folder sent)."""
     sent = 0
     for row in trial.rows:
         step = int(row.get("epoch", -1))
@@ -113,7 +110,7 @@ def send_trial(c: Any, run_id: str, trial: TrialView, logged_steps: set[int]) ->
             c.log_batch(run_id, metrics=metrics)
             sent += 1
     folder = False
-    if trial.checkpoint is not None:
+    if trial.checkpoint is not None and not has_folder:
         with trial.checkpoint.as_directory() as local:
             tracking.log_run_folder(c, run_id, local)
         folder = True
@@ -152,7 +149,8 @@ def reconcile(tracking_uri: str, experiment_id: str, parent_run_id: str, trials:
                 "mlflow.parentRunId": parent_run_id, "agl.kind": "trial", "trial_id": trial.trial_id}).info.run_id
             c.log_batch(run_id, params=tracking._params(trial_config(space, trial.config)))
             report.runs[trial.trial_id], report.created, logged = run_id, report.created + 1, set()
-        sent, folder = send_trial(c, run_id, trial, logged)
+        has_folder = run is not None and run.data.tags.get("has_checkpoint") == "true"
+        sent, folder = send_trial(c, run_id, trial, logged, has_folder)
         report.epochs_logged += sent
         report.folders_logged += int(folder)
         if status is not None:
@@ -215,8 +213,6 @@ def finish_tracking(grid: Any, space: Any, out: Path, tracking_uri: str, experim
 
 def sync_sweep(out: str | Path, tracking_uri: str | None = None) -> SyncReport:
     """``agl tune-sync``: send MLflow what a sweep in ``out`` holds locally and MLflow missed."""
-    import json
-
     from ray.tune import ExperimentAnalysis, ResultGrid
 
     from agl.distributed.spaces import SearchSpace, load_space

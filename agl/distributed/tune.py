@@ -160,9 +160,11 @@ class MlflowSweepCallback(_callback_base()):
 
     Tracking never stops the sweep: when an MLflow call fails (server stopped, network
     gone) the callback says so once, writes ``OUT/mlflow-pending.json`` and sends nothing
-    more; the trials' results stay in Tune's folder and :mod:`agl.distributed.sync` sends
-    them at the end of the sweep, or later with ``agl tune-sync``.
+    for ``retry_s`` seconds, then tries again; what it missed stays in Tune's folder and
+    :mod:`agl.distributed.sync` sends it at the end of the sweep, or later with ``agl tune-sync``.
     """
+
+    retry_s = 60.0
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, space: SearchSpace,
                  out: str | Path | None = None):
@@ -173,10 +175,12 @@ class MlflowSweepCallback(_callback_base()):
         self.out = None if out is None else str(out)
         self.runs: dict[str, str] = {}
         self.offline: str | None = None    # why MLflow was given up on, while it is
+        self._offline_at = 0.0
+        self._warned = False
         self._client = None
 
     def __getstate__(self) -> dict[str, Any]:  # MLflow clients hold sessions; rebuild after unpickling
-        return {**self.__dict__, "_client": None, "offline": None}
+        return {**self.__dict__, "_client": None, "offline": None, "_warned": False}
 
     @property
     def client(self) -> Any:
@@ -191,17 +195,21 @@ class MlflowSweepCallback(_callback_base()):
         self.runs.update(state.get("runs", {}))
 
     def _send(self, trial: Any, what: str, send: Callable[[], None]) -> None:
-        """Run one MLflow write for ``trial``; on failure go offline (once, loudly) and record the trial."""
+        """Run one MLflow write for ``trial``; on failure go offline (warn once) and record the trial."""
+        if self.offline is not None and time.monotonic() - self._offline_at >= self.retry_s:
+            self.offline = None  # try again: the server may be back
         if self.offline is None:
             try:
                 send()
                 return
             except Exception as err:  # any tracking failure: the sweep goes on, results stay local
-                self.offline = f"{type(err).__name__}: {str(err)[:300]}"
-                log.warning("MLflow at %s failed while %s of trial %s (%s). The sweep goes on and its results "
-                            "stay in %s; they are sent at the end of the sweep if MLflow is back, else run: %s",
-                            self.tracking_uri, what, trial.trial_id, self.offline, self.out or "the sweep folder",
-                            sync_command(self.out or "OUT"))
+                self.offline, self._offline_at = f"{type(err).__name__}: {str(err)[:300]}", time.monotonic()
+                report = log.info if self._warned else log.warning
+                self._warned = True
+                report("MLflow at %s failed while %s of trial %s (%s). The sweep goes on and its results "
+                       "stay in %s; they are sent at the end of the sweep if MLflow is back, else run: %s",
+                       self.tracking_uri, what, trial.trial_id, self.offline, self.out or "the sweep folder",
+                       sync_command(self.out or "OUT"))
         if self.out is not None:
             mark_pending(self.out, self.tracking_uri, self.offline or "", [trial.trial_id])
 
