@@ -39,11 +39,14 @@ def small_store(her2st_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """One small local Ray per test module (2 CPUs, no dashboard), shut down at the module's end."""
+    """One small local Ray per test module (2 CPUs, no dashboard, listening on 127.0.0.1 only),
+    shut down at the module's end."""
     import ray
 
+    from agl.distributed.runtime import init_ray
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2)
+    init_ray(num_cpus=2, object_store_memory=300 * 1024**2)
     yield ray
     ray.shutdown()
 

@@ -176,7 +176,9 @@ def test_batch_memory_is_recycled_only_when_released(store):
 
 def test_ray_dataset(store):
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    from agl.distributed.runtime import init_ray
+
+    init_ray(num_cpus=1)  # local, on 127.0.0.1 only
     try:
         test_rows = store.rows("loso-C3", "test")
         rows, n = [], 0

@@ -21,9 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
-import pytest
-import ray  # noqa: F401  (also puts Ray's bundled psutil on sys.path)
 import psutil
+import pytest
 import torch
 import yaml
 
@@ -117,10 +116,6 @@ def test_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
 @pytest.mark.reliability(kind="secure default", case="local Ray from init_ray(dashboard=True)",
                          outcome="the dashboard and every other Ray server listen on loopback only")
 def test_dashboard_listens_on_loopback_only(tmp_path: Path) -> None:
-    try:
-        import ray.dashboard.optional_deps  # noqa: F401
-    except ImportError as err:  # pyproject installs ray[tune,train], not ray[default]
-        pytest.skip(f"Ray's dashboard dependencies (ray[default]) are not installed: {err}")
     with local_ray(tmp_path, dashboard=True) as (info, sockets, _):
         port = int(info["dashboard"].rsplit(":", 1)[1])
         assert [s for s in sockets if s[2] == port], f"nothing listens on dashboard port {port}: {sockets}"

@@ -109,6 +109,7 @@ LOAD_SWEEP_NAME = "agl-bench-load"
 BOUNDED_FRACTION = 0.01  # bounded: memory grows per finished trial by < 1% of the peak
 PROGRESS_EVERY_S = 30.0
 MAX_SERIES_ROWS = 400   # rows of the time series kept in the JSON
+PSS_COST_WINDOW = 5     # PSS/USS are dropped when reading them takes > half the interval over this many samples
 
 
 def _load_space_file(space: str, epochs: int, trials: int, path: Path) -> Path:
@@ -136,7 +137,8 @@ class _MemorySampler:
 
     RSS counts shared pages (libraries, the object store) once per process, so the total
     over-counts; PSS splits shared pages between their users and sums to real use. PSS/USS come
-    from ``/proc/PID/smaps_rollup`` through psutil and are dropped if reading them is slow.
+    from ``/proc/PID/smaps_rollup`` through psutil and are dropped (from the whole series) if
+    reading them takes more than half the interval over ``PSS_COST_WINDOW`` samples.
     """
 
     def __init__(self, interval_s: float, finished: Any, session_dir: str | None, total: int):
@@ -150,6 +152,7 @@ class _MemorySampler:
         self.total = total
         self.samples: list[dict[str, Any]] = []
         self.pss = True
+        self._costs: list[float] = []             # seconds per sample of the last samples (with PSS)
         self.errors = 0
         self.session_only = 0                     # most processes found by the session folder alone
         self._me = psutil.Process()
@@ -221,11 +224,21 @@ class _MemorySampler:
                "total_rss_mb": round(rss / mb, 1), "processes": count, "trials_finished": done}
         if self.pss:
             row.update(total_pss_mb=round(pss / mb, 1), total_uss_mb=round(uss / mb, 1))
-            if cost > 0.25 * self.interval_s:  # not cheap here: keep RSS only
-                self.pss = False
-                log.info("bench load: PSS/USS sampling took %.2f s; sampling RSS only from now on", cost)
+            self._costs = (self._costs + [cost])[-PSS_COST_WINDOW:]
+            if len(self._costs) == PSS_COST_WINDOW and sum(self._costs) / PSS_COST_WINDOW > 0.5 * self.interval_s:
+                self._drop_pss()
         self.samples.append(row)
         return row
+
+    def _drop_pss(self) -> None:
+        """Not cheap here: sample RSS only from now on, and drop the PSS/USS already sampled so the
+        series and the figures never mix a partial PSS record with a full RSS one."""
+        self.pss = False
+        for row in self.samples:
+            row.pop("total_pss_mb", None)
+            row.pop("total_uss_mb", None)
+        log.info("bench load: reading PSS/USS took %.2f s per sample; sampling RSS only",
+                 sum(self._costs) / len(self._costs))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -408,7 +421,7 @@ def bench_load(store: str | None = "demo", out: str | Path = "results", trials: 
                      "session_dir": session_dir, "max_processes_found_by_session_dir_only": sampler.session_only,
                      "processes": "the driver, its descendants (GCS, raylet, workers of the local ray.init) and "
                                   "processes whose command line names the Ray session folder",
-                     "pss_uss": "sampled" if sampler.pss else "dropped (too slow to read) after the first samples"},
+                     "pss_uss": "sampled throughout" if sampler.pss else "not recorded (reading it was too slow)"},
         "series_note": f"every sample if at most {MAX_SERIES_ROWS}, else evenly thinned (peaks kept); the "
                        "figures above use every sample",
         "series": _thin(samples, MAX_SERIES_ROWS),
@@ -437,15 +450,28 @@ def _memory_verdict(samples: list[dict[str, Any]], trials: int, driver_before_mb
                         [s["total_pss_mb"] for s in half if "total_pss_mb" in s])
     growth_driver = _slope([s["trials_finished"] for s in half], [s["driver_rss_mb"] for s in half])
     limit = BOUNDED_FRACTION * peak
+    first = [s for s in samples if s["trials_finished"] < math.ceil(trials / 2)]
+    second = [s for s in samples if s["trials_finished"] >= math.ceil(trials / 2)]
+
+    def _peak(rows: list[dict[str, Any]], key: str) -> float | None:
+        return max((r[key] for r in rows if key in r), default=None)
     at = {f"{name}_at_{int(f * 100)}pct_mb": _at_fraction(samples, trials, f, key)
           for f in (0.25, 0.5, 1.0) for name, key in (("total_rss", "total_rss_mb"), ("driver_rss", "driver_rss_mb"))}
     return {
         "peak_total_rss_mb": peak,
         "peak_driver_rss_mb": max((s["driver_rss_mb"] for s in samples), default=0.0),
-        "peak_total_pss_mb": max((s["total_pss_mb"] for s in samples if "total_pss_mb" in s), default=None),
+        "peak_total_pss_mb": _peak(samples, "total_pss_mb"),
+        "peak_total_uss_mb": _peak(samples, "total_uss_mb"),
         "peak_processes": max((s["processes"] for s in samples), default=0),
         "driver_rss_before_ray_mb": round(driver_before_mb, 1),
         **at,
+        "peak_total_rss_first_half_mb": _peak(first, "total_rss_mb"),
+        "peak_total_rss_second_half_mb": _peak(second, "total_rss_mb"),
+        "peak_total_pss_first_half_mb": _peak(first, "total_pss_mb"),
+        "peak_total_pss_second_half_mb": _peak(second, "total_pss_mb"),
+        "halves": "first half: samples with fewer than half of the trials finished; second half: the rest. Single "
+                  "samples (at 25/50/100%) follow the saw-tooth of the trials (each trial's worker grows, then "
+                  "exits); the half peaks compare like with like",
         "growth_mb_per_trial": None if growth is None else round(growth, 3),
         "growth_pss_mb_per_trial": None if growth_pss is None else round(growth_pss, 3),
         "growth_driver_mb_per_trial": None if growth_driver is None else round(growth_driver, 3),
