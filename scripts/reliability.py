@@ -102,17 +102,39 @@ def render(cases: list[dict], load: dict | None, tests_rc: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+LOAD_ROWS = (  # (section, key, label) of results/bench_load.json shown on the page
+    ("sweep", "trials", "trials in one sweep"), ("machine", "ray_cpus", "CPUs given to Ray"),
+    ("sweep", "epochs_per_trial", "epochs per trial (fixed, no early stop)"),
+    ("trials", "finished", "trials finished"), ("trials", "failed", "trials failed"),
+    ("trials", "retried", "trials retried"), ("time", "wall_s", "wall time (s)"),
+    ("time", "trials_per_hour", "trials per hour"), ("memory", "peak_total_rss_mb", "peak RSS, driver + all Ray processes (MB)"),
+    ("memory", "peak_total_pss_mb", "peak PSS, driver + all Ray processes (MB)"),
+    ("memory", "peak_driver_rss_mb", "peak driver RSS (MB)"),
+    ("memory", "driver_rss_before_ray_mb", "driver RSS before Ray started (MB)"),
+    ("memory", "growth_mb_per_trial", "memory growth per finished trial, second half (MB)"),
+    ("memory", "growth_driver_mb_per_trial", "driver growth per finished trial (MB)"),
+    ("memory", "bounded_limit_mb_per_trial", "bounded if growth per trial is below (MB, 1% of the peak)"),
+    ("memory", "bounded", "bounded"),
+)
+
+
 def load_section(load: dict | None) -> list[str]:
     if not load:
         return ["## Load figures", "", "No load benchmark yet: run `agl bench load`.", ""]
-    keys = [(k, v) for k, v in load.items() if not isinstance(v, (dict, list))]
     lines = ["## Load figures (`agl bench load`)", "",
              "One real sweep of many more trials than cores (frozen MobileNetV2 feature cache, the her2st",
-             "demo store), with the memory of the driver and every Ray process sampled while it runs.", "",
+             "demo store, FIFO), with the memory of the driver and of every Ray process sampled each second.",
+             "RSS counts shared pages once per process; PSS splits them, so it sums to real use.", "",
              "| figure | value |", "|---|---|"]
-    lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in keys]
-    lines += ["", "![memory over the sweep](figures/bench_load.png)", "",
-              "Raw figures: `results/bench_load.json` (with the sampled series).", ""]
+    for section, key, label in LOAD_ROWS:
+        value = (load.get(section) or {}).get(key)
+        if value is not None:
+            lines.append(f"| {label} | {_cell(value)} |")
+    rule = (load.get("memory") or {}).get("bounded_rule")
+    lines += ["", "![memory over the sweep](figures/bench_load.png)", ""]
+    if rule:
+        lines += [f"How growth is measured: {rule}.", ""]
+    lines += ["Raw figures and the sampled series: `results/bench_load.json`.", ""]
     return lines
 
 
