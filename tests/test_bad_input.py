@@ -8,7 +8,6 @@ Cases are rows of ``CASES``; each becomes a test and a row of docs/reliability.m
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import shutil
@@ -89,6 +88,11 @@ def _edit_counts(src: Path, edit: Callable[[pd.DataFrame], pd.DataFrame]) -> Non
     write_counts(edit(table), _counts(src))
 
 
+def _edit_spots(src: Path, edit: Callable[[pd.DataFrame], pd.DataFrame]) -> Path:
+    edit(pd.read_csv(_spots(src), sep="\t")).to_csv(_spots(src), sep="\t", index=False)
+    return src
+
+
 def _set(table: pd.DataFrame, value: object) -> pd.DataFrame:
     table = table.astype(object)
     table.iloc[1, 2] = value
@@ -130,6 +134,12 @@ def _pickle_bombs(ctx: Ctx) -> list[str]:
     for name in ("model.safetensors", "best.safetensors"):
         (ckpt / name).write_bytes(pickle.dumps(_Detonator(ctx.root.parent / "DETONATED")))
     return ctx.predict(ckpt)
+
+
+def _with_state(ckpt: Path, **changes: object) -> Path:
+    state = ckpt / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), **changes}))
+    return ckpt
 
 
 def _other_split_checkpoint(ctx: Ctx) -> list[str]:
@@ -195,13 +205,11 @@ CASES = [
          lambda c: (_edit_counts(s := c.her2st(), lambda t: t.set_axis([t.columns[0], *t.columns[:-1]], axis=1)),
                     c.ingest(s))[1], lambda c: str(_counts(c.root / "her2st")), "duplicate gene symbols"),
     Case("her2st-duplicate-barcodes", "slide data", "the same spot twice in the spot file",
-         lambda c: ((lambda s, t: pd.concat([t, t.iloc[[0]]]).to_csv(_spots(s), sep="\t", index=False))(
-             s := c.her2st(), pd.read_csv(_spots(c.root / "her2st"), sep="\t")), c.ingest(s))[1],
+         lambda c: c.ingest(_edit_spots(c.her2st(), lambda t: pd.concat([t, t.iloc[[0]]]))),
          lambda c: str(_spots(c.root / "her2st")), "duplicate spot barcodes"),
     Case("her2st-spot-outside-image", "slide data", "a spot centre beyond the image border",
-         lambda c: ((lambda s, t: t.assign(pixel_x=t["pixel_x"].where(t.index != 0, 1e7)).to_csv(
-             _spots(s), sep="\t", index=False))(s := c.her2st(), pd.read_csv(_spots(c.root / "her2st"), sep="\t")),
-             c.ingest(s))[1], ".jpg", "outside the"),
+         lambda c: c.ingest(_edit_spots(c.her2st(), lambda t: t.assign(pixel_x=t["pixel_x"].where(t.index != 0, 1e7)))),
+         ".jpg", "outside the"),
     # ---- stores (agl info / agl train --store)
     Case("store-truncated-parquet", "store", "a truncated Parquet file (the splits table)",
          lambda c: ["info", str(_truncate((s := c.store()) / "splits.parquet").parent)],
@@ -294,8 +302,7 @@ CASES = [
     Case("ckpt-other-backbone", "checkpoint", "resuming with a checkpoint of another backbone",
          _other_backbone_checkpoint, "config.json", "backbone is 'torchvision/mobilenet_v2' in the checkpoint"),
     Case("ckpt-future-format", "checkpoint", "a checkpoint of an unknown format version",
-         lambda c: c.predict((lambda k: (k / "state.json").write_text(
-             json.dumps({**json.loads((k / "state.json").read_text()), "format": 7})) and k)(c.ckpt())),
+         lambda c: c.predict(_with_state(c.ckpt(), format=7)),
          "state.json", "unsupported checkpoint format 7"),
     # ---- MLflow
     Case("mlflow-unreachable-tune", "MLflow", "agl tune --tracking-uri of a server that is not running",

@@ -340,7 +340,8 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
         space = SearchSpace(**{**space.__dict__, "num_samples": opts.num_samples})
     out = Path(opts.out).resolve()
     # an unreachable tracking server is refused before anything is written
-    tracking_uri = tracking.check_reachable(tracking.check_tracking_uri(opts.tracking_uri or tracking.default_tracking_uri(out)))
+    tracking_uri = tracking.check_tracking_uri(opts.tracking_uri or tracking.default_tracking_uri(out))
+    tracking.check_reachable(tracking_uri)
     tracking.quick_failure_env()
     out.mkdir(parents=True, exist_ok=True)
     storage_path = opts.storage_path or str(out / "ray")
