@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from agl.checkpoint import load_checkpoint
+from agl.cli import main
 from agl.distributed import tracking
 from agl.distributed.sync import PENDING_FILE
 from agl.errors import CheckpointError
@@ -132,8 +133,6 @@ def _trial_runs(uri: str) -> list:
                                  "server is back, `agl tune-sync` sends every trial's epochs, gene set and checkpoint "
                                  "and registers the champion; nothing lost")
 def test_mlflow_stopped_mid_sweep_loses_nothing(demo_store, tmp_path) -> None:
-    from agl.cli import main
-
     server = MlflowServer(tmp_path / "mlflow").start()
     out = tmp_path / "sweep"
     proc = subprocess.Popen(_sweep_cmd(out, demo_store, 4, "--tracking-uri", server.url), env=ENV,
@@ -154,6 +153,14 @@ def test_mlflow_stopped_mid_sweep_loses_nothing(demo_store, tmp_path) -> None:
     assert len(table) == 4 and set(table["status"]) == {"finished"}
 
     server.start()  # same port, same database: the server is back
+    try:
+        _check_synced(server, out, table)
+    finally:
+        server.stop()
+
+
+def _check_synced(server: MlflowServer, out: Path, table: pd.DataFrame) -> None:
+    """After `agl tune-sync`: every trial's run, epochs, artifacts and the champion are in MLflow."""
     assert main(["tune-sync", "--out", str(out)]) == 0
     assert not (out / PENDING_FILE).exists()
     runs = _trial_runs(server.url)
@@ -170,7 +177,6 @@ def test_mlflow_stopped_mid_sweep_loses_nothing(demo_store, tmp_path) -> None:
     assert set(pd.read_csv(out / "trials.csv")["mlflow_run_id"]) == {r.info.run_id for r in runs}
     # a second sync finds nothing to send
     assert main(["tune-sync", "--out", str(out)]) == 0 and len(_trial_runs(server.url)) == 4
-    server.stop()
 
 
 @pytest.mark.reliability(kind="fault", case="the sweep driver and its local Ray are SIGKILLed mid-sweep",
