@@ -327,7 +327,6 @@ def _versions() -> dict[str, str]:
             found[name] = version(name)
         except PackageNotFoundError:
             pass
-    import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
     import psutil
 
     found["psutil"] = psutil.__version__
@@ -347,8 +346,8 @@ def bench_load(store: str | None = "demo", out: str | Path = "results", trials: 
     """
     import shutil
 
+    import psutil
     import ray
-    import psutil  # Ray vendors psutil (ray/thirdparty_files, on sys.path once ray is imported)
 
     from agl.distributed.runtime import init_ray, resolve_store
     from agl.distributed.spaces import load_space

@@ -216,7 +216,7 @@ def sync_sweep(out: str | Path, tracking_uri: str | None = None) -> SyncReport:
     from ray.tune import ExperimentAnalysis, ResultGrid
 
     from agl.distributed.spaces import SearchSpace, load_space
-    from agl.distributed.tune import SWEEP_JSON
+    from agl.distributed.tune import SWEEP_JSON, _join, sweep_complete
 
     out = Path(out).resolve()
     state_file = out / SWEEP_JSON
@@ -228,14 +228,14 @@ def sync_sweep(out: str | Path, tracking_uri: str | None = None) -> SyncReport:
     space = load_space(options.get("space", "default"))
     if options.get("num_samples"):
         space = SearchSpace(**{**space.__dict__, "num_samples": int(options["num_samples"])})
-    exp_path = f"{state['storage_path'].rstrip('/')}/{state['name']}"
+    exp_path = _join(state["storage_path"], state["name"])
     try:
         grid = ResultGrid(ExperimentAnalysis(exp_path, default_metric=space.metric, default_mode=space.mode))
     except Exception as err:  # Tune's own errors for a missing or damaged experiment folder
         raise ConfigError(exp_path, f"cannot read the sweep's Tune results: {err}") from None
-    complete = grid.num_terminated + grid.num_errors >= space.num_samples  # as run_sweep decides it
     _, _, report, problem = finish_tracking(grid, space, out, uri, state["experiment_id"], state["parent_run_id"],
-                                                     complete, options.get("model_name", tracking.DEFAULT_MODEL_NAME))
+                                            sweep_complete(grid, space),
+                                            options.get("model_name", tracking.DEFAULT_MODEL_NAME))
     if problem is not None:
         raise tracking.TrackingUnavailable(uri, f"MLflow failed during the sync ({type(problem).__name__}: "
                                                 f"{str(problem)[:300]}); nothing is lost, run it again")

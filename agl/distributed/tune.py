@@ -174,13 +174,14 @@ class MlflowSweepCallback(_callback_base()):
         self.space = space
         self.out = None if out is None else str(out)
         self.runs: dict[str, str] = {}
+        self._looked_up = False            # child runs of a restored sweep read from MLflow once
         self.offline: str | None = None    # why MLflow was given up on, while it is
         self._offline_at = 0.0
         self._warned = False
         self._client = None
 
     def __getstate__(self) -> dict[str, Any]:  # MLflow clients hold sessions; rebuild after unpickling
-        return {**self.__dict__, "_client": None, "offline": None, "_warned": False}
+        return {**self.__dict__, "_client": None, "offline": None, "_warned": False, "_looked_up": False}
 
     @property
     def client(self) -> Any:
@@ -215,15 +216,16 @@ class MlflowSweepCallback(_callback_base()):
 
     def run_id(self, trial: Any) -> str:
         """The child run of a trial: known, found by its trial_id tag (a restored sweep), or created."""
+        if trial.trial_id not in self.runs and not self._looked_up:
+            # runs created after the last experiment snapshot (driver killed) are not in the saved state
+            self.runs = {**tracking.child_runs(self.tracking_uri, self.experiment_id, self.parent_run_id), **self.runs}
+            self._looked_up = True
         if trial.trial_id not in self.runs:
-            found = tracking.child_runs(self.tracking_uri, self.experiment_id, self.parent_run_id).get(trial.trial_id)
-            if found is None:
-                run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.trial_id}", tags={
-                    "mlflow.parentRunId": self.parent_run_id, "agl.kind": "trial", "trial_id": trial.trial_id,
-                })
-                found = run.info.run_id
-                self.client.log_batch(found, params=tracking._params(trial_config(self.space, trial.config)))
-            self.runs[trial.trial_id] = found
+            run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.trial_id}", tags={
+                "mlflow.parentRunId": self.parent_run_id, "agl.kind": "trial", "trial_id": trial.trial_id,
+            })
+            self.runs[trial.trial_id] = run.info.run_id
+            self.client.log_batch(run.info.run_id, params=tracking._params(trial_config(self.space, trial.config)))
         return self.runs[trial.trial_id]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -390,7 +392,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     grid = tuner.fit()
     wall = time.perf_counter() - started
     # interrupted (Ctrl-C / SIGINT): Tune saved its state; keep the parent run open for --resume
-    complete = grid.num_terminated + grid.num_errors >= space.num_samples
+    complete = sweep_complete(grid, space)
     table, best, sent, _ = finish_tracking(grid, space, out, tracking_uri, experiment_id, parent_run_id,
                                            complete, opts.model_name)
     champion = sent.champion
@@ -405,6 +407,11 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                         parent_run_id=parent_run_id, paths={"table_csv": str(out / TABLE_CSV),
                                                             "table_png": str(out / TABLE_PNG)},
                         complete=complete, tracking_pending=(out / PENDING_FILE).is_file())
+
+
+def sweep_complete(grid: Any, space: SearchSpace) -> bool:
+    """Every trial of the sweep ended (finished, stopped early or errored); False after an interrupt."""
+    return grid.num_terminated + grid.num_errors >= space.num_samples
 
 
 def _join(storage_path: str, name: str) -> str:
