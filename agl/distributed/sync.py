@@ -59,6 +59,14 @@ def _flag(value: Any) -> bool:
     return isinstance(value, (bool, np.bool_)) and bool(value)
 
 
+def final_checkpoint(last: Mapping[str, Any], tune_checkpoint: Any) -> Any:
+    """A finished trial's run folder: Tune's checkpoint, or the Train checkpoint a nested
+    TorchTrainer reported (TuneReportCallback puts its path in the result)."""
+    from ray.tune import Checkpoint
+
+    return Checkpoint(last["checkpoint_path"]) if last.get("checkpoint_path") else tune_checkpoint
+
+
 @dataclass
 class TrialView:
     """One trial as the local results record it (from a Tune ``Result``)."""
@@ -72,16 +80,13 @@ class TrialView:
 
     @classmethod
     def from_result(cls, result: Any) -> "TrialView":
-        from ray.tune import Checkpoint
-
         metrics = dict(result.metrics or {})
         frame = result.metrics_dataframe
         rows = [] if frame is None else [
             {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
             for row in frame.to_dict("records") if not _flag(row.get("final"))]
         final = bool(metrics.get("final"))
-        # a nested TorchTrainer trial reports its Train checkpoint's path instead of a Tune checkpoint
-        checkpoint = Checkpoint(metrics["checkpoint_path"]) if metrics.get("checkpoint_path") else result.checkpoint
+        checkpoint = final_checkpoint(metrics, result.checkpoint)
         trial_id = metrics.get("trial_id") or (Path(result.path).name if result.path else "")
         return cls(trial_id=str(trial_id), config=dict(result.config or {}), rows=rows, final=final,
                    failed=result.error is not None, checkpoint=checkpoint if final else None)
@@ -244,5 +249,5 @@ def sync_sweep(out: str | Path, tracking_uri: str | None = None) -> SyncReport:
     return report
 
 
-__all__ = ["PENDING_FILE", "SyncReport", "TrialView", "finish_parent", "mark_pending", "read_pending",
+__all__ = ["PENDING_FILE", "SyncReport", "TrialView", "final_checkpoint", "finish_parent", "mark_pending", "read_pending",
            "reconcile", "sync_command", "sync_sweep"]

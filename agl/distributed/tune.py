@@ -31,7 +31,8 @@ import pandas as pd
 
 from agl.distributed import tracking
 from agl.distributed.spaces import SearchSpace, load_space
-from agl.distributed.sync import EPOCH_KEYS, PENDING_FILE, finish_tracking, mark_pending, sync_command
+from agl.distributed.sync import (EPOCH_KEYS, PENDING_FILE, final_checkpoint, finish_tracking, mark_pending,
+                                 sync_command)
 from agl.errors import ConfigError
 from agl.fileio import atomic_savefig, atomic_write_json, atomic_write_text
 
@@ -249,22 +250,13 @@ class MlflowSweepCallback(_callback_base()):
         run_id = self.run_id(trial)
         last = trial.last_result or {}
         finished = bool(last.get("final"))
-        checkpoint = _final_checkpoint(trial, last) if finished else None
+        checkpoint = final_checkpoint(last, trial.checkpoint) if finished else None
         if checkpoint is not None:
             with checkpoint.as_directory() as local:
                 tracking.log_run_folder(self.client, run_id, local)
         elif not failed:
             self.client.set_tag(run_id, "agl.stopped_by", "scheduler")
         self.client.set_terminated(run_id, "FAILED" if failed else ("FINISHED" if finished else "KILLED"))
-
-
-def _final_checkpoint(trial: Any, last: Mapping[str, Any]) -> Any:
-    """A trial's final checkpoint: Tune's own, or the one its nested TorchTrainer reported."""
-    from ray.tune import Checkpoint
-
-    if last.get("checkpoint_path"):  # TuneReportCallback puts the Train checkpoint path here
-        return Checkpoint(last["checkpoint_path"])
-    return trial.checkpoint
 
 
 # --------------------------------------------------------------------------- the sweep
