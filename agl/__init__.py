@@ -4,9 +4,10 @@ Sub-packages, each usable on its own:
 
 - ``agl.data``: readers of real slide formats, patches, preprocessing, the Arrow store, loaders
 - ``agl.datasets``: the bundled her2st demo (``her2st_demo()``, ``her2st_demo_store()``)
-- ``agl.models``, ``agl.selection``, ``agl.bilevel``, ``agl.train``: the method and its one loop
-- ``agl.evaluate``, ``agl.predict``: protocols, tables and figures; predictions for new slides
+- ``agl.models``, ``agl.selection``, ``agl.training``: the method, its hypergradients and its one loop
+- ``agl.evaluation``, ``agl.predict``: protocols, tables and figures; predictions for new slides
 - ``agl.distributed``: Ray Train, Ray Tune + Optuna and MLflow
+- ``agl.bench``: benchmarks (``agl bench ...``)
 
 Heavy dependencies (torch, Ray, MLflow) load only with the sub-package that needs them.
 """

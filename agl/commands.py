@@ -54,7 +54,7 @@ def read_config_file(path: str | None) -> dict[str, Any]:
 
 def parse_sets(items: Sequence[str] | None) -> dict[str, Any]:
     """``--set key=value`` pairs (values read as YAML scalars/lists)."""
-    from agl.evaluate import parse_value
+    from agl.evaluation.protocol import parse_value
 
     out: dict[str, Any] = {}
     for item in items or []:
@@ -67,7 +67,7 @@ def parse_sets(items: Sequence[str] | None) -> dict[str, Any]:
 
 def base_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Config file settings overridden by ``--set``; validated against TrainConfig."""
-    from agl.train import TrainConfig
+    from agl.training.loop import TrainConfig
 
     values = {**read_config_file(args.config), **parse_sets(args.set)}
     TrainConfig.from_dict(values, source=args.config or "--set")  # fail fast, naming the key
@@ -85,7 +85,7 @@ def _int_list(text: str, name: str) -> list[int]:
 def write_run_outputs(out: Path, result: Any, data: Any, split: str, label: str) -> dict[str, Any]:
     """result.json, selected_genes.csv, k_trajectory.png and per_gene_pcc.png of one run."""
     from agl import plotting
-    from agl.evaluate import result_record
+    from agl.evaluation.protocol import result_record
     from agl.fileio import atomic_write_json, atomic_write_text
 
     record = result_record(result, split, label, data.genes, data.n_primary)
@@ -109,9 +109,9 @@ def write_run_outputs(out: Path, result: Any, data: Any, split: str, label: str)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from agl.bundle import make_bundle
-    from agl.evaluate import parse_method
-    from agl.train import TrainConfig, fit
+    from agl.training.bundles import make_bundle
+    from agl.evaluation.protocol import parse_method
+    from agl.training.loop import TrainConfig, fit
 
     out = Path(args.out)
     if (out / "result.json").exists() and not args.overwrite and not args.resume:
@@ -138,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- agl evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from agl.evaluate import evaluate, results_markdown, split_methods
+    from agl.evaluation.protocol import evaluate, results_markdown, split_methods
 
     seeds = _int_list(args.seeds, "--seeds")
     folds = _int_list(args.folds, "--folds") if args.folds else None
@@ -153,7 +153,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- agl bench core
 def cmd_bench_core(args: argparse.Namespace) -> int:
-    from agl.bench_core import run_bench_core
+    from agl.bench.core import run_bench_core
 
     report = run_bench_core(store=open_store_arg(args.store), out=Path(args.out), repeats=args.repeats,
                             patch_px=args.patch_px)

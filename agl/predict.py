@@ -122,7 +122,7 @@ def run_model(model: Any, cfg: Any, patches: np.ndarray, batch_size: int, device
 
     from agl.models import create_backbone
     from agl.models.features import to_model_input
-    from agl.train import resolve_device
+    from agl.training.loop import resolve_device
 
     dev = resolve_device(device)
     model = model.to(dev).eval()
@@ -200,7 +200,7 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
     """Predict, then write ``OUT/predictions.h5ad`` and ``OUT/maps/*.png`` atomically; return a summary."""
     import anndata as ad
 
-    from agl.checkpoint import load_model
+    from agl.training.checkpoint import load_model
     from agl.data.patches import extract_patches
     from agl.data.readers import read_slides
 

@@ -324,8 +324,8 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 @pytest.fixture(scope="module")
 def checkpoint(demo_store, tmp_path_factory) -> Path:
     """A real one-epoch DkGSB checkpoint on the demo store (cheap colour features, trunk [16])."""
-    from agl.bundle import make_bundle
-    from agl.train import fit
+    from agl.training.bundles import make_bundle
+    from agl.training.loop import fit
 
     mp = pytest.MonkeyPatch()
     use_cheap_features(mp)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agl.distributed.bench import BENCH_LOAD_JSON, BENCH_LOAD_PNG, bench_load
+from agl.bench.sweep import BENCH_LOAD_JSON, BENCH_LOAD_PNG, bench_load
 
 
 @pytest.mark.reliability(

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from agl.bilevel import FunctionalAdam, allreduce_gradients, hypergradient
-from agl.losses import pearson_loss
+from agl.training.bilevel import FunctionalAdam, allreduce_gradients, hypergradient
+from agl.training.losses import pearson_loss
 from agl.models import Estimator
 from agl.selection import create_gate
 

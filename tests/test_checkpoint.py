@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from agl.bundle import make_bundle
-from agl.checkpoint import check_compatible, load_checkpoint, load_model, restore
+from agl.training.bundles import make_bundle
+from agl.training.checkpoint import check_compatible, load_checkpoint, load_model, restore
 from agl.errors import CheckpointError
-from agl.train import _Trainer, fit
+from agl.training.loop import _Trainer, fit
 from trainkit import first_split, small_config, use_cheap_features
 
 

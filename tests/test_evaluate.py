@@ -10,7 +10,7 @@ from scipy.stats import wilcoxon
 
 from agl.data.store import open_store
 from agl.errors import ConfigError
-from agl.evaluate import (build_grid, evaluate, parse_method, protocol_splits, split_methods, summary_table,
+from agl.evaluation.protocol import (build_grid, evaluate, parse_method, protocol_splits, split_methods, summary_table,
                           wilcoxon_table)
 from trainkit import use_cheap_features
 
@@ -43,7 +43,7 @@ def test_protocol_splits_and_bad_options(demo_store):
 
 def test_tiny_grid_writes_table_wilcoxon_plots_and_resumes(demo_store, tmp_path, monkeypatch, caplog):
     use_cheap_features(monkeypatch)
-    monkeypatch.setattr("agl.evaluate.prepare_inputs", lambda store, specs: None)  # no CNN cache in tests
+    monkeypatch.setattr("agl.evaluation.protocol.prepare_inputs", lambda store, specs: None)  # no CNN cache in tests
     store = open_store(demo_store)
     methods = ["pgl", "topk:k=200", "dkgsb"]
     summary = evaluate(store, "kfold", [0, 1], methods, tmp_path, base=BASE, jobs=1, folds=[0])
@@ -72,7 +72,7 @@ def test_tiny_grid_writes_table_wilcoxon_plots_and_resumes(demo_store, tmp_path,
 
     # rerun: everything is found finished, nothing retrains
     mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/**/result.json")}
-    caplog.set_level("INFO", logger="agl.evaluate")
+    caplog.set_level("INFO", logger="agl.evaluation.protocol")
     again = evaluate(store, "kfold", [0, 1], methods, tmp_path, base=BASE, jobs=1, folds=[0])
     assert len(again["records"]) == 6 and "6 already finished" in caplog.text
     assert mtimes == {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/**/result.json")}

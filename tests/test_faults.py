@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from agl.checkpoint import load_checkpoint
+from agl.training.checkpoint import load_checkpoint
 from agl.cli import main
 from agl.distributed import tracking
 from agl.distributed.sync import PENDING_FILE
@@ -69,8 +69,8 @@ class _SmallDisk:
                          outcome="CheckpointError names the folder and 'No space left'; the epoch-1 checkpoint is "
                                  "intact, no temporary folder is left, and training resumes from it once space is freed")
 def test_full_disk_during_checkpointing_keeps_the_previous_checkpoint(demo_store, tmp_path, monkeypatch) -> None:
-    from agl.bundle import make_bundle
-    from agl.train import fit
+    from agl.training.bundles import make_bundle
+    from agl.training.loop import fit
 
     use_cheap_features(monkeypatch)
     cfg = small_config(epochs=3)

@@ -7,8 +7,8 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 from agl.errors import ConfigError, DataError
-from agl.losses import LOSSES, get_loss, mse_loss, pearson_loss
-from agl.metrics import evaluate_predictions
+from agl.training.losses import LOSSES, get_loss, mse_loss, pearson_loss
+from agl.evaluation.metrics import evaluate_predictions
 
 
 def test_pearson_loss_matches_scipy() -> None:

@@ -18,8 +18,8 @@ SECTION = "C5"
 @pytest.fixture(scope="module")
 def trained(demo_store: Path, tmp_path_factory) -> Path:
     """A short real run on the demo store, finalised like a sweep trial (checkpoint + artifacts)."""
-    from agl.bundle import make_bundle
-    from agl.train import TrainConfig, fit
+    from agl.training.bundles import make_bundle
+    from agl.training.loop import TrainConfig, fit
 
     root = tmp_path_factory.mktemp("trained")
     cfg = TrainConfig.from_dict({"method": "topk", "k": 32, "epochs": 3, "trunk": [64]})
@@ -79,7 +79,7 @@ def test_no_silent_overwrite_and_atomic(trained: Path, her2st_dir: Path, tmp_pat
 def test_predict_pulls_the_champion(trained: Path, her2st_dir: Path, tmp_path: Path) -> None:
     import json
 
-    from agl.train import TrainConfig
+    from agl.training.loop import TrainConfig
 
     uri = tracking.default_tracking_uri(tmp_path)
     history = json.loads((trained / "result.json").read_text())["history"]

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from agl.checkpoint import load_model
+from agl.training.checkpoint import load_model
 from agl.distributed.train import build_trainer, run_train
 from agl.errors import ConfigError
-from agl.train import TrainConfig
+from agl.training.loop import TrainConfig
 
 SPLIT = "kfold-s0-f0"
 

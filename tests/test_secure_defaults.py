@@ -247,8 +247,8 @@ def live_payloads(marker: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def checkpoint(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real checkpoint: one epoch on the demo store with cheap real features (see trainkit)."""
-    from agl.bundle import make_bundle
-    from agl.train import fit
+    from agl.training.bundles import make_bundle
+    from agl.training.loop import fit
     from trainkit import first_split, small_config, use_cheap_features
 
     mp = pytest.MonkeyPatch()
@@ -264,7 +264,7 @@ def checkpoint(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.mark.reliability(kind="secure default", case="code-running pickle as model.safetensors or best.safetensors",
                          outcome="load_checkpoint raises CheckpointError naming the file; the code never runs")
 def test_checkpoint_pickle_never_runs(checkpoint: Path, tmp_path: Path) -> None:
-    from agl.checkpoint import load_checkpoint
+    from agl.training.checkpoint import load_checkpoint
 
     load_checkpoint(checkpoint)  # the untouched checkpoint loads
     marker = tmp_path / "pickle-ran"

@@ -8,7 +8,7 @@ import yaml
 
 from agl.distributed.spaces import SPACES_DIR, SearchSpace, load_space, parse_space
 from agl.errors import ConfigError
-from agl.train import TrainConfig
+from agl.training.loop import TrainConfig
 
 BUNDLED = sorted(SPACES_DIR.glob("*.yaml"))
 

@@ -33,8 +33,8 @@ def test_file_store_is_refused(tmp_path: Path) -> None:
 
 
 def test_run_artifacts_of_a_real_fit(demo_store: Path, tmp_path: Path) -> None:
-    from agl.bundle import make_bundle
-    from agl.train import TrainConfig, fit
+    from agl.training.bundles import make_bundle
+    from agl.training.loop import TrainConfig, fit
 
     cfg = TrainConfig.from_dict({"method": "topk", "k": 40, "epochs": 2, "trunk": [32]})
     data = make_bundle(demo_store, SPLIT, cfg)
@@ -50,7 +50,7 @@ def test_run_artifacts_of_a_real_fit(demo_store: Path, tmp_path: Path) -> None:
     assert (tmp_path / "final" / tracking.K_PLOT).read_bytes()[:4] == b"\x89PNG"
     assert {"test_pcc", "test_scc", "test_mse", "best_val_pcc"} <= set(summary["metrics"])
     # the folder is still a loadable checkpoint
-    from agl.checkpoint import load_model
+    from agl.training.checkpoint import load_model
 
     model, gate, cfg2, genes = load_model(tmp_path / "final")
     assert cfg2.k == 40 and gate.k() == 40

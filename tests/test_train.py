@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from agl.bundle import make_bundle
+from agl.training.bundles import make_bundle
 from agl.errors import ConfigError
-from agl.train import SCHEDULES, TrainConfig, fit, warmup_epochs
+from agl.training.loop import SCHEDULES, TrainConfig, fit, warmup_epochs
 from trainkit import first_split, small_config, use_cheap_features
 
 
@@ -131,7 +131,7 @@ def test_resume_after_the_last_epoch_still_yields_a_checkpoint(bundle_of, tmp_pa
     done = fit(cfg, bundle_of(cfg), out_dir=tmp_path / "first")
     resumed = fit(cfg, bundle_of(cfg), resume_from=tmp_path / "first" / "checkpoint", out_dir=tmp_path / "again")
     assert resumed.history == done.history and resumed.test["pcc"] == done.test["pcc"]
-    from agl.checkpoint import load_checkpoint
+    from agl.training.checkpoint import load_checkpoint
 
     assert load_checkpoint(resumed.checkpoint_dir).state["next_epoch"] == 2
 
@@ -148,8 +148,8 @@ def test_early_stopping_and_best_model_selection(bundle_of, tmp_path):
     assert all(c is not None for c in rec.checkpoints)
     assert set(rec.rows[0]) == {"epoch", "train_loss", "val_loss", "val_pcc", "best_val_pcc", "k", "t", "tau", "epoch_time_s"}
     # the returned model is the best epoch's: its validation PCC is the best one
-    from agl.checkpoint import load_model
-    from agl.metrics import evaluate_predictions
+    from agl.training.checkpoint import load_model
+    from agl.evaluation.metrics import evaluate_predictions
     model, _, _, genes = load_model(tmp_path / "checkpoint")
     data = bundle_of(cfg)
     x, y, slides = data.eval_arrays("val")

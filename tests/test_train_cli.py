@@ -16,7 +16,7 @@ FAST = ["--set", "epochs=2", "--set", "trunk=[16]", "--set", "device=cpu", "--se
 @pytest.fixture
 def cheap(monkeypatch):
     use_cheap_features(monkeypatch)
-    monkeypatch.setattr("agl.evaluate.prepare_inputs", lambda store, specs: None)
+    monkeypatch.setattr("agl.evaluation.protocol.prepare_inputs", lambda store, specs: None)
 
 
 def test_train_writes_outputs_and_refuses_overwrite(demo_store, tmp_path, cheap, capsys):

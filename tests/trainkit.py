@@ -38,14 +38,14 @@ def pooled_features(store: Any) -> np.ndarray:
 
 def use_cheap_features(monkeypatch: Any) -> None:
     """Make features mode read ``pooled_features`` instead of a CNN feature cache."""
-    from agl import bundle
+    from agl.training import bundles as bundle
 
     monkeypatch.setitem(bundle.INPUTS, "features", lambda store, cfg: bundle.FeatureInputs(pooled_features(store)))
 
 
 def small_config(**changes: Any) -> Any:
     """A fast TrainConfig for the demo store (small trunk, few epochs, CPU)."""
-    from agl.train import TrainConfig
+    from agl.training.loop import TrainConfig
 
     base = dict(method="dkgsb", epochs=3, patience=10, batch_size=128, bilevel_batch_size=128, trunk=[16],
                 dropout=0.1, lr=3e-3, outer_lr=3e-2, device="cpu", weights=None, seed=0)

@@ -133,7 +133,7 @@ def describe(store: Any, split: str | None = None) -> str:
 
 
 def cmd_bench_data(args: argparse.Namespace) -> int:
-    from agl.data.bench import bench_data
+    from agl.bench.data import bench_data
 
     bench_data(store_path=args.store, out_dir=args.out, batch_size=args.batch_size, n_batches=args.batches)
     return 0

@@ -1,6 +1,6 @@
 """Cluster-scale training and search: Ray Train, Ray Tune + Optuna, MLflow tracking.
 
-- :mod:`agl.distributed.train`: ``train_func`` / ``run_train`` (TorchTrainer running ``agl.train.fit``)
+- :mod:`agl.distributed.train`: ``train_func`` / ``run_train`` (TorchTrainer running ``agl.training.loop.fit``)
 - :mod:`agl.distributed.tune`: ``run_sweep`` (Tune + OptunaSearch, ASHA or in-loop early stopping)
 - :mod:`agl.distributed.spaces`: search-space YAML files (``search_spaces/``)
 - :mod:`agl.distributed.tracking`: MLflow parent/child runs, artifacts, the ``champion`` alias

@@ -131,7 +131,7 @@ def cmd_train_ray(args: argparse.Namespace) -> int:
     from agl.distributed import tracking
     from agl.distributed.runtime import init_ray, resolve_store
     from agl.distributed.train import run_train
-    from agl.train import TrainConfig
+    from agl.training.loop import TrainConfig
 
     cfg = TrainConfig.from_dict({**read_config_file(args.config), **parse_sets(args.set)},
                                 source=args.config or "--set")
@@ -211,7 +211,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench_ray(args: argparse.Namespace) -> int:
-    from agl.distributed.bench import bench_ray
+    from agl.bench.sweep import bench_ray
 
     report = bench_ray(store=args.store, out=args.out, trials=args.trials, epochs=args.epochs, num_cpus=args.num_cpus)
     print(json.dumps(report, indent=1))
@@ -234,7 +234,7 @@ def add_bench_load_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench_load(args: argparse.Namespace) -> int:
-    from agl.distributed.bench import bench_load
+    from agl.bench.sweep import bench_load
 
     report = bench_load(store=args.store, out=args.out, trials=args.trials, epochs=args.epochs,
                         num_cpus=args.num_cpus, space=args.space, interval_s=args.interval,

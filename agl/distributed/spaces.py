@@ -1,10 +1,10 @@
-"""Search spaces for the gene-subset sweep: YAML files in ``search_spaces/``.
+"""Search spaces for the gene-subset sweep: YAML files in ``agl/search_spaces/``.
 
 A space file names the training settings to search (``params``), the ones to hold
 fixed (``fixed``), the data split, the metric and the scheduler::
 
     split: kfold-s0-f0
-    metric: val_pcc            # reported by agl.train.fit every epoch
+    metric: val_pcc            # reported by agl.training.loop.fit every epoch
     mode: max
     num_samples: 8
     scheduler: {name: asha, grace_period: 2, reduction_factor: 2}
@@ -17,7 +17,7 @@ fixed (``fixed``), the data split, the metric and the scheduler::
 
 Distributions follow Optuna's ``suggest_*`` vocabulary (``float``, ``int``,
 ``categorical``, with ``log`` and ``step``), so an Optuna user reads them as is.
-Every key must be a :class:`agl.train.TrainConfig` field (or a derived key such as
+Every key must be a :class:`agl.training.loop.TrainConfig` field (or a derived key such as
 ``trunk_width``), and every value a space can produce is checked against
 ``TrainConfig`` when the file is loaded, so a bad space fails before any trial runs.
 """
@@ -34,7 +34,7 @@ import yaml
 
 from agl.errors import AGLError, ConfigError
 
-SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"  # shipped in the wheel
 TOP_KEYS = {"description", "split", "metric", "mode", "num_samples", "scheduler", "fixed", "params", "resources", "seed",
             "start_with"}
 DIST_KEYS = {
@@ -139,7 +139,7 @@ def _plain(value: Any) -> Any:
 
 
 def resolve_space_path(name_or_path: str | Path) -> Path:
-    """A path as given, or a bundled space by name (``tiny`` -> search_spaces/tiny.yaml)."""
+    """A path as given, or a bundled space by name (``tiny`` -> agl/search_spaces/tiny.yaml)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return path
@@ -250,7 +250,7 @@ def _parse_start_with(err: "_Errors", raw: Any, params: Mapping[str, Distributio
 def _default_value(key: str, dist: Distribution) -> Any:
     """A pinned trial's value for a key it leaves open (Ray's OptunaSearch needs complete points):
     TrainConfig's default when the distribution allows it, else the distribution's centre."""
-    from agl.train import TrainConfig
+    from agl.training.loop import TrainConfig
 
     target = DERIVED[key][0] if key in DERIVED else key
     default = getattr(TrainConfig(), target, None)
@@ -350,7 +350,7 @@ def _parse_scheduler(err: _Errors, spec: Any) -> dict[str, Any]:
 
 def _train_fields() -> dict[str, Any]:
     """TrainConfig field name -> type hint."""
-    from agl.train import TrainConfig
+    from agl.training.loop import TrainConfig
 
     return typing.get_type_hints(TrainConfig)
 
@@ -379,7 +379,7 @@ def _check_type(err: _Errors, where: str, key: str, value: Any, fields: dict[str
 
 def _check_config(err: _Errors, where: str, values: dict[str, Any]) -> None:
     """Build a TrainConfig (and run its own validation) so its rejections surface at load time."""
-    from agl.train import TrainConfig
+    from agl.training.loop import TrainConfig
 
     try:
         cfg = TrainConfig(**values)

@@ -1,4 +1,4 @@
-"""Ray Train: the core ``agl.train.fit`` loop in every worker of a ``TorchTrainer``.
+"""Ray Train: the core ``agl.training.loop.fit`` loop in every worker of a ``TorchTrainer``.
 
 ``train_func`` runs ``fit`` unchanged. Ray Train has already set up torch.distributed
 (gloo on CPU, NCCL on GPU), so ``fit`` all-reduces the model gradients and, by hand, the
@@ -42,7 +42,7 @@ SHUFFLE_BUFFER = 512
 
 
 class RayReporter:
-    """``agl.train.Reporter`` for a Train worker: every rank reports; only rank 0 has a checkpoint."""
+    """``agl.training.loop.Reporter`` for a Train worker: every rank reports; only rank 0 has a checkpoint."""
 
     def __init__(self, extra: Mapping[str, Any] | None = None):
         self.extra = dict(extra or {})
@@ -72,7 +72,7 @@ class ShardBundle:
     def train_batches(self, batch_size: int, epoch: int) -> Iterator[tuple[Any, Any]]:
         import torch
 
-        from agl.bundle import N_VIEWS
+        from agl.training.bundles import N_VIEWS
 
         rng = np.random.default_rng([self.base.seed, epoch, 2, self.rank])
         # Ray Train splits with equal=True: equal shard lengths give every rank the same number of
@@ -103,9 +103,9 @@ def train_func(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from agl.bundle import make_bundle
+    from agl.training.bundles import make_bundle
     from agl.distributed import tracking
-    from agl.train import TrainConfig, fit
+    from agl.training.loop import TrainConfig, fit
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

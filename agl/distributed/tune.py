@@ -2,7 +2,7 @@
 
 Two ways to run a trial, chosen so that scheduling cannot deadlock:
 
-- ``trainer="function"`` (default): each trial calls :func:`agl.train.fit` in its own
+- ``trainer="function"`` (default): each trial calls :func:`agl.training.loop.fit` in its own
   process (1 CPU, or 1 GPU); ASHA may stop trials early on ``val_pcc``.
 - ``trainer="train"``: each trial runs a nested Ray Train ``TorchTrainer`` (data
   parallel over several workers/GPUs). A stopped trial's nested placement group can stay
@@ -86,7 +86,7 @@ class SweepSummary:
 
 # --------------------------------------------------------------------------- trial bodies
 class TuneReporter:
-    """``agl.train.Reporter`` for a function trial: every epoch to Tune, with fit's checkpoint."""
+    """``agl.training.loop.Reporter`` for a function trial: every epoch to Tune, with fit's checkpoint."""
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
         from ray import tune
@@ -97,7 +97,7 @@ class TuneReporter:
 
 def trial_config(space: SearchSpace, sampled: Mapping[str, Any]) -> dict[str, Any]:
     """The validated TrainConfig values of one trial (used by the trial and for MLflow params)."""
-    from agl.train import TrainConfig
+    from agl.training.loop import TrainConfig
 
     return TrainConfig.from_dict(space.train_config(sampled), source=space.source).to_dict()
 
@@ -107,8 +107,8 @@ def agl_trial(config: dict[str, Any], *, space: SearchSpace, store_path: str, th
     import torch
     from ray import tune
 
-    from agl.bundle import make_bundle
-    from agl.train import TrainConfig, fit
+    from agl.training.bundles import make_bundle
+    from agl.training.loop import TrainConfig, fit
 
     torch.set_num_threads(threads)
     cfg = TrainConfig.from_dict(space.train_config(config), source=space.source)
@@ -412,7 +412,7 @@ def _join(storage_path: str, name: str) -> str:
 
 def _warm_caches(store_path: str, space: SearchSpace) -> None:
     """Compute the frozen-feature cache once in the driver, so concurrent trials only read it."""
-    from agl.train import TrainConfig
+    from agl.training.loop import TrainConfig
 
     cfg = TrainConfig.from_dict(space.train_config({}), source=space.source)
     if cfg.mode == "features":

@@ -3,7 +3,7 @@
 Auxiliary genes are ordered by a prior (blended, re-ranked to ``r_j`` in [0, 1], 0 =
 best). One scalar threshold ``t`` gives the soft mask ``m_j = sigmoid((t - r_j) / tau)``,
 a soft top-k: genes ranked before ``t`` weigh about 1, later ones about 0. ``t`` is an
-outer parameter, learned by hypergradient (``agl.bilevel``) on the validation loss of the
+outer parameter, learned by hypergradient (``agl.training.bilevel``) on the validation loss of the
 primary genes.
 
 Read-out convention (used by ``k()``, ``selected()`` and export alike): the kept genes are

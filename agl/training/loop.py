@@ -152,7 +152,7 @@ def _method(v: Any) -> str | None:
 
 
 def _loss(v: Any) -> str | None:
-    from agl.losses import LOSSES  # lazy: keeps config parsing import-light
+    from agl.training.losses import LOSSES  # lazy: keeps config parsing import-light
 
     return None if v in LOSSES else f"must be one of {', '.join(LOSSES)}"
 
@@ -190,7 +190,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
 
 # --------------------------------------------------------------------------- interfaces
 class DataBundle(Protocol):
-    """What ``fit`` reads; ``agl.bundle.make_bundle(store, split, cfg)`` builds one."""
+    """What ``fit`` reads; ``agl.training.bundles.make_bundle(store, split, cfg)`` builds one."""
 
     genes: pd.DataFrame
     n_primary: int
@@ -286,7 +286,7 @@ def n_outputs(cfg: TrainConfig, n_genes: int, n_primary: int) -> int:
 
 def build_model(cfg: TrainConfig, genes: pd.DataFrame, n_primary: int, prior_ranks: dict[str, np.ndarray],
                 input_dim: int | None, pretrained: bool = True) -> tuple[torch.nn.Module, Any]:
-    """The estimator and gate of a run (used by ``fit`` and by ``agl.checkpoint.load_model``).
+    """The estimator and gate of a run (used by ``fit`` and by ``agl.training.checkpoint.load_model``).
 
     ``pretrained=False`` skips loading backbone weights (a checkpoint overwrites them anyway).
     """
@@ -336,7 +336,7 @@ def _gate_scalars(gate: Any) -> dict[str, float]:
 
 def _allreduce(params: list[torch.nn.Parameter]) -> None:
     if dist_info()[1] > 1:
-        from agl.bilevel import allreduce_gradients
+        from agl.training.bilevel import allreduce_gradients
 
         allreduce_gradients(params)
 
@@ -364,7 +364,7 @@ class _Trainer:
     """Holds a run's model, gate and optimisers; ``fit`` drives it epoch by epoch."""
 
     def __init__(self, cfg: TrainConfig, data: DataBundle):
-        from agl.losses import LOSSES
+        from agl.training.losses import LOSSES
 
         self.cfg, self.data = cfg, data
         self.device = resolve_device(cfg.device)
@@ -405,7 +405,7 @@ class _Trainer:
 
     def bilevel_pass(self, epoch: int) -> int:
         """One pass over the training set of outer steps (hypergradient of the val primary loss)."""
-        from agl.bilevel import hypergradient
+        from agl.training.bilevel import hypergradient
 
         bs = self.cfg.bilevel_batch_size
         val_iter = _cycle(lambda e: self.data.val_batches(bs, e), epoch)
@@ -428,7 +428,7 @@ class _Trainer:
 
     def evaluate(self, part: str) -> tuple[dict[str, Any], float]:
         """Metrics over the primary genes of one part, and its mean primary loss."""
-        from agl.metrics import evaluate_predictions
+        from agl.evaluation.metrics import evaluate_predictions
 
         x, y, slide_ids = self.data.eval_arrays(part)
         pred = predict(self.model, x, self.device)[:, : self.n_primary]
@@ -475,7 +475,7 @@ def fit(cfg: TrainConfig, data: DataBundle, reporter: Reporter | None = None,
     epoch and handed to ``reporter``. ``resume_from``: a checkpoint folder; training continues at its
     next epoch and reproduces the uninterrupted run.
     """
-    from agl import checkpoint as ckpt
+    from agl.training import checkpoint as ckpt
 
     cfg.validate()
     rank, world = dist_info()

@@ -39,7 +39,7 @@ def bench_ray(store: str | None = "demo", out: str | Path = "results", trials: i
     from agl.distributed.runtime import init_ray, resolve_store
     from agl.distributed.train import run_train
     from agl.distributed.tune import SweepOptions, run_sweep
-    from agl.train import TrainConfig
+    from agl.training.loop import TrainConfig
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

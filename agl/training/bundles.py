@@ -1,4 +1,4 @@
-"""Data bundles: what ``agl.train.fit`` reads from a store for one split.
+"""Data bundles: what ``agl.training.loop.fit`` reads from a store for one split.
 
 ``make_bundle(store, split, cfg)`` gathers the split's gene columns and roles once and
 serves seeded batches. Two input sources share the batching logic:
@@ -25,7 +25,7 @@ from torch import Tensor
 from agl.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from agl.train import TrainConfig
+    from agl.training.loop import TrainConfig
 
 N_VIEWS = 8
 PARTS = ("train", "val", "test")
@@ -76,7 +76,7 @@ INPUTS: dict[str, Callable[[Any, "TrainConfig"], Any]] = {
 
 @dataclass
 class InMemoryBundle:
-    """A split's targets, roles and inputs; implements ``agl.train.DataBundle``."""
+    """A split's targets, roles and inputs; implements ``agl.training.loop.DataBundle``."""
 
     genes: pd.DataFrame
     n_primary: int
@@ -143,7 +143,7 @@ def make_bundle(store: Any, split: str, cfg: "TrainConfig", rank: int | None = N
     ``rank``/``world_size`` default to torch.distributed's when it is initialised.
     """
     from agl.data.store import open_store
-    from agl.train import dist_info
+    from agl.training.loop import dist_info
 
     if isinstance(store, (str, Path)):
         store = open_store(store)

@@ -31,7 +31,7 @@ from agl.errors import AGLError, CheckpointError
 from agl.fileio import atomic_write_json, jsonable, swap_folder
 
 if TYPE_CHECKING:  # pragma: no cover
-    from agl.train import LoopState, TrainConfig, _Trainer
+    from agl.training.loop import LoopState, TrainConfig, _Trainer
 
 FORMAT_VERSION = 1
 TENSOR_FILES = ("model.safetensors", "gate.safetensors", "optimizer.safetensors", "best.safetensors")
@@ -132,7 +132,7 @@ def _write_checkpoint_files(tmp: Path, trainer: "_Trainer", cfg: "TrainConfig", 
     """Every file of a checkpoint folder, into ``tmp``."""
     from safetensors.torch import save_file
 
-    from agl.train import _gate_state
+    from agl.training.loop import _gate_state
 
     save_file(_contiguous(trainer.model.state_dict()), str(tmp / "model.safetensors"))
     save_file(_contiguous(_gate_state(trainer.gate)), str(tmp / "gate.safetensors"))
@@ -186,7 +186,7 @@ def _load_json(file: Path) -> dict[str, Any]:
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read and validate a checkpoint folder; any problem raises CheckpointError naming the file."""
-    from agl.train import TrainConfig
+    from agl.training.loop import TrainConfig
 
     path = Path(path)
     if not path.is_dir():
@@ -243,7 +243,7 @@ def _load_state(module: Any, tensors: dict[str, Tensor], file: Path) -> None:
 
 def restore(path: str | Path, trainer: "_Trainer", cfg: "TrainConfig") -> "LoopState":
     """Load a checkpoint into a freshly built trainer and return the loop state to continue from."""
-    from agl.train import LoopState
+    from agl.training.loop import LoopState
 
     ck = load_checkpoint(path)
     check_compatible(ck, trainer.data.genes, cfg)
@@ -270,7 +270,7 @@ def restore(path: str | Path, trainer: "_Trainer", cfg: "TrainConfig") -> "LoopS
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, Any, "TrainConfig", pd.DataFrame]:
     """Rebuild the best model of a checkpoint for prediction: (Estimator in eval mode, gate, config, genes)."""
-    from agl.train import build_model
+    from agl.training.loop import build_model
 
     ck = load_checkpoint(path)
     n_primary = int(ck.state.get("n_primary", int((ck.genes["role"] == "primary").sum())))

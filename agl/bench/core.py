@@ -46,9 +46,9 @@ def _setup(store_path: str, split: str, mode: str, patch_px: int, inner_steps: i
     import torch
     import torch.nn.functional as F
 
-    from agl.bundle import make_bundle
+    from agl.training.bundles import make_bundle
     from agl.data.store import open_store
-    from agl.train import TrainConfig, _Trainer
+    from agl.training.loop import TrainConfig, _Trainer
 
     torch.set_num_threads(1)
     cfg = TrainConfig(method="dkgsb", mode=mode, backbone=FINETUNE_BACKBONE, device="cpu", seed=0,
@@ -79,7 +79,7 @@ def _plain_step(s: dict[str, Any]) -> None:
 
 
 def _outer_step(s: dict[str, Any]) -> None:
-    from agl.bilevel import hypergradient
+    from agl.training.bilevel import hypergradient
 
     tr, cfg = s["tr"], s["cfg"]
     (xt, yt), (xv, yv) = s["train"], s["val"]

@@ -120,12 +120,12 @@ def run_one(store_path: str, spec: RunSpec, out: str, quiet: bool = True) -> dic
     """Train one grid run and write its result.json (top-level so worker processes can run it)."""
     import torch
 
-    from agl.bundle import make_bundle
+    from agl.training.bundles import make_bundle
     from agl.data.store import open_store
-    from agl.train import TrainConfig, fit
+    from agl.training.loop import TrainConfig, fit
 
     if quiet:
-        logging.getLogger("agl.train").setLevel(logging.WARNING)
+        logging.getLogger("agl.training.loop").setLevel(logging.WARNING)
     torch.set_num_threads(1)  # one core per worker process: --jobs sets the parallelism
     cfg = TrainConfig.from_dict(spec.config)
     data = make_bundle(open_store(store_path), spec.split, cfg)
@@ -263,7 +263,7 @@ def write_outputs(out: Path, records: list[dict[str, Any]], order: Sequence[str]
 def build_grid(split_names: Sequence[str], protocol: str, seeds: Iterable[int], methods: Sequence[str],
                base: dict[str, Any], folds: Sequence[int] | None = None) -> list[RunSpec]:
     """Every (method, split, seed) run, with validated configs (bad options fail before any training)."""
-    from agl.train import TrainConfig
+    from agl.training.loop import TrainConfig
 
     specs = []
     parsed = [parse_method(m) for m in methods]
