@@ -128,7 +128,10 @@ def run_model(model: Any, cfg: Any, patches: np.ndarray, batch_size: int, device
     model = model.to(dev).eval()
     encoder = None
     if cfg.mode == "features":
+        from agl.models.backbones import check_same_preprocessing
+
         encoder, _ = create_backbone(cfg.backbone, cfg.weights)
+        check_same_preprocessing(getattr(model, "encoder_input", None), encoder.preprocessing, f"{cfg.backbone} checkpoint")
         encoder = encoder.to(dev).eval()
     outs = []
     started = time.perf_counter()

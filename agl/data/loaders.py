@@ -20,8 +20,7 @@ from agl.data.store import Store
 if TYPE_CHECKING:  # Ray is imported only by ray_dataset
     import ray.data
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from agl.normalisation import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402  (re-exported: one definition)
 
 
 _SCALE = np.array([1.0 / (255.0 * s) for s in IMAGENET_STD], dtype=np.float32).reshape(3, 1, 1)

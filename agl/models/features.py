@@ -5,8 +5,9 @@ by default; ``dtype="float16"`` halves the size), where view ``k`` is
 ``agl.data.augment.dihedral(patch, k)``, so the training loader can draw a random view per
 spot per epoch exactly as it would from images. ``key`` hashes everything the features depend
 on: backbone name, the exact weights (file sha256 / hub name), the store's patch file
-sha256 and patch shape, its gene-list hash, the input normalisation, views and dtype. A JSON
-sidecar records those fields. Files are written to a temporary name and renamed into place.
+sha256 and patch shape, its gene-list hash, the encoder's input preprocessing (mean/std, and
+input size / interpolation / crop when the encoder resizes: ``agl.models.backbones.Preprocessing``,
+applied by the backbone itself), views and dtype. A JSON sidecar records those fields. Files are written to a temporary name and renamed into place.
 """
 from __future__ import annotations
 
@@ -43,8 +44,17 @@ def to_model_input(patches_uint8: np.ndarray | torch.Tensor, device: str | torch
     return x.sub_(mean).div_(std)
 
 
-def feature_cache_key(store: Any, backbone: str, weights_id: str, views: int = N_VIEWS, dtype: str = "float32") -> tuple[str, dict[str, Any]]:
-    """The cache key for ``store`` features and the fields it hashes."""
+def feature_cache_key(store: Any, backbone: str, weights_id: str, views: int = N_VIEWS, dtype: str = "float32",
+                      preprocessing: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """The cache key for ``store`` features and the fields it hashes.
+
+    ``preprocessing`` is the encoder's input (``agl.models.backbones.Preprocessing.to_dict()``,
+    ImageNet as-is when None): its mean/std are the ``normalisation`` field, and an encoder that
+    resizes or crops adds the field ``encoder_input`` (so ImageNet-as-is keys stay what they were).
+    """
+    from agl.models.backbones import Preprocessing
+
+    prep = Preprocessing.from_dict(preprocessing) if preprocessing else Preprocessing()
     manifest = dict(getattr(store, "manifest", {}) or {})
     files = manifest.get("files", {}) or {}
     fields = {
@@ -56,10 +66,12 @@ def feature_cache_key(store: Any, backbone: str, weights_id: str, views: int = N
         "n_spots": int(np.shape(store.patches)[0]),
         "patch_settings": {k: v for k, v in manifest.items() if k.startswith("patch")},  # e.g. patch_um, border
         "gene_list_sha256": manifest.get("gene_list_sha256"),
-        "normalisation": [IMAGENET_MEAN, IMAGENET_STD],
+        "normalisation": [list(prep.mean), list(prep.std)],
         "views": int(views),
         "dtype": dtype,
     }
+    if prep.input_size is not None:
+        fields["encoder_input"] = prep.to_dict()
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
     safe_name = backbone.replace("/", "-")
     return f"{safe_name}-{digest}", fields
@@ -95,7 +107,8 @@ def feature_cache(
     """Frozen features ``[views, N, D]`` of every spot of ``store`` (memory-mapped, read-only).
 
     Computed on first use and saved under ``store.cache_dir / "features"``; later calls with
-    the same backbone, weights and store reuse the file. ``weights=None`` (random init) is
+    the same backbone, weights and store reuse the file. The array's ``preprocessing``
+    attribute is the encoder input the features were computed with. ``weights=None`` (random init) is
     seeded (``torch.manual_seed(0)``) so its cache is reproducible.
     """
     if not 1 <= views <= N_VIEWS:
@@ -109,21 +122,22 @@ def feature_cache(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # only matters for weights=None: a reproducible random encoder
         module, dim = create_backbone(backbone, weights, sha256=sha256)
-    key, fields = feature_cache_key(store, backbone, module.weights_id, views, dtype)
+    key, fields = feature_cache_key(store, backbone, module.weights_id, views, dtype,
+                                    preprocessing=getattr(module, "preprocessing", None))
     folder = Path(store.cache_dir) / "features"
     path = folder / f"{key}.npy"
     shape = (views, patches.shape[0], dim)
     cached = _load_cached(path, shape, dtype)
-    if cached is not None:
-        return cached
-    folder.mkdir(parents=True, exist_ok=True)
-    # one writer per key: concurrent runs (Tune trials, parallel tests) wait and then reuse its file
-    with _exclusive(folder / f".{key}.lock"):
-        cached = _load_cached(path, shape, dtype)
-        if cached is not None:
-            return cached
-        _compute(module, patches, folder, key, fields, shape, dtype, batch_size, device)
-    return np.load(path, mmap_mode="r")
+    if cached is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        # one writer per key: concurrent runs (Tune trials, parallel tests) wait and then reuse its file
+        with _exclusive(folder / f".{key}.lock"):
+            cached = _load_cached(path, shape, dtype)
+            if cached is None:
+                _compute(module, patches, folder, key, fields, shape, dtype, batch_size, device)
+                cached = np.load(path, mmap_mode="r")
+    cached.preprocessing = dict(module.preprocessing)  # the encoder input, recorded by checkpoints trained on it
+    return cached
 
 
 def _load_cached(path: Path, shape: tuple[int, int, int], dtype: str) -> np.ndarray | None:

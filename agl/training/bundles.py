@@ -35,6 +35,7 @@ class FeatureInputs:
     """Cached frozen features ``[8, N, D]`` held in memory (tens of MB for thousands of spots)."""
 
     def __init__(self, features: Any):
+        self.preprocessing = getattr(features, "preprocessing", None)  # the encoder input (feature_cache sets it)
         self.features = torch.tensor(np.asarray(features), dtype=torch.float32)  # a copy: caches are read-only memmaps
         if self.features.dim() != 3 or self.features.shape[0] != N_VIEWS:
             raise DataError("feature cache", f"expected features [8, N, D], got {tuple(self.features.shape)}")
@@ -52,6 +53,7 @@ class PatchInputs:
     """
 
     dim = None
+    preprocessing = None  # the fine-tuned backbone converts its input itself (agl.models.backbones.Preprocessing)
 
     def __init__(self, store: Any, cfg: "TrainConfig"):
         self.patches = store.patches

@@ -6,7 +6,8 @@ Layout of a checkpoint folder (written to a temporary sibling, then renamed into
     gate.safetensors       gate tensors (e.g. DkGSB's threshold t) at that epoch
     optimizer.safetensors  Adam moments of the model ("model.*") and gate ("outer.*") optimisers
     best.safetensors       the best-validation model ("model/*") and gate ("gate/*"): used for prediction
-    state.json             epoch, best epoch/PCC, history, optimiser scalars, input size
+    state.json             epoch, best epoch/PCC, history, optimiser scalars, input size,
+                           the encoder input preprocessing (``encoder_input``: mean/std, size, crop)
     config.json            the TrainConfig
     genes.parquet          the gene set in model output order (roles, priors, ranks)
     store.json             the store's manifest hash, preprocessing switches and patch size
@@ -147,6 +148,7 @@ def _write_checkpoint_files(tmp: Path, trainer: "_Trainer", cfg: "TrainConfig", 
         "best_epoch": state.best_epoch, "best_val_pcc": state.best_val_pcc, "elapsed_s": state.elapsed_s,
         "history": state.history, "n_primary": int(data.n_primary), "input_dim": data.input_dim,
         "optimizer": {"model": model_s, "outer": outer_s},
+        "encoder_input": encoder_input(trainer.model, data),
     })
     atomic_write_json(tmp / "config.json", cfg.to_dict())
     manifest = getattr(data, "manifest", None) or {}
@@ -157,6 +159,14 @@ def _write_checkpoint_files(tmp: Path, trainer: "_Trainer", cfg: "TrainConfig", 
                                            "patch": {k: (manifest.get("patch") or {}).get(k)
                                                      for k in ("patch_um", "patch_px", "border")}})
     data.genes.reset_index(drop=True).to_parquet(tmp / GENES_FILE, index=False)
+
+
+def encoder_input(model: Any, data: Any = None) -> dict[str, Any] | None:
+    """The encoder preprocessing a model is trained on: its fine-tuned backbone's, else the features'."""
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None:
+        return getattr(backbone, "preprocessing", None)
+    return getattr(getattr(data, "inputs", None), "preprocessing", None)
 
 
 # --------------------------------------------------------------------------- load
@@ -245,8 +255,12 @@ def restore(path: str | Path, trainer: "_Trainer", cfg: "TrainConfig") -> "LoopS
     """Load a checkpoint into a freshly built trainer and return the loop state to continue from."""
     from agl.training.loop import LoopState
 
+    from agl.models.backbones import check_same_preprocessing
+
     ck = load_checkpoint(path)
     check_compatible(ck, trainer.data.genes, cfg)
+    check_same_preprocessing(ck.state.get("encoder_input"), encoder_input(trainer.model, trainer.data),
+                             ck.path / "state.json")
     _load_state(trainer.model, ck.model, ck.path / "model.safetensors")
     if ck.gate:
         _load_state(trainer.gate, ck.gate, ck.path / "gate.safetensors")
@@ -285,5 +299,10 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, Any, "TrainConfig", p
     gate_state = ck.best_gate if use_best else ck.gate
     if gate_state:
         _load_state(gate, gate_state, ck.path / ("best.safetensors" if use_best else "gate.safetensors"))
+    from agl.models.backbones import check_same_preprocessing
+
+    recorded = ck.state.get("encoder_input")
+    check_same_preprocessing(recorded, encoder_input(model), ck.path / "state.json")  # fine-tuned backbone
+    model.encoder_input = recorded  # features mode: predict checks the encoder it builds against this
     model.eval()
     return model, gate, ck.config, ck.genes
