@@ -16,11 +16,14 @@ def _priors(a: int = A) -> dict[str, np.ndarray]:
     return {"hvg": np.linspace(0, 1, a), "mean": rng.random(a)}
 
 
-def test_registry_and_irrelevant_keys_are_ignored() -> None:
+def test_registry_and_config_options() -> None:
+    from agl.config import TrainConfig, gate_options
+
     assert set(GATES) >= {"pgl", "agl_all", "topk", "random_k", "uncertainty", "dkgsb"}
-    cfg = dict(k=10, t_init=0.3, tau=0.01, lr=1e-3, epochs=5, seed=3, backbone="x", prior="hvg")
+    values = dict(k=10, t_init=0.3, tau=0.01, lr=1e-3, epochs=5, seed=3, backbone="x", prior="hvg")
     for name in GATES:
-        gate = create_gate(name, A, _priors(), **cfg)
+        # a whole config carries every gate's options; each gate gets the ones it declares
+        gate = create_gate(name, A, _priors(), **gate_options(TrainConfig.from_dict({**values, "method": name})))
         assert gate.weights().shape == (A,)
         assert gate.k() == len(gate.selected())
     with pytest.raises(ConfigError, match="unknown gate"):
@@ -29,6 +32,27 @@ def test_registry_and_irrelevant_keys_are_ignored() -> None:
         create_gate("topk", A, _priors())
     with pytest.raises(ConfigError, match="not available"):
         create_gate("dkgsb", A, {"mean": np.zeros(A)})
+
+
+def test_unknown_or_bad_gate_options_are_errors_naming_the_key() -> None:
+    # an option the gate does not declare is never dropped silently
+    with pytest.raises(ConfigError, match=r"^lr: gate 'topk' has no option\(s\) lr; its options: .*k"):
+        create_gate("topk", A, _priors(), k=3, lr=1e-3)
+    with pytest.raises(ConfigError, match=r"^k: gate 'pgl' has no option"):
+        create_gate("pgl", A, _priors(), k=3)
+    with pytest.raises(ConfigError, match=r"^tau: must be a number in \(0.0, inf\)"):
+        create_gate("dkgsb", A, _priors(), tau=0.0)
+    with pytest.raises(ConfigError, match=r"^per_gene: .*takes \['bool'\]"):
+        create_gate("uncertainty", A, _priors(), per_gene=1)
+
+
+def test_per_gene_uncertainty_is_reachable_from_a_config() -> None:
+    from agl.config import TrainConfig, gate_options
+
+    cfg = TrainConfig.from_dict({"method": "uncertainty", "per_gene": True})
+    gate = create_gate(cfg.method, 5, {}, **gate_options(cfg))
+    assert gate.per_gene and gate.log_var_aux.shape == (5,)
+    assert TrainConfig.from_dict(cfg.to_dict()).per_gene is True
 
 
 def test_default_loss_is_weighted_mean_with_constant_normaliser() -> None:

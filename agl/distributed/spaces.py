@@ -5,7 +5,7 @@ fixed (``fixed``), the data split, the metric and the scheduler::
 
     split: kfold-s0-f0
     metric: val_pcc            # reported by agl.training.loop.fit every epoch
-    mode: max
+    direction: max             # max or min: whether a larger metric is better
     num_samples: 8
     scheduler: {name: asha, grace_period: 2, reduction_factor: 2}
     fixed:   {mode: features, epochs: 6}
@@ -17,26 +17,30 @@ fixed (``fixed``), the data split, the metric and the scheduler::
 
 Distributions follow Optuna's ``suggest_*`` vocabulary (``float``, ``int``,
 ``categorical``, with ``log`` and ``step``), so an Optuna user reads them as is.
-Every key must be a :class:`agl.training.loop.TrainConfig` field (or a derived key such as
-``trunk_width``), and every value a space can produce is checked against
-``TrainConfig`` when the file is loaded, so a bad space fails before any trial runs.
+Every key must be a setting of :mod:`agl.config` (a run setting or a registered gate's
+option, or a derived key such as ``trunk_width``), and every value a space can produce
+is checked by that same schema when the file is loaded, so a bad space fails before any
+trial runs. The metric direction is ``direction`` (the YAML key ``mode`` is its old
+name: it is still read, with a deprecation warning, as ``mode`` under ``fixed`` is the
+training mode, features or finetune).
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
 
+from agl.config import TrainConfig, all_settings
 from agl.errors import AGLError, ConfigError
 
+log = logging.getLogger(__name__)
+
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"  # shipped in the wheel
-TOP_KEYS = {"description", "split", "metric", "mode", "num_samples", "scheduler", "fixed", "params", "resources", "seed",
-            "start_with"}
 DIST_KEYS = {
     "float": {"type", "low", "high", "log", "step"},
     "int": {"type", "low", "high", "log", "step"},
@@ -102,7 +106,7 @@ class SearchSpace:
     fixed: dict[str, Any] = field(default_factory=dict)
     split: str = "kfold-s0-f0"
     metric: str = "val_pcc"
-    mode: str = "max"
+    mode: str = "max"  # the metric direction (YAML key ``direction``; Ray Tune calls it mode)
     num_samples: int = 8
     scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "asha"})
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1})
@@ -119,6 +123,11 @@ class SearchSpace:
     def train_config(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
         """TrainConfig keyword arguments for one trial: fixed values, then sampled, derived keys expanded."""
         return expand({**self.fixed, **{k: v for k, v in sampled.items() if k in self.params}})
+
+
+# YAML top-level keys: SearchSpace's fields, with the direction under its own name
+DIRECTION_KEY, OLD_DIRECTION_KEY = "direction", "mode"
+TOP_KEYS = {f.name for f in dataclasses.fields(SearchSpace)} - {"source", "mode"} | {DIRECTION_KEY}
 
 
 def expand(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -164,10 +173,11 @@ def parse_space(raw: Any, source: str = "<space>") -> SearchSpace:
     err = _Errors(source)
     if not isinstance(raw, dict):
         raise err("top level must be a mapping with 'params' (and optionally 'fixed', 'split', ...)")
-    unknown = sorted(set(raw) - TOP_KEYS)
+    direction_key = _direction_key(err, raw, source)
+    unknown = sorted(set(raw) - TOP_KEYS - {direction_key})
     if unknown:
         raise err(f"unknown top-level key(s) {unknown}; allowed: {sorted(TOP_KEYS)}")
-    fields = _train_fields()
+    fields = all_settings()
     fixed = raw.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise err("fixed: must be a mapping of TrainConfig fields to values")
@@ -185,22 +195,18 @@ def parse_space(raw: Any, source: str = "<space>") -> SearchSpace:
 
     # every value the space can produce must make a valid TrainConfig
     fixed_expanded = expand(fixed)
-    for key, value in fixed_expanded.items():
-        _check_type(err, f"fixed.{key}", key, value, fields)
     _check_config(err, "fixed", fixed_expanded)
     for key, dist in params.items():
-        target = DERIVED[key][0] if key in DERIVED else key
         for value in dist.candidates():
-            one = expand({key: value})
-            _check_type(err, f"params.{key}", target, one[target], fields)
-            _check_config(err, f"params.{key}={value!r}", {**fixed_expanded, **one})
+            _check_config(err, f"params.{key}={value!r}", {**fixed_expanded, **expand({key: value})})
 
     metric = raw.get("metric", "val_pcc")
-    mode = raw.get("mode", "max")
+    mode = raw.get(direction_key, "max")
     if not isinstance(metric, str):
         raise err("metric: must be a metric name such as 'val_pcc'")
     if mode not in METRIC_MODES:
-        raise err(f"mode: must be one of {METRIC_MODES}, got {mode!r}")
+        hint = " (the training mode goes under 'fixed' or 'params')" if mode in ("features", "finetune") else ""
+        raise err(f"{direction_key}: must be one of {METRIC_MODES}, got {mode!r}{hint}")
     num_samples = raw.get("num_samples", 8)
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise err(f"num_samples: must be a positive integer, got {num_samples!r}")
@@ -224,6 +230,17 @@ def parse_space(raw: Any, source: str = "<space>") -> SearchSpace:
         num_samples=num_samples, scheduler=scheduler, resources=dict(resources), seed=seed,
         description=str(raw.get("description", "")), start_with=start_with,
     )
+
+
+def _direction_key(err: "_Errors", raw: Mapping[str, Any], source: str) -> str:
+    """``direction``, or its old name ``mode`` (read with a deprecation warning); never both."""
+    if OLD_DIRECTION_KEY not in raw:
+        return DIRECTION_KEY
+    if DIRECTION_KEY in raw:
+        raise err(f"both '{DIRECTION_KEY}' and its old name '{OLD_DIRECTION_KEY}' are given; keep '{DIRECTION_KEY}'")
+    log.warning("%s: top-level '%s' is deprecated; write '%s: %s' (the metric direction)", source,
+                OLD_DIRECTION_KEY, DIRECTION_KEY, raw[OLD_DIRECTION_KEY])
+    return OLD_DIRECTION_KEY
 
 
 def _parse_start_with(err: "_Errors", raw: Any, params: Mapping[str, Distribution],
@@ -250,8 +267,6 @@ def _parse_start_with(err: "_Errors", raw: Any, params: Mapping[str, Distributio
 def _default_value(key: str, dist: Distribution) -> Any:
     """A pinned trial's value for a key it leaves open (Ray's OptunaSearch needs complete points):
     TrainConfig's default when the distribution allows it, else the distribution's centre."""
-    from agl.training.loop import TrainConfig
-
     target = DERIVED[key][0] if key in DERIVED else key
     default = getattr(TrainConfig(), target, None)
     if key in DERIVED and isinstance(default, list) and len(default) == 1:
@@ -348,55 +363,15 @@ def _parse_scheduler(err: _Errors, spec: Any) -> dict[str, Any]:
     return dict(spec)
 
 
-def _train_fields() -> dict[str, Any]:
-    """TrainConfig field name -> type hint."""
-    from agl.training.loop import TrainConfig
-
-    return typing.get_type_hints(TrainConfig)
-
-
-def _allowed(hint: Any) -> tuple[type, ...]:
-    """Python types a JSON value may have for a TrainConfig type hint."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return tuple(t for arg in typing.get_args(hint) for t in _allowed(arg))
-    if origin in (list, tuple):
-        return (list, tuple)
-    if hint is type(None):
-        return (type(None),)
-    if hint is float:
-        return (int, float)  # an int is a valid float setting
-    return (hint,) if isinstance(hint, type) else (object,)
-
-
-def _check_type(err: _Errors, where: str, key: str, value: Any, fields: dict[str, Any]) -> None:
-    allowed = _allowed(fields[key])
-    bad_bool = isinstance(value, bool) and bool not in allowed
-    if bad_bool or not isinstance(value, allowed):
-        names = sorted({t.__name__ for t in allowed})
-        raise err(f"{where}: {value!r} has type {type(value).__name__}; TrainConfig.{key} takes {names}")
-
-
 def _check_config(err: _Errors, where: str, values: dict[str, Any]) -> None:
-    """Build a TrainConfig (and run its own validation) so its rejections surface at load time."""
-    from agl.training.loop import TrainConfig
-
+    """Validate through the settings schema (agl.config) so its rejections surface at load time."""
     try:
-        cfg = TrainConfig(**values)
-        validate = getattr(cfg, "validate", None)
-        if callable(validate):
-            validate()
-    except (AGLError, ValueError, TypeError) as exc:
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise err(f"{where}: TrainConfig rejects it: {problem}") from None
-
-
-def field_names() -> list[str]:
-    """Every key a space may search or fix."""
-    return sorted(set(_train_fields()) | set(DERIVED))
+        TrainConfig.from_dict(values)
+    except AGLError as exc:
+        raise err(f"{where}: TrainConfig rejects it: {getattr(exc, 'problem', None) or exc}") from None
 
 
 __all__ = [
-    "Distribution", "SearchSpace", "DERIVED", "SPACES_DIR", "expand", "field_names",
+    "Distribution", "SearchSpace", "DERIVED", "SPACES_DIR", "expand",
     "load_space", "parse_space", "resolve_space_path",
 ]

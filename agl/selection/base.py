@@ -3,32 +3,61 @@
 A gate owns the auxiliary-gene weights. ``loss(l_primary, l_aux)`` combines per-gene
 losses; ``inner_parameters()`` train with the model (e.g. uncertainty weights);
 ``outer_parameters()`` train by hypergradient on validation data (DkGSB's threshold).
+
+A gate declares the options it reads as a nested dataclass ``Options`` whose fields are
+:func:`agl.checks.setting` declarations (type, default, check, help). ``register_gate``
+adds the class to ``GATES``; from then on its options are run settings
+(:class:`agl.config.TrainConfig` accepts them, search spaces may search them, help texts
+list them). Adding a gate is one class plus ``@register_gate("name")``, nothing else.
+An option with the name of a run setting (``seed``) reads that setting.
 """
 from __future__ import annotations
 
-import inspect
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from agl.checks import declared, first_problem, non_empty_string, num_in, optional, setting
 from agl.errors import ConfigError
 
 GATES: dict[str, type["Gate"]] = {}
 
 
 def register_gate(name: str) -> Callable[[type["Gate"]], type["Gate"]]:
-    """Class decorator adding a gate to the registry under ``name``."""
+    """Class decorator adding a gate (with its ``Options`` dataclass) to the registry under ``name``."""
 
     def add(cls: type[Gate]) -> type[Gate]:
         if name in GATES:
             raise ValueError(f"gate {name!r} registered twice")
-        GATES[name] = cls
+        if not dataclasses.is_dataclass(cls.Options):
+            raise TypeError(f"gate {name!r}: {cls.__name__}.Options must be a dataclass of setting() fields")
         cls.name = name
+        GATES[name] = cls
         return cls
 
     return add
+
+
+def gate_option_settings(cls: type["Gate"]) -> dict[str, Any]:
+    """The :class:`agl.checks.Setting` of every option gate ``cls`` declares."""
+    return declared(cls.Options)
+
+
+def parse_options(cls: type["Gate"], values: Mapping[str, Any]) -> Any:
+    """``cls.Options`` from plain values; an option the gate does not declare, or a bad value, is a ConfigError."""
+    settings = gate_option_settings(cls)
+    unknown = sorted(set(values) - set(settings))
+    if unknown:
+        raise ConfigError(unknown[0], f"gate {cls.name!r} has no option(s) {', '.join(unknown)}; "
+                                      f"its options: {', '.join(settings) or 'none'}")
+    bad = first_problem(settings, dict(values), owner=f"gate {cls.name!r}")
+    if bad:
+        raise ConfigError(*bad)
+    return cls.Options(**values)
 
 
 def ordinal_ranks(scores: Tensor) -> Tensor:
@@ -68,35 +97,50 @@ def blend_ranks(
     return ordinal_ranks(score)
 
 
+@dataclass
+class NoOptions:
+    """A gate that reads no settings."""
+
+
+@dataclass
+class PriorOptions:
+    """Options of a gate that orders auxiliary genes by a (blended) prior ranking."""
+
+    prior: str = setting("hvg", non_empty_string, "prior ranking that orders auxiliary genes (a store prior: hvg, mean, ...)")
+    second_prior: str = setting("mean", non_empty_string, "prior blended in when prior_weight < 1")
+    prior_weight: float = setting(1.0, num_in(0.0, 1.0), "weight of prior against second_prior in [0, 1]")
+
+
 class Gate(nn.Module):
     """Base gate: fixed auxiliary weights ``weights()`` combined by a weighted mean.
 
-    Subclasses set ``needs_prior = True`` when they read the blended prior rank (buffer
-    ``ranks``, 0 = best) and override ``weights`` (and, for learnable gates, the
-    parameter groups and ``summary``).
+    Subclasses declare ``Options`` (a dataclass); with options derived from
+    :class:`PriorOptions` the gate reads the blended prior rank (buffer ``ranks``, 0 = best).
+    They override ``weights`` (and, for learnable gates, the parameter groups and ``summary``).
+    The parsed options are ``self.options``.
     """
 
     name: str = "gate"
-    needs_prior: bool = False
+    Options: type = NoOptions
 
-    def __init__(
-        self,
-        n_aux: int,
-        prior_ranks: Mapping[str, Tensor | np.ndarray] | None = None,
-        prior: str = "hvg",
-        second_prior: str | None = "mean",
-        prior_weight: float = 1.0,
-    ):
+    def __init__(self, n_aux: int, prior_ranks: Mapping[str, Tensor | np.ndarray] | None = None, **options: Any):
         super().__init__()
         if n_aux < 0:
             raise ConfigError("n_aux", f"must be >= 0, got {n_aux}")
         self.n_aux = int(n_aux)
+        self.options = parse_options(type(self), options)
+        opts = self.options
         ranks = (
-            blend_ranks(prior_ranks or {}, n_aux, prior, second_prior, prior_weight)
+            blend_ranks(prior_ranks or {}, n_aux, opts.prior, opts.second_prior, opts.prior_weight)
             if self.needs_prior
             else torch.zeros(0, dtype=torch.float64)
         )
         self.register_buffer("ranks", ranks.float())
+
+    @property
+    def needs_prior(self) -> bool:
+        """Whether the gate orders genes by the prior (its options derive from PriorOptions)."""
+        return isinstance(self.options, PriorOptions)
 
     # -- objective -------------------------------------------------------------------------
     def weights(self) -> Tensor:
@@ -139,15 +183,3 @@ class Gate(nn.Module):
     def summary(self) -> dict[str, float]:
         """Scalars worth logging every epoch."""
         return {"k": float(self.k())}
-
-
-def gate_kwargs(cls: type[Gate], cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of ``cfg`` that ``cls`` (or one of its base gates) accepts; the rest are ignored."""
-    accepted: set[str] = set()
-    for klass in cls.__mro__:
-        if isinstance(klass, type) and issubclass(klass, Gate):
-            params = inspect.signature(klass.__init__).parameters
-            accepted |= {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    accepted -= {"self", "n_aux", "prior_ranks"}
-    return {k: v for k, v in cfg.items() if k in accepted}
-

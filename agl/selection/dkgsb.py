@@ -13,46 +13,45 @@ ranks this equals the paper's ``round(t * (A - 1))`` up to one gene. As ``t`` is
 """
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from agl.checks import boolean, int_at_least, num_in, optional, positive, setting
 from agl.errors import ConfigError
-from agl.selection.base import Gate, register_gate
+from agl.selection.base import Gate, PriorOptions, register_gate
+from agl.selection.fixed import K_HELP
 
 
 @register_gate("dkgsb")
 class DkGSBGate(Gate):
-    needs_prior = True
+    @dataclass
+    class Options(PriorOptions):
+        t_init: float = setting(0.5, num_in(0.0, 1.0), "dkgsb: initial threshold t in [0, 1] (unless k is set)")
+        k: int | None = setting(None, optional(int_at_least(0)), K_HELP)
+        # ``tau`` is the temperature the run starts with; the per-epoch metric ``tau`` (and the
+        # gate buffer of that name) is the current one, equal to it unless tau_final anneals it.
+        tau: float = setting(0.01, positive, "dkgsb: mask temperature at the start (the metric tau is the current one)")
+        tau_final: float | None = setting(None, optional(positive), "dkgsb: temperature after annealing (off: None)")
+        hard: bool = setting(False, boolean, "dkgsb: straight-through hard top-k mask in the forward pass")
 
-    def __init__(
-        self,
-        n_aux: int,
-        prior_ranks: Mapping | None = None,
-        t_init: float = 0.5,
-        k: int | None = None,
-        tau: float = 0.01,
-        tau_final: float | None = None,
-        hard: bool = False,
-        **base,
-    ):
-        super().__init__(n_aux, prior_ranks, **base)
-        if tau <= 0 or (tau_final is not None and tau_final <= 0):
-            raise ConfigError("tau", f"tau and tau_final must be > 0, got {tau} and {tau_final}")
+    def __init__(self, n_aux: int, prior_ranks: Mapping | None = None, **options: Any):
+        super().__init__(n_aux, prior_ranks, **options)
+        opts = self.options
         gap = 1.0 / max(n_aux - 1, 1)
-        if k is not None:
-            if not 0 <= int(k) <= n_aux:
-                raise ConfigError("k", f"dkgsb: k={k} is outside 0..{n_aux}")
+        t_init = opts.t_init
+        if opts.k is not None:
+            if not 0 <= int(opts.k) <= n_aux:
+                raise ConfigError("k", f"dkgsb: k={opts.k} is outside 0..{n_aux}")
             # midway between the k-th and (k+1)-th rank, so the read-out starts at exactly k genes
-            t_init = (int(k) - 0.5) * gap
-        elif not 0.0 <= t_init <= 1.0:
-            raise ConfigError("t_init", f"must lie in [0, 1], got {t_init}")
+            t_init = (int(opts.k) - 0.5) * gap
         self.t = nn.Parameter(torch.tensor(min(max(float(t_init), 0.0), 1.0)))
-        self.tau_init = float(tau)
-        self.tau_final = None if tau_final is None else float(tau_final)
-        self.hard = bool(hard)
-        self.register_buffer("tau", torch.tensor(float(tau)))  # current temperature, saved with the gate
+        self.tau_start = float(opts.tau)
+        self.tau_final = None if opts.tau_final is None else float(opts.tau_final)
+        self.hard = bool(opts.hard)
+        self.register_buffer("tau", torch.tensor(float(opts.tau)))  # current temperature, saved with the gate
 
     def soft_weights(self) -> Tensor:
         """``sigmoid((t - r) / tau)``, differentiable in ``t``."""
@@ -86,7 +85,7 @@ class DkGSBGate(Gate):
         if self.tau_final is None:
             return
         frac = min((epoch + 1) / max(n_epochs - 1, 1), 1.0)
-        self.tau.fill_(self.tau_init * (self.tau_final / self.tau_init) ** frac)
+        self.tau.fill_(self.tau_start * (self.tau_final / self.tau_start) ** frac)
 
     def summary(self) -> dict[str, float]:
         return {

@@ -1,14 +1,18 @@
 """Gates with fixed auxiliary weights: PGL, AGL (all), fixed top-k by prior, random k."""
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from agl.checks import int_at_least, optional, setting
 from agl.errors import ConfigError
-from agl.selection.base import Gate, register_gate
+from agl.selection.base import Gate, PriorOptions, register_gate
+
+K_HELP = "number of auxiliary genes to keep (topk, random_k: required; dkgsb: start with exactly k, instead of t_init)"
 
 
 class FixedMaskGate(Gate):
@@ -33,8 +37,8 @@ def _check_k(k: int | None, n_aux: int, name: str) -> int:
 class PrimaryOnlyGate(FixedMaskGate):
     """Primary genes only: every auxiliary weight is 0 (the paper's PGL baseline)."""
 
-    def __init__(self, n_aux: int, prior_ranks: Mapping | None = None, **base):
-        super().__init__(n_aux, prior_ranks, **base)
+    def __init__(self, n_aux: int, prior_ranks: Mapping | None = None, **options: Any):
+        super().__init__(n_aux, prior_ranks, **options)
         self._set_mask(torch.zeros(n_aux))
 
 
@@ -42,8 +46,8 @@ class PrimaryOnlyGate(FixedMaskGate):
 class AllGenesGate(FixedMaskGate):
     """Every auxiliary gene with weight 1 (the paper's AGL (all) baseline)."""
 
-    def __init__(self, n_aux: int, prior_ranks: Mapping | None = None, **base):
-        super().__init__(n_aux, prior_ranks, **base)
+    def __init__(self, n_aux: int, prior_ranks: Mapping | None = None, **options: Any):
+        super().__init__(n_aux, prior_ranks, **options)
         self._set_mask(torch.ones(n_aux))
 
 
@@ -51,11 +55,13 @@ class AllGenesGate(FixedMaskGate):
 class TopKGate(FixedMaskGate):
     """The ``k`` best auxiliary genes by the (blended) prior rank, weight 1; the rest 0."""
 
-    needs_prior = True
+    @dataclass
+    class Options(PriorOptions):
+        k: int | None = setting(None, optional(int_at_least(0)), K_HELP)
 
-    def __init__(self, n_aux: int, prior_ranks: Mapping | None = None, k: int | None = None, **base):
-        super().__init__(n_aux, prior_ranks, **base)
-        k = _check_k(k, n_aux, "topk")
+    def __init__(self, n_aux: int, prior_ranks: Mapping | None = None, **options: Any):
+        super().__init__(n_aux, prior_ranks, **options)
+        k = _check_k(self.options.k, n_aux, "topk")
         mask = torch.zeros(n_aux)
         mask[torch.argsort(self.ranks, stable=True)[:k]] = 1.0
         self._set_mask(mask)
@@ -65,10 +71,15 @@ class TopKGate(FixedMaskGate):
 class RandomKGate(FixedMaskGate):
     """``k`` auxiliary genes drawn uniformly at random with ``seed`` (a prior-free control)."""
 
-    def __init__(self, n_aux: int, prior_ranks: Mapping | None = None, k: int | None = None, seed: int = 0, **base):
-        super().__init__(n_aux, prior_ranks, **base)
-        k = _check_k(k, n_aux, "random_k")
-        chosen = np.random.default_rng(seed).choice(n_aux, size=k, replace=False)
+    @dataclass
+    class Options:
+        k: int | None = setting(None, optional(int_at_least(0)), K_HELP)
+        seed: int = setting(0, int_at_least(0), "random seed (the run's seed)")
+
+    def __init__(self, n_aux: int, prior_ranks: Mapping | None = None, **options: Any):
+        super().__init__(n_aux, prior_ranks, **options)
+        k = _check_k(self.options.k, n_aux, "random_k")
+        chosen = np.random.default_rng(self.options.seed).choice(n_aux, size=k, replace=False)
         mask = torch.zeros(n_aux)
         mask[torch.as_tensor(chosen, dtype=torch.long)] = 1.0
         self._set_mask(mask)

@@ -8,19 +8,25 @@ primary genes (mean loss) and the auxiliary genes (mean loss, or one task per ge
 """
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from agl.checks import boolean, setting
 from agl.selection.base import Gate, register_gate
 
 
 @register_gate("uncertainty")
 class UncertaintyGate(Gate):
-    def __init__(self, n_aux: int, prior_ranks: Mapping | None = None, per_gene: bool = False, **base):
-        super().__init__(n_aux, prior_ranks, **base)
-        self.per_gene = bool(per_gene)
+    @dataclass
+    class Options:
+        per_gene: bool = setting(False, boolean, "uncertainty: one log-variance per auxiliary gene (else one shared)")
+
+    def __init__(self, n_aux: int, prior_ranks: Mapping | None = None, **options: Any):
+        super().__init__(n_aux, prior_ranks, **options)
+        self.per_gene = bool(self.options.per_gene)
         self.log_var_primary = nn.Parameter(torch.zeros(()))
         self.log_var_aux = nn.Parameter(torch.zeros(n_aux if self.per_gene else 1))
 

@@ -1,4 +1,6 @@
-"""One training loop for every gene-selection method (``fit``) and its configuration.
+"""One training loop for every gene-selection method (``fit``).
+
+Its settings are :class:`agl.config.TrainConfig` (re-exported here).
 
 A method is a gate (``agl.selection``) plugged into the same loop; the loop only
 differs by schedule (when the gate's outer parameters get bi-level updates).
@@ -7,7 +9,6 @@ everything outside the loop talks to it through ``DataBundle`` and ``Reporter``.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import shutil
@@ -21,171 +22,13 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from agl.config import TrainConfig, gate_options
 from agl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("pgl", "agl_all", "topk", "random_k", "uncertainty", "dkgsb")
 # Fraction of the epochs that the "warmstart" schedule trains AGL-all style before selecting.
 WARMUP_FRACTION = 0.2
-
-
-# --------------------------------------------------------------------------- configuration
-@dataclass
-class TrainConfig:
-    """Every setting of one training run; every field is a plain JSON value (MLflow/Tune log it)."""
-
-    method: str = "dkgsb"
-    k: int | None = None
-    t_init: float = 0.5
-    prior: str = "hvg"
-    second_prior: str = "mean"
-    prior_weight: float = 1.0
-    tau: float = 0.01
-    tau_final: float | None = None
-    hard: bool = False
-    lr: float = 1e-3
-    outer_lr: float = 3e-3
-    inner_steps: int = 2
-    inner_optimizer: str = "adam"
-    first_order: bool = False
-    schedule: str = "interleaved"
-    epochs: int = 100
-    patience: int = 20
-    batch_size: int = 128
-    bilevel_batch_size: int = 64
-    loss: str = "pcc"
-    mode: str = "features"
-    backbone: str = "torchvision/mobilenet_v2"
-    weights: str | None = "imagenet"
-    trunk: list[int] = field(default_factory=lambda: [512])
-    dropout: float = 0.1
-    seed: int = 0
-    device: str = "auto"
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str | Path | None = None) -> "TrainConfig":
-        """Build a config from plain values; unknown keys or bad values raise ConfigError naming the key."""
-        if not isinstance(values, dict):
-            raise ConfigError(source, f"expected a mapping of settings, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(source, f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        values = dict(values)
-        if isinstance(values.get("trunk"), tuple):
-            values["trunk"] = list(values["trunk"])
-        cfg = cls(**values)
-        cfg.validate(source)
-        return cfg
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-compatible values."""
-        out = dataclasses.asdict(self)
-        out["trunk"] = list(out["trunk"])
-        return out
-
-    def replace(self, **changes: Any) -> "TrainConfig":
-        """A validated copy with some fields changed."""
-        return TrainConfig.from_dict({**self.to_dict(), **changes})
-
-    def validate(self, source: str | Path | None = None) -> None:
-        """Raise ConfigError("source: key: problem") for the first bad value."""
-        for name, check in _CHECKS.items():
-            problem = check(getattr(self, name))
-            if problem:
-                raise ConfigError(source, f"{name}: {problem} (got {getattr(self, name)!r})")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int_at_least(lo: int) -> Callable[[Any], str | None]:
-    return lambda v: None if _is_int(v) and v >= lo else f"must be an integer >= {lo}"
-
-
-def _num_in(lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        ok = _is_num(v) and (v > lo if lo_open else v >= lo)
-        if ok and hi is not None:
-            ok = v < hi if hi_open else v <= hi
-        if ok:
-            return None
-        left, right = "(" if lo_open else "[", ")" if hi_open or hi is None else "]"
-        return f"must be a number in {left}{lo}, {'inf' if hi is None else hi}{right}"
-    return check
-
-
-def _choice(*options: str) -> Callable[[Any], str | None]:
-    return lambda v: None if v in options else f"must be one of {', '.join(options)}"
-
-
-def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
-    return lambda v: None if v is None else check(v)
-
-
-def _string(v: Any) -> str | None:
-    return None if isinstance(v, str) and v else "must be a non-empty string"
-
-
-def _boolean(v: Any) -> str | None:
-    return None if isinstance(v, bool) else "must be true or false"
-
-
-def _trunk(v: Any) -> str | None:
-    ok = isinstance(v, (list, tuple)) and all(_is_int(x) and x >= 1 for x in v)
-    return None if ok else "must be a list of positive layer widths, e.g. [512] (or [] for none)"
-
-
-def _device(v: Any) -> str | None:
-    ok = isinstance(v, str) and (v in ("auto", "cpu", "cuda", "mps") or v.startswith("cuda:"))
-    return None if ok else "must be auto, cpu, cuda, cuda:N or mps"
-
-
-def _method(v: Any) -> str | None:
-    return None if v in METHODS else f"must be one of {', '.join(METHODS)}"
-
-
-def _loss(v: Any) -> str | None:
-    from agl.training.losses import LOSSES  # lazy: keeps config parsing import-light
-
-    return None if v in LOSSES else f"must be one of {', '.join(LOSSES)}"
-
-
-_CHECKS: dict[str, Callable[[Any], str | None]] = {
-    "method": _method,
-    "k": _optional(_int_at_least(0)),
-    "t_init": _num_in(0.0, 1.0),
-    "prior": _string,
-    "second_prior": _string,
-    "prior_weight": _num_in(0.0, 1.0),
-    "tau": _num_in(0.0, lo_open=True),
-    "tau_final": _optional(_num_in(0.0, lo_open=True)),
-    "hard": _boolean,
-    "lr": _num_in(0.0, lo_open=True),
-    "outer_lr": _num_in(0.0, lo_open=True),
-    "inner_steps": _int_at_least(1),
-    "inner_optimizer": _choice("adam", "sgd"),
-    "first_order": _boolean,
-    "schedule": _choice("interleaved", "warmstart"),
-    "epochs": _int_at_least(1),
-    "patience": _int_at_least(1),
-    "batch_size": _int_at_least(2),
-    "bilevel_batch_size": _int_at_least(2),
-    "loss": _loss,
-    "mode": _choice("features", "finetune"),
-    "backbone": _string,
-    "weights": _optional(_string),
-    "trunk": _trunk,
-    "dropout": _num_in(0.0, 1.0, hi_open=True),
-    "seed": _int_at_least(0),
-    "device": _device,
-}
 
 
 # --------------------------------------------------------------------------- interfaces
@@ -306,12 +149,6 @@ def build_model(cfg: TrainConfig, genes: pd.DataFrame, n_primary: int, prior_ran
     gate = create_gate(cfg.method, n_aux, {name: np.asarray(r)[:n_aux] for name, r in prior_ranks.items()},
                        **gate_options(cfg))
     return model, gate
-
-
-def gate_options(cfg: TrainConfig) -> dict[str, Any]:
-    """The config fields a gate reads."""
-    return {"k": cfg.k, "t_init": cfg.t_init, "tau": cfg.tau, "tau_final": cfg.tau_final, "hard": cfg.hard,
-            "seed": cfg.seed, "prior": cfg.prior, "second_prior": cfg.second_prior, "prior_weight": cfg.prior_weight}
 
 
 def predict(model: torch.nn.Module, x: Tensor, device: torch.device, batch_size: int = 512) -> Tensor:

@@ -1,0 +1,272 @@
+"""The run settings schema: :class:`TrainConfig`, and the registries its help and errors name.
+
+Every setting of a training run is declared once, as a field made by
+:func:`agl.checks.setting` (type hint, default, check, help). Two places declare them:
+
+- the run settings: the fields of :class:`TrainConfig` below (loop, optimiser, model, data);
+- each gate's own options: the ``Options`` dataclass next to the gate's code in
+  :mod:`agl.selection` (``k``, ``tau``, ``per_gene``, ...), registered with the gate.
+
+``TrainConfig`` is flat: gate options are read and written like run settings
+(``cfg.k``, ``{"method": "topk", "k": 100}``), ``from_dict`` rejects a key that neither
+declares, and every value is checked by its declaration. Config files, ``--set``,
+``--method topk:k=100``, search spaces (:mod:`agl.distributed.spaces`, which checks
+every value a space can produce through :func:`check_settings`) and the generated help
+(:func:`describe_settings`) all read this one schema.
+
+Adding a run setting is a one-place edit: add one line to the run-settings block of
+``TrainConfig``, e.g.::
+
+    hypergrad: str = setting("reverse", one_of("reverse", "forward"), "how outer gradients are computed")
+
+It is then accepted by config files, ``--set``, ``result.json``'s config and search
+spaces, validated everywhere, and listed by ``describe_settings()``. Then read it where
+it is used (``cfg.hypergrad``). A setting that must be equal for a checkpoint to be
+resumed also goes into ``agl.training.checkpoint.ARCHITECTURE_KEYS``.
+
+Adding a gate option: a field in that gate's ``Options``; nothing here changes.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agl.checks import (
+    Setting,
+    boolean,
+    declared,
+    first_problem,
+    int_at_least,
+    non_empty_string,
+    num_in,
+    one_of,
+    one_of_registry,
+    optional,
+    positive,
+    setting,
+)
+from agl.errors import ConfigError
+
+
+# --------------------------------------------------------------------------- registries
+def list_gates() -> list[str]:
+    """Names of the registered gates (``method`` values), in registration order."""
+    from agl.selection import GATES
+
+    return list(GATES)
+
+
+def list_backbones() -> list[str]:
+    """Names of the registered backbones (``backbone`` values)."""
+    from agl.models.backbones import BACKBONES
+
+    return sorted(BACKBONES)
+
+
+def list_readers() -> list[str]:
+    """Names of the registered slide readers (``agl ingest FORMAT``, ``agl predict --format``)."""
+    from agl.data.readers import READERS
+
+    return sorted(READERS)
+
+
+def list_losses() -> list[str]:
+    """Names of the training losses (``loss`` values)."""
+    from agl.training.losses import LOSSES
+
+    return list(LOSSES)
+
+
+def _trunk(v: Any) -> str | None:
+    from agl.checks import is_int
+
+    ok = isinstance(v, (list, tuple)) and all(is_int(x) and x >= 1 for x in v)
+    return None if ok else "must be a list of positive layer widths, e.g. [512] (or [] for none)"
+
+
+def _device(v: Any) -> str | None:
+    ok = isinstance(v, str) and (v in ("auto", "cpu", "cuda", "mps") or v.startswith("cuda:"))
+    return None if ok else "must be auto, cpu, cuda, cuda:N or mps"
+
+
+# --------------------------------------------------------------------------- the schema
+@dataclass(init=False, eq=False, repr=False)
+class TrainConfig:
+    """Every setting of one training run; every value is a plain JSON value (MLflow/Tune log it).
+
+    The fields are the run settings; the options of the registered gates are held beside
+    them and read as attributes too (``cfg.k``). Build one with ``from_dict`` (checked,
+    errors name the key) or ``TrainConfig(**values)`` (checked by ``validate``/``fit``).
+    """
+
+    # ---- run settings: one line per setting (see the module docstring) ----
+    method: str = setting("dkgsb", one_of_registry("gates", list_gates), "gene-selection method (a registered gate)")
+    lr: float = setting(1e-3, positive, "learning rate of the model (Adam)")
+    outer_lr: float = setting(3e-3, positive, "learning rate of the gate's outer parameters (Adam)")
+    inner_steps: int = setting(2, int_at_least(1), "unrolled inner steps per hypergradient")
+    inner_optimizer: str = setting("adam", one_of("adam", "sgd"), "optimiser of the unrolled inner steps")
+    first_order: bool = setting(False, boolean, "drop second-order terms of the hypergradient")
+    schedule: str = setting("interleaved", one_of("interleaved", "warmstart"), "when bi-level passes run")
+    epochs: int = setting(100, int_at_least(1), "maximum number of epochs")
+    patience: int = setting(20, int_at_least(1), "epochs without a better validation PCC before stopping")
+    batch_size: int = setting(128, int_at_least(2), "batch size of ordinary training steps")
+    bilevel_batch_size: int = setting(64, int_at_least(2), "batch size of bi-level (outer) steps")
+    loss: str = setting("pcc", one_of_registry("losses", list_losses), "per-gene training loss")
+    mode: str = setting("features", one_of("features", "finetune"),
+                        "features: frozen cached backbone features; finetune: train the backbone on patches")
+    backbone: str = setting("torchvision/mobilenet_v2", non_empty_string, "image backbone (a registered name)")
+    weights: str | None = setting("imagenet", optional(non_empty_string),
+                                  "backbone weights: imagenet, a file path, or null for random")
+    trunk: list[int] = setting(check=_trunk, help="widths of the shared trunk's hidden layers", factory=lambda: [512])
+    dropout: float = setting(0.1, num_in(0.0, 1.0, hi_open=True), "dropout of the trunk")
+    seed: int = setting(0, int_at_least(0), "random seed of the run (initialisation, shuffles, random_k)")
+    device: str = setting("auto", _device, "auto, cpu, cuda, cuda:N or mps")
+
+    def __init__(self, **values: Any):
+        run, gate = run_settings(), gate_settings()
+        unknown = sorted(set(values) - set(run) - set(gate))
+        if unknown:
+            raise ConfigError(None, _unknown_message(unknown))
+        for name, spec in run.items():
+            value = values.get(name, spec.default)
+            object.__setattr__(self, name, list(value) if name == "trunk" and isinstance(value, tuple) else value)
+        object.__setattr__(self, "_options", {name: values.get(name, spec.default) for name, spec in gate.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for names that are not run settings: the options of the registered gates
+        if name.startswith("_"):
+            raise AttributeError(name)
+        options = self.__dict__.get("_options", {})
+        if name in options:
+            return options[name]
+        spec = gate_settings().get(name)  # a gate registered after this config was built
+        if spec is None:
+            raise AttributeError(f"TrainConfig has no setting {name!r}")
+        return spec.default
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in run_settings():
+            object.__setattr__(self, name, value)
+        elif name in gate_settings():
+            self._options[name] = value
+        else:
+            raise AttributeError(f"TrainConfig has no setting {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TrainConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"TrainConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str | Path | None = None) -> "TrainConfig":
+        """Build a config from plain values; unknown keys or bad values raise ConfigError naming the key."""
+        if not isinstance(values, dict):
+            raise ConfigError(source, f"expected a mapping of settings, got {type(values).__name__}")
+        unknown = sorted(set(values) - set(all_settings()))
+        if unknown:
+            raise ConfigError(source, _unknown_message(unknown))
+        cfg = cls(**values)
+        cfg.validate(source)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-compatible values: run settings, then every registered gate option."""
+        out = {name: getattr(self, name) for name in run_settings()}
+        out["trunk"] = list(out["trunk"])
+        out.update({name: getattr(self, name) for name in gate_settings()})
+        return out
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A validated copy with some fields changed."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def validate(self, source: str | Path | None = None) -> None:
+        """Raise ConfigError("source: key: problem") for the first bad value."""
+        bad = first_problem(all_settings(), self.to_dict(), owner="TrainConfig")
+        if bad:
+            raise ConfigError(source, f"{bad[0]}: {bad[1]}")
+
+
+# --------------------------------------------------------------------------- schema queries
+@functools.lru_cache(maxsize=1)
+def run_settings() -> dict[str, Setting]:
+    """The run settings (TrainConfig's fields)."""
+    return declared(TrainConfig)
+
+
+def gate_settings() -> dict[str, Setting]:
+    """Every option a registered gate declares (one entry per name; a run setting's name reads that setting).
+
+    Two gates that declare an option of the same name must agree on its type and default.
+    """
+    from agl.selection import GATES
+
+    return _gate_settings(tuple(GATES.items()))
+
+
+@functools.lru_cache(maxsize=4)
+def _gate_settings(gates: tuple[tuple[str, type], ...]) -> dict[str, Setting]:
+    from agl.selection import gate_option_settings
+
+    run = run_settings()
+    out: dict[str, Setting] = {}
+    owner: dict[str, str] = {}
+    for gate_name, cls in gates:
+        for name, spec in gate_option_settings(cls).items():
+            if name in run:
+                if spec.hint != run[name].hint:
+                    raise TypeError(f"gate {gate_name!r}: option {name!r} is a run setting of another type")
+                continue
+            if name in out and (out[name].hint, out[name].default) != (spec.hint, spec.default):
+                raise TypeError(f"gate {gate_name!r}: option {name!r} differs from gate {owner[name]!r}'s "
+                                f"(type or default); give it another name")
+            out.setdefault(name, spec)
+            owner.setdefault(name, gate_name)
+    return out
+
+
+def all_settings() -> dict[str, Setting]:
+    """Run settings and gate options: every key a config file, ``--set`` or a search space may use."""
+    return {**run_settings(), **gate_settings()}
+
+
+def gate_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The options the gate of ``cfg.method`` declares, with their values in ``cfg``."""
+    from agl.selection import GATES, gate_option_settings
+
+    return {name: getattr(cfg, name) for name in gate_option_settings(GATES[cfg.method])}
+
+
+def check_settings(values: dict[str, Any], source: str | Path | None = None) -> TrainConfig:
+    """Validate a partial mapping of settings (others take defaults); the same check as ``from_dict``."""
+    return TrainConfig.from_dict(dict(values), source=source)
+
+
+def _unknown_message(unknown: list[str]) -> str:
+    return f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(all_settings()))}"
+
+
+def describe_settings() -> str:
+    """Every setting with its default and help, and which gates read each gate option (generated help)."""
+    from agl.selection import GATES, gate_option_settings
+
+    readers: dict[str, list[str]] = {}
+    for gate_name, cls in GATES.items():
+        for name in gate_option_settings(cls):
+            readers.setdefault(name, []).append(gate_name)
+    lines = ["run settings:"]
+    lines += [f"  {name:<20} {spec.default!r:<26} {spec.help}" for name, spec in run_settings().items()]
+    lines.append("gate options (read by the gates named):")
+    lines += [f"  {name:<20} {spec.default!r:<26} {spec.help} [{', '.join(readers[name])}]"
+              for name, spec in gate_settings().items()]
+    lines.append(f"gates: {', '.join(list_gates())}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "TrainConfig", "Setting", "all_settings", "check_settings", "describe_settings", "gate_options",
+    "gate_settings", "list_backbones", "list_gates", "list_losses", "list_readers", "run_settings",
+]
