@@ -72,6 +72,13 @@ def list_readers() -> list[str]:
     return sorted(READERS)
 
 
+def list_hypergradients() -> list[str]:
+    """Names of the hypergradient estimators (``hypergrad`` values)."""
+    from agl.training.bilevel import HYPERGRADIENTS
+
+    return list(HYPERGRADIENTS)
+
+
 def list_losses() -> list[str]:
     """Names of the training losses (``loss`` values)."""
     from agl.training.losses import LOSSES
@@ -108,6 +115,9 @@ class TrainConfig:
     inner_steps: int = setting(2, int_at_least(1), "unrolled inner steps per hypergradient")
     inner_optimizer: str = setting("adam", one_of("adam", "sgd"), "optimiser of the unrolled inner steps")
     first_order: bool = setting(False, boolean, "drop second-order terms of the hypergradient")
+    hypergrad: str = setting("unroll", one_of_registry("hypergradient estimators", list_hypergradients),
+                             "estimator of the exact hypergradient: unroll (reverse), checkpointed (reverse, "
+                             "memory flat in H), forward (forward mode, for few outer scalars)")
     schedule: str = setting("interleaved", one_of("interleaved", "warmstart"), "when bi-level passes run")
     epochs: int = setting(100, int_at_least(1), "maximum number of epochs")
     patience: int = setting(20, int_at_least(1), "epochs without a better validation PCC before stopping")

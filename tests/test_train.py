@@ -199,7 +199,8 @@ def test_warmstart_schedule_trains_all_genes_first(bundle_of):
 
 
 @pytest.mark.parametrize("method, extra", [("topk", {"k": 100}), ("random_k", {"k": 100}), ("uncertainty", {}),
-                                           ("dkgsb", {"hard": True}), ("dkgsb", {"first_order": True})])
+                                           ("dkgsb", {"hard": True}), ("dkgsb", {"first_order": True}),
+                                           ("dkgsb", {"hypergrad": "forward"}), ("dkgsb", {"hypergrad": "checkpointed"})])
 def test_every_method_runs_one_epoch(bundle_of, method, extra):
     cfg = small_config(method=method, epochs=2, **extra)
     res = fit(cfg, bundle_of(cfg))

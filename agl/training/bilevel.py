@@ -11,12 +11,22 @@ The model itself is never copied or modified: its parameters are swapped in func
 with ``torch.func.functional_call``, and its buffers (BatchNorm running statistics) are
 cloned for the unrolled steps, so the real ones stay untouched.
 
-Cost: ``H`` forward/backward passes with ``create_graph=True``, one validation
-forward/backward, and one backward through the unrolled graph (the second-order pass).
+Estimators (the ``hypergrad`` setting, registry ``HYPERGRADIENTS``):
+
+- ``unroll``: reverse mode through the whole unrolled graph. Cost: ``H`` forward/backward
+  passes with ``create_graph=True``, one validation forward/backward, and one backward through
+  the unrolled graph (the second-order pass); memory grows by one step's graph per step.
+- ``checkpointed``: the same gradient, but only ``theta_h`` and the optimiser state are kept on
+  the way forward; the backward pass recomputes one step at a time and pulls the adjoint through
+  it, so memory grows with ``H`` only by a copy of the parameters (and moments) per step.
+- ``forward`` (``agl.training.forward_mode``): the tangent ``d theta_h / d phi`` carried along the
+  trajectory; memory flat in ``H``, cost proportional to the number of outer scalars.
+- ``first_order=True``: the Hessian-free approximation (``_first_order``).
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import math
 from typing import Any, Callable, Iterator, Sequence
@@ -24,6 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from agl.errors import ConfigError
 
@@ -36,9 +47,20 @@ class FunctionalSGD:
 
     def __init__(self, params: Sequence[Tensor], lr: float, **_: Any):
         self.lr = lr
+        self.count = 0  # steps taken (kept for a common interface with FunctionalAdam)
+
+    def state(self) -> tuple[list[Tensor], ...]:
+        """The optimiser state as a tuple of per-parameter tensor lists (none for SGD)."""
+        return ()
+
+    def update(self, params: Sequence[Tensor], grads: Sequence[Tensor], state: tuple[list[Tensor], ...],
+               count: int) -> tuple[list[Tensor], tuple[list[Tensor], ...]]:
+        """Pure step ``(params, state) -> (params, state)``; ``count`` is the 1-based step number."""
+        return [p - self.lr * g for p, g in zip(params, grads)], ()
 
     def step(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
-        return [p - self.lr * g for p, g in zip(params, grads)]
+        self.count += 1
+        return self.update(params, grads, (), self.count)[0]
 
 
 class FunctionalAdam:
@@ -46,7 +68,9 @@ class FunctionalAdam:
 
     Each step returns new parameter tensors that stay in the autograd graph, so the
     trajectory can be differentiated. ``state`` seeds the moments (e.g. from the training
-    optimiser, as ``higher`` does); otherwise they start at zero.
+    optimiser, as ``higher`` does); otherwise they start at zero. ``update`` is the same
+    step as a pure function of ``(params, (m, v), count)``, for the estimators that replay
+    or differentiate single steps (checkpointed reverse, forward mode).
     """
 
     def __init__(self, params: Sequence[Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
@@ -55,26 +79,38 @@ class FunctionalAdam:
         if state is not None:
             self.m = [s["exp_avg"].detach().clone() for s in state]
             self.v = [s["exp_avg_sq"].detach().clone() for s in state]
-            self.t = int(state[0]["step"]) if len(state) else 0
+            self.count = int(state[0]["step"]) if len(state) else 0
         else:
             self.m = [torch.zeros_like(p) for p in params]
             self.v = [torch.zeros_like(p) for p in params]
-            self.t = 0
+            self.count = 0
 
-    def step(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
-        self.t += 1
+    def state(self) -> tuple[list[Tensor], ...]:
+        """``(m, v)``: first and second moments, one tensor per parameter."""
+        return list(self.m), list(self.v)
+
+    def update(self, params: Sequence[Tensor], grads: Sequence[Tensor], state: tuple[list[Tensor], ...],
+               count: int) -> tuple[list[Tensor], tuple[list[Tensor], ...]]:
+        """Pure step ``(params, (m, v)) -> (params, (m, v))``; ``count`` is the 1-based step number."""
         b1, b2 = self.betas
-        c1, c2 = 1.0 - b1**self.t, 1.0 - b2**self.t
-        out = []
-        for i, (p, g) in enumerate(zip(params, grads)):
-            self.m[i] = b1 * self.m[i] + (1.0 - b1) * g
-            self.v[i] = b2 * self.v[i] + (1.0 - b2) * g * g
-            v_hat = self.v[i] / c2
+        c1, c2 = 1.0 - b1**count, 1.0 - b2**count
+        out, ms, vs = [], [], []
+        for p, g, m, v in zip(params, grads, *state):
+            m = b1 * m + (1.0 - b1) * g
+            v = b2 * v + (1.0 - b2) * g * g
+            v_hat = v / c2
             # sqrt'(0) is infinite: where v_hat == 0 (g == 0 throughout) take sqrt(1) on a branch
             # that is then zeroed, so the second-order pass gets 0 instead of inf * 0 = NaN
             positive = v_hat > 0
             root = torch.where(positive, v_hat, torch.ones_like(v_hat)).sqrt() * positive
-            out.append(p - self.lr * (self.m[i] / c1) / (root + self.eps))
+            out.append(p - self.lr * (m / c1) / (root + self.eps))
+            ms.append(m)
+            vs.append(v)
+        return out, (ms, vs)
+
+    def step(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
+        self.count += 1
+        out, (self.m, self.v) = self.update(params, grads, (self.m, self.v), self.count)
         return out
 
 
@@ -131,8 +167,14 @@ class _Unrolled:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        # clones: BatchNorm updates running stats in place during training-mode forwards
-        self.buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        # A training-mode BatchNorm normalises by batch statistics, so its running statistics
+        # never change an output here: passing None skips their in-place update (which the
+        # torch.func transforms refuse, and which would otherwise need clones). Other buffers are cloned.
+        skipped = {f"{prefix}.{name}" if prefix else name
+                   for prefix, module in self.model.named_modules()
+                   if isinstance(module, _BatchNorm) and module.training
+                   for name in ("running_mean", "running_var", "num_batches_tracked")}
+        self.buffers = {n: None if n in skipped else b.clone() for n, b in self.model.named_buffers()}
         # models that can compute only their first outputs (Estimator) skip the auxiliary head rows
         self.partial = "n_outputs" in inspect.signature(self.model.forward).parameters
 
@@ -155,6 +197,35 @@ def _grads(loss: Tensor, params: Sequence[Tensor], create_graph: bool) -> list[T
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
+# --------------------------------------------------------------------------- estimators
+Estimate = tuple[float, list[float], list[Tensor]]  # (outer loss, inner losses, one gradient per outer parameter)
+
+# The ``hypergrad`` setting: name -> "module:function", imported when used (so validating a config
+# imports no estimator). Each is called as
+#     estimator(net: _Unrolled, gate, opt, train_batch, val_batch, n_primary, steps, outer) -> Estimate
+# with ``opt`` a fresh functional optimiser (``FunctionalSGD``/``FunctionalAdam``) over ``net.params``.
+HYPERGRADIENTS: dict[str, str] = {
+    "unroll": "agl.training.bilevel:unrolled_reverse",
+    "checkpointed": "agl.training.bilevel:checkpointed_reverse",
+    "forward": "agl.training.forward_mode:forward_mode",
+}
+
+
+def register_hypergradient(name: str, target: str) -> None:
+    """Add an estimator ``"module:function"`` under ``name`` (the value of the ``hypergrad`` setting)."""
+    if name in HYPERGRADIENTS and HYPERGRADIENTS[name] != target:
+        raise ValueError(f"hypergradient estimator {name!r} registered twice")
+    HYPERGRADIENTS[name] = target
+
+
+def hypergradient_estimator(name: str) -> Callable[..., Estimate]:
+    """The estimator function registered under ``name``."""
+    if name not in HYPERGRADIENTS:
+        raise ConfigError("hypergrad", f"unknown hypergradient estimator {name!r}; choose one of {', '.join(HYPERGRADIENTS)}")
+    module, function = HYPERGRADIENTS[name].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
 # --------------------------------------------------------------------------- hypergradient
 def hypergradient(
     model: nn.Module,
@@ -169,6 +240,7 @@ def hypergradient(
     first_order: bool = False,
     optimizer: torch.optim.Optimizer | None = None,
     fd_eps: float = 1e-2,
+    method: str = "unroll",
 ) -> dict[str, Any]:
     """Accumulate into ``p.grad`` for ``p in gate.outer_parameters()`` the hypergradient of the
     validation primary loss after ``inner_steps`` unrolled optimiser steps.
@@ -185,6 +257,8 @@ def hypergradient(
         optimizer: the training ``torch.optim.Adam``; if given, its moments seed the inner Adam
             (as ``higher`` does) so the unrolled steps continue the real optimiser's state.
         fd_eps: relative finite-difference step of the first-order approximation.
+        method: the estimator of the exact unrolled hypergradient (``HYPERGRADIENTS``):
+            ``unroll``, ``checkpointed`` or ``forward``; not combined with ``first_order``.
 
     Returns:
         ``outer_loss`` (float), ``inner_losses`` (floats), ``hypergrad`` (tensors, one per outer
@@ -195,6 +269,9 @@ def hypergradient(
         raise ConfigError("inner_optimizer", f"unknown inner optimiser {inner_optimizer!r}; choose {sorted(INNER_OPTIMIZERS)}")
     if inner_steps < 1:
         raise ConfigError("inner_steps", f"must be >= 1, got {inner_steps}")
+    estimator = hypergradient_estimator(method)
+    if first_order and method != "unroll":
+        raise ConfigError("hypergrad", f"first_order approximates the unrolled hypergradient; it takes no estimator (got {method!r})")
     outer = [p for p in gate.outer_parameters() if p.requires_grad]
     if not outer:
         return {"outer_loss": math.nan, "inner_losses": [], "hypergrad": [], "hypergrad_norm": 0.0}
@@ -206,7 +283,7 @@ def hypergradient(
         if first_order:
             outer_loss, inner_losses, hyper_grads = _first_order(net, gate, opt, train_batch, val_batch, n_primary, inner_steps, outer, fd_eps)
         else:
-            outer_loss, inner_losses, hyper_grads = _full(net, gate, opt, train_batch, val_batch, n_primary, inner_steps, outer)
+            outer_loss, inner_losses, hyper_grads = estimator(net, gate, opt, train_batch, val_batch, n_primary, inner_steps, outer)
 
     for p, g in zip(outer, hyper_grads):
         g = g.detach()
@@ -215,8 +292,8 @@ def hypergradient(
     return {"outer_loss": outer_loss, "inner_losses": inner_losses, "hypergrad": [g.detach() for g in hyper_grads], "hypergrad_norm": norm}
 
 
-def _full(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
-          steps: int, outer: list[Tensor]) -> tuple[float, list[float], list[Tensor]]:
+def unrolled_reverse(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
+                     steps: int, outer: list[Tensor]) -> Estimate:
     """Exact hypergradient of the unrolled objective: differentiate through every inner step."""
     params: list[Tensor] = list(net.params)  # the real leaves: the graph starts there, but we only ask for d/d outer
     inner_losses = []
@@ -229,8 +306,70 @@ def _full(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n
     return float(val_loss.detach()), inner_losses, [torch.zeros_like(p) if g is None else g for p, g in zip(outer, grads)]
 
 
+def _flat(state: tuple[list[Tensor], ...]) -> list[Tensor]:
+    return [x for xs in state for x in xs]
+
+
+def _unflat(flat: Sequence[Tensor], like: tuple[list[Tensor], ...]) -> tuple[list[Tensor], ...]:
+    out, i = [], 0
+    for xs in like:
+        out.append(list(flat[i:i + len(xs)]))
+        i += len(xs)
+    return tuple(out)
+
+
+def _leaves(tensors: Sequence[Tensor]) -> list[Tensor]:
+    return [x.detach().requires_grad_() for x in tensors]
+
+
+def checkpointed_reverse(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
+                         steps: int, outer: list[Tensor]) -> Estimate:
+    """``unroll``'s gradient with one step's graph alive at a time (recompute in the backward pass).
+
+    Forward: plain steps (first-order gradients, no graph), keeping ``theta_h``, the optimiser
+    state and the RNG state of each step. Backward, for ``h = H-1 .. 0``: recompute step ``h``
+    with its graph (same dropout masks), then one vector-Jacobian product pulls the adjoint
+    ``(a_theta, a_state)`` of step ``h + 1`` back to step ``h`` and adds ``a . d step_h / d phi``
+    to the hypergradient (the adjoint recursion of Franceschi et al. 2017, sec. 2.1, and of
+    Griewank's checkpointing with a checkpoint at every step). Costs about ``unroll`` plus ``H``
+    plain steps; memory is one step's second-order graph plus ``H`` copies of parameters and moments.
+    """
+    device = net.params[0].device
+    params = [p.detach() for p in net.params]
+    state = tuple([x.detach() for x in xs] for xs in opt.state())
+    start, saved, inner_losses = opt.count, [], []
+    for h in range(steps):
+        saved.append((params, state, _rng_state(device)))
+        current = _leaves(params)
+        loss = _weighted(gate, net.per_gene(current, train), n_primary)
+        grads = _grads(loss, current, create_graph=False)
+        with torch.no_grad():
+            params, state = opt.update(params, grads, state, start + h + 1)
+        inner_losses.append(float(loss.detach()))
+    final = _leaves(params)
+    val_loss = net.per_gene(final, val, n_primary).mean()
+    adj_params = _grads(val_loss, final, create_graph=False)
+    adj_state = [torch.zeros_like(x) for x in _flat(state)]
+    total = [torch.zeros_like(p) for p in outer]
+    n = len(adj_params)
+    for h in reversed(range(steps)):
+        params_h, state_h, rng = saved[h]
+        saved[h] = None  # this step's copies are not needed after its recomputation
+        p_in, s_in = _leaves(params_h), _leaves(_flat(state_h))
+        with _replay_rng(rng, device):
+            loss = _weighted(gate, net.per_gene(p_in, train), n_primary)
+        grads = _grads(loss, p_in, create_graph=True)
+        p_out, s_out = opt.update(p_in, grads, _unflat(s_in, state_h), start + h + 1)
+        outputs, cotangents = [*p_out, *_flat(s_out)], [*adj_params, *adj_state]
+        pulled = torch.autograd.grad(outputs, [*p_in, *s_in, *outer], cotangents, allow_unused=True)
+        pulled = [torch.zeros_like(x) if g is None else g for x, g in zip([*p_in, *s_in, *outer], pulled)]
+        adj_params, adj_state = pulled[:n], pulled[n:len(pulled) - len(outer)]
+        total = [t + g for t, g in zip(total, pulled[len(pulled) - len(outer):])]
+    return float(val_loss.detach()), inner_losses, total
+
+
 def _first_order(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
-                 steps: int, outer: list[Tensor], fd_eps: float) -> tuple[float, list[float], list[Tensor]]:
+                 steps: int, outer: list[Tensor], fd_eps: float) -> Estimate:
     """First-order approximation: inner gradients are computed without ``create_graph``.
 
     Taken literally, treating the inner gradients ``g_h`` as constants leaves the validation loss

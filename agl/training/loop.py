@@ -256,7 +256,8 @@ class _Trainer:
                           (xt.to(self.device), yt[:, : self.n_out].to(self.device)),
                           (xv.to(self.device), yv[:, : self.n_out].to(self.device)),
                           self.n_primary, self.cfg.inner_steps, self.cfg.lr,
-                          self.cfg.inner_optimizer, self.cfg.first_order, optimizer=self.opt)
+                          self.cfg.inner_optimizer, self.cfg.first_order, optimizer=self.opt,
+                          method=self.cfg.hypergrad)
             _allreduce(self.outer_params)
             self.outer_opt.step()
             self.gate.project_()
