@@ -152,9 +152,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- agl bench core
-def cmd_bench_core(args: argparse.Namespace) -> int:
-    from agl.bench.core import run_bench_core
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
 
+
+def cmd_bench_core(args: argparse.Namespace) -> int:
+    from agl.bench.core import run_bench_core, run_bench_hypergrad
+
+    if args.horizons or args.finetune_horizons:
+        skip = {k: int(v) for k, v in (item.split("=") for item in args.skip.split(",") if item)} if args.skip else None
+        run_bench_hypergrad(open_store_arg(args.store), Path(args.out), _int_list(args.horizons),
+                            _int_list(args.finetune_horizons), args.repeats, args.finetune_repeats,
+                            args.finetune_backbone, args.finetune_batch, args.patch_px if args.patch_px != 112 else 224,
+                            args.threads, skip, memory_horizons=_int_list(args.memory_horizons) or None)
+        return 0
     report = run_bench_core(store=open_store_arg(args.store), out=Path(args.out), repeats=args.repeats,
                             patch_px=args.patch_px)
     print(json.dumps(report, indent=2))
@@ -198,4 +209,13 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
     p.add_argument("--out", default="results", help="folder for bench_core.json")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (median)")
     p.add_argument("--patch-px", type=int, default=112, help="patch size for the fine-tuning measurement")
+    p.add_argument("--horizons", default="", help="hypergradient estimators vs H in features mode, e.g. 1,2,4,12 "
+                                                  "(with --finetune-horizons: only this comparison runs)")
+    p.add_argument("--finetune-horizons", default="", help="the same in fine-tune mode, e.g. 1,2")
+    p.add_argument("--finetune-repeats", type=int, default=1, help="repeats per fine-tune measurement")
+    p.add_argument("--finetune-backbone", default="torchvision/resnet18", help="backbone (random init) for fine-tune timing")
+    p.add_argument("--finetune-batch", type=int, default=64, help="batch size of fine-tune inner and outer steps")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for the estimator comparison")
+    p.add_argument("--memory-horizons", default="", help="measure peak memory (fresh processes) only at these H")
+    p.add_argument("--skip", default="", help="METHOD=H0,...: leave METHOD out for H >= H0 (e.g. unroll=4)")
     p.set_defaults(func=cmd_bench_core)

@@ -41,7 +41,8 @@ def _maxrss_mb() -> float:
 
 
 def _setup(store_path: str, split: str, mode: str, patch_px: int, inner_steps: int,
-           inner_optimizer: str = "adam") -> dict[str, Any]:
+           inner_optimizer: str = "adam", backbone: str = FINETUNE_BACKBONE, batch: int | None = None,
+           threads: int = 1) -> dict[str, Any]:
     """Model, gate, optimisers and one training + one validation batch of the real store."""
     import torch
     import torch.nn.functional as F
@@ -50,13 +51,14 @@ def _setup(store_path: str, split: str, mode: str, patch_px: int, inner_steps: i
     from agl.data.store import open_store
     from agl.training.loop import TrainConfig, _Trainer
 
-    torch.set_num_threads(1)
-    cfg = TrainConfig(method="dkgsb", mode=mode, backbone=FINETUNE_BACKBONE, device="cpu", seed=0,
+    torch.set_num_threads(threads)
+    cfg = TrainConfig(method="dkgsb", mode=mode, backbone=backbone if mode == "finetune" else FINETUNE_BACKBONE,
+                      device="cpu", seed=0,
                       inner_steps=inner_steps, inner_optimizer=inner_optimizer,
                       weights="imagenet" if mode == "features" else None)
     data = make_bundle(open_store(store_path), split, cfg)
     tr = _Trainer(cfg, data)
-    batch = FEATURE_BATCH if mode == "features" else FINETUNE_BATCH
+    batch = batch or (FEATURE_BATCH if mode == "features" else FINETUNE_BATCH)
 
     def resize(x: torch.Tensor) -> torch.Tensor:
         if mode == "finetune" and x.shape[-1] != patch_px:
@@ -187,3 +189,213 @@ def run_bench_core(store: Any, out: Path, repeats: int = 3, patch_px: int = 112,
           f"({report['finetune']['epoch_s']:.1f} s fine-tuning vs {report['features']['epoch_s']:.2f} s on features)")
     print(f"written: {out / 'bench_core.json'}")
     return report
+
+
+# --------------------------------------------------------------------------- hypergradient estimators vs H
+def _estimators() -> list[str]:
+    """Every registered exact estimator, then the first-order approximation."""
+    from agl.training.bilevel import HYPERGRADIENTS
+
+    return [*HYPERGRADIENTS, "first_order"]
+
+
+def _hyper_step(s: dict[str, Any], method: str, horizon: int) -> None:
+    """One outer step (hypergradient through ``horizon`` inner steps, then the gate update) with ``method``."""
+    from agl.training.bilevel import hypergradient
+
+    tr, cfg = s["tr"], s["cfg"]
+    tr.model.train()
+    tr.outer_opt.zero_grad(set_to_none=True)
+    first_order = method == "first_order"
+    hypergradient(tr.model, tr.gate, tr.loss_fn, s["train"], s["val"], tr.n_primary, horizon, cfg.lr,
+                  cfg.inner_optimizer, first_order, optimizer=tr.opt, method="unroll" if first_order else method)
+    tr.outer_opt.step()
+    tr.gate.project_()
+
+
+class _PeakRSS:
+    """Peak resident memory above the level at entry, sampled every 2 ms by a thread (psutil).
+
+    ``ru_maxrss`` is a process-lifetime peak and would hide an operation that peaks below an
+    earlier one (the warm-up step); sampling sees each operation's own peak.
+    """
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.process = psutil.Process()
+        self.peak = self.base = 0
+
+    def __enter__(self) -> "_PeakRSS":
+        import threading
+
+        self.base = self.peak = self.process.memory_info().rss
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.002):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def _memory_of(store_path: str, split: str, mode: str, method: str, horizon: int, patch_px: int,
+               backbone: str, batch: int, threads: int) -> dict[str, Any]:
+    """In a fresh process: peak RSS growth of one plain step (``method == "plain"``) or one outer step."""
+    s = _setup(store_path, split, mode, patch_px, horizon, "adam", backbone, batch, threads)
+    _plain_step(s)  # Adam state exists (the inner Adam starts warm from it), allocator warmed up
+    with _PeakRSS() as peak:
+        t0 = time.perf_counter()
+        _plain_step(s) if method == "plain" else _hyper_step(s, method, horizon)
+        seconds = time.perf_counter() - t0
+    return {"peak_growth_mb": peak.growth_mb, "seconds": seconds}
+
+
+def _fresh_memory(*args: Any) -> dict[str, Any]:
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
+        return pool.submit(_memory_of, *args).result()
+
+
+def bench_hypergradients(store_path: str, split: str, mode: str, horizons: list[int], repeats: int = 3,
+                         patch_px: int = 224, backbone: str = FINETUNE_BACKBONE, batch: int | None = None,
+                         threads: int = 1, methods: list[str] | None = None,
+                         skip: dict[str, int] | None = None,
+                         memory_horizons: list[int] | None = None) -> dict[str, Any]:
+    """Time of the plain step and of each estimator's outer step for each ``H``, in this process.
+
+    Per ``H`` and repeat, the plain step and every estimator run once, in an order rotated
+    (and reversed on odd repeats) from one repeat to the next, so drift of a shared machine
+    does not favour one of them; medians over repeats. Then the peak memory of each, one fresh
+    process per measurement (only at ``memory_horizons`` if given: each costs a process start and
+    a model set-up). ``skip[method] = H0`` leaves out ``method`` for ``H >= H0`` (the
+    reverse unroll at large ``H`` does not fit in memory).
+    """
+    methods = methods or _estimators()
+    skip = skip or {}
+    batch = batch or (FEATURE_BATCH if mode == "features" else FINETUNE_BATCH)
+    s = _setup(store_path, split, mode, patch_px, max(horizons), "adam", backbone, batch, threads)
+    _plain_step(s)
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for horizon in horizons:
+        todo = ["plain", *[m for m in methods if horizon < skip.get(m, 10**9)]]
+        times: dict[str, list[float]] = {name: [] for name in todo}
+        for r in range(repeats):
+            order = todo[r % len(todo):] + todo[:r % len(todo)]
+            for name in (order if r % 2 == 0 else order[::-1]):
+                t0 = time.perf_counter()
+                _plain_step(s) if name == "plain" else _hyper_step(s, name, horizon)
+                times[name].append(time.perf_counter() - t0)
+            log.info("bench hypergrad %s H=%d repeat %d/%d done (%.0f s elapsed)", mode, horizon, r + 1, repeats,
+                     time.perf_counter() - started)
+        plain = statistics.median(times["plain"])
+        for name in todo:
+            median = statistics.median(times[name])
+            rows.append({"mode": mode, "H": horizon, "method": name, "seconds_median": median, "seconds_all": times[name],
+                         "vs_H_plain": median / (horizon * plain) if name != "plain" else 1.0 / horizon})
+    for row in rows:  # peak memory, each in a fresh process
+        if memory_horizons is not None and row["H"] not in memory_horizons:
+            row["peak_rss_growth_mb"] = None
+            continue
+        mem = _fresh_memory(store_path, split, mode, row["method"], row["H"], patch_px, backbone, batch, threads)
+        row["peak_rss_growth_mb"] = mem["peak_growth_mb"]
+        log.info("bench hypergrad %s H=%d %s: %.2f s median, peak RSS +%.0f MB", mode, row["H"], row["method"],
+                 row["seconds_median"], row["peak_rss_growth_mb"])
+    for row in rows:
+        plain_mb = next(r["peak_rss_growth_mb"] for r in rows if r["H"] == row["H"] and r["method"] == "plain")
+        measured = row["peak_rss_growth_mb"] is not None
+        row["vs_plain_memory"] = row["peak_rss_growth_mb"] / max(plain_mb, 1.0) if measured else None
+    return {"mode": mode, "horizons": horizons, "repeats": repeats, "batch": batch, "threads": threads,
+            "backbone": backbone if mode == "finetune" else None, "patch_px": patch_px if mode == "finetune" else None,
+            "input_shape": list(s["train"][0].shape[1:]), "n_outputs": int(s["tr"].n_out),
+            "skipped": {m: f"H >= {h}" for m, h in skip.items()}, "rows": rows}
+
+
+def plot_hypergradients(sections: list[dict[str, Any]], path: Path) -> None:
+    """Time (x H plain steps) and peak memory against H, one column per mode, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(sections), figsize=(5.5 * len(sections), 7), squeeze=False)
+    for col, section in enumerate(sections):
+        methods = list(dict.fromkeys(r["method"] for r in section["rows"]))
+        for method in methods:
+            rows = [r for r in section["rows"] if r["method"] == method]
+            hs = [r["H"] for r in rows]
+            if method != "plain":
+                axes[0, col].plot(hs, [r["vs_H_plain"] for r in rows], marker="o", label=method)
+            measured = [r for r in rows if r["peak_rss_growth_mb"] is not None]
+            axes[1, col].plot([r["H"] for r in measured], [r["peak_rss_growth_mb"] / 1024 for r in measured],
+                              marker="o", label=method)
+        title = section["mode"] + (f" ({section['backbone']}, {section['patch_px']} px" if section["backbone"] else " (")
+        title += f", batch {section['batch']}, {section['n_outputs']} outputs)"
+        axes[0, col].set_title(title, fontsize=9)
+        axes[0, col].set_ylabel("outer step / (H x plain step)")
+        axes[1, col].set_ylabel("peak RSS growth (GiB)")
+        for ax in axes[:, col]:
+            ax.set_xlabel("H (unrolled inner steps)")
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def print_hypergradients(section: dict[str, Any]) -> None:
+    print(f"{section['mode']}: outer step / (H x plain), peak RSS growth (MB)")
+    for row in section["rows"]:
+        memory = ("not measured" if row["peak_rss_growth_mb"] is None
+                  else f"+{row['peak_rss_growth_mb']:.0f} MB ({row['vs_plain_memory']:.2f}x plain)")
+        print(f"  H={row['H']:<3d} {row['method']:13s} {row['seconds_median']:8.3f} s  {row['vs_H_plain']:6.2f}x  {memory}")
+
+
+def run_bench_hypergrad(store: Any, out: Path, horizons: list[int], finetune_horizons: list[int], repeats: int = 3,
+                        finetune_repeats: int = 1, finetune_backbone: str = "torchvision/resnet18",
+                        finetune_batch: int = 64, patch_px: int = 224, threads: int = 2,
+                        skip: dict[str, int] | None = None, split: str | None = None,
+                        memory_horizons: list[int] | None = None) -> dict[str, Any]:
+    """Estimators vs H in features and fine-tune mode; adds ``hypergrad`` to ``out/bench_core.json``
+    (other keys of an existing file are kept) and writes ``out/bench_core_hypergrad.png``."""
+    import torch
+
+    from agl.fileio import atomic_write_json
+
+    if split is None:
+        split = next((n for n in store.split_names if n.startswith("kfold")), None) or store.split_names[0]
+    sections = []
+    if horizons:
+        sections.append(bench_hypergradients(str(store.path), split, "features", horizons, repeats, threads=threads,
+                                             memory_horizons=memory_horizons))
+        print_hypergradients(sections[-1])
+    if finetune_horizons:
+        sections.append(bench_hypergradients(str(store.path), split, "finetune", finetune_horizons, finetune_repeats,
+                                             patch_px, finetune_backbone, finetune_batch, threads, skip=skip,
+                                             memory_horizons=memory_horizons))
+        print_hypergradients(sections[-1])
+    path = out / "bench_core.json"
+    report = json.loads(path.read_text()) if path.exists() else {}
+    report["hypergrad"] = {"sections": sections, "torch": torch.__version__, "machine": platform.machine(),
+                           "memory_method": "peak of psutil RSS sampled every 2 ms during the one step, above the "
+                                            "RSS before it, in a fresh process after one warm-up plain step",
+                           "timing": "one process per mode, order rotated per repeat, medians"}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, report)
+    plot_hypergradients(sections, out / "bench_core_hypergrad.png")
+    print(f"written: {path}, {out / 'bench_core_hypergrad.png'}")
+    return report["hypergrad"]

@@ -1,0 +1,25 @@
+"""agl bench core's estimator comparison: its memory probe and its plot (the timings are the benchmark's)."""
+from __future__ import annotations
+
+import numpy as np
+
+from agl.bench.core import _PeakRSS, plot_hypergradients, print_hypergradients
+
+
+def test_peak_rss_sees_a_transient_allocation() -> None:
+    with _PeakRSS() as peak:
+        block = np.ones(256 * 2**20 // 8)  # 256 MiB, touched, then freed before the probe stops
+        del block
+    assert 200 < peak.growth_mb < 1024, peak.growth_mb
+
+
+def test_plot_and_table_of_a_section(tmp_path, capsys) -> None:
+    rows = [{"mode": "features", "H": h, "method": m, "seconds_median": s * h, "seconds_all": [s * h],
+             "vs_H_plain": s, "peak_rss_growth_mb": None if h == 2 else 100.0 * s, "vs_plain_memory": None if h == 2 else s}
+            for h in (1, 2, 4) for m, s in (("plain", 1.0), ("forward", 2.5))]
+    section = {"mode": "features", "backbone": None, "patch_px": None, "batch": 64, "n_outputs": 13949, "rows": rows}
+    plot_hypergradients([section], tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
+    print_hypergradients(section)
+    out = capsys.readouterr().out
+    assert "H=4   forward" in out and "not measured" in out and "2.50x plain" in out
