@@ -331,16 +331,17 @@ def plot_hypergradients(sections: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(2, len(sections), figsize=(5.5 * len(sections), 7), squeeze=False)
     for col, section in enumerate(sections):
         methods = list(dict.fromkeys(r["method"] for r in section["rows"]))
-        for method in methods:
+        for i, method in enumerate(methods):
+            style = {"marker": "o", "label": method, "color": f"C{i}"}  # one colour per method in both panels
             rows = [r for r in section["rows"] if r["method"] == method]
             hs = [r["H"] for r in rows]
             if method != "plain":
-                axes[0, col].plot(hs, [r["vs_H_plain"] for r in rows], marker="o", label=method)
+                axes[0, col].plot(hs, [r["vs_H_plain"] for r in rows], **style)
             measured = [r for r in rows if r["peak_rss_growth_mb"] is not None]
             axes[1, col].plot([r["H"] for r in measured], [r["peak_rss_growth_mb"] / 1024 for r in measured],
-                              marker="o", label=method)
-        title = section["mode"] + (f" ({section['backbone']}, {section['patch_px']} px" if section["backbone"] else " (")
-        title += f", batch {section['batch']}, {section['n_outputs']} outputs)"
+                              **style)
+        model = f"{section['backbone']} {section['patch_px']} px, " if section["backbone"] else ""
+        title = f"{section['mode']} ({model}batch {section['batch']}, {section['n_outputs']} outputs)"
         axes[0, col].set_title(title, fontsize=9)
         axes[0, col].set_ylabel("outer step / (H x plain step)")
         axes[1, col].set_ylabel("peak RSS growth (GiB)")
