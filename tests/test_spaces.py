@@ -150,3 +150,64 @@ def test_bad_start_with_names_the_entry(bad: str, message: str) -> None:
     raw.update(yaml.safe_load(bad))
     with pytest.raises(ConfigError, match=rf"pinned\.yaml: {message}"):
         parse_space(raw, "pinned.yaml")
+
+
+# --------------------------------------------------------------------------- conditional spaces, cv
+CONDITIONAL = {
+    "split": "loso-B4", "metric": "cv_pcc", "cv": {"kind": "loso"}, "num_samples": 4,
+    "fixed": {"mode": "features", "epochs": 6, "patience": 3},
+    "start_with": [{"method": "pgl"}, {"method": "dkgsb", "k": 100}],
+    "params": {
+        "method": {"type": "categorical", "choices": ["dkgsb", "topk", "pgl"]},
+        "k": {"type": "int", "low": 16, "high": 2048, "log": True, "when": {"method": ["dkgsb", "topk"]}},
+        "tau": {"type": "float", "low": 0.003, "high": 0.1, "log": True, "when": {"method": "dkgsb"}},
+        "lr": {"type": "float", "low": 3.0e-4, "high": 3.0e-3, "log": True},
+    },
+}
+
+
+def test_define_by_run_suggests_settings_only_where_the_method_uses_them() -> None:
+    import optuna
+
+    space = parse_space(CONDITIONAL)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        space.define_by_run()(trial)
+        method = trial.params["method"]
+        seen.add(method)
+        assert ("k" in trial.params) == (method in ("dkgsb", "topk"))
+        assert ("tau" in trial.params) == (method == "dkgsb")
+        assert "lr" in trial.params
+        study.tell(trial, 0.0)
+    assert seen == {"dkgsb", "topk", "pgl"}
+    # pinned trials are completed with the settings their method uses, and no others
+    pgl, dkgsb = space.start_with
+    assert set(pgl) == {"method", "lr"}
+    assert set(dkgsb) == {"method", "k", "tau", "lr"} and dkgsb["k"] == 100
+    assert space.active_params({"method": "pgl", "k": 5, "tau": 0.01, "lr": 1e-3}) == {"method": "pgl", "lr": 1e-3}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"params": {**CONDITIONAL["params"], "k": {"type": "int", "low": 1, "high": 9, "when": {"lr": [1]}}}},
+     "must be a categorical setting listed before"),
+    ({"params": {**CONDITIONAL["params"], "tau": {"type": "float", "low": 0.1, "high": 0.2,
+                                                  "when": {"method": ["agl_all"]}}}}, "not among its choices"),
+    ({"start_with": [{"method": "pgl", "k": 64}]}, "not used by this trial"),
+    ({"metric": "val_pcc"}, "with cv the trials report the fold mean"),
+    ({"cv": {"kind": "loso", "folds": 1}}, "cv.folds: must be an integer >= 3"),
+    ({"cv": {"kind": "bootstrap"}}, "cv: must be a mapping with kind"),
+    ({"min_bilevel_epochs": 5}, "guarantee only 3"),
+])
+def test_conditional_and_cv_space_errors(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_space({**CONDITIONAL, **change}, source="bad.yaml")
+
+
+def test_bundled_default_is_cross_slide_and_conditional() -> None:
+    space = load_space("default")
+    assert space.cv == {"kind": "loso", "folds": 3, "seed": 0, "max_folds": None}
+    assert space.split == "loso-B4" and space.metric == "cv_pcc" and space.min_bilevel_epochs >= 1
+    pinned = {p["method"]: p for p in space.start_with}
+    assert {"k", "tau", "outer_lr"} <= set(pinned["dkgsb"]) and not {"k", "tau", "outer_lr"} & set(pinned["pgl"])

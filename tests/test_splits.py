@@ -102,3 +102,24 @@ def test_bad_arguments(obs):
         make_splits(obs, kinds=("kfold", "bogus"))
     with pytest.raises(ConfigError, match="n_folds"):
         make_splits(obs, n_folds=2)
+
+
+def test_inner_folds_never_touch_the_outer_test_slide(demo_store) -> None:
+    from agl.data.splits import inner_folds
+    from agl.data.store import open_store
+
+    store = open_store(demo_store)
+    slides = store.spots["slide_id"].astype(str).to_numpy()
+    outer = store.split("loso-B4").to_numpy()
+    folds = inner_folds(store.spots, outer, kind="loso")
+    assert sorted(folds) == ["loso-C2", "loso-C3", "loso-C4", "loso-C5"]
+    for name, roles in folds.items():
+        assert set(roles[slides == "B4"]) == {""}             # the sweep's test slide: in no fold
+        held = name.removeprefix("loso-")
+        assert set(roles[slides == held]) == {"test"}          # the fold's score: a slide it never trained on
+        others = roles[(slides != held) & (slides != "B4")]
+        assert set(others) == {"train", "val"}
+    again = inner_folds(store.spots, outer, kind="loso")
+    assert all((again[n] == folds[n]).all() for n in folds)    # seeded: recomputed identically
+    spatial = inner_folds(store.spots, outer, kind="spatial", n_folds=3, max_folds=2)
+    assert len(spatial) == 2 and all(set(r[slides == "B4"]) == {""} for r in spatial.values())

@@ -2,6 +2,7 @@
 the champion is registered, and an interrupted sweep resumes without duplicating trials."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -125,3 +126,115 @@ def test_default_out_never_reuses_an_earlier_sweep(tmp_path: Path) -> None:
     (second / SWEEP_JSON).write_text("{}")
     assert default_sweep_out(False, base) == str(base.with_name("sweep-3"))
     assert default_sweep_out(True, base) == str(second)
+
+
+CV_SPACE = """
+description: cross-validated test sweep (2 of the 4 leave-one-slide-out folds, 2 epochs)
+split: loso-B4
+cv: {kind: loso, max_folds: 2}
+metric: cv_pcc
+mode: max
+num_samples: 3
+seed: 0
+scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
+resources: {cpu: 1}
+fixed: {mode: features, epochs: 2, patience: 2, inner_steps: 1, trunk: [64]}
+start_with:
+  - {method: pgl}
+  - {method: topk, k: 64}
+params:
+  method: {type: categorical, choices: [topk, pgl]}
+  k:      {type: int, low: 8, high: 256, log: true, when: {method: topk}}
+  lr:     {type: float, low: 5.0e-4, high: 3.0e-3, log: true}
+"""
+
+
+def test_cross_validated_sweep_refits_the_champion(ray_local, demo_store: Path, tmp_path: Path) -> None:
+    """cv_pcc is the fold mean (s.e. as scipy's sem), every trial logs its gene set, k and fold metrics,
+    PGL trials carry no k, and the champion is the refit on every non-test spot, scored on B4."""
+    import json
+
+    from scipy import stats
+
+    space_file = tmp_path / "cv.yaml"
+    space_file.write_text(CV_SPACE)
+    out = tmp_path / "sweep"
+    summary = run_sweep(SweepOptions(space=str(space_file), store=str(demo_store), out=str(out)))
+    table = summary.table
+    assert len(table) == 3 and set(table["status"]) == {"finished"}
+    for _, row in table.iterrows():
+        folds = json.loads(row["fold_pcc"])
+        assert sorted(folds) == ["loso-C2", "loso-C3"]          # never the test slide B4
+        assert row["cv_pcc"] == pytest.approx(sum(folds.values()) / 2)
+        assert row["cv_pcc_se"] == pytest.approx(stats.sem(list(folds.values())))
+        assert (row["param.method"] == "pgl") == pd.isna(row["param.k"])  # conditional space
+    assert table["cv_pcc"].is_monotonic_decreasing
+    assert summary.best["trial_id"] == table.iloc[0]["trial_id"]
+    # the champion: a refit of the best configuration, scored once on the held-out slide
+    champion = summary.champion
+    assert champion["trial_id"] == summary.best["trial_id"]
+    refit_result = json.loads((out / "champion" / "result.json").read_text())
+    assert refit_result["refit_of"] == summary.best["trial_id"] and -1 < refit_result["metrics"]["test_pcc"] < 1
+    assert (out / "champion" / "model.safetensors").is_file() or list((out / "champion").glob("*.safetensors"))
+    c = tracking.client(summary.tracking_uri)
+    version = c.get_model_version_by_alias("agl-model", "champion")
+    assert version.run_id == champion["run_id"]
+    assert c.get_run(version.run_id).data.tags["agl.kind"] == "refit"
+    exp_id = c.get_experiment_by_name("agl-sweep").experiment_id
+    for trial_id, run_id in tracking.child_runs(summary.tracking_uri, exp_id, summary.parent_run_id).items():
+        run = c.get_run(run_id)
+        assert {"selected_genes.csv", "result.json"} <= {a.path for a in c.list_artifacts(run_id)}
+        assert "final_k" in run.data.metrics and "gene_set_sha256" in run.data.tags
+        if trial_id != "refit":
+            assert len(c.get_metric_history(run_id, "fold_pcc")) == 2
+    # the summary: by method, the champion, and the PGL comparison line
+    text = (out / "summary.md").read_text()
+    assert "best finished trial per method" in text and "champion: refit of" in text
+    assert "PGL trial" in text and ("beyond the fold noise" in text or "within the fold noise" in text)
+
+
+def test_pgl_comparison_is_a_paired_t_test() -> None:
+    from scipy import stats
+
+    from agl.distributed.spaces import parse_space
+    from agl.distributed.tune import compare_with_pgl
+
+    space = parse_space({"split": "loso-B4", "metric": "cv_pcc", "cv": {"kind": "loso"},
+                         "params": {"method": {"type": "categorical", "choices": ["dkgsb", "pgl"]}}})
+    aux = {"a": 0.22, "b": 0.25, "c": 0.20, "d": 0.24}
+    pgl = {"a": 0.17, "b": 0.21, "c": 0.18, "d": 0.16}
+    table = pd.DataFrame([
+        {"trial_id": "t1", "status": "finished", "param.method": "dkgsb", "cv_pcc": 0.2275, "cv_pcc_se": 0.01,
+         "fold_pcc": json.dumps(aux)},
+        {"trial_id": "t2", "status": "finished", "param.method": "pgl", "cv_pcc": 0.18, "cv_pcc_se": 0.01,
+         "fold_pcc": json.dumps(pgl)},
+    ])
+    verdict = compare_with_pgl(table, space)
+    expected = stats.ttest_rel(list(aux.values()), list(pgl.values()), alternative="greater").pvalue
+    assert verdict["p_value"] == pytest.approx(expected) and verdict["n_folds"] == 4
+    assert verdict["beyond_noise"] == (expected < 0.05) and "beyond the fold noise" in verdict["line"]
+    assert verdict["mean_diff"] == pytest.approx(0.0475)
+
+
+def test_fair_asha_never_stops_pinned_trials() -> None:
+    from agl.distributed.tune import FairASHA
+
+    space = load_space("default")
+    scheduler = _scheduler(space, "function", 4)
+    assert isinstance(scheduler, FairASHA) and scheduler.protected == len(space.start_with) == 3
+    assert scheduler._time_attr == "folds_done"
+
+    class Trial:
+        def __init__(self, trial_id: str):
+            self.trial_id, self.config = trial_id, {}
+
+    trials = [Trial(f"t{i}") for i in range(6)]
+    for t in trials:
+        scheduler.on_trial_add(None, t)
+    decisions = {}
+    # the pinned trials score worst; ASHA would stop them at the first rung (reduction factor 2)
+    for t, score in zip(trials, [0.1, 0.11, 0.12, 0.3, 0.31, 0.32]):
+        for folds in (1, 2):
+            decisions[t.trial_id] = scheduler.on_trial_result(None, t, {"folds_done": folds, "cv_pcc": score,
+                                                                        "training_iteration": folds})
+    assert all(decisions[f"t{i}"] == FairASHA.CONTINUE for i in range(3))

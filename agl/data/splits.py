@@ -155,3 +155,34 @@ def make_splits(obs: pd.DataFrame, kinds: Iterable[str] = ("kfold", "spatial", "
 def split_kind(name: str) -> str:
     """The kind of a split name (``kfold-s0-f1`` -> ``kfold``)."""
     return name.split("-", 1)[0]
+
+
+def inner_folds(obs: pd.DataFrame, outer_roles: Iterable[str], kind: str = "loso", n_folds: int = 3,
+                seed: int = 0, max_folds: int | None = None) -> dict[str, np.ndarray]:
+    """Cross-validation folds over the spots a sweep may see: everything but ``outer_roles == "test"``.
+
+    The outer split's test spots (the sweep's held-out slide or slides) get role ``""`` in every
+    fold, so no fold trains, validates or scores on them. Within the rest, the folds are the
+    registered split kinds applied to those spots only: ``loso`` holds out one remaining slide
+    per fold (its spots are the fold's ``test`` part, the score; a seeded 20% of the other
+    slides validate for early stopping and outer steps), ``spatial`` / ``kfold`` cut
+    ``n_folds`` spot folds per slide. Names are ``{kind}-...`` as in :func:`make_splits`,
+    seeded by ``seed`` and the slide names, so a trial recomputes the same folds anywhere.
+    ``max_folds`` keeps the first folds only (in name order).
+    """
+    if kind not in SPLIT_KINDS:
+        raise ConfigError("cv", f"unknown fold kind {kind!r}; known: {sorted(SPLIT_KINDS)}")
+    outer = np.asarray(list(outer_roles), dtype=object)
+    if len(outer) != len(obs):
+        raise ConfigError("cv", f"outer split has {len(outer)} roles for {len(obs)} spots")
+    seen = np.flatnonzero(outer != "test")
+    inner = SPLIT_KINDS[kind](obs.iloc[seen], n_folds, [seed])
+    if not inner:
+        raise ConfigError("cv", f"{kind} folds need at least 2 slides outside the test part, found "
+                                f"{sorted(pd.unique(obs[OBS_SLIDE].astype(str).to_numpy()[seen]))}")
+    folds: dict[str, np.ndarray] = {}
+    for name in sorted(inner)[:max_folds]:
+        roles = np.full(len(obs), "", dtype=object)
+        roles[seen] = inner[name]
+        folds[name] = roles
+    return folds

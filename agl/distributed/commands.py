@@ -71,7 +71,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                         use_gpu=args.use_gpu, max_concurrent=args.max_concurrent, storage_path=args.storage_path,
                         dashboard=args.dashboard)
     summary = run_sweep(opts)
-    print(format_table(summary.table, summary.best))
+    print(summary.text or format_table(summary.table, summary.best))
     print(f"\ntrial table: {summary.paths.get('table_csv')}\nplot: {summary.paths.get('table_png')}")
     print(f"MLflow: {summary.tracking_uri} (parent run {summary.parent_run_id}); "
           f"champion: {args.model_name} version {summary.champion_version or '-'}")

@@ -22,7 +22,24 @@ option, or a derived key such as ``trunk_width``), and every value a space can p
 is checked by that same schema when the file is loaded, so a bad space fails before any
 trial runs. The metric direction is ``direction`` (the YAML key ``mode`` is its old
 name: it is still read, with a deprecation warning, as ``mode`` under ``fixed`` is the
-training mode, features or finetune).
+training mode, features or finetune). A setting
+that only some methods use says so with ``when`` (``tau: {type: float, ..., when: {method:
+[dkgsb]}}``): the space is sampled define-by-run (Optuna suggests ``tau`` only in trials whose
+``method`` is listed), so a PGL trial neither searches nor logs k, tau or outer_lr.
+
+Cross-validated objective (``cv``): the outer ``split`` names the sweep's test part (``loso-B4``:
+slide B4), which no trial ever sees; each trial trains on the folds
+:func:`agl.data.splits.inner_folds` cuts from the remaining spots and reports ``cv_pcc`` (the
+mean of the folds' held-out PCC) and ``cv_pcc_se`` (its standard error)::
+
+    split: loso-B4
+    metric: cv_pcc
+    cv: {kind: loso}                   # or {kind: spatial, folds: 3, seed: 0}; max_folds: N
+    min_bilevel_epochs: 3              # every DkGSB fold runs at least 3 bi-level epochs
+
+With ``cv`` the scheduler counts folds (ASHA's ``grace_period`` is in folds) and the pinned
+``start_with`` trials are never stopped early; after the search the best configuration is
+refit on every non-test spot and scored once on the test part (the champion).
 """
 from __future__ import annotations
 
@@ -42,10 +59,14 @@ log = logging.getLogger(__name__)
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"  # shipped in the wheel
 DIST_KEYS = {
-    "float": {"type", "low", "high", "log", "step"},
-    "int": {"type", "low", "high", "log", "step"},
-    "categorical": {"type", "choices"},
+    "float": {"type", "low", "high", "log", "step", "when"},
+    "int": {"type", "low", "high", "log", "step", "when"},
+    "categorical": {"type", "choices", "when"},
 }
+CV_KEYS = {"kind", "folds", "seed", "max_folds"}
+CV_KINDS = ("loso", "spatial", "kfold")
+# methods whose gate has outer parameters trained by bi-level steps
+BILEVEL_METHODS = ("dkgsb",)
 SCHEDULERS = {"asha": {"name", "grace_period", "reduction_factor"}, "fifo": {"name"}}
 METRIC_MODES = ("max", "min")
 
@@ -65,6 +86,19 @@ class Distribution:
     log: bool = False
     step: float | None = None
     choices: tuple = ()
+    when: tuple[tuple[str, tuple], ...] = ()   # ((setting, allowed values), ...): sampled only then
+
+    def active(self, values: Mapping[str, Any]) -> bool:
+        """Whether this setting is searched in a trial whose earlier settings are ``values``."""
+        return all(key in values and values[key] in allowed for key, allowed in self.when)
+
+    def suggest(self, trial: Any, name: str) -> Any:
+        """Ask an Optuna trial (define-by-run) for this setting's value."""
+        if self.type == "categorical":
+            return trial.suggest_categorical(name, list(self.choices))
+        if self.type == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(name, float(self.low), float(self.high), step=self.step, log=self.log)
 
     def contains(self, value: Any) -> bool:
         """Whether the distribution can produce ``value``."""
@@ -115,6 +149,20 @@ class SearchSpace:
     # complete parameter sets of the first trials (from partial ones in the file, see _default_value);
     # Optuna runs them first, then samples
     start_with: tuple[dict[str, Any], ...] = ()
+    cv: dict[str, Any] | None = None       # cross-validation folds (see the module docstring); None: one split
+    min_bilevel_epochs: int = 0
+
+    def define_by_run(self) -> "DefineByRun":
+        """The Optuna define-by-run function of this space (conditional settings only where active)."""
+        return DefineByRun(dict(self.params))
+
+    def active_params(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` without the settings their trial does not use (for pinned trials and tables)."""
+        kept: dict[str, Any] = {}
+        for name, dist in self.params.items():
+            if name in values and dist.active(kept):
+                kept[name] = values[name]
+        return kept
 
     def tune_space(self) -> dict[str, Any]:
         """The Tune ``param_space`` (searched keys only; fixed values are merged per trial)."""
@@ -128,6 +176,21 @@ class SearchSpace:
 # YAML top-level keys: SearchSpace's fields, with the direction under its own name
 DIRECTION_KEY, OLD_DIRECTION_KEY = "direction", "mode"
 TOP_KEYS = {f.name for f in dataclasses.fields(SearchSpace)} - {"source", "mode"} | {DIRECTION_KEY}
+
+
+class DefineByRun:
+    """Optuna define-by-run space for Ray's ``OptunaSearch(space=...)``: settings in file order,
+    each suggested only when its ``when`` conditions hold (a picklable object, saved with the sweep)."""
+
+    def __init__(self, params: Mapping[str, Distribution]):
+        self.params = dict(params)
+
+    def __call__(self, trial: Any) -> None:
+        values: dict[str, Any] = {}
+        for name, dist in self.params.items():
+            if dist.active(values):
+                values[name] = dist.suggest(trial, name)
+        return None
 
 
 def expand(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -192,6 +255,7 @@ def parse_space(raw: Any, source: str = "<space>") -> SearchSpace:
     if both:
         raise err(f"{both} appear in both 'fixed' and 'params'")
     params = {key: _parse_dist(err, f"params.{key}", spec) for key, spec in params_raw.items()}
+    _check_conditions(err, params)
 
     # every value the space can produce must make a valid TrainConfig
     fixed_expanded = expand(fixed)
@@ -223,12 +287,22 @@ def parse_space(raw: Any, source: str = "<space>") -> SearchSpace:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise err(f"seed: must be an integer, got {seed!r}")
     start_with = _parse_start_with(err, raw.get("start_with") or [], params, fixed_expanded)
+    cv = _parse_cv(err, raw.get("cv"), split)
+    if cv is not None and not metric.startswith("cv_"):
+        raise err(f"metric: with cv the trials report the fold mean 'cv_pcc' (and 'cv_pcc_se'), got {metric!r}")
+    if cv is None and metric.startswith("cv_"):
+        raise err(f"metric: {metric!r} needs a 'cv' section (cross-validation folds)")
+    min_bilevel = raw.get("min_bilevel_epochs", 0)
+    if not isinstance(min_bilevel, int) or isinstance(min_bilevel, bool) or min_bilevel < 0:
+        raise err(f"min_bilevel_epochs: must be a non-negative integer, got {min_bilevel!r}")
+    _check_bilevel_budget(err, min_bilevel, params, fixed_expanded)
     if len(start_with) > num_samples:
         raise err(f"start_with: {len(start_with)} pinned trials but num_samples is {num_samples}")
     return SearchSpace(
         source=source, params=params, fixed=dict(fixed), split=split, metric=metric, mode=mode,
         num_samples=num_samples, scheduler=scheduler, resources=dict(resources), seed=seed,
-        description=str(raw.get("description", "")), start_with=start_with,
+        description=str(raw.get("description", "")), start_with=start_with, cv=cv,
+        min_bilevel_epochs=min_bilevel,
     )
 
 
@@ -241,6 +315,56 @@ def _direction_key(err: "_Errors", raw: Mapping[str, Any], source: str) -> str:
     log.warning("%s: top-level '%s' is deprecated; write '%s: %s' (the metric direction)", source,
                 OLD_DIRECTION_KEY, DIRECTION_KEY, raw[OLD_DIRECTION_KEY])
     return OLD_DIRECTION_KEY
+
+
+def _check_conditions(err: "_Errors", params: Mapping[str, Distribution]) -> None:
+    """``when`` names a categorical setting listed earlier and values among its choices."""
+    seen: list[str] = []
+    for name, dist in params.items():
+        for key, allowed in dist.when:
+            if key not in seen or params[key].type != "categorical":
+                raise err(f"params.{name}.when: {key!r} must be a categorical setting listed before {name!r}")
+            outside = [v for v in allowed if v not in params[key].choices]
+            if outside:
+                raise err(f"params.{name}.when.{key}: {outside} are not among its choices {list(params[key].choices)}")
+        seen.append(name)
+
+
+def _parse_cv(err: "_Errors", raw: Any, split: str) -> dict[str, Any] | None:
+    """``cv: {kind: loso | spatial | kfold, folds: N, seed: S, max_folds: M}``."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or raw.get("kind") not in CV_KINDS:
+        raise err(f"cv: must be a mapping with kind one of {CV_KINDS}, got {raw!r}")
+    unknown = sorted(set(raw) - CV_KEYS)
+    if unknown:
+        raise err(f"cv: unknown key(s) {unknown}; allowed: {sorted(CV_KEYS)}")
+    cv = {"kind": raw["kind"], "folds": raw.get("folds", 3), "seed": raw.get("seed", 0),
+          "max_folds": raw.get("max_folds")}
+    for key, low in (("folds", 3), ("seed", 0), ("max_folds", 2)):
+        value = cv[key]
+        if value is None and key == "max_folds":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise err(f"cv.{key}: must be an integer >= {low}, got {value!r}")
+    return cv
+
+
+def _check_bilevel_budget(err: "_Errors", min_bilevel: int, params: Mapping[str, Distribution],
+                          fixed: Mapping[str, Any]) -> None:
+    """Early stopping (patience) must leave every bi-level method at least ``min_bilevel`` outer epochs."""
+    from agl.training.loop import TrainConfig, warmup_epochs
+
+    methods = params["method"].choices if "method" in params else (fixed.get("method", TrainConfig().method),)
+    if not min_bilevel or not any(m in BILEVEL_METHODS for m in methods):
+        return
+    cfg = TrainConfig.from_dict(dict(fixed))
+    first = warmup_epochs(cfg) if cfg.schedule == "warmstart" else 1   # first epoch with a bi-level pass
+    guaranteed = min(cfg.epochs, cfg.patience + 1) - first             # patience ends a run no sooner
+    if guaranteed < min_bilevel:
+        raise err(f"min_bilevel_epochs: {min_bilevel} bi-level epochs, but epochs={cfg.epochs}, "
+                  f"patience={cfg.patience} and schedule={cfg.schedule} guarantee only {guaranteed}; "
+                  f"raise fixed.epochs / fixed.patience")
 
 
 def _parse_start_with(err: "_Errors", raw: Any, params: Mapping[str, Distribution],
@@ -258,7 +382,13 @@ def _parse_start_with(err: "_Errors", raw: Any, params: Mapping[str, Distributio
                 raise err(f"{where}.{key}: not a searched setting (params are {sorted(params)})")
             if not params[key].contains(value):
                 raise err(f"{where}.{key}: {value!r} is outside its distribution {params[key]}")
-        full = {key: point[key] if key in point else _default_value(key, dist) for key, dist in params.items()}
+        full: dict[str, Any] = {}
+        for key, dist in params.items():   # in file order, so conditions see the settings they name
+            if dist.active(full):
+                full[key] = point[key] if key in point else _default_value(key, dist)
+        unused = sorted(set(point) - set(full))
+        if unused:
+            raise err(f"{where}: {unused} are not used by this trial (their 'when' conditions do not hold)")
         _check_config(err, where, {**fixed, **expand(full)})
         points.append(full)
     return tuple(points)
@@ -302,6 +432,21 @@ def _parse_dist(err: _Errors, where: str, spec: Any) -> Distribution:
     unknown = sorted(set(spec) - DIST_KEYS[kind])
     if unknown:
         raise err(f"{where}: unknown key(s) {unknown} for type {kind!r}; allowed: {sorted(DIST_KEYS[kind])}")
+    when = _parse_when(err, where, spec.get("when"))
+    dist = _parse_bounds(err, where, kind, {k: v for k, v in spec.items() if k != "when"})
+    return Distribution(**{**dist.__dict__, "when": when})
+
+
+def _parse_when(err: "_Errors", where: str, raw: Any) -> tuple[tuple[str, tuple], ...]:
+    """``when: {method: [dkgsb, topk]}`` (a single value may stand for a one-element list)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not raw:
+        raise err(f"{where}.when: must map a categorical setting to the values it is used with")
+    return tuple((str(k), tuple(v if isinstance(v, list) else [v])) for k, v in raw.items())
+
+
+def _parse_bounds(err: _Errors, where: str, kind: str, spec: dict[str, Any]) -> Distribution:
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
@@ -372,6 +517,6 @@ def _check_config(err: _Errors, where: str, values: dict[str, Any]) -> None:
 
 
 __all__ = [
-    "Distribution", "SearchSpace", "DERIVED", "SPACES_DIR", "expand",
+    "DefineByRun", "Distribution", "SearchSpace", "DERIVED", "SPACES_DIR", "expand",
     "load_space", "parse_space", "resolve_space_path",
 ]

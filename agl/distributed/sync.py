@@ -32,6 +32,22 @@ log = logging.getLogger(__name__)
 
 PENDING_FILE = "mlflow-pending.json"
 EPOCH_KEYS = ("train_loss", "val_loss", "val_pcc", "best_val_pcc", "k", "t", "tau", "epoch_time_s")
+# a cross-validated trial reports once per fold (step = folds_done), see agl.distributed.cv
+FOLD_KEYS = ("cv_pcc", "cv_pcc_se", "fold_pcc", "final_k")
+
+
+def report_step(row: Mapping[str, Any]) -> tuple[int, dict[str, Any]] | None:
+    """(MLflow step, metrics) of one Tune report: an epoch of a single-split trial, a fold of a
+    cross-validated one; None for the final report of a single-split trial (logged from result.json)."""
+    if "folds_done" in row and not _missing(row.get("folds_done")):
+        return int(row["folds_done"]), {k: v for k, v in row.items() if k in FOLD_KEYS}
+    if _flag(row.get("final")) or "epoch" not in row:
+        return None
+    return int(row["epoch"]), {k: v for k, v in row.items() if k in EPOCH_KEYS}
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 _TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
 
@@ -84,12 +100,14 @@ class TrialView:
         frame = result.metrics_dataframe
         rows = [] if frame is None else [
             {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
-            for row in frame.to_dict("records") if not _flag(row.get("final"))]
+            for row in frame.to_dict("records")]
         final = bool(metrics.get("final"))
         checkpoint = final_checkpoint(metrics, result.checkpoint)
         trial_id = metrics.get("trial_id") or (Path(result.path).name if result.path else "")
+        # a cross-validated trial's checkpoint is its run folder after every fold, stopped or not
+        keep = final or "folds_done" in metrics
         return cls(trial_id=str(trial_id), config=dict(result.config or {}), rows=rows, final=final,
-                   failed=result.error is not None, checkpoint=checkpoint if final else None)
+                   failed=result.error is not None, checkpoint=checkpoint if keep else None)
 
 
 @dataclass
@@ -107,10 +125,10 @@ def send_trial(c: Any, run_id: str, trial: TrialView, logged_steps: set[int], ha
     folder; returns (epochs sent, folder sent)."""
     sent = 0
     for row in trial.rows:
-        step = int(row.get("epoch", -1))
-        if step < 0 or step in logged_steps:
+        found = report_step(row)
+        if found is None or found[0] < 0 or found[0] in logged_steps:
             continue
-        metrics = tracking._metrics({k: v for k, v in row.items() if k in EPOCH_KEYS}, step)
+        metrics = tracking._metrics(found[1], found[0])
         if metrics:
             c.log_batch(run_id, metrics=metrics)
             sent += 1
@@ -148,7 +166,7 @@ def reconcile(tracking_uri: str, experiment_id: str, parent_run_id: str, trials:
             if done:
                 continue
             run_id = run.info.run_id
-            logged = {int(m.step) for m in c.get_metric_history(run_id, "val_pcc")}
+            logged = {int(m.step) for m in c.get_metric_history(run_id, "cv_pcc" if space.cv else "val_pcc")}
         else:
             run_id = c.create_run(experiment_id, run_name=f"trial-{trial.trial_id}", tags={
                 "mlflow.parentRunId": parent_run_id, "agl.kind": "trial", "trial_id": trial.trial_id}).info.run_id
@@ -167,25 +185,33 @@ def reconcile(tracking_uri: str, experiment_id: str, parent_run_id: str, trials:
 
 
 def finish_parent(tracking_uri: str, parent_run_id: str, best: Mapping[str, Any] | None, files: Iterable[Path],
-                  model_name: str) -> str | None:
-    """Register the best trial as ``champion`` and close the parent run, unless that was done already."""
+                  model_name: str, refit: Mapping[str, Any] | None = None) -> str | None:
+    """Register the champion and close the parent run, unless that was done already.
+
+    The champion is the refit of the best configuration when the sweep made one (cross-validated
+    spaces: ``refit["run_id"]``), else the best trial's own run."""
     c = tracking.client(tracking_uri)
     parent = c.get_run(parent_run_id)
     if parent.info.status in _TERMINAL and "champion_version" in parent.data.tags:
         return parent.data.tags["champion_version"] or None
     champion = None
-    if best is not None and best.get("mlflow_run_id"):
-        champion = tracking.register_champion(tracking_uri, best["mlflow_run_id"], model_name)
+    source_run = refit.get("run_id") if refit else (best.get("mlflow_run_id") if best else None)
+    if source_run:
+        champion = tracking.register_champion(tracking_uri, source_run, model_name)
+    metrics = {f"best_{k}": best[k] for k in ("val_pcc", "test_pcc", "test_scc", "final_k", "cv_pcc", "cv_pcc_se")
+               if best and best.get(k) is not None}
+    if refit:
+        metrics.update({f"champion_{k}": v for k, v in refit["metrics"].items() if k.startswith("test_")})
     tracking.finish_parent_run(
-        tracking_uri, parent_run_id, files,
-        metrics={f"best_{k}": best[k] for k in ("val_pcc", "test_pcc", "test_scc", "final_k")
-                 if best and best.get(k) is not None},
-        tags={"best_trial": best["trial_id"] if best else "", "champion_version": champion or ""})
+        tracking_uri, parent_run_id, files, metrics=metrics,
+        tags={"best_trial": best["trial_id"] if best else "", "champion_version": champion or "",
+              "champion_run_id": source_run or ""})
     return champion
 
 
 def finish_tracking(grid: Any, space: Any, out: Path, tracking_uri: str, experiment_id: str,
-                    parent_run_id: str, complete: bool, model_name: str) -> tuple[Any, Any, SyncReport, Exception | None]:
+                    parent_run_id: str, complete: bool, model_name: str,
+                    champion: Mapping[str, Any] | None = None) -> tuple[Any, Any, SyncReport, Exception | None]:
     """Send MLflow whatever it missed (see agl.distributed.sync), write the trial table, register the
     champion of a complete sweep. With MLflow unreachable the table is still written and
     OUT/mlflow-pending.json says how to send the rest later.
@@ -200,11 +226,14 @@ def finish_tracking(grid: Any, space: Any, out: Path, tracking_uri: str, experim
     except Exception as err:  # MLflow unreachable or failing: keep the local results, say how to sync
         problem = err
     table = summary_table(grid, space, report.runs)
-    paths = write_table(table, out, space)
+    paths = write_table(table, out, space, champion)
     best = best_trial(table, space)
+    if champion is not None and not champion.get("run_id") and problem is None:
+        problem = RuntimeError("the refit champion was not logged to MLflow")
     if problem is None and complete:
         try:
-            report.champion = finish_parent(tracking_uri, parent_run_id, best, paths.values(), model_name)
+            report.champion = finish_parent(tracking_uri, parent_run_id, best, paths.values(), model_name,
+                                            refit=champion)
         except Exception as err:
             problem = err
     if problem is not None:

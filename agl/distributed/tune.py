@@ -27,11 +27,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import pandas as pd
 
 from agl.distributed import tracking
 from agl.distributed.spaces import SearchSpace, load_space
-from agl.distributed.sync import (EPOCH_KEYS, PENDING_FILE, final_checkpoint, finish_tracking, mark_pending,
+from agl.distributed.sync import (PENDING_FILE, final_checkpoint, finish_tracking, mark_pending, report_step,
                                  sync_command)
 from agl.errors import ConfigError
 from agl.fileio import atomic_savefig, atomic_write_json, atomic_write_text
@@ -44,6 +45,8 @@ TABLE_CSV = "trials.csv"
 TABLE_PNG = "trials.png"
 SUMMARY_COLUMNS = ("trial_id", "status", "method", "k", "final_k", "val_pcc", "test_pcc", "test_scc",
                    "test_mse", "epochs_run")
+CHAMPION_DIR = "champion"          # the refit of the best configuration (cross-validated sweeps)
+SUMMARY_MD = "summary.md"
 
 
 @dataclass
@@ -82,6 +85,8 @@ class SweepSummary:
     paths: dict[str, str] = field(default_factory=dict)
     complete: bool = True                  # False: interrupted, resume with resume=True
     tracking_pending: bool = False         # True: MLflow missed results; `agl tune-sync` sends them
+    champion: dict[str, Any] | None = None # cross-validated sweeps: the refit (folder, test metrics, run id)
+    text: str = ""                         # the printed summary (also OUT/summary.md)
 
 
 # --------------------------------------------------------------------------- trial bodies
@@ -233,10 +238,10 @@ class MlflowSweepCallback(_callback_base()):
         self._send(trial, "creating the run", lambda: self.run_id(trial))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if result.get("final"):
+        found = report_step(result)  # an epoch, or a fold of a cross-validated trial
+        if found is None:
             return  # end-of-run metrics come from result.json at completion
-        epoch_metrics = {k: v for k, v in result.items() if k in EPOCH_KEYS}
-        metrics = tracking._metrics(epoch_metrics, int(result.get("epoch", 0)))
+        metrics = tracking._metrics(found[1], found[0])
         if metrics:
             self._send(trial, "logging an epoch", lambda: self.client.log_batch(self.run_id(trial), metrics=metrics))
 
@@ -250,18 +255,54 @@ class MlflowSweepCallback(_callback_base()):
         run_id = self.run_id(trial)
         last = trial.last_result or {}
         finished = bool(last.get("final"))
-        checkpoint = final_checkpoint(last, trial.checkpoint) if finished else None
+        # a cross-validated trial's folder (gene set, k, fold metrics) is logged even when stopped early
+        keep = finished or "folds_done" in last
+        checkpoint = final_checkpoint(last, trial.checkpoint) if keep else None
         if checkpoint is not None:
             with checkpoint.as_directory() as local:
                 tracking.log_run_folder(self.client, run_id, local)
-        elif not failed:
+        if not failed and not finished:
             self.client.set_tag(run_id, "agl.stopped_by", "scheduler")
         self.client.set_terminated(run_id, "FAILED" if failed else ("FINISHED" if finished else "KILLED"))
 
 
 # --------------------------------------------------------------------------- the sweep
+def _asha_base() -> type:
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler
+
+
+class FairASHA(_asha_base()):
+    """ASHA that never stops the pinned first trials (``start_with``: DkGSB and its baselines run their
+    whole budget, so the demo's comparison is like for like); their results still set the rungs."""
+
+    def __init__(self, *args: Any, protected: int = 0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.protected = protected
+        self._order: list[str] = []
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        if trial.trial_id not in self._order:
+            self._order.append(trial.trial_id)
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if trial.trial_id in self._order[:self.protected]:
+            return self.CONTINUE
+        return decision
+
+
 def _scheduler(space: SearchSpace, trainer: str, max_t: int) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    """ASHA (or FIFO) deciding on the space's metric, never before the minimum budget.
+
+    Cross-validated spaces count folds (``folds_done``): a trial is compared with the others on
+    the mean over the same first folds. Single-split spaces count epochs; the grace period is raised
+    so that DkGSB has had ``min_bilevel_epochs`` bi-level epochs (+1: the interleaved schedule's first
+    epoch has none) before any stop.
+    """
+    from ray.tune.schedulers import FIFOScheduler
 
     spec = dict(space.scheduler)
     if spec.get("name") == "asha" and trainer == "train":
@@ -269,9 +310,12 @@ def _scheduler(space: SearchSpace, trainer: str, max_t: int) -> Any:
                     "can block the next one); trials stop early in the loop (patience) under FIFO", space.source)
         spec = {"name": "fifo"}
     if spec.get("name") == "asha":
-        return ASHAScheduler(time_attr="training_iteration", metric=space.metric, mode=space.mode,
-                             max_t=max_t, grace_period=min(spec.get("grace_period", 1), max_t),
-                             reduction_factor=spec.get("reduction_factor", 2))
+        grace = spec.get("grace_period", 1)
+        if space.cv is None:
+            grace = max(grace, space.min_bilevel_epochs + 1)
+        return FairASHA(time_attr="folds_done" if space.cv is not None else "training_iteration",
+                        metric=space.metric, mode=space.mode, max_t=max_t, grace_period=min(grace, max_t),
+                        reduction_factor=spec.get("reduction_factor", 2), protected=len(space.start_with))
     return FIFOScheduler()
 
 
@@ -282,7 +326,9 @@ def _searcher(space: SearchSpace) -> Any:
     sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=min(10, max(2, space.num_samples // 2)))
     # pinned first trials (start_with): OptunaSearch enqueues them in the study before sampling
     points = [dict(p) for p in space.start_with] or None
-    return OptunaSearch(metric=space.metric, mode=space.mode, sampler=sampler, points_to_evaluate=points)
+    # define-by-run: conditional settings (``when``) are suggested only in the trials that use them
+    return OptunaSearch(space=space.define_by_run(), metric=space.metric, mode=space.mode, sampler=sampler,
+                        points_to_evaluate=points)
 
 
 def _trainable(opts: SweepOptions, space: SearchSpace, store_path: str, storage_path: str) -> Any:
@@ -290,8 +336,10 @@ def _trainable(opts: SweepOptions, space: SearchSpace, store_path: str, storage_
     from ray import tune
 
     if opts.trainer == "function":
-        body = tune.with_parameters(agl_trial, space=space, store_path=store_path,
-                                    threads=opts.threads_per_trial)
+        from agl.distributed.cv import agl_cv_trial
+
+        body = tune.with_parameters(agl_cv_trial if space.cv is not None else agl_trial, space=space,
+                                    store_path=store_path, threads=opts.threads_per_trial)
         resources = {"cpu": space.resources.get("cpu", 1), "gpu": space.resources.get("gpu", 0)}
     else:
         body = tune.with_parameters(agl_train_trial, space=space, store_path=store_path,
@@ -328,6 +376,9 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     if opts.trainer not in TRAINERS:
         raise ConfigError("--trainer", f"must be one of {TRAINERS}, got {opts.trainer!r}")
     space = load_space(opts.space)
+    if space.cv is not None and opts.trainer != "function":
+        raise ConfigError(space.source, "cv: cross-validated trials run as function trials; "
+                                        "use --trainer function or a space without 'cv'")
     if opts.num_samples is not None:
         if opts.num_samples < 1:
             raise ConfigError("--num-samples", f"must be >= 1, got {opts.num_samples}")
@@ -368,11 +419,11 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                                        "experiment_id": experiment_id, "tracking_uri": tracking_uri,
                                        "storage_path": storage_path, "options": asdict(opts)},
                           indent=1, default=str)
-        max_t = int(space.train_config({}).get("epochs", 100)) + 1  # +1: the final report after the last epoch
+        max_t = (len(_fold_names(store_path, space)) if space.cv is not None
+                 else int(space.train_config({}).get("epochs", 100)) + 1)  # +1: the final report after the last epoch
         callback = MlflowSweepCallback(tracking_uri, experiment_id, parent_run_id, space, out=out)
         tuner = tune.Tuner(
             _trainable(opts, space, store_path, storage_path),
-            param_space=space.tune_space(),
             tune_config=tune.TuneConfig(search_alg=_searcher(space), scheduler=_scheduler(space, opts.trainer, max_t),
                                         num_samples=space.num_samples,
                                         max_concurrent_trials=_max_concurrent(opts, space, resources)),
@@ -385,8 +436,12 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     wall = time.perf_counter() - started
     # interrupted (Ctrl-C / SIGINT): Tune saved its state; keep the parent run open for --resume
     complete = sweep_complete(grid, space)
+    refit_run = None
+    if complete and space.cv is not None:
+        refit_run = _refit_champion(grid, space, store_path, out, tracking_uri, experiment_id, parent_run_id,
+                                    opts.threads_per_trial)
     table, best, sent, _ = finish_tracking(grid, space, out, tracking_uri, experiment_id, parent_run_id,
-                                           complete, opts.model_name)
+                                           complete, opts.model_name, champion=refit_run)
     champion = sent.champion
     if not complete:
         log.warning("sweep %s interrupted after %d of %d trials; continue it with --resume (same --out)",
@@ -397,8 +452,67 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
         ray.shutdown()
     return SweepSummary(table=table, best=best, champion_version=champion, tracking_uri=tracking_uri,
                         parent_run_id=parent_run_id, paths={"table_csv": str(out / TABLE_CSV),
-                                                            "table_png": str(out / TABLE_PNG)},
-                        complete=complete, tracking_pending=(out / PENDING_FILE).is_file())
+                                                            "table_png": str(out / TABLE_PNG),
+                                                            "summary_md": str(out / SUMMARY_MD)},
+                        complete=complete, tracking_pending=(out / PENDING_FILE).is_file(), champion=refit_run,
+                        text=format_table(table, best, space, refit_run))
+
+
+def _fold_names(store_path: str, space: SearchSpace) -> list[str]:
+    from agl.data.store import open_store
+    from agl.distributed.cv import fold_roles
+
+    return list(fold_roles(open_store(store_path), space))
+
+
+def _refit_champion(grid: Any, space: SearchSpace, store_path: str, out: Path, tracking_uri: str,
+                    experiment_id: str, parent_run_id: str, threads: int) -> dict[str, Any] | None:
+    """Refit the best cross-validated configuration on every non-test spot (OUT/champion), score it
+    once on the test part and log it as the sweep's ``refit`` child run; returns that record."""
+    from agl.distributed.cv import refit
+
+    table = summary_table(grid, space)
+    best = best_trial(table, space)
+    if best is None:
+        log.warning("no trial finished every fold; no champion to refit")
+        return None
+    config = next(dict(r.config) for r in grid if _trial_id(r) == best["trial_id"])
+    dest = out / CHAMPION_DIR
+    summary = json.loads((dest / tracking.RESULT_JSON).read_text()) if (dest / tracking.RESULT_JSON).is_file() else None
+    if summary is None or summary.get("refit_of") != best["trial_id"]:
+        summary = refit(space, config, store_path, dest, threads=threads)
+        summary = {**summary, "refit_of": best["trial_id"], "split": space.split}
+        atomic_write_json(dest / tracking.RESULT_JSON, summary, indent=1)
+    record = {"trial_id": best["trial_id"], "folder": str(dest), "metrics": summary["metrics"], "run_id": None,
+              "config": config}
+    try:
+        record["run_id"] = _log_refit(tracking_uri, experiment_id, parent_run_id, space, config, dest, best)
+    except Exception as err:  # MLflow down: the folder is kept; finish_tracking marks the sweep pending
+        log.warning("MLflow failed while logging the refit champion (%s); it stays in %s", err, dest)
+    return record
+
+
+def _log_refit(tracking_uri: str, experiment_id: str, parent_run_id: str, space: SearchSpace,
+               config: Mapping[str, Any], folder: Path, best: Mapping[str, Any]) -> str:
+    """The refit's child run (found again on a re-run, so it is logged once)."""
+    c = tracking.client(tracking_uri)
+    existing = tracking.child_run_objects(tracking_uri, experiment_id, parent_run_id).get("refit")
+    if existing is not None and existing.data.tags.get("has_checkpoint") == "true":
+        return existing.info.run_id
+    run_id = existing.info.run_id if existing is not None else c.create_run(
+        experiment_id, run_name=f"refit-{config.get('method', 'model')}-{best['trial_id'][-4:]}", tags={
+            "mlflow.parentRunId": parent_run_id, "agl.kind": "refit", "trial_id": "refit",
+            "refit_of": best["trial_id"], "split": space.split}).info.run_id
+    if existing is None:
+        c.log_batch(run_id, params=tracking._params(trial_config(space, config)))
+    tracking.log_run_folder(c, run_id, folder)
+    c.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def _trial_id(result: Any) -> str:
+    metrics = dict(result.metrics or {})
+    return str(metrics.get("trial_id") or (Path(result.path).name if result.path else ""))
 
 
 def sweep_complete(grid: Any, space: SearchSpace) -> bool:
@@ -423,40 +537,101 @@ def _warm_caches(store_path: str, space: SearchSpace) -> None:
 
 
 def summary_table(grid: Any, space: SearchSpace, runs: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """One row per trial: status, searched params, val/test PCC, final k, MLflow run id."""
+    """One row per trial: status, searched params (blank where the trial's method does not use them),
+    the objective (cv_pcc +- cv_pcc_se, or val_pcc), test metrics where a trial has them, final k,
+    MLflow run id; sorted best first by the space's metric."""
     rows = []
     runs = runs or {}
     for result in grid:
         metrics = dict(result.metrics or {})
         config = dict(result.config or {})
-        trial_id = metrics.get("trial_id") or (Path(result.path).name if result.path else "")
+        trial_id = _trial_id(result)
         status = "error" if result.error else ("finished" if metrics.get("final") else "stopped")
         row = {"trial_id": trial_id, "status": status,
                **{f"param.{k}": config.get(k) for k in space.params},
-               "val_pcc": metrics.get("best_val_pcc", metrics.get("val_pcc", math.nan)),
+               "val_pcc": metrics.get("best_val_pcc", metrics.get("cv_val_pcc", metrics.get("val_pcc", math.nan))),
                "test_pcc": metrics.get("test_pcc", math.nan), "test_scc": metrics.get("test_scc", math.nan),
                "test_mse": metrics.get("test_mse", math.nan),
                "final_k": metrics.get("final_k", metrics.get("k", math.nan)),
                "epochs_run": metrics.get("epochs_run", metrics.get("training_iteration", math.nan)),
                "mlflow_run_id": runs.get(trial_id, "")}
+        if space.cv is not None:
+            row.update({"cv_pcc": metrics.get("cv_pcc", math.nan), "cv_pcc_se": metrics.get("cv_pcc_se", math.nan),
+                        "folds_done": metrics.get("folds_done", 0), "fold_pcc": _fold_values(result)})
         rows.append(row)
     table = pd.DataFrame(rows)
     if len(table):
-        table = table.sort_values("val_pcc", ascending=space.mode == "min", na_position="last", kind="stable")
+        key = space.metric if space.metric in table.columns else "val_pcc"
+        table = table.sort_values(key, ascending=space.mode == "min", na_position="last", kind="stable")
     return table.reset_index(drop=True)
 
 
+def _fold_values(result: Any) -> str:
+    """The trial's held-out PCC per fold, as JSON ({fold: pcc}) for the table and the paired test."""
+    frame = result.metrics_dataframe
+    if frame is None or "fold" not in frame or "fold_pcc" not in frame:
+        return "{}"
+    done = frame.dropna(subset=["fold", "fold_pcc"])
+    return json.dumps({str(f): float(v) for f, v in zip(done["fold"], done["fold_pcc"])})
+
+
 def best_trial(table: pd.DataFrame, space: SearchSpace) -> dict[str, Any] | None:
-    """The best finished trial by the space's metric (validation, never test)."""
-    done = table[(table["status"] == "finished") & table["val_pcc"].notna()] if len(table) else table
+    """The best finished trial by the space's metric and mode (validation or folds, never test)."""
+    key = space.metric if space.metric in table.columns else "val_pcc"
+    done = table[(table["status"] == "finished") & table[key].notna()] if len(table) else table
     if not len(done):
         return None
-    row = done.sort_values("val_pcc", ascending=space.mode == "min").iloc[0]
+    row = done.sort_values(key, ascending=space.mode == "min", kind="stable").iloc[0]
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.to_dict().items()}
 
 
-def write_table(table: pd.DataFrame, out: Path, space: SearchSpace) -> dict[str, Path]:
-    """trials.csv and trials.png (validation PCC per trial, final k vs validation/test PCC)."""
+AUX_METHODS_EXCLUDED = ("pgl",)   # PGL predicts the primary genes only
+
+
+def compare_with_pgl(table: pd.DataFrame, space: SearchSpace) -> dict[str, Any] | None:
+    """Did the best auxiliary-gene trial beat the best PGL trial beyond the fold noise?
+
+    Both ran the same folds, so the test is paired: a one-sided paired t-test
+    (``scipy.stats.ttest_rel(..., alternative="greater")``) on the per-fold held-out PCC; "beyond
+    the fold noise" means p < 0.05. None when the table has no finished trial of either kind.
+    """
+    from scipy import stats
+
+    if space.cv is None or "param.method" not in table or not len(table):
+        return None
+    done = table[(table["status"] == "finished") & table["cv_pcc"].notna()]
+    pgl = done[done["param.method"].astype(str).isin(AUX_METHODS_EXCLUDED)]
+    aux = done[~done["param.method"].astype(str).isin(AUX_METHODS_EXCLUDED)]
+    if not len(pgl) or not len(aux):
+        return None
+    a, b = aux.iloc[0], pgl.iloc[0]   # tables are sorted best first
+    fa, fb = json.loads(a["fold_pcc"]), json.loads(b["fold_pcc"])
+    folds = sorted(set(fa) & set(fb))
+    diff = [fa[f] - fb[f] for f in folds]
+    p = float(stats.ttest_rel([fa[f] for f in folds], [fb[f] for f in folds], alternative="greater").pvalue) \
+        if len(folds) > 1 and np.std(diff) > 0 else math.nan
+    from agl.distributed.cv import mean_se
+
+    mean_diff, se_diff = mean_se(diff)
+    beyond = bool(p < 0.05)
+    sign = "beat" if mean_diff > 0 else "did not beat"
+    line = (f"best auxiliary-gene trial ({a['param.method']}, {a['trial_id']}: cv_pcc {a['cv_pcc']:.4f} +- "
+            f"{a['cv_pcc_se']:.4f}) {sign} the best PGL trial ({b['trial_id']}: {b['cv_pcc']:.4f} +- "
+            f"{b['cv_pcc_se']:.4f}) by {mean_diff:+.4f} +- {se_diff:.4f} over {len(folds)} paired folds "
+            f"(one-sided paired t-test p = {p:.3g}): "
+            + ("beyond the fold noise" if beyond else "within the fold noise"))
+    return {"aux_trial": a["trial_id"], "pgl_trial": b["trial_id"], "mean_diff": mean_diff, "se_diff": se_diff,
+            "n_folds": len(folds), "p_value": p, "beyond_noise": beyond, "line": line}
+
+
+def write_table(table: pd.DataFrame, out: Path, space: SearchSpace,
+                champion: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """trials.csv, trials.png and summary.md.
+
+    The plot groups the trials by method: the objective of each trial with its fold standard error
+    as error bars (cross-validated spaces), stopped trials hollow, the champion starred, the y axis
+    fitted to the values so differences show; beside it final k against the objective.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -465,42 +640,98 @@ def write_table(table: pd.DataFrame, out: Path, space: SearchSpace) -> dict[str,
     csv = out / TABLE_CSV
     atomic_write_text(csv, table.to_csv(index=False))
     png = out / TABLE_PNG
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    key = space.metric if space.metric in table.columns else "val_pcc"
+    err_key = f"{key}_se" if f"{key}_se" in table.columns else None
+    best = best_trial(table, space) if len(table) else None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     if len(table):
-        colors = {"finished": "tab:green", "stopped": "tab:gray", "error": "tab:red"}
-        ax1.bar(range(len(table)), table["val_pcc"].fillna(0),
-                color=[colors.get(s, "tab:blue") for s in table["status"]])
-        ax1.set_xticks(range(len(table)), [str(t)[-5:] for t in table["trial_id"]], rotation=60, fontsize=7)
-        method = table.get("param.method", pd.Series(["?"] * len(table)))
-        for name in sorted(set(map(str, method))):
-            sel = (method.astype(str) == name).to_numpy()
-            ax2.scatter(table.loc[sel, "final_k"], table.loc[sel, "val_pcc"], label=f"{name} (val)")
-            ax2.scatter(table.loc[sel, "final_k"], table.loc[sel, "test_pcc"], marker="x", label=f"{name} (test)")
+        method = table["param.method"].astype(str) if "param.method" in table else pd.Series(["?"] * len(table))
+        names = sorted(set(method))
+        colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
+        x, labels = 0, []
+        for name in names:
+            rows = table[method == name]
+            for _, row in rows.iterrows():
+                filled = row["status"] == "finished"
+                ax1.errorbar([x], [row[key]], yerr=None if err_key is None else [[row[err_key]], [row[err_key]]],
+                             fmt="o", color=colors[name], mfc=colors[name] if filled else "white", capsize=3)
+                if best and row["trial_id"] == best["trial_id"]:
+                    ax1.plot([x], [row[key]], marker="*", ms=18, color="gold", mec="black", zorder=5,
+                             label="champion (refit on all non-test slides)" if space.cv else "champion")
+                labels.append(f"{name}\n{str(row['trial_id'])[-4:]}")
+                x += 1
+            ax2.scatter(rows["final_k"], rows[key], color=colors[name], label=name)
+        ax1.set_xticks(range(len(labels)), labels, fontsize=7)
+        values = table[key].dropna()
+        if len(values):
+            spread = table[err_key].fillna(0) if err_key else 0
+            low = float((table[key] - spread).min())
+            high = float((table[key] + spread).max())
+            pad = max(0.1 * (high - low), 1e-3)
+            ax1.set_ylim(low - pad, high + pad)   # not from 0: the differences are what matters
+        ax1.legend(fontsize=7, loc="lower right")
         ax2.legend(fontsize=7)
-    ax1.set_ylabel("best validation PCC")
-    ax1.set_title("trials (green finished, grey stopped early)")
+    what = "mean held-out-slide PCC over folds (+- s.e.)" if space.cv else "best validation PCC"
+    ax1.set_ylabel(what, fontsize=8)
+    ax1.set_title("trials by method (filled: finished, hollow: stopped early)", fontsize=9)
     ax2.set_xscale("symlog")
     ax2.set_xlabel("final k (auxiliary genes kept)")
-    ax2.set_ylabel("PCC (primary genes)")
-    ax2.set_title("k vs PCC")
+    ax2.set_ylabel(key)
+    ax2.set_title("k vs objective", fontsize=9)
     fig.tight_layout()
     try:
         atomic_savefig(fig, png, format="png")
     finally:
         plt.close(fig)
-    return {"table_csv": csv, "table_png": png}
+    md = out / SUMMARY_MD
+    atomic_write_text(md, format_table(table, best, space, champion) + "\n")
+    return {"table_csv": csv, "table_png": png, "summary_md": md}
 
 
-def format_table(table: pd.DataFrame, best: Mapping[str, Any] | None) -> str:
-    """A fixed-width summary for the terminal: params, val PCC, test PCC, k; then the best trial."""
+def by_method(table: pd.DataFrame, space: SearchSpace) -> pd.DataFrame:
+    """The best finished trial of each method (objective +- s.e., test metrics, k), best first."""
+    key = space.metric if space.metric in table.columns else "val_pcc"
+    if not len(table) or "param.method" not in table:
+        return pd.DataFrame()
+    done = table[table["status"] == "finished"]
+    cols = ["param.method", "trial_id", key] + ([f"{key}_se"] if f"{key}_se" in table else []) + ["final_k"]
+    best = done.groupby("param.method", sort=False).head(1)[cols]
+    counts = table.groupby("param.method")["trial_id"].count().rename("trials")
+    return best.join(counts, on="param.method").rename(columns={"param.method": "method"}).reset_index(drop=True)
+
+
+def format_table(table: pd.DataFrame, best: Mapping[str, Any] | None, space: SearchSpace | None = None,
+                 champion: Mapping[str, Any] | None = None) -> str:
+    """The sweep summary for the terminal and summary.md: trials, best per method, the PGL comparison,
+    the champion (and, for cross-validated sweeps, its refit score on the test part)."""
     if not len(table):
         return "no trials ran"
+    key = space.metric if space is not None and space.metric in table.columns else "val_pcc"
     cols = ["trial_id", "status"] + [c for c in table.columns if c.startswith("param.")] + \
-           ["val_pcc", "test_pcc", "final_k", "epochs_run"]
-    view = table[cols].rename(columns=lambda c: c.removeprefix("param."))
-    text = view.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+           ([key, f"{key}_se", "folds_done"] if key != "val_pcc" else ["val_pcc", "test_pcc"]) + ["final_k", "epochs_run"]
+    view = table[[c for c in cols if c in table.columns]].rename(columns=lambda c: c.removeprefix("param."))
+    text = view.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")
+    if space is not None:
+        methods = by_method(table, space)
+        if len(methods):
+            text += "\n\nbest finished trial per method:\n" + methods.to_string(
+                index=False, float_format=lambda v: f"{v:.4f}")
+        verdict = compare_with_pgl(table, space)
+        if verdict:
+            text += "\n\n" + verdict["line"]
     if best:
-        params = ", ".join(f"{k.removeprefix('param.')}={v}" for k, v in best.items() if k.startswith("param."))
-        text += (f"\n\nbest trial {best['trial_id']}: val PCC {best['val_pcc']:.4f}, test PCC "
-                 f"{best.get('test_pcc') or float('nan'):.4f}, k {best.get('final_k')} ({params})")
+        params = ", ".join(f"{k.removeprefix('param.')}={v}" for k, v in best.items()
+                           if k.startswith("param.") and v is not None)
+        score = best.get(key)
+        text += f"\n\nbest trial {best['trial_id']}: {key} {score:.4f}"
+        if best.get(f"{key}_se") is not None:
+            text += f" +- {best[f'{key}_se']:.4f}"
+        if key == "val_pcc":
+            text += f", test PCC {best.get('test_pcc') or float('nan'):.4f}"
+        text += f", k {best.get('final_k')} ({params})"
+    if champion:
+        m = champion["metrics"]
+        text += (f"\nchampion: refit of {champion['trial_id']} on every non-test spot of {space.split if space else ''}, "
+                 f"scored once on its test part: test PCC {m.get('test_pcc', float('nan')):.4f}, "
+                 f"k {int(m.get('final_k', 0))} ({champion['folder']})")
     return text

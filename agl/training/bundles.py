@@ -139,10 +139,12 @@ class InMemoryBundle:
 
 
 def make_bundle(store: Any, split: str, cfg: "TrainConfig", rank: int | None = None,
-                world_size: int | None = None) -> InMemoryBundle:
+                world_size: int | None = None, roles: np.ndarray | None = None) -> InMemoryBundle:
     """Gather one split of a store (an opened Store or its path) into an ``InMemoryBundle``.
 
-    ``rank``/``world_size`` default to torch.distributed's when it is initialised.
+    ``rank``/``world_size`` default to torch.distributed's when it is initialised. ``roles``
+    (one per spot) replaces the split's stored roles while keeping its gene set: a sweep's
+    cross-validation folds (``agl.data.splits.inner_folds``) share the outer split's genes.
     """
     from agl.data.store import open_store
     from agl.training.loop import dist_info
@@ -152,7 +154,7 @@ def make_bundle(store: Any, split: str, cfg: "TrainConfig", rank: int | None = N
     if rank is None or world_size is None:
         rank, world_size = dist_info()
     genes = store.gene_set(split).reset_index(drop=True)
-    roles = np.asarray(store.split(split))
+    roles = np.asarray(store.split(split)) if roles is None else np.asarray(roles)
     parts = {part: np.flatnonzero(roles == part) for part in PARTS}
     for part, rows in parts.items():
         if len(rows) < 2:

@@ -1,0 +1,177 @@
+"""The cross-validated trial objective of a sweep, and the refit of its best configuration.
+
+A space with ``cv`` (see :mod:`agl.distributed.spaces`) names an outer split whose test part
+(``loso-B4``: slide B4) the search never sees. A trial trains its configuration on each fold
+:func:`agl.data.splits.inner_folds` cuts from the other spots, one fold after the other, and
+after every fold reports to Tune:
+
+- ``cv_pcc``: the mean over the folds done so far of the fold's held-out PCC (a fold's
+  ``test`` part: in ``loso`` folds a whole slide the fold never trained on), the number Tune,
+  Optuna and ASHA see; ``cv_pcc_se``: its standard error (sample sd / sqrt(folds));
+- ``folds_done`` (ASHA's time attribute), ``fold_pcc`` (this fold), ``final_k`` (mean k);
+- a small checkpoint folder: ``cv.json`` (every fold's metrics), ``folds/<fold>/`` (its gene
+  set, k plot and result.json) and, at the top, ``selected_genes.csv`` (genes selected in at
+  least half of the folds, with how often) and ``result.json`` (the trial's metrics).
+
+So a trial stopped by the scheduler after some folds still has its gene set, k and fold
+metrics, and a restored trial skips the folds its checkpoint holds. Fold model weights are
+not kept; the champion's are: :func:`refit` trains the best configuration on every non-test
+spot of the outer split (its own train/val roles) and scores it once on the test part.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from agl.distributed import tracking
+from agl.fileio import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CV_JSON = "cv.json"
+FOLDS_DIR = "folds"
+CV_METRIC_KEYS = ("cv_pcc", "cv_pcc_se", "fold_pcc", "folds_done", "final_k")
+
+
+def fold_roles(store: Any, space: Any) -> dict[str, np.ndarray]:
+    """Fold name -> spot roles of a space's cross-validation folds (never the outer test part)."""
+    from agl.data.splits import inner_folds
+
+    cv = space.cv
+    return inner_folds(store.spots, store.split(space.split).to_numpy(), kind=cv["kind"], n_folds=cv["folds"],
+                       seed=cv["seed"], max_folds=cv.get("max_folds"))
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample sd / sqrt(n); NaN s.e. for one value)."""
+    arr = np.asarray(values, dtype=np.float64)
+    if not len(arr):
+        return math.nan, math.nan
+    se = float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else math.nan
+    return float(arr.mean()), se
+
+
+def consensus_genes(fold_tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Auxiliary genes selected in at least half of the folds: name, prior_rank, weight (mean over
+    the folds that selected it), folds_selected (how many of the folds)."""
+    columns = ["name", "prior_rank", "weight", "folds_selected"]
+    frames = [t.assign(fold=f) for f, t in fold_tables.items() if len(t)]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    every = pd.concat(frames)
+    table = every.groupby("name", sort=False).agg(prior_rank=("prior_rank", "min"), weight=("weight", "mean"),
+                                                  folds_selected=("fold", "nunique")).reset_index()
+    table = table[table["folds_selected"] * 2 >= len(fold_tables)]
+    return table[columns].sort_values(["prior_rank", "name"], kind="stable").reset_index(drop=True)
+
+
+def summarise(folds: Mapping[str, Mapping[str, float]], total: int) -> dict[str, float]:
+    """The trial-level metrics after ``len(folds)`` of ``total`` folds."""
+    pcc, se = mean_se([f["test_pcc"] for f in folds.values()])
+    out = {"cv_pcc": pcc, "cv_pcc_se": se, "folds_done": len(folds), "folds_total": total,
+           "final_k": float(np.mean([f["final_k"] for f in folds.values()])),
+           "cv_val_pcc": float(np.mean([f["best_val_pcc"] for f in folds.values()])),
+           "epochs_run": float(np.mean([f["epochs_run"] for f in folds.values()]))}
+    for key in ("scc", "mse"):
+        values = [f[f"test_{key}"] for f in folds.values() if f"test_{key}" in f]
+        if values:
+            out[f"cv_{key}"] = float(np.mean(values))
+    return out
+
+
+def write_trial_folder(folder: Path, folds: Mapping[str, Mapping[str, float]], total: int,
+                       config: Mapping[str, Any]) -> dict[str, Any]:
+    """cv.json, the consensus selected_genes.csv and the trial's result.json (from folds/<fold>/)."""
+    tables = {name: pd.read_csv(folder / FOLDS_DIR / name / tracking.GENES_CSV) for name in folds}
+    genes = consensus_genes(tables)
+    atomic_write_text(folder / tracking.GENES_CSV, genes.to_csv(index=False))
+    last = folder / FOLDS_DIR / list(folds)[-1] / tracking.K_PLOT
+    if last.is_file():
+        shutil.copyfile(last, folder / tracking.K_PLOT)
+    metrics = summarise(folds, total)
+    atomic_write_json(folder / CV_JSON, {"folds": dict(folds), "total": total}, indent=1)
+    summary = {"metrics": metrics, "gene_set_sha256": tracking.gene_set_hash(genes["name"]),
+               "n_selected": int(len(genes)), "config": dict(config), "folds": dict(folds)}
+    atomic_write_json(folder / tracking.RESULT_JSON, summary, indent=1)
+    return summary
+
+
+def agl_cv_trial(config: dict[str, Any], *, space: Any, store_path: str, threads: int = 1) -> None:
+    """One cross-validated trial: fit() on each fold in turn, a Tune report (and checkpoint) per fold."""
+    import torch
+    from ray import tune
+
+    from agl.data.store import open_store
+    from agl.training.bundles import make_bundle
+    from agl.training.loop import TrainConfig, fit
+
+    torch.set_num_threads(threads)
+    cfg = TrainConfig.from_dict(space.train_config(config), source=space.source)
+    store = open_store(store_path)
+    roles = fold_roles(store, space)
+    work = Path(tempfile.mkdtemp(prefix="agl-cv-trial-"))
+    try:
+        done: dict[str, dict[str, float]] = {}
+        previous = tune.get_checkpoint()
+        with (previous.as_directory() if previous else nullcontext(None)) as restored:
+            if restored is not None and (Path(restored) / CV_JSON).is_file():
+                shutil.copytree(restored, work, dirs_exist_ok=True)
+                done = json.loads((work / CV_JSON).read_text())["folds"]
+        for name, fold in roles.items():
+            if name in done:
+                continue  # restored trial: this fold is in the checkpoint
+            data = make_bundle(store, space.split, cfg, rank=0, world_size=1, roles=fold)
+            result = fit(cfg, data)
+            summary = tracking.finalize_checkpoint(result, data, work / FOLDS_DIR / name)
+            done[name] = summary["metrics"]
+            trial = write_trial_folder(work, done, len(roles), cfg.to_dict())
+            log.info("fold %s (%d/%d) %s: held-out PCC %.4f, cv_pcc %.4f +- %.4f", name, len(done), len(roles),
+                     cfg.method, done[name]["test_pcc"], trial["metrics"]["cv_pcc"], trial["metrics"]["cv_pcc_se"])
+            tune.report({**trial["metrics"], "fold": name, "fold_pcc": done[name]["test_pcc"],
+                         "final": len(done) == len(roles)},
+                        checkpoint=tune.Checkpoint.from_directory(str(work)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def refit(space: Any, config: Mapping[str, Any], store_path: str, dest: str | Path,
+          threads: int | None = None) -> dict[str, Any]:
+    """Train ``config`` (a trial's sampled values) on the outer split (every non-test spot: its train
+    and val roles) and score it once on the test part; write the run folder (checkpoint, gene set,
+    k plot, result.json with test_* metrics) to ``dest``; return its summary."""
+    import torch
+
+    from agl.training.bundles import make_bundle
+    from agl.training.loop import TrainConfig, fit
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = TrainConfig.from_dict(space.train_config(config), source=space.source)
+    data = make_bundle(store_path, space.split, cfg, rank=0, world_size=1)
+    work = Path(tempfile.mkdtemp(prefix="agl-refit-"))
+    try:
+        result = fit(cfg, data, out_dir=work)
+        summary = tracking.finalize_checkpoint(result, data, work / "final")
+        dest = Path(dest)
+        tmp = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(work / "final", tmp)
+        shutil.rmtree(dest, ignore_errors=True)  # a previous refit of the same sweep (resume)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("refit %s on %s (all non-test spots): test PCC %.4f, k %d", cfg.method, space.split,
+             summary["metrics"].get("test_pcc", math.nan), int(summary["metrics"]["final_k"]))
+    return summary
+
+
+__all__ = ["CV_JSON", "agl_cv_trial", "consensus_genes", "fold_roles", "mean_se", "refit", "summarise"]
