@@ -133,7 +133,7 @@ description: cross-validated test sweep (2 of the 4 leave-one-slide-out folds, 2
 split: loso-B4
 cv: {kind: loso, max_folds: 2}
 metric: cv_pcc
-mode: max
+direction: max
 num_samples: 3
 seed: 0
 scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
