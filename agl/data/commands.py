@@ -36,6 +36,14 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
     p.add_argument("--prior-sections", nargs="+",
                    help="her2st sections read without images, for the co-expression prior")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    p.add_argument("--stream", action="store_true",
+                   help="ingest slide by slide (memory of one slide, not of the cohort); implied by --address")
+    p.add_argument("--address", metavar="local|auto|ray://HOST:PORT",
+                   help="run the streaming ingest on Ray: one task per slide (local Ray, or join a cluster)")
+    p.add_argument("--expression", choices=("dense", "sparse"), default=None,
+                   help="expression layout: float32 rows, or CSR per spot (default: sparse when streaming, "
+                        "else dense)")
+    p.add_argument("--max-retries", type=int, default=2, help="Ray retries of a slide whose worker died")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("info", help="describe a store")
@@ -50,6 +58,11 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--batches", type=int, default=20, help="batches timed per loader (alternating)")
     p.set_defaults(func=cmd_bench_data)
+
+    p = bench_sub.add_parser("scale", help="streaming ingest of N x the demo sections: time, peak RSS, store size")
+    p.add_argument("--out", type=Path, default=Path("results"), help="folder for bench_scale.json / .png")
+    p.add_argument("--max-n", type=int, default=16, help="largest N of 1, 2, 4, 8, 16 to run")
+    p.set_defaults(func=cmd_bench_scale)
 
 
 def _reader_kwargs(fmt: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -77,6 +90,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from agl.data.store import check_target
 
     check_target(args.out, args.overwrite)  # before reading anything
+    if args.stream or args.address:
+        return _cmd_ingest_streaming(args)
     adata = read_slides(args.format, args.path, **_reader_kwargs(args.format, args))
     prior_data = None
     if args.prior_sections:
@@ -87,7 +102,33 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                        min_genes=args.min_genes, min_cells=args.min_cells, normalize_total=args.normalize_total,
                        log1p=not args.no_log1p, n_primary=args.n_primary, priors=args.priors,
                        prior_data=prior_data, split_kinds=args.split_kinds, seeds=args.seeds,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, expression_layout=args.expression or "dense")
+    print(f"store written: {path}")
+    return 0
+
+
+def _cmd_ingest_streaming(args: argparse.Namespace) -> int:
+    from agl.data.ingest import IngestSettings, SlideSource, ingest_slides
+    from agl.data.readers import read_slides
+
+    kw = _reader_kwargs(args.format, args)
+    units = None
+    for key in _SUBSET_KWARGS:  # the slides named on the command line are the units, one task each
+        units = kw.pop(key, units)
+    prior_data = None
+    if args.prior_sections:
+        if args.format != "her2st":
+            raise ConfigError("--prior-sections", "only her2st releases have expression-only sections")
+        prior_data = read_slides("her2st", args.path, sections=args.prior_sections, require_image=False)
+    settings = IngestSettings(patch_um=args.patch_um, patch_px=args.patch_px, border=args.border,
+                              min_genes=args.min_genes, min_cells=args.min_cells,
+                              normalize_total=args.normalize_total, log1p=not args.no_log1p,
+                              n_primary=args.n_primary, priors=tuple(args.priors),
+                              split_kinds=tuple(args.split_kinds), seeds=tuple(args.seeds),
+                              expression_layout=args.expression or "sparse")
+    path = ingest_slides(SlideSource(args.format, args.path, units=units, **kw), args.out, settings,
+                         prior_data=prior_data, overwrite=args.overwrite, address=args.address,
+                         max_retries=args.max_retries)
     print(f"store written: {path}")
     return 0
 
@@ -136,4 +177,11 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     from agl.bench.data import bench_data
 
     bench_data(store_path=args.store, out_dir=args.out, batch_size=args.batch_size, n_batches=args.batches)
+    return 0
+
+
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    from agl.bench.scale import bench_scale
+
+    bench_scale(out_dir=args.out, max_n=args.max_n)
     return 0

@@ -5,20 +5,30 @@ and priors come from its own training spots only (``gene_set``).
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import logging
+import os
+import shutil
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from anndata import AnnData
 
 from agl.data.patches import extract_patches
-from agl.data.preprocess import PRIORS, gene_set, preprocess
+from agl.data.preprocess import PRIORS, PriorContext, gene_set, gene_table, preprocess, prior_names
 from agl.data.schema import OBS_SLIDE, UNS_SLIDES, validate_canonical
 from agl.data.splits import SPLIT_KINDS, make_splits
-from agl.data.store import check_target, write_store
+from agl.data.stats import GeneMoments, seurat_hvg
+from agl.data.store import (_SAFE_NAME, check_layout, check_target, finish_store, new_temp_folder, write_ipc_blocks,
+                            write_expression_arrays, write_partition, write_store, write_tables)
 from agl.errors import ConfigError, DataError
 from agl.fileio import jsonable, sha256_file
 
@@ -62,7 +72,7 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
                 normalize_total: float | None = None, log1p: bool = True, n_primary: int = 50,
                 priors: Iterable[str] = ("hvg", "mean"), prior_data: AnnData | None = None,
                 split_kinds: Iterable[str] = ("kfold", "spatial", "loso"), seeds: Iterable[int] = (0, 1, 2),
-                n_folds: int = 5, overwrite: bool = False) -> Path:
+                n_folds: int = 5, overwrite: bool = False, expression_layout: str = "dense") -> Path:
     """Ingest a canonical AnnData (all slides, with images) into a store at ``out``.
 
     Steps: extract patches (H1's ``extract_patches``), drop spots without a patch,
@@ -117,7 +127,7 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
                   f"{list(next(iter(gene_sets.values())).filter(like='prior_').columns)}")
 
     expression = np.asarray(pp.X.toarray(), dtype=np.float32)
-    genes = pd.DataFrame({"name": pp.var_names.astype(str), "mean": expression.mean(axis=0),
+    genes = pd.DataFrame({"name": pp.var_names.astype(str), "mean": expression.mean(axis=0, dtype=np.float64).astype(np.float32),
                           "n_spots": (expression > 0).sum(axis=0).astype(np.int64)})
     obs = pp.obs
     spots = pd.DataFrame({"spot_id": pp.obs_names.astype(str), "slide_id": obs[OBS_SLIDE].astype(str).to_numpy(),
@@ -141,6 +151,472 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
     }
     path = write_store(out, spots=spots, patches=np.ascontiguousarray(patches, dtype=np.uint8),
                        expression=expression, genes=genes, splits=splits, gene_sets=gene_sets,
-                       manifest=manifest, overwrite=overwrite)
+                       manifest=manifest, overwrite=overwrite, expression_layout=expression_layout)
     progress.step(f"wrote {path}")
     return path
+
+
+# --------------------------------------------------------------------------- streaming ingest
+#
+# ``ingest_slides`` builds the same store as ``build_store`` without ever holding more than
+# one slide's image, patches and counts (per worker). Four passes, each a function of one
+# slide that runs in-process or as a Ray task (``address``):
+#   1. stage:    read the slide, cut its patches, keep its raw counts (a staging folder
+#                beside the store, reused by a re-run: an interrupted ingest resumes);
+#   2. qc:       spots kept by filter_cells on the genes all slides share, per-gene counts
+#                of non-zero spots (filter_genes is their sum);
+#   3. finalize: preprocess the slide's kept spots and genes, write its Parquet partition,
+#                return per-split sums of the expression (agl.data.stats.GeneMoments);
+#   4. driver:   merge the sums into each split's HVGs and priors, write the memory-mapped
+#                arrays block by block, the tables and the manifest, rename into place.
+# The driver holds the spot table and one gene-sized vector per split and statistic.
+
+STAGE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """Everything a streamed store depends on besides its input (staged slides are reused only when it matches)."""
+
+    patch_um: float = 112.0
+    patch_px: int = 224
+    border: str = "pad"
+    min_genes: int = 200
+    min_cells: int = 3
+    normalize_total: float | None = None
+    log1p: bool = True
+    n_primary: int = 50
+    priors: tuple[str, ...] = ("hvg", "mean")
+    split_kinds: tuple[str, ...] = ("kfold", "spatial", "loso")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    n_folds: int = 5
+    expression_layout: str = "sparse"
+
+    def stage_key(self) -> str:
+        """Hash of the settings that change a staged slide (patches, raw counts)."""
+        fields = {"v": STAGE_VERSION, "patch_um": self.patch_um, "patch_px": self.patch_px, "border": self.border}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class SlideSource:
+    """One slide (or one input unit) at a time from a dataset on disk, through ``read_slides``.
+
+    ``units`` are what the reader's subset argument takes (her2st sections, HEST sample
+    ids); a format without one (a Space Ranger ``outs/``, an ``.h5ad``) is one unit.
+    Picklable, so Ray tasks read their own slides.
+    """
+
+    def __init__(self, fmt: str, path: str | Path, units: list[str] | None = None, **reader_kwargs: Any):
+        from agl.data.readers import READERS
+
+        if fmt not in READERS:
+            raise ConfigError("format", f"unknown format {fmt!r}; known: {sorted(READERS)}")
+        self.fmt, self.path, self.reader_kwargs = fmt, Path(path), reader_kwargs
+        params = inspect.signature(READERS[fmt]).parameters
+        self.subset_kw = next((k for k in ("sections", "sample_ids") if k in params), None)
+        self.units = list(units) if units else self._list_units()
+
+    def _list_units(self) -> list[str | None]:
+        from agl.data import readers
+
+        if self.fmt == "her2st":
+            return readers._her2st_sections(self.path, self.reader_kwargs.get("require_image", True)) or [None]
+        if self.fmt == "hest":
+            return sorted(p.stem for p in (self.path / "st").glob("*.h5ad")) or [None]
+        return [None]
+
+    def __call__(self, unit: str | None) -> AnnData:
+        from agl.data.readers import read_slides
+
+        kw = dict(self.reader_kwargs)
+        if unit is not None:
+            if self.subset_kw is None:
+                raise ConfigError("--sections", f"the {self.fmt} reader does not select slides")
+            kw[self.subset_kw] = [unit]
+        return read_slides(self.fmt, self.path, **kw)
+
+
+class AnnDataSource:
+    """Slides of a canonical AnnData already in memory (tests, notebooks): one unit per slide."""
+
+    def __init__(self, adata: AnnData):
+        self.adata = adata
+        self.units = list(dict.fromkeys(adata.obs[OBS_SLIDE].astype(str)))
+
+    def __call__(self, unit: str) -> AnnData:
+        part = self.adata[self.adata.obs[OBS_SLIDE].astype(str).to_numpy() == unit].copy()
+        part.uns[UNS_SLIDES] = {unit: self.adata.uns[UNS_SLIDES][unit]}
+        return part
+
+
+def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
+    """Write a folder under a temporary name and rename it to ``final`` (a staged slide is whole or absent)."""
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def stage_unit(source: Callable[[Any], AnnData], unit: Any, settings: IngestSettings, stage: str) -> list[dict[str, Any]]:
+    """Pass 1: read one input unit, cut each slide's patches, keep its raw counts under ``stage/SLIDE``."""
+    stage_dir = Path(stage)
+    unit_done = stage_dir / f"unit-{hashlib.sha256(repr(unit).encode()).hexdigest()[:16]}.json"
+    if unit_done.is_file():  # staged by an earlier, interrupted run: not read again
+        return [json.loads((stage_dir / sid / "slide.json").read_text()) for sid in json.loads(unit_done.read_text())]
+    adata = source(unit)
+    try:
+        validate_canonical(adata, f"slide {unit}")
+    except ValueError as err:
+        raise DataError(None, str(err)) from err
+    slides = list(dict.fromkeys(adata.obs[OBS_SLIDE].astype(str)))
+    out = []
+    for sid in slides:
+        done = stage_dir / sid / "slide.json"
+        if done.is_file():
+            out.append(json.loads(done.read_text()))
+            continue
+        one = adata[adata.obs[OBS_SLIDE].astype(str).to_numpy() == sid]
+        patches, keep, report = extract_patches(one, patch_um=settings.patch_um, patch_px=settings.patch_px,
+                                                border=settings.border, progress=False)
+        keep = np.asarray(keep, dtype=bool)
+        if patches.shape[0] == one.n_obs:
+            patches = patches[keep]
+        kept = one[keep]
+        meta = dict(adata.uns[UNS_SLIDES][sid])
+        summary = {"slide_id": sid, "unit": unit, "n_read": int(one.n_obs), "n_spots": int(kept.n_obs),
+                   "genes": [str(g) for g in kept.var_names], "report": jsonable(report["slides"][sid], max_array=1000),
+                   "meta": jsonable(meta, max_array=1000), "sources": source_files(kept)}
+
+        def write(folder: Path) -> None:
+            np.save(folder / "patches.npy", np.ascontiguousarray(patches, dtype=np.uint8))
+            sp.save_npz(folder / "counts.npz", sp.csr_matrix(kept.X, dtype=np.int32), compressed=False)
+            obs = kept.obs.copy()
+            obs.insert(0, "spot_id", kept.obs_names.astype(str))
+            obs[OBS_SLIDE] = obs[OBS_SLIDE].astype(str)
+            obs.to_parquet(folder / "obs.parquet", index=False)
+            (folder / "slide.json").write_text(json.dumps(summary))
+
+        _atomic_dir(stage_dir / sid, write)
+        out.append(summary)
+        del patches, kept, one
+    tmp_done = unit_done.with_name(f".{unit_done.name}.{uuid.uuid4().hex[:8]}")
+    tmp_done.write_text(json.dumps([s["slide_id"] for s in out]))
+    os.replace(tmp_done, unit_done)
+    return out
+
+
+def qc_slide(stage: str, slide: str, common: list[str], min_genes: int) -> dict[str, Any]:
+    """Pass 2: filter_cells(min_genes) on the shared genes, and non-zero spot counts per gene of the kept spots."""
+    folder = Path(stage) / slide
+    genes = json.loads((folder / "slide.json").read_text())["genes"]
+    cols = pd.Index(genes).get_indexer(common)
+    counts = sp.load_npz(folder / "counts.npz").tocsr()[:, cols]
+    positive = counts > 0
+    keep = np.asarray(positive.sum(axis=1)).ravel() >= min_genes
+    nonzero = np.asarray(positive[keep].sum(axis=0)).ravel().astype(np.int64)
+    return {"slide": slide, "keep": keep, "nonzero": nonzero}
+
+
+def finalize_slide(stage: str, slide: str, gene_cols: np.ndarray, keep: np.ndarray, row_start: int,
+                   train: np.ndarray, settings: IngestSettings, partition: str) -> dict[str, Any]:
+    """Pass 3: preprocess the slide's kept spots x kept genes, write its partition, return its sums.
+
+    ``gene_cols`` index the slide's own gene list (store column order); ``train`` is bool
+    [groups, kept spots]: one row per split's training spots, then one of all spots.
+    """
+    folder = Path(stage) / slide
+    counts = sp.load_npz(folder / "counts.npz").tocsr()[keep][:, gene_cols]
+    obs = pd.read_parquet(folder / "obs.parquet")[keep].reset_index(drop=True)
+    adata = AnnData(X=counts, obs=pd.DataFrame(index=obs["spot_id"].to_numpy()))
+    # the same scanpy calls as the in-memory path; the filters keep everything here (applied in pass 2)
+    pp = preprocess(adata, min_genes=0, min_cells=0, normalize_total=settings.normalize_total, log1p=settings.log1p)
+    x = sp.csr_matrix(pp.X, dtype=np.float32)
+    spots = pd.DataFrame({"spot_id": obs["spot_id"].astype(str), "slide_id": slide,
+                          "barcode": obs["barcode"].astype(str), "pixel_x": obs["pixel_x"].astype(np.float64),
+                          "pixel_y": obs["pixel_y"].astype(np.float64),
+                          "row": np.arange(row_start, row_start + len(obs), dtype=np.int64)})
+    patches = np.load(folder / "patches.npy", mmap_mode="r")[keep]
+    fs, path = _filesystem(partition)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    write_partition(path, spots, patches, x, settings.expression_layout, filesystem=fs)
+    return {"slide": slide, "moments": GeneMoments.of(x, train), "nnz": int(x.nnz), "n": int(x.shape[0])}
+
+
+def _filesystem(uri: str) -> tuple[Any, str]:
+    """A pyarrow filesystem and path for a local path or a URI (``s3://``, ``gs://``, ``file://``)."""
+    import pyarrow.fs as pafs
+
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).absolute())
+
+
+class _Runner:
+    """Run one function over many argument tuples in-process or as Ray tasks; progress lines; failures collected.
+
+    Ray retries a task whose worker died (``max_retries``) and, for OSError (a flaky
+    filesystem), the call itself; an input error (DataError) fails at once. Results are
+    merged as they arrive, so the driver never holds all of them.
+    """
+
+    def __init__(self, address: str | None, max_retries: int = 2, num_cpus: float = 1.0):
+        self.address, self.max_retries, self.num_cpus = address, max_retries, num_cpus
+        if address is not None:
+            from agl.distributed.runtime import init_ray
+
+            init_ray(address=address)
+
+    def map(self, name: str, fn: Callable[..., Any], calls: list[tuple[str, tuple]],
+            merge: Callable[[Any], None]) -> None:
+        failures: dict[str, str] = {}
+        t0, n = time.perf_counter(), len(calls)
+
+        def progress(i: int) -> None:
+            if i == n or i % max(1, n // 10) == 0:
+                rate = i / max(time.perf_counter() - t0, 1e-9)
+                log.info("ingest %s %d/%d slides (%.2f/s, ETA %.0f s)", name, i, n, rate, (n - i) / max(rate, 1e-9))
+
+        if self.address is None:
+            for i, (label, args) in enumerate(calls, 1):
+                try:
+                    merge(fn(*args))
+                except (DataError, ConfigError, OSError, ValueError) as err:
+                    failures[label] = f"{type(err).__name__}: {err}"
+                progress(i)
+        else:
+            import ray
+
+            remote = ray.remote(fn).options(num_cpus=self.num_cpus, max_retries=self.max_retries,
+                                            retry_exceptions=[OSError])
+            pending = {remote.remote(*args): label for label, args in calls}
+            done = 0
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                label = pending.pop(ready[0])
+                try:
+                    merge(ray.get(ready[0]))
+                except ray.exceptions.RayError as err:
+                    cause = getattr(err, "cause", None) or err
+                    failures[label] = f"{type(cause).__name__}: {cause}"
+                done += 1
+                progress(done)
+        if failures:
+            lines = "; ".join(f"{k}: {v}" for k, v in failures.items())
+            raise DataError(None, f"{len(failures)} of {n} slides failed in the {name} pass ({lines}); "
+                                  "the slides staged so far are kept, re-run the same command to resume")
+
+
+def _stage_dir(out: Path, settings: IngestSettings) -> Path:
+    return out.parent / f".{out.name}.staging-{settings.stage_key()}"
+
+
+def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: IngestSettings | None = None, *,
+                  units: list[Any] | None = None, prior_data: AnnData | None = None, overwrite: bool = False,
+                  address: str | None = None, max_retries: int = 2, keep_staging: bool = False) -> Path:
+    """Streaming ingest: the store ``build_store`` writes, built slide by slide (in-process, or on Ray).
+
+    ``source(unit)`` returns the canonical AnnData of one input unit (``SlideSource``,
+    ``AnnDataSource``); ``units`` default to ``source.units``. ``address``: None runs every
+    pass in this process; ``"local"`` starts a local Ray, ``"auto"`` / ``"ray://..."`` joins a
+    cluster, and each slide becomes one Ray task per pass (the staging folder and ``out``
+    must then be on storage every worker sees). Memory: one slide per worker, and on the
+    driver the spot table plus a few gene-length vectors per split. A failed slide is
+    reported by name; the staged slides stay beside ``out`` so the same call resumes.
+    """
+    settings = settings or IngestSettings()
+    out = check_target(out, overwrite)
+    priors, split_kinds = list(settings.priors), list(settings.split_kinds)
+    _check_names(priors, PRIORS, "priors")
+    _check_names(split_kinds, SPLIT_KINDS, "split_kinds")
+    check_layout(settings.expression_layout)
+    if not (settings.patch_um > 0 and settings.patch_px > 0 and settings.n_primary > 0) \
+            or settings.border not in ("pad", "drop"):
+        raise ConfigError("ingest", f"need patch_um > 0, patch_px > 0, n_primary > 0 and border pad|drop; got "
+                                    f"{settings.patch_um}, {settings.patch_px}, {settings.n_primary}, {settings.border!r}")
+    units = list(units if units is not None else getattr(source, "units"))
+    runner = _Runner(address, max_retries=max_retries)
+    progress = _Progress(5)
+    stage = _stage_dir(out, settings)
+    stage.mkdir(parents=True, exist_ok=True)
+
+    # pass 1: stage every slide
+    slides: dict[str, dict[str, Any]] = {}
+
+    def add_staged(summaries: list[dict[str, Any]]) -> None:
+        for s in summaries:
+            if s["slide_id"] in slides:
+                raise DataError(None, f"duplicate slide id {s['slide_id']!r} in units {slides[s['slide_id']]['unit']!r} "
+                                      f"and {s['unit']!r}")
+            slides[s["slide_id"]] = s
+
+    runner.map("stage", stage_unit, [(str(u), (source, u, settings, str(stage))) for u in units], add_staged)
+    order = [sid for u in units for sid, s in slides.items() if s["unit"] == u]  # input order, as assemble
+    bad = [s for s in order if not _SAFE_NAME.match(s)]
+    if bad:
+        raise DataError(out, f"slide names must match {_SAFE_NAME.pattern}: {bad[:5]}")
+    n_read = sum(slides[s]["n_read"] for s in order)
+    common = pd.Index(slides[order[0]]["genes"])
+    for sid in order[1:]:
+        common = common[common.isin(slides[sid]["genes"])]  # keeps the first slide's order (as assemble)
+    if len(common) == 0:
+        raise DataError(None, "the slides share no gene symbols")
+    for sid in order:
+        dropped = len(slides[sid]["genes"]) - len(common)
+        if dropped:
+            log.warning("slide %s has %d genes that other slides lack; dropped them (%d genes kept)",
+                        sid, dropped, len(common))
+        slides[sid]["meta"]["dropped_genes"] = int(dropped)
+        slides[sid]["meta"]["n_spots"] = int(slides[sid]["n_read"])
+    progress.step(f"staged {len(order)} slides ({n_read} spots read; patches "
+                  f"{settings.patch_px} px for {settings.patch_um} um, {settings.border}); {len(common)} shared genes")
+
+    # pass 2: spot and gene filters
+    keep: dict[str, np.ndarray] = {}
+    nonzero = np.zeros(len(common), dtype=np.int64)
+
+    def add_qc(r: dict[str, Any]) -> None:
+        nonlocal nonzero
+        keep[r["slide"]] = r["keep"]
+        nonzero += r["nonzero"]
+
+    runner.map("qc", qc_slide, [(s, (str(stage), s, list(common), settings.min_genes)) for s in order], add_qc)
+    gene_keep = nonzero >= settings.min_cells
+    genes_kept = common[gene_keep]
+    n_spots = int(sum(keep[s].sum() for s in order))
+    if n_spots == 0 or len(genes_kept) == 0:
+        raise DataError(None, f"preprocessing left {n_spots} spots x {len(genes_kept)} genes "
+                              f"(min_genes={settings.min_genes}, min_cells={settings.min_cells})")
+    progress.step(f"preprocess: {n_spots} spots x {len(genes_kept)} genes (min_genes={settings.min_genes}, "
+                  f"min_cells={settings.min_cells}, log1p={settings.log1p}, normalize_total={settings.normalize_total})")
+
+    obs = pd.concat([pd.read_parquet(stage / s / "obs.parquet")[keep[s]] for s in order], ignore_index=True)
+    obs.index = obs["spot_id"].to_numpy()
+    obs[OBS_SLIDE] = pd.Categorical(obs[OBS_SLIDE].astype(str), categories=order)
+    splits = make_splits(obs, kinds=split_kinds, n_folds=settings.n_folds, seeds=list(settings.seeds))
+    names = list(splits.columns)
+    is_train = np.vstack([(splits[c] == "train").to_numpy() for c in names] + [np.ones(n_spots, dtype=bool)])
+    progress.step(f"splits: {len(names)} ({', '.join(split_kinds)}; seeds {list(settings.seeds)})")
+
+    # pass 3: partitions and per-split sums, into the store's temporary folder
+    tmp = new_temp_folder(out)
+    try:
+        starts = np.cumsum([0] + [int(keep[s].sum()) for s in order])
+        moments = GeneMoments.zeros(len(names) + 1, len(genes_kept))
+        nnz: dict[str, int] = {}
+
+        def add_final(r: dict[str, Any]) -> None:
+            nonlocal moments
+            moments += r["moments"]
+            nnz[r["slide"]] = r["nnz"]
+
+        calls = []
+        for i, s in enumerate(order):
+            cols = pd.Index(slides[s]["genes"]).get_indexer(genes_kept)
+            part = str(tmp / "spots" / f"slide_id={s}" / "part-0.parquet")
+            calls.append((s, (str(stage), s, cols, keep[s], int(starts[i]), is_train[:, starts[i]:starts[i + 1]],
+                              settings, part)))
+        runner.map("finalize", finalize_slide, calls, add_final)
+        prior_pp = None if prior_data is None else preprocess(
+            prior_data, min_genes=settings.min_genes, min_cells=0, normalize_total=settings.normalize_total,
+            log1p=settings.log1p)
+        gene_sets = merged_gene_sets(moments, names, genes_kept, settings, prior_pp)
+        progress.step(f"gene sets: {len(gene_sets)} splits from merged per-slide sums, {settings.n_primary} primary genes each")
+
+        all_n = int(moments.n[-1])
+        genes = pd.DataFrame({"name": genes_kept.astype(str),
+                              "mean": (moments.log_sum[-1] / all_n).astype(np.float32),
+                              "n_spots": moments.nonzero[-1].astype(np.int64)})
+        patch_shape = tuple(np.load(stage / order[0] / "patches.npy", mmap_mode="r").shape[1:])
+        _write_arrays_from_partitions(tmp, order, n_spots, len(genes_kept), settings.expression_layout,
+                                      sum(nnz.values()), patch_shape)
+        write_tables(tmp, spot_ids=obs["spot_id"].to_numpy(), genes=genes, splits=splits.reset_index(drop=True),
+                     gene_sets=gene_sets)
+        report = {"patch_um": float(settings.patch_um), "patch_px": int(settings.patch_px), "border": settings.border,
+                  "slides": {s: slides[s]["report"] for s in order},
+                  "n_dropped": int(sum(slides[s]["report"].get("n_dropped", 0) for s in order))}
+        sources = [f for s in order for f in slides[s]["sources"]]
+        manifest = {
+            "preprocessing": {"min_genes": int(settings.min_genes), "min_cells": int(settings.min_cells),
+                              "normalize_total": None if not settings.normalize_total else float(settings.normalize_total),
+                              "log1p": bool(settings.log1p), "n_primary": int(settings.n_primary), "priors": priors,
+                              "prior_slides": None if prior_data is None
+                              else sorted(map(str, prior_data.obs[OBS_SLIDE].unique()))},
+            "patch": {"patch_um": float(settings.patch_um), "patch_px": int(settings.patch_px),
+                      "border": settings.border, "report": jsonable(report, max_array=1000)},
+            "split_settings": {"kinds": split_kinds, "seeds": [int(s) for s in settings.seeds],
+                               "n_folds": int(settings.n_folds)},
+            "spots_read": int(n_read),
+            "slide_meta": {s: slides[s]["meta"] for s in order if keep[s].any()},
+            "sources": sources,
+            "ingest": {"mode": "in-process" if address is None else f"ray ({address})", "slides": len(order),
+                       "passes": ["stage", "qc", "finalize", "merge"]},
+        }
+        finish_store(tmp, out, manifest=manifest, n_spots=n_spots, n_genes=len(genes_kept),
+                     patch_shape=patch_shape,
+                     slides={s: int(keep[s].sum()) for s in order if keep[s].any()}, splits=names,
+                     gene_names=list(genes_kept.astype(str)), layout=settings.expression_layout, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not keep_staging:
+        shutil.rmtree(stage, ignore_errors=True)
+    progress.step(f"wrote {out}")
+    return out
+
+
+def merged_gene_sets(moments: GeneMoments, names: list[str], genes: pd.Index, settings: IngestSettings,
+                     prior_pp: AnnData | None) -> dict[str, pd.DataFrame]:
+    """Each split's gene set from merged sums: seurat HVGs of its training spots, then ``gene_table``."""
+    prior_list = prior_names(settings.priors, prior_pp, settings.n_primary, len(genes))
+    var = pd.DataFrame(index=pd.Index(genes.astype(str)))
+    empty = AnnData(X=sp.csr_matrix((0, len(genes)), dtype=np.float32), var=var)  # carries the gene names only
+    out = {}
+    for g, name in enumerate(names):
+        if moments.n[g] < 3:
+            raise ConfigError("gene_set", f"split {name}: only {int(moments.n[g])} training spots")
+        mean, variance = moments.mean_var(g)
+        hvg = seurat_hvg(mean, variance, settings.n_primary, var.index)
+        primary = hvg["highly_variable"].to_numpy(dtype=bool)
+        ctx = PriorContext(train=empty, hvg=hvg, primary=primary, prior_data=prior_pp,
+                           train_mean=moments.log_sum[g] / moments.n[g])
+        out[name] = gene_table(ctx, prior_list)
+    return out
+
+
+def _write_arrays_from_partitions(tmp: Path, order: list[str], n_spots: int, n_genes: int, layout: str,
+                                  nnz: int, patch_shape: tuple[int, ...]) -> None:
+    """arrays/ (the in-process memory maps), filled partition by partition, one row group at a time."""
+    import pyarrow.parquet as pq
+
+    from agl.data.loaders import densify_csr_lists
+
+    arrays = tmp / "arrays"
+    arrays.mkdir()
+    files = [pq.ParquetFile(str(tmp / "spots" / f"slide_id={s}" / "part-0.parquet")) for s in order]
+
+    def patch_blocks() -> Iterator[np.ndarray]:
+        for f in files:
+            for batch in f.iter_batches(columns=["patch"], batch_size=256):
+                yield batch.column(0).flatten().to_numpy()
+
+    write_ipc_blocks(arrays / "patches.arrow", "patch", (n_spots, *patch_shape), np.uint8, patch_blocks())
+
+    def expression_blocks() -> Iterator[np.ndarray | sp.csr_matrix]:
+        for f in files:
+            if layout == "dense":
+                for batch in f.iter_batches(columns=["expression"], batch_size=1024):
+                    yield batch.column(0).flatten().to_numpy().reshape(len(batch), n_genes)
+            else:
+                for batch in f.iter_batches(columns=["expression_indices", "expression_values"], batch_size=1024):
+                    idx, val = batch.column(0), batch.column(1)
+                    offsets = idx.offsets.to_numpy()
+                    yield sp.csr_matrix((val.flatten().to_numpy(), idx.flatten().to_numpy(), offsets - offsets[0]),
+                                        shape=(len(batch), n_genes))
+
+    write_expression_arrays(arrays, n_spots, n_genes, layout, expression_blocks, nnz=nnz)

@@ -127,6 +127,10 @@ def load_views(patches: np.ndarray, idx: np.ndarray, ks: np.ndarray | None, norm
     return torch.from_numpy(out)
 
 
+def _n_genes(store: Store) -> int:
+    return int(store.manifest["n_genes"])
+
+
 def _columns(gene_columns: Sequence[int] | np.ndarray | None, n_genes: int) -> np.ndarray:
     return np.arange(n_genes) if gene_columns is None else np.asarray(gene_columns, dtype=np.int64)
 
@@ -142,7 +146,7 @@ class PatchDataset(torch.utils.data.Dataset):
                  gene_columns: Sequence[int] | np.ndarray | None = None, augment: bool | int = False):
         self.store = store
         self.rows = np.asarray(rows, dtype=np.int64)
-        self.gene_columns = _columns(gene_columns, store.expression.shape[1])
+        self.gene_columns = _columns(gene_columns, _n_genes(store))
         self.augment = augment
 
     def __len__(self) -> int:
@@ -156,7 +160,7 @@ class PatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         row = self.rows[i]
         img = load_views(self.store.patches, self.rows[i:i + 1], np.array([self._view()]))[0]
-        y = torch.from_numpy(self.store.expression[row, self.gene_columns].astype(np.float32, copy=False))
+        y = torch.from_numpy(self.store.expression_rows(np.array([row]), self.gene_columns)[0])
         return img, y
 
 
@@ -178,11 +182,11 @@ def iter_patch_batches(store: Store, rows: Sequence[int] | np.ndarray,
     kept is never changed.
     """
     rows = np.asarray(rows, dtype=np.int64)
-    cols = _columns(gene_columns, store.expression.shape[1])
+    cols = _columns(gene_columns, _n_genes(store))
     rng = np.random.default_rng([int(seed), int(epoch)])
     order = rng.permutation(rows) if shuffle else rows
     stop = len(order) - (len(order) % batch_size if drop_last else 0)
-    patches, expression = store.patches, store.expression
+    patches = store.patches
     recycler = _recycler(store)
     c, h, w = patches.shape[3], patches.shape[1], patches.shape[2]
     for start in range(0, stop, batch_size):
@@ -190,7 +194,7 @@ def iter_patch_batches(store: Store, rows: Sequence[int] | np.ndarray,
         out = recycler.empty((len(idx), c, h, w), np.float32 if normalise else np.uint8)
         x = load_views(patches, idx, rng.integers(0, N_VIEWS, len(idx)) if augment else None, normalise, out)
         del out  # only the tensor may keep the array alive (the recycler watches it)
-        y = torch.from_numpy(np.take(expression[idx], cols, axis=1))
+        y = torch.from_numpy(store.expression_rows(idx, cols))  # dense, or CSR rows densified
         yield x, y
 
 
@@ -208,7 +212,10 @@ def ray_dataset(store: Store, split: str, part: str,
     slides = sorted(set(store.spots["slide_id"].to_numpy()[rows]))
     paths = [str(store.path / "spots" / f"slide_id={s}" / "part-0.parquet") for s in slides]
     wanted = list(columns)
-    ds = ray.data.read_parquet(paths).select_columns(sorted(set(wanted) | {"row"}))  # projection pushdown
+    read = set(wanted) | {"row"}
+    if "expression" in read and store.expression_layout == "sparse":  # densified per batch below
+        read = (read - {"expression"}) | {"expression_indices", "expression_values"}
+    ds = ray.data.read_parquet(paths).select_columns(sorted(read))  # projection pushdown
     # an expression filter (not a Python callable) is pushed down into the Parquet scan
     ds = ds.filter(expr=col("row").is_in(rows.tolist()))
     if "row" not in wanted:
@@ -218,17 +225,37 @@ def ray_dataset(store: Store, split: str, part: str,
 
 
 class _ListsToTensors:
-    """Turn fixed-size-list columns into numpy tensor columns ([B, px, px, 3], [B, G])."""
+    """Turn fixed-size-list columns into numpy tensor columns ([B, px, px, 3], [B, G]).
+
+    A sparse store's ``expression_indices`` / ``expression_values`` lists become one dense
+    float32 ``expression`` column [B, G] per batch.
+    """
 
     def __init__(self, shapes: dict[str, tuple[int, ...]]):
         self.shapes = shapes
 
     def __call__(self, batch):  # pyarrow.Table -> dict of numpy arrays
         out = {}
+        if "expression_values" in batch.column_names:
+            out["expression"] = densify_csr_lists(batch.column("expression_indices"),
+                                                  batch.column("expression_values"), self.shapes["expression"][0])
         for name in batch.column_names:
+            if name.startswith("expression_"):
+                continue
             column = batch.column(name).combine_chunks()
             if name in self.shapes:
                 out[name] = column.values.to_numpy().reshape((len(batch), *self.shapes[name]))
             else:
                 out[name] = column.to_numpy()
         return out
+
+
+def densify_csr_lists(indices, values, n_genes: int) -> np.ndarray:
+    """float32 [B, n_genes] from Arrow list columns of per-spot gene indices and values."""
+    import scipy.sparse as sp
+
+    idx, val = indices.combine_chunks(), values.combine_chunks()
+    offsets = idx.offsets.to_numpy()
+    csr = sp.csr_matrix((val.flatten().to_numpy(), idx.flatten().to_numpy(), offsets - offsets[0]),
+                        shape=(len(idx), n_genes))
+    return csr.toarray().astype(np.float32, copy=False)

@@ -59,6 +59,7 @@ class PriorContext:
     hvg: pd.DataFrame            # scanpy HVG table on the training spots (index = genes)
     primary: np.ndarray          # bool [n_genes], primary genes
     prior_data: AnnData | None   # expression-only data (preprocessed alike), e.g. other sections
+    train_mean: np.ndarray | None = None  # per-gene mean of the training spots, when merged from slides
 
 
 def _hvg_prior(ctx: PriorContext) -> np.ndarray:
@@ -66,7 +67,12 @@ def _hvg_prior(ctx: PriorContext) -> np.ndarray:
 
 
 def _mean_prior(ctx: PriorContext) -> np.ndarray:
-    return np.asarray(ctx.train.X.mean(axis=0), dtype=np.float64).ravel()
+    if ctx.train_mean is not None:  # streaming ingest: merged from per-slide sums (agl.data.stats)
+        return np.asarray(ctx.train_mean, dtype=np.float64)
+    # float64 sums: float32 ones are order-dependent, and split genes with equal means (many rare
+    # genes) into an arbitrary order that a merge of per-slide sums could not reproduce
+    x = sp.csr_matrix(ctx.train.X, dtype=np.float64)  # scipy's mean(dtype=float64) still sums in float32
+    return np.asarray(x.sum(axis=0)).ravel() / max(x.shape[0], 1)
 
 
 def _coexpr_prior(ctx: PriorContext) -> np.ndarray:
@@ -132,23 +138,34 @@ def gene_set(adata_pp: AnnData, train_mask: np.ndarray | pd.Series, n_primary: i
         raise ConfigError("gene_set", f"train_mask has shape {mask.shape}, expected ({adata_pp.n_obs},)")
     if mask.sum() < 3:
         raise ConfigError("gene_set", f"only {int(mask.sum())} training spots")
-    names = ["hvg"] + [p for p in priors if p != "hvg"]
-    if prior_data is not None and "coexpr" not in names:
-        names.append("coexpr")
-    unknown = [p for p in names if p not in PRIORS]
-    if unknown:
-        raise ConfigError("priors", f"unknown prior(s) {unknown}; known: {sorted(PRIORS)}")
-    if not 0 < n_primary < adata_pp.n_vars:
-        raise ConfigError("n_primary", f"must be in 1..{adata_pp.n_vars - 1}, got {n_primary}")
+    names = prior_names(priors, prior_data, n_primary, adata_pp.n_vars)
     # a light copy of the training rows: scanpy is much faster on it than on a view
     train = AnnData(X=sp.csr_matrix(adata_pp.X)[mask], var=pd.DataFrame(index=adata_pp.var_names))
     with warnings.catch_warnings():  # scanpy warns about genes with zero mean in a subset
         warnings.simplefilter("ignore")
         hvg = sc.pp.highly_variable_genes(train, flavor="seurat", n_top_genes=n_primary, inplace=False)
     primary = hvg["highly_variable"].to_numpy(dtype=bool)
-    ctx = PriorContext(train=train, hvg=hvg, primary=primary, prior_data=prior_data)
+    return gene_table(PriorContext(train=train, hvg=hvg, primary=primary, prior_data=prior_data), names)
 
-    table = pd.DataFrame({"gene": adata_pp.var_names.astype(str), "column": np.arange(adata_pp.n_vars),
+
+def prior_names(priors: Iterable[str], prior_data: AnnData | None, n_primary: int, n_genes: int) -> list[str]:
+    """The priors a gene set scores ("hvg" first, "coexpr" added with ``prior_data``), validated."""
+    names = ["hvg"] + [p for p in priors if p != "hvg"]
+    if prior_data is not None and "coexpr" not in names:
+        names.append("coexpr")
+    unknown = [p for p in names if p not in PRIORS]
+    if unknown:
+        raise ConfigError("priors", f"unknown prior(s) {unknown}; known: {sorted(PRIORS)}")
+    if not 0 < n_primary < n_genes:
+        raise ConfigError("n_primary", f"must be in 1..{n_genes - 1}, got {n_primary}")
+    return names
+
+
+def gene_table(ctx: PriorContext, names: list[str]) -> pd.DataFrame:
+    """The gene-set table of :func:`gene_set` from a prior context (in-memory or merged statistics)."""
+    var_names = ctx.train.var_names
+    primary = ctx.primary
+    table = pd.DataFrame({"gene": var_names.astype(str), "column": np.arange(len(var_names)),
                           "role": np.where(primary, "primary", "auxiliary")})
     aux = ~primary
     for p in names:

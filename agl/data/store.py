@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -24,12 +25,13 @@ import uuid
 from functools import cached_property
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import scipy.sparse as sp
 
 from agl.errors import ConfigError, DataError
 from agl.fileio import sha256_file, swap_folder
@@ -37,6 +39,7 @@ from agl.fileio import sha256_file, swap_folder
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SPOT_COLUMNS = ("spot_id", "slide_id", "barcode", "pixel_x", "pixel_y", "row")
+EXPRESSION_LAYOUTS = ("dense", "sparse")  # float32 rows, or CSR per spot (indices + values)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # slide ids and split names become file names
 
 
@@ -102,19 +105,183 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), str(path), compression="zstd")
 
 
-def write_store(out: str | Path, *, spots: pd.DataFrame, patches: np.ndarray, expression: np.ndarray,
+def write_ipc_blocks(path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype | type,
+                     blocks: Iterable[np.ndarray]) -> None:
+    """Write an array of ``shape`` as ``_write_ipc`` does, from consecutive row blocks, in bounded memory.
+
+    pyarrow writes the file first over an anonymous zero mapping (its pages are the
+    kernel's shared zero page, so they cost no resident memory), which lays out the one
+    record batch; the rows are then written into its data buffer in place, block by block.
+    Used by streaming ingest, whose store is larger than memory.
+    """
+    dtype = np.dtype(dtype)
+    row_items = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    n_items = int(shape[0]) * row_items
+    nbytes = n_items * dtype.itemsize
+    zeros = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE)
+    try:
+        values = pa.Array.from_buffers(pa.from_numpy_dtype(dtype), n_items,
+                                       [None, pa.py_buffer(zeros)[:nbytes]])
+        table = pa.table({name: pa.FixedSizeListArray.from_arrays(values, row_items)})
+        table = table.replace_schema_metadata({"shape": json.dumps([int(d) for d in shape]), "dtype": str(dtype)})
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=max(int(shape[0]), 1))
+        del table, values
+    finally:
+        try:
+            zeros.close()
+        except BufferError:  # pyarrow still holds an export of the mapping; the GC unmaps it
+            pass
+    with pa.memory_map(str(path), "r") as mapped:
+        data = pa.ipc.open_file(mapped).get_batch(0).column(0).values.buffers()[1]
+        mapped.seek(0)
+        offset = data.address - mapped.read_buffer(mapped.size()).address
+        del data
+    written = 0
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        for block in blocks:
+            raw = np.ascontiguousarray(block, dtype=dtype)
+            fh.write(memoryview(raw.reshape(-1)).cast("B"))
+            written += raw.nbytes
+    if written != nbytes:
+        raise DataError(path, f"wrote {written} of {nbytes} bytes: the row blocks do not add up to {shape}")
+
+
+def expression_columns(expression: np.ndarray | sp.spmatrix, layout: str) -> dict[str, pa.Array]:
+    """The expression columns of a spot partition: dense ``expression`` or CSR ``expression_indices/values``."""
+    if layout == "dense":
+        dense = expression.toarray() if sp.issparse(expression) else np.asarray(expression)
+        return {"expression": _fixed_list(np.asarray(dense, dtype=np.float32))}
+    csr = sp.csr_matrix(expression, dtype=np.float32)
+    csr.sort_indices()
+    offsets = pa.array(csr.indptr.astype(np.int32))
+    return {"expression_indices": pa.ListArray.from_arrays(offsets, pa.array(csr.indices.astype(np.int32))),
+            "expression_values": pa.ListArray.from_arrays(offsets, pa.array(csr.data.astype(np.float32)))}
+
+
+def write_partition(path: str, spots: pd.DataFrame, patches: np.ndarray, expression: np.ndarray | sp.spmatrix,
+                    layout: str, filesystem: Any = None) -> None:
+    """One slide's ``spots/slide_id=S/part-0.parquet``: spot columns, patch, expression (dense or CSR).
+
+    ``path`` may be local or on a pyarrow filesystem (``filesystem``), so Ray tasks on
+    other machines can write their slides to shared or cloud storage.
+    """
+    part = pa.Table.from_pandas(spots[list(SPOT_COLUMNS)].reset_index(drop=True), preserve_index=False)
+    part = part.append_column("patch", _fixed_list(patches))
+    for name, column in expression_columns(expression, layout).items():
+        part = part.append_column(name, column)
+    # small row groups so Ray Data can split a slide across blocks; patches are incompressible
+    pq.write_table(part, path, row_group_size=256, filesystem=filesystem,
+                   compression={c: ("none" if c == "patch" else "zstd") for c in part.column_names})
+
+
+def check_layout(layout: str) -> str:
+    if layout not in EXPRESSION_LAYOUTS:
+        raise ConfigError("expression_layout", f"must be one of {EXPRESSION_LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def new_temp_folder(out: Path) -> Path:
+    """A hidden temporary folder beside ``out`` (stale ones of dead writers are removed first)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def write_tables(tmp: Path, *, spot_ids: np.ndarray, genes: pd.DataFrame, splits: pd.DataFrame,
+                 gene_sets: Mapping[str, pd.DataFrame]) -> None:
+    """genes.parquet, splits.parquet and gene_sets/ of a store being written in ``tmp``."""
+    missing = [s for s in splits.columns if s not in gene_sets]
+    if missing:
+        raise DataError(tmp, f"no gene set for split(s) {missing}")
+    _write_parquet(genes.reset_index(drop=True), tmp / "genes.parquet")
+    split_table = splits.reset_index(drop=True).astype(str)
+    split_table.insert(0, "spot_id", np.asarray(spot_ids))
+    _write_parquet(split_table, tmp / "splits.parquet")
+    (tmp / "gene_sets").mkdir(exist_ok=True)
+    for name in splits.columns:
+        _write_parquet(gene_sets[name], tmp / "gene_sets" / f"{name}.parquet")
+
+
+def finish_store(tmp: Path, out: Path, *, manifest: Mapping[str, Any], n_spots: int, n_genes: int,
+                 patch_shape: tuple[int, ...], slides: Mapping[str, int], splits: list[str], gene_names: list[str],
+                 layout: str, overwrite: bool) -> Path:
+    """Hash every file of ``tmp``, write the manifest last, and rename ``tmp`` to ``out``."""
+    (tmp / "cache").mkdir(exist_ok=True)
+    files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    full = {
+        "schema_version": SCHEMA_VERSION,
+        "agl_version": agl_version(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **dict(manifest or {}),
+        "n_spots": int(n_spots),
+        "n_genes": int(n_genes),
+        "patch_shape": [int(d) for d in patch_shape],
+        "expression_layout": layout,
+        "slides": {str(s): int(c) for s, c in slides.items()},
+        "splits": list(map(str, splits)),
+        "gene_list_sha256": gene_list_hash(gene_names),
+        "files": files,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(full, indent=1, default=str))
+    _publish(tmp, out, overwrite)
+    return out
+
+
+def write_expression_arrays(folder: Path, n_spots: int, n_genes: int, layout: str,
+                            blocks: Callable[[], Iterable[np.ndarray | sp.spmatrix]], nnz: int | None = None) -> None:
+    """``arrays/expression.arrow`` (dense) or ``arrays/expression_{indptr,indices,values}.arrow`` (CSR).
+
+    ``blocks()`` yields consecutive row blocks (dense or sparse); it is called once per
+    file written, so the whole matrix never needs to be in memory.
+    """
+    if layout == "dense":
+        dense = (b.toarray() if sp.issparse(b) else b for b in blocks())
+        write_ipc_blocks(folder / "expression.arrow", "expression", (n_spots, n_genes), np.float32, dense)
+        return
+    if nnz is None:
+        nnz = sum(sp.csr_matrix(b).nnz for b in blocks())
+    csr = lambda: (sp.csr_matrix(b, dtype=np.float32) for b in blocks())  # noqa: E731
+
+    def indptr() -> Iterator[np.ndarray]:
+        start = 0
+        yield np.zeros(1, dtype=np.int64)
+        for b in csr():
+            yield start + b.indptr[1:].astype(np.int64)
+            start += b.nnz
+
+    def sorted_csr() -> Iterator[sp.csr_matrix]:
+        for b in csr():
+            b.sort_indices()
+            yield b
+
+    write_ipc_blocks(folder / "expression_indptr.arrow", "indptr", (n_spots + 1,), np.int64, indptr())
+    write_ipc_blocks(folder / "expression_indices.arrow", "indices", (nnz,), np.int32,
+                     (b.indices for b in sorted_csr()))
+    write_ipc_blocks(folder / "expression_values.arrow", "values", (nnz,), np.float32,
+                     (b.data for b in sorted_csr()))
+
+
+def write_store(out: str | Path, *, spots: pd.DataFrame, patches: np.ndarray, expression: np.ndarray | sp.spmatrix,
                 genes: pd.DataFrame, splits: pd.DataFrame, gene_sets: Mapping[str, pd.DataFrame],
-                manifest: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+                manifest: Mapping[str, Any] | None = None, overwrite: bool = False,
+                expression_layout: str = "dense") -> Path:
     """Write a complete store at ``out`` (temp folder beside it, renamed into place at the end).
 
     ``spots``: spot_id, slide_id, barcode, pixel_x, pixel_y in row order; ``patches``
-    uint8 [N, px, px, 3]; ``expression`` float32 [N, G]; ``genes``: one row per
-    expression column (name, mean, n_spots); ``splits``: one column of roles per split
-    (row order); ``gene_sets``: split -> gene-set table; ``manifest``: extra fields
-    (preprocessing, patch settings, sources). Refuses an existing ``out`` unless
-    ``overwrite``, in which case the old store is swapped out only once the new one is complete.
+    uint8 [N, px, px, 3]; ``expression`` float32 [N, G] (dense, or scipy sparse);
+    ``genes``: one row per expression column (name, mean, n_spots); ``splits``: one
+    column of roles per split (row order); ``gene_sets``: split -> gene-set table;
+    ``manifest``: extra fields (preprocessing, patch settings, sources);
+    ``expression_layout``: "dense" (float32 rows) or "sparse" (CSR per spot: indices +
+    values). Refuses an existing ``out`` unless ``overwrite``, in which case the old store
+    is swapped out only once the new one is complete.
     """
     out = check_target(out, overwrite)
+    layout = check_layout(expression_layout)
     n = len(spots)
     if patches.shape[0] != n or expression.shape[0] != n or len(splits) != n:
         raise DataError(out, f"row counts differ: spots {n}, patches {patches.shape[0]}, "
@@ -131,52 +298,28 @@ def write_store(out: str | Path, *, spots: pd.DataFrame, patches: np.ndarray, ex
     if missing:
         raise DataError(out, f"no gene set for split(s) {missing}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = new_temp_folder(out)
     try:
         table = spots[list(SPOT_COLUMNS[:-1])].reset_index(drop=True).copy()
         table["slide_id"] = table["slide_id"].astype(str)
         table["row"] = np.arange(n, dtype=np.int64)
+        matrix = sp.csr_matrix(expression) if sp.issparse(expression) else expression
         for slide in pd.unique(table["slide_id"]):
             at = np.flatnonzero(table["slide_id"].to_numpy() == slide)
-            part = pa.Table.from_pandas(table.iloc[at], preserve_index=False)
-            part = part.append_column("patch", _fixed_list(patches[at]))
-            part = part.append_column("expression", _fixed_list(expression[at]))
             folder = tmp / "spots" / f"slide_id={slide}"
             folder.mkdir(parents=True)
-            # small row groups so Ray Data can split a slide across blocks
-            pq.write_table(part, str(folder / "part-0.parquet"), row_group_size=256,
-                           compression={"patch": "none", "expression": "zstd", **{c: "zstd" for c in table}})
+            write_partition(str(folder / "part-0.parquet"), table.iloc[at], patches[at], matrix[at], layout)
         (tmp / "arrays").mkdir()
         _write_ipc(tmp / "arrays" / "patches.arrow", "patch", patches)
-        _write_ipc(tmp / "arrays" / "expression.arrow", "expression", expression)
-        _write_parquet(genes.reset_index(drop=True), tmp / "genes.parquet")
-        split_table = splits.reset_index(drop=True).astype(str)
-        split_table.insert(0, "spot_id", table["spot_id"].to_numpy())
-        _write_parquet(split_table, tmp / "splits.parquet")
-        (tmp / "gene_sets").mkdir()
-        for name in splits.columns:
-            _write_parquet(gene_sets[name], tmp / "gene_sets" / f"{name}.parquet")
-        (tmp / "cache").mkdir()
-        files = {p.relative_to(tmp).as_posix(): sha256_file(p)
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
-        full = {
-            "schema_version": SCHEMA_VERSION,
-            "agl_version": agl_version(),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            **dict(manifest or {}),
-            "n_spots": n,
-            "n_genes": int(expression.shape[1]),
-            "patch_shape": list(patches.shape[1:]),
-            "slides": {s: int((table["slide_id"] == s).sum()) for s in pd.unique(table["slide_id"])},
-            "splits": list(map(str, splits.columns)),
-            "gene_list_sha256": gene_list_hash(list(genes["name"])),
-            "files": files,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(full, indent=1, default=str))
-        _publish(tmp, out, overwrite)
+        if layout == "dense" and not sp.issparse(expression):
+            _write_ipc(tmp / "arrays" / "expression.arrow", "expression", expression)
+        else:
+            write_expression_arrays(tmp / "arrays", n, expression.shape[1], layout, lambda: [matrix])
+        write_tables(tmp, spot_ids=table["spot_id"].to_numpy(), genes=genes, splits=splits, gene_sets=gene_sets)
+        finish_store(tmp, out, manifest=manifest or {}, n_spots=n, n_genes=int(expression.shape[1]),
+                     patch_shape=patches.shape[1:], slides={s: int((table["slide_id"] == s).sum())
+                                                            for s in pd.unique(table["slide_id"])},
+                     splits=list(splits.columns), gene_names=list(genes["name"]), layout=layout, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -276,10 +419,51 @@ class Store:
             raise DataError(self.path / "spots", "spot rows are not 0..N-1")
         return df
 
+    @property
+    def expression_layout(self) -> str:
+        """"dense" (float32 rows) or "sparse" (CSR per spot); stores written before the choice are dense."""
+        return str(self.manifest.get("expression_layout", "dense"))
+
     @cached_property
     def expression(self) -> np.ndarray:
-        """float32 [N, G], memory-mapped, read-only."""
-        return _read_ipc(self.path / "arrays" / "expression.arrow")
+        """float32 [N, G]: memory-mapped and read-only (dense layout), or densified once (sparse layout).
+
+        Batch loaders should use :meth:`expression_rows`, which densifies only the rows asked for.
+        """
+        if self.expression_layout == "dense":
+            return _read_ipc(self.path / "arrays" / "expression.arrow")
+        dense = self.expression_csr.toarray()
+        dense.flags.writeable = False
+        return dense
+
+    @cached_property
+    def expression_csr(self) -> sp.csr_matrix:
+        """float32 CSR [N, G] over the memory-mapped index and value arrays (sparse layout)."""
+        if self.expression_layout == "dense":
+            return sp.csr_matrix(self.expression)
+        arrays = self.path / "arrays"
+        indptr = _read_ipc(arrays / "expression_indptr.arrow")
+        indices = _read_ipc(arrays / "expression_indices.arrow")
+        values = _read_ipc(arrays / "expression_values.arrow")
+        shape = (len(indptr) - 1, int(self.manifest["n_genes"]))
+        if indptr[-1] != len(indices) or len(indices) != len(values):
+            raise DataError(arrays, f"CSR arrays disagree: indptr ends at {indptr[-1]}, {len(indices)} indices, "
+                                    f"{len(values)} values")
+        # scipy would copy int64 indptr into int32 when it fits; build the matrix without its checks
+        matrix = sp.csr_matrix(shape, dtype=np.float32)
+        matrix.data, matrix.indices, matrix.indptr = values, indices, indptr
+        return matrix
+
+    def expression_rows(self, rows: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+        """float32 [len(rows), len(columns)] (all genes when ``columns`` is None), densified per call."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.expression_layout == "dense":
+            block = self.expression[rows]
+            return block if columns is None else np.take(block, columns, axis=1)
+        block = self.expression_csr[rows]
+        if columns is not None:
+            block = block[:, np.asarray(columns, dtype=np.int64)]
+        return block.toarray().astype(np.float32, copy=False)
 
     @cached_property
     def patches(self) -> np.ndarray:
