@@ -118,6 +118,22 @@ class TrainConfig:
     hypergrad: str = setting("unroll", one_of_registry("hypergradient estimators", list_hypergradients),
                              "estimator of the exact hypergradient: unroll (reverse), checkpointed (reverse, "
                              "memory flat in H), forward (forward mode, for few outer scalars)")
+    inner_state: str = setting("fresh", one_of("fresh", "warm"),
+                               "inner Adam per outer step: fresh = zero moments (the authors' release), "
+                               "warm = the training optimiser's moments")
+    ift_iters: int = setting(20, int_at_least(1), "ift_cg / ift_neumann: CG iterations or Neumann terms")
+    ift_damping: float = setting(0.0, num_in(0.0), "ift_*: lambda in (H + lambda I)^-1")
+    ift_alpha: float | None = setting(None, optional(positive), "ift_neumann: step; null = 1 / lambda_max (power iteration)")
+    outer_val: str = setting("batch", one_of("batch", "full"),
+                             "outer objective on one validation batch per step, or on the whole outer-validation part")
+    hypergrad_batches: int = setting(1, int_at_least(1), "training batches whose hypergradients each outer step averages")
+    outer_steps: int | None = setting(None, optional(int_at_least(1)),
+                                      "outer steps per bi-level pass; null = one pass over the training spots")
+    tau_anneal_steps: int | None = setting(None, optional(int_at_least(1)),
+                                           "outer steps from tau to tau_final; null = agl.training.loop.tau_horizon")
+    val_outer_fraction: float = setting(0.0, num_in(0.0, 1.0, hi_open=True),
+                                        "share of validation spots carved into val_outer (the threshold's "
+                                        "objective) when the split has none; 0 = outer steps use val")
     schedule: str = setting("interleaved", one_of("interleaved", "warmstart"), "when bi-level passes run")
     epochs: int = setting(100, int_at_least(1), "maximum number of epochs")
     patience: int = setting(20, int_at_least(1), "epochs without a better validation PCC before stopping")

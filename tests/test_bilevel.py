@@ -81,7 +81,7 @@ def test_hypergradient_matches_finite_differences(opt_name: str, steps: int, war
     opt = _warm_adam(model, train) if warm else None
     lr = 0.05 if opt_name == "sgd" else 0.01
     out = hypergradient(model, gate, pearson_loss, train, val, P, inner_steps=steps, inner_lr=lr,
-                        inner_optimizer=opt_name, optimizer=opt)
+                        inner_optimizer=opt_name, optimizer=opt, inner_state="warm" if warm else "fresh")
     t0, h = gate.t.item(), 1e-5
     fd = (_outer_loss_reference(model, gate, train, val, t0 + h, steps, lr, opt_name, opt)
           - _outer_loss_reference(model, gate, train, val, t0 - h, steps, lr, opt_name, opt)) / (2 * h)
@@ -131,7 +131,7 @@ def test_first_order_approximates_full_with_several_adam_steps() -> None:
     """Several Adam steps: the first-order form drops Hessian terms, so it differs but keeps the sign."""
     model, gate, train, val = _problem(seed=2)
     opt = _warm_adam(model, train)  # give Adam a history so its steps are smooth in g
-    kw = dict(inner_steps=3, inner_lr=0.01, inner_optimizer="adam", optimizer=opt)
+    kw = dict(inner_steps=3, inner_lr=0.01, inner_optimizer="adam", optimizer=opt, inner_state="warm")
     full = hypergradient(model, gate, pearson_loss, train, val, P, **kw)["hypergrad"][0].item()
     gate.t.grad = None
     fo = hypergradient(model, gate, pearson_loss, train, val, P, first_order=True, **kw)["hypergrad"][0].item()
@@ -177,7 +177,8 @@ def _estimate(method: str, opt_name: str, steps: int, warm: bool, batchnorm: boo
     opt = _warm_adam(model, train) if warm else None
     lr = 0.05 if opt_name == "sgd" else 0.01
     out = hypergradient(model, gate, pearson_loss, train, val, P, inner_steps=steps, inner_lr=lr,
-                        inner_optimizer=opt_name, optimizer=opt, method=method)
+                        inner_optimizer=opt_name, optimizer=opt, method=method,
+                        inner_state="warm" if warm else "fresh")
     return out, (model, gate, train, val, lr, opt)
 
 

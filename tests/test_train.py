@@ -146,7 +146,8 @@ def test_early_stopping_and_best_model_selection(bundle_of, tmp_path):
     assert res.best_val_pcc == max(pccs) and int(np.argmax(pccs)) == res.best_epoch
     assert [r["best_val_pcc"] for r in rec.rows] == list(np.maximum.accumulate(pccs))
     assert all(c is not None for c in rec.checkpoints)
-    assert set(rec.rows[0]) == {"epoch", "train_loss", "val_loss", "val_pcc", "best_val_pcc", "k", "t", "tau", "epoch_time_s"}
+    assert set(rec.rows[0]) == {"epoch", "train_loss", "val_loss", "val_pcc", "best_val_pcc", "k", "t", "tau", "epoch_time_s",
+                                "outer_steps"}
     # the returned model is the best epoch's: its validation PCC is the best one
     from agl.training.checkpoint import load_model
     from agl.evaluation.metrics import evaluate_predictions

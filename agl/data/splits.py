@@ -10,7 +10,11 @@ Names (see docs/architecture.md):
 - ``loso-{slide}``: test = that slide, validation = a seeded 20% of every other slide's
   spots, train = the rest.
 
-A split is a column of roles ``"train" | "val" | "test" | ""`` (unused) in spot order.
+A split is a column of roles ``"train" | "val" | "test" | ""`` (unused) in spot order,
+optionally with ``"val_outer"``: validation spots kept for DkGSB's outer objective (the
+threshold's loss), so that ``"val"`` (early stopping and model selection) is not the data
+the threshold was fitted to (``make_splits(..., val_outer_fraction=...)`` or
+``carve_val_outer``).
 Every random draw is seeded by the split seed and the slide name, so adding a slide
 does not change the folds of the others.
 """
@@ -25,7 +29,7 @@ import pandas as pd
 from agl.errors import ConfigError
 from agl.data.schema import OBS_PX, OBS_PY, OBS_SLIDE
 
-ROLES = ("train", "val", "test")
+ROLES = ("train", "val", "test", "val_outer")
 LOSO_VAL_FRACTION = 0.2
 LOSO_SEED = 0
 
@@ -133,12 +137,34 @@ SPLIT_KINDS: dict[str, Callable[[pd.DataFrame, int, Iterable[int]], dict[str, np
 }
 
 
+def carve_val_outer(roles: np.ndarray, slides: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """A copy of ``roles`` where a seeded ``fraction`` of each slide's ``val`` spots become ``val_outer``.
+
+    Per slide (keyed like every other draw here), so each validation slide contributes to both
+    roles; at least one spot stays ``val`` and one becomes ``val_outer`` where a slide has two
+    or more validation spots.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError("val_outer_fraction", f"must lie in (0, 1), got {fraction}")
+    roles = np.asarray(roles, dtype=object).copy()
+    slides = np.asarray(slides).astype(str)
+    for slide in pd.unique(slides):
+        at = np.flatnonzero((slides == slide) & (roles == "val"))
+        if len(at) < 2:
+            continue
+        n_outer = min(len(at) - 1, max(1, int(round(fraction * len(at)))))
+        roles[_rng(seed, slide, "val_outer").choice(at, n_outer, replace=False)] = "val_outer"
+    return roles
+
+
 def make_splits(obs: pd.DataFrame, kinds: Iterable[str] = ("kfold", "spatial", "loso"),
-                n_folds: int = 5, seeds: Iterable[int] = (0,)) -> pd.DataFrame:
+                n_folds: int = 5, seeds: Iterable[int] = (0,), val_outer_fraction: float = 0.0) -> pd.DataFrame:
     """All named splits of the spots in ``obs`` (needs ``slide_id``, ``pixel_x``, ``pixel_y``).
 
     Returns a DataFrame indexed like ``obs``, one column per split name, values
-    ``"train" | "val" | "test" | ""``.
+    ``"train" | "val" | "test" | ""``; with ``val_outer_fraction > 0`` that share of each
+    split's validation spots has the role ``"val_outer"`` instead (``carve_val_outer``,
+    seeded by the split seed, or ``LOSO_SEED`` for leave-one-slide-out).
     """
     unknown = [k for k in kinds if k not in SPLIT_KINDS]
     if unknown:
@@ -149,7 +175,19 @@ def make_splits(obs: pd.DataFrame, kinds: Iterable[str] = ("kfold", "spatial", "
     columns: dict[str, np.ndarray] = {}
     for kind in kinds:
         columns.update(SPLIT_KINDS[kind](obs, n_folds, seeds))
+    if val_outer_fraction:
+        slides = obs[OBS_SLIDE].astype(str).to_numpy()
+        columns = {name: carve_val_outer(roles, slides, val_outer_fraction, split_seed(name))
+                   for name, roles in columns.items()}
     return pd.DataFrame(columns, index=obs.index, dtype=object)
+
+
+def split_seed(name: str) -> int:
+    """The seed in a split name (``kfold-s3-f1`` -> 3); ``LOSO_SEED`` for names without one."""
+    for part in name.split("-")[1:]:
+        if part.startswith("s") and part[1:].isdigit():
+            return int(part[1:])
+    return LOSO_SEED
 
 
 def split_kind(name: str) -> str:

@@ -178,7 +178,11 @@ class Gate(nn.Module):
         """Put outer parameters back into their feasible set after an optimiser step."""
 
     def on_epoch_end(self, epoch: int, n_epochs: int) -> None:
-        """Hook for schedules (tau annealing); ``epoch`` is 0-based, the one that just ended."""
+        """Hook for epoch-indexed schedules; ``epoch`` is 0-based, the one that just ended."""
+
+    def on_outer_step(self, progress: float) -> None:
+        """Hook after each outer step; ``progress`` in [0, 1] runs over the annealing horizon
+        (``agl.training.loop.tau_horizon``)."""
 
     def summary(self) -> dict[str, float]:
         """Scalars worth logging every epoch."""

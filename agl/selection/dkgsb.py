@@ -80,11 +80,16 @@ class DkGSBGate(Gate):
     def project_(self) -> None:
         self.t.clamp_(0.0, 1.0)
 
-    def on_epoch_end(self, epoch: int, n_epochs: int) -> None:
-        """Geometric annealing from ``tau`` to ``tau_final``, reached after the last epoch's predecessor."""
+    def on_outer_step(self, progress: float) -> None:
+        """Geometric annealing from ``tau`` to ``tau_final`` by outer step: ``progress`` 1 reaches it.
+
+        The loop drives ``progress`` by outer steps over a horizon that ends before early
+        stopping can stop a run (``agl.training.loop.tau_horizon``), so a stopped run has
+        trained at ``tau_final``. The current value is a buffer, saved with checkpoints.
+        """
         if self.tau_final is None:
             return
-        frac = min((epoch + 1) / max(n_epochs - 1, 1), 1.0)
+        frac = min(max(float(progress), 0.0), 1.0)
         self.tau.fill_(self.tau_start * (self.tau_final / self.tau_start) ** frac)
 
     def summary(self) -> dict[str, float]:

@@ -3,9 +3,11 @@
 Bi-level problem (DkGSB): the outer parameters ``phi`` of the gate (the threshold ``t``)
 minimise the primary-gene loss on validation spots of model weights ``theta*(phi)`` trained
 on the gate-weighted training loss. Per outer step we approximate ``theta*`` by ``H``
-differentiable optimiser steps from the current weights on one training batch (as the
-authors do with the ``higher`` library), evaluate the validation primary loss and
-back-propagate into ``phi``.
+differentiable optimiser steps from the current weights on one training batch, evaluate
+the validation primary loss and back-propagate into ``phi``. With ``inner_state="fresh"``
+(the default) the inner Adam starts from zero moments every outer step, which is what the
+authors' release does (a new ``torch.optim.Adam`` inside ``higher.innerloop_ctx`` per outer
+step); ``"warm"`` seeds the moments from the training optimiser instead (not the release).
 
 The model itself is never copied or modified: its parameters are swapped in functionally
 with ``torch.func.functional_call``, and its buffers (BatchNorm running statistics) are
@@ -21,6 +23,8 @@ Estimators (the ``hypergrad`` setting, registry ``HYPERGRADIENTS``):
   it, so memory grows with ``H`` only by a copy of the parameters (and moments) per step.
 - ``forward`` (``agl.training.forward_mode``): the tangent ``d theta_h / d phi`` carried along the
   trajectory; memory flat in ``H``, cost proportional to the number of outer scalars.
+- ``ift_cg`` / ``ift_neumann`` (``agl.training.implicit``): the implicit function theorem at the
+  current weights taken as an approximately converged ``theta*`` (fits the warmstart schedule).
 - ``first_order=True``: the Hessian-free approximation (``_first_order``).
 """
 from __future__ import annotations
@@ -208,7 +212,10 @@ HYPERGRADIENTS: dict[str, str] = {
     "unroll": "agl.training.bilevel:unrolled_reverse",
     "checkpointed": "agl.training.bilevel:checkpointed_reverse",
     "forward": "agl.training.forward_mode:forward_mode",
+    "ift_cg": "agl.training.implicit:ift_cg",
+    "ift_neumann": "agl.training.implicit:ift_neumann",
 }
+INNER_STATES = ("fresh", "warm")
 
 
 def register_hypergradient(name: str, target: str) -> None:
@@ -241,6 +248,9 @@ def hypergradient(
     optimizer: torch.optim.Optimizer | None = None,
     fd_eps: float = 1e-2,
     method: str = "unroll",
+    inner_state: str = "fresh",
+    estimator_options: dict[str, Any] | None = None,
+    accumulate: bool = True,
 ) -> dict[str, Any]:
     """Accumulate into ``p.grad`` for ``p in gate.outer_parameters()`` the hypergradient of the
     validation primary loss after ``inner_steps`` unrolled optimiser steps.
@@ -254,11 +264,15 @@ def hypergradient(
         inner_steps: ``H``, unrolled steps on ``train_batch``.
         inner_lr, inner_optimizer: ``"sgd"`` or ``"adam"`` (functional, differentiable).
         first_order: skip differentiating through the trajectory (see ``_first_order``).
-        optimizer: the training ``torch.optim.Adam``; if given, its moments seed the inner Adam
-            (as ``higher`` does) so the unrolled steps continue the real optimiser's state.
+        optimizer: the training ``torch.optim.Adam``; read for its betas/eps, and with
+            ``inner_state="warm"`` its moments seed the inner Adam.
         fd_eps: relative finite-difference step of the first-order approximation.
         method: the estimator of the exact unrolled hypergradient (``HYPERGRADIENTS``):
-            ``unroll``, ``checkpointed`` or ``forward``; not combined with ``first_order``.
+            ``unroll``, ``checkpointed``, ``forward``, ``ift_cg`` or ``ift_neumann``; not combined
+            with ``first_order``.
+        inner_state: ``fresh`` (zero inner Adam moments, the authors' release) or ``warm``.
+        estimator_options: keyword options of the estimator (``ift_*``: iters, damping, alpha).
+        accumulate: add the result to ``.grad`` (False: only return it).
 
     Returns:
         ``outer_loss`` (float), ``inner_losses`` (floats), ``hypergrad`` (tensors, one per outer
@@ -269,6 +283,8 @@ def hypergradient(
         raise ConfigError("inner_optimizer", f"unknown inner optimiser {inner_optimizer!r}; choose {sorted(INNER_OPTIMIZERS)}")
     if inner_steps < 1:
         raise ConfigError("inner_steps", f"must be >= 1, got {inner_steps}")
+    if inner_state not in INNER_STATES:
+        raise ConfigError("inner_state", f"must be one of {', '.join(INNER_STATES)}, got {inner_state!r}")
     estimator = hypergradient_estimator(method)
     if first_order and method != "unroll":
         raise ConfigError("hypergrad", f"first_order approximates the unrolled hypergradient; it takes no estimator (got {method!r})")
@@ -278,14 +294,17 @@ def hypergradient(
 
     net = _Unrolled(model, loss_fn)
     state, hyper = _adam_state(optimizer, net.params) if inner_optimizer == "adam" else (None, {})
+    if inner_state == "fresh":
+        state = None  # a new Adam per outer step, as the release's higher.innerloop_ctx(Adam(...))
     opt = INNER_OPTIMIZERS[inner_optimizer](net.params, inner_lr, state=state, **hyper)
     with torch.enable_grad():
         if first_order:
             outer_loss, inner_losses, hyper_grads = _first_order(net, gate, opt, train_batch, val_batch, n_primary, inner_steps, outer, fd_eps)
         else:
-            outer_loss, inner_losses, hyper_grads = estimator(net, gate, opt, train_batch, val_batch, n_primary, inner_steps, outer)
+            outer_loss, inner_losses, hyper_grads = estimator(net, gate, opt, train_batch, val_batch, n_primary,
+                                                              inner_steps, outer, **(estimator_options or {}))
 
-    for p, g in zip(outer, hyper_grads):
+    for p, g in zip(outer, hyper_grads if accumulate else []):
         g = g.detach()
         p.grad = g.clone() if p.grad is None else p.grad + g
     norm = math.sqrt(sum(float(g.detach().square().sum()) for g in hyper_grads))

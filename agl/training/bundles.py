@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 N_VIEWS = 8
 PARTS = ("train", "val", "test")
+OUTER_PART = "val_outer"  # optional: validation spots reserved for the gate's outer objective
 
 
 class FeatureInputs:
@@ -116,23 +117,24 @@ class InMemoryBundle:
         keep = self._shard(np.arange(len(order)))
         return order[keep], views[keep]
 
-    def val_rows(self, epoch: int) -> np.ndarray:
-        """This rank's shuffled validation rows for ``epoch``."""
-        return self._shard(np.random.default_rng([self.seed, epoch, 1]).permutation(self.parts["val"]))
+    def val_rows(self, epoch: int, part: str = "val") -> np.ndarray:
+        """This rank's shuffled rows of a validation part (``val`` or ``val_outer``) for ``epoch``."""
+        salt = 1 if part == "val" else 2
+        return self._shard(np.random.default_rng([self.seed, epoch, salt]).permutation(self.parts[part]))
 
     def train_batches(self, batch_size: int, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Shuffled training batches, a random dihedral view per spot, seeded by (seed, epoch)."""
         return self._batches(*self.train_rows(epoch), batch_size)
 
-    def val_batches(self, batch_size: int, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def val_batches(self, batch_size: int, epoch: int, part: str = "val") -> Iterator[tuple[Tensor, Tensor]]:
         """Shuffled validation batches (view 0) for outer steps, seeded by (seed, epoch)."""
-        rows = self.val_rows(epoch)
+        rows = self.val_rows(epoch, part)
         return self._batches(rows, np.zeros(len(rows), dtype=np.int64), batch_size)
 
     def eval_arrays(self, part: str) -> tuple[Tensor, np.ndarray, np.ndarray]:
         """(inputs, targets, slide ids) of every spot of ``part`` in store order, view 0."""
         if part not in self.parts:
-            raise ValueError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
+            raise ValueError(f"unknown part {part!r}; choose one of {', '.join(self.parts)}")
         rows = self.parts[part]
         x = self.inputs.batch(rows, np.zeros(len(rows), dtype=np.int64))
         return x, self.targets[rows], self.slide_ids[rows]
@@ -156,6 +158,13 @@ def make_bundle(store: Any, split: str, cfg: "TrainConfig", rank: int | None = N
     genes = store.gene_set(split).reset_index(drop=True)
     roles = np.asarray(store.split(split)) if roles is None else np.asarray(roles)
     parts = {part: np.flatnonzero(roles == part) for part in PARTS}
+    if (roles == OUTER_PART).any():
+        parts[OUTER_PART] = np.flatnonzero(roles == OUTER_PART)
+    elif cfg.val_outer_fraction > 0:
+        from agl.data.splits import carve_val_outer
+
+        roles = carve_val_outer(roles, store.spots["slide_id"].astype(str).to_numpy(), cfg.val_outer_fraction, cfg.seed)
+        parts = {part: np.flatnonzero(roles == part) for part in (*PARTS, OUTER_PART)}
     for part, rows in parts.items():
         if len(rows) < 2:
             raise DataError(getattr(store, "path", None), f"split {split!r} has {len(rows)} {part} spots; need at least 2")

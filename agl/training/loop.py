@@ -41,7 +41,7 @@ class DataBundle(Protocol):
     input_dim: int | None
 
     def train_batches(self, batch_size: int, epoch: int) -> Iterable[tuple[Tensor, Tensor]]: ...
-    def val_batches(self, batch_size: int, epoch: int) -> Iterable[tuple[Tensor, Tensor]]: ...
+    def val_batches(self, batch_size: int, epoch: int, part: str = "val") -> Iterable[tuple[Tensor, Tensor]]: ...
     def eval_arrays(self, part: str) -> tuple[Tensor, np.ndarray, np.ndarray]: ...
 
 
@@ -100,6 +100,46 @@ SCHEDULES: dict[str, Callable[[int, TrainConfig], EpochPlan]] = {
     "interleaved": _interleaved,
     "warmstart": _warmstart,
 }
+
+
+def tau_horizon(cfg: TrainConfig, steps_per_pass: int) -> int:
+    """Outer steps over which tau anneals to tau_final (``tau_anneal_steps`` when set).
+
+    Annealing is scheduled by outer step, not by epoch, so that it completes even when early
+    stopping ends the run long before ``epochs``: by default the horizon is the outer steps of
+    the bi-level passes that every run takes before early stopping can trigger (a run stops at
+    the earliest at epoch ``patience``), capped by the epoch budget.
+    """
+    if cfg.tau_anneal_steps is not None:
+        return int(cfg.tau_anneal_steps)
+    schedule = SCHEDULES[cfg.schedule]
+    first = next((e for e in range(cfg.epochs) if schedule(e, cfg).bilevel), cfg.epochs)
+    passes = max(1, min(cfg.epochs - first, cfg.patience - first + 1))
+    return passes * max(1, steps_per_pass)
+
+
+def hypergradient_stats(estimates: list[Tensor]) -> dict[str, float]:
+    """Mean, sign agreement and signal-to-noise ratio of single-batch hypergradient estimates.
+
+    Vectors are projected on their mean direction; for a scalar outer parameter (DkGSB's t)
+    ``hypergrad_mean`` and ``hypergrad_snr`` keep their sign (negative: towards a larger t,
+    i.e. more auxiliary genes).
+    """
+    nan = float("nan")
+    if not estimates or estimates[0].numel() == 0:
+        return {"hypergrad_mean": nan, "hypergrad_snr": nan, "hypergrad_sign_agreement": nan}
+    e = torch.stack(estimates).double()
+    mu = e.mean(0)
+    scalar = e.shape[1] == 1
+    direction = torch.sign(mu) if scalar else mu / mu.norm().clamp_min(1e-300)
+    proj = e @ direction.reshape(-1)
+    agreement = float((proj > 0).double().mean()) if float(mu.abs().sum()) > 0 else nan
+    std = float(proj.std()) if len(proj) > 1 else nan
+    sign = float(torch.sign(mu[0])) if scalar else 1.0
+    snr = sign * float(proj.mean()) / std if std and math.isfinite(std) else nan
+    return {"hypergrad_mean": float(mu[0]) if scalar else float(mu.norm()),
+            "hypergrad_snr": snr, "hypergrad_sign_agreement": agreement}
+
 
 
 # --------------------------------------------------------------------------- helpers
@@ -240,29 +280,70 @@ class _Trainer:
             n_spots += len(x)
         return total / max(n_batches, 1), n_spots
 
-    def bilevel_pass(self, epoch: int) -> int:
-        """One pass over the training set of outer steps (hypergradient of the val primary loss)."""
+    def outer_part(self) -> str:
+        """The part whose primary loss the outer parameters minimise: ``val_outer`` when the split has one."""
+        parts = getattr(self.data, "parts", {})
+        return "val_outer" if len(parts.get("val_outer", ())) else "val"
+
+    def steps_per_pass(self) -> int:
+        """Outer steps of one bi-level pass: ``outer_steps``, else one pass over the training spots."""
+        if self.cfg.outer_steps is not None:
+            return int(self.cfg.outer_steps)
+        bs = self.cfg.bilevel_batch_size
+        if hasattr(self.data, "train_rows"):
+            n_batches = max(1, math.ceil(len(self.data.train_rows(0)[0]) / bs))
+        else:
+            n_batches = sum(1 for _ in self.data.train_batches(bs, 0))
+        return max(1, n_batches // self.cfg.hypergrad_batches)
+
+    def bilevel_pass(self, epoch: int, outer_steps_done: int = 0) -> dict[str, float]:
+        """Outer steps on the gate (hypergradient of the outer-validation primary loss); returns their statistics.
+
+        Each outer step averages the hypergradients of ``hypergrad_batches`` training batches. The
+        statistics are over the single-batch estimates of this pass, so a reader can tell signal
+        from noise: ``hypergrad_sign_agreement`` is the share of estimates with the sign of their
+        mean, ``hypergrad_snr`` their mean over their sample standard deviation.
+        """
         from agl.training.bilevel import hypergradient
 
-        bs = self.cfg.bilevel_batch_size
-        val_iter = _cycle(lambda e: self.data.val_batches(bs, e), epoch)
-        n_steps = 0
+        cfg = self.cfg
+        bs = cfg.bilevel_batch_size
+        options = ({"iters": cfg.ift_iters, "damping": cfg.ift_damping, "alpha": cfg.ift_alpha}
+                   if cfg.hypergrad.startswith("ift_") else {})
+        part = self.outer_part()
+        if cfg.outer_val == "full":
+            xv, yv, _ = self.data.eval_arrays(part)
+            full_val = (xv.to(self.device), torch.as_tensor(np.asarray(yv)[:, : self.n_out]).to(self.device))
+            val_iter: Iterator[tuple[Tensor, Tensor]] = iter(lambda: full_val, None)
+        else:
+            val_iter = _cycle(lambda e: self.data.val_batches(bs, e, part), epoch, part)
+        train_iter = _cycle(lambda e: self.data.train_batches(bs, e), epoch, "train")
+        n_steps = self.steps_per_pass()
+        horizon = tau_horizon(cfg, n_steps)
+        estimates: list[Tensor] = []
         self.model.train()
-        for xt, yt in self.data.train_batches(bs, epoch):
-            xv, yv = next(val_iter)
+        for step in range(n_steps):
             self.outer_opt.zero_grad(set_to_none=True)
-            # accumulates into .grad of the gate's outer parameters; the inner Adam starts from ours
-            hypergradient(self.model, self.gate, self.loss_fn,
-                          (xt.to(self.device), yt[:, : self.n_out].to(self.device)),
-                          (xv.to(self.device), yv[:, : self.n_out].to(self.device)),
-                          self.n_primary, self.cfg.inner_steps, self.cfg.lr,
-                          self.cfg.inner_optimizer, self.cfg.first_order, optimizer=self.opt,
-                          method=self.cfg.hypergrad)
+            batch_grads = []
+            for _ in range(cfg.hypergrad_batches):
+                xt, yt = next(train_iter)
+                xv, yv = next(val_iter)
+                out = hypergradient(self.model, self.gate, self.loss_fn,
+                                    (xt.to(self.device), yt[:, : self.n_out].to(self.device)),
+                                    (xv.to(self.device), yv[:, : self.n_out].to(self.device)),
+                                    self.n_primary, cfg.inner_steps, cfg.lr, cfg.inner_optimizer, cfg.first_order,
+                                    optimizer=self.opt, method=cfg.hypergrad, inner_state=cfg.inner_state,
+                                    estimator_options=options, accumulate=False)
+                flat = torch.cat([g.reshape(-1) for g in out["hypergrad"]]) if out["hypergrad"] else torch.zeros(0)
+                estimates.append(flat.detach().cpu())
+                batch_grads.append(out["hypergrad"])
+            for i, p in enumerate(self.outer_params):
+                p.grad = torch.stack([g[i] for g in batch_grads]).mean(0)
             _allreduce(self.outer_params)
             self.outer_opt.step()
             self.gate.project_()
-            n_steps += 1
-        return n_steps
+            self.gate.on_outer_step(min((outer_steps_done + step + 1) / horizon, 1.0))
+        return {"outer_steps": float(n_steps), **hypergradient_stats(estimates)}
 
     def evaluate(self, part: str) -> tuple[dict[str, Any], float]:
         """Metrics over the primary genes of one part, and its mean primary loss."""
@@ -292,8 +373,9 @@ def _clone_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
-def _cycle(make: Callable[[int], Iterable[tuple[Tensor, Tensor]]], epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Validation batches for outer steps, reshuffled each time the validation set runs out."""
+def _cycle(make: Callable[[int], Iterable[tuple[Tensor, Tensor]]], epoch: int,
+           part: str = "val") -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches of one part for outer steps, reshuffled each time the part runs out."""
     round_ = 0
     while True:
         empty = True
@@ -301,7 +383,7 @@ def _cycle(make: Callable[[int], Iterable[tuple[Tensor, Tensor]]], epoch: int) -
             empty = False
             yield batch
         if empty:
-            raise ValueError("the validation part has no spots; bi-level selection needs validation data")
+            raise ValueError(f"the {part} part has no spots; bi-level selection needs {part} data")
         round_ += 1
 
 
@@ -330,7 +412,11 @@ def fit(cfg: TrainConfig, data: DataBundle, reporter: Reporter | None = None,
         t0 = time.perf_counter()
         torch.manual_seed(epoch_seed(cfg.seed, epoch))
         plan = schedule(epoch, cfg)
-        n_outer = tr.bilevel_pass(epoch) if plan.bilevel and tr.outer_opt is not None else 0
+        outer_stats: dict[str, float] = {"outer_steps": 0.0}  # hypergrad_* only for epochs with outer steps
+        if plan.bilevel and tr.outer_opt is not None:
+            done = int(sum(row.get("outer_steps", 0) or 0 for row in state.history))
+            outer_stats = tr.bilevel_pass(epoch, done)
+        n_outer = int(outer_stats.get("outer_steps", 0))
         train_loss, n_spots = tr.train_epoch(epoch, plan.all_genes)
         tr.gate.on_epoch_end(epoch, cfg.epochs)
         val_metrics, val_loss = tr.evaluate("val")
@@ -340,7 +426,8 @@ def fit(cfg: TrainConfig, data: DataBundle, reporter: Reporter | None = None,
             state.best_model, state.best_gate = tr.snapshot()
         epoch_time = time.perf_counter() - t0
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_pcc": val_pcc,
-                   "best_val_pcc": state.best_val_pcc, **_gate_scalars(tr.gate), "epoch_time_s": epoch_time}
+                   "best_val_pcc": state.best_val_pcc, **_gate_scalars(tr.gate), "epoch_time_s": epoch_time,
+                   **outer_stats}
         state.history.append(metrics)
         state.next_epoch = epoch + 1
         state.elapsed_s = time.perf_counter() - started
