@@ -20,7 +20,7 @@ import torch
 
 from agl.fileio import atomic_write_json
 from agl.selection.dkgsb import DkGSBGate
-from agl.training.bilevel import HypergradSettings, estimate
+from agl.training.bilevel import hypergradient
 from agl.training.loop import _Trainer, hypergradient_stats
 
 
@@ -35,7 +35,7 @@ class DifferentiatedNormaliser(DkGSBGate):
 VARIANTS = {
     "unroll H=2 adam warm": dict(method="unroll", inner_state="warm"),
     "unroll H=2 adam fresh": dict(method="unroll", inner_state="fresh"),
-    "ift_cg": dict(method="ift_cg", ift_iters=10, ift_damping=1e-3),
+    "ift_cg": dict(method="ift_cg", estimator_options={"iters": 10, "damping": 1e-3}),
 }
 
 
@@ -71,14 +71,13 @@ def main() -> None:
     report: dict = {"split": args.split, "epochs": args.epochs, "pairs": len(train), "batch": args.batch, "variants": {}}
     for name, options in VARIANTS.items():
         for convention, gate in gates.items():
-            settings = HypergradSettings(inner_lr=cfg.lr, **options)
             t0 = time.perf_counter()
             values = []
             for i, (xt, yt) in enumerate(train):
                 xv, yv = val[i % len(val)]
                 torch.manual_seed(i)
-                out = estimate(tr.model, gate, tr.loss_fn, (xt, yt[:, :n_out]), (xv, yv[:, :n_out]), tr.n_primary,
-                               settings, optimizer=tr.opt, accumulate=False)
+                out = hypergradient(tr.model, gate, tr.loss_fn, (xt, yt[:, :n_out]), (xv, yv[:, :n_out]), tr.n_primary,
+                                    cfg.inner_steps, cfg.lr, optimizer=tr.opt, accumulate=False, **options)
                 values.append(out["hypergrad"][0].reshape(1))
             stats = hypergradient_stats(values)
             key = f"{name}, normaliser {convention}"
