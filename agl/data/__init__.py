@@ -1,33 +1,35 @@
-"""Data: readers into the canonical AnnData, patch extraction, preprocessing and the store."""
-from agl.data.patches import extract_patches
-from agl.data.readers import (
-    READERS,
-    read_anndata,
-    read_her2st,
-    read_hest,
-    read_slides,
-    read_visium,
-)
+"""Data: readers into the canonical AnnData, patch extraction, preprocessing and the store.
 
-__all__ = [
-    "READERS",
-    "extract_patches",
-    "read_anndata",
-    "read_her2st",
-    "read_hest",
-    "read_slides",
-    "read_visium",
-]
+Names load on first use (PEP 562 ``__getattr__``), so importing a light submodule such as
+``agl.data.commands`` (the CLI's parser) does not import scanpy and torch.
+"""
+from __future__ import annotations
 
-# preprocessing, splits, the store and loaders (helper H2)
-from agl.data.augment import dihedral, dihedral_batch  # noqa: E402
-from agl.data.ingest import build_store  # noqa: E402
-from agl.data.loaders import PatchDataset, iter_patch_batches, ray_dataset  # noqa: E402
-from agl.data.preprocess import PRIORS, gene_set, preprocess  # noqa: E402
-from agl.data.splits import SPLIT_KINDS, make_splits  # noqa: E402
-from agl.data.store import Store, open_store, write_store  # noqa: E402
+import importlib
+from typing import Any
 
-__all__ += [
-    "PRIORS", "SPLIT_KINDS", "PatchDataset", "Store", "build_store", "dihedral", "dihedral_batch",
-    "gene_set", "iter_patch_batches", "make_splits", "open_store", "preprocess", "ray_dataset", "write_store",
-]
+_EXPORTS = {
+    "READERS": "agl.data.readers", "read_anndata": "agl.data.readers", "read_her2st": "agl.data.readers",
+    "read_hest": "agl.data.readers", "read_slides": "agl.data.readers", "read_visium": "agl.data.readers",
+    "extract_patches": "agl.data.patches",
+    # preprocessing, splits, the store and loaders
+    "dihedral": "agl.data.augment", "dihedral_batch": "agl.data.augment",
+    "build_store": "agl.data.ingest",
+    "PatchDataset": "agl.data.loaders", "iter_patch_batches": "agl.data.loaders", "ray_dataset": "agl.data.loaders",
+    "PRIORS": "agl.data.preprocess", "gene_set": "agl.data.preprocess", "preprocess": "agl.data.preprocess",
+    "SPLIT_KINDS": "agl.data.splits", "make_splits": "agl.data.splits",
+    "Store": "agl.data.store", "open_store": "agl.data.store", "write_store": "agl.data.store",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'agl.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -46,14 +46,17 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"topk:k=100"`` -> (``"topk:k=100"``, ``{"method": "topk", "k": 100}``); options join with ``:``."""
+def parse_method(spec: str, flag: str = "--methods") -> tuple[str, dict[str, Any]]:
+    """``"topk:k=100"`` -> (``"topk:k=100"``, ``{"method": "topk", "k": 100}``); options join with ``:``.
+
+    ``flag`` is the command-line flag the spec came from, named in errors.
+    """
     name, *options = spec.strip().split(":")
     overrides: dict[str, Any] = {"method": name}
     for option in options:
         key, sep, value = option.partition("=")
         if not sep or not key:
-            raise ConfigError("--methods", f"{spec!r}: option {option!r} must look like key=value")
+            raise ConfigError(flag, f"{spec!r}: option {option!r} must look like key=value")
         overrides[key.strip()] = parse_value(value.strip())
     return spec.strip(), overrides
 
@@ -270,7 +273,7 @@ def build_grid(split_names: Sequence[str], protocol: str, seeds: Iterable[int], 
     for seed in seeds:
         for split in protocol_splits(split_names, protocol, seed, folds):
             for label, overrides in parsed:
-                cfg = TrainConfig.from_dict({**base, **overrides, "seed": int(seed)}, source=f"method {label}")
+                cfg = TrainConfig.from_dict({**base, **overrides, "seed": int(seed)}, source=f"--methods {label}")
                 specs.append(RunSpec(label, split, int(seed), cfg.to_dict()))
     return specs
 

@@ -1,7 +1,8 @@
 """Gates: how auxiliary genes enter the training objective.
 
 ``create_gate(name, n_aux, prior_ranks, **options)`` builds one from the registry
-``GATES`` (``pgl``, ``agl_all``, ``topk``, ``random_k``, ``uncertainty``, ``dkgsb``);
+``GATES`` (``pgl``, ``agl_all``, ``topk``, ``random_k``, ``uncertainty``, ``dkgsb``, and
+``probe``: HEST-Benchmark's PCA + ridge baseline, fitted in closed form by ``fit``);
 an option the gate does not declare (in its ``Options``) is a ConfigError naming it.
 ``agl.config.gate_options(cfg)`` picks a gate's options out of a whole ``TrainConfig``.
 """
@@ -18,10 +19,11 @@ from agl.selection.base import GATES, Gate, PriorOptions, blend_ranks, gate_opti
 from agl.selection.dkgsb import DkGSBGate
 from agl.selection.fixed import AllGenesGate, PrimaryOnlyGate, RandomKGate, TopKGate
 from agl.selection.uncertainty import UncertaintyGate
+from agl.selection.probe import ProbeGate  # noqa: E402  (after fixed: it extends PrimaryOnlyGate)
 
 __all__ = [
     "GATES", "Gate", "PriorOptions", "register_gate", "create_gate", "blend_ranks", "gate_option_settings",
-    "PrimaryOnlyGate", "AllGenesGate", "TopKGate", "RandomKGate", "UncertaintyGate", "DkGSBGate",
+    "PrimaryOnlyGate", "AllGenesGate", "TopKGate", "RandomKGate", "UncertaintyGate", "DkGSBGate", "ProbeGate",
 ]
 
 

@@ -27,6 +27,10 @@ from agl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# Methods fitted in closed form on the same bundle instead of by this loop (their gate, registered
+# in agl.selection, declares their options and describes what they predict).
+BASELINES: dict[str, str] = {"probe": "agl.selection.probe:fit_probe"}  # HEST-Benchmark's PCA + ridge
+
 # Fraction of the epochs that the "warmstart" schedule trains AGL-all style before selecting.
 WARMUP_FRACTION = 0.2
 
@@ -398,6 +402,11 @@ def fit(cfg: TrainConfig, data: DataBundle, reporter: Reporter | None = None,
     from agl.training import checkpoint as ckpt
 
     cfg.validate()
+    if cfg.method in BASELINES:  # fitted in closed form on the same bundle, scored the same way
+        import importlib
+
+        module, _, name = BASELINES[cfg.method].partition(":")
+        return getattr(importlib.import_module(module), name)(cfg, data)
     rank, world = dist_info()
     tr = _Trainer(cfg, data)
     state = LoopState()
