@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
     "agl.data.commands",
     "agl.commands",
     "agl.distributed.commands",
+    "agl.bench.commands",
 )
 
 
@@ -29,9 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    bench = sub.add_parser("bench", help="benchmarks that print figures and write JSON results")
-    bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT")
-    bench.set_defaults(func=lambda a: (bench.print_help(), 2)[1])
     for name in _COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
@@ -39,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
             if err.name == name:  # an optional feature area not present in this install
                 continue
             raise
-        module.register(sub, bench_sub)
+        module.register(sub)
     return parser
 
 

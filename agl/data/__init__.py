@@ -19,7 +19,7 @@ __all__ = [
     "read_visium",
 ]
 
-# preprocessing, splits, the store and loaders (helper H2)
+# preprocessing, splits, the store and loaders
 from agl.data.augment import dihedral, dihedral_batch  # noqa: E402
 from agl.data.ingest import build_store  # noqa: E402
 from agl.data.loaders import PatchDataset, iter_patch_batches, ray_dataset  # noqa: E402
