@@ -67,6 +67,7 @@ _COMMAND_MODULES = (
     "agl.data.commands",
     "agl.commands",
     "agl.distributed.commands",
+    "agl.bench.commands",
 )
 
 
@@ -82,9 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-V", "--version", action="version", version=f"agl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    bench = sub.add_parser("bench", help="benchmarks that print figures and write JSON results")
-    bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT")
-    bench.set_defaults(func=lambda a: (bench.print_help(), 2)[1])
     for name in _COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
@@ -92,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
             if err.name == name:  # an optional feature area not present in this install
                 continue
             raise
-        module.register(sub, bench_sub)
+        module.register(sub)
     _decorate(parser, "")
     return parser
 

@@ -1,4 +1,4 @@
-"""Sub-commands ``agl train``, ``agl evaluate`` and ``agl bench core``."""
+"""Sub-commands ``agl train`` and ``agl evaluate``."""
 from __future__ import annotations
 
 import argparse
@@ -7,28 +7,16 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+import pandas as pd
+
+from agl.data.locate import add_store_arg, open_store_arg
 from agl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- shared helpers
-def open_store_arg(spec: str) -> Any:
-    """``--store``: a store folder, or ``demo`` for the bundled her2st demo store."""
-    if spec == "demo":
-        from agl.datasets import her2st_demo_store
-
-        store = her2st_demo_store()
-        if isinstance(store, (str, Path)):
-            from agl.data.store import open_store
-
-            store = open_store(store)
-        return store
-    from agl.data.store import open_store
-
-    return open_store(spec)
-
-
 def read_config_file(path: str | None) -> dict[str, Any]:
     """Settings from a YAML or JSON file (a mapping)."""
     if path is None:
@@ -74,7 +62,8 @@ def base_settings(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def _int_list(text: str, name: str) -> list[int]:
+def int_list(text: str, name: str) -> list[int]:
+    """Comma-separated integers of option ``name`` (an empty text gives [])."""
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -144,8 +133,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from agl.evaluation.protocol import evaluate, results_markdown, split_methods
 
-    seeds = _int_list(args.seeds, "--seeds")
-    folds = _int_list(args.folds, "--folds") if args.folds else None
+    seeds = int_list(args.seeds, "--seeds")
+    folds = int_list(args.folds, "--folds") if args.folds else None
     methods = split_methods(args.methods)
     store = open_store_arg(args.store)
     summary = evaluate(store, args.protocol, seeds, methods, args.out, base=base_settings(args),
@@ -155,37 +144,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- agl bench core
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def cmd_bench_core(args: argparse.Namespace) -> int:
-    from agl.bench.core import run_bench_core, run_bench_hypergrad
-
-    if args.horizons or args.finetune_horizons:
-        skip = {k: int(v) for k, v in (item.split("=") for item in args.skip.split(",") if item)} if args.skip else None
-        run_bench_hypergrad(open_store_arg(args.store), Path(args.out), _int_list(args.horizons),
-                            _int_list(args.finetune_horizons), args.repeats, args.finetune_repeats,
-                            args.finetune_backbone, args.finetune_batch, args.patch_px if args.patch_px != 112 else 224,
-                            args.threads, skip, memory_horizons=_int_list(args.memory_horizons) or None)
-        return 0
-    report = run_bench_core(store=open_store_arg(args.store), out=Path(args.out), repeats=args.repeats,
-                            patch_px=args.patch_px)
-    print(json.dumps(report, indent=2))
-    return 0
-
-
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML or JSON file of TrainConfig settings")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable)")
 
 
-def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
-    """Add ``train``, ``evaluate`` and ``bench core``."""
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``train`` and ``evaluate``."""
     p = sub.add_parser("train", help="train one method on one split of a store",
                        description="Train one run; writes result.json, checkpoint/, selected_genes.csv and plots.")
-    p.add_argument("--store", required=True, help="store folder, or 'demo' for the bundled her2st demo")
+    add_store_arg(p, required=True)
     p.add_argument("--method", required=True, help="pgl | agl_all | topk | random_k | uncertainty | dkgsb | probe, "
                                                   "optionally with options: topk:k=100")
     p.add_argument("--split", required=True, help="split name, e.g. kfold-s0-f0 (see `agl info`)")
@@ -197,7 +165,7 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
 
     p = sub.add_parser("evaluate", help="protocol x seeds x methods grid with tables, Wilcoxon tests and plots",
                        description="Run a resumable evaluation grid; finished runs in --out are skipped.")
-    p.add_argument("--store", required=True, help="store folder, or 'demo'")
+    add_store_arg(p, required=True)
     p.add_argument("--protocol", required=True, choices=["kfold", "spatial", "loso"])
     p.add_argument("--seeds", default="0", help="comma-separated seeds (split seed and training seed)")
     p.add_argument("--folds", default=None, help="only these folds of kfold/spatial (default: all)")
@@ -207,19 +175,3 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (one core each)")
     _add_config_args(p)
     p.set_defaults(func=cmd_evaluate)
-
-    p = bench_sub.add_parser("core", help="cost of a DkGSB outer step vs plain steps; feature-cache speed-up")
-    p.add_argument("--store", default="demo", help="store folder, or 'demo'")
-    p.add_argument("--out", default="results", help="folder for bench_core.json")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (median)")
-    p.add_argument("--patch-px", type=int, default=112, help="patch size for the fine-tuning measurement")
-    p.add_argument("--horizons", default="", help="hypergradient estimators vs H in features mode, e.g. 1,2,4,12 "
-                                                  "(with --finetune-horizons: only this comparison runs)")
-    p.add_argument("--finetune-horizons", default="", help="the same in fine-tune mode, e.g. 1,2")
-    p.add_argument("--finetune-repeats", type=int, default=1, help="repeats per fine-tune measurement")
-    p.add_argument("--finetune-backbone", default="torchvision/resnet18", help="backbone (random init) for fine-tune timing")
-    p.add_argument("--finetune-batch", type=int, default=64, help="batch size of fine-tune inner and outer steps")
-    p.add_argument("--threads", type=int, default=2, help="torch threads for the estimator comparison")
-    p.add_argument("--memory-horizons", default="", help="measure peak memory (fresh processes) only at these H")
-    p.add_argument("--skip", default="", help="METHOD=H0,...: leave METHOD out for H >= H0 (e.g. unroll=4)")
-    p.set_defaults(func=cmd_bench_core)

@@ -14,7 +14,7 @@ import torch
 from agl.training.bundles import make_bundle
 from agl.training.checkpoint import check_compatible, load_checkpoint, load_model, restore
 from agl.errors import CheckpointError
-from agl.training.loop import _Trainer, fit
+from agl.training.loop import Trainer, fit
 from trainkit import first_split, small_config, use_cheap_features
 
 
@@ -123,7 +123,7 @@ def test_genes_differing_from_the_data_are_refused(trained, ckpt_copy):
     with pytest.raises(CheckpointError, match="genes.parquet: genes differ"):
         check_compatible(load_checkpoint(ckpt_copy), trained["data"].genes, trained["cfg"])
     with pytest.raises(CheckpointError, match="genes differ"):
-        restore(ckpt_copy, _Trainer(trained["cfg"], trained["data"]), trained["cfg"])
+        restore(ckpt_copy, Trainer(trained["cfg"], trained["data"]), trained["cfg"])
 
 
 def test_another_backbone_is_refused(trained, ckpt_copy):

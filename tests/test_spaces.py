@@ -211,3 +211,20 @@ def test_bundled_default_is_cross_slide_and_conditional() -> None:
     assert space.split == "loso-B4" and space.metric == "cv_pcc" and space.min_bilevel_epochs >= 1
     pinned = {p["method"]: p for p in space.start_with}
     assert {"k", "tau", "outer_lr"} <= set(pinned["dkgsb"]) and not {"k", "tau", "outer_lr"} & set(pinned["pgl"])
+def test_direction_key_and_its_old_name(tmp_path: Path, caplog) -> None:
+    base = "params: {lr: {type: float, low: 0.1, high: 0.2}}\n"
+    assert load_space(write(tmp_path, base + "direction: min\n")).mode == "min"
+    with caplog.at_level("WARNING"):
+        assert load_space(write(tmp_path, base + "mode: min\n")).mode == "min"
+    assert "'mode' is deprecated; write 'direction: min'" in caplog.text
+    with pytest.raises(ConfigError, match="both 'direction' and its old name 'mode'"):
+        load_space(write(tmp_path, base + "mode: min\ndirection: min\n"))
+    with pytest.raises(ConfigError, match="training mode goes under 'fixed'"):
+        load_space(write(tmp_path, base + "direction: finetune\n"))
+
+
+def test_gate_options_are_searchable_and_checked_by_their_declaration(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, "params: {per_gene: {type: categorical, choices: [true, false]}}\n"))
+    assert TrainConfig.from_dict(space.train_config({"per_gene": True})).per_gene is True
+    with pytest.raises(ConfigError, match=r"params.per_gene=1: TrainConfig rejects it: per_gene: .*takes \['bool'\]"):
+        load_space(write(tmp_path, "params: {per_gene: {type: categorical, choices: [1, 0]}}\n"))

@@ -49,7 +49,7 @@ def _setup(store_path: str, split: str, mode: str, patch_px: int, inner_steps: i
 
     from agl.training.bundles import make_bundle
     from agl.data.store import open_store
-    from agl.training.loop import TrainConfig, _Trainer
+    from agl.training.loop import TrainConfig, Trainer
 
     torch.set_num_threads(threads)
     cfg = TrainConfig(method="dkgsb", mode=mode, backbone=backbone if mode == "finetune" else FINETUNE_BACKBONE,
@@ -57,7 +57,7 @@ def _setup(store_path: str, split: str, mode: str, patch_px: int, inner_steps: i
                       inner_steps=inner_steps, inner_optimizer=inner_optimizer,
                       weights="imagenet" if mode == "features" else None)
     data = make_bundle(open_store(store_path), split, cfg)
-    tr = _Trainer(cfg, data)
+    tr = Trainer(cfg, data)
     batch = batch or (FEATURE_BATCH if mode == "features" else FINETUNE_BATCH)
 
     def resize(x: torch.Tensor) -> torch.Tensor:

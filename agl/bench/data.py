@@ -103,13 +103,9 @@ def bench_data(store_path: str | Path | None = None, out_dir: str | Path = "resu
     import scipy.sparse as sp
 
     from agl.data.loaders import iter_patch_batches
-    from agl.data.store import open_store
+    from agl.data.locate import open_store_arg
 
-    if store_path is None:
-        from agl.datasets import her2st_demo_store
-
-        store_path = her2st_demo_store()
-    store = open_store(store_path)
+    store = open_store_arg(store_path)
     split = store.split_names[0]
     genes = store.gene_set(split)
     cols = genes["column"].to_numpy()

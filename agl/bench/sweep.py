@@ -36,7 +36,8 @@ def bench_ray(store: str | None = "demo", out: str | Path = "results", trials: i
     import ray
     import yaml
 
-    from agl.distributed.runtime import init_ray, resolve_store
+    from agl.data.locate import resolve_store
+    from agl.distributed.runtime import init_ray
     from agl.distributed.train import run_train
     from agl.distributed.tune import SweepOptions, run_sweep
     from agl.training.loop import TrainConfig
@@ -349,9 +350,10 @@ def bench_load(store: str | None = "demo", out: str | Path = "results", trials: 
     import psutil
     import ray
 
-    from agl.distributed.runtime import init_ray, resolve_store
+    from agl.data.locate import resolve_store
+    from agl.distributed.runtime import init_ray
     from agl.distributed.spaces import load_space
-    from agl.distributed.tune import SweepOptions, _warm_caches, run_sweep
+    from agl.distributed.tune import SweepOptions, warm_caches, run_sweep
     from agl.errors import ConfigError
 
     for name, value in (("--trials", trials), ("--epochs", epochs), ("--num-cpus", num_cpus)):
@@ -366,7 +368,7 @@ def bench_load(store: str | None = "demo", out: str | Path = "results", trials: 
     try:
         space_file = _load_space_file(space, epochs, trials, tmp / "bench_load_space.yaml")
         # the feature cache is built (first run only) before the clock starts
-        _warm_caches(str(store_path), load_space(space_file))
+        warm_caches(str(store_path), load_space(space_file))
         owns_ray = not ray.is_initialized()  # shut down at the end only a Ray this call started
         load_before = os.getloadavg()
         driver_before_mb = psutil.Process().memory_info().rss / 1024 ** 2

@@ -1,4 +1,4 @@
-"""CLI: ``agl ingest FORMAT PATH --out STORE``, ``agl info STORE``, ``agl bench data``."""
+"""CLI: ``agl ingest FORMAT PATH --out STORE`` and ``agl info [STORE]``."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+from agl.data.locate import add_store_arg, open_store_arg
 from agl.errors import ConfigError
 
 FORMATS = ("her2st", "hest", "visium", "anndata")
@@ -13,8 +14,8 @@ FORMATS = ("her2st", "hest", "visium", "anndata")
 _SUBSET_KWARGS = ("sections", "sample_ids")
 
 
-def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
-    """Add ``ingest`` and ``info`` to the top-level parser and ``data`` to ``agl bench``."""
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``ingest`` and ``info`` to the top-level parser."""
     p = sub.add_parser("ingest", help="read slides, cut patches, preprocess, write a store")
     p.add_argument("format", choices=FORMATS, help="input format")
     p.add_argument("path", type=Path, help="dataset folder or file")
@@ -47,22 +48,10 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("info", help="describe a store")
-    p.add_argument("store", type=Path)
+    add_store_arg(p, positional=True)
     p.add_argument("--split", help="split whose primary genes to list (default: the first)")
     p.add_argument("--verify", action="store_true", help="also check every file's sha256")
     p.set_defaults(func=cmd_info)
-
-    p = bench_sub.add_parser("data", help="patches/s: the store's batched loader vs a naive per-item loader")
-    p.add_argument("--store", type=Path, help="store to read (default: the bundled her2st demo store)")
-    p.add_argument("--out", type=Path, default=Path("results"), help="folder for bench_data.json")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--batches", type=int, default=20, help="batches timed per loader (alternating)")
-    p.set_defaults(func=cmd_bench_data)
-
-    p = bench_sub.add_parser("scale", help="streaming ingest of N x the demo sections: time, peak RSS, store size")
-    p.add_argument("--out", type=Path, default=Path("results"), help="folder for bench_scale.json / .png")
-    p.add_argument("--max-n", type=int, default=16, help="largest N of 1, 2, 4, 8, 16 to run")
-    p.set_defaults(func=cmd_bench_scale)
 
 
 def _reader_kwargs(fmt: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -134,9 +123,7 @@ def _cmd_ingest_streaming(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from agl.data.store import open_store
-
-    store = open_store(args.store)
+    store = open_store_arg(args.store)
     if args.verify:
         store.verify()
     print(describe(store, args.split))
@@ -171,17 +158,3 @@ def describe(store: Any, split: str | None = None) -> str:
         lines.append(f"auxiliary  {int((gs['role'] == 'auxiliary').sum())} genes, priors "
                      f"{[c[len('prior_'):] for c in gs.columns if c.startswith('prior_')]}")
     return "\n".join(lines)
-
-
-def cmd_bench_data(args: argparse.Namespace) -> int:
-    from agl.bench.data import bench_data
-
-    bench_data(store_path=args.store, out_dir=args.out, batch_size=args.batch_size, n_batches=args.batches)
-    return 0
-
-
-def cmd_bench_scale(args: argparse.Namespace) -> int:
-    from agl.bench.scale import bench_scale
-
-    bench_scale(out_dir=args.out, max_n=args.max_n)
-    return 0

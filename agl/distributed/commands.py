@@ -1,4 +1,4 @@
-"""Sub-commands ``agl tune``, ``agl train-ray``, ``agl predict``, ``agl bench ray`` and ``agl bench load``.
+"""Sub-commands ``agl tune``, ``agl tune-sync``, ``agl train-ray`` and ``agl predict``.
 
 ``launch/tune.py``, ``launch/train.py`` and ``launch/predict.py`` are thin wrappers
 around the same parsers and handlers.
@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agl.data.locate import add_store_arg
+
 log = logging.getLogger(__name__)
 
 
@@ -20,7 +22,7 @@ log = logging.getLogger(__name__)
 def add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", default="default",
                    help="search space: a bundled name (default, tiny, large, finetune-gpu) or a YAML path")
-    p.add_argument("--store", default="demo", help="store folder, or 'demo' for the bundled her2st demo store")
+    add_store_arg(p)
     p.add_argument("--out", default=None,
                    help="output folder (trial table, MLflow DB, Ray results); default: results/sweep, or the "
                         "next free results/sweep-N when that holds an earlier sweep (never overwritten)")
@@ -107,7 +109,7 @@ def cmd_tune_sync(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- agl train-ray
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default="demo", help="store folder, or 'demo'")
+    add_store_arg(p)
     p.add_argument("--split", default="kfold-s0-f0", help="split name")
     p.add_argument("--config", help="YAML or JSON file of TrainConfig settings")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one TrainConfig setting")
@@ -129,7 +131,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def cmd_train_ray(args: argparse.Namespace) -> int:
     from agl.commands import parse_sets, read_config_file
     from agl.distributed import tracking
-    from agl.distributed.runtime import init_ray, resolve_store
+    from agl.data.locate import resolve_store
+    from agl.distributed.runtime import init_ray
     from agl.distributed.train import run_train
     from agl.training.loop import TrainConfig
 
@@ -201,50 +204,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- agl bench ray
-def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default="demo", help="store folder, or 'demo'")
-    p.add_argument("--out", default="results", help="folder for bench_ray.json")
-    p.add_argument("--trials", type=int, default=4, help="trials in the timed frozen-feature sweep")
-    p.add_argument("--epochs", type=int, default=4, help="epochs per trial / Train run")
-    p.add_argument("--num-cpus", type=int, default=2, help="CPUs for the local Ray")
-
-
-def cmd_bench_ray(args: argparse.Namespace) -> int:
-    from agl.bench.sweep import bench_ray
-
-    report = bench_ray(store=args.store, out=args.out, trials=args.trials, epochs=args.epochs, num_cpus=args.num_cpus)
-    print(json.dumps(report, indent=1))
-    return 0
-
-
-# --------------------------------------------------------------------------- agl bench load
-def add_bench_load_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default="demo", help="store folder, or 'demo'")
-    p.add_argument("--out", default="results",
-                   help="folder for bench_load.json/.png; the sweep itself runs in a temporary folder inside it "
-                        "(Ray results and MLflow DB included), removed afterwards")
-    p.add_argument("--trials", type=int, default=64, help="trials in the sweep (many more than --num-cpus)")
-    p.add_argument("--epochs", type=int, default=2, help="epochs per trial (fixed: no early stopping)")
-    p.add_argument("--num-cpus", type=int, default=2, help="CPUs for the local Ray")
-    p.add_argument("--space", default="tiny",
-                   help="search space (bundled name or YAML path); run with frozen features, FIFO, fixed epochs")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between memory samples")
-    p.add_argument("--keep-sweep", action="store_true", help="keep the sweep's temporary folder (its path is logged)")
-
-
-def cmd_bench_load(args: argparse.Namespace) -> int:
-    from agl.bench.sweep import bench_load
-
-    report = bench_load(store=args.store, out=args.out, trials=args.trials, epochs=args.epochs,
-                        num_cpus=args.num_cpus, space=args.space, interval_s=args.interval,
-                        keep_sweep=args.keep_sweep)
-    print(json.dumps({k: v for k, v in report.items() if k != "series"}, indent=1))
-    return 0 if report["trials"]["failed"] == 0 and report["memory"]["bounded"] is not False else 1
-
-
-def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
-    """Add ``tune``, ``train-ray``, ``predict``, ``bench ray`` and ``bench load`` to the ``agl`` parser."""
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``tune``, ``tune-sync``, ``train-ray`` and ``predict`` to the ``agl`` parser."""
     commands = (
         (sub, "tune", "gene-subset sweep: Ray Tune + Optuna, tracked in MLflow", add_tune_args, cmd_tune),
         (sub, "tune-sync", "send MLflow the results a sweep kept locally while MLflow was unreachable",
@@ -252,10 +213,6 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
         (sub, "train-ray", "one training run with Ray Train (data parallel, fault tolerant)",
          add_train_args, cmd_train_ray),
         (sub, "predict", "predict expression of a new slide: .h5ad + PNG maps", add_predict_args, cmd_predict),
-        (bench_sub, "ray", "trials/hour of a frozen-feature sweep; Train samples/s with 1 vs 2 workers",
-         add_bench_args, cmd_bench_ray),
-        (bench_sub, "load", "many more trials than cores: peak memory, growth per trial, trials "
-                            "finished/failed/retried", add_bench_load_args, cmd_bench_load),
     )
     for parent, name, help_text, add_args, handler in commands:
         p = parent.add_parser(name, help=help_text)

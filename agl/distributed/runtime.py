@@ -1,4 +1,4 @@
-"""Starting or joining Ray, and locating the store that trials read."""
+"""Starting or joining Ray (the store that trials read is located by ``agl.data.locate``)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -99,16 +98,3 @@ def _match_cli_auth() -> None:
         return
     if maybe_enable_token_auth_if_token_available(warn_if_disabled=False):
         log.info("joining with Ray token auth (RAY_AUTH_MODE=token)")
-
-
-def resolve_store(store: str | Path | None) -> Path:
-    """A store path as given, or the bundled her2st demo store (built on first use)."""
-    if store is None or str(store) == "demo":
-        from agl.datasets import her2st_demo_store
-
-        demo = her2st_demo_store()
-        return Path(getattr(demo, "path", demo)).resolve()
-    path = Path(store).expanduser().resolve()
-    if not (path / "manifest.json").is_file():
-        raise ConfigError("--store", f"{path} is not an agl store (no manifest.json); build one with `agl ingest`")
-    return path

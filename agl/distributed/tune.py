@@ -43,8 +43,6 @@ TRAINERS = ("function", "train")
 SWEEP_JSON = "sweep.json"
 TABLE_CSV = "trials.csv"
 TABLE_PNG = "trials.png"
-SUMMARY_COLUMNS = ("trial_id", "status", "method", "k", "final_k", "val_pcc", "test_pcc", "test_scc",
-                   "test_mse", "epochs_run")
 CHAMPION_DIR = "champion"          # the refit of the best configuration (cross-validated sweeps)
 SUMMARY_MD = "summary.md"
 
@@ -371,7 +369,8 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     import ray
     from ray import tune
 
-    from agl.distributed.runtime import init_ray, resolve_store
+    from agl.data.locate import resolve_store
+    from agl.distributed.runtime import init_ray
 
     if opts.trainer not in TRAINERS:
         raise ConfigError("--trainer", f"must be one of {TRAINERS}, got {opts.trainer!r}")
@@ -401,7 +400,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     owns_ray = not ray.is_initialized()  # shut down at the end only what this call started
     resources = init_ray(opts.address, num_cpus=opts.num_cpus, dashboard=opts.dashboard)
-    _warm_caches(store_path, space)
+    warm_caches(store_path, space)
 
     if opts.resume and state and tune.Tuner.can_restore(exp_path):
         parent_run_id, experiment_id = state["parent_run_id"], state["experiment_id"]
@@ -524,7 +523,7 @@ def _join(storage_path: str, name: str) -> str:
     return f"{storage_path.rstrip('/')}/{name}" if "://" in storage_path else str(Path(storage_path) / name)
 
 
-def _warm_caches(store_path: str, space: SearchSpace) -> None:
+def warm_caches(store_path: str, space: SearchSpace) -> None:
     """Compute the frozen-feature cache once in the driver, so concurrent trials only read it."""
     from agl.training.loop import TrainConfig
 

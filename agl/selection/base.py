@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from agl.checks import declared, first_problem, non_empty_string, num_in, optional, setting
+from agl.checks import declared, first_problem, non_empty_string, num_in, setting
 from agl.errors import ConfigError
 
 GATES: dict[str, type["Gate"]] = {}

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +28,13 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from agl.config import TrainConfig
 from agl.errors import AGLError, CheckpointError
 from agl.fileio import atomic_write_json, jsonable, swap_folder
+from agl.training.model import build_model, gate_state
 
 if TYPE_CHECKING:  # pragma: no cover
-    from agl.training.loop import LoopState, TrainConfig, _Trainer
+    from agl.training.loop import Trainer
 
 FORMAT_VERSION = 1
 TENSOR_FILES = ("model.safetensors", "gate.safetensors", "optimizer.safetensors", "best.safetensors")
@@ -47,7 +49,7 @@ class Checkpoint:
     """The validated contents of a checkpoint folder."""
 
     path: Path
-    config: "TrainConfig"
+    config: TrainConfig
     state: dict[str, Any]
     store: dict[str, Any]
     genes: pd.DataFrame
@@ -56,6 +58,19 @@ class Checkpoint:
     optimizer: dict[str, Tensor]
     best_model: dict[str, Tensor]
     best_gate: dict[str, Tensor]
+
+
+@dataclass
+class LoopState:
+    """Everything the loop carries between epochs (restored on resume)."""
+
+    next_epoch: int = 0
+    best_epoch: int = -1
+    best_val_pcc: float = -math.inf
+    history: list[dict[str, float]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    best_model: dict[str, Tensor] | None = None
+    best_gate: dict[str, Tensor] | None = None
 
 
 # --------------------------------------------------------------------------- JSON helpers
@@ -95,7 +110,7 @@ def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
 
 
-def save_checkpoint(path: str | Path, trainer: "_Trainer", cfg: "TrainConfig", state: "LoopState", data: Any) -> Path:
+def save_checkpoint(path: str | Path, trainer: "Trainer", cfg: TrainConfig, state: LoopState, data: Any) -> Path:
     """Write a checkpoint folder atomically (temporary sibling folder, then rename over the old one).
 
     A failed write (full disk, quota) removes its temporary folder and leaves the previous
@@ -129,14 +144,12 @@ def _disk_error(err: BaseException) -> bool:
     return "No space left on device" in text or "Disk quota exceeded" in text or "File too large" in text
 
 
-def _write_checkpoint_files(tmp: Path, trainer: "_Trainer", cfg: "TrainConfig", state: "LoopState", data: Any) -> None:
+def _write_checkpoint_files(tmp: Path, trainer: "Trainer", cfg: TrainConfig, state: LoopState, data: Any) -> None:
     """Every file of a checkpoint folder, into ``tmp``."""
     from safetensors.torch import save_file
 
-    from agl.training.loop import _gate_state
-
     save_file(_contiguous(trainer.model.state_dict()), str(tmp / "model.safetensors"))
-    save_file(_contiguous(_gate_state(trainer.gate)), str(tmp / "gate.safetensors"))
+    save_file(_contiguous(gate_state(trainer.gate)), str(tmp / "gate.safetensors"))
     model_t, model_s = _flat_optimizer("model", trainer.opt)
     outer_t, outer_s = _flat_optimizer("outer", trainer.outer_opt)
     save_file({**model_t, **outer_t}, str(tmp / "optimizer.safetensors"))
@@ -196,8 +209,6 @@ def _load_json(file: Path) -> dict[str, Any]:
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read and validate a checkpoint folder; any problem raises CheckpointError naming the file."""
-    from agl.training.loop import TrainConfig
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(path, "not a checkpoint folder (missing)")
@@ -229,7 +240,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
-def check_compatible(ck: Checkpoint, genes: pd.DataFrame, cfg: "TrainConfig | None" = None) -> None:
+def check_compatible(ck: Checkpoint, genes: pd.DataFrame, cfg: TrainConfig | None = None) -> None:
     """Raise CheckpointError when the checkpoint's genes or architecture differ from the run's."""
     mine = list(ck.genes["gene"])
     theirs = list(genes["gene"])
@@ -251,10 +262,8 @@ def _load_state(module: Any, tensors: dict[str, Tensor], file: Path) -> None:
         raise CheckpointError(file, f"tensors do not fit the model built from config.json: {str(err)[:300]}") from None
 
 
-def restore(path: str | Path, trainer: "_Trainer", cfg: "TrainConfig") -> "LoopState":
+def restore(path: str | Path, trainer: "Trainer", cfg: TrainConfig) -> LoopState:
     """Load a checkpoint into a freshly built trainer and return the loop state to continue from."""
-    from agl.training.loop import LoopState
-
     from agl.models.backbones import check_same_preprocessing
 
     ck = load_checkpoint(path)
@@ -282,10 +291,8 @@ def restore(path: str | Path, trainer: "_Trainer", cfg: "TrainConfig") -> "LoopS
                      best_model=ck.best_model or None, best_gate=ck.best_gate or None)
 
 
-def load_model(path: str | Path) -> tuple[torch.nn.Module, Any, "TrainConfig", pd.DataFrame]:
+def load_model(path: str | Path) -> tuple[torch.nn.Module, Any, TrainConfig, pd.DataFrame]:
     """Rebuild the best model of a checkpoint for prediction: (Estimator in eval mode, gate, config, genes)."""
-    from agl.training.loop import build_model
-
     ck = load_checkpoint(path)
     n_primary = int(ck.state.get("n_primary", int((ck.genes["role"] == "primary").sum())))
     aux = ck.genes.iloc[n_primary:]

@@ -10,10 +10,9 @@ everything outside the loop talks to it through ``DataBundle`` and ``Reporter``.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
@@ -22,8 +21,13 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from agl.config import TrainConfig, gate_options
-from agl.errors import ConfigError
+from agl.config import TrainConfig
+from agl.training import checkpoint as ckpt
+from agl.training.checkpoint import LoopState
+from agl.training.model import build_model, gate_state, n_outputs
+
+__all__ = ["TrainConfig", "LoopState", "Trainer", "FitResult", "fit", "build_model", "n_outputs", "predict",
+           "resolve_device", "SCHEDULES", "warmup_epochs"]
 
 log = logging.getLogger(__name__)
 
@@ -166,35 +170,6 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def n_outputs(cfg: TrainConfig, n_genes: int, n_primary: int) -> int:
-    """PGL predicts the primary genes only (the paper's 50-output baseline); others predict every gene."""
-    return n_primary if cfg.method == "pgl" else n_genes
-
-
-def build_model(cfg: TrainConfig, genes: pd.DataFrame, n_primary: int, prior_ranks: dict[str, np.ndarray],
-                input_dim: int | None, pretrained: bool = True) -> tuple[torch.nn.Module, Any]:
-    """The estimator and gate of a run (used by ``fit`` and by ``agl.training.checkpoint.load_model``).
-
-    ``pretrained=False`` skips loading backbone weights (a checkpoint overwrites them anyway).
-    """
-    from agl.models import Estimator, create_backbone
-    from agl.selection import create_gate
-
-    torch.manual_seed(cfg.seed)
-    backbone = None
-    in_dim = input_dim
-    if cfg.mode == "finetune":
-        backbone, in_dim = create_backbone(cfg.backbone, weights=cfg.weights if pretrained else None)
-    if in_dim is None:
-        raise ConfigError(None, "mode: features mode needs the bundle's input_dim (feature size)")
-    n_out = n_outputs(cfg, len(genes), n_primary)
-    n_aux = n_out - n_primary  # PGL's gate sees no auxiliary genes because its model predicts none
-    model = Estimator(in_dim, n_out, trunk=tuple(cfg.trunk), dropout=cfg.dropout, backbone=backbone)
-    gate = create_gate(cfg.method, n_aux, {name: np.asarray(r)[:n_aux] for name, r in prior_ranks.items()},
-                       **gate_options(cfg))
-    return model, gate
-
-
 def predict(model: torch.nn.Module, x: Tensor, device: torch.device, batch_size: int = 512) -> Tensor:
     """Model outputs for every row of x, in evaluation mode, without gradients."""
     model.eval()
@@ -227,21 +202,8 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-@dataclass
-class LoopState:
-    """Everything the loop carries between epochs (restored on resume)."""
-
-    next_epoch: int = 0
-    best_epoch: int = -1
-    best_val_pcc: float = -math.inf
-    history: list[dict[str, float]] = field(default_factory=list)
-    elapsed_s: float = 0.0
-    best_model: dict[str, Tensor] | None = None
-    best_gate: dict[str, Tensor] | None = None
-
-
 # --------------------------------------------------------------------------- the loop
-class _Trainer:
+class Trainer:
     """Holds a run's model, gate and optimisers; ``fit`` drives it epoch by epoch."""
 
     def __init__(self, cfg: TrainConfig, data: DataBundle):
@@ -361,16 +323,12 @@ class _Trainer:
         return evaluate_predictions(pred.numpy(), target.numpy(), np.asarray(slide_ids), names), loss
 
     def snapshot(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        return _clone_state(self.model.state_dict()), _clone_state(_gate_state(self.gate))
+        return _clone_state(self.model.state_dict()), _clone_state(gate_state(self.gate))
 
     def load_snapshot(self, model_state: dict[str, Tensor], gate_state: dict[str, Tensor]) -> None:
         self.model.load_state_dict(model_state)
         if gate_state:
             self.gate.load_state_dict(gate_state)
-
-
-def _gate_state(gate: Any) -> dict[str, Tensor]:
-    return gate.state_dict() if hasattr(gate, "state_dict") else {}
 
 
 def _clone_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -399,8 +357,6 @@ def fit(cfg: TrainConfig, data: DataBundle, reporter: Reporter | None = None,
     epoch and handed to ``reporter``. ``resume_from``: a checkpoint folder; training continues at its
     next epoch and reproduces the uninterrupted run.
     """
-    from agl.training import checkpoint as ckpt
-
     cfg.validate()
     if cfg.method in BASELINES:  # fitted in closed form on the same bundle, scored the same way
         import importlib
@@ -408,7 +364,7 @@ def fit(cfg: TrainConfig, data: DataBundle, reporter: Reporter | None = None,
         module, _, name = BASELINES[cfg.method].partition(":")
         return getattr(importlib.import_module(module), name)(cfg, data)
     rank, world = dist_info()
-    tr = _Trainer(cfg, data)
+    tr = Trainer(cfg, data)
     state = LoopState()
     if resume_from is not None:
         state = ckpt.restore(resume_from, tr, cfg)

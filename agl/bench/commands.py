@@ -1,0 +1,141 @@
+"""``agl bench WHAT``: every benchmark's command, registered here (core, data, ray, load, scale).
+
+Each benchmark prints its figures and writes JSON (and a PNG where there is a plot) under
+``--out`` (default ``results/``). A new benchmark is a module in ``agl/bench/`` plus one
+row in ``BENCHMARKS`` below.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from agl.commands import int_list
+from agl.data.locate import add_store_arg, open_store_arg
+
+
+# --------------------------------------------------------------------------- agl bench core
+def cmd_bench_core(args: argparse.Namespace) -> int:
+    from agl.bench.core import run_bench_core, run_bench_hypergrad
+
+    if args.horizons or args.finetune_horizons:
+        skip = {k: int(v) for k, v in (item.split("=") for item in args.skip.split(",") if item)} if args.skip else None
+        run_bench_hypergrad(open_store_arg(args.store), Path(args.out), int_list(args.horizons, "--horizons"),
+                            int_list(args.finetune_horizons, "--finetune-horizons"), args.repeats, args.finetune_repeats,
+                            args.finetune_backbone, args.finetune_batch, args.patch_px if args.patch_px != 112 else 224,
+                            args.threads, skip, memory_horizons=int_list(args.memory_horizons, "--memory-horizons") or None)
+        return 0
+    report = run_bench_core(store=open_store_arg(args.store), out=Path(args.out), repeats=args.repeats,
+                            patch_px=args.patch_px)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def add_bench_core_args(p: argparse.ArgumentParser) -> None:
+    add_store_arg(p)
+    p.add_argument("--out", default="results", help="folder for bench_core.json")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (median)")
+    p.add_argument("--patch-px", type=int, default=112, help="patch size for the fine-tuning measurement")
+    p.add_argument("--horizons", default="", help="hypergradient estimators vs H in features mode, e.g. 1,2,4,12 "
+                                                  "(with --finetune-horizons: only this comparison runs)")
+    p.add_argument("--finetune-horizons", default="", help="the same in fine-tune mode, e.g. 1,2")
+    p.add_argument("--finetune-repeats", type=int, default=1, help="repeats per fine-tune measurement")
+    p.add_argument("--finetune-backbone", default="torchvision/resnet18", help="backbone (random init) for fine-tune timing")
+    p.add_argument("--finetune-batch", type=int, default=64, help="batch size of fine-tune inner and outer steps")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for the estimator comparison")
+    p.add_argument("--memory-horizons", default="", help="measure peak memory (fresh processes) only at these H")
+    p.add_argument("--skip", default="", help="METHOD=H0,...: leave METHOD out for H >= H0 (e.g. unroll=4)")
+
+
+# --------------------------------------------------------------------------- agl bench data
+def add_bench_data_args(p: argparse.ArgumentParser) -> None:
+    add_store_arg(p)
+    p.add_argument("--out", type=Path, default=Path("results"), help="folder for bench_data.json")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batches", type=int, default=20, help="batches timed per loader (alternating)")
+
+
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    from agl.bench.data import bench_data
+
+    bench_data(store_path=args.store, out_dir=args.out, batch_size=args.batch_size, n_batches=args.batches)
+    return 0
+
+
+# --------------------------------------------------------------------------- agl bench ray
+def add_bench_ray_args(p: argparse.ArgumentParser) -> None:
+    add_store_arg(p)
+    p.add_argument("--out", default="results", help="folder for bench_ray.json")
+    p.add_argument("--trials", type=int, default=4, help="trials in the timed frozen-feature sweep")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per trial / Train run")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs for the local Ray")
+
+
+def cmd_bench_ray(args: argparse.Namespace) -> int:
+    from agl.bench.sweep import bench_ray
+
+    report = bench_ray(store=args.store, out=args.out, trials=args.trials, epochs=args.epochs, num_cpus=args.num_cpus)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+# --------------------------------------------------------------------------- agl bench load
+def add_bench_load_args(p: argparse.ArgumentParser) -> None:
+    add_store_arg(p)
+    p.add_argument("--out", default="results",
+                   help="folder for bench_load.json/.png; the sweep itself runs in a temporary folder inside it "
+                        "(Ray results and MLflow DB included), removed afterwards")
+    p.add_argument("--trials", type=int, default=64, help="trials in the sweep (many more than --num-cpus)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per trial (fixed: no early stopping)")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs for the local Ray")
+    p.add_argument("--space", default="tiny",
+                   help="search space (bundled name or YAML path); run with frozen features, FIFO, fixed epochs")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between memory samples")
+    p.add_argument("--keep-sweep", action="store_true", help="keep the sweep's temporary folder (its path is logged)")
+
+
+def cmd_bench_load(args: argparse.Namespace) -> int:
+    from agl.bench.sweep import bench_load
+
+    report = bench_load(store=args.store, out=args.out, trials=args.trials, epochs=args.epochs,
+                        num_cpus=args.num_cpus, space=args.space, interval_s=args.interval,
+                        keep_sweep=args.keep_sweep)
+    print(json.dumps({k: v for k, v in report.items() if k != "series"}, indent=1))
+    return 0 if report["trials"]["failed"] == 0 and report["memory"]["bounded"] is not False else 1
+
+
+# --------------------------------------------------------------------------- agl bench scale
+def add_bench_scale_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("results"), help="folder for bench_scale.json / .png")
+    p.add_argument("--max-n", type=int, default=16, help="largest N of 1, 2, 4, 8, 16 to run")
+
+
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    from agl.bench.scale import bench_scale
+
+    bench_scale(out_dir=args.out, max_n=args.max_n)
+    return 0
+
+
+# name, help, arguments, handler: one row per benchmark
+BENCHMARKS = (
+    ("core", "cost of a DkGSB outer step vs plain steps; feature-cache speed-up", add_bench_core_args, cmd_bench_core),
+    ("data", "patches/s: the store's batched loader vs a naive per-item loader", add_bench_data_args, cmd_bench_data),
+    ("ray", "trials/hour of a frozen-feature sweep; Train samples/s with 1 vs 2 workers",
+     add_bench_ray_args, cmd_bench_ray),
+    ("load", "many more trials than cores: peak memory, growth per trial, trials finished/failed/retried",
+     add_bench_load_args, cmd_bench_load),
+    ("scale", "streaming ingest of N x the demo sections: time, peak RSS, store size",
+     add_bench_scale_args, cmd_bench_scale),
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``bench`` and one sub-command per row of ``BENCHMARKS`` to the ``agl`` parser."""
+    parser = sub.add_parser("bench", help="benchmarks that print figures and write JSON results")
+    bench = parser.add_subparsers(dest="bench", metavar="WHAT")
+    parser.set_defaults(func=lambda a: (parser.print_help(), 2)[1])
+    for name, help_text, add_args, handler in BENCHMARKS:
+        p = bench.add_parser(name, help=help_text)
+        add_args(p)
+        p.set_defaults(func=handler)
