@@ -19,10 +19,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "agl"
 # with the change that removes it; anything not listed here fails the tests below.
 PENDING_CYCLES = [["agl.distributed.sync", "agl.distributed.tune"]]
 PENDING_PRIVATE = ["agl/distributed/sync.py: from agl.distributed.tune import _join"]
-# Landed by issue 12's forward-mode hypergradient (helper h12) while this test was written: the
-# helpers it shares with the reverse unroll are to become public names of agl.training.bilevel.
-PENDING_PRIVATE += [f"agl/training/forward_mode.py: from agl.training.bilevel import {name}"
-                    for name in ("_grads", "_replay_rng", "_rng_state", "_Unrolled", "_weighted")]
 PENDING_LAYERING = {"agl.predict": {"agl.distributed.tracking"}}
 
 

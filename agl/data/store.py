@@ -40,7 +40,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SPOT_COLUMNS = ("spot_id", "slide_id", "barcode", "pixel_x", "pixel_y", "row")
 EXPRESSION_LAYOUTS = ("dense", "sparse")  # float32 rows, or CSR per spot (indices + values)
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # slide ids and split names become file names
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # slide ids and split names become file names
 
 
 class StoreExistsError(DataError):
@@ -291,9 +291,9 @@ def write_store(out: str | Path, *, spots: pd.DataFrame, patches: np.ndarray, ex
     if expression.shape[1] != len(genes):
         raise DataError(out, f"expression has {expression.shape[1]} columns but genes lists {len(genes)}")
     bad = [s for s in list(pd.unique(spots["slide_id"].astype(str))) + list(splits.columns)
-           if not _SAFE_NAME.match(str(s))]
+           if not SAFE_NAME.match(str(s))]
     if bad:
-        raise DataError(out, f"slide/split names must match {_SAFE_NAME.pattern}: {bad[:5]}")
+        raise DataError(out, f"slide/split names must match {SAFE_NAME.pattern}: {bad[:5]}")
     missing = [s for s in splits.columns if s not in gene_sets]
     if missing:
         raise DataError(out, f"no gene set for split(s) {missing}")
@@ -384,10 +384,10 @@ class Store:
         splits = self.manifest.get("splits", [])
         if not isinstance(splits, list):
             raise DataError(mpath, "'splits' must be a list of split names")
-        bad = [s for s in splits if not isinstance(s, str) or not _SAFE_NAME.match(s) or s in (".", "..")]
+        bad = [s for s in splits if not isinstance(s, str) or not SAFE_NAME.match(s) or s in (".", "..")]
         if bad:
             raise DataError(mpath, f"split name(s) {bad[:3]} are not plain file names "
-                                   f"(must match {_SAFE_NAME.pattern}); the manifest was edited or is foreign")
+                                   f"(must match {SAFE_NAME.pattern}); the manifest was edited or is foreign")
 
     def _inside(self, rel: str, mpath: Path, field: str) -> Path:
         """``self.path / rel``, refused when ``rel`` is absolute or climbs out of the store (``..``, links)."""

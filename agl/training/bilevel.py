@@ -145,13 +145,13 @@ def _cuda_index(device: torch.device) -> int | None:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+def capture_rng(device: torch.device) -> tuple[Tensor, Tensor | None]:
     index = _cuda_index(device)
     return torch.get_rng_state(), (None if index is None else torch.cuda.get_rng_state(index))
 
 
 @contextlib.contextmanager
-def _replay_rng(state: tuple[Tensor, Tensor | None], device: torch.device) -> Iterator[None]:
+def replay_rng(state: tuple[Tensor, Tensor | None], device: torch.device) -> Iterator[None]:
     """Run with a saved RNG state (same dropout masks as before), restoring the current one after."""
     cpu, cuda = state
     index = _cuda_index(device)
@@ -162,7 +162,7 @@ def _replay_rng(state: tuple[Tensor, Tensor | None], device: torch.device) -> It
         yield
 
 
-class _Unrolled:
+class Unrolled:
     """The model as a function of a list of parameter tensors, with private buffer copies."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn):
@@ -192,11 +192,11 @@ class _Unrolled:
         return self.loss_fn(pred, y)
 
 
-def _weighted(gate: nn.Module, per_gene: Tensor, n_primary: int) -> Tensor:
+def weighted_loss(gate: nn.Module, per_gene: Tensor, n_primary: int) -> Tensor:
     return gate.loss(per_gene[:n_primary], per_gene[n_primary:])
 
 
-def _grads(loss: Tensor, params: Sequence[Tensor], create_graph: bool) -> list[Tensor]:
+def grads_of(loss: Tensor, params: Sequence[Tensor], create_graph: bool) -> list[Tensor]:
     grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
@@ -206,7 +206,7 @@ Estimate = tuple[float, list[float], list[Tensor]]  # (outer loss, inner losses,
 
 # The ``hypergrad`` setting: name -> "module:function", imported when used (so validating a config
 # imports no estimator). Each is called as
-#     estimator(net: _Unrolled, gate, opt, train_batch, val_batch, n_primary, steps, outer) -> Estimate
+#     estimator(net: Unrolled, gate, opt, train_batch, val_batch, n_primary, steps, outer) -> Estimate
 # with ``opt`` a fresh functional optimiser (``FunctionalSGD``/``FunctionalAdam``) over ``net.params``.
 HYPERGRADIENTS: dict[str, str] = {
     "unroll": "agl.training.bilevel:unrolled_reverse",
@@ -292,7 +292,7 @@ def hypergradient(
     if not outer:
         return {"outer_loss": math.nan, "inner_losses": [], "hypergrad": [], "hypergrad_norm": 0.0}
 
-    net = _Unrolled(model, loss_fn)
+    net = Unrolled(model, loss_fn)
     state, hyper = _adam_state(optimizer, net.params) if inner_optimizer == "adam" else (None, {})
     if inner_state == "fresh":
         state = None  # a new Adam per outer step, as the release's higher.innerloop_ctx(Adam(...))
@@ -311,14 +311,14 @@ def hypergradient(
     return {"outer_loss": outer_loss, "inner_losses": inner_losses, "hypergrad": [g.detach() for g in hyper_grads], "hypergrad_norm": norm}
 
 
-def unrolled_reverse(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
+def unrolled_reverse(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
                      steps: int, outer: list[Tensor]) -> Estimate:
     """Exact hypergradient of the unrolled objective: differentiate through every inner step."""
     params: list[Tensor] = list(net.params)  # the real leaves: the graph starts there, but we only ask for d/d outer
     inner_losses = []
     for _ in range(steps):
-        loss = _weighted(gate, net.per_gene(params, train), n_primary)
-        params = opt.step(params, _grads(loss, params, create_graph=True))
+        loss = weighted_loss(gate, net.per_gene(params, train), n_primary)
+        params = opt.step(params, grads_of(loss, params, create_graph=True))
         inner_losses.append(float(loss.detach()))
     val_loss = net.per_gene(params, val, n_primary).mean()
     grads = torch.autograd.grad(val_loss, outer, allow_unused=True)
@@ -341,7 +341,7 @@ def _leaves(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [x.detach().requires_grad_() for x in tensors]
 
 
-def checkpointed_reverse(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
+def checkpointed_reverse(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
                          steps: int, outer: list[Tensor]) -> Estimate:
     """``unroll``'s gradient with one step's graph alive at a time (recompute in the backward pass).
 
@@ -358,16 +358,16 @@ def checkpointed_reverse(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple
     state = tuple([x.detach() for x in xs] for xs in opt.state())
     start, saved, inner_losses = opt.count, [], []
     for h in range(steps):
-        saved.append((params, state, _rng_state(device)))
+        saved.append((params, state, capture_rng(device)))
         current = _leaves(params)
-        loss = _weighted(gate, net.per_gene(current, train), n_primary)
-        grads = _grads(loss, current, create_graph=False)
+        loss = weighted_loss(gate, net.per_gene(current, train), n_primary)
+        grads = grads_of(loss, current, create_graph=False)
         with torch.no_grad():
             params, state = opt.update(params, grads, state, start + h + 1)
         inner_losses.append(float(loss.detach()))
     final = _leaves(params)
     val_loss = net.per_gene(final, val, n_primary).mean()
-    adj_params = _grads(val_loss, final, create_graph=False)
+    adj_params = grads_of(val_loss, final, create_graph=False)
     adj_state = [torch.zeros_like(x) for x in _flat(state)]
     total = [torch.zeros_like(p) for p in outer]
     n = len(adj_params)
@@ -375,9 +375,9 @@ def checkpointed_reverse(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple
         params_h, state_h, rng = saved[h]
         saved[h] = None  # this step's copies are not needed after its recomputation
         p_in, s_in = _leaves(params_h), _leaves(_flat(state_h))
-        with _replay_rng(rng, device):
-            loss = _weighted(gate, net.per_gene(p_in, train), n_primary)
-        grads = _grads(loss, p_in, create_graph=True)
+        with replay_rng(rng, device):
+            loss = weighted_loss(gate, net.per_gene(p_in, train), n_primary)
+        grads = grads_of(loss, p_in, create_graph=True)
         p_out, s_out = opt.update(p_in, grads, _unflat(s_in, state_h), start + h + 1)
         outputs, cotangents = [*p_out, *_flat(s_out)], [*adj_params, *adj_state]
         pulled = torch.autograd.grad(outputs, [*p_in, *s_in, *outer], cotangents, allow_unused=True)
@@ -387,7 +387,7 @@ def checkpointed_reverse(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple
     return float(val_loss.detach()), inner_losses, total
 
 
-def _first_order(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
+def _first_order(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
                  steps: int, outer: list[Tensor], fd_eps: float) -> Estimate:
     """First-order approximation: inner gradients are computed without ``create_graph``.
 
@@ -414,17 +414,17 @@ def _first_order(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple, val: t
     device = values[0].device
     for _ in range(steps):
         thetas.append(values)
-        rng_states.append(_rng_state(device))  # replayed below: same dropout masks as this step
+        rng_states.append(capture_rng(device))  # replayed below: same dropout masks as this step
         current = [v.detach().requires_grad_() for v in values]
-        loss = _weighted(gate, net.per_gene(current, train), n_primary)
-        g = [x.detach().requires_grad_() for x in _grads(loss, current, create_graph=False)]
+        loss = weighted_loss(gate, net.per_gene(current, train), n_primary)
+        g = [x.detach().requires_grad_() for x in grads_of(loss, current, create_graph=False)]
         leaves.append(g)
         inner_losses.append(float(loss.detach()))
         tracked = opt.step(tracked, g)
         values = [t.detach() for t in tracked]
     val_loss = net.per_gene(tracked, val, n_primary).mean()
     flat_leaves = [x for g in leaves for x in g]
-    u_flat = _grads(val_loss, flat_leaves, create_graph=False)
+    u_flat = grads_of(val_loss, flat_leaves, create_graph=False)
 
     total = [torch.zeros_like(p) for p in outer]
     n = len(net.params)
@@ -437,10 +437,10 @@ def _first_order(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple, val: t
         sides = []
         for sign in (1.0, -1.0):
             shifted = [v + sign * eps * d for v, d in zip(thetas[h], u)]
-            with torch.no_grad(), _replay_rng(rng_states[h], device):
+            with torch.no_grad(), replay_rng(rng_states[h], device):
                 per_gene = net.per_gene(shifted, train)
             # only the gate is differentiated here: d/dphi of the weighted loss at fixed per-gene losses
-            sides.append(_grads(_weighted(gate, per_gene, n_primary), outer, create_graph=False))
+            sides.append(grads_of(weighted_loss(gate, per_gene, n_primary), outer, create_graph=False))
         total = [t + (gp - gm) / (2.0 * eps) for t, gp, gm in zip(total, *sides)]
     return float(val_loss.detach()), inner_losses, total
 

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
-from agl.training.bilevel import Estimate, _grads, _replay_rng, _rng_state, _Unrolled, _weighted
+from agl.training.bilevel import Estimate, grads_of, replay_rng, capture_rng, Unrolled, weighted_loss
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class _GateLoss(nn.Module):
         self.n_primary = n_primary
 
     def forward(self, per_gene: Tensor) -> Tensor:
-        return _weighted(self.gate, per_gene, self.n_primary)
+        return weighted_loss(self.gate, per_gene, self.n_primary)
 
 
 class ForwardModeUnsupported(RuntimeError):
@@ -80,7 +80,7 @@ def _is_missing_rule(error: Exception) -> bool:
                                                                     "must override", "doesn't support", "NotImplemented"))
 
 
-def forward_mode(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
+def forward_mode(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
                  steps: int, outer: list[Tensor]) -> Estimate:
     """Hypergradient of the unrolled objective by forward-mode differentiation (one tangent per outer scalar)."""
     names = {id(p): n for n, p in gate.named_parameters()}
@@ -91,7 +91,7 @@ def forward_mode(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple, val: t
         log.warning("hypergrad=forward with %d outer scalars costs %d trajectories; "
                     "hypergrad=checkpointed is cheaper for gates with many outer parameters", n_scalars, n_scalars)
     device = net.params[0].device
-    start_rng = _rng_state(device)
+    start_rng = capture_rng(device)
     phi = [p.detach() for p in outer]
     total = [torch.zeros_like(p) for p in outer]
     outer_loss, inner_losses = float("nan"), []
@@ -104,7 +104,7 @@ def forward_mode(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple, val: t
                 outer_loss, inner_losses, derivative = _trajectory(net, gate_loss, opt, train, val, n_primary, steps,
                                                                    outer_names, phi, tangent_phi)
             else:  # later ones replay the same masks
-                with _replay_rng(start_rng, device):
+                with replay_rng(start_rng, device):
                     _, _, derivative = _trajectory(net, gate_loss, opt, train, val, n_primary, steps,
                                                    outer_names, phi, tangent_phi)
             total[j].view(-1)[e] = derivative
@@ -112,7 +112,7 @@ def forward_mode(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple, val: t
     return outer_loss, inner_losses, total
 
 
-def _trajectory(net: _Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, val: tuple, n_primary: int, steps: int,
+def _trajectory(net: Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, val: tuple, n_primary: int, steps: int,
                 outer_names: list[str], phi: list[Tensor], tangent_phi: list[Tensor]) -> tuple[float, list[float], Tensor]:
     """``H`` inner steps carrying the tangent along ``tangent_phi``; the validation loss and its derivative."""
 
@@ -136,7 +136,7 @@ def _trajectory(net: _Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, va
                 return opt.update(th, g, st, count), loss
 
             if not fallback:
-                rng = _rng_state(theta[0].device)
+                rng = capture_rng(theta[0].device)
                 try:
                     (theta_next, state_next), (d_theta, d_state), loss = jvp(
                         step, (theta, state, phi), (d_theta, d_state, tangent_phi), has_aux=True)
@@ -153,7 +153,7 @@ def _trajectory(net: _Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, va
                                   f"torch said: {str(error).splitlines()[0]}", RuntimeWarning, stacklevel=2)
                     log.warning("forward mode: %s lacks a jvp rule; falling back to double backward", operator)
                     fallback = True
-                    with _replay_rng(rng, theta[0].device):  # redo this step with the same dropout masks
+                    with replay_rng(rng, theta[0].device):  # redo this step with the same dropout masks
                         theta, state, d_theta, d_state, loss = _double_backward_step(
                             train_loss, opt, theta, state, phi, d_theta, d_state, tangent_phi, count)
             else:
@@ -168,14 +168,14 @@ def _trajectory(net: _Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, va
             final = [x.detach().requires_grad_() for x in theta]
             with torch.enable_grad():
                 value = val_loss(final)
-                g_val = _grads(value, final, create_graph=False)
+                g_val = grads_of(value, final, create_graph=False)
             derivative = sum((g * d).sum() for g, d in zip(g_val, d_theta))
         else:
             value, derivative = jvp(val_loss, (theta,), (d_theta,))
     return float(value.detach()), inner_losses, torch.as_tensor(derivative).detach()
 
 
-def _layers_without_rule(net: _Unrolled, theta: list[Tensor], batch: tuple) -> list[str]:
+def _layers_without_rule(net: Unrolled, theta: list[Tensor], batch: tuple) -> list[str]:
     """Leaf modules whose forward, or the backward of it, has no jvp rule (names for the warning).
 
     Each leaf module's input is captured by a forward hook during one functional forward pass
@@ -192,7 +192,7 @@ def _layers_without_rule(net: _Unrolled, theta: list[Tensor], batch: tuple) -> l
     hooks = [module.register_forward_hook(capture(name))
              for name, module in net.model.named_modules() if not any(True for _ in module.children())]
     try:
-        with torch.no_grad(), _replay_rng(_rng_state(theta[0].device), theta[0].device):
+        with torch.no_grad(), replay_rng(capture_rng(theta[0].device), theta[0].device):
             net.per_gene(theta, batch)
     finally:
         for hook in hooks:
@@ -204,7 +204,7 @@ def _layers_without_rule(net: _Unrolled, theta: list[Tensor], batch: tuple) -> l
             continue
         ones = tuple(torch.ones_like(a) for a in floats)
         try:
-            with _replay_rng(_rng_state(floats[0].device), floats[0].device):
+            with replay_rng(capture_rng(floats[0].device), floats[0].device):
                 jvp(lambda *a: module(*a), floats, ones)
                 jvp(lambda *a: grad(lambda *b: module(*b).sum())(*a), floats, ones)
         except Exception:  # noqa: BLE001 - the module ran in the plain forward above, so jvp is what fails
@@ -223,9 +223,9 @@ def _double_backward_step(train_loss: Any, opt: Any, theta: list[Tensor], state:
         loss, _ = train_loss(th, ph)
         g = torch.autograd.grad(loss, th, create_graph=True, allow_unused=True)
         g = [torch.zeros_like(x) if gi is None else gi for x, gi in zip(th, g)]
-        g_phi = _grads(loss, ph, create_graph=True)
+        g_phi = grads_of(loss, ph, create_graph=True)
         directional = sum((gi * d).sum() for gi, d in zip(g, d_theta)) + sum((gp * t).sum() for gp, t in zip(g_phi, tangent_phi))
-        d_g = _grads(directional, th, create_graph=False)
+        d_g = grads_of(directional, th, create_graph=False)
     g = [x.detach() for x in g]
     (theta, state), (d_theta, d_state) = jvp(lambda t_, s_, g_: opt.update(t_, g_, s_, count),
                                              (theta, state, g), (d_theta, d_state, d_g))

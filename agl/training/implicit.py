@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp
 
 from agl.errors import ConfigError
-from agl.training.bilevel import Estimate, _grads, _replay_rng, _rng_state, _Unrolled, _weighted
+from agl.training.bilevel import Estimate, grads_of, replay_rng, capture_rng, Unrolled, weighted_loss
 
 Vector = tuple[Tensor, ...]
 POWER_ITERATIONS = 20
@@ -49,14 +49,14 @@ def _axpy(alpha: Tensor | float, x: Sequence[Tensor], y: Sequence[Tensor]) -> Ve
     return tuple(yi + alpha * xi for xi, yi in zip(x, y))
 
 
-def hvp_operator(net: _Unrolled, gate: nn.Module, train: tuple, n_primary: int, params: Vector,
+def hvp_operator(net: Unrolled, gate: nn.Module, train: tuple, n_primary: int, params: Vector,
                  rng_state: Any, damping: float = 0.0) -> Callable[[Vector], Vector]:
     """``v -> (H + damping I) v``, ``H`` the Hessian of the gate-weighted training loss at ``params``."""
     device = params[0].device
 
     def loss(theta: Vector) -> Tensor:
-        with _replay_rng(rng_state, device):
-            return _weighted(gate, net.per_gene(list(theta), train), n_primary)
+        with replay_rng(rng_state, device):
+            return weighted_loss(gate, net.per_gene(list(theta), train), n_primary)
 
     grad_fn = grad(loss)
 
@@ -128,7 +128,7 @@ def solve_neumann(apply: Callable[[Vector], Vector], b: Vector, iters: int, alph
     return q, {"ift_iterations": float(iters), "ift_residual": rel, "ift_alpha": float(alpha)}
 
 
-def _implicit(net: _Unrolled, gate: nn.Module, train: tuple, val: tuple, n_primary: int, outer: list[Tensor],
+def _implicit(net: Unrolled, gate: nn.Module, train: tuple, val: tuple, n_primary: int, outer: list[Tensor],
               solver: str, iters: int, damping: float, alpha: float | None, tol: float) -> Estimate:
     if iters < 1:
         raise ConfigError("ift_iters", f"must be >= 1, got {iters}")
@@ -136,12 +136,12 @@ def _implicit(net: _Unrolled, gate: nn.Module, train: tuple, val: tuple, n_prima
         raise ConfigError("ift_damping", f"must be >= 0, got {damping}")
     params = tuple(p.detach() for p in net.params)
     device = params[0].device
-    rng_state = _rng_state(device)
+    rng_state = capture_rng(device)
 
     # v = grad_theta L_val at theta (the validation primary loss sees phi only through theta)
     theta = [p.clone().requires_grad_() for p in params]
     val_loss = net.per_gene(theta, val, n_primary).mean()
-    v = tuple(g.detach() for g in _grads(val_loss, theta, create_graph=False))
+    v = tuple(g.detach() for g in grads_of(val_loss, theta, create_graph=False))
 
     apply = hvp_operator(net, gate, train, n_primary, params, rng_state, damping)
     if solver == "cg":
@@ -156,15 +156,15 @@ def _implicit(net: _Unrolled, gate: nn.Module, train: tuple, val: tuple, n_prima
 
     # -d/dphi <grad_theta L_train(theta, phi), q>: one double-backward, q held constant
     theta = [p.clone().requires_grad_() for p in params]
-    with _replay_rng(rng_state, device):
-        train_loss = _weighted(gate, net.per_gene(theta, train), n_primary)
-    inner_grads = _grads(train_loss, theta, create_graph=True)
+    with replay_rng(rng_state, device):
+        train_loss = weighted_loss(gate, net.per_gene(theta, train), n_primary)
+    inner_grads = grads_of(train_loss, theta, create_graph=True)
     mixed = torch.autograd.grad(_dot(inner_grads, q), outer, allow_unused=True)
     hyper = [torch.zeros_like(p) if g is None else -g for p, g in zip(outer, mixed)]
     return float(val_loss.detach()), [float(train_loss.detach())], hyper
 
 
-def ift_cg(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int, steps: int,
+def ift_cg(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int, steps: int,
            outer: list[Tensor], iters: int = 20, damping: float = 0.0, alpha: float | None = None,
            tol: float = 1e-6) -> Estimate:
     """IFT with the inverse-Hessian-vector product by conjugate gradients (``iters`` at most).
@@ -174,7 +174,7 @@ def ift_cg(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, 
     return _implicit(net, gate, train, val, n_primary, outer, "cg", iters, damping, alpha, tol)
 
 
-def ift_neumann(net: _Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int, steps: int,
+def ift_neumann(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int, steps: int,
                 outer: list[Tensor], iters: int = 20, damping: float = 0.0, alpha: float | None = None,
                 tol: float = 1e-6) -> Estimate:
     """IFT with the inverse-Hessian-vector product by ``iters`` Neumann terms of step ``alpha``

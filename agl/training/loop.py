@@ -9,6 +9,7 @@ everything outside the loop talks to it through ``DataBundle`` and ``Reporter``.
 """
 from __future__ import annotations
 
+import math
 import logging
 import shutil
 import time
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # Methods fitted in closed form on the same bundle instead of by this loop (their gate, registered
 # in agl.selection, declares their options and describes what they predict).
-BASELINES: dict[str, str] = {"probe": "agl.selection.probe:fit_probe"}  # HEST-Benchmark's PCA + ridge
+BASELINES: dict[str, str] = {"probe": "agl.training.probe:fit_probe"}  # HEST-Benchmark's PCA + ridge
 
 # Fraction of the epochs that the "warmstart" schedule trains AGL-all style before selecting.
 WARMUP_FRACTION = 0.2
