@@ -35,7 +35,7 @@ def test_protocol_splits_and_bad_options(demo_store):
     assert all(n.startswith("loso-") for n in protocol_splits(names, "loso", 0))
     with pytest.raises(ConfigError, match="no kfold splits for seed 7"):
         protocol_splits(names, "kfold", 7)
-    with pytest.raises(ConfigError, match="method topk:k=-3.*k"):
+    with pytest.raises(ConfigError, match="--methods topk:k=-3: k: must be"):
         build_grid(names, "kfold", [0], ["topk:k=-3"], BASE, folds=[0])
     with pytest.raises(ConfigError, match="unknown setting"):
         build_grid(names, "kfold", [0], ["pgl:kk=3"], BASE, folds=[0])
