@@ -38,6 +38,7 @@ EXAMPLES: dict[str, str] = {
     "bench core": "agl bench core --store demo --repeats 3",
     "bench ray": "agl bench ray --store demo --trials 4",
     "bench load": "agl bench load --store demo",
+    "bench scale": "agl bench scale --max-n 8 --out results",
 }
 
 

@@ -7,9 +7,6 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-import pandas as pd
-
 from agl.data.locate import add_store_arg, open_store_arg
 from agl.errors import ConfigError
 

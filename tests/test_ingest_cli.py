@@ -68,7 +68,7 @@ def test_existing_output_is_not_overwritten(her2st_dir, tmp_path, capsys):
     args = ["ingest", "her2st", str(her2st_dir), "--sections", "C2", "--out", str(out), *FAST]
     assert main(args) == 1  # runtime failure (DataError)
     assert "already exists" in capsys.readouterr().err
-    assert main(args + ["--overwrite"]) == 2  # a folder that is not a store is never replaced
+    assert main(args + ["--overwrite"]) == 1  # runtime failure: a folder that is not a store is never replaced
     assert "not an agl store" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "user data"
 

@@ -96,7 +96,7 @@ def test_cli_reports_errors(her2st_dir: Path, tmp_path: Path, capsys) -> None:
 
     code = main(["predict", "--checkpoint", str(tmp_path / "nope"), "--input", str(her2st_dir),
                  "--sections", SECTION, "--out", str(tmp_path / "o")])
-    assert code == 2 and "checkpoint folder not found" in capsys.readouterr().err
+    assert code == 1 and "checkpoint folder not found" in capsys.readouterr().err
 
 
 def test_patch_size_comes_from_the_checkpoint(trained: Path, tmp_path: Path) -> None:
