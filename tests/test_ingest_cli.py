@@ -114,6 +114,31 @@ def test_bad_arguments(her2st_dir, tmp_path, capsys):
     assert "manifest.json: missing" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_primary_min_detection_flag(her2st_dir, tmp_path, capsys, stream):
+    """--primary-min-detection: every split's panel is detected in that fraction of its training spots."""
+    out = tmp_path / "store"
+    args = ["ingest", "her2st", str(her2st_dir), "--sections", "C2", "C3", "--out", str(out),
+            *FAST, *(["--stream"] if stream else [])]
+    assert main(args + ["--primary-min-detection", "0.3"]) == 0
+    store = open_store(out)
+    assert store.manifest["preprocessing"]["primary_min_detection"] == 0.3
+    for split in store.split_names:
+        gs = store.gene_set(split)
+        cols = gs.loc[gs["role"] == "primary", "column"].to_numpy()
+        train = (store.split(split) == "train").to_numpy()
+        assert len(cols) == 50
+        assert ((np.asarray(store.expression)[train][:, cols] > 0).mean(axis=0) >= 0.3).all()
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    args[args.index(str(out))] = str(bad)
+    assert main(args + ["--primary-min-detection", "0.999"]) == 1  # too few genes that common: runtime
+    err = capsys.readouterr().err
+    assert "split kfold-s0-f0" in err and "fewer than n_primary=50" in err and not bad.exists()
+    assert main(args + ["--primary-min-detection", "1.5"]) == 2 and not bad.exists()
+    assert "primary_min_detection" in capsys.readouterr().err
+
+
 def test_bench_data_writes_json(small_store, tmp_path, capsys):
     """A smoke run of ``agl bench data`` (figures are printed and saved, never asserted)."""
     import json

@@ -1,16 +1,20 @@
 """Preprocessing and per-split gene sets on real her2st counts, checked against scanpy directly."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import pandas as pd
 import pytest
 import scanpy as sc
 import scipy.sparse as sp
 from scipy import stats
 
-from agl.data.preprocess import PRIORS, gene_set, normalised_rank, preprocess
+from agl.data.preprocess import PRIORS, gene_set, normalised_rank, preprocess, primary_genes
 from agl.data.readers import read_her2st
 from agl.data.splits import make_splits
-from agl.errors import ConfigError
+from agl.data.stats import GeneMoments, seurat_hvg
+from agl.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +118,49 @@ def test_bad_arguments(pp, train_mask):
         gene_set(pp, train_mask, priors=("coexpr",))
     with pytest.raises(ConfigError, match="train_mask"):
         gene_set(pp, train_mask[:-1])
+
+
+def _scanpy_hvg(pp, train_mask, n):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sc.pp.highly_variable_genes(pp[train_mask].copy(), flavor="seurat", n_top_genes=n, inplace=False)
+
+
+def test_primary_count_is_exact_when_scanpy_ties(pp, train_mask):
+    """Where scanpy's n_top_genes returns extra tied genes, the panel has exactly n, chosen independently of gene order."""
+    norm = _scanpy_hvg(pp, train_mask, 50)["dispersions_norm"].dropna().sort_values(ascending=False).to_numpy()
+    ties = [n for n in range(5, 200) if norm[n - 1] == norm[n]]
+    assert ties, "no tie at any cut-off on real data: the test would check nothing"
+    for n in ties[:2]:
+        ref = _scanpy_hvg(pp, train_mask, n)
+        theirs = set(ref.index[ref["highly_variable"]])
+        assert len(theirs) > n  # scanpy's behaviour that this fixes
+        ours = set(gene_set(pp, train_mask, n_primary=n).query("role == 'primary'")["gene"])
+        assert len(ours) == n and ours < theirs
+        cutoff = norm[n - 1]
+        assert set(ref.index[ref["dispersions_norm"] > cutoff]) <= ours  # only the tied genes are cut
+        flipped = pp[:, ::-1].copy()  # the same data with the genes in reverse order
+        assert set(gene_set(flipped, train_mask, n_primary=n).query("role == 'primary'")["gene"]) == ours
+        # the streaming path (HVGs from merged sums) picks the same panel
+        moments = GeneMoments.of(sp.csr_matrix(pp.X), train_mask[None, :])
+        hvg = seurat_hvg(*moments.mean_var(0), n, pp.var_names)
+        streamed = primary_genes(hvg, n, moments.nonzero[0] / moments.n[0])
+        assert set(pp.var_names[streamed]) == ours
+
+
+def test_primary_min_detection(pp, train_mask):
+    detection = pd.Series(np.asarray((pp.layers["counts"][train_mask] > 0).mean(axis=0)).ravel(), index=pp.var_names)
+    default = gene_set(pp, train_mask).query("role == 'primary'")["gene"].tolist()
+    assert (detection[default] < 0.3).sum() > 25  # the plain panel is mostly rarely detected genes
+    table = gene_set(pp, train_mask, primary_min_detection=0.3)
+    panel = table.query("role == 'primary'")["gene"].tolist()
+    assert len(panel) == 50 and (detection[panel] >= 0.3).all()
+    # the panel is the top of seurat's ranking among the detected genes (dispersions of all genes)
+    norm = _scanpy_hvg(pp, train_mask, 50)["dispersions_norm"]
+    left_out = norm[(detection >= 0.3) & ~norm.index.isin(panel)]
+    assert left_out.max() <= norm[panel].min()
+    assert set(default) & set(panel) == {g for g in default if detection[g] >= 0.3}
+    with pytest.raises(ConfigError, match="primary_min_detection"):
+        gene_set(pp, train_mask, primary_min_detection=1.5)
+    with pytest.raises(DataError, match="fewer than n_primary=50"):
+        gene_set(pp, train_mask, primary_min_detection=0.999)

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="scale each spot to X counts before log1p (default: off, as the paper)")
     p.add_argument("--no-log1p", action="store_true")
     p.add_argument("--n-primary", type=int, default=50, help="primary genes (HVGs of the training spots)")
+    p.add_argument("--primary-min-detection", type=float, default=0.0, metavar="FRACTION",
+                   help="primary genes only among genes non-zero in at least this fraction of the training spots "
+                        "(e.g. 0.3; default 0: any gene)")
     p.add_argument("--priors", nargs="+", default=["hvg", "mean"])
     p.add_argument("--splits", nargs="+", default=["kfold", "spatial", "loso"], dest="split_kinds")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -89,7 +92,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         prior_data = read_slides("her2st", args.path, sections=args.prior_sections, require_image=False)
     path = build_store(adata, args.out, patch_um=args.patch_um, patch_px=args.patch_px, border=args.border,
                        min_genes=args.min_genes, min_cells=args.min_cells, normalize_total=args.normalize_total,
-                       log1p=not args.no_log1p, n_primary=args.n_primary, priors=args.priors,
+                       log1p=not args.no_log1p, n_primary=args.n_primary,
+                       primary_min_detection=args.primary_min_detection, priors=args.priors,
                        prior_data=prior_data, split_kinds=args.split_kinds, seeds=args.seeds,
                        overwrite=args.overwrite, expression_layout=args.expression or "dense")
     print(f"store written: {path}")
@@ -112,7 +116,8 @@ def _cmd_ingest_streaming(args: argparse.Namespace) -> int:
     settings = IngestSettings(patch_um=args.patch_um, patch_px=args.patch_px, border=args.border,
                               min_genes=args.min_genes, min_cells=args.min_cells,
                               normalize_total=args.normalize_total, log1p=not args.no_log1p,
-                              n_primary=args.n_primary, priors=tuple(args.priors),
+                              n_primary=args.n_primary, primary_min_detection=args.primary_min_detection,
+                              priors=tuple(args.priors),
                               split_kinds=tuple(args.split_kinds), seeds=tuple(args.seeds),
                               expression_layout=args.expression or "sparse")
     path = ingest_slides(SlideSource(args.format, args.path, units=units, **kw), args.out, settings,

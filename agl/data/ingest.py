@@ -23,7 +23,8 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from agl.data.patches import extract_patches
-from agl.data.preprocess import PRIORS, PriorContext, gene_set, gene_table, preprocess, prior_names
+from agl.data.preprocess import (PRIORS, PriorContext, check_min_detection, gene_set, gene_table, preprocess,
+                                 primary_genes, prior_names)
 from agl.data.schema import OBS_SLIDE, UNS_SLIDES, validate_canonical
 from agl.data.splits import SPLIT_KINDS, make_splits
 from agl.data.stats import GeneMoments, seurat_hvg
@@ -70,14 +71,16 @@ def _check_names(names: list[str], registry: dict, field: str) -> None:
 def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, patch_px: int = 224,
                 border: str = "pad", min_genes: int = 200, min_cells: int = 3,
                 normalize_total: float | None = None, log1p: bool = True, n_primary: int = 50,
+                primary_min_detection: float = 0.0,
                 priors: Iterable[str] = ("hvg", "mean"), prior_data: AnnData | None = None,
                 split_kinds: Iterable[str] = ("kfold", "spatial", "loso"), seeds: Iterable[int] = (0, 1, 2),
                 n_folds: int = 5, overwrite: bool = False, expression_layout: str = "dense") -> Path:
     """Ingest a canonical AnnData (all slides, with images) into a store at ``out``.
 
     Steps: extract patches (H1's ``extract_patches``), drop spots without a patch,
-    ``preprocess``, ``make_splits``, one ``gene_set`` per split (primary HVGs and priors
-    on that split's training spots; "coexpr" from ``prior_data`` when given), then
+    ``preprocess``, ``make_splits``, one ``gene_set`` per split (primary HVGs, optionally
+    only among genes detected in ``primary_min_detection`` of the spots, and priors on
+    that split's training spots; "coexpr" from ``prior_data`` when given), then
     ``write_store``. Nothing appears at ``out`` unless every step succeeds.
     """
     out = check_target(out, overwrite)  # fail before the expensive work
@@ -91,6 +94,7 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
     if not (patch_um > 0 and patch_px > 0 and n_primary > 0) or border not in ("pad", "drop"):
         raise ConfigError("ingest", f"need patch_um > 0, patch_px > 0, n_primary > 0 and border pad|drop; got "
                                     f"{patch_um}, {patch_px}, {n_primary}, {border!r}")
+    check_min_detection(primary_min_detection)
     progress = _Progress(6)
     n_read = adata.n_obs
 
@@ -117,8 +121,11 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
     gene_sets: dict[str, pd.DataFrame] = {}
     t0 = time.perf_counter()
     for i, name in enumerate(splits.columns, 1):
-        gene_sets[name] = gene_set(pp, (splits[name] == "train").to_numpy(), n_primary=n_primary,
-                                   priors=priors, prior_data=prior_pp)
+        try:
+            gene_sets[name] = gene_set(pp, (splits[name] == "train").to_numpy(), n_primary=n_primary, priors=priors,
+                                       prior_data=prior_pp, primary_min_detection=primary_min_detection)
+        except DataError as err:
+            raise DataError(None, f"split {name}: {err}") from err
         if i % 10 == 0 and i < len(splits.columns):
             rate = i / (time.perf_counter() - t0)
             log.info("ingest gene sets %d/%d (%.1f/s, ETA %.0f s)", i, len(splits.columns), rate,
@@ -139,7 +146,8 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
     slides_meta = {sid: jsonable(dict(m), max_array=1000) for sid, m in adata.uns.get(UNS_SLIDES, {}).items()
                    if sid in set(spots["slide_id"])}
     manifest = {
-        "preprocessing": {**pp.uns["agl_preprocess"], "n_primary": int(n_primary), "priors": priors,
+        "preprocessing": {**pp.uns["agl_preprocess"], "n_primary": int(n_primary),
+                          "primary_min_detection": float(primary_min_detection), "priors": priors,
                           "prior_slides": None if prior_data is None
                           else sorted(map(str, prior_data.obs[OBS_SLIDE].unique()))},
         "patch": {"patch_um": float(patch_um), "patch_px": int(patch_px), "border": border,
@@ -186,6 +194,7 @@ class IngestSettings:
     normalize_total: float | None = None
     log1p: bool = True
     n_primary: int = 50
+    primary_min_detection: float = 0.0
     priors: tuple[str, ...] = ("hvg", "mean")
     split_kinds: tuple[str, ...] = ("kfold", "spatial", "loso")
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -439,6 +448,7 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
             or settings.border not in ("pad", "drop"):
         raise ConfigError("ingest", f"need patch_um > 0, patch_px > 0, n_primary > 0 and border pad|drop; got "
                                     f"{settings.patch_um}, {settings.patch_px}, {settings.n_primary}, {settings.border!r}")
+    check_min_detection(settings.primary_min_detection)
     units = list(units if units is not None else getattr(source, "units"))
     runner = _Runner(address, max_retries=max_retries)
     progress = _Progress(5)
@@ -544,7 +554,8 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
         manifest = {
             "preprocessing": {"min_genes": int(settings.min_genes), "min_cells": int(settings.min_cells),
                               "normalize_total": None if not settings.normalize_total else float(settings.normalize_total),
-                              "log1p": bool(settings.log1p), "n_primary": int(settings.n_primary), "priors": priors,
+                              "log1p": bool(settings.log1p), "n_primary": int(settings.n_primary),
+                              "primary_min_detection": float(settings.primary_min_detection), "priors": priors,
                               "prior_slides": None if prior_data is None
                               else sorted(map(str, prior_data.obs[OBS_SLIDE].unique()))},
             "patch": {"patch_um": float(settings.patch_um), "patch_px": int(settings.patch_px),
@@ -582,7 +593,12 @@ def merged_gene_sets(moments: GeneMoments, names: list[str], genes: pd.Index, se
             raise ConfigError("gene_set", f"split {name}: only {int(moments.n[g])} training spots")
         mean, variance = moments.mean_var(g)
         hvg = seurat_hvg(mean, variance, settings.n_primary, var.index)
-        primary = hvg["highly_variable"].to_numpy(dtype=bool)
+        try:
+            primary = primary_genes(hvg, settings.n_primary, moments.nonzero[g] / moments.n[g],
+                                    settings.primary_min_detection)
+        except DataError as err:
+            raise DataError(None, f"split {name}: {err}") from err
+        hvg["highly_variable"] = primary
         ctx = PriorContext(train=empty, hvg=hvg, primary=primary, prior_data=prior_pp,
                            train_mean=moments.log_sum[g] / moments.n[g])
         out[name] = gene_table(ctx, prior_list)

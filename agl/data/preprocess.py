@@ -4,7 +4,9 @@
 ``filter_genes(min_cells)``, optional ``normalize_total``, ``log1p``.
 
 ``gene_set`` chooses the primary genes of one split from its TRAINING spots only
-(the release computed HVGs on whole slides, test spots included, which leaks) and
+(the release computed HVGs on whole slides, test spots included, which leaks):
+exactly ``n_primary`` of them (:func:`primary_genes` breaks scanpy's ties), optionally
+only among genes detected in a minimum fraction of those spots; it
 scores every other gene as an auxiliary candidate with prior knowledge from the
 ``PRIORS`` registry. Ranks are min-max normalised ordinal ranks among the auxiliary
 genes (0 = best), the input of DkGSB's threshold gate.
@@ -120,12 +122,53 @@ def normalised_rank(score: np.ndarray) -> np.ndarray:
     return rank / max(n - 1, 1)
 
 
+def primary_genes(hvg: pd.DataFrame, n_primary: int, detection: np.ndarray | None = None,
+                  min_detection: float = 0.0) -> np.ndarray:
+    """Exactly ``n_primary`` primary genes (bool mask over ``hvg``'s rows) from a seurat HVG table.
+
+    scanpy's ``n_top_genes`` keeps every gene whose normalised dispersion reaches the
+    n-th one, so ties at the cut-off return extra genes. Here genes are ordered by
+    ``dispersions_norm``, then ``dispersions``, then ``means`` (all descending), then
+    name, and the first ``n_primary`` are kept: the same set as scanpy's when there is no
+    tie, and independent of the gene order when there is. ``min_detection`` > 0 makes
+    only genes with ``detection`` (fraction of training spots with a non-zero count) at
+    least that high eligible; the dispersion table itself stays that of all genes.
+    """
+    check_min_detection(min_detection)
+    norm = hvg["dispersions_norm"].to_numpy(dtype=np.float64)
+    eligible = np.isfinite(norm)
+    if min_detection > 0:
+        if detection is None or len(detection) != len(norm):
+            raise ConfigError("primary_min_detection", "needs a detection rate per gene")
+        eligible &= np.asarray(detection, dtype=np.float64) >= min_detection
+    if eligible.sum() < n_primary:
+        raise DataError(None, f"only {int(eligible.sum())} genes are eligible as primary genes (finite dispersion"
+                              + (f", detected in >= {min_detection:.0%} of the training spots" if min_detection > 0 else "")
+                              + f"), fewer than n_primary={n_primary}")
+    neg = lambda c: -np.nan_to_num(hvg[c].to_numpy(dtype=np.float64), nan=-np.inf)  # noqa: E731  (NaN last)
+    name_rank = np.unique(hvg.index.astype(str), return_inverse=True)[1]
+    order = np.lexsort((name_rank, neg("means"), neg("dispersions"), neg("dispersions_norm")))
+    chosen = order[eligible[order]][:n_primary]
+    mask = np.zeros(len(norm), dtype=bool)
+    mask[chosen] = True
+    return mask
+
+
+def check_min_detection(min_detection: float) -> None:
+    """A detection-rate threshold is a fraction in [0, 1)."""
+    if not 0.0 <= float(min_detection) < 1.0:
+        raise ConfigError("primary_min_detection", f"must be a fraction in [0, 1), got {min_detection}")
+
+
 def gene_set(adata_pp: AnnData, train_mask: np.ndarray | pd.Series, n_primary: int = 50,
-             priors: Iterable[str] = ("hvg", "mean"), prior_data: AnnData | None = None) -> pd.DataFrame:
+             priors: Iterable[str] = ("hvg", "mean"), prior_data: AnnData | None = None,
+             primary_min_detection: float = 0.0) -> pd.DataFrame:
     """Primary and auxiliary genes of one split, from its training spots only.
 
-    Primary genes: ``sc.pp.highly_variable_genes(flavor="seurat", n_top_genes=n_primary)``
-    on the training spots. Auxiliary genes: every other gene, with one ``prior_<name>``
+    Primary genes: the top ``n_primary`` of ``sc.pp.highly_variable_genes(flavor="seurat")``
+    on the training spots, exactly that many (:func:`primary_genes`), among the genes
+    non-zero in at least ``primary_min_detection`` of those spots. Auxiliary genes:
+    every other gene, with one ``prior_<name>``
     score and ``rank_<name>`` (among auxiliary genes, 0 = best) per prior. The "hvg"
     prior is always included; "coexpr" is added when ``prior_data`` is given.
 
@@ -139,12 +182,15 @@ def gene_set(adata_pp: AnnData, train_mask: np.ndarray | pd.Series, n_primary: i
     if mask.sum() < 3:
         raise ConfigError("gene_set", f"only {int(mask.sum())} training spots")
     names = prior_names(priors, prior_data, n_primary, adata_pp.n_vars)
+    check_min_detection(primary_min_detection)
     # a light copy of the training rows: scanpy is much faster on it than on a view
     train = AnnData(X=sp.csr_matrix(adata_pp.X)[mask], var=pd.DataFrame(index=adata_pp.var_names))
     with warnings.catch_warnings():  # scanpy warns about genes with zero mean in a subset
         warnings.simplefilter("ignore")
         hvg = sc.pp.highly_variable_genes(train, flavor="seurat", n_top_genes=n_primary, inplace=False)
-    primary = hvg["highly_variable"].to_numpy(dtype=bool)
+    detection = np.asarray((train.X > 0).mean(axis=0)).ravel()
+    primary = primary_genes(hvg, n_primary, detection, primary_min_detection)
+    hvg["highly_variable"] = primary  # the table agrees with the panel actually used
     return gene_table(PriorContext(train=train, hvg=hvg, primary=primary, prior_data=prior_data), names)
 
 
