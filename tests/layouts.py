@@ -131,3 +131,53 @@ def write_counts(table: pd.DataFrame, path: Path) -> None:
     with gzip.open(path, "wt") as fh:
         fh.write("\t" + "\t".join(map(str, table.columns)) + "\n")
         table.to_csv(fh, sep="\t", header=False)
+
+
+# --------------------------------------------------------------------------- legacy ST layouts
+
+
+def _spot_ids(sel: pd.DataFrame) -> pd.Series:
+    return sel["x"].round().astype(int).astype(str) + "x" + sel["y"].round().astype(int).astype(str)
+
+
+def write_st_2k(src: Path, dst: Path, section: str) -> Path:
+    """A real her2st section as if printed on the 2k array: array coordinates doubled, same pixels.
+
+    On the 2k array (100 um pitch) one step is half the 1k step (200 um), so the same tissue and
+    image give array coordinates twice as large; the counts' spot ids follow.
+    """
+    table = pd.read_csv(src / "ST-cnts" / f"{section}.tsv.gz", sep="\t", index_col=0)
+    sel = pd.read_csv(src / "ST-spotfiles" / f"{section}_selection.tsv", sep="\t")
+    old_ids = _spot_ids(sel)
+    for c in ("x", "y", "new_x", "new_y"):
+        sel[c] = sel[c] * 2
+    table.index = table.index.map(dict(zip(old_ids, _spot_ids(sel))))
+    for sub in ("ST-cnts", "ST-spotfiles", f"ST-imgs/{section[0]}/{section}"):
+        (dst / sub).mkdir(parents=True, exist_ok=True)
+    write_counts(table, dst / "ST-cnts" / f"{section}.tsv.gz")
+    sel.to_csv(dst / "ST-spotfiles" / f"{section}_selection.tsv", sep="\t", index=False)
+    for img in (src / "ST-imgs" / section[0] / section).glob("*.jpg"):
+        os.symlink(img, dst / "ST-imgs" / section[0] / section / img.name)
+    return dst
+
+
+def write_st_folder(src: Path, dst: Path, section: str, *, genes_as_rows: bool = False, gzip_counts: bool = False,
+                    spot_header: bool = True, unselect: int = 0) -> Path:
+    """One real her2st section as an ST Pipeline run folder: ``{s}_stdata.tsv``, ``spots_{s}.txt``, ``HE.jpg``.
+
+    ST Pipeline writes plain TSV counts with ``XxY`` spot ids (spots as rows; older versions
+    genes as rows); the ST spot detector writes ``x y new_x new_y pixel_x pixel_y selected``
+    (``selected`` 0 for spots off the tissue; the first ``unselect`` spots are marked so).
+    """
+    table = pd.read_csv(src / "ST-cnts" / f"{section}.tsv.gz", sep="\t", index_col=0)
+    sel = pd.read_csv(src / "ST-spotfiles" / f"{section}_selection.tsv", sep="\t")
+    if unselect:
+        sel.loc[sel.index[:unselect], "selected"] = 0
+    dst.mkdir(parents=True, exist_ok=True)
+    out = table.T if genes_as_rows else table
+    counts = dst / f"{section}_stdata.tsv{'.gz' if gzip_counts else ''}"
+    out.to_csv(counts, sep="\t", compression="gzip" if gzip_counts else None)
+    sel.to_csv(dst / f"spots_{section}.txt", sep="\t", index=False, header=spot_header)
+    (img,) = (src / "ST-imgs" / section[0] / section).glob("*.jpg")
+    os.symlink(img, dst / "HE.jpg")
+    return dst

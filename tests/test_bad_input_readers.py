@@ -261,3 +261,49 @@ def test_anndata_normalised_x_without_counts(small, tmp_path):
     a.write_h5ad(path)
     with raises_naming(path, "no obsm\\['spatial'\\]"):
         read_anndata(path)
+
+
+# --------------------------------------------------------------------------- legacy ST scale and layouts
+
+
+@pytest.mark.reliability(kind="bad input", case="legacy ST spot file whose pixel_x/pixel_y belong to a 20x smaller "
+                         "thumbnail, read with the full-resolution image",
+                         outcome="DataError naming the spot file and the implausible um/px (outside 0.1-5)")
+def test_implausible_pixel_size_is_refused(small):
+    spots = load_spots(small)
+    spots[["pixel_x", "pixel_y"]] /= 20.0  # ~14 um/px: no H&E scan is that coarse
+    spots.to_csv(spots_path(small), sep="\t", index=False)
+    with raises_naming(spots_path(small), r"gives 1\d\.\d+ um per pixel, implausible for an H&E scan"):
+        read_her2st(small, SECTION)
+    # Without an image (expression only) the scale matters less: a warning, not a refusal.
+    for jpg in (small / "ST-imgs" / "C" / SECTION).glob("*.jpg"):
+        jpg.unlink()
+    assert read_her2st(small, SECTION, require_image=False).n_obs == 30
+
+
+@pytest.mark.reliability(kind="bad input", case="legacy ST folder holding two counts tables",
+                         outcome="DataError naming the folder and both tables; asks for counts_path")
+def test_ambiguous_st_folder(small, tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    table = load_counts(small)
+    table.to_csv(folder / "a_stdata.tsv", sep="\t")
+    table.to_csv(folder / "b_stdata.tsv", sep="\t")
+    load_spots(small).to_csv(folder / "spots.tsv", sep="\t", index=False)
+    (folder / "HE.jpg").symlink_to(next((small / "ST-imgs" / "C" / SECTION).glob("*.jpg")).resolve())
+    with raises_naming(folder, r"2 counts tables with XxY spot ids \['a_stdata.tsv', 'b_stdata.tsv'\]"):
+        read_her2st(folder)
+    got = read_her2st(folder, counts_path=folder / "b_stdata.tsv")
+    assert got.n_obs == 30
+    (folder / "spots.tsv").unlink()
+    with raises_naming(folder, "no spot tables"):
+        read_her2st(folder, counts_path=folder / "b_stdata.tsv")
+
+
+def test_counts_table_without_spot_ids(small, tmp_path):
+    table = load_counts(small)
+    table.index = [f"spot{i}" for i in range(len(table))]
+    path = tmp_path / "odd.tsv"
+    table.to_csv(path, sep="\t")
+    with raises_naming(path, "neither the row nor the column labels are spot ids"):
+        read_her2st(path, spots_path=spots_path(small), require_image=False)

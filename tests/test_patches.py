@@ -112,3 +112,20 @@ def test_border_drop_marks_spot(near_border):
 def test_bad_border_argument(c2):
     with pytest.raises(ValueError, match="border"):
         extract_patches(c2[:1].copy(), border="mirror", progress=False)
+
+
+def test_upsampling_more_than_2x_warns(c2, caplog):
+    """A patch cut from too few image pixels (a coarse scale) is enlarged: the user is told."""
+    import logging
+
+    sub = c2[:2].copy()
+    with caplog.at_level(logging.WARNING, logger="agl.data.patches"):
+        _, _, report = extract_patches(sub, patch_um=112.0, patch_px=224, progress=False)
+    assert report["slides"]["C2"]["upsample"] < 2 and not caplog.records
+    coarse = c2[:2].copy()
+    coarse.uns["slides"]["C2"]["microns_per_pixel"] *= 8  # as if the 2k array were read as 1k, and more
+    with caplog.at_level(logging.WARNING, logger="agl.data.patches"):
+        _, _, report = extract_patches(coarse, patch_um=112.0, patch_px=224, progress=False)
+    up = report["slides"]["C2"]["upsample"]
+    assert up == pytest.approx(224 * coarse.uns["slides"]["C2"]["microns_per_pixel"] / 112.0)
+    assert any("upsampled" in r.message and f"{up:.1f}x" in r.message for r in caplog.records)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ from agl.data import extract_patches, schema
 from agl.data.readers import (READERS, estimate_mpp_from_grid, read_anndata, read_her2st, read_hest,
                               read_slides, read_visium)
 from agl.errors import DataError
-from layouts import write_hest, write_visium
+from layouts import write_hest, write_st_2k, write_st_folder, write_visium
 
 
 @pytest.fixture(scope="module")
@@ -246,3 +247,92 @@ def ad_plain(c3, layer=False):
         plain.layers["counts"] = sp.csr_matrix(c3.X)
     plain.obsm["spatial"] = c3.obsm["spatial"].copy()
     return plain
+
+
+# --------------------------------------------------------------------------- legacy ST layouts and arrays
+
+
+@pytest.fixture(scope="module")
+def c2(her2st_dir):
+    return read_her2st(her2st_dir, "C2")
+
+
+def test_2k_array_gives_the_same_scale(c2, her2st_dir, tmp_path):
+    """The real C2 rewritten as a 2k-array layout (coordinates doubled, same pixels): same um/px."""
+    root = write_st_2k(her2st_dir, tmp_path / "st2k", "C2")
+    got = read_her2st(root, "C2")
+    meta, want = got.uns["slides"]["C2"], c2.uns["slides"]["C2"]
+    assert want["st_array"] == "1k" and meta["st_array"] == "2k"
+    assert meta["array_pitch_um"] == 100.0 and want["array_pitch_um"] == 200.0
+    assert meta["microns_per_pixel"] == pytest.approx(want["microns_per_pixel"], rel=1e-9)
+    assert 0.6 < meta["microns_per_pixel"] < 0.8  # the README's ~0.69 um/px, not twice it
+    np.testing.assert_array_equal(got.obsm["spatial"], c2.obsm["spatial"])
+    assert (got.X != c2.X).nnz == 0
+    assert got.obs["array_col"].max() > 40  # the 2k coordinates are kept
+    # Forcing the array: 2k coordinates do not fit the 1k array; the 1k section read as 2k halves the scale.
+    with pytest.raises(DataError, match=r"C2_selection.tsv: array coordinates reach .* beyond the 1k array"):
+        read_her2st(root, "C2", array="1k")
+    forced = read_her2st(her2st_dir, "C2", array="2k").uns["slides"]["C2"]["microns_per_pixel"]
+    assert forced == pytest.approx(want["microns_per_pixel"] / 2, rel=1e-9)
+
+
+@pytest.mark.parametrize("genes_as_rows, gzip_counts, spot_header", [(False, False, True), (True, True, False)])
+def test_st_pipeline_folder(c2, her2st_dir, tmp_path, caplog, genes_as_rows, gzip_counts, spot_header):
+    """An ST Pipeline folder (plain or gzip TSV, spots or genes as rows, spot detector table): same slide."""
+    folder = write_st_folder(her2st_dir, tmp_path / "run1", "C2", genes_as_rows=genes_as_rows,
+                             gzip_counts=gzip_counts, spot_header=spot_header)
+    got = read_her2st(folder)
+    assert got.obs["slide_id"].iloc[0] == "run1"
+    assert_same_spots(got, c2, slide_id="run1", mpp_rel=1e-12)
+    meta = got.uns["slides"]["run1"]
+    assert meta["image_path"] == str((folder / "HE.jpg").absolute())
+    assert meta["source_format"] == "legacy_st" and meta["st_array"] == "1k"
+    # The counts table itself, with the section name as slide id.
+    counts = next(folder.glob("C2_stdata.tsv*"))
+    assert read_her2st(counts).obs["slide_id"].iloc[0] == "C2_stdata"
+
+
+def test_st_unselected_spots_are_left_out(c2, her2st_dir, tmp_path, caplog):
+    folder = write_st_folder(her2st_dir, tmp_path / "run", "C2", unselect=3)
+    with caplog.at_level(logging.WARNING):
+        got = read_her2st(folder, strict=True)  # unselected spots are no mismatch, even when strict
+    assert got.n_obs == c2.n_obs - 3
+    assert got.uns["slides"]["run"]["unselected_spots"] == 3
+    assert got.uns["slides"]["run"]["dropped_spots"] == 0
+    assert not [r for r in caplog.records if "no match" in r.message]
+
+
+def test_st_explicit_paths_and_plain_release(c2, her2st_dir, tmp_path):
+    folder = write_st_folder(her2st_dir, tmp_path / "a", "C2")
+    image = c2.uns["slides"]["C2"]["image_path"]
+    (folder / "HE.jpg").unlink()
+    moved = tmp_path / "elsewhere" / "spots.tsv"
+    moved.parent.mkdir()
+    (folder / "spots_C2.txt").rename(moved)
+    got = read_her2st(folder / "C2_stdata.tsv", spots_path=moved, image_path=image, sections="C2")
+    assert_same_spots(got, c2)
+    assert got.uns["slides"]["C2"]["image_path"] == image
+    # A her2st-style release whose counts are plain .tsv.
+    root = tmp_path / "release"
+    for sub in ("ST-cnts", "ST-spotfiles"):
+        (root / sub).mkdir(parents=True)
+    _tsv_counts(her2st_dir, "C2").to_csv(root / "ST-cnts" / "C2.tsv", sep="\t")
+    (root / "ST-spotfiles" / "C2_selection.tsv").symlink_to(her2st_dir / "ST-spotfiles" / "C2_selection.tsv")
+    from agl.data.readers import _her2st_sections
+
+    assert _her2st_sections(root, require_image=False) == ["C2"]
+    assert_same_spots(read_her2st(root, "C2", image_path=image), c2)
+
+
+def test_cli_array_flag_reaches_the_reader(her2st_dir, tmp_path):
+    from agl.cli import build_parser
+    from agl.data.commands import _reader_kwargs
+    from agl.errors import ConfigError
+
+    args = build_parser().parse_args(["ingest", "her2st", str(her2st_dir), "--out", str(tmp_path / "s"),
+                                      "--array", "2k"])
+    assert _reader_kwargs("her2st", args)["array"] == "2k"
+    args = build_parser().parse_args(["ingest", "visium", str(tmp_path), "--out", str(tmp_path / "s"),
+                                      "--array", "1k"])
+    with pytest.raises(ConfigError, match="--array"):
+        _reader_kwargs("visium", args)

@@ -12,6 +12,7 @@ from agl.errors import ConfigError
 FORMATS = ("her2st", "hest", "visium", "anndata")
 # reader keyword that selects a subset of slides, tried in this order
 _SUBSET_KWARGS = ("sections", "sample_ids")
+ARRAY_CHOICES = ("auto", "1k", "2k")  # agl.data.readers.ST_ARRAY_CHOICES (the parser stays light)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="store folder to create")
     p.add_argument("--sections", nargs="+", help="slides/sections/samples to read (default: all with an image)")
     p.add_argument("--image", type=Path, help="full-resolution image (visium/anndata inputs)")
+    p.add_argument("--array", choices=ARRAY_CHOICES, default=None,
+                   help="legacy ST array (her2st format): 1k = 200 um spot pitch, 2k = 100 um "
+                        "(default: auto, from the array coordinates)")
     p.add_argument("--patch-um", type=float, default=112.0, help="tissue width of a patch in micrometres")
     p.add_argument("--patch-px", type=int, default=224, help="patch size in pixels")
     p.add_argument("--border", choices=("pad", "drop"), default="pad", help="spots near the image edge")
@@ -73,6 +77,10 @@ def _reader_kwargs(fmt: str, args: argparse.Namespace) -> dict[str, Any]:
         if "image_path" not in params:
             raise ConfigError("--image", f"the {fmt} reader takes no image path")
         kw["image_path"] = args.image
+    if getattr(args, "array", None) is not None:
+        if "array" not in params:
+            raise ConfigError("--array", f"only for legacy ST input (format her2st), not {fmt}")
+        kw["array"] = args.array
     return kw
 
 

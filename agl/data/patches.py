@@ -26,6 +26,7 @@ Image.MAX_IMAGE_PIXELS = None  # whole-slide H&E images exceed Pillow's decompre
 BORDERS = ("pad", "drop")
 PAD_VALUE = 255  # white, like glass without tissue
 RESAMPLE = Image.Resampling.BICUBIC  # Pillow scales the filter support when shrinking: antialiased
+MAX_UPSAMPLE = 2.0  # warn when a patch is enlarged more than this
 _SUPPORT = 2.0  # bicubic filter half-width in output pixels; crops carry this margin
 
 
@@ -127,7 +128,7 @@ def extract_patches(adata: Any, patch_um: float = 112.0, patch_px: int = 224, bo
         meta = adata.uns[schema.UNS_SLIDES][sid]
         mpp = float(meta["microns_per_pixel"])
         info = {"n_spots": int(len(rows)), "n_padded": 0, "n_dropped": 0, "n_from_h5": 0,
-                "crop_px": patch_um / mpp}
+                "crop_px": patch_um / mpp, "upsample": patch_px * mpp / patch_um}
         todo = rows
         h5 = meta.get("patches_h5")
         if h5 and math.isclose(_h5_patch_um(Path(h5), float(meta.get("patches_um_per_px", 0.5))),
@@ -137,6 +138,11 @@ def extract_patches(adata: Any, patch_um: float = 112.0, patch_px: int = 224, bo
             info["n_from_h5"] = int(found.sum())
             todo = rows[~found]
         if len(todo):
+            if info["upsample"] > MAX_UPSAMPLE:
+                log.warning("slide %s: a %g um patch spans %.1f image pixels at %.4g um/px and is upsampled "
+                            "%.1fx to %d px: the image holds less detail than the model sees (check the pixel "
+                            "size, or pass a full-resolution image)", sid, patch_um, info["crop_px"], mpp,
+                            info["upsample"], patch_px)
             _from_image(meta, sid, todo, centres, patch_um / mpp, patch_px, border, patches, keep, info,
                         progress, h5)
         report["slides"][sid] = info

@@ -174,6 +174,8 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="her2st", help="reader: her2st | hest | visium | anndata")
     p.add_argument("--sections", default=None,
                    help="comma-separated sections (her2st) or sample ids (hest) to read")
+    p.add_argument("--array", choices=("auto", "1k", "2k"), default=None,
+                   help="legacy ST array (her2st format): 1k = 200 um spot pitch, 2k = 100 um (default: auto)")
     p.add_argument("--reader-arg", action="append", metavar="KEY=VALUE", help="extra reader argument (repeatable)")
     p.add_argument("--out", required=True, help="output folder (predictions.h5ad + maps/)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -196,6 +198,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.format not in _SECTION_ARG:
             raise ConfigError("--sections", f"only for formats {sorted(_SECTION_ARG)}; use --reader-arg")
         reader_args[_SECTION_ARG[args.format]] = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if args.array is not None:
+        if args.format != "her2st":
+            raise ConfigError("--array", f"only for legacy ST input (format her2st), not {args.format}")
+        reader_args["array"] = args.array
     summary = predict_slides(PredictOptions(
         out=args.out, input=args.input, format=args.format, reader_args=reader_args, checkpoint=args.checkpoint,
         tracking_uri=args.tracking_uri, model_name=args.model_name, alias=args.alias, patch_um=args.patch_um,
