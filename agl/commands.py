@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from agl.data.locate import add_store_arg, open_store_arg
-from agl.errors import ConfigError
+from agl.data.locate import add_store_arg, open_store_arg, store_path
+from agl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +100,17 @@ def write_run_outputs(out: Path, result: Any, data: Any, split: str, label: str)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from agl.fileio import check_output_folder, swap_folder, write_output_marker
     from agl.training.bundles import make_bundle
     from agl.evaluation.protocol import parse_method
     from agl.training.loop import TrainConfig, fit
 
     out = Path(args.out)
+    store_dir = store_path(args.store)
+    # never over the store or a folder of someone else's files; an earlier run is checked just below
+    check_output_folder(out, "train", inputs=[store_dir], overwrite=args.overwrite, reuse=True)
     if (out / "result.json").exists() and not args.overwrite and not args.resume:
-        raise ConfigError(out / "result.json", "exists; pass --overwrite to replace this run (or use another --out)")
+        raise DataError(out / "result.json", "exists; pass --overwrite to replace this run (or use another --out)")
     label, overrides = parse_method(args.method, flag="--method")
     # base settings are checked (naming --set / --config) before the method's options (naming --method)
     cfg = TrainConfig.from_dict({**base_settings(args), **overrides}, source=f"--method {label}")
@@ -113,13 +119,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume = out / "checkpoint"
         if not resume.is_dir():
             raise ConfigError(resume, "--resume needs a checkpoint folder from an earlier run in --out")
-    store = open_store_arg(args.store)
+    store = open_store_arg(store_dir)
     data = make_bundle(store, args.split, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.overwrite and not args.resume:
-        (out / "result.json").unlink(missing_ok=True)  # a crash must not leave the old run's result beside new files
-    result = fit(cfg, data, resume_from=resume, out_dir=out)
-    record = write_run_outputs(out, result, data, args.split, label)
+    # a new run goes straight into --out (so --resume can continue it after a crash); a replacement
+    # is built beside it and swapped in at the end, so the earlier run stays whole until then
+    replace = args.overwrite and not args.resume and out.is_dir() and any(out.iterdir())
+    work = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}" if replace else out
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        result = fit(cfg, data, resume_from=resume, out_dir=work)  # a crashed run is known by its checkpoint/
+        write_output_marker(work, "train", store=str(store_dir), split=args.split, method=args.method)
+        record = write_run_outputs(work, result, data, args.split, label)
+        if replace:
+            check_output_folder(out, "train", overwrite=True)
+            swap_folder(work, out)
+    except BaseException:
+        if replace:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     print(f"{label} on {args.split} (seed {cfg.seed}): test PCC {record['pcc']:.4f}  SCC {record['scc']:.4f}  "
           f"MSE {record['mse']:.4f}  k {record['k']}/{record['n_aux']}  epochs {record['epochs']}  "
           f"{record['wall_time_s']:.0f} s -> {out}")
@@ -128,12 +145,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- agl evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from agl.fileio import check_output_folder
     from agl.evaluation.protocol import evaluate, results_markdown, split_methods
 
     seeds = int_list(args.seeds, "--seeds")
     folds = int_list(args.folds, "--folds") if args.folds else None
     methods = split_methods(args.methods)
-    store = open_store_arg(args.store)
+    store_dir = store_path(args.store)
+    # the grid resumes in --out: an earlier evaluate output is reused, anything else is refused
+    check_output_folder(args.out, "evaluate", inputs=[store_dir], reuse=True)
+    store = open_store_arg(store_dir)
     summary = evaluate(store, args.protocol, seeds, methods, args.out, base=base_settings(args),
                        jobs=args.jobs, folds=folds)
     print(results_markdown(summary["table"], summary["wilcoxon"]))
@@ -156,7 +177,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", required=True, help="split name, e.g. kfold-s0-f0 (see `agl info`)")
     p.add_argument("--out", required=True, help="output folder")
     _add_config_args(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing finished run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier `agl train` run in --out (never the store, "
+                   "nor a folder of other files)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
     p.set_defaults(func=cmd_train)
 

@@ -12,9 +12,10 @@ import json
 import math
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -108,3 +109,92 @@ def swap_folder(tmp: str | Path, out: str | Path) -> Path:
         raise
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+# --------------------------------------------------------------------------- output folders
+OUTPUT_MARKER = ".agl-output.json"
+# Files that identify an output written before the marker existed (or, for a store, instead of it).
+SIGNATURES: dict[str, tuple[str, ...]] = {
+    "ingest": ("manifest.json",),
+    "tune": ("sweep.json",),
+    "evaluate": ("grid.json",),
+    "predict": ("predictions.h5ad",),
+    "train": ("result.json", "checkpoint"),  # last: the other commands' folders may hold runs
+}
+
+
+def _forms(path: str | Path) -> set[Path]:
+    """``path`` as typed (made absolute) and with symlinks resolved: either may be how two paths meet."""
+    p = Path(path).expanduser()
+    return {Path(os.path.abspath(p)), p.resolve()}
+
+
+def _within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def output_owner(folder: str | Path) -> str | None:
+    """The agl command that wrote ``folder`` (its marker, else a known signature file), or None."""
+    folder = Path(folder)
+    marker = folder / OUTPUT_MARKER
+    if marker.is_file():
+        try:
+            return str(json.loads(marker.read_text())["command"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # a damaged marker proves nothing: treat the folder as foreign
+    for command, names in SIGNATURES.items():
+        if any((folder / name).exists() for name in names):
+            return command
+    return None
+
+
+def check_output_folder(out: str | Path, command: str, *, inputs: Sequence[str | Path | None] = (),
+                        overwrite: bool = False, reuse: bool = False, what: str | None = None) -> str:
+    """Refuse (``DataError`` naming ``out``) to write ``agl COMMAND``'s output where it could destroy data.
+
+    Refused: ``out`` is one of ``inputs`` or a folder above one; ``out`` is a file; ``out`` holds
+    files that ``agl COMMAND`` did not write (no marker, or another command's); an earlier output
+    of the same command without ``overwrite`` (or ``reuse``, for commands that resume in place).
+    ``out`` inside an input folder is allowed (a fresh folder, or an earlier output of this command).
+    Returns ``"fresh"`` (absent or empty) or ``"own"`` (an earlier output of this command).
+    """
+    from agl.errors import DataError
+
+    out = Path(out)
+    what = what or f"an `agl {command}` output"
+    for given in (i for i in inputs if i is not None and str(i) != ""):
+        for o in _forms(out):
+            for i in _forms(given):
+                if o == i:
+                    raise DataError(out, f"is the input {given}; refusing to write agl {command}'s output "
+                                         "over it (choose another --out)")
+                if _within(i, o):
+                    raise DataError(out, f"holds the input {given}; refusing to write agl {command}'s output "
+                                         "there (choose another --out)")
+    if not out.exists() and not out.is_symlink():
+        return "fresh"
+    if not out.is_dir():
+        raise DataError(out, f"exists and is not a folder; refusing to replace it with {what}")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return "fresh"
+    owner = output_owner(out)
+    if owner is None:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise DataError(out, f"already exists and is not {what} (it holds {shown}); refusing to replace it "
+                             "(choose another --out)")
+    if owner != command:
+        raise DataError(out, f"holds the output of `agl {owner}`, not {what}; refusing to replace it "
+                             "(choose another --out)")
+    if not (overwrite or reuse):
+        raise DataError(out, f"already exists ({what}); pass --overwrite to replace it")
+    return "own"
+
+
+def write_output_marker(folder: str | Path, command: str, **details: Any) -> Path:
+    """Mark ``folder`` as ``agl COMMAND``'s output, so a later ``--overwrite`` may replace it."""
+    from agl import __version__
+
+    record = {"command": command, "version": __version__,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **details}
+    return atomic_write_json(Path(folder) / OUTPUT_MARKER, record)

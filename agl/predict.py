@@ -11,8 +11,10 @@ The .h5ad holds the predicted expression of every gene the model outputs in ``X`
 ``layers["measured"]`` when the slide has counts for them (NaN for missing genes),
 the input slide's ``obs``/``obsm``/``uns["slides"]`` unchanged, and per-gene agreement
 in ``var`` (``pcc_measured``). The output folder is built beside the target and
-renamed into place, so a crash leaves no half output; an existing output is replaced
-only with ``overwrite=True``.
+renamed into place, so a crash leaves no half output; an existing folder is replaced
+only with ``overwrite=True`` and only when it is an earlier ``agl predict`` output (its
+``.agl-output.json`` marker), never the input or a folder holding it
+(:func:`agl.fileio.check_output_folder`).
 """
 from __future__ import annotations
 
@@ -30,10 +32,11 @@ import numpy as np
 import pandas as pd
 
 from agl.errors import CheckpointError, ConfigError, DataError
-from agl.fileio import swap_folder
+from agl.fileio import check_output_folder, swap_folder, write_output_marker
 
 log = logging.getLogger(__name__)
 
+COMMAND = "predict"
 H5AD = "predictions.h5ad"
 MAPS = "maps"
 DEFAULT_PATCH_UM = 112.0
@@ -58,6 +61,13 @@ class PredictOptions:
     batch_size: int = 64
     device: str = "auto"
     overwrite: bool = False
+
+
+def input_paths(opts: PredictOptions) -> list[str]:
+    """Every path ``predict`` reads: the output must never replace or contain one of them."""
+    paths = [opts.input, opts.checkpoint]
+    paths += [str(v) for k, v in opts.reader_args.items() if k.endswith("_path") and v is not None]
+    return [p for p in paths if p]
 
 
 def resolve_checkpoint(opts: PredictOptions, download_to: Path) -> Path:
@@ -208,8 +218,7 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
     from agl.data.readers import read_slides
 
     out = Path(opts.out)
-    if out.exists() and not opts.overwrite:
-        raise DataError(out, "already exists; pass --overwrite to replace it")
+    check_output_folder(out, COMMAND, inputs=input_paths(opts), overwrite=opts.overwrite)  # before any work
     if opts.top_genes < 0:
         raise ConfigError("--top-genes", f"must be >= 0, got {opts.top_genes}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -250,6 +259,7 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
         top = primary[: opts.top_genes]
         maps = plot_maps(result, top, tmp / MAPS) if top else []
         shutil.rmtree(tmp / ".download", ignore_errors=True)
+        write_output_marker(tmp, COMMAND, input=str(opts.input), format=opts.format)
         _publish(tmp, out, opts.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -267,6 +277,5 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished temp folder into place (the old output goes only once the new one is complete)."""
-    if out.exists() and not overwrite:
-        raise DataError(out, "already exists; pass --overwrite to replace it")
+    check_output_folder(out, COMMAND, overwrite=overwrite)  # again: the folder may have changed meanwhile
     swap_folder(tmp, out)

@@ -67,3 +67,47 @@ def test_swap_folder_replaces_and_restores(tmp_path: Path, monkeypatch) -> None:
     swap_folder(new, out)
     assert (out / "v").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_check_output_folder_cases(tmp_path: Path) -> None:
+    from agl.errors import DataError
+    from agl.fileio import OUTPUT_MARKER, check_output_folder, output_owner, write_output_marker
+
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "counts.tsv").write_text("x")
+    # the input itself, a folder above it (also through a symlink): refused whatever the flags
+    link = tmp_path / "link"
+    link.symlink_to(data)
+    for out, why in ((data, "is the input"), (tmp_path, "holds the input"), (link, "is the input")):
+        with pytest.raises(DataError, match=why) as err:
+            check_output_folder(out, "predict", inputs=[data], overwrite=True)
+        assert str(out) in str(err.value)
+    # a fresh folder inside the input is fine; an existing one of foreign files is not
+    assert check_output_folder(data / "pred", "predict", inputs=[data]) == "fresh"
+    with pytest.raises(DataError, match=r"not an `agl predict` output \(it holds counts.tsv, sub\)"):
+        check_output_folder(data, "predict", overwrite=True)
+    (tmp_path / "empty").mkdir()
+    assert check_output_folder(tmp_path / "empty", "predict") == "fresh"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="not a folder"):
+        check_output_folder(tmp_path / "file", "predict", overwrite=True)
+    # an earlier output of the same command: replaced only with overwrite; another command's never
+    own = tmp_path / "own"
+    own.mkdir()
+    write_output_marker(own, "predict", input="x")
+    assert output_owner(own) == "predict" and json.loads((own / OUTPUT_MARKER).read_text())["version"]
+    with pytest.raises(DataError, match="pass --overwrite"):
+        check_output_folder(own, "predict")
+    assert check_output_folder(own, "predict", overwrite=True) == "own"
+    assert check_output_folder(own, "predict", reuse=True) == "own"
+    with pytest.raises(DataError, match="holds the output of `agl predict`, not an `agl train` output"):
+        check_output_folder(own, "train", overwrite=True)
+    (own / OUTPUT_MARKER).write_text("{not json")  # a damaged marker proves nothing
+    with pytest.raises(DataError, match="not an `agl predict` output"):
+        check_output_folder(own, "predict", overwrite=True)
+    # outputs from before the marker are recognised by their signature file
+    old = tmp_path / "old-store"
+    old.mkdir()
+    (old / "manifest.json").write_text("{}")
+    assert output_owner(old) == "ingest"

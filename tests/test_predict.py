@@ -63,17 +63,27 @@ def test_predict_from_checkpoint(trained: Path, her2st_dir: Path, tmp_path: Path
 
 
 def test_no_silent_overwrite_and_atomic(trained: Path, her2st_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "pred"
-    out.mkdir()
-    (out / "mine.txt").write_text("user data")
-    with pytest.raises(DataError, match="--overwrite"):
-        predict_slides(options(her2st_dir, out, checkpoint=str(trained)))
-    assert (out / "mine.txt").read_text() == "user data"
+    from agl.fileio import OUTPUT_MARKER, output_owner
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("user data")
+    for overwrite in (False, True):  # a folder of the user's files is never replaced, --overwrite or not
+        with pytest.raises(DataError, match="is not an `agl predict` output"):
+            predict_slides(options(her2st_dir, mine, checkpoint=str(trained), overwrite=overwrite))
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "user data"
     with pytest.raises(CheckpointError):
         predict_slides(options(her2st_dir, tmp_path / "other", checkpoint=str(tmp_path / "missing")))
     assert not (tmp_path / "other").exists() and not list(tmp_path.glob(".other.tmp-*"))
-    predict_slides(options(her2st_dir, out, checkpoint=str(trained), overwrite=True))
-    assert (out / "predictions.h5ad").is_file() and not (out / "mine.txt").exists()
+    out = tmp_path / "pred"
+    predict_slides(options(her2st_dir, out, checkpoint=str(trained)))
+    assert output_owner(out) == "predict" and (out / OUTPUT_MARKER).is_file()
+    first = (out / "predictions.h5ad").stat().st_mtime_ns
+    with pytest.raises(DataError, match="pass --overwrite"):
+        predict_slides(options(her2st_dir, out, checkpoint=str(trained)))
+    predict_slides(options(her2st_dir, out, checkpoint=str(trained), overwrite=True))  # its own output: replaced
+    assert (out / "predictions.h5ad").stat().st_mtime_ns != first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_predict_pulls_the_champion(trained: Path, her2st_dir: Path, tmp_path: Path) -> None:

@@ -39,12 +39,17 @@ def test_train_writes_outputs_and_refuses_overwrite(demo_store, tmp_path, cheap,
         assert (out / png).stat().st_size > 1000
     assert "test PCC" in capsys.readouterr().out
 
+    from agl.fileio import output_owner
+
+    assert output_owner(out) == "train"
     before = (out / "result.json").read_text()
-    assert main(args) == 2
+    assert main(args) == 1  # an existing output is a runtime failure
     assert "result.json: exists; pass --overwrite" in capsys.readouterr().err
     assert (out / "result.json").read_text() == before
-    assert main([*args, "--overwrite", "--set", "seed=1"]) == 0
+    assert main([*args, "--overwrite", "--set", "seed=1"]) == 0  # its own earlier run: replaced whole
     assert json.loads((out / "result.json").read_text())["seed"] == 1
+    assert output_owner(out) == "train" and (out / "checkpoint" / "best.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary run was swapped in
 
 
 def test_train_rejects_bad_settings(demo_store, tmp_path, cheap, capsys):

@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--prior-sections", nargs="+",
                    help="her2st sections read without images, for the co-expression prior")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier store at --out (never the input, "
+                   "nor a folder of other files)")
     p.add_argument("--stream", action="store_true",
                    help="ingest slide by slide (memory of one slide, not of the cohort); implied by --address")
     p.add_argument("--address", metavar="local|auto|ray://HOST:PORT",
@@ -88,8 +89,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from agl.data.ingest import build_store
     from agl.data.readers import read_slides
     from agl.data.store import check_target
+    from agl.fileio import check_output_folder
 
-    check_target(args.out, args.overwrite)  # before reading anything
+    # before reading anything: never over the input, nor a folder that is not an earlier store
+    check_output_folder(args.out, "ingest", inputs=[args.path, args.image], overwrite=args.overwrite,
+                        what="an agl store")
+    check_target(args.out, args.overwrite)
     if args.stream or args.address:
         return _cmd_ingest_streaming(args)
     adata = read_slides(args.format, args.path, **_reader_kwargs(args.format, args))

@@ -178,7 +178,8 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
                    help="legacy ST array (her2st format): 1k = 200 um spot pitch, 2k = 100 um (default: auto)")
     p.add_argument("--reader-arg", action="append", metavar="KEY=VALUE", help="extra reader argument (repeatable)")
     p.add_argument("--out", required=True, help="output folder (predictions.h5ad + maps/)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier `agl predict` output in --out (never the input, "
+                        "nor a folder of other files)")
     p.add_argument("--patch-um", type=float, default=None, help="patch size in um (default: as in training)")
     p.add_argument("--patch-px", type=int, default=None, help="patch size in px (default: as in training)")
     p.add_argument("--top-genes", type=int, default=6, help="primary genes to map (PNG)")

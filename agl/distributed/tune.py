@@ -35,7 +35,7 @@ from agl.distributed.spaces import SearchSpace, load_space
 from agl.distributed.sync import (PENDING_FILE, final_checkpoint, finish_tracking, mark_pending, report_step,
                                  sync_command)
 from agl.errors import ConfigError
-from agl.fileio import atomic_savefig, atomic_write_json, atomic_write_text
+from agl.fileio import atomic_savefig, atomic_write_json, atomic_write_text, check_output_folder, write_output_marker
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +369,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     import ray
     from ray import tune
 
-    from agl.data.locate import resolve_store
+    from agl.data.locate import resolve_store, store_path
     from agl.distributed.runtime import init_ray
 
     if opts.trainer not in TRAINERS:
@@ -383,11 +383,14 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
             raise ConfigError("--num-samples", f"must be >= 1, got {opts.num_samples}")
         space = SearchSpace(**{**space.__dict__, "num_samples": opts.num_samples})
     out = Path(opts.out).resolve()
+    # a sweep resumes in --out: an earlier sweep is left to the --resume check below, anything else refused
+    check_output_folder(out, "tune", inputs=[store_path(opts.store), space.source], reuse=True)
     # an unreachable tracking server is refused before anything is written
     tracking_uri = tracking.check_tracking_uri(opts.tracking_uri or tracking.default_tracking_uri(out))
     tracking.check_reachable(tracking_uri)
     tracking.quick_failure_env()
     out.mkdir(parents=True, exist_ok=True)
+    write_output_marker(out, "tune", name=opts.name)
     storage_path = opts.storage_path or str(out / "ray")
     exp_path = _join(storage_path, opts.name)
     state_file = out / SWEEP_JSON

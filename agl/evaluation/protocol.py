@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from agl.errors import ConfigError
-from agl.fileio import atomic_write_json, atomic_write_text, jsonable
+from agl.fileio import atomic_write_json, atomic_write_text, check_output_folder, jsonable, write_output_marker
 
 log = logging.getLogger(__name__)
 
@@ -344,9 +344,11 @@ def evaluate(store: Any, protocol: str, seeds: Sequence[int], methods: Sequence[
     store = open_store(store) if isinstance(store, (str, Path)) else store
     out = Path(out)
     specs = build_grid(store.split_names, protocol, seeds, methods, base or {}, folds)
+    check_output_folder(out, "evaluate", inputs=[store.path], reuse=True)
     out.mkdir(parents=True, exist_ok=True)
     for spec in specs:  # refuse a folder holding another configuration's runs before any work
         _finished(spec, out)
+    write_output_marker(out, "evaluate", store=str(store.path), protocol=protocol)
     prepare_inputs(store, specs)
     records = run_grid(str(store.path), specs, out, jobs)
     atomic_write_json(out / "grid.json", {"store": str(store.path), "protocol": protocol, "seeds": list(seeds),
