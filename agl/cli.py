@@ -16,7 +16,7 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from agl.errors import AGLError, ConfigError
 
@@ -50,6 +50,38 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.required or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
             return action.help
         return super()._get_help_string(action)
+
+
+class ListArg(argparse.Action):
+    """A list option written either way: ``--sections A1 B2 C3`` or ``--sections A1,B2,C3`` (or mixed).
+
+    Every value is split at commas, stripped and converted with ``item``; repeating the flag adds to the list.
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, item: Callable[[str], Any] = str, **kw: Any):
+        self.item = item
+        super().__init__(option_strings, dest, nargs="+", **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        parts = [v.strip() for value in values for v in str(value).split(",") if v.strip()]
+        if not parts:
+            raise argparse.ArgumentError(self, "needs at least one value")
+        try:
+            items = [self.item(v) for v in parts]
+        except ValueError:
+            raise argparse.ArgumentError(self, f"{' '.join(values)!r}: every value must be "
+                                               f"{getattr(self.item, '__name__', 'valid')}") from None
+        previous = getattr(namespace, self.dest, None)
+        # a default list is replaced by what is typed; a repeated flag extends it
+        keep = previous if isinstance(previous, list) and previous is not self.default else []
+        setattr(namespace, self.dest, [*keep, *items])
+
+
+def add_list_arg(parser: Any, *flags: str, item: Callable[[str], Any] = str, **kw: Any) -> argparse.Action:
+    """Add a list option (:class:`ListArg`): the one syntax for lists of sections, seeds, folds, methods."""
+    metavar = kw.pop("metavar", flags[-1].lstrip("-").split("-")[-1].rstrip("s").upper())
+    return parser.add_argument(*flags, action=ListArg, item=item, metavar=metavar, **kw)
 
 
 def _decorate(parser: argparse.ArgumentParser, name: str) -> None:

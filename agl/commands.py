@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
+from agl.cli import add_list_arg
 from agl.data.locate import add_store_arg, open_store_arg, store_path
 from agl.errors import ConfigError, DataError
 
@@ -148,9 +149,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from agl.fileio import check_output_folder
     from agl.evaluation.protocol import evaluate, results_markdown, split_methods
 
-    seeds = int_list(args.seeds, "--seeds")
-    folds = int_list(args.folds, "--folds") if args.folds else None
-    methods = split_methods(args.methods)
+    seeds, folds = list(args.seeds), args.folds
+    methods = split_methods(",".join(args.methods))
     store_dir = store_path(args.store)
     # the grid resumes in --out: an earlier evaluate output is reused, anything else is refused
     check_output_folder(args.out, "evaluate", inputs=[store_dir], reuse=True)
@@ -186,10 +186,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Run a resumable evaluation grid; finished runs in --out are skipped.")
     add_store_arg(p, required=True)
     p.add_argument("--protocol", required=True, choices=["kfold", "spatial", "loso"])
-    p.add_argument("--seeds", default="0", help="comma-separated seeds (split seed and training seed)")
-    p.add_argument("--folds", default=None, help="only these folds of kfold/spatial (default: all)")
-    p.add_argument("--methods", required=True,
-                   help="comma-separated method specs; options after ':' e.g. pgl,agl_all,topk:k=100,dkgsb:hard=true")
+    add_list_arg(p, "--seeds", item=int, default=[0], help="seeds (split seed and training seed), as 0 1 2 or 0,1,2")
+    add_list_arg(p, "--folds", item=int, default=None, help="only these folds of kfold/spatial (default: all)")
+    add_list_arg(p, "--methods", required=True, metavar="METHOD",
+                 help="method specs, options after ':', e.g. pgl agl_all topk:k=100 dkgsb:hard=true (or comma-separated)")
     p.add_argument("--out", required=True, help="output folder (reused to resume)")
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (one core each)")
     _add_config_args(p)

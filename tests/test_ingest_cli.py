@@ -266,3 +266,81 @@ def test_bad_input_in_each_format_exits_2_and_writes_nothing(fmt, c2, tmp_path, 
     assert "Traceback" not in err
     assert not out.exists()
     _no_temp_left(tmp_path)
+
+
+# --------------------------------------------------------------------------- generic AnnData from the CLI
+def _plain_h5ad(c2, path: Path, genes=None):
+    """Real C2 counts + obsm['spatial'] in a plain .h5ad with no pixel size and no image path."""
+    import anndata as ad
+
+    plain = ad.AnnData(X=c2.X.copy(), obs=pd.DataFrame(index=c2.obs["barcode"].astype(str).to_numpy()),
+                       var=pd.DataFrame(index=list(genes) if genes is not None else c2.var_names.copy()))
+    plain.obsm["spatial"] = c2.obs[["pixel_x", "pixel_y"]].to_numpy()
+    plain.write_h5ad(path)
+    return path
+
+
+@pytest.mark.reliability(kind="bad input", case="slide data: a plain .h5ad (counts + obsm['spatial']) with no pixel size",
+                         outcome="exit 1 naming the file and --microns-per-pixel; with the flag it ingests")
+def test_plain_h5ad_needs_and_takes_microns_per_pixel(c2, c2_store, tmp_path, capsys):
+    meta = c2.uns["slides"]["C2"]
+    src = _plain_h5ad(c2, tmp_path / "C2.h5ad")
+    out = tmp_path / "store"
+    base = ["ingest", "anndata", str(src), "--image", meta["image_path"], "--out", str(out), *ONE]
+    assert main(base) == 1
+    err = capsys.readouterr().err
+    assert str(src) in err and "microns_per_pixel" in err and not out.exists()
+    assert main([*base, "--microns-per-pixel", str(meta["microns_per_pixel"]),
+                 "--spot-diameter-um", "100"]) == 0
+    store = open_store(out)
+    assert store.manifest["slides"] == {"C2": 185} and store.gene_names == c2_store.gene_names
+    ref = c2_store.spots.set_index("barcode")["row"]
+    np.testing.assert_array_equal(store.expression, c2_store.expression[ref.loc[store.spots["barcode"]].to_numpy()])
+    # a flag the reader has no use for is a usage error naming the flag
+    assert main(["ingest", "hest", str(tmp_path), "--microns-per-pixel", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "--microns-per-pixel: only for formats" in capsys.readouterr().err
+
+
+@pytest.mark.reliability(kind="bad input", case="slide data: a .h5ad whose var repeats gene symbols (as 10x human references)",
+                         outcome="default: exit 1 naming the file and the symbols; --duplicate-genes sum/first ingest")
+def test_duplicate_gene_symbols_from_the_cli(c2, tmp_path, capsys):
+    meta = c2.uns["slides"]["C2"]
+    genes = list(c2.var_names)
+    totals = np.asarray(c2.X.sum(axis=0)).ravel()
+    ia = 2 + int(np.argmax(totals[2:]))  # a well-counted gene appears twice: column 1 (gene b) renamed to it
+    a, b = genes[ia], genes[1]
+    genes[1] = a
+    src = _plain_h5ad(c2, tmp_path / "dup.h5ad", genes)
+    base = ["ingest", "anndata", str(src), "--image", meta["image_path"],
+            "--microns-per-pixel", str(meta["microns_per_pixel"]), *ONE]
+    assert main([*base, "--out", str(tmp_path / "err")]) == 1
+    err = capsys.readouterr().err
+    assert str(src) in err and f"1 duplicate gene symbols ('{a}')" in err and "--duplicate-genes sum" in err
+    from agl.data.readers import read_anndata
+
+    x = c2.X.tocsc()
+    for policy, expected in (("sum", x[:, ia] + x[:, 1]), ("first", x[:, 1])):
+        adata = read_anndata(src, image_path=meta["image_path"], microns_per_pixel=meta["microns_per_pixel"],
+                             duplicate_genes=policy)
+        assert b not in adata.var_names and list(adata.var_names).count(a) == 1
+        np.testing.assert_array_equal(adata[:, a].X.toarray(), expected.toarray())
+        assert main([*base, "--duplicate-genes", policy, "--out", str(tmp_path / policy)]) == 0
+        assert a in open_store(tmp_path / policy).gene_names
+
+
+def test_one_list_syntax_for_every_command():
+    """Spaces or commas (or both) for lists of sections, seeds, folds, methods, priors."""
+    from agl.cli import build_parser
+
+    parser = build_parser()
+    a = parser.parse_args(["ingest", "her2st", "x", "--out", "o", "--sections", "A1,B2", "C3", "--seeds", "1,2"])
+    assert a.sections == ["A1", "B2", "C3"] and a.seeds == [1, 2] and a.priors == ["hvg", "mean"]
+    b = parser.parse_args(["ingest", "her2st", "x", "--out", "o", "--sections", "A1", "B2", "C3", "--seeds", "1", "2"])
+    assert (b.sections, b.seeds) == (a.sections, a.seeds)
+    p = parser.parse_args(["predict", "--input", "x", "--out", "o", "--sections", "A1", "B2"])
+    assert p.sections == parser.parse_args(["predict", "--input", "x", "--out", "o", "--sections", "A1,B2"]).sections
+    e = parser.parse_args(["evaluate", "--store", "demo", "--protocol", "kfold", "--out", "o",
+                           "--methods", "pgl,topk:k=3", "dkgsb", "--seeds", "0", "1", "--folds", "0,2"])
+    assert e.methods == ["pgl", "topk:k=3", "dkgsb"] and e.seeds == [0, 1] and e.folds == [0, 2]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["ingest", "her2st", "x", "--out", "o", "--seeds", "1,two"])

@@ -6,6 +6,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+from agl.cli import add_list_arg
 from agl.data.locate import add_store_arg, open_store_arg
 from agl.errors import ConfigError
 
@@ -13,6 +14,7 @@ FORMATS = ("her2st", "hest", "visium", "anndata")
 # reader keyword that selects a subset of slides, tried in this order
 _SUBSET_KWARGS = ("sections", "sample_ids")
 ARRAY_CHOICES = ("auto", "1k", "2k")  # agl.data.readers.ST_ARRAY_CHOICES (the parser stays light)
+DUPLICATE_CHOICES = ("error", "sum", "first")  # agl.data.readers.DUPLICATE_POLICIES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,11 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("format", choices=FORMATS, help="input format")
     p.add_argument("path", type=Path, help="dataset folder or file")
     p.add_argument("--out", type=Path, required=True, help="store folder to create")
-    p.add_argument("--sections", nargs="+", help="slides/sections/samples to read (default: all with an image)")
-    p.add_argument("--image", type=Path, help="full-resolution image (visium/anndata inputs)")
-    p.add_argument("--array", choices=ARRAY_CHOICES, default=None,
-                   help="legacy ST array (her2st format): 1k = 200 um spot pitch, 2k = 100 um "
-                        "(default: auto, from the array coordinates)")
+    add_reader_args(p)
     p.add_argument("--patch-um", type=float, default=112.0, help="tissue width of a patch in micrometres")
     p.add_argument("--patch-px", type=int, default=224, help="patch size in pixels")
     p.add_argument("--border", choices=("pad", "drop"), default="pad", help="spots near the image edge")
@@ -38,11 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--primary-min-detection", type=float, default=0.0, metavar="FRACTION",
                    help="primary genes only among genes non-zero in at least this fraction of the training spots "
                         "(e.g. 0.3; default 0: any gene)")
-    p.add_argument("--priors", nargs="+", default=["hvg", "mean"])
-    p.add_argument("--splits", nargs="+", default=["kfold", "spatial", "loso"], dest="split_kinds")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--prior-sections", nargs="+",
-                   help="her2st sections read without images, for the co-expression prior")
+    add_list_arg(p, "--priors", default=["hvg", "mean"], help="gene priors to rank the auxiliary genes by")
+    add_list_arg(p, "--splits", default=["kfold", "spatial", "loso"], dest="split_kinds", help="split kinds to write")
+    add_list_arg(p, "--seeds", item=int, default=[0, 1, 2], help="split seeds")
+    add_list_arg(p, "--prior-sections", help="her2st sections read without images, for the co-expression prior")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier store at --out (never the input, "
                    "nor a folder of other files)")
     p.add_argument("--stream", action="store_true",
@@ -62,26 +59,52 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_info)
 
 
-def _reader_kwargs(fmt: str, args: argparse.Namespace) -> dict[str, Any]:
+# (namespace attribute, flag, reader keywords it may fill: the first one the reader takes)
+_READER_FLAGS = (
+    ("sections", "--sections", _SUBSET_KWARGS),
+    ("image", "--image", ("image_path",)),
+    ("array", "--array", ("array",)),
+    ("microns_per_pixel", "--microns-per-pixel", ("microns_per_pixel",)),
+    ("spot_diameter_um", "--spot-diameter-um", ("spot_diameter_um",)),
+    ("duplicate_genes", "--duplicate-genes", ("duplicate_genes",)),
+)
+
+
+def add_reader_args(p: argparse.ArgumentParser) -> None:
+    """The options that tell a reader what to read and how (``agl ingest`` and ``agl predict``)."""
+    g = p.add_argument_group("reading the slides")
+    add_list_arg(g, "--sections", help="slides/sections (her2st) or sample ids (hest) to read, as A1 B2 or A1,B2 "
+                                       "(default: all with an image)")
+    g.add_argument("--image", type=Path, help="full-resolution image (visium/anndata inputs)")
+    g.add_argument("--array", choices=ARRAY_CHOICES, default=None,
+                   help="legacy ST array (her2st format): 1k = 200 um spot pitch, 2k = 100 um "
+                        "(default: auto, from the array coordinates)")
+    g.add_argument("--microns-per-pixel", type=float, default=None, metavar="UM",
+                   help="pixel size of the image (anndata input without one in the file)")
+    g.add_argument("--spot-diameter-um", type=float, default=None, metavar="UM",
+                   help="spot diameter (anndata input without one in the file)")
+    g.add_argument("--duplicate-genes", choices=DUPLICATE_CHOICES, default=None,
+                   help="genes sharing one symbol (as in human 10x references): refuse naming them (default), "
+                        "add their counts, or keep the first")
+
+
+def reader_kwargs(fmt: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Reader keywords from the options of :func:`add_reader_args`; a flag the reader has no use for is an error."""
     from agl.data.readers import READERS
 
     if fmt not in READERS:
-        raise ConfigError("agl ingest", f"format {fmt!r} is not available in this install; have {sorted(READERS)}")
+        raise ConfigError("--format", f"unknown format {fmt!r}; choose one of {', '.join(sorted(READERS))}")
     params = inspect.signature(READERS[fmt]).parameters
     kw: dict[str, Any] = {}
-    if args.sections:
-        key = next((k for k in _SUBSET_KWARGS if k in params), None)
+    for attr, flag, keys in _READER_FLAGS:
+        value = getattr(args, attr, None)
+        if value is None:
+            continue
+        key = next((k for k in keys if k in params), None)
         if key is None:
-            raise ConfigError("--sections", f"the {fmt} reader does not select slides")
-        kw[key] = args.sections
-    if args.image is not None:
-        if "image_path" not in params:
-            raise ConfigError("--image", f"the {fmt} reader takes no image path")
-        kw["image_path"] = args.image
-    if getattr(args, "array", None) is not None:
-        if "array" not in params:
-            raise ConfigError("--array", f"only for legacy ST input (format her2st), not {fmt}")
-        kw["array"] = args.array
+            takers = sorted(f for f, r in READERS.items() if any(k in inspect.signature(r).parameters for k in keys))
+            raise ConfigError(flag, f"only for formats {', '.join(takers)}; the {fmt} reader has no use for it")
+        kw[key] = value
     return kw
 
 
@@ -97,7 +120,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     check_target(args.out, args.overwrite)
     if args.stream or args.address:
         return _cmd_ingest_streaming(args)
-    adata = read_slides(args.format, args.path, **_reader_kwargs(args.format, args))
+    adata = read_slides(args.format, args.path, **reader_kwargs(args.format, args))
     prior_data = None
     if args.prior_sections:
         if args.format != "her2st":
@@ -117,7 +140,7 @@ def _cmd_ingest_streaming(args: argparse.Namespace) -> int:
     from agl.data.ingest import IngestSettings, SlideSource, ingest_slides
     from agl.data.readers import read_slides
 
-    kw = _reader_kwargs(args.format, args)
+    kw = reader_kwargs(args.format, args)
     units = None
     for key in _SUBSET_KWARGS:  # the slides named on the command line are the units, one task each
         units = kw.pop(key, units)

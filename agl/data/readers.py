@@ -34,7 +34,7 @@ ST_SPOT_UM = 100.0
 # 10x Visium: spots 55 um wide.
 VISIUM_SPOT_UM = 55.0
 IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".svs", ".btf")
-DUPLICATE_POLICIES = ("error", "sum")
+DUPLICATE_POLICIES = ("error", "sum", "first")
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -102,7 +102,8 @@ def counts_to_csr(values: Any, path: Path | str, barcodes: Sequence[str] | None 
 
 def resolve_duplicate_genes(counts: sp.csr_matrix, genes: Sequence[str], path: Path | str,
                             policy: str = "error") -> tuple[sp.csr_matrix, list[str]]:
-    """Make gene symbols unique: ``"error"`` raises naming duplicates, ``"sum"`` adds their columns."""
+    """Make gene symbols unique: ``"error"`` raises naming duplicates, ``"sum"`` adds their columns,
+    ``"first"`` keeps the first column of each symbol (the output keeps first-appearance order either way)."""
     if policy not in DUPLICATE_POLICIES:
         raise DataError(path, f"duplicate_genes must be one of {DUPLICATE_POLICIES}, got {policy!r}")
     index = pd.Index([str(g) for g in genes])
@@ -111,8 +112,12 @@ def resolve_duplicate_genes(counts: sp.csr_matrix, genes: Sequence[str], path: P
     dups = index[index.duplicated()].unique()
     if policy == "error":
         shown = ", ".join(map(repr, dups[:5])) + (" ..." if len(dups) > 5 else "")
-        raise DataError(path, f"{len(dups)} duplicate gene symbols ({shown}); "
-                              "pass duplicate_genes='sum' to add their counts")
+        raise DataError(path, f"{len(dups)} duplicate gene symbols ({shown}); pass duplicate_genes='sum' "
+                              "(--duplicate-genes sum) to add their counts, or 'first' to keep the first")
+    if policy == "first":
+        first = np.flatnonzero(~index.duplicated())
+        log.warning("%s: kept the first of each of %d duplicate gene symbols", path, len(dups))
+        return counts[:, first].tocsr(), list(index[first])
     codes, uniques = pd.factorize(index)  # keeps first-appearance order
     # Column j of the input goes to column codes[j]: a 0/1 indicator matrix sums duplicates.
     merge = sp.csr_matrix((np.ones(len(codes), np.int32), (np.arange(len(codes)), codes)),

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agl.data.commands import add_reader_args
 from agl.data.locate import add_store_arg
 
 log = logging.getLogger(__name__)
@@ -172,10 +173,7 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--alias", default="champion", help="model version alias")
     p.add_argument("--input", required=True, help="slide data: her2st root, HEST root, Visium outs/, or .h5ad")
     p.add_argument("--format", default="her2st", help="reader: her2st | hest | visium | anndata")
-    p.add_argument("--sections", default=None,
-                   help="comma-separated sections (her2st) or sample ids (hest) to read")
-    p.add_argument("--array", choices=("auto", "1k", "2k"), default=None,
-                   help="legacy ST array (her2st format): 1k = 200 um spot pitch, 2k = 100 um (default: auto)")
+    add_reader_args(p)
     p.add_argument("--reader-arg", action="append", metavar="KEY=VALUE", help="extra reader argument (repeatable)")
     p.add_argument("--out", required=True, help="output folder (predictions.h5ad + maps/)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier `agl predict` output in --out (never the input, "
@@ -186,23 +184,12 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
-_SECTION_ARG = {"her2st": "sections", "hest": "sample_ids"}
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     from agl.commands import parse_sets
-    from agl.errors import ConfigError
+    from agl.data.commands import reader_kwargs
     from agl.predict import PredictOptions, predict_slides
 
-    reader_args = parse_sets(args.reader_arg)
-    if args.sections:
-        if args.format not in _SECTION_ARG:
-            raise ConfigError("--sections", f"only for formats {sorted(_SECTION_ARG)}; use --reader-arg")
-        reader_args[_SECTION_ARG[args.format]] = [s.strip() for s in args.sections.split(",") if s.strip()]
-    if args.array is not None:
-        if args.format != "her2st":
-            raise ConfigError("--array", f"only for legacy ST input (format her2st), not {args.format}")
-        reader_args["array"] = args.array
+    reader_args = {**parse_sets(args.reader_arg), **reader_kwargs(args.format, args)}
     summary = predict_slides(PredictOptions(
         out=args.out, input=args.input, format=args.format, reader_args=reader_args, checkpoint=args.checkpoint,
         tracking_uri=args.tracking_uri, model_name=args.model_name, alias=args.alias, patch_um=args.patch_um,
