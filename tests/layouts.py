@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from PIL import Image
 
 from agl.data.patches import extract_patches
 
@@ -181,3 +182,28 @@ def write_st_folder(src: Path, dst: Path, section: str, *, genes_as_rows: bool =
     (img,) = (src / "ST-imgs" / section[0] / section).glob("*.jpg")
     os.symlink(img, dst / "HE.jpg")
     return dst
+
+
+# --------------------------------------------------------------------------- whole-slide images
+
+
+def write_pyramid_tiff(image: Image.Image, out: Path, *, levels: int = 3, tile: int | None = 256,
+                       mpp: float | None = None) -> Path:
+    """A tiled pyramidal TIFF as slide scanners and HEST write them: level 0 plus 2x-reduced SubIFDs.
+
+    Lossless (zlib) so every level-0 pixel equals the source image's; ``tile=None`` writes strips.
+    """
+    import tifffile
+
+    levels_img = [image]
+    for _ in range(levels - 1):
+        levels_img.append(levels_img[-1].reduce(2))
+    kw = {"photometric": "rgb", "compression": "zlib", "compressionargs": {"level": 1}}
+    if tile is not None:
+        kw["tile"] = (tile, tile)
+    res = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"} if mpp else {}
+    with tifffile.TiffWriter(out, bigtiff=True) as tw:
+        tw.write(np.asarray(levels_img[0]), subifds=levels - 1, **kw, **res)
+        for lv in levels_img[1:]:
+            tw.write(np.asarray(lv), subfiletype=1, **kw)
+    return out

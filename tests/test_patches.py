@@ -129,3 +129,87 @@ def test_upsampling_more_than_2x_warns(c2, caplog):
     up = report["slides"]["C2"]["upsample"]
     assert up == pytest.approx(224 * coarse.uns["slides"]["C2"]["microns_per_pixel"] / 112.0)
     assert any("upsampled" in r.message and f"{up:.1f}x" in r.message for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- whole-slide TIFFs read by region
+
+
+@pytest.fixture(scope="module")
+def c2_tiff(c2_image, tmp_path_factory):
+    """The real C2 H&E written as a tiled pyramidal TIFF (3 levels, lossless)."""
+    from layouts import write_pyramid_tiff
+
+    return write_pyramid_tiff(c2_image, tmp_path_factory.mktemp("wsi") / "C2.tif")
+
+
+def _on_image(adata, path):
+    out = adata.copy()
+    out.uns["slides"]["C2"]["image_path"] = str(path)
+    return out
+
+
+def test_tiff_patches_equal_decoded_image(c2, c2_tiff, c2_patches):
+    from agl.data.patches import TiffImage, open_slide_image
+
+    with open_slide_image(c2_tiff) as img:
+        assert isinstance(img, TiffImage) and len(img.sizes) == 3
+        assert img.sizes[0] == (9274, 9911) and img.sizes[1] == (4637, 4956)  # Pillow reduce rounds up
+    patches, keep, report = extract_patches(_on_image(c2[:40], c2_tiff), progress=False)
+    assert keep.all() and report["slides"]["C2"]["image_level"] == 0
+    np.testing.assert_array_equal(patches, c2_patches[0])  # lossless tiles: the very same pixels
+
+
+def test_tiff_coarse_patches_come_from_a_pyramid_level(c2, c2_tiff, c2_image):
+    """112 um at 32 px spans ~5 image px per output px: level 1 (2x) keeps 2.5, so it is read."""
+    sub = _on_image(c2[:6], c2_tiff)
+    patches, _, report = extract_patches(sub, patch_um=112.0, patch_px=32, progress=False)
+    info = report["slides"]["C2"]
+    assert info["image_level"] == 1 and info["image_levels"] == 3
+    level1 = c2_image.reduce(2)
+    dx, dy = c2_image.width / level1.width, c2_image.height / level1.height
+    from_full, _, _ = extract_patches(c2[:6].copy(), patch_um=112.0, patch_px=32, progress=False)
+    for i, (cx, cy) in enumerate(sub.obs[["pixel_x", "pixel_y"]].to_numpy()):
+        half = info["crop_px"] / 2
+        box = (cx / dx - half / dx, cy / dy - half / dy, cx / dx + half / dx, cy / dy + half / dy)
+        ref = np.asarray(level1.resize((32, 32), RESAMPLE, box=box))
+        assert np.abs(patches[i].astype(int) - ref.astype(int)).max() <= 1
+        # and close to the patch cut from full resolution (the pyramid's own 2x filter differs)
+        assert np.abs(patches[i].astype(float) - from_full[i].astype(float)).mean() < 4.0
+
+
+def test_tiff_region_reads_keep_memory_small(c2, c2_tiff):
+    """Cutting patches decodes tiles, not the slide: numpy's peak stays far below the decoded image."""
+    import tracemalloc
+
+    sub = _on_image(c2[:20], c2_tiff)
+    whole = 9274 * 9911 * 3
+    tracemalloc.start()
+    try:
+        patches, _, _ = extract_patches(sub, progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert patches.std() > 10
+    assert peak < 0.05 * whole, f"peak {peak / 1e6:.1f} MB of numpy memory for a {whole / 1e6:.0f} MB image"
+
+
+def test_strip_tiff_and_corrupt_tiff(c2, c2_image, tmp_path):
+    from agl.errors import DataError
+    from layouts import write_pyramid_tiff
+
+    sub = c2[:3].copy()
+    x0, y0 = (sub.obs[["pixel_x", "pixel_y"]].to_numpy().min(axis=0) - 300).astype(int)
+    x1, y1 = (sub.obs[["pixel_x", "pixel_y"]].to_numpy().max(axis=0) + 300).astype(int)
+    crop = c2_image.crop((x0, y0, x1, y1))  # a small real region, stored as strips (not tiled)
+    path = write_pyramid_tiff(crop, tmp_path / "strips.tif", levels=1, tile=None)
+    xy = sub.obs[["pixel_x", "pixel_y"]].to_numpy() - [x0, y0]
+    moved = sub.copy()
+    moved.obs["pixel_x"], moved.obs["pixel_y"] = xy[:, 0], xy[:, 1]
+    moved.obsm["spatial"] = xy
+    got, _, _ = extract_patches(_on_image(moved, path), progress=False)
+    want, _, _ = extract_patches(sub, progress=False)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(DataError, match=rf"^{bad}: (unreadable or corrupt TIFF|cannot decode TIFF)"):
+        extract_patches(_on_image(moved, bad), progress=False)
