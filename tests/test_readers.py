@@ -326,13 +326,13 @@ def test_st_explicit_paths_and_plain_release(c2, her2st_dir, tmp_path):
 
 def test_cli_array_flag_reaches_the_reader(her2st_dir, tmp_path):
     from agl.cli import build_parser
-    from agl.data.commands import _reader_kwargs
+    from agl.data.commands import reader_kwargs
     from agl.errors import ConfigError
 
     args = build_parser().parse_args(["ingest", "her2st", str(her2st_dir), "--out", str(tmp_path / "s"),
                                       "--array", "2k"])
-    assert _reader_kwargs("her2st", args)["array"] == "2k"
+    assert reader_kwargs("her2st", args)["array"] == "2k"
     args = build_parser().parse_args(["ingest", "visium", str(tmp_path), "--out", str(tmp_path / "s"),
                                       "--array", "1k"])
     with pytest.raises(ConfigError, match="--array"):
-        _reader_kwargs("visium", args)
+        reader_kwargs("visium", args)
