@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from agl.data.genes import locate_genes
 from agl.errors import CheckpointError, ConfigError, DataError
 from agl.fileio import check_output_folder, swap_folder, write_output_marker
 
@@ -61,6 +62,8 @@ class PredictOptions:
     batch_size: int = 64
     device: str = "auto"
     overwrite: bool = False
+    min_gene_fraction: float = 0.5          # refuse a slide holding fewer of the model's genes
+    warn_gene_fraction: float = 0.9         # warn below this fraction
 
 
 def input_paths(opts: PredictOptions) -> list[str]:
@@ -116,14 +119,29 @@ def measured_expression(adata: Any, genes: list[str], switches: Mapping[str, Any
         totals = np.asarray(counts.sum(axis=1)).ravel()
         scale = np.divide(float(switches["normalize_total"]), totals, out=np.zeros_like(totals), where=totals > 0)
         counts = sp.diags(scale) @ counts
-    index = pd.Index(adata.var_names.astype(str))
-    pos = index.get_indexer(genes)
-    present = pos >= 0
+    where = locate_genes(adata.var, genes)  # by symbol or by another name in var (gene_ids, gene_symbols, ...)
+    present = np.asarray(where.sum(axis=0)).ravel() > 0
     out = np.full((adata.n_obs, len(genes)), np.nan, dtype=np.float32)
     if present.any():
-        values = counts[:, pos[present]].toarray()
+        values = (counts @ where[:, np.flatnonzero(present)]).toarray()
         out[:, present] = np.log1p(values) if switches.get("log1p", True) else values
     return out, present
+
+
+def check_gene_overlap(present: np.ndarray, genes: list[str], slide_genes: Any, source: str,
+                       min_fraction: float, warn_fraction: float) -> None:
+    """Refuse a slide holding fewer than ``min_fraction`` of the model's genes; warn below ``warn_fraction``."""
+    n, total = int(present.sum()), len(genes)
+    fraction = n / total if total else 1.0
+    if fraction >= warn_fraction:
+        return
+    missing = [g for g, p in zip(genes, present) if not p]
+    text = (f"{n} of the model's {total} genes ({fraction:.0%}) are in the slide; missing e.g. "
+            f"{', '.join(missing[:5])}; the slide's genes look like {', '.join(map(str, list(slide_genes)[:3]))}")
+    if fraction < min_fraction:
+        raise DataError(source, f"{text}. Below --min-gene-fraction {min_fraction:g}: another species, or gene IDs "
+                                "without a gene_symbols column in var? (lower --min-gene-fraction to predict anyway)")
+    log.warning("%s: %s (below --warn-gene-fraction %g)", source, text, warn_fraction)
 
 
 def run_model(model: Any, cfg: Any, patches: np.ndarray, batch_size: int, device: str) -> np.ndarray:
@@ -221,6 +239,9 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
     check_output_folder(out, COMMAND, inputs=input_paths(opts), overwrite=opts.overwrite)  # before any work
     if opts.top_genes < 0:
         raise ConfigError("--top-genes", f"must be >= 0, got {opts.top_genes}")
+    for flag, value in (("--min-gene-fraction", opts.min_gene_fraction), ("--warn-gene-fraction", opts.warn_gene_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(flag, f"must be between 0 and 1, got {value:g}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -231,12 +252,14 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
         out_genes = genes.iloc[:n_out].reset_index(drop=True)
         patch_um, patch_px = patch_settings(ckpt, opts)
         adata = read_slides(opts.format, opts.input, **opts.reader_args)
-        patches, keep, report = extract_patches(adata, patch_um=patch_um, patch_px=patch_px, border="pad")
-        if not keep.all():
-            adata, patches = adata[keep].copy(), patches[keep]
-        pred = run_model(model, cfg, patches, opts.batch_size, opts.device)
         names = out_genes["gene"].astype(str).tolist()
         measured, present = measured_expression(adata, names, preprocessing(ckpt))
+        check_gene_overlap(present, names, adata.var_names, str(opts.input), opts.min_gene_fraction,
+                           opts.warn_gene_fraction)  # before cutting patches and running the model
+        patches, keep, report = extract_patches(adata, patch_um=patch_um, patch_px=patch_px, border="pad")
+        if not keep.all():
+            adata, patches, measured = adata[keep].copy(), patches[keep], measured[keep]
+        pred = run_model(model, cfg, patches, opts.batch_size, opts.device)
         var = out_genes.set_index(out_genes["gene"].astype(str))
         var.index.name = None
         var["measured"] = present

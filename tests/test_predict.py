@@ -126,3 +126,60 @@ def test_patch_size_comes_from_the_checkpoint(trained: Path, tmp_path: Path) -> 
     assert patch_settings(ckpt, opts) == (80.0, 160)
     opts.patch_px = 96  # an explicit option wins over the checkpoint's record
     assert patch_settings(ckpt, opts) == (80.0, 96)
+
+
+def _section_h5ad(her2st_dir: Path, path: Path, var_names, **columns) -> Path:
+    """Real section C5 as a plain .h5ad (counts, obsm['spatial'], pixel size and image in uns) with var renamed."""
+    import pandas as pd
+
+    from agl.data.readers import read_her2st
+
+    source = read_her2st(her2st_dir, [SECTION])
+    meta = source.uns["slides"][SECTION]
+    plain = ad.AnnData(X=source.X.copy(), obs=pd.DataFrame(index=source.obs["barcode"].astype(str).to_numpy()),
+                       var=pd.DataFrame(columns, index=list(var_names)),
+                       uns={"microns_per_pixel": meta["microns_per_pixel"], "spot_diameter_um": meta["spot_diameter_um"],
+                            "image_path": meta["image_path"]})
+    plain.obsm["spatial"] = source.obsm["spatial"]
+    plain.write_h5ad(path)
+    return path
+
+
+def test_genes_named_by_ensembl_id_map_back_through_gene_symbols(trained: Path, her2st_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    from agl.data.readers import read_her2st
+
+    source = read_her2st(her2st_dir, [SECTION])
+    symbols = list(source.var_names)
+    ids = [f"ENSG{i:011d}.7" for i in range(len(symbols))]  # versioned Ensembl-style IDs as var names
+    h5ad = _section_h5ad(her2st_dir, tmp_path / "ids.h5ad", ids, gene_ids=ids, gene_symbols=symbols)
+    predict_slides(PredictOptions(out=str(tmp_path / "pred"), input=str(h5ad), format="anndata",
+                                  checkpoint=str(trained), top_genes=0))
+    result = ad.read_h5ad(tmp_path / "pred" / "predictions.h5ad")
+    assert result.var["measured"].all()  # every model gene found through var['gene_symbols']
+    gene = result.var_names[3]
+    expected = np.log1p(np.asarray(source[:, gene].X.todense()).ravel())
+    np.testing.assert_allclose(result.layers["measured"][:, 3], expected, atol=1e-5)
+
+
+@pytest.mark.reliability(kind="bad input", case="slide data: agl predict on a slide whose genes are another species' "
+                         "symbols (Erbb2, not ERBB2)",
+                         outcome="exit 1 naming the slide, how many of the model's genes it holds and examples; "
+                                 "nothing written")
+def test_predict_refuses_a_slide_without_the_models_genes(trained: Path, her2st_dir: Path, tmp_path: Path,
+                                                          capsys) -> None:
+    from agl.cli import main
+    from agl.data.readers import read_her2st
+
+    symbols = list(read_her2st(her2st_dir, [SECTION]).var_names)
+    mouse_like = [s.capitalize() for s in symbols]  # what a mouse slide's symbols look like
+    h5ad = _section_h5ad(her2st_dir, tmp_path / "mouse.h5ad", mouse_like)
+    out = tmp_path / "pred"
+    code = main(["predict", "--checkpoint", str(trained), "--input", str(h5ad), "--format", "anndata",
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    n_genes = len(__import__("pandas").read_parquet(trained / "genes.parquet"))
+    assert f"{h5ad}: " in err and f"of the model's {n_genes} genes" in err and "missing e.g." in err, err
+    assert "--min-gene-fraction 0.5" in err and "Traceback" not in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -24,6 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from agl.data import schema
+from agl.data.genes import alias_columns
 from agl.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class SlideData:
     meta: dict[str, Any]  # uns["slides"][slide_id]
     obs_extra: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. array_row / array_col
     source: str = ""  # the file that defines the gene list, for error messages
+    var_extra: dict[str, np.ndarray] = field(default_factory=dict)  # other names per gene, e.g. gene_ids
 
 
 # --------------------------------------------------------------------------- shared checks
@@ -191,7 +193,11 @@ def assemble(slides: Sequence[SlideData]) -> ad.AnnData:
     obs = pd.concat(obs_parts)
     obs[schema.OBS_SLIDE] = pd.Categorical(obs[schema.OBS_SLIDE], categories=ids)
     X = sp.vstack(blocks, format="csr", dtype=np.int32)
-    adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(common, dtype=str)))
+    # other names of the genes (agl.data.genes.ALIAS_COLUMNS), as the first slide lists them
+    at = pd.Index(slides[0].genes).get_indexer(common)
+    var = pd.DataFrame({k: np.asarray(v, dtype=str)[at] for k, v in slides[0].var_extra.items()},
+                       index=pd.Index(common, dtype=str))
+    adata = ad.AnnData(X=X, obs=obs, var=var)
     adata.obsm[schema.OBSM_SPATIAL] = obs[[schema.OBS_PX, schema.OBS_PY]].to_numpy(np.float64)
     adata.uns[schema.UNS_SLIDES] = uns
     schema.validate_canonical(adata, "reader output")
@@ -892,6 +898,9 @@ def read_anndata(path: str | Path, *, image_path: str | Path | None = None, slid
             "spot_diameter_um": spot_diameter_um if spot_diameter_um is not None else uns.get("spot_diameter_um"),
         }}
     counts_all = counts_to_csr(values, path, barcodes_all, genes, where)
+    # every duplicate policy keeps each symbol's first column in order: its other names follow it
+    firsts = np.flatnonzero(~pd.Index(genes).duplicated())
+    var_extra = {k: v[firsts] for k, v in alias_columns(adata.var).items()}
     counts_all, genes = resolve_duplicate_genes(counts_all, genes, path, duplicate_genes)
     slides = []
     for sid in order:
@@ -916,7 +925,8 @@ def read_anndata(path: str | Path, *, image_path: str | Path | None = None, slid
         _check_unique_barcodes(barcodes, path)
         _check_pixels(pixels_all[rows], barcodes, path)
         extra = {c: adata.obs[c].to_numpy()[rows] for c in ("array_row", "array_col") if c in adata.obs}
-        slides.append(SlideData(sid, counts_all[rows], genes, barcodes, pixels_all[rows], meta, extra, str(path)))
+        slides.append(SlideData(sid, counts_all[rows], genes, barcodes, pixels_all[rows], meta, extra,
+                                var_extra=var_extra, source=str(path)))
     return assemble(slides)
 
 
