@@ -62,8 +62,16 @@ def write_hest(adata: ad.AnnData, root: Path, sample_id: str, *, patches: bool =
 
 
 def write_visium(adata: ad.AnnData, outs: Path, *, legacy_positions: bool = False,
-                 extra_features: bool = True) -> Path:
-    """Space Ranger outs/: filtered_feature_bc_matrix.h5, spatial/*, the image beside outs/."""
+                 extra_features: bool = True, matrix: str = "h5", images: bool = True) -> Path:
+    """Space Ranger outs/ as Space Ranger writes it, from one real slide.
+
+    ``filtered_feature_bc_matrix.h5`` (10x HDF5 schema) or ``filtered_feature_bc_matrix/``
+    (``matrix="mtx"``: matrix.mtx.gz, features.tsv.gz, barcodes.tsv.gz), ``spatial/`` with
+    tissue_positions.csv (or the headerless tissue_positions_list.csv of Space Ranger 1),
+    scalefactors_json.json and, if ``images``, tissue_hires_image.png (longest side 2000 px) and
+    tissue_lowres_image.png (600 px) downscaled from the real image. The full-resolution image
+    lies beside outs/, as users keep it: Space Ranger never copies it into outs/.
+    """
     _, meta = _one_slide(adata)
     (outs / "spatial").mkdir(parents=True, exist_ok=True)
     barcodes = adata.obs["barcode"].astype(str).to_numpy()
@@ -74,19 +82,31 @@ def write_visium(adata: ad.AnnData, outs: Path, *, legacy_positions: bool = Fals
         counts = sp.hstack([counts, sp.csr_matrix(np.full((len(barcodes), 2), 7, np.int32))], format="csr")
         genes = np.concatenate([genes, ["CD3_TotalSeqB", "CD8_TotalSeqB"]])
         types += ["Antibody Capture"] * 2
-    with h5py.File(outs / "filtered_feature_bc_matrix.h5", "w") as f:
-        m = f.create_group("matrix")
-        # features x barcodes in CSC == barcodes x features in CSR.
-        m.create_dataset("data", data=counts.data.astype(np.int32))
-        m.create_dataset("indices", data=counts.indices.astype(np.int64))
-        m.create_dataset("indptr", data=counts.indptr.astype(np.int64))
-        m.create_dataset("shape", data=np.array([counts.shape[1], counts.shape[0]], dtype=np.int32))
-        m.create_dataset("barcodes", data=np.array(barcodes, dtype="S"))
-        feats = m.create_group("features")
-        feats.create_dataset("name", data=np.array(genes, dtype="S"))
-        feats.create_dataset("id", data=np.array([f"ENSG{i:011d}" for i in range(len(genes))], dtype="S"))
-        feats.create_dataset("feature_type", data=np.array(types, dtype="S"))
-        feats.create_dataset("genome", data=np.array(["GRCh38"] * len(genes), dtype="S"))
+    ids = [f"ENSG{i:011d}" for i in range(len(genes))]
+    if matrix == "h5":
+        with h5py.File(outs / "filtered_feature_bc_matrix.h5", "w") as f:
+            m = f.create_group("matrix")
+            # features x barcodes in CSC == barcodes x features in CSR.
+            m.create_dataset("data", data=counts.data.astype(np.int32))
+            m.create_dataset("indices", data=counts.indices.astype(np.int64))
+            m.create_dataset("indptr", data=counts.indptr.astype(np.int64))
+            m.create_dataset("shape", data=np.array([counts.shape[1], counts.shape[0]], dtype=np.int32))
+            m.create_dataset("barcodes", data=np.array(barcodes, dtype="S"))
+            feats = m.create_group("features")
+            feats.create_dataset("name", data=np.array(genes, dtype="S"))
+            feats.create_dataset("id", data=np.array(ids, dtype="S"))
+            feats.create_dataset("feature_type", data=np.array(types, dtype="S"))
+            feats.create_dataset("genome", data=np.array(["GRCh38"] * len(genes), dtype="S"))
+    else:
+        import scipy.io
+
+        folder = outs / "filtered_feature_bc_matrix"
+        folder.mkdir()
+        with gzip.open(folder / "matrix.mtx.gz", "wb") as fh:
+            scipy.io.mmwrite(fh, sp.coo_matrix(counts.T), field="integer")
+        pd.DataFrame({"id": ids, "name": genes, "type": types}).to_csv(
+            folder / "features.tsv.gz", sep="\t", header=False, index=False, compression="gzip")
+        pd.Series(barcodes).to_csv(folder / "barcodes.tsv.gz", header=False, index=False, compression="gzip")
     pos = pd.DataFrame({
         "barcode": barcodes, "in_tissue": 1,
         "array_row": adata.obs["array_row"].to_numpy(), "array_col": adata.obs["array_col"].to_numpy(),
@@ -100,9 +120,17 @@ def write_visium(adata: ad.AnnData, outs: Path, *, legacy_positions: bool = Fals
         pos.to_csv(outs / "spatial" / "tissue_positions_list.csv", header=False, index=False)
     else:
         pos.to_csv(outs / "spatial" / "tissue_positions.csv", index=False)
+    with Image.open(meta["image_path"]) as full:
+        size = full.size
+        scalef = {"tissue_hires_scalef": 2000 / max(size), "tissue_lowres_scalef": 600 / max(size)}
+        if images:
+            full.draft("RGB", (size[0] // 4, size[1] // 4))  # JPEG decodes at 1/4 directly: quick, still real
+            for name, key in (("tissue_hires_image.png", "tissue_hires_scalef"),
+                              ("tissue_lowres_image.png", "tissue_lowres_scalef")):
+                target = (round(size[0] * scalef[key]), round(size[1] * scalef[key]))
+                full.convert("RGB").resize(target, Image.Resampling.LANCZOS).save(outs / "spatial" / name)
     (outs / "spatial" / "scalefactors_json.json").write_text(json.dumps({
-        "spot_diameter_fullres": 55.0 / meta["microns_per_pixel"], "tissue_hires_scalef": 0.1,
-        "fiducial_diameter_fullres": 80.0, "tissue_lowres_scalef": 0.03}))
+        "spot_diameter_fullres": 55.0 / meta["microns_per_pixel"], **scalef, "fiducial_diameter_fullres": 80.0}))
     os.symlink(meta["image_path"], outs.parent / Path(meta["image_path"]).name)
     return outs
 

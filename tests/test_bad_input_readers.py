@@ -1,6 +1,7 @@
 """Bad input: every reader error names the file and the problem (real her2st sections, corrupted)."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -307,3 +308,55 @@ def test_counts_table_without_spot_ids(small, tmp_path):
     table.to_csv(path, sep="\t")
     with raises_naming(path, "neither the row nor the column labels are spot ids"):
         read_her2st(path, spots_path=spots_path(small), require_image=False)
+
+
+@pytest.mark.reliability(kind="bad input", case="Space Ranger outs/ with its tissue_hires_image.png passed as --image "
+                         "(the full-resolution image expected)",
+                         outcome="DataError naming the image: spots outside it, its size fits tissue_hires_image.png, "
+                         "omit --image")
+def test_visium_hires_image_given_as_full_resolution(small, tmp_path):
+    a = read_her2st(small, SECTION)
+    outs = write_visium(a, tmp_path / "s" / "outs")
+    hires = outs / "spatial" / "tissue_hires_image.png"
+    with raises_naming(hires, r"spot centres \(full-resolution pixels\) lie outside this \d+x\d+ image given "
+                              r"with --image: its size fits tissue_hires_image.png .*omit --image"):
+        read_visium(outs, image_path=hires)
+
+
+@pytest.mark.reliability(kind="bad input", case="Space Ranger outs/ without spatial/ images and no --image, the "
+                         "full-resolution image lying beside outs/",
+                         outcome="DataError naming outs/spatial and --image; the image outside outs/ is not taken")
+def test_visium_without_images_never_picks_one_outside(small, tmp_path):
+    a = read_her2st(small, SECTION)
+    outs = write_visium(a, tmp_path / "s" / "outs", images=False)
+    assert any(p.suffix == ".jpg" for p in outs.parent.iterdir())  # there, but not ours to pick
+    with raises_naming(outs / "spatial", "no image: .*--image"):
+        read_visium(outs)
+
+
+def test_visium_scale_factors_that_do_not_fit_the_image(small, tmp_path):
+    a = read_her2st(small, SECTION)
+    outs = write_visium(a, tmp_path / "s" / "outs")
+    sf_path = outs / "spatial" / "scalefactors_json.json"
+    sf = json.loads(sf_path.read_text())
+    sf["tissue_hires_scalef"] *= 3  # as if the JSON came from another run
+    sf_path.write_text(json.dumps(sf))
+    with raises_naming(outs / "spatial" / "tissue_hires_image.png", "fall outside this .* image after scaling "
+                                                                     "by tissue_hires_scalef"):
+        read_visium(outs)
+    del sf["tissue_hires_scalef"]
+    sf_path.write_text(json.dumps(sf))
+    with raises_naming(sf_path, "lacks tissue_hires_scalef"):
+        read_visium(outs)
+
+
+def test_visium_matrix_folder_damaged(small, tmp_path):
+    a = read_her2st(small, SECTION)
+    outs = write_visium(a, tmp_path / "s" / "outs", matrix="mtx")
+    assert read_visium(outs).n_obs == 30
+    (outs / "filtered_feature_bc_matrix" / "barcodes.tsv.gz").unlink()
+    with raises_naming(outs / "filtered_feature_bc_matrix" / "barcodes.tsv.gz", "missing file of the 10x"):
+        read_visium(outs)
+    (outs / "filtered_feature_bc_matrix").rename(tmp_path / "elsewhere")
+    with raises_naming(outs / "filtered_feature_bc_matrix.h5", "missing 10x feature-barcode matrix"):
+        read_visium(outs)

@@ -183,8 +183,9 @@ def _hest(c2, root: Path) -> list[str]:
 def _visium(c2, root: Path) -> list[str]:
     from layouts import write_visium
 
-    write_visium(c2, root / "C2" / "outs")  # the image lies beside outs/, as Space Ranger users keep it
-    return ["visium", str(root / "C2" / "outs")]
+    # the full-resolution image lies beside outs/, as Space Ranger users keep it: named with --image
+    write_visium(c2, root / "C2" / "outs")
+    return ["visium", str(root / "C2" / "outs"), "--image", c2.uns["slides"]["C2"]["image_path"]]
 
 
 def _anndata(c2, root: Path) -> list[str]:

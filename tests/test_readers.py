@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import gzip
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -179,16 +181,68 @@ def test_hest_coords_are_top_left(hest_root, tmp_path):
     assert got.uns["slides"]["C3"]["image_path"] is None
 
 
-@pytest.mark.parametrize("legacy", [False, True])
-def test_visium_round_trip(c3, tmp_path, legacy):
-    outs = write_visium(c3, tmp_path / "C3" / "outs", legacy_positions=legacy)
-    got = read_visium(outs)
+@pytest.mark.parametrize("legacy, matrix", [(False, "h5"), (True, "mtx")])
+def test_visium_round_trip_with_full_resolution_image(c3, tmp_path, legacy, matrix):
+    outs = write_visium(c3, tmp_path / "C3" / "outs", legacy_positions=legacy, matrix=matrix)
+    image = c3.uns["slides"]["C3"]["image_path"]
+    got = read_visium(outs, image_path=image)
     assert_same_spots(got, c3, slide_id="C3", mpp_rel=1e-9)
     meta = got.uns["slides"]["C3"]
     assert meta["spot_diameter_um"] == 55.0 and meta["source_format"] == "visium"
-    assert meta["image_path"] == c3.uns["slides"]["C3"]["image_path"] or meta["image_path"].endswith(".jpg")
+    assert meta["image_path"] == image and meta["image_kind"] == "full-resolution" and meta["image_scalef"] == 1.0
     assert "CD3_TotalSeqB" not in got.var_names  # antibody features left out
     assert meta["dropped_spots"] == 0  # off-tissue positions are not spots of the matrix
+
+
+def test_visium_outs_as_space_ranger_writes_it(c3, tmp_path, caplog):
+    """No --image: the hires PNG with tissue_hires_scalef; never the full-res image lying beside outs/."""
+    outs = write_visium(c3, tmp_path / "C3" / "outs")
+    assert (outs.parent / Path(c3.uns["slides"]["C3"]["image_path"]).name).exists()  # beside outs/: ignored
+    sf = json.loads((outs / "spatial" / "scalefactors_json.json").read_text())
+    scalef, full_mpp = sf["tissue_hires_scalef"], c3.uns["slides"]["C3"]["microns_per_pixel"]
+    with caplog.at_level(logging.WARNING):
+        got = read_visium(outs)
+    meta = got.uns["slides"]["C3"]
+    assert meta["image_path"] == str((outs / "spatial" / "tissue_hires_image.png").absolute())
+    assert meta["image_kind"] == "tissue_hires_image" and meta["image_scalef"] == scalef
+    # 55 um / (spot_diameter_fullres * tissue_hires_scalef): the full-resolution scale over the factor
+    mpp = 55.0 / (sf["spot_diameter_fullres"] * scalef)
+    assert meta["microns_per_pixel"] == pytest.approx(mpp, rel=1e-12)
+    assert meta["microns_per_pixel"] == pytest.approx(full_mpp / scalef, rel=1e-9)
+    np.testing.assert_allclose(got.obsm["spatial"], c3.obsm["spatial"] * scalef, rtol=1e-12)
+    assert (got.X != c3.X).nnz == 0
+    assert any("tissue_hires_image.png" in r.message and f"{mpp:.3g} um per pixel" in r.message
+               for r in caplog.records)
+    # Patches from the hires image show the same tissue as those from full resolution (at 32 px).
+    hires, _, rep = extract_patches(got[:8].copy(), patch_um=112.0, patch_px=32, progress=False)
+    full, _, _ = extract_patches(c3[:8].copy(), patch_um=112.0, patch_px=32, progress=False)
+    assert rep["slides"]["C3"]["crop_px"] == pytest.approx(112.0 / mpp)
+    diff = np.abs(hires.astype(float) - full.astype(float)).mean()
+    other = np.abs(hires.astype(float) - full[::-1].astype(float)).mean()  # patches of other spots
+    assert diff < 10 and diff < other / 2, (diff, other)
+    # Without the hires PNG Space Ranger's lowres one is used, with its own factor.
+    (outs / "spatial" / "tissue_hires_image.png").unlink()
+    low = read_visium(outs).uns["slides"]["C3"]
+    assert low["image_kind"] == "tissue_lowres_image"
+    assert low["microns_per_pixel"] == pytest.approx(55.0 / (sf["spot_diameter_fullres"] * sf["tissue_lowres_scalef"]))
+
+
+def test_visium_full_resolution_tiff(c3, tmp_path):
+    """A whole-slide TIFF given with --image is the full-resolution image: patches equal the JPEG's."""
+    from PIL import Image
+
+    from layouts import write_pyramid_tiff
+
+    outs = write_visium(c3, tmp_path / "C3" / "outs", images=False)
+    sub = c3[:4].copy()
+    with Image.open(c3.uns["slides"]["C3"]["image_path"]) as img:
+        tiff = write_pyramid_tiff(img.convert("RGB"), tmp_path / "C3.tif", levels=2)
+    got = read_visium(outs, image_path=tiff)
+    assert got.uns["slides"]["C3"]["image_path"] == str(tiff.absolute())
+    assert_same_spots(got, c3, slide_id="C3", mpp_rel=1e-9)
+    a, _, _ = extract_patches(got[:4].copy(), progress=False)
+    b, _, _ = extract_patches(sub, progress=False)
+    np.testing.assert_array_equal(a, b)
 
 
 def test_visium_explicit_image_and_slide_id(c3, tmp_path):

@@ -786,19 +786,133 @@ def _read_positions(spatial: Path) -> tuple[pd.DataFrame, Path]:
     return pos, path
 
 
+def _first_file(folder: Path, names: Sequence[str]) -> Path | None:
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def read_10x_mtx(folder: Path, feature_type: str = "Gene Expression") -> tuple[sp.csr_matrix, list[str], np.ndarray]:
+    """Counts, gene symbols and barcodes of a 10x Matrix Market folder (``filtered_feature_bc_matrix/``).
+
+    Space Ranger >= 1 / Cell Ranger >= 3 write ``matrix.mtx.gz``, ``features.tsv.gz`` (id, name,
+    feature type) and ``barcodes.tsv.gz``; older runs ``genes.tsv`` (id, name) and plain files.
+    """
+    import scipy.io
+
+    mtx = _first_file(folder, ("matrix.mtx.gz", "matrix.mtx"))
+    feats = _first_file(folder, ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"))
+    bcs = _first_file(folder, ("barcodes.tsv.gz", "barcodes.tsv"))
+    for found, name in ((mtx, "matrix.mtx.gz"), (feats, "features.tsv.gz"), (bcs, "barcodes.tsv.gz")):
+        if found is None:
+            raise DataError(folder / name, "missing file of the 10x feature-barcode matrix")
+    try:
+        with _open_binary(mtx) as fh:
+            mat = sp.csr_matrix(scipy.io.mmread(fh)).T.tocsr()  # 10x writes features x barcodes
+        features = pd.read_csv(feats, sep="\t", header=None, dtype=str, keep_default_na=False)
+        barcodes = pd.read_csv(bcs, sep="\t", header=None, dtype=str, keep_default_na=False)[0].to_numpy(dtype=str)
+    except (OSError, EOFError, ValueError, IndexError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise DataError(folder, f"cannot read the 10x matrix folder: {type(err).__name__}: {err}") from err
+    if features.shape[1] < 2:
+        raise DataError(feats, f"needs gene id and name columns, has {features.shape[1]}")
+    if mat.shape != (len(barcodes), len(features)):
+        raise DataError(mtx, f"matrix is {mat.shape[1]} features x {mat.shape[0]} barcodes but {feats.name} "
+                             f"lists {len(features)} and {bcs.name} {len(barcodes)}")
+    names = features[1].to_numpy(dtype=str)
+    if features.shape[1] >= 3:
+        keep = np.flatnonzero(features[2].to_numpy(dtype=str) == feature_type)
+        if len(keep) == 0:
+            raise DataError(feats, f"no {feature_type!r} features")
+        mat, names = mat[:, keep], names[keep]
+    return counts_to_csr(mat, mtx, barcodes, names), list(names), barcodes
+
+
+def _open_binary(path: Path) -> Any:
+    with open(path, "rb") as fh:
+        gz = fh.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def _visium_matrix(outs: Path) -> tuple[sp.csr_matrix, list[str], np.ndarray, Path]:
+    """The filtered feature-barcode matrix of ``outs/``: the HDF5 file, else the Matrix Market folder."""
+    h5, folder = outs / "filtered_feature_bc_matrix.h5", outs / "filtered_feature_bc_matrix"
+    if h5.is_file():
+        return (*read_10x_h5(h5), h5)
+    if folder.is_dir():
+        return (*read_10x_mtx(folder), folder)
+    raise DataError(h5, "missing 10x feature-barcode matrix (filtered_feature_bc_matrix.h5 or the "
+                        "filtered_feature_bc_matrix/ folder): is this a Space Ranger outs/ folder?")
+
+
+# Space Ranger's spatial/ images and the scale factor from full-resolution pixels to each.
+VISIUM_IMAGES = (("tissue_hires_image.png", "tissue_hires_scalef"), ("tissue_lowres_image.png", "tissue_lowres_scalef"))
+
+
+def _spots_outside(pixels: np.ndarray, size: tuple[int, int]) -> int:
+    return int(((pixels < 0) | (pixels >= np.asarray(size, dtype=np.float64))).any(axis=1).sum())
+
+
+def _visium_image(outs: Path, image_path: str | Path | None, pixels: np.ndarray, scalefactors: dict[str, Any],
+                  sf_path: Path, diameter_px: float) -> tuple[Path, float, str]:
+    """The image to cut patches from, the factor from full-resolution pixels to it, and its kind.
+
+    ``image_path`` (``--image``) is taken as full resolution; without it, Space Ranger's
+    ``spatial/tissue_hires_image.png`` (else the lowres one) with its scale factor. Nothing
+    outside ``outs/`` is ever picked implicitly. Spots must fall inside the image chosen.
+    """
+    from agl.data.patches import image_size
+
+    spatial = outs / "spatial"
+    if image_path is not None:
+        image = _require_file(Path(image_path), "full-resolution image (--image)")
+        size = image_size(image)
+        n_out = _spots_outside(pixels, size)
+        if n_out:
+            fits = [(name, key) for name, key in VISIUM_IMAGES if key in scalefactors
+                    and not _spots_outside(pixels * float(scalefactors[key]), size)]
+            hint = (f"its size fits {fits[0][0]} (spots scaled by {fits[0][1]}): omit --image to use Space "
+                    "Ranger's image with its scale factor, or pass the full-resolution image" if fits else
+                    "pass the full-resolution image of this slide with --image")
+            raise DataError(image, f"{n_out} of {len(pixels)} spot centres (full-resolution pixels) lie "
+                                   f"outside this {size[0]}x{size[1]} image given with --image: {hint}")
+        return image, 1.0, "full-resolution"
+    for name, key in VISIUM_IMAGES:
+        if (spatial / name).is_file():
+            if key not in scalefactors:
+                raise DataError(sf_path, f"lacks {key}, needed to use spatial/{name}")
+            scale = _positive_float(scalefactors[key], sf_path, key)
+            image = spatial / name
+            size = image_size(image)
+            n_out = _spots_outside(pixels * scale, size)
+            if n_out:
+                raise DataError(image, f"{n_out} of {len(pixels)} spot centres fall outside this {size[0]}x"
+                                       f"{size[1]} image after scaling by {key}={scale:g} (from {sf_path.name}): "
+                                       "the scale factors do not belong to this image")
+            log.warning("%s: no --image given: patches come from spatial/%s, %s=%g, i.e. %.3g um per pixel "
+                        "(the full-resolution image has %.3g); pass the full-resolution image with --image "
+                        "for full detail", outs, name, key, scale, VISIUM_SPOT_UM / (diameter_px * scale),
+                        VISIUM_SPOT_UM / diameter_px)
+            return image, scale, name.removesuffix(".png")
+    raise DataError(spatial, "no image: neither spatial/tissue_hires_image.png nor tissue_lowres_image.png "
+                             "(Space Ranger writes them) and no --image; pass the full-resolution image "
+                             "with --image (images outside outs/ are never picked implicitly)")
+
+
 def read_visium(outs_dir: str | Path, image_path: str | Path | None = None, *,
                 slide_id: str | None = None, duplicate_genes: str = "error",
                 strict: bool = False) -> ad.AnnData:
-    """Read a Space Ranger ``outs/`` folder (filtered matrix, spatial/ positions and scale factors).
+    """Read a Space Ranger ``outs/`` folder as Space Ranger writes it.
 
-    The full-resolution image is ``image_path`` or the single image in ``outs_dir`` or its
-    parent. ``microns_per_pixel = 55 / spot_diameter_fullres``.
+    Counts: ``filtered_feature_bc_matrix.h5`` (or the ``filtered_feature_bc_matrix/`` Matrix
+    Market folder), Gene Expression features only. Positions: ``spatial/tissue_positions.csv``
+    (Space Ranger >= 2, header) or ``tissue_positions_list.csv`` (1.x, no header). Scale:
+    ``spatial/scalefactors_json.json``; ``microns_per_pixel = 55 / (spot_diameter_fullres * s)``
+    where ``s`` is 1 for the full-resolution ``image_path`` (``--image``; TIFF included), else
+    ``tissue_hires_scalef`` for ``spatial/tissue_hires_image.png`` (pixel positions scaled alike,
+    with a warning stating the resulting pixel size).
     """
     outs = Path(outs_dir)
-    h5 = outs / "filtered_feature_bc_matrix.h5"
-    counts, genes, barcodes = read_10x_h5(h5)
-    _check_unique_barcodes(barcodes, h5)
-    counts, genes = resolve_duplicate_genes(counts, genes, h5, duplicate_genes)
+    counts, genes, barcodes, matrix = _visium_matrix(outs)
+    _check_unique_barcodes(barcodes, matrix)
+    counts, genes = resolve_duplicate_genes(counts, genes, matrix, duplicate_genes)
     pos, pos_path = _read_positions(outs / "spatial")
     pos_ids = pd.Index(pos["barcode"].astype(str))
     _check_unique_barcodes(pos_ids, pos_path)
@@ -807,11 +921,11 @@ def read_visium(outs_dir: str | Path, image_path: str | Path | None = None, *,
     if len(missing):
         problem = f"{len(missing)} barcodes have no position in {pos_path.name} (e.g. {list(missing[:3])})"
         if strict:
-            raise DataError(h5, problem)
-        log.warning("%s: %s; dropped them", h5, problem)
+            raise DataError(matrix, problem)
+        log.warning("%s: %s; dropped them", matrix, problem)
     rows = np.flatnonzero(pd.Index(barcodes).isin(pos_ids))
     if len(rows) == 0:
-        raise DataError(h5, f"no barcode has a position in {pos_path.name}")
+        raise DataError(matrix, f"no barcode has a position in {pos_path.name}")
     pos = pos.iloc[pos_ids.get_indexer(barcodes[rows])]
     pixels = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
     _check_pixels(pixels, barcodes[rows], pos_path)
@@ -821,28 +935,23 @@ def read_visium(outs_dir: str | Path, image_path: str | Path | None = None, *,
         scalefactors = json.loads(sf_path.read_text())
     except (OSError, ValueError) as err:
         raise DataError(sf_path, f"cannot read the scale factors JSON: {err}") from err
-    if "spot_diameter_fullres" not in scalefactors:
+    if not isinstance(scalefactors, dict) or "spot_diameter_fullres" not in scalefactors:
         raise DataError(sf_path, "lacks spot_diameter_fullres")
     diameter_px = _positive_float(scalefactors["spot_diameter_fullres"], sf_path, "spot_diameter_fullres")
-
-    if image_path is None:
-        image = _single_image(outs) or _single_image(outs.parent)
-        if image is None:
-            raise DataError(outs, "missing full-resolution image: none found in the folder or its "
-                                  "parent; pass image_path")
-    else:
-        image = _require_file(Path(image_path), "full-resolution image")
+    image, scale, kind = _visium_image(outs, image_path, pixels, scalefactors, sf_path, diameter_px)
     sid = slide_id or (outs.parent.name if outs.name == "outs" else outs.name)
     info = {
         "image_path": str(image.absolute()),
-        "microns_per_pixel": VISIUM_SPOT_UM / diameter_px,
+        "microns_per_pixel": VISIUM_SPOT_UM / (diameter_px * scale),
         "spot_diameter_um": VISIUM_SPOT_UM,
         "source_format": "visium",
-        "source_files": [str(p.absolute()) for p in (h5, pos_path, sf_path, image)],
+        "source_files": [str(p.absolute()) for p in (matrix, pos_path, sf_path, image)],
         "dropped_spots": int(len(missing)),
+        "image_kind": kind,  # full-resolution, tissue_hires_image or tissue_lowres_image
+        "image_scalef": scale,  # image pixels per full-resolution pixel
     }
     extra = {"array_row": pos["array_row"].to_numpy(np.int64), "array_col": pos["array_col"].to_numpy(np.int64)}
-    return assemble([SlideData(sid, counts[rows], genes, barcodes[rows], pixels, info, extra, str(h5))])
+    return assemble([SlideData(sid, counts[rows], genes, barcodes[rows], pixels * scale, info, extra, str(matrix))])
 
 
 # --------------------------------------------------------------------------- generic .h5ad
