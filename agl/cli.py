@@ -33,6 +33,7 @@ EXAMPLES: dict[str, str] = {
     "train-ray": "agl train-ray --store demo --split loso-B4 --num-workers 2",
     "predict": "agl predict --tracking-uri sqlite:///results/sweep/mlflow.db --input ../shared/data/her2st "
                "--format her2st --sections C5 --out runs/predict-C5",
+    "features": "agl features --store demo --num-workers 2",
     "bench": "agl bench core --store demo",
     "bench data": "agl bench data --store demo",
     "bench core": "agl bench core --store demo --repeats 3",

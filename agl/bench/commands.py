@@ -108,12 +108,14 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
 def add_bench_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for bench_scale.json / .png")
     p.add_argument("--max-n", type=int, default=16, help="largest N of 1, 2, 4, 8, 16 to run")
+    p.add_argument("--no-features", action="store_true",
+                   help="skip the feature-cache rates (in process vs Ray Data with 1 and 2 workers)")
 
 
 def cmd_bench_scale(args: argparse.Namespace) -> int:
     from agl.bench.scale import bench_scale
 
-    bench_scale(out_dir=args.out, max_n=args.max_n)
+    bench_scale(out_dir=args.out, max_n=args.max_n, features=not args.no_features)
     return 0
 
 

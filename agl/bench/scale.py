@@ -70,7 +70,48 @@ def run_one(copies: int, layout: str, out: str) -> dict[str, Any]:
             "partition_bytes": _du(path / "spots")}
 
 
-def bench_scale(out_dir: str | Path = "results", max_n: int = 16, echo: Callable[[str], None] = print) -> dict[str, Any]:
+def feature_rates(workers: tuple[int, ...] = (1, 2), views: int = 1) -> dict[str, float]:
+    """Feature-cache images/s on the demo store: in process, then on Ray Data with each worker count.
+
+    Each run computes a fresh cache (a scratch copy of the store), MobileNetV2 ImageNet weights,
+    ``views`` dihedral views; measured one after another in this process, so the ratios compare.
+    """
+    import shutil
+
+    from agl.data.locate import open_store_arg
+    from agl.data.store import open_store
+    from agl.distributed.features import feature_cache_ray
+    from agl.distributed.runtime import init_ray
+    from agl.models.features import feature_cache
+
+    demo = open_store_arg("demo")
+    rates: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="agl-featrate-") as tmp:
+        def fresh(name: str) -> Any:
+            dst = Path(tmp) / name
+            shutil.copytree(demo.path, dst, ignore=shutil.ignore_patterns("cache"))
+            return open_store(dst)
+
+        store = fresh("local")
+        t0 = time.perf_counter()
+        feature_cache(store, views=views)
+        rates["in_process"] = views * store.patches.shape[0] / (time.perf_counter() - t0)
+        import ray
+
+        init_ray(num_cpus=max(workers))
+        try:
+            for w in workers:
+                store = fresh(f"ray{w}")
+                t0 = time.perf_counter()
+                feature_cache_ray(store, views=views, num_workers=w)
+                rates[f"ray_{w}_workers"] = views * store.patches.shape[0] / (time.perf_counter() - t0)
+        finally:
+            ray.shutdown()
+    return rates
+
+
+def bench_scale(out_dir: str | Path = "results", max_n: int = 16, echo: Callable[[str], None] = print,
+                features: bool = True) -> dict[str, Any]:
     ns = [n for n in (1, 2, 4, 8, 16) if n <= max_n]
     rows = []
     t_start = time.perf_counter()
@@ -104,8 +145,18 @@ def bench_scale(out_dir: str | Path = "results", max_n: int = 16, echo: Callable
               "sparse_over_dense_store": {n: sparse[n]["store_bytes"] / dense[n]["store_bytes"] for n in sparse},
               "peak_rss_ratio_max_over_n2": (max(r["peak_rss_mb"] for r in sparse.values())
                                              / sparse[min(2, max(sparse))]["peak_rss_mb"]),
-              "hest_1k_estimate": hest,
-              "not_measured": "feature-cache images/s on Ray workers (issue 11 item 4 not implemented yet)"}
+              "hest_1k_estimate": hest}
+    if features:
+        code = "import json; from agl.bench.scale import feature_rates; print('RESULT ' + json.dumps(feature_rates()))"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"feature-cache rates failed:\n{proc.stderr[-3000:]}")
+        rates = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+        result["feature_cache_images_per_s"] = rates
+        echo("feature cache (demo store, MobileNetV2, 1 view): "
+             + ", ".join(f"{k} {v:.1f} img/s" for k, v in rates.items()))
+        hest["feature_hours_per_worker_8_views"] = HEST_SPOTS * 8 / rates.get("ray_1_workers", rates["in_process"]) / 3600
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "bench_scale.json", result, indent=1)

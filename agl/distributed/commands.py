@@ -203,8 +203,35 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- agl features
+def add_features_args(p: argparse.ArgumentParser) -> None:
+    add_store_arg(p)
+    p.add_argument("--backbone", default="torchvision/mobilenet_v2", help="frozen encoder (agl.models registry name)")
+    p.add_argument("--weights", default="imagenet", help="'imagenet', a hub name, or a weights file")
+    p.add_argument("--views", type=int, default=8, help="dihedral views per patch (training draws one per epoch)")
+    p.add_argument("--num-workers", type=int, default=2, help="Ray Data actors, one encoder each")
+    p.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: 1 if the cluster has GPUs)")
+    p.add_argument("--batch-size", type=int, default=64, help="patches per batch")
+    p.add_argument("--address", default=None, help="Ray cluster address ('auto'); default: local Ray")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from agl.data.locate import open_store_arg
+    from agl.distributed.features import feature_cache_ray
+    from agl.distributed.runtime import init_ray
+
+    store = open_store_arg(args.store)
+    init_ray(args.address, num_cpus=args.num_cpus)
+    feats = feature_cache_ray(store, args.backbone, args.weights, views=args.views, num_workers=args.num_workers,
+                              batch_size=args.batch_size, num_gpus=args.num_gpus)
+    print(f"feature cache {getattr(feats, 'filename', '')}: {feats.shape[0]} views x {feats.shape[1]} spots x "
+          f"{feats.shape[2]} dims")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``tune``, ``tune-sync``, ``train-ray`` and ``predict`` to the ``agl`` parser."""
+    """Add ``tune``, ``tune-sync``, ``train-ray``, ``predict`` and ``features`` to the ``agl`` parser."""
     commands = (
         (sub, "tune", "gene-subset sweep: Ray Tune + Optuna, tracked in MLflow", add_tune_args, cmd_tune),
         (sub, "tune-sync", "send MLflow the results a sweep kept locally while MLflow was unreachable",
@@ -212,6 +239,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         (sub, "train-ray", "one training run with Ray Train (data parallel, fault tolerant)",
          add_train_args, cmd_train_ray),
         (sub, "predict", "predict expression of a new slide: .h5ad + PNG maps", add_predict_args, cmd_predict),
+        (sub, "features", "compute a store's frozen-feature cache on Ray Data (an actor pool; resumable per slide)",
+         add_features_args, cmd_features),
     )
     for parent, name, help_text, add_args, handler in commands:
         p = parent.add_parser(name, help=help_text)
