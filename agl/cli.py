@@ -40,6 +40,7 @@ EXAMPLES: dict[str, str] = {
     "bench ray": "agl bench ray --store demo --trials 4",
     "bench load": "agl bench load --store demo",
     "bench scale": "agl bench scale --max-n 8 --out results",
+    "bench selection": "agl bench selection --store demo --quick --seeds 5 --out results",
 }
 
 

@@ -58,6 +58,9 @@ def base_settings(args: argparse.Namespace) -> dict[str, Any]:
     if from_file:
         TrainConfig.from_dict(from_file, source=args.config)  # fail fast, naming the file and the key
     values = {**from_file, **parse_sets(args.set)}
+    if getattr(args, "val_outer_fraction", None) is not None:
+        TrainConfig.from_dict({"val_outer_fraction": args.val_outer_fraction}, source="--val-outer-fraction")
+        values["val_outer_fraction"] = args.val_outer_fraction
     TrainConfig.from_dict(values, source="--set")  # ... or the flag the user typed
     return values
 
@@ -165,6 +168,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML or JSON file of TrainConfig settings")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable)")
+    p.add_argument("--val-outer-fraction", type=float, default=None, metavar="FRACTION",
+                   help="share of each slide's validation spots kept for the gate's outer objective (val_outer); "
+                        "the rest select the model (same as --set val_outer_fraction=FRACTION)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -82,3 +82,16 @@ def test_evaluate_cli_tiny_grid(demo_store, tmp_path, cheap, capsys):
     text = capsys.readouterr().out
     assert "| pgl |" in text and "Wilcoxon" in text
     assert (out / "table.csv").is_file() and (out / "wilcoxon.csv").is_file()
+
+
+def test_val_outer_fraction_flag(tmp_path, capsys):
+    from agl.cli import build_parser
+    from agl.commands import base_settings
+
+    for cmd in (["train", "--method", "dkgsb", "--split", "kfold-s0-f0", "--out", str(tmp_path / "r")],
+                ["evaluate", "--protocol", "kfold", "--methods", "dkgsb", "--out", str(tmp_path / "e")]):
+        args = build_parser().parse_args([cmd[0], "--store", "demo", *cmd[1:], "--val-outer-fraction", "0.4"])
+        assert base_settings(args)["val_outer_fraction"] == 0.4
+    assert main(["train", "--store", "demo", "--method", "dkgsb", "--split", "kfold-s0-f0", "--out",
+                 str(tmp_path / "bad"), "--val-outer-fraction", "1.5"]) == 2
+    assert "--val-outer-fraction" in capsys.readouterr().err and not (tmp_path / "bad").exists()

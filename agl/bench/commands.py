@@ -119,6 +119,45 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- agl bench selection
+def add_bench_selection_args(p: argparse.ArgumentParser) -> None:
+    from agl.bench.selection import QUICK
+
+    add_store_arg(p)
+    p.add_argument("--out", type=Path, default=Path("results"), help="folder for bench_selection.json / .png")
+    p.add_argument("--n-aux", type=int, default=None,
+                   help="planted auxiliary genes (default 14000, like the demo; --quick: %d)" % QUICK["n_aux"])
+    p.add_argument("--seeds", type=int, default=5, help="planted data sets (paired over methods)")
+    p.add_argument("--variants", default="unroll,ift_cg", help="DkGSB hypergradient estimators, comma-separated")
+    p.add_argument("--methods", default="", help="run only these labels (pgl,agl_all,topk,random_k,dkgsb_VARIANT)")
+    p.add_argument("--epochs", type=int, default=None, help="epoch budget per run (default 40; --quick: %d)" % QUICK["epochs"])
+    p.add_argument("--patience", type=int, default=None, help="early-stopping patience (default 10; --quick: %d)"
+                   % QUICK["patience"])
+    p.add_argument("--precision", type=float, default=0.8, help="share of helpful genes in the prior's top k_planted")
+    p.add_argument("--quick", action="store_true", help="small sizes: about 10 min on 2 cores")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="a run setting for every method (repeatable), e.g. lr=3e-4")
+    p.add_argument("--dkgsb-set", action="append", default=[], metavar="KEY=VALUE", dest="dkgsb_sets",
+                   help="a setting for the DkGSB runs only (repeatable), e.g. outer_lr=0.02")
+
+
+def cmd_bench_selection(args: argparse.Namespace) -> int:
+    from agl.bench.selection import QUICK, bench_selection
+    from agl.commands import parse_sets
+
+    quick = QUICK if args.quick else {}
+    pick = lambda value, key, default: value if value is not None else quick.get(key, default)  # noqa: E731
+    bench_selection(open_store_arg(args.store), args.out, n_aux=pick(args.n_aux, "n_aux", 14000), seeds=args.seeds,
+                    variants=[v for v in args.variants.split(",") if v],
+                    methods=[m for m in args.methods.split(",") if m] or None,
+                    epochs=pick(args.epochs, "epochs", 40), patience=pick(args.patience, "patience", 10),
+                    threads=args.threads, extra=parse_sets(args.sets),
+                    dkgsb_extra=parse_sets(args.dkgsb_sets),
+                    plant_options={"precision": args.precision})
+    return 0
+
+
 # name, help, arguments, handler: one row per benchmark
 BENCHMARKS = (
     ("core", "cost of a DkGSB outer step vs plain steps; feature-cache speed-up", add_bench_core_args, cmd_bench_core),
@@ -129,6 +168,9 @@ BENCHMARKS = (
      add_bench_load_args, cmd_bench_load),
     ("scale", "streaming ingest of N x the demo sections: time, peak RSS, store size",
      add_bench_scale_args, cmd_bench_scale),
+    ("selection", "known answer: planted helpful/conflict/noise genes on real image features; PGL, AGL-all, "
+                  "top-k, random-k, DkGSB per hypergradient; learned k vs planted k, paired tests",
+     add_bench_selection_args, cmd_bench_selection),
 )
 
 

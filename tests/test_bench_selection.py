@@ -1,0 +1,91 @@
+"""The planted generator of ``agl bench selection`` on the demo's real image features (small sizes).
+
+The benchmark itself is a command; this checks that its known answer is what it says:
+helpful genes share the primaries' factors through the image features, conflict and
+noise genes do not, and the prior has the requested precision.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agl.bench.selection import PlantedStore, method_settings, paired_test, plant
+from agl.errors import AGLError, ConfigError
+
+
+@pytest.fixture(scope="module")
+def store(demo_store):
+    from agl.data.store import open_store
+
+    return open_store(demo_store)
+
+
+@pytest.fixture(scope="module")
+def features(store):
+    from agl.models import feature_cache
+
+    return np.asarray(feature_cache(store))  # the demo's frozen MobileNetV2 features, as the benchmark reads them
+
+
+def _r2_from(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Share of each column of y explained by a least-squares fit on x (with intercept)."""
+    x1 = np.hstack([x, np.ones((len(x), 1))])
+    coef, *_ = np.linalg.lstsq(x1, y, rcond=None)
+    resid = y - x1 @ coef
+    return 1.0 - resid.var(axis=0) / y.var(axis=0)
+
+
+def test_planted_structure(features):
+    p = plant(features, n_primary=20, n_aux=600, helpful_fraction=0.2, conflict_fraction=0.3, n_components=12,
+              n_factors=3, seed=1)
+    n = p.n_primary
+    y = p.targets.astype(np.float64)
+    assert y.shape == (features.shape[1], 620) and p.k_planted == 120
+    assert list(p.genes["role"][:n]) == ["primary"] * n and (p.genes["role"][n:] == "auxiliary").all()
+    assert p.genes["rank_planted"].iloc[n:].is_monotonic_increasing  # auxiliary genes in prior order
+    kinds = {k: y[:, n:][:, p.kind == k] for k in ("helpful", "conflict", "noise")}
+    # helpful genes are explained by the primaries' factors, conflict genes by the other ones, noise by neither
+    r2_shared = {k: _r2_from(p.shared, v).mean() for k, v in kinds.items()}
+    r2_conflict = {k: _r2_from(p.conflict, v).mean() for k, v in kinds.items()}
+    assert _r2_from(p.shared, y[:, :n]).mean() == pytest.approx(0.3, abs=0.08)
+    assert r2_shared["helpful"] == pytest.approx(0.6, abs=0.08) and r2_conflict["conflict"] == pytest.approx(0.8, abs=0.08)
+    assert r2_shared["conflict"] < 0.05 and r2_shared["noise"] < 0.05 and r2_conflict["helpful"] < 0.05
+    # through the image features: the factors are functions of them (the nonlinear ones only partly linear)
+    x = features.mean(axis=0)
+    assert _r2_from(np.hstack([x, x ** 2])[:, :200], p.shared).min() > 0.0
+    # helpful genes correlate with the primaries, conflict and noise genes do not
+    z = (y - y.mean(0)) / y.std(0)
+    corr = np.abs(z[:, :n].T @ z[:, n:] / len(z)).max(axis=0)
+    assert corr[p.kind == "helpful"].mean() > 3 * corr[p.kind == "conflict"].mean()
+    assert corr[p.kind == "conflict"].mean() < 1.5 * corr[p.kind == "noise"].mean()  # chance level, about
+
+
+@pytest.mark.parametrize("precision", [0.6, 0.8, 0.95])
+def test_prior_precision(features, precision):
+    p = plant(features, n_primary=10, n_aux=1000, precision=precision, n_components=8, n_factors=2, seed=0)
+    assert p.precision_at(p.k_planted) == pytest.approx(precision, abs=0.01)
+    assert p.precision_at(p.k_planted) < 1.0 or precision == 1.0  # not perfect: the prior is noisy
+    with pytest.raises(ConfigError, match="precision"):
+        plant(features, n_aux=100, precision=0.1, n_components=8, n_factors=2)
+
+
+def test_planted_store_trains_like_a_store(store, features):
+    from agl.config import TrainConfig
+    from agl.training.bundles import make_bundle
+
+    p = plant(features, n_primary=5, n_aux=40, n_components=8, n_factors=2)
+    split = store.split_names[0]
+    store = PlantedStore(store, p)
+    cfg = TrainConfig.from_dict({"method": "topk", "k": p.k_planted, "prior": "planted", "val_outer_fraction": 0.5,
+                                 "weights": None})
+    data = make_bundle(store, split, cfg)
+    assert data.n_primary == 5 and np.array_equal(data.targets, p.targets) and len(data.parts["val_outer"]) > 0
+    assert set(method_settings(6, ["unroll", "ift_cg"])) == {"pgl", "agl_all", "topk", "random_k", "dkgsb_unroll",
+                                                             "dkgsb_ift_cg"}
+    with pytest.raises(AGLError):
+        store.gene_set("no-such-split")
+
+
+def test_paired_test():
+    t = paired_test([0.5, 0.6, 0.55, 0.58], [0.4, 0.52, 0.5, 0.5])
+    assert t["mean_diff"] == pytest.approx(0.0775) and t["p"] < 0.05
