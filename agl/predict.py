@@ -33,7 +33,7 @@ import pandas as pd
 
 from agl.data.genes import locate_genes
 from agl.errors import CheckpointError, ConfigError, DataError
-from agl.fileio import check_output_folder, swap_folder, write_output_marker
+from agl.fileio import atomic_savefig, check_output_folder, swap_folder, write_output_marker
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class PredictOptions:
     batch_size: int = 64
     device: str = "auto"
     overwrite: bool = False
+    clip_maps: bool = True                  # maps show predictions below 0 (log1p scale) as 0
     min_gene_fraction: float = 0.5          # refuse a slide holding fewer of the model's genes
     warn_gene_fraction: float = 0.9         # warn below this fraction
 
@@ -184,12 +185,65 @@ def _pcc(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a[ok], b[ok])[0, 1])
 
 
-def plot_maps(adata: Any, genes: list[str], folder: Path) -> list[Path]:
-    """One PNG per slide: predicted vs measured expression of ``genes`` at the spot positions."""
+@dataclass
+class MapFigure:
+    """One slide's map figure: its file and, per gene, the shared colour range and the PCC shown."""
+
+    path: Path
+    scales: dict[str, tuple[float, float]]
+    pcc: dict[str, float]
+
+
+def _background(meta: Mapping[str, Any], box: tuple[float, float, float, float],
+                max_px: int = 1200) -> np.ndarray | None:
+    """The H&E under ``box`` (x0, y0, x1, y1 full-resolution px), at most ``max_px`` wide, read by region."""
+    from PIL import Image
+
+    from agl.data.patches import open_slide_image
+
+    path = meta.get("image_path")
+    if not path or not Path(path).is_file():
+        return None
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    try:
+        with open_slide_image(path) as img:
+            level = img.level_for(max(x1 - x0, y1 - y0) / max_px)
+            dx, dy = img.downsample(level)
+            region = img.region(level, int(x0 / dx), int(y0 / dy), int(np.ceil(x1 / dx)), int(np.ceil(y1 / dy)))
+    except (OSError, ValueError) as err:  # a map without its H&E is still worth writing
+        log.warning("%s: no H&E under the maps (%s)", path, err)
+        return None
+    thumb = Image.fromarray(region)
+    thumb.thumbnail((max_px, max_px))
+    return np.asarray(thumb)
+
+
+def _spot_px(meta: Mapping[str, Any], xy: np.ndarray) -> float:
+    """Spot diameter in full-resolution px: from the slide's record, else 70% of the spot spacing."""
+    um, mpp = meta.get("spot_diameter_um"), meta.get("microns_per_pixel")
+    if um and mpp:
+        return float(um) / float(mpp)
+    from scipy.spatial import cKDTree
+
+    if len(xy) < 2:
+        return 10.0
+    dist, _ = cKDTree(xy).query(xy, k=2)
+    return 0.7 * float(np.median(dist[:, 1]))
+
+
+def plot_maps(adata: Any, genes: list[str], folder: Path, clip: bool = True) -> list[MapFigure]:
+    """One PNG per slide: predicted beside measured expression of each of ``genes`` over the H&E.
+
+    Both panels of a gene share one colour scale (1st-99th percentile of both together), the
+    measured panel's title gives the PCC of what is shown, and with ``clip`` predictions below 0
+    (impossible on the log1p scale) are shown as 0.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.collections import EllipseCollection
+    from matplotlib.colors import Normalize
 
     folder.mkdir(parents=True, exist_ok=True)
     has_measured = "measured" in adata.layers
@@ -197,33 +251,53 @@ def plot_maps(adata: Any, genes: list[str], folder: Path) -> list[Path]:
     slides = adata.obs["slide_id"].astype(str).to_numpy()
     for slide in dict.fromkeys(slides):
         rows = np.flatnonzero(slides == slide)
-        xy = np.asarray(adata.obsm["spatial"])[rows]
+        xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)[rows, :2]
+        meta = (adata.uns.get("slides") or {}).get(slide, {})
+        spot = _spot_px(meta, xy)
+        box = (xy[:, 0].min() - spot, xy[:, 1].min() - spot, xy[:, 0].max() + spot, xy[:, 1].max() + spot)
+        under = _background(meta, box)
         ncols = 2 if has_measured else 1
-        fig, axes = plt.subplots(len(genes), ncols, figsize=(3.2 * ncols, 3.0 * len(genes)), dpi=100, squeeze=False)
+        fig, axes = plt.subplots(len(genes), ncols, figsize=(3.6 * ncols + 0.6, 3.4 * len(genes)), dpi=100,
+                                 squeeze=False)
+        scales, pccs = {}, {}
         for i, gene in enumerate(genes):
             j = adata.var_names.get_loc(gene)
-            pred = np.asarray(adata.X[rows, j]).ravel()
+            pred = np.asarray(adata.X[rows, j], dtype=np.float64).ravel()
+            if clip:
+                pred = np.maximum(pred, 0.0)
             panels = [("predicted", pred)]
             if has_measured:
-                panels.append(("measured", np.asarray(adata.layers["measured"][rows, j]).ravel()))
+                panels.append(("measured", np.asarray(adata.layers["measured"][rows, j], dtype=np.float64).ravel()))
+            shown = np.concatenate([v[np.isfinite(v)] for _, v in panels])
+            lo, hi = (np.percentile(shown, [1, 99]) if shown.size else (0.0, 1.0))
+            lo, hi = float(lo), float(hi) if hi > lo else float(lo) + 1e-6
+            scales[gene] = (lo, hi)
+            norm = Normalize(vmin=lo, vmax=hi)
+            pccs[gene] = _pcc(pred, panels[1][1]) if has_measured else math.nan
             for col, (label, values) in enumerate(panels):
                 ax = axes[i, col]
-                sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=9, cmap="viridis")
-                ax.invert_yaxis()  # image coordinates: y grows downwards
+                if under is not None:
+                    ax.imshow(under, extent=(box[0], box[2], box[3], box[1]), interpolation="bilinear")
+                ok = np.isfinite(values)
+                spots = EllipseCollection(spot, spot, 0.0, units="xy", offsets=xy[ok], offset_transform=ax.transData,
+                                          cmap="viridis", norm=norm, alpha=0.8, linewidths=0)
+                spots.set_array(values[ok])
+                ax.add_collection(spots)
+                ax.set_xlim(box[0], box[2])
+                ax.set_ylim(box[3], box[1])  # image coordinates: y grows downwards
                 ax.set_aspect("equal")
                 ax.set_xticks([])
                 ax.set_yticks([])
                 title = f"{gene} {label}"
                 if label == "measured":
-                    title += f" (PCC {_pcc(pred, values):.2f})"
+                    title += f" (PCC {pccs[gene]:.2f})"
                 ax.set_title(title, fontsize=9)
-                fig.colorbar(sc, ax=ax, fraction=0.046)
-        fig.suptitle(f"slide {slide}", fontsize=10)
-        fig.tight_layout()
+            fig.colorbar(spots, ax=list(axes[i]), fraction=0.046, label="log1p expression" if i == 0 else None)
+        fig.suptitle(f"slide {slide}: predicted and measured on one colour scale per gene", fontsize=10)
         path = folder / f"{slide}.png"
-        fig.savefig(path, format="png")
+        atomic_savefig(fig, path, format="png")
         plt.close(fig)
-        written.append(path)
+        written.append(MapFigure(path, scales, pccs))
     return written
 
 
@@ -280,7 +354,7 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
         primary_pcc = var["pcc_measured"].to_numpy()[:n_primary]
         result.write_h5ad(tmp / H5AD)
         top = primary[: opts.top_genes]
-        maps = plot_maps(result, top, tmp / MAPS) if top else []
+        maps = plot_maps(result, top, tmp / MAPS, clip=opts.clip_maps) if top else []
         shutil.rmtree(tmp / ".download", ignore_errors=True)
         write_output_marker(tmp, COMMAND, input=str(opts.input), format=opts.format)
         _publish(tmp, out, opts.overwrite)
@@ -288,7 +362,7 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     summary = {
-        "out": str(out), "h5ad": str(out / H5AD), "maps": [str(out / MAPS / p.name) for p in maps],
+        "out": str(out), "h5ad": str(out / H5AD), "maps": [str(out / MAPS / m.path.name) for m in maps],
         "n_spots": int(result.n_obs), "n_genes": int(result.n_vars),
         "mean_pcc_primary_measured": float(np.nanmean(primary_pcc)) if np.isfinite(primary_pcc).any() else None,
     }

@@ -183,3 +183,32 @@ def test_predict_refuses_a_slide_without_the_models_genes(trained: Path, her2st_
     assert f"{h5ad}: " in err and f"of the model's {n_genes} genes" in err and "missing e.g." in err, err
     assert "--min-gene-fraction 0.5" in err and "Traceback" not in err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_maps_share_one_scale_over_the_he_and_clip_at_zero(trained: Path, her2st_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from agl.predict import plot_maps
+
+    summary = predict_slides(options(her2st_dir, tmp_path / "pred", checkpoint=str(trained)))
+    assert summary["maps"] == [str(tmp_path / "pred" / "maps" / f"{SECTION}.png")]
+    result = ad.read_h5ad(tmp_path / "pred" / "predictions.h5ad")
+    genes = list(result.var_names[:2])
+    result.X[:, 0] = result.X[:, 0] - result.X[:, 0].mean()  # some predictions below 0, as an untrained head gives
+    for clip in (True, False):
+        (fig,) = plot_maps(result, genes, tmp_path / f"maps-{clip}", clip=clip)
+        assert fig.path.read_bytes()[:4] == b"\x89PNG"
+        for j, gene in enumerate(genes):
+            pred = np.asarray(result.X[:, j], dtype=float)
+            pred = np.maximum(pred, 0) if clip else pred
+            both = np.concatenate([pred, result.layers["measured"][:, j]])
+            # one colour range for the predicted and the measured panel of each gene
+            assert fig.scales[gene] == pytest.approx(tuple(np.percentile(both[np.isfinite(both)], [1, 99])))
+            assert fig.pcc[gene] == pytest.approx(np.corrcoef(pred, result.layers["measured"][:, j])[0, 1])
+        assert (fig.scales[genes[0]][0] >= 0) == clip
+    # the H&E lies underneath: without the image the same figure is (mostly white) different
+    del result.uns["slides"][SECTION]["image_path"]
+    (bare,) = plot_maps(result, genes, tmp_path / "maps-bare")
+    with_he = np.asarray(Image.open(tmp_path / "maps-True" / f"{SECTION}.png").convert("L"), dtype=float)
+    without = np.asarray(Image.open(bare.path).convert("L"), dtype=float)
+    assert with_he.shape == without.shape and without.mean() > with_he.mean() + 5

@@ -181,6 +181,8 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch-um", type=float, default=None, help="patch size in um (default: as in training)")
     p.add_argument("--patch-px", type=int, default=None, help="patch size in px (default: as in training)")
     p.add_argument("--top-genes", type=int, default=6, help="primary genes to map (PNG)")
+    p.add_argument("--no-clip", action="store_true",
+                   help="maps show predictions as the model gives them (default: below 0 on the log1p scale shown as 0)")
     p.add_argument("--min-gene-fraction", type=float, default=0.5, metavar="F",
                    help="refuse a slide holding fewer than this fraction of the model's genes (by symbol or ID)")
     p.add_argument("--warn-gene-fraction", type=float, default=0.9, metavar="F",
@@ -198,7 +200,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         out=args.out, input=args.input, format=args.format, reader_args=reader_args, checkpoint=args.checkpoint,
         tracking_uri=args.tracking_uri, model_name=args.model_name, alias=args.alias, patch_um=args.patch_um,
         patch_px=args.patch_px, top_genes=args.top_genes, device=args.device, overwrite=args.overwrite,
-        min_gene_fraction=args.min_gene_fraction, warn_gene_fraction=args.warn_gene_fraction))
+        clip_maps=not args.no_clip, min_gene_fraction=args.min_gene_fraction, warn_gene_fraction=args.warn_gene_fraction))
     print(json.dumps(summary, indent=1))
     return 0
 
