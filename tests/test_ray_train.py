@@ -87,7 +87,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, demo_store: Path,
     assert len(list(pids.glob("rank*.pid"))) >= 4
     assert result.metrics["resumed_from_epoch"] >= 1
     summary = read_result(result.checkpoint)
-    assert [h["epoch"] for h in summary["history"]] == list(range(epochs))
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, epochs + 1))  # 1-based in the record
 
 
 def test_scaling_config_is_checked() -> None:

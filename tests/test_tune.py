@@ -58,6 +58,26 @@ def test_tiny_sweep_table_mlflow_and_champion(ray_local, demo_store: Path, tmp_p
     with pytest.raises(ConfigError, match="--resume"):
         run_sweep(SweepOptions(space="tiny", store=str(demo_store), out=str(out)))
 
+    # the sweep folder can be moved (or copied back from a cluster): tune-sync points MLflow's
+    # artifact links at the new place, and nothing under the old path is needed any more
+    import shutil
+
+    from agl.cli import main
+    from agl.tracking import MlflowTracker
+
+    moved = tmp_path / "elsewhere" / "sweep"
+    moved.parent.mkdir()
+    shutil.move(str(out), str(moved))
+    assert main(["tune-sync", "--out", str(moved)]) == 0
+    tracker = MlflowTracker(default_tracking_uri(moved))
+    run_id = summary.best["mlflow_run_id"]
+    local = tracker.client.download_artifacts(run_id, "gene_set.csv", str(tmp_path))
+    assert Path(local).is_file() and pd.read_csv(local)["selected"].any()
+    assert tracker.client.get_run(run_id).info.artifact_uri.startswith(moved.as_uri())
+    folder = tracker.fetch_champion(dst=tmp_path / "champion")
+    assert (folder / "best.safetensors").is_file()
+    assert json.loads((moved / "sweep.json").read_text())["out"] == str(moved)
+
 
 def test_trials_as_nested_torch_trainers(ray_local, demo_store: Path, tmp_path: Path) -> None:
     """--trainer train: each trial drives a TorchTrainer; its final checkpoint reaches MLflow."""

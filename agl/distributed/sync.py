@@ -272,6 +272,38 @@ def example_patch(store_path: str | Path) -> np.ndarray | None:
         return None
 
 
+def relocate(out: str | Path) -> dict[str, Any]:
+    """The state of the sweep in ``out``, after pointing it at ``out`` if the folder was moved or copied.
+
+    sweep.json records the folder it was written in; when that is not ``out``, the local MLflow
+    database (``out/mlflow.db``, the default backend), Ray's results path and the champion's
+    folder are rewritten to the new place, so MLflow's artifact links work again. A sweep
+    tracked on an http(s) server keeps its artifacts there and needs only the paths."""
+    from agl.tracking import default_tracking_uri, relocate_sqlite
+
+    out = Path(out).resolve()
+    state_file = out / SWEEP_JSON
+    state = json.loads(state_file.read_text())
+    old = Path(state.get("out") or out)
+    if old == out:
+        return state
+
+    def moved(path: str) -> str:
+        return str(out / Path(path).relative_to(old)) if Path(path).is_relative_to(old) else path
+
+    if state["tracking_uri"] == default_tracking_uri(old):
+        rows = relocate_sqlite(out / "mlflow.db", old, out)
+        state["tracking_uri"] = default_tracking_uri(out)
+        log.info("%s was moved from %s: %d artifact locations in its mlflow.db now point here", out, old, rows)
+    if "://" not in state["storage_path"]:
+        state["storage_path"] = moved(state["storage_path"])
+    if state.get("champion"):
+        state["champion"] = {**state["champion"], "folder": moved(state["champion"]["folder"])}
+    state["out"] = str(out)
+    atomic_write_json(state_file, state, indent=1, default=str)
+    return state
+
+
 def sync_sweep(out: str | Path, tracking_uri: str | None = None) -> SyncReport:
     """``agl tune-sync``: send the tracker what a sweep in ``out`` holds locally and the tracker missed."""
     from ray.tune import ExperimentAnalysis, ResultGrid
@@ -285,7 +317,7 @@ def sync_sweep(out: str | Path, tracking_uri: str | None = None) -> SyncReport:
     state_file = out / SWEEP_JSON
     if not state_file.is_file():
         raise ConfigError(out, f"holds no sweep ({SWEEP_JSON} missing)")
-    state = json.loads(state_file.read_text())
+    state = relocate(out)
     uri = check_reachable(check_tracking_uri(tracking_uri or state["tracking_uri"]))
     options = state.get("options", {})
     space = load_space(options.get("space", "default"))
@@ -315,4 +347,4 @@ def sync_sweep(out: str | Path, tracking_uri: str | None = None) -> SyncReport:
 
 
 __all__ = ["PENDING_FILE", "SyncReport", "TrialView", "example_patch", "final_checkpoint", "finish_parent",
-           "finish_tracking", "log_refit", "mark_pending", "read_pending", "reconcile", "report_step", "sync_command", "sync_sweep"]
+           "finish_tracking", "log_refit", "mark_pending", "read_pending", "reconcile", "relocate", "report_step", "sync_command", "sync_sweep"]

@@ -37,7 +37,7 @@ from agl.distributed.results import (SUMMARY_MD, SWEEP_JSON, TABLE_CSV, TABLE_PN
                                      trial_config, trial_id_of, trial_run_name, write_table)
 from agl.distributed.spaces import SearchSpace, load_space, resolve_space_path
 from agl.distributed.sync import (PENDING_FILE, example_patch, final_checkpoint, finish_tracking, log_refit,
-                                  mark_pending, report_step, sync_command)
+                                  mark_pending, relocate, report_step, sync_command)
 from agl.errors import ConfigError
 from agl.fileio import atomic_write_json, check_output_folder, write_output_marker
 
@@ -119,7 +119,8 @@ def agl_trial(config: dict[str, Any], *, space: SearchSpace, store_path: str, th
             result = fit(cfg, data, reporter=TuneReporter(), resume_from=resume_from, out_dir=work)
         final = work / "final"
         summary = runs.finalize_run(result, data, final, split=space.split)
-        tune.report({**summary["metrics"], "epoch": result.epochs_run - 1, "final": True,
+        # val_pcc: the single-split objective, the best epoch's (Tune checks every report has it)
+        tune.report({**summary["metrics"], "val_pcc": result.best_val_pcc, "epoch": result.epochs_run - 1, "final": True,
                      "resumed": resume_from is not None},
                     checkpoint=tune.Checkpoint.from_directory(str(final)))
     finally:
@@ -388,6 +389,11 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     if state and not opts.resume:
         raise ConfigError(out, f"already holds sweep {state.get('name')!r}; pass --resume to continue it "
                                f"or choose another --out")
+    if state:  # a sweep folder moved or copied since: its paths and MLflow artifact links follow it
+        state = relocate(out)
+        if opts.storage_path is None:
+            storage_path = state["storage_path"]
+            exp_path = join_path(storage_path, opts.name)
     store_path = str(resolve_store(opts.store))
     # num_to_keep forces an experiment snapshot per checkpoint; harmless at this scale, so no warning spam
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -410,7 +416,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
              "trainer": opts.trainer, "store": store_path, "metric": space.metric, "mode": space.mode,
              **{f"fixed.{k}": v for k, v in space.fixed.items()}},
             files=[resolve_space_path(opts.space)], dataset=dataset)
-        atomic_write_json(state_file, {"name": opts.name, "parent_run_id": parent_run_id,
+        atomic_write_json(state_file, {"name": opts.name, "out": str(out), "parent_run_id": parent_run_id,
                                        "experiment_id": experiment_id, "tracking_uri": tracking_uri,
                                        "storage_path": storage_path, "options": asdict(opts)},
                           indent=1, default=str)

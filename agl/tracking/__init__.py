@@ -10,7 +10,7 @@ from agl.tracking.base import (CHAMPION, DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME,
                                STOPPED, TERMINAL, DatasetRef, RunView, Tracker, log_finished_run, scalar_metrics)
 from agl.tracking.memory import InMemoryTracker
 from agl.tracking.mlflow_backend import (MlflowTracker, TrackingUnavailable, check_reachable, check_tracking_uri,
-                                         default_tracking_uri, quick_failure_env)
+                                         default_tracking_uri, quick_failure_env, relocate_sqlite)
 
 
 def make_tracker(uri: str) -> Tracker:
@@ -21,4 +21,4 @@ def make_tracker(uri: str) -> Tracker:
 __all__ = ["CHAMPION", "DEFAULT_EXPERIMENT", "DEFAULT_MODEL_NAME", "FAILED", "FINISHED", "RUNNING", "STOPPED",
            "TERMINAL", "DatasetRef", "InMemoryTracker", "MlflowTracker", "RunView", "Tracker", "TrackingUnavailable",
            "check_reachable", "check_tracking_uri", "default_tracking_uri", "log_finished_run", "make_tracker",
-           "quick_failure_env", "scalar_metrics"]
+           "quick_failure_env", "relocate_sqlite", "scalar_metrics"]

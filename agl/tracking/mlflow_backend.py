@@ -91,6 +91,31 @@ def quick_failure_env() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
+# where a local MLflow SQLite database records artifact locations (MLflow 3)
+_LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("model_versions", "source"),
+                     ("model_versions", "storage_location"), ("logged_models", "artifact_location"))
+
+
+def relocate_sqlite(db: Path, old_root: Path, new_root: Path) -> int:
+    """Point every artifact location under ``old_root`` in the SQLite backend ``db`` at ``new_root``
+    (a sweep folder moved or copied with its mlflow.db and mlartifacts/); returns the rows changed.
+
+    MLflow records absolute artifact locations and has no API to change them; this rewrites
+    only the prefix, in one transaction, in the database inside the moved folder."""
+    import sqlite3
+
+    changed = 0
+    with sqlite3.connect(db) as conn:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        for old, new in ((old_root.as_uri() + "/", new_root.as_uri() + "/"), (f"{old_root}/", f"{new_root}/")):
+            for table, column in _LOCATION_COLUMNS:
+                if table in tables:
+                    changed += conn.execute(
+                        f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
+                        (new, len(old) + 1, len(old), old)).rowcount
+    return changed
+
+
 @contextmanager
 def _global_uri(uri: str) -> Iterator[None]:
     """mlflow's fluent model API reads the global tracking/registry URI: set it for one call only."""

@@ -40,6 +40,8 @@ class AglPyfuncModel(_Base):
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> np.ndarray:  # noqa: ANN001
         from agl.training.inference import run_model
 
+        if isinstance(model_input, dict):  # a named-tensor request ({"patches": ...})
+            model_input = model_input["patches"]
         patches = np.asarray(model_input)
         if patches.ndim != 4 or patches.shape[-1] != 3:
             raise ValueError(f"expected uint8 patches [N, px, px, 3], got shape {patches.shape}")
@@ -67,8 +69,8 @@ def save_pyfunc(checkpoint: Path, dest: Path, input_example: np.ndarray | None =
     model, _gate, cfg, genes = load_model(checkpoint)
     n_out = int(getattr(model, "n_genes", len(genes)))
     px = patch_px(checkpoint)
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, px, px, 3), "patches")]),
-                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_out), "expression")]))
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, px, px, 3))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_out))]))
     if input_example is not None:
         input_example = np.ascontiguousarray(input_example[:1], dtype=np.uint8)
     mlflow.pyfunc.save_model(
