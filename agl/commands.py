@@ -75,32 +75,10 @@ def int_list(text: str, name: str) -> list[int]:
 
 # --------------------------------------------------------------------------- agl train
 def write_run_outputs(out: Path, result: Any, data: Any, split: str, label: str) -> dict[str, Any]:
-    """result.json, selected_genes.csv, k_trajectory.png and per_gene_pcc.png of one run."""
-    import numpy as np
-    import pandas as pd
+    """The run record of one ``agl train`` run (result.json, gene_set.csv, plots: see agl.runs)."""
+    from agl.runs import write_run_record
 
-    from agl import plotting
-    from agl.evaluation.protocol import result_record
-    from agl.fileio import atomic_write_json, atomic_write_text
-
-    record = result_record(result, split, label, data.genes, data.n_primary)
-    aux = data.genes.iloc[data.n_primary:].reset_index(drop=True)
-    selected = np.asarray(result.selected, dtype=np.int64)
-    rank_col = f"rank_{result.config.prior}"
-    ranks = getattr(result.gate, "ranks", None)
-    prior_rank = (ranks.detach().cpu().numpy() if ranks is not None and ranks.numel() == len(aux)
-                  else aux[rank_col].to_numpy() if rank_col in aux else np.full(len(aux), np.nan))
-    weights = np.asarray(result.weights, dtype=float)
-    table = pd.DataFrame({"name": aux["gene"].to_numpy()[selected] if len(selected) else [],
-                          "prior_rank": prior_rank[selected] if len(selected) else [],
-                          "weight": weights[selected] if len(selected) else []})
-    atomic_write_text(out / "selected_genes.csv", table.to_csv(index=False))
-    plotting.plot_k_trajectories({label: [[row["k"] for row in result.history]]}, out / "k_trajectory.png",
-                                 n_aux=len(aux))
-    plotting.plot_per_gene_pcc(result.test["per_gene_pcc"], result.test["genes"], out / "per_gene_pcc.png",
-                               title=f"{label} on {split}: test PCC per primary gene")
-    atomic_write_json(out / "result.json", record)  # last: its presence marks a finished run
-    return record
+    return write_run_record(out, result, data, split, label)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -176,7 +154,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``train`` and ``evaluate``."""
     p = sub.add_parser("train", help="train one method on one split of a store",
-                       description="Train one run; writes result.json, checkpoint/, selected_genes.csv and plots.")
+                       description="Train one run; writes result.json, checkpoint/, gene_set.csv and plots.")
     add_store_arg(p, required=True)
     p.add_argument("--method", required=True, help="pgl | agl_all | topk | random_k | uncertainty | dkgsb | probe, "
                                                   "optionally with options: topk:k=100")

@@ -42,6 +42,20 @@ def plot_k_trajectories(trajectories: Mapping[str, Sequence[Sequence[float]]], p
     return _save(fig, path)
 
 
+def plot_k_and_val_pcc(history: Sequence[Mapping[str, float]], path: str | Path, title: str = "k per epoch") -> Path:
+    """One run: k (auxiliary genes kept) and validation PCC per epoch; rows carry 1-based ``epoch``."""
+    epochs = [int(h["epoch"]) for h in history]
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    ax.plot(epochs, [h.get("k", np.nan) for h in history], "o-", color="tab:blue")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("k (auxiliary genes kept)", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [h.get("val_pcc", np.nan) for h in history], "s--", color="tab:red")
+    ax2.set_ylabel("validation PCC", color="tab:red")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
 def plot_per_gene_pcc(per_gene_pcc: Sequence[float], genes: Sequence[str], path: str | Path,
                       title: str = "Test PCC per primary gene") -> Path:
     """Sorted bar chart of the per-gene test PCC."""

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import shutil
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import pandas as pd
 from agl.data.genes import locate_genes
 from agl.errors import CheckpointError, ConfigError, DataError
 from agl.fileio import atomic_savefig, check_output_folder, swap_folder, write_output_marker
+from agl.training.inference import run_model
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,10 @@ def resolve_checkpoint(opts: PredictOptions, download_to: Path) -> Path:
     if not opts.tracking_uri:
         raise ConfigError("--checkpoint", "give a checkpoint folder, or --tracking-uri (and --model-name/--alias) "
                                           "to pull the registered champion from MLflow")
-    from agl.distributed.tracking import download_model
+    from agl.tracking import make_tracker
 
-    return download_model(opts.tracking_uri, opts.model_name, opts.alias, dst=download_to)
+    # the champion's pyfunc model, loaded as mlflow.pyfunc.load_model("models:/<name>@<alias>") loads it
+    return make_tracker(opts.tracking_uri).fetch_champion(opts.model_name, opts.alias, dst=download_to)
 
 
 def patch_settings(ckpt: Path, opts: PredictOptions) -> tuple[float, int]:
@@ -143,39 +144,6 @@ def check_gene_overlap(present: np.ndarray, genes: list[str], slide_genes: Any, 
         raise DataError(source, f"{text}. Below --min-gene-fraction {min_fraction:g}: another species, or gene IDs "
                                 "without a gene_symbols column in var? (lower --min-gene-fraction to predict anyway)")
     log.warning("%s: %s (below --warn-gene-fraction %g)", source, text, warn_fraction)
-
-
-def run_model(model: Any, cfg: Any, patches: np.ndarray, batch_size: int, device: str) -> np.ndarray:
-    """Model outputs for uint8 patches: through the frozen backbone first in features mode."""
-    import torch
-
-    from agl.models import create_backbone
-    from agl.models.features import to_model_input
-    from agl.training.loop import resolve_device
-
-    dev = resolve_device(device)
-    model = model.to(dev).eval()
-    encoder = None
-    if cfg.mode == "features":
-        from agl.models.backbones import check_same_preprocessing
-
-        encoder, _ = create_backbone(cfg.backbone, cfg.weights)
-        check_same_preprocessing(getattr(model, "encoder_input", None), encoder.preprocessing, f"{cfg.backbone} checkpoint")
-        encoder = encoder.to(dev).eval()
-    outs = []
-    started = time.perf_counter()
-    with torch.inference_mode():
-        for start in range(0, len(patches), batch_size):
-            x = to_model_input(np.ascontiguousarray(patches[start:start + batch_size]), dev)
-            if encoder is not None:
-                x = encoder(x)
-            outs.append(model(x).float().cpu().numpy())
-            done = min(start + batch_size, len(patches))
-            if (start // batch_size) % 10 == 9 or done == len(patches):
-                rate = done / max(time.perf_counter() - started, 1e-9)
-                log.info("predicted %d/%d spots (%.0f spots/s, ETA %.0f s)", done, len(patches), rate,
-                         (len(patches) - done) / max(rate, 1e-9))
-    return np.concatenate(outs) if outs else np.zeros((0, 0), dtype=np.float32)
 
 
 def _pcc(a: np.ndarray, b: np.ndarray) -> float:

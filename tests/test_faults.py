@@ -15,7 +15,7 @@ import pytest
 
 from agl.training.checkpoint import load_checkpoint
 from agl.cli import main
-from agl.distributed import tracking
+from agl.tracking import MlflowTracker, default_tracking_uri
 from agl.distributed.sync import PENDING_FILE
 from agl.errors import CheckpointError
 from servers import MlflowServer
@@ -123,7 +123,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout_s: float, what: str) ->
 
 
 def _trial_runs(uri: str) -> list:
-    c = tracking.client(uri)
+    c = MlflowTracker(uri).client
     exp_id = c.get_experiment_by_name("agl-sweep").experiment_id
     return c.search_runs([exp_id], filter_string="tags.`agl.kind` = 'trial'")
 
@@ -165,11 +165,11 @@ def _check_synced(server: MlflowServer, out: Path, table: pd.DataFrame) -> None:
     assert not (out / PENDING_FILE).exists()
     runs = _trial_runs(server.url)
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
-    c = tracking.client(server.url)
+    c = MlflowTracker(server.url).client
     for run in runs:
         steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, "val_pcc"))
-        assert steps == [0, 1], steps  # every epoch exactly once, none missing, none twice
-        assert {"selected_genes.csv", "checkpoint"} <= {a.path for a in c.list_artifacts(run.info.run_id)}
+        assert steps == [1, 2], steps  # every epoch exactly once, none missing, none twice
+        assert {"gene_set.csv", "checkpoint"} <= {a.path for a in c.list_artifacts(run.info.run_id)}
         assert run.data.tags.get("gene_set_sha256")
     best = table.sort_values("val_pcc", ascending=False).iloc[0]
     champion = c.get_model_version_by_alias("agl-model", "champion")
@@ -211,7 +211,7 @@ def test_driver_killed_mid_sweep_is_restored(demo_store, tmp_path) -> None:
     for trial_dir, val_pcc in before.items():
         trial_id = next(t for t in kept.index if t in trial_dir)
         assert kept[trial_id] == pytest.approx(val_pcc)  # the finished result was kept, not re-drawn
-    runs = _trial_runs(tracking.default_tracking_uri(out))
+    runs = _trial_runs(default_tracking_uri(out))
     assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(table["trial_id"])
 
 

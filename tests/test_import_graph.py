@@ -14,12 +14,11 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "agl"
 
-# Known leftovers that issue 9's tracking-seam work (item 4, helper h14t) removes while it
-# rewrites agl/distributed/{sync,tune,tracking}.py and predict's MLflow access. Delete an entry
-# with the change that removes it; anything not listed here fails the tests below.
-PENDING_CYCLES = [["agl.distributed.sync", "agl.distributed.tune"]]
-PENDING_PRIVATE = ["agl/distributed/sync.py: from agl.distributed.tune import _join"]
-PENDING_LAYERING = {"agl.predict": {"agl.distributed.tracking"}}
+# Known leftovers, each deleted with the change that removes it; anything not listed here fails
+# the tests below. (Empty since the tracking seam: agl.tracking.)
+PENDING_CYCLES: list[list[str]] = []
+PENDING_PRIVATE: list[str] = []
+PENDING_LAYERING: dict[str, set[str]] = {}
 
 
 def module_name(path: Path) -> str:
@@ -138,7 +137,8 @@ def test_no_private_names_across_modules() -> None:
     assert not private, "private names imported from another module:\n" + "\n".join(private)
 
 
-@pytest.mark.parametrize("module", ["agl.predict"])
+@pytest.mark.parametrize("module", ["agl.predict", "agl.tracking", "agl.tracking.base", "agl.tracking.memory",
+                                    "agl.tracking.mlflow_backend", "agl.tracking.pyfunc", "agl.runs"])
 def test_predict_does_not_import_the_distributed_layer(module: str) -> None:
     graph, _ = build_graph()
     upward = {m for m in graph[module] if m.startswith("agl.distributed")} - PENDING_LAYERING.get(module, set())

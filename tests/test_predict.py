@@ -7,7 +7,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from agl.distributed import tracking
+from agl import runs
 from agl.errors import CheckpointError, DataError
 from agl.predict import PredictOptions, predict_slides
 
@@ -25,7 +25,7 @@ def trained(demo_store: Path, tmp_path_factory) -> Path:
     cfg = TrainConfig.from_dict({"method": "topk", "k": 32, "epochs": 3, "trunk": [64]})
     data = make_bundle(demo_store, SPLIT, cfg)
     result = fit(cfg, data, out_dir=root / "run")
-    tracking.finalize_checkpoint(result, data, root / "final")
+    runs.finalize_run(result, data, root / "final", split=SPLIT)
     return root / "final"
 
 
@@ -86,17 +86,16 @@ def test_no_silent_overwrite_and_atomic(trained: Path, her2st_dir: Path, tmp_pat
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_predict_pulls_the_champion(trained: Path, her2st_dir: Path, tmp_path: Path) -> None:
-    import json
+def test_predict_pulls_the_champion(trained: Path, her2st_dir: Path, demo_store: Path, tmp_path: Path) -> None:
+    from agl.data.store import open_store
+    from agl.tracking import MlflowTracker, default_tracking_uri, log_finished_run
 
-    from agl.training.loop import TrainConfig
-
-    uri = tracking.default_tracking_uri(tmp_path)
-    history = json.loads((trained / "result.json").read_text())["history"]
-    cfg = TrainConfig.from_dict(json.loads((trained / "config.json").read_text()))
-    run_id = tracking.log_single_run(uri, "agl-predict", cfg, history, trained, run_name="one",
-                                     artifact_root=tmp_path / "artifacts")
-    tracking.register_champion(uri, run_id, "agl-test-model")
+    uri = default_tracking_uri(tmp_path)
+    tracker = MlflowTracker(uri)
+    config = runs.read_record(trained)["config"]
+    run_id = log_finished_run(tracker, "agl-predict", "one", config, trained, artifact_root=tmp_path / "artifacts")
+    example = np.asarray(open_store(demo_store).patches[:1])
+    tracker.register_model(run_id, trained, "agl-test-model", input_example=example)
     summary = predict_slides(options(her2st_dir, tmp_path / "pred", tracking_uri=uri, model_name="agl-test-model"))
     assert summary["n_spots"] > 100
 

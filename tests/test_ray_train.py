@@ -37,10 +37,11 @@ def test_in_process_mode_writes_a_loadable_checkpoint(ray_local, demo_store: Pat
     assert m["final"] and m["epochs_run"] == 2 and -1 <= m["test_pcc"] <= 1
     with result.checkpoint.as_directory() as folder:
         model, gate, cfg, genes = load_model(folder)  # safetensors + JSON, no unpickling
-        selected = pd.read_csv(Path(folder) / "selected_genes.csv")
+        table = pd.read_csv(Path(folder) / "gene_set.csv")
+    selected = table[(table["role"] == "auxiliary") & table["selected"]]
     assert cfg.k == 64 and len(selected) == m["final_k"] == gate.k()
-    assert list(selected.columns) == ["name", "prior_rank", "weight"]
-    assert set(selected["name"]) <= set(genes["gene"].iloc[int((genes["role"] == "primary").sum()):])
+    assert list(table.columns) == ["gene", "role", "prior_rank", "final_weight", "selected"]
+    assert set(selected["gene"]) <= set(genes["gene"].iloc[int((genes["role"] == "primary").sum()):])
 
 
 def test_two_workers_read_ray_data_shards(ray_local, demo_store: Path, tmp_path: Path) -> None:
@@ -86,7 +87,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, demo_store: Path,
     assert len(list(pids.glob("rank*.pid"))) >= 4
     assert result.metrics["resumed_from_epoch"] >= 1
     summary = read_result(result.checkpoint)
-    assert [h["epoch"] for h in summary["history"]] == list(range(epochs))
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, epochs + 1))  # 1-based in the record
 
 
 def test_scaling_config_is_checked() -> None:

@@ -30,9 +30,12 @@ def test_train_writes_outputs_and_refuses_overwrite(demo_store, tmp_path, cheap,
         assert key in result, key
     assert result["method"] == "dkgsb" and result["split"] == split and result["epochs"] == 2
     assert set(result["per_slide"]) and all("pcc" in v for v in result["per_slide"].values())
-    selected = pd.read_csv(out / "selected_genes.csv")
-    assert list(selected.columns) == ["name", "prior_rank", "weight"]
-    assert len(selected) == result["k"] == result["selected_aux_genes"]
+    from agl import runs
+
+    table = pd.read_csv(out / "gene_set.csv")
+    assert list(table.columns) == runs.GENE_COLUMNS and result["schema_version"] == runs.SCHEMA_VERSION
+    selected = runs.selected_aux(table)
+    assert len(selected) == result["k"] == result["selected_aux_genes"] == result["n_selected"]
     assert selected["prior_rank"].is_monotonic_increasing
     assert (out / "checkpoint" / "best.safetensors").is_file()
     for png in ("k_trajectory.png", "per_gene_pcc.png"):

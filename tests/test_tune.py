@@ -13,12 +13,20 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from agl.distributed import tracking
+from agl.tracking import MlflowTracker, default_tracking_uri
 from agl.distributed.spaces import load_space
 from agl.distributed.tune import SweepOptions, _scheduler, run_sweep
 from agl.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def client(uri: str):
+    return MlflowTracker(uri).client
+
+
+def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> dict[str, str]:
+    return {k: v.run_id for k, v in MlflowTracker(uri).trial_runs(experiment_id, parent_run_id).items()}
 
 
 def test_tiny_sweep_table_mlflow_and_champion(ray_local, demo_store: Path, tmp_path: Path) -> None:
@@ -34,21 +42,41 @@ def test_tiny_sweep_table_mlflow_and_champion(ray_local, demo_store: Path, tmp_p
     assert (out / "trials.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the best trial is the one with the highest validation PCC, and it is the champion
     assert summary.best["val_pcc"] == pytest.approx(table["val_pcc"].max())
-    c = tracking.client(summary.tracking_uri)
+    c = client(summary.tracking_uri)
     champion = c.get_model_version_by_alias("agl-model", "champion")
     assert champion.run_id == summary.best["mlflow_run_id"]
-    children = tracking.child_runs(summary.tracking_uri, c.get_experiment_by_name("agl-sweep").experiment_id,
+    children = child_runs(summary.tracking_uri, c.get_experiment_by_name("agl-sweep").experiment_id,
                                    summary.parent_run_id)
     assert len(children) == 2
 
     # restoring a finished sweep re-runs nothing and keeps one MLflow run per trial
     again = run_sweep(SweepOptions(space="tiny", store=str(demo_store), out=str(out), num_samples=2, resume=True))
     assert sorted(again.table["trial_id"]) == sorted(table["trial_id"])
-    assert len(tracking.child_runs(summary.tracking_uri, c.get_experiment_by_name("agl-sweep").experiment_id,
+    assert len(child_runs(summary.tracking_uri, c.get_experiment_by_name("agl-sweep").experiment_id,
                                    summary.parent_run_id)) == 2
     # a second sweep into the same folder without --resume is refused
     with pytest.raises(ConfigError, match="--resume"):
         run_sweep(SweepOptions(space="tiny", store=str(demo_store), out=str(out)))
+
+    # the sweep folder can be moved (or copied back from a cluster): tune-sync points MLflow's
+    # artifact links at the new place, and nothing under the old path is needed any more
+    import shutil
+
+    from agl.cli import main
+    from agl.tracking import MlflowTracker
+
+    moved = tmp_path / "elsewhere" / "sweep"
+    moved.parent.mkdir()
+    shutil.move(str(out), str(moved))
+    assert main(["tune-sync", "--out", str(moved)]) == 0
+    tracker = MlflowTracker(default_tracking_uri(moved))
+    run_id = summary.best["mlflow_run_id"]
+    local = tracker.client.download_artifacts(run_id, "gene_set.csv", str(tmp_path))
+    assert Path(local).is_file() and pd.read_csv(local)["selected"].any()
+    assert tracker.client.get_run(run_id).info.artifact_uri.startswith(moved.as_uri())
+    folder = tracker.fetch_champion(dst=tmp_path / "champion")
+    assert (folder / "best.safetensors").is_file()
+    assert json.loads((moved / "sweep.json").read_text())["out"] == str(moved)
 
 
 def test_trials_as_nested_torch_trainers(ray_local, demo_store: Path, tmp_path: Path) -> None:
@@ -57,10 +85,10 @@ def test_trials_as_nested_torch_trainers(ray_local, demo_store: Path, tmp_path: 
     summary = run_sweep(SweepOptions(space="tiny", store=str(demo_store), out=str(out), num_samples=1,
                                      trainer="train", workers_per_trial=1))
     assert list(summary.table["status"]) == ["finished"]
-    c = tracking.client(summary.tracking_uri)
+    c = client(summary.tracking_uri)
     run_id = summary.best["mlflow_run_id"]
     files = {a.path for a in c.list_artifacts(run_id)}
-    assert {"selected_genes.csv", "checkpoint"} <= files
+    assert {"gene_set.csv", "checkpoint", "model"} <= files
     assert c.get_model_version_by_alias("agl-model", "champion").run_id == run_id
 
 
@@ -103,8 +131,8 @@ def test_interrupted_sweep_resumes(demo_store: Path, tmp_path: Path) -> None:
     table = pd.read_csv(out / "trials.csv")
     assert len(table) == 3 and set(table["status"]) == {"finished"}, table
     # one MLflow child run per trial, even across the restart
-    uri = tracking.default_tracking_uri(out)
-    c = tracking.client(uri)
+    uri = default_tracking_uri(out)
+    c = client(uri)
     exp_id = c.get_experiment_by_name("agl-sweep").experiment_id
     runs = c.search_runs([exp_id], filter_string="tags.`agl.kind` = 'trial'")
     assert len(runs) == 3
@@ -176,14 +204,14 @@ def test_cross_validated_sweep_refits_the_champion(ray_local, demo_store: Path, 
     refit_result = json.loads((out / "champion" / "result.json").read_text())
     assert refit_result["refit_of"] == summary.best["trial_id"] and -1 < refit_result["metrics"]["test_pcc"] < 1
     assert (out / "champion" / "model.safetensors").is_file() or list((out / "champion").glob("*.safetensors"))
-    c = tracking.client(summary.tracking_uri)
+    c = client(summary.tracking_uri)
     version = c.get_model_version_by_alias("agl-model", "champion")
     assert version.run_id == champion["run_id"]
     assert c.get_run(version.run_id).data.tags["agl.kind"] == "refit"
     exp_id = c.get_experiment_by_name("agl-sweep").experiment_id
-    for trial_id, run_id in tracking.child_runs(summary.tracking_uri, exp_id, summary.parent_run_id).items():
+    for trial_id, run_id in child_runs(summary.tracking_uri, exp_id, summary.parent_run_id).items():
         run = c.get_run(run_id)
-        assert {"selected_genes.csv", "result.json"} <= {a.path for a in c.list_artifacts(run_id)}
+        assert {"gene_set.csv", "result.json"} <= {a.path for a in c.list_artifacts(run_id)}
         assert "final_k" in run.data.metrics and "gene_set_sha256" in run.data.tags
         if trial_id != "refit":
             assert len(c.get_metric_history(run_id, "fold_pcc")) == 2

@@ -131,7 +131,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train_ray(args: argparse.Namespace) -> int:
     from agl.commands import parse_sets, read_config_file
-    from agl.distributed import tracking
+    from agl import tracking
     from agl.data.locate import resolve_store
     from agl.distributed.runtime import init_ray
     from agl.distributed.train import run_train
@@ -157,9 +157,8 @@ def cmd_train_ray(args: argparse.Namespace) -> int:
                       **metrics}, indent=1))
     if args.tracking_uri and result.checkpoint is not None:
         with result.checkpoint.as_directory() as folder:
-            history = json.loads((Path(folder) / tracking.RESULT_JSON).read_text()).get("history", [])
-            run_id = tracking.log_single_run(tracking.check_tracking_uri(args.tracking_uri), args.experiment, cfg,
-                                             history, folder, run_name=name, tags={"agl.split": args.split})
+            run_id = tracking.log_finished_run(tracking.make_tracker(args.tracking_uri), args.experiment, name,
+                                               cfg.to_dict(), Path(folder), tags={"agl.split": args.split})
         print(f"MLflow run {run_id} in {args.tracking_uri}")
     return 0
 

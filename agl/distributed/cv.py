@@ -9,9 +9,11 @@ after every fold reports to Tune:
   ``test`` part: in ``loso`` folds a whole slide the fold never trained on), the number Tune,
   Optuna and ASHA see; ``cv_pcc_se``: its standard error (sample sd / sqrt(folds));
 - ``folds_done`` (ASHA's time attribute), ``fold_pcc`` (this fold), ``final_k`` (mean k);
-- a small checkpoint folder: ``cv.json`` (every fold's metrics), ``folds/<fold>/`` (its gene
-  set, k plot and result.json) and, at the top, ``selected_genes.csv`` (genes selected in at
-  least half of the folds, with how often) and ``result.json`` (the trial's metrics).
+- a small checkpoint folder: ``cv.json`` (every fold's metrics), ``folds/<fold>/`` (its run
+  record, :mod:`agl.runs`) and, at the top, the trial's record: ``gene_set.csv`` (an auxiliary
+  gene is ``selected`` when at least half of the folds selected it; ``final_weight`` is its mean
+  over the folds, ``folds_selected`` how many), the last fold's k plot and ``result.json``
+  (kind ``cv_trial``: the fold-level metrics).
 
 So a trial stopped by the scheduler after some folds still has its gene set, k and fold
 metrics, and a restored trial skips the folds its checkpoint holds. Fold model weights are
@@ -32,7 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from agl.distributed import tracking
+from agl import runs
 from agl.fileio import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -61,17 +63,21 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 
 def consensus_genes(fold_tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """Auxiliary genes selected in at least half of the folds: name, prior_rank, weight (mean over
-    the folds that selected it), folds_selected (how many of the folds)."""
-    columns = ["name", "prior_rank", "weight", "folds_selected"]
-    frames = [t.assign(fold=f) for f, t in fold_tables.items() if len(t)]
-    if not frames:
-        return pd.DataFrame(columns=columns)
-    every = pd.concat(frames)
-    table = every.groupby("name", sort=False).agg(prior_rank=("prior_rank", "min"), weight=("weight", "mean"),
-                                                  folds_selected=("fold", "nunique")).reset_index()
-    table = table[table["folds_selected"] * 2 >= len(fold_tables)]
-    return table[columns].sort_values(["prior_rank", "name"], kind="stable").reset_index(drop=True)
+    """The trial's gene table from its folds' (same genes in every fold): an auxiliary gene is selected
+    when at least half of the folds selected it; final_weight is the mean over the folds;
+    folds_selected counts the folds that selected it."""
+    tables = list(fold_tables.values())
+    if not tables:
+        return pd.DataFrame(columns=runs.GENE_COLUMNS + ["folds_selected"])
+    first = tables[0].set_index("gene")
+    every = pd.concat([t.set_index("gene")[["final_weight", "selected"]] for t in tables])
+    every["selected"] = every["selected"].astype(bool)
+    grouped = every.groupby(level=0, sort=False)
+    table = first[["role", "prior_rank"]].copy()
+    table["final_weight"] = grouped["final_weight"].mean().reindex(table.index)
+    table["folds_selected"] = grouped["selected"].sum().reindex(table.index).astype(int)
+    table["selected"] = (table["role"] == "primary") | (table["folds_selected"] * 2 >= len(tables))
+    return table.reset_index()[runs.GENE_COLUMNS + ["folds_selected"]]
 
 
 def summarise(folds: Mapping[str, Mapping[str, float]], total: int) -> dict[str, float]:
@@ -90,19 +96,17 @@ def summarise(folds: Mapping[str, Mapping[str, float]], total: int) -> dict[str,
 
 def write_trial_folder(folder: Path, folds: Mapping[str, Mapping[str, float]], total: int,
                        config: Mapping[str, Any]) -> dict[str, Any]:
-    """cv.json, the consensus selected_genes.csv and the trial's result.json (from folds/<fold>/)."""
-    tables = {name: pd.read_csv(folder / FOLDS_DIR / name / tracking.GENES_CSV) for name in folds}
+    """cv.json and the trial's run record (gene_set.csv, k plot, result.json) from folds/<fold>/."""
+    tables = {name: runs.read_gene_table(folder / FOLDS_DIR / name) for name in folds}
     genes = consensus_genes(tables)
-    atomic_write_text(folder / tracking.GENES_CSV, genes.to_csv(index=False))
-    last = folder / FOLDS_DIR / list(folds)[-1] / tracking.K_PLOT
+    atomic_write_text(folder / runs.GENE_SET_CSV, genes.to_csv(index=False))
+    last = folder / FOLDS_DIR / list(folds)[-1] / runs.K_PLOT
     if last.is_file():
-        shutil.copyfile(last, folder / tracking.K_PLOT)
+        shutil.copyfile(last, folder / runs.K_PLOT)
     metrics = summarise(folds, total)
     atomic_write_json(folder / CV_JSON, {"folds": dict(folds), "total": total}, indent=1)
-    summary = {"metrics": metrics, "gene_set_sha256": tracking.gene_set_hash(genes["name"]),
-               "n_selected": int(len(genes)), "config": dict(config), "folds": dict(folds)}
-    atomic_write_json(folder / tracking.RESULT_JSON, summary, indent=1)
-    return summary
+    return runs.write_record(folder, {"kind": "cv_trial", "method": config.get("method"), "metrics": metrics,
+                                      **runs.gene_set_fields(genes), "config": dict(config), "folds": dict(folds)})
 
 
 def agl_cv_trial(config: dict[str, Any], *, space: Any, store_path: str, threads: int = 1) -> None:
@@ -131,7 +135,7 @@ def agl_cv_trial(config: dict[str, Any], *, space: Any, store_path: str, threads
                 continue  # restored trial: this fold is in the checkpoint
             data = make_bundle(store, space.split, cfg, rank=0, world_size=1, roles=fold)
             result = fit(cfg, data)
-            summary = tracking.finalize_checkpoint(result, data, work / FOLDS_DIR / name)
+            summary = runs.finalize_run(result, data, work / FOLDS_DIR / name, split=name)
             done[name] = summary["metrics"]
             trial = write_trial_folder(work, done, len(roles), cfg.to_dict())
             log.info("fold %s (%d/%d) %s: held-out PCC %.4f, cv_pcc %.4f +- %.4f", name, len(done), len(roles),
@@ -160,7 +164,7 @@ def refit(space: Any, config: Mapping[str, Any], store_path: str, dest: str | Pa
     work = Path(tempfile.mkdtemp(prefix="agl-refit-"))
     try:
         result = fit(cfg, data, out_dir=work)
-        summary = tracking.finalize_checkpoint(result, data, work / "final")
+        summary = runs.finalize_run(result, data, work / "final", split=space.split)
         dest = Path(dest)
         tmp = dest.with_name(dest.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,16 +1,16 @@
-"""Bring MLflow up to date with a sweep's local results, after an outage or at the end of a sweep.
+"""Bring the tracker up to date with a sweep's local results, after an outage or at the end of a sweep.
 
-Ray Tune keeps every trial's reports (one row per epoch plus the final one), its config and
-its checkpoints in the experiment folder, so the local results are the record and MLflow
-is a view of them that can always be rebuilt. :func:`reconcile` compares the two and sends
-what MLflow lacks: missing child runs (with their params), per-epoch metrics of epochs not
-yet logged, the final run folder (gene set, k plot, checkpoint), the run status, and, once
-the sweep is complete, the champion model version and the closed parent run. It is
-idempotent: on a sweep that MLflow saw whole it sends nothing but the champion.
+Ray Tune keeps every trial's reports (one row per epoch or fold, plus the final one), its
+config and its checkpoints in the experiment folder, so the local results are the record and
+the tracker is a view of them that can always be rebuilt. :func:`reconcile` compares the two
+and sends what the tracker lacks: missing child runs (with their params), per-epoch metrics of
+epochs not yet logged, the run record (gene set, k plot, checkpoint), the run status, and,
+once the sweep is complete, the champion model version and the closed parent run. It is
+idempotent: on a sweep that the tracker saw whole it sends nothing but the champion.
 
-While MLflow is unreachable, the sweep driver writes ``OUT/mlflow-pending.json`` (what was
-missed and the command to send it); ``agl tune-sync --out OUT`` or the next ``--resume``
-sends it and removes the file.
+Everything here goes through :class:`agl.tracking.Tracker`. While the tracker is unreachable,
+the sweep driver writes ``OUT/mlflow-pending.json`` (what was missed and the command to send
+it); ``agl tune-sync --out OUT`` or the next ``--resume`` sends it and removes the file.
 """
 from __future__ import annotations
 
@@ -18,15 +18,18 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from agl.distributed import tracking
+from agl.distributed.results import (SWEEP_JSON, best_trial, join_path, summary_table, sweep_complete, trial_config,
+                                     trial_run_name, write_table)
 from agl.errors import ConfigError
 from agl.fileio import atomic_write_json
+from agl.tracking import FAILED, FINISHED, STOPPED, TERMINAL, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +40,23 @@ FOLD_KEYS = ("cv_pcc", "cv_pcc_se", "fold_pcc", "final_k")
 
 
 def report_step(row: Mapping[str, Any]) -> tuple[int, dict[str, Any]] | None:
-    """(MLflow step, metrics) of one Tune report: an epoch of a single-split trial, a fold of a
-    cross-validated one; None for the final report of a single-split trial (logged from result.json)."""
+    """(tracker step, metrics) of one Tune report: an epoch of a single-split trial (step = epoch,
+    1-based, as in the plots and result.json), a fold of a cross-validated one (step = folds done);
+    None for the final report of a single-split trial (its record carries the end-of-run metrics)."""
     if "folds_done" in row and not _missing(row.get("folds_done")):
         return int(row["folds_done"]), {k: v for k, v in row.items() if k in FOLD_KEYS}
-    if _flag(row.get("final")) or "epoch" not in row:
+    if _flag(row.get("final")) or "epoch" not in row or _missing(row.get("epoch")):
         return None
-    return int(row["epoch"]), {k: v for k, v in row.items() if k in EPOCH_KEYS}
+    return int(row["epoch"]) + 1, {k: v for k, v in row.items() if k in EPOCH_KEYS}
 
 
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
-_TERMINAL = ("FINISHED", "FAILED", "KILLED")
+
+
+def _flag(value: Any) -> bool:
+    """A boolean report field as read back from Tune's results (True, numpy True; NaN where absent)."""
+    return isinstance(value, (bool, np.bool_)) and bool(value)
 
 
 def sync_command(out: str | Path) -> str:
@@ -56,7 +64,7 @@ def sync_command(out: str | Path) -> str:
 
 
 def mark_pending(out: str | Path, tracking_uri: str, reason: str, trial_ids: Iterable[str] = ()) -> Path:
-    """Record (atomically) that MLflow missed part of the sweep in ``out``, and how to send it later."""
+    """Record (atomically) that the tracker missed part of the sweep in ``out``, and how to send it later."""
     path = Path(out) / PENDING_FILE
     previous = read_pending(out) or {}
     trials = sorted(set(previous.get("trials", [])) | set(trial_ids))
@@ -68,11 +76,6 @@ def mark_pending(out: str | Path, tracking_uri: str, reason: str, trial_ids: Ite
 def read_pending(out: str | Path) -> dict[str, Any] | None:
     path = Path(out) / PENDING_FILE
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _flag(value: Any) -> bool:
-    """A boolean report field as read back from Tune's results (True, numpy True; NaN where absent)."""
-    return isinstance(value, (bool, np.bool_)) and bool(value)
 
 
 def final_checkpoint(last: Mapping[str, Any], tune_checkpoint: Any) -> Any:
@@ -89,7 +92,7 @@ class TrialView:
 
     trial_id: str
     config: dict[str, Any]
-    rows: list[dict[str, Any]]          # per-epoch reports, in order
+    rows: list[dict[str, Any]]          # per-epoch (or per-fold) reports, in order
     final: bool                         # the trial reported its final metrics and run folder
     failed: bool
     checkpoint: Any                     # ray.tune.Checkpoint of the run folder, or None
@@ -112,7 +115,7 @@ class TrialView:
 
 @dataclass
 class SyncReport:
-    runs: dict[str, str] = field(default_factory=dict)   # trial id -> MLflow run id
+    runs: dict[str, str] = field(default_factory=dict)   # trial id -> tracker run id
     created: int = 0
     epochs_logged: int = 0
     folders_logged: int = 0
@@ -120,163 +123,228 @@ class SyncReport:
     champion: str | None = None
 
 
-def send_trial(c: Any, run_id: str, trial: TrialView, logged_steps: set[int], has_folder: bool) -> tuple[int, bool]:
-    """Log a trial's epochs not in ``logged_steps`` and, if it finished and the run lacks it, its run
-    folder; returns (epochs sent, folder sent)."""
+def send_trial(tracker: Tracker, run_id: str, trial: TrialView, logged_steps: set[int], has_record: bool) -> tuple[int, bool]:
+    """Log a trial's epochs not in ``logged_steps`` and, if it has a run folder the run lacks, its
+    record; returns (epochs sent, record sent)."""
     sent = 0
     for row in trial.rows:
         found = report_step(row)
-        if found is None or found[0] < 0 or found[0] in logged_steps:
+        if found is None or found[0] < 1 or found[0] in logged_steps:
             continue
-        metrics = tracking._metrics(found[1], found[0])
-        if metrics:
-            c.log_batch(run_id, metrics=metrics)
-            sent += 1
+        tracker.log_metrics(run_id, found[1], found[0])
+        sent += 1
     folder = False
-    if trial.checkpoint is not None and not has_folder:
+    if trial.checkpoint is not None and not has_record:
         with trial.checkpoint.as_directory() as local:
-            tracking.log_run_folder(c, run_id, local)
+            tracker.end_trial(run_id, Path(local), status=None)
         folder = True
     return sent, folder
 
 
 def trial_status(trial: TrialView, complete: bool) -> str | None:
-    """The MLflow status a trial's run should end in; None while the sweep may still continue it."""
+    """The status a trial's run should end in; None while the sweep may still continue it."""
     if trial.failed:
-        return "FAILED"
+        return FAILED
     if trial.final:
-        return "FINISHED"
-    return "KILLED" if complete else None  # stopped by the scheduler, or cut short by an interrupt
+        return FINISHED
+    return STOPPED if complete else None  # stopped by the scheduler, or cut short by an interrupt
 
 
-def reconcile(tracking_uri: str, experiment_id: str, parent_run_id: str, trials: list[TrialView],
-              space: Any, complete: bool) -> SyncReport:
-    """Send MLflow whatever the local trial records hold that it lacks (see the module docstring)."""
-    from agl.distributed.tune import trial_config
-
-    c = tracking.client(tracking_uri)
-    existing = tracking.child_run_objects(tracking_uri, experiment_id, parent_run_id)
+def reconcile(tracker: Tracker, experiment_id: str, parent_run_id: str, trials: list[TrialView],
+              space: Any, complete: bool, dataset: Any = None) -> SyncReport:
+    """Send the tracker whatever the local trial records hold that it lacks (see the module docstring)."""
+    existing = tracker.trial_runs(experiment_id, parent_run_id)
     report = SyncReport()
     for trial in trials:
         run = existing.get(trial.trial_id)
         status = trial_status(trial, complete)
         if run is not None:
-            done = run.info.status in _TERMINAL and (not trial.final or run.data.tags.get("has_checkpoint") == "true")
-            report.runs[trial.trial_id] = run.info.run_id
+            done = run.status in TERMINAL and (trial.checkpoint is None or run.has_record)
+            report.runs[trial.trial_id] = run.run_id
             if done:
                 continue
-            run_id = run.info.run_id
-            logged = {int(m.step) for m in c.get_metric_history(run_id, "cv_pcc" if space.cv else "val_pcc")}
+            run_id = run.run_id
+            logged = tracker.logged_steps(run_id, "cv_pcc" if space.cv else "val_pcc")
         else:
-            run_id = c.create_run(experiment_id, run_name=f"trial-{trial.trial_id}", tags={
-                "mlflow.parentRunId": parent_run_id, "agl.kind": "trial", "trial_id": trial.trial_id}).info.run_id
-            c.log_batch(run_id, params=tracking._params(trial_config(space, trial.config)))
+            run_id = tracker.start_trial(experiment_id, parent_run_id, trial.trial_id,
+                                         trial_run_name(space, trial.trial_id, trial.config),
+                                         trial_config(space, trial.config), tags={"agl.kind": "trial"},
+                                         dataset=dataset)
             report.runs[trial.trial_id], report.created, logged = run_id, report.created + 1, set()
-        has_folder = run is not None and run.data.tags.get("has_checkpoint") == "true"
-        sent, folder = send_trial(c, run_id, trial, logged, has_folder)
+        sent, folder = send_trial(tracker, run_id, trial, logged, run is not None and run.has_record)
         report.epochs_logged += sent
         report.folders_logged += int(folder)
         if status is not None:
-            if status == "KILLED":
-                c.set_tag(run_id, "agl.stopped_by", "scheduler")
-            c.set_terminated(run_id, status)
+            tracker.end_trial(run_id, None, status)
             report.closed += 1
     return report
 
 
-def finish_parent(tracking_uri: str, parent_run_id: str, best: Mapping[str, Any] | None, files: Iterable[Path],
-                  model_name: str, refit: Mapping[str, Any] | None = None) -> str | None:
+def finish_parent(tracker: Tracker, parent_run_id: str, best: Mapping[str, Any] | None, files: Iterable[Path],
+                  model_name: str, champion_folder: Path | None, refit: Mapping[str, Any] | None = None,
+                  input_example: np.ndarray | None = None) -> str | None:
     """Register the champion and close the parent run, unless that was done already.
 
     The champion is the refit of the best configuration when the sweep made one (cross-validated
-    spaces: ``refit["run_id"]``), else the best trial's own run."""
-    c = tracking.client(tracking_uri)
-    parent = c.get_run(parent_run_id)
-    if parent.info.status in _TERMINAL and "champion_version" in parent.data.tags:
-        return parent.data.tags["champion_version"] or None
+    spaces: ``refit["run_id"]``, folder ``refit["folder"]``), else the best trial's own run."""
+    parent = tracker.get_run(parent_run_id)
+    if parent.status in TERMINAL and "champion_version" in parent.tags:
+        return parent.tags["champion_version"] or None
     champion = None
     source_run = refit.get("run_id") if refit else (best.get("mlflow_run_id") if best else None)
-    if source_run:
-        champion = tracking.register_champion(tracking_uri, source_run, model_name)
+    if source_run and champion_folder is not None:
+        champion = tracker.register_model(source_run, champion_folder, model_name, input_example=input_example)
     metrics = {f"best_{k}": best[k] for k in ("val_pcc", "test_pcc", "test_scc", "final_k", "cv_pcc", "cv_pcc_se")
                if best and best.get(k) is not None}
     if refit:
         metrics.update({f"champion_{k}": v for k, v in refit["metrics"].items() if k.startswith("test_")})
-    tracking.finish_parent_run(
-        tracking_uri, parent_run_id, files, metrics=metrics,
-        tags={"best_trial": best["trial_id"] if best else "", "champion_version": champion or "",
-              "champion_run_id": source_run or ""})
+    tracker.end_sweep(parent_run_id, files, metrics=metrics,
+                      tags={"best_trial": best["trial_id"] if best else "", "champion_version": champion or "",
+                            "champion_run_id": source_run or ""})
     return champion
 
 
-def finish_tracking(grid: Any, space: Any, out: Path, tracking_uri: str, experiment_id: str,
+def finish_tracking(grid: Any, space: Any, out: Path, tracker: Tracker, experiment_id: str,
                     parent_run_id: str, complete: bool, model_name: str,
-                    champion: Mapping[str, Any] | None = None) -> tuple[Any, Any, SyncReport, Exception | None]:
-    """Send MLflow whatever it missed (see agl.distributed.sync), write the trial table, register the
-    champion of a complete sweep. With MLflow unreachable the table is still written and
-    OUT/mlflow-pending.json says how to send the rest later.
+                    champion: Mapping[str, Any] | None = None, dataset: Any = None,
+                    input_example: np.ndarray | None = None) -> tuple[Any, Any, SyncReport, Exception | None]:
+    """Send the tracker whatever it missed, write the trial table, register the champion of a complete
+    sweep. With the tracker unreachable the table is still written and OUT/mlflow-pending.json says
+    how to send the rest later.
 
-    Returns (table, best trial, what was sent (with the champion version), the MLflow error if one stopped it)."""
-    from agl.distributed.tune import best_trial, summary_table, write_table
-
+    Returns (table, best trial, what was sent (with the champion version), the error if one stopped it)."""
     trials = [TrialView.from_result(r) for r in grid]
     report, problem = SyncReport(), None
     try:
-        report = reconcile(tracking_uri, experiment_id, parent_run_id, trials, space, complete)
-    except Exception as err:  # MLflow unreachable or failing: keep the local results, say how to sync
+        report = reconcile(tracker, experiment_id, parent_run_id, trials, space, complete, dataset)
+    except Exception as err:  # tracker unreachable or failing: keep the local results, say how to sync
         problem = err
     table = summary_table(grid, space, report.runs)
     paths = write_table(table, out, space, champion)
     best = best_trial(table, space)
     if champion is not None and not champion.get("run_id") and problem is None:
-        problem = RuntimeError("the refit champion was not logged to MLflow")
+        problem = RuntimeError("the refit champion was not logged to the tracker")
     if problem is None and complete:
         try:
-            report.champion = finish_parent(tracking_uri, parent_run_id, best, paths.values(), model_name,
-                                            refit=champion)
+            if champion is not None:
+                report.champion = finish_parent(tracker, parent_run_id, best, paths.values(), model_name,
+                                                Path(champion["folder"]), refit=champion, input_example=input_example)
+            else:
+                view = next((t for t in trials if best and t.trial_id == best["trial_id"]), None)
+                with (view.checkpoint.as_directory() if view is not None and view.checkpoint is not None
+                      else nullcontext(None)) as local:
+                    report.champion = finish_parent(tracker, parent_run_id, best, paths.values(), model_name,
+                                                    Path(local) if local else None, input_example=input_example)
         except Exception as err:
             problem = err
     if problem is not None:
-        mark_pending(out, tracking_uri, f"{type(problem).__name__}: {str(problem)[:300]}", [t.trial_id for t in trials])
-        log.warning("MLflow at %s is unreachable (%s). Every trial's results are kept in %s; send them to MLflow "
-                    "once it is back with: %s", tracking_uri, type(problem).__name__, out, sync_command(out))
+        mark_pending(out, tracker.uri, f"{type(problem).__name__}: {str(problem)[:300]}", [t.trial_id for t in trials])
+        log.warning("the tracker at %s is unreachable or failed (%s). Every trial's results are kept in %s; send "
+                    "them once it is back with: %s", tracker.uri, type(problem).__name__, out, sync_command(out))
     else:
         (out / PENDING_FILE).unlink(missing_ok=True)
     return table, best, report, problem
 
 
+def log_refit(tracker: Tracker, experiment_id: str, parent_run_id: str, space: Any, champion: Mapping[str, Any],
+              dataset: Any = None) -> str:
+    """The refit champion's child run (trial id ``refit``; found again on a re-run, so logged once)."""
+    existing = tracker.trial_runs(experiment_id, parent_run_id).get("refit")
+    if existing is not None and existing.has_record:
+        return existing.run_id
+    config = champion["config"]
+    run_id = existing.run_id if existing is not None else tracker.start_trial(
+        experiment_id, parent_run_id, "refit", "refit-" + trial_run_name(space, champion["trial_id"], config),
+        trial_config(space, config), tags={"agl.kind": "refit", "refit_of": champion["trial_id"], "split": space.split},
+        dataset=dataset)
+    tracker.end_trial(run_id, Path(champion["folder"]), FINISHED)
+    return run_id
+
+
+def example_patch(store_path: str | Path) -> np.ndarray | None:
+    """One real H&E patch of the store: the champion model's input example."""
+    from agl.data.store import open_store
+
+    try:
+        return np.asarray(open_store(store_path).patches[:1], dtype=np.uint8)
+    except Exception as err:  # the example is a convenience: never fail the sweep over it
+        log.warning("no input example for the champion model (%s)", err)
+        return None
+
+
+def relocate(out: str | Path) -> dict[str, Any]:
+    """The state of the sweep in ``out``, after pointing it at ``out`` if the folder was moved or copied.
+
+    sweep.json records the folder it was written in; when that is not ``out``, the local MLflow
+    database (``out/mlflow.db``, the default backend), Ray's results path and the champion's
+    folder are rewritten to the new place, so MLflow's artifact links work again. A sweep
+    tracked on an http(s) server keeps its artifacts there and needs only the paths."""
+    from agl.tracking import default_tracking_uri, relocate_sqlite
+
+    out = Path(out).resolve()
+    state_file = out / SWEEP_JSON
+    state = json.loads(state_file.read_text())
+    old = Path(state.get("out") or out)
+    if old == out:
+        return state
+
+    def moved(path: str) -> str:
+        return str(out / Path(path).relative_to(old)) if Path(path).is_relative_to(old) else path
+
+    if state["tracking_uri"] == default_tracking_uri(old):
+        rows = relocate_sqlite(out / "mlflow.db", old, out)
+        state["tracking_uri"] = default_tracking_uri(out)
+        log.info("%s was moved from %s: %d artifact locations in its mlflow.db now point here", out, old, rows)
+    if "://" not in state["storage_path"]:
+        state["storage_path"] = moved(state["storage_path"])
+    if state.get("champion"):
+        state["champion"] = {**state["champion"], "folder": moved(state["champion"]["folder"])}
+    state["out"] = str(out)
+    atomic_write_json(state_file, state, indent=1, default=str)
+    return state
+
+
 def sync_sweep(out: str | Path, tracking_uri: str | None = None) -> SyncReport:
-    """``agl tune-sync``: send MLflow what a sweep in ``out`` holds locally and MLflow missed."""
+    """``agl tune-sync``: send the tracker what a sweep in ``out`` holds locally and the tracker missed."""
     from ray.tune import ExperimentAnalysis, ResultGrid
 
+    from agl.data.locate import resolve_store
     from agl.distributed.spaces import SearchSpace, load_space
-    from agl.distributed.tune import SWEEP_JSON, _join, sweep_complete
+    from agl.distributed.results import dataset_ref
+    from agl.tracking import DEFAULT_MODEL_NAME, TrackingUnavailable, check_reachable, check_tracking_uri, make_tracker
 
     out = Path(out).resolve()
     state_file = out / SWEEP_JSON
     if not state_file.is_file():
         raise ConfigError(out, f"holds no sweep ({SWEEP_JSON} missing)")
-    state = json.loads(state_file.read_text())
-    uri = tracking.check_reachable(tracking.check_tracking_uri(tracking_uri or state["tracking_uri"]))
+    state = relocate(out)
+    uri = check_reachable(check_tracking_uri(tracking_uri or state["tracking_uri"]))
     options = state.get("options", {})
     space = load_space(options.get("space", "default"))
     if options.get("num_samples"):
         space = SearchSpace(**{**space.__dict__, "num_samples": int(options["num_samples"])})
-    exp_path = _join(state["storage_path"], state["name"])
+    exp_path = join_path(state["storage_path"], state["name"])
     try:
         grid = ResultGrid(ExperimentAnalysis(exp_path, default_metric=space.metric, default_mode=space.mode))
     except Exception as err:  # Tune's own errors for a missing or damaged experiment folder
         raise ConfigError(exp_path, f"cannot read the sweep's Tune results: {err}") from None
-    _, _, report, problem = finish_tracking(grid, space, out, uri, state["experiment_id"], state["parent_run_id"],
-                                            sweep_complete(grid, space),
-                                            options.get("model_name", tracking.DEFAULT_MODEL_NAME))
+    store_path = str(resolve_store(options.get("store")))
+    tracker, dataset = make_tracker(uri), dataset_ref(store_path, space.split)
+    champion = dict(state["champion"]) if state.get("champion") else None
+    if champion is not None:  # the refit of a cross-validated sweep, logged now if the tracker missed it
+        champion["run_id"] = log_refit(tracker, state["experiment_id"], state["parent_run_id"], space, champion,
+                                       dataset)
+    _, _, report, problem = finish_tracking(grid, space, out, tracker, state["experiment_id"],
+                                            state["parent_run_id"], sweep_complete(grid, space),
+                                            options.get("model_name", DEFAULT_MODEL_NAME), champion=champion,
+                                            dataset=dataset, input_example=example_patch(store_path))
     if problem is not None:
-        raise tracking.TrackingUnavailable(uri, f"MLflow failed during the sync ({type(problem).__name__}: "
-                                                f"{str(problem)[:300]}); nothing is lost, run it again")
-    log.info("MLflow %s is up to date with %s: %d runs created, %d epochs and %d run folders sent, %d runs closed",
+        raise TrackingUnavailable(uri, f"the tracker failed during the sync ({type(problem).__name__}: "
+                                       f"{str(problem)[:300]}); nothing is lost, run it again")
+    log.info("%s is up to date with %s: %d runs created, %d epochs and %d run folders sent, %d runs closed",
              uri, out, report.created, report.epochs_logged, report.folders_logged, report.closed)
     return report
 
 
-__all__ = ["PENDING_FILE", "SyncReport", "TrialView", "final_checkpoint", "finish_parent", "mark_pending", "read_pending",
-           "reconcile", "sync_command", "sync_sweep"]
+__all__ = ["PENDING_FILE", "SyncReport", "TrialView", "example_patch", "final_checkpoint", "finish_parent",
+           "finish_tracking", "log_refit", "mark_pending", "read_pending", "reconcile", "relocate", "report_step", "sync_command", "sync_sweep"]

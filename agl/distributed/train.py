@@ -104,7 +104,7 @@ def train_func(config: dict[str, Any]) -> None:
     import torch
 
     from agl.training.bundles import make_bundle
-    from agl.distributed import tracking
+    from agl import runs
     from agl.training.loop import TrainConfig, fit
 
     ctx = ray.train.get_context()
@@ -132,11 +132,11 @@ def train_func(config: dict[str, Any]) -> None:
         if rank == 0:
             # in-process mode (num_workers=0) does not copy checkpoints to storage: write it there directly
             final = Path(config["final_dir"]) if config.get("final_dir") else work / "final"
-            summary = tracking.finalize_checkpoint(result, base, final)
-            final_metrics.update(summary["metrics"], epoch=result.epochs_run - 1)
+            summary = runs.finalize_run(result, base, final, split=config["split"])
+            final_metrics.update(summary["metrics"], val_pcc=result.best_val_pcc, epoch=result.epochs_run - 1)
             checkpoint = ray.train.Checkpoint.from_directory(str(final))
         else:
-            final_metrics.update(tracking.final_metrics(result), epoch=result.epochs_run - 1)
+            final_metrics.update(runs.final_metrics(result), val_pcc=result.best_val_pcc, epoch=result.epochs_run - 1)
         ray.train.report(final_metrics, checkpoint=checkpoint)
     finally:
         shutil.rmtree(work, ignore_errors=True)

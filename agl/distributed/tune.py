@@ -10,8 +10,9 @@ Two ways to run a trial, chosen so that scheduling cannot deadlock:
   inside the loop (``patience``) and run under FIFO.
 
 Sweeps are resumable (``resume=True`` restores the Tune experiment, errored trials from
-their latest checkpoint) and log a parent MLflow run with one child run per trial; the
-best finished trial's checkpoint becomes the registered model version ``champion``.
+their latest checkpoint) and log, through :class:`agl.tracking.Tracker` (MLflow by default), a
+parent run with one child run per trial; the champion (the refit of the best cross-validated
+configuration, else the best finished trial) becomes the registered model version ``champion``.
 """
 from __future__ import annotations
 
@@ -30,21 +31,23 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import pandas as pd
 
-from agl.distributed import tracking
-from agl.distributed.spaces import SearchSpace, load_space
-from agl.distributed.sync import (PENDING_FILE, final_checkpoint, finish_tracking, mark_pending, report_step,
-                                 sync_command)
+from agl import runs, tracking
+from agl.distributed.results import (SUMMARY_MD, SWEEP_JSON, TABLE_CSV, TABLE_PNG, best_trial, compare_with_pgl,
+                                     dataset_ref, format_table, join_path, summary_table, sweep_complete,
+                                     trial_config, trial_id_of, trial_run_name, write_table)
+from agl.distributed.spaces import SearchSpace, load_space, resolve_space_path
+from agl.distributed.sync import (PENDING_FILE, example_patch, final_checkpoint, finish_tracking, log_refit,
+                                  mark_pending, relocate, report_step, sync_command)
 from agl.errors import ConfigError
-from agl.fileio import atomic_savefig, atomic_write_json, atomic_write_text, check_output_folder, write_output_marker
+from agl.fileio import atomic_write_json, check_output_folder, write_output_marker
 
 log = logging.getLogger(__name__)
 
 TRAINERS = ("function", "train")
-SWEEP_JSON = "sweep.json"
-TABLE_CSV = "trials.csv"
-TABLE_PNG = "trials.png"
 CHAMPION_DIR = "champion"          # the refit of the best configuration (cross-validated sweeps)
-SUMMARY_MD = "summary.md"
+__all__ = ["CHAMPION_DIR", "FairASHA", "SUMMARY_MD", "SWEEP_JSON", "SweepOptions", "SweepSummary", "TABLE_CSV",
+           "TABLE_PNG", "TrackingCallback", "best_trial", "compare_with_pgl", "format_table", "run_sweep",
+           "summary_table", "sweep_complete", "trial_config", "write_table"]
 
 
 @dataclass
@@ -98,13 +101,6 @@ class TuneReporter:
         tune.report(dict(metrics), checkpoint=checkpoint)
 
 
-def trial_config(space: SearchSpace, sampled: Mapping[str, Any]) -> dict[str, Any]:
-    """The validated TrainConfig values of one trial (used by the trial and for MLflow params)."""
-    from agl.training.loop import TrainConfig
-
-    return TrainConfig.from_dict(space.train_config(sampled), source=space.source).to_dict()
-
-
 def agl_trial(config: dict[str, Any], *, space: SearchSpace, store_path: str, threads: int = 1) -> None:
     """One trial in-process: fit() with a TuneReporter, then a final report with the run artifacts."""
     import torch
@@ -122,8 +118,9 @@ def agl_trial(config: dict[str, Any], *, space: SearchSpace, store_path: str, th
         with (previous.as_directory() if previous else nullcontext(None)) as resume_from:
             result = fit(cfg, data, reporter=TuneReporter(), resume_from=resume_from, out_dir=work)
         final = work / "final"
-        summary = tracking.finalize_checkpoint(result, data, final)
-        tune.report({**summary["metrics"], "epoch": result.epochs_run - 1, "final": True,
+        summary = runs.finalize_run(result, data, final, split=space.split)
+        # val_pcc: the single-split objective, the best epoch's (Tune checks every report has it)
+        tune.report({**summary["metrics"], "val_pcc": result.best_val_pcc, "epoch": result.epochs_run - 1, "final": True,
                      "resumed": resume_from is not None},
                     checkpoint=tune.Checkpoint.from_directory(str(final)))
     finally:
@@ -147,51 +144,47 @@ def agl_train_trial(config: dict[str, Any], *, space: SearchSpace, store_path: s
     trainer.fit()
 
 
-# --------------------------------------------------------------------------- MLflow callback
+# --------------------------------------------------------------------------- tracking callback
 def _callback_base() -> type:
     from ray.tune import Callback
 
     return Callback
 
 
-class MlflowSweepCallback(_callback_base()):
-    """Driver-side Tune callback: a child MLflow run per trial under the sweep's parent run.
+class TrackingCallback(_callback_base()):
+    """Driver-side Tune callback: a child run per trial under the sweep's parent run.
 
-    Logs the trial's TrainConfig as params, every epoch as metrics (step = epoch), and when
-    the trial ends its final metrics and run folder (gene set CSV + hash tag, k plot,
-    checkpoint). Its state (trial -> run id) is saved with the Tune experiment, so a
-    restored sweep keeps logging into the same runs.
+    Logs the trial's TrainConfig as params, every epoch (step = epoch, 1-based) or fold
+    (step = folds done) as metrics, and when the trial ends its run record (gene set table,
+    k plot, result.json, checkpoint) and status: FINISHED, FAILED, or STOPPED when the
+    scheduler ended it. Its state (trial -> run id) is saved with the Tune experiment, so a
+    restored sweep keeps logging into the same runs. All writes happen here, in the driver:
+    one writer keeps a SQLite backend safe, and trials on other nodes need no tracker access.
 
-    Tracking never stops the sweep: when an MLflow call fails (server stopped, network
-    gone) the callback says so once, writes ``OUT/mlflow-pending.json`` and sends nothing
-    for ``retry_s`` seconds, then tries again; what it missed stays in Tune's folder and
+    Tracking never stops the sweep: when a tracker call fails (server stopped, network gone)
+    the callback says so once, writes ``OUT/mlflow-pending.json`` and sends nothing for
+    ``retry_s`` seconds, then tries again; what it missed stays in Tune's folder and
     :mod:`agl.distributed.sync` sends it at the end of the sweep, or later with ``agl tune-sync``.
     """
 
     retry_s = 60.0
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, space: SearchSpace,
-                 out: str | Path | None = None):
-        self.tracking_uri = tracking_uri
+    def __init__(self, tracker: tracking.Tracker, experiment_id: str, parent_run_id: str, space: SearchSpace,
+                 out: str | Path | None = None, dataset: tracking.DatasetRef | None = None):
+        self.tracker = tracker
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.space = space
         self.out = None if out is None else str(out)
+        self.dataset = dataset
         self.runs: dict[str, str] = {}
-        self._looked_up = False            # child runs of a restored sweep read from MLflow once
-        self.offline: str | None = None    # why MLflow was given up on, while it is
+        self._looked_up = False            # child runs of a restored sweep read from the tracker once
+        self.offline: str | None = None    # why the tracker was given up on, while it is
         self._offline_at = 0.0
         self._warned = False
-        self._client = None
 
-    def __getstate__(self) -> dict[str, Any]:  # MLflow clients hold sessions; rebuild after unpickling
-        return {**self.__dict__, "_client": None, "offline": None, "_warned": False, "_looked_up": False}
-
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            self._client = tracking.client(self.tracking_uri)
-        return self._client
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "offline": None, "_warned": False, "_looked_up": False}
 
     def get_state(self) -> dict[str, Any]:
         return {"runs": dict(self.runs)}
@@ -200,7 +193,7 @@ class MlflowSweepCallback(_callback_base()):
         self.runs.update(state.get("runs", {}))
 
     def _send(self, trial: Any, what: str, send: Callable[[], None]) -> None:
-        """Run one MLflow write for ``trial``; on failure go offline (warn once) and record the trial."""
+        """Run one tracker write for ``trial``; on failure go offline (warn once) and record the trial."""
         if self.offline is not None and time.monotonic() - self._offline_at >= self.retry_s:
             self.offline = None  # try again: the server may be back
         if self.offline is None:
@@ -213,23 +206,23 @@ class MlflowSweepCallback(_callback_base()):
                 self._warned = True
                 report("MLflow at %s failed while %s of trial %s (%s). The sweep goes on and its results "
                        "stay in %s; they are sent at the end of the sweep if MLflow is back, else run: %s",
-                       self.tracking_uri, what, trial.trial_id, self.offline, self.out or "the sweep folder",
+                       self.tracker.uri, what, trial.trial_id, self.offline, self.out or "the sweep folder",
                        sync_command(self.out or "OUT"))
         if self.out is not None:
-            mark_pending(self.out, self.tracking_uri, self.offline or "", [trial.trial_id])
+            mark_pending(self.out, self.tracker.uri, self.offline or "", [trial.trial_id])
 
     def run_id(self, trial: Any) -> str:
         """The child run of a trial: known, found by its trial_id tag (a restored sweep), or created."""
         if trial.trial_id not in self.runs and not self._looked_up:
             # runs created after the last experiment snapshot (driver killed) are not in the saved state
-            self.runs = {**tracking.child_runs(self.tracking_uri, self.experiment_id, self.parent_run_id), **self.runs}
+            found = self.tracker.trial_runs(self.experiment_id, self.parent_run_id)
+            self.runs = {**{k: v.run_id for k, v in found.items()}, **self.runs}
             self._looked_up = True
         if trial.trial_id not in self.runs:
-            run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.trial_id}", tags={
-                "mlflow.parentRunId": self.parent_run_id, "agl.kind": "trial", "trial_id": trial.trial_id,
-            })
-            self.runs[trial.trial_id] = run.info.run_id
-            self.client.log_batch(run.info.run_id, params=tracking._params(trial_config(self.space, trial.config)))
+            self.runs[trial.trial_id] = self.tracker.start_trial(
+                self.experiment_id, self.parent_run_id, trial.trial_id,
+                trial_run_name(self.space, trial.trial_id, trial.config), trial_config(self.space, trial.config),
+                tags={"agl.kind": "trial"}, dataset=self.dataset)
         return self.runs[trial.trial_id]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -238,10 +231,8 @@ class MlflowSweepCallback(_callback_base()):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         found = report_step(result)  # an epoch, or a fold of a cross-validated trial
         if found is None:
-            return  # end-of-run metrics come from result.json at completion
-        metrics = tracking._metrics(found[1], found[0])
-        if metrics:
-            self._send(trial, "logging an epoch", lambda: self.client.log_batch(self.run_id(trial), metrics=metrics))
+            return  # end-of-run metrics come with the run record at completion
+        self._send(trial, "logging an epoch", lambda: self.tracker.log_metrics(self.run_id(trial), found[1], found[0]))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._send(trial, "finishing the run", lambda: self._finish(trial, failed=False))
@@ -253,15 +244,15 @@ class MlflowSweepCallback(_callback_base()):
         run_id = self.run_id(trial)
         last = trial.last_result or {}
         finished = bool(last.get("final"))
+        status = tracking.FAILED if failed else (tracking.FINISHED if finished else tracking.STOPPED)
         # a cross-validated trial's folder (gene set, k, fold metrics) is logged even when stopped early
         keep = finished or "folds_done" in last
         checkpoint = final_checkpoint(last, trial.checkpoint) if keep else None
-        if checkpoint is not None:
-            with checkpoint.as_directory() as local:
-                tracking.log_run_folder(self.client, run_id, local)
-        if not failed and not finished:
-            self.client.set_tag(run_id, "agl.stopped_by", "scheduler")
-        self.client.set_terminated(run_id, "FAILED" if failed else ("FINISHED" if finished else "KILLED"))
+        if checkpoint is None:
+            self.tracker.end_trial(run_id, None, status)
+            return
+        with checkpoint.as_directory() as local:
+            self.tracker.end_trial(run_id, Path(local), status)
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -392,18 +383,25 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     out.mkdir(parents=True, exist_ok=True)
     write_output_marker(out, "tune", name=opts.name)
     storage_path = opts.storage_path or str(out / "ray")
-    exp_path = _join(storage_path, opts.name)
+    exp_path = join_path(storage_path, opts.name)
     state_file = out / SWEEP_JSON
     state = json.loads(state_file.read_text()) if state_file.is_file() else None
     if state and not opts.resume:
         raise ConfigError(out, f"already holds sweep {state.get('name')!r}; pass --resume to continue it "
                                f"or choose another --out")
+    if state:  # a sweep folder moved or copied since: its paths and MLflow artifact links follow it
+        state = relocate(out)
+        if opts.storage_path is None:
+            storage_path = state["storage_path"]
+            exp_path = join_path(storage_path, opts.name)
     store_path = str(resolve_store(opts.store))
     # num_to_keep forces an experiment snapshot per checkpoint; harmless at this scale, so no warning spam
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     owns_ray = not ray.is_initialized()  # shut down at the end only what this call started
     resources = init_ray(opts.address, num_cpus=opts.num_cpus, dashboard=opts.dashboard)
     warm_caches(store_path, space)
+    tracker = tracking.make_tracker(tracking_uri)
+    dataset = dataset_ref(store_path, space.split)
 
     if opts.resume and state and tune.Tuner.can_restore(exp_path):
         parent_run_id, experiment_id = state["parent_run_id"], state["experiment_id"]
@@ -411,19 +409,20 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
         tuner = tune.Tuner.restore(exp_path, trainable=_trainable(opts, space, store_path, storage_path),
                                    resume_errored=True)
     else:
-        experiment_id, parent_run_id = tracking.start_parent_run(
-            tracking_uri, opts.experiment, opts.name,
+        experiment_id = tracker.experiment(opts.experiment, artifact_root=out / "mlartifacts")
+        parent_run_id = tracker.start_sweep(
+            experiment_id, opts.name,
             {"space": space.source, "split": space.split, "num_samples": space.num_samples,
              "trainer": opts.trainer, "store": store_path, "metric": space.metric, "mode": space.mode,
              **{f"fixed.{k}": v for k, v in space.fixed.items()}},
-            artifact_root=out / "mlartifacts")
-        atomic_write_json(state_file, {"name": opts.name, "parent_run_id": parent_run_id,
+            files=[resolve_space_path(opts.space)], dataset=dataset)
+        atomic_write_json(state_file, {"name": opts.name, "out": str(out), "parent_run_id": parent_run_id,
                                        "experiment_id": experiment_id, "tracking_uri": tracking_uri,
                                        "storage_path": storage_path, "options": asdict(opts)},
                           indent=1, default=str)
         max_t = (len(_fold_names(store_path, space)) if space.cv is not None
                  else int(space.train_config({}).get("epochs", 100)) + 1)  # +1: the final report after the last epoch
-        callback = MlflowSweepCallback(tracking_uri, experiment_id, parent_run_id, space, out=out)
+        callback = TrackingCallback(tracker, experiment_id, parent_run_id, space, out=out, dataset=dataset)
         tuner = tune.Tuner(
             _trainable(opts, space, store_path, storage_path),
             tune_config=tune.TuneConfig(search_alg=_searcher(space), scheduler=_scheduler(space, opts.trainer, max_t),
@@ -440,10 +439,15 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     complete = sweep_complete(grid, space)
     refit_run = None
     if complete and space.cv is not None:
-        refit_run = _refit_champion(grid, space, store_path, out, tracking_uri, experiment_id, parent_run_id,
-                                    opts.threads_per_trial)
-    table, best, sent, _ = finish_tracking(grid, space, out, tracking_uri, experiment_id, parent_run_id,
-                                           complete, opts.model_name, champion=refit_run)
+        refit_run = _refit_champion(grid, space, store_path, out, tracker, experiment_id, parent_run_id,
+                                    opts.threads_per_trial, dataset)
+        if refit_run is not None:  # kept in sweep.json, so that `agl tune-sync` registers this champion
+            state = json.loads(state_file.read_text())
+            atomic_write_json(state_file, {**state, "champion": {k: v for k, v in refit_run.items() if k != "run_id"}},
+                              indent=1, default=str)
+    table, best, sent, _ = finish_tracking(grid, space, out, tracker, experiment_id, parent_run_id,
+                                           complete, opts.model_name, champion=refit_run, dataset=dataset,
+                                           input_example=example_patch(store_path) if complete else None)
     champion = sent.champion
     if not complete:
         log.warning("sweep %s interrupted after %d of %d trials; continue it with --resume (same --out)",
@@ -467,8 +471,9 @@ def _fold_names(store_path: str, space: SearchSpace) -> list[str]:
     return list(fold_roles(open_store(store_path), space))
 
 
-def _refit_champion(grid: Any, space: SearchSpace, store_path: str, out: Path, tracking_uri: str,
-                    experiment_id: str, parent_run_id: str, threads: int) -> dict[str, Any] | None:
+def _refit_champion(grid: Any, space: SearchSpace, store_path: str, out: Path, tracker: tracking.Tracker,
+                    experiment_id: str, parent_run_id: str, threads: int,
+                    dataset: tracking.DatasetRef | None = None) -> dict[str, Any] | None:
     """Refit the best cross-validated configuration on every non-test spot (OUT/champion), score it
     once on the test part and log it as the sweep's ``refit`` child run; returns that record."""
     from agl.distributed.cv import refit
@@ -478,52 +483,19 @@ def _refit_champion(grid: Any, space: SearchSpace, store_path: str, out: Path, t
     if best is None:
         log.warning("no trial finished every fold; no champion to refit")
         return None
-    config = next(dict(r.config) for r in grid if _trial_id(r) == best["trial_id"])
+    config = next(dict(r.config) for r in grid if trial_id_of(r) == best["trial_id"])
     dest = out / CHAMPION_DIR
-    summary = json.loads((dest / tracking.RESULT_JSON).read_text()) if (dest / tracking.RESULT_JSON).is_file() else None
+    summary = runs.read_record(dest)
     if summary is None or summary.get("refit_of") != best["trial_id"]:
         summary = refit(space, config, store_path, dest, threads=threads)
-        summary = {**summary, "refit_of": best["trial_id"], "split": space.split}
-        atomic_write_json(dest / tracking.RESULT_JSON, summary, indent=1)
+        summary = runs.write_record(dest, {**summary, "refit_of": best["trial_id"], "split": space.split})
     record = {"trial_id": best["trial_id"], "folder": str(dest), "metrics": summary["metrics"], "run_id": None,
               "config": config}
     try:
-        record["run_id"] = _log_refit(tracking_uri, experiment_id, parent_run_id, space, config, dest, best)
-    except Exception as err:  # MLflow down: the folder is kept; finish_tracking marks the sweep pending
+        record["run_id"] = log_refit(tracker, experiment_id, parent_run_id, space, record, dataset)
+    except Exception as err:  # tracker down: the folder is kept; finish_tracking marks the sweep pending
         log.warning("MLflow failed while logging the refit champion (%s); it stays in %s", err, dest)
     return record
-
-
-def _log_refit(tracking_uri: str, experiment_id: str, parent_run_id: str, space: SearchSpace,
-               config: Mapping[str, Any], folder: Path, best: Mapping[str, Any]) -> str:
-    """The refit's child run (found again on a re-run, so it is logged once)."""
-    c = tracking.client(tracking_uri)
-    existing = tracking.child_run_objects(tracking_uri, experiment_id, parent_run_id).get("refit")
-    if existing is not None and existing.data.tags.get("has_checkpoint") == "true":
-        return existing.info.run_id
-    run_id = existing.info.run_id if existing is not None else c.create_run(
-        experiment_id, run_name=f"refit-{config.get('method', 'model')}-{best['trial_id'][-4:]}", tags={
-            "mlflow.parentRunId": parent_run_id, "agl.kind": "refit", "trial_id": "refit",
-            "refit_of": best["trial_id"], "split": space.split}).info.run_id
-    if existing is None:
-        c.log_batch(run_id, params=tracking._params(trial_config(space, config)))
-    tracking.log_run_folder(c, run_id, folder)
-    c.set_terminated(run_id, "FINISHED")
-    return run_id
-
-
-def _trial_id(result: Any) -> str:
-    metrics = dict(result.metrics or {})
-    return str(metrics.get("trial_id") or (Path(result.path).name if result.path else ""))
-
-
-def sweep_complete(grid: Any, space: SearchSpace) -> bool:
-    """Every trial of the sweep ended (finished, stopped early or errored); False after an interrupt."""
-    return grid.num_terminated + grid.num_errors >= space.num_samples
-
-
-def _join(storage_path: str, name: str) -> str:
-    return f"{storage_path.rstrip('/')}/{name}" if "://" in storage_path else str(Path(storage_path) / name)
 
 
 def warm_caches(store_path: str, space: SearchSpace) -> None:
@@ -536,204 +508,3 @@ def warm_caches(store_path: str, space: SearchSpace) -> None:
         from agl.models import feature_cache
 
         feature_cache(open_store(store_path), cfg.backbone, cfg.weights)
-
-
-def summary_table(grid: Any, space: SearchSpace, runs: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """One row per trial: status, searched params (blank where the trial's method does not use them),
-    the objective (cv_pcc +- cv_pcc_se, or val_pcc), test metrics where a trial has them, final k,
-    MLflow run id; sorted best first by the space's metric."""
-    rows = []
-    runs = runs or {}
-    for result in grid:
-        metrics = dict(result.metrics or {})
-        config = dict(result.config or {})
-        trial_id = _trial_id(result)
-        status = "error" if result.error else ("finished" if metrics.get("final") else "stopped")
-        row = {"trial_id": trial_id, "status": status,
-               **{f"param.{k}": config.get(k) for k in space.params},
-               "val_pcc": metrics.get("best_val_pcc", metrics.get("cv_val_pcc", metrics.get("val_pcc", math.nan))),
-               "test_pcc": metrics.get("test_pcc", math.nan), "test_scc": metrics.get("test_scc", math.nan),
-               "test_mse": metrics.get("test_mse", math.nan),
-               "final_k": metrics.get("final_k", metrics.get("k", math.nan)),
-               "epochs_run": metrics.get("epochs_run", metrics.get("training_iteration", math.nan)),
-               "mlflow_run_id": runs.get(trial_id, "")}
-        if space.cv is not None:
-            row.update({"cv_pcc": metrics.get("cv_pcc", math.nan), "cv_pcc_se": metrics.get("cv_pcc_se", math.nan),
-                        "folds_done": metrics.get("folds_done", 0), "fold_pcc": _fold_values(result)})
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    if len(table):
-        key = space.metric if space.metric in table.columns else "val_pcc"
-        table = table.sort_values(key, ascending=space.mode == "min", na_position="last", kind="stable")
-    return table.reset_index(drop=True)
-
-
-def _fold_values(result: Any) -> str:
-    """The trial's held-out PCC per fold, as JSON ({fold: pcc}) for the table and the paired test."""
-    frame = result.metrics_dataframe
-    if frame is None or "fold" not in frame or "fold_pcc" not in frame:
-        return "{}"
-    done = frame.dropna(subset=["fold", "fold_pcc"])
-    return json.dumps({str(f): float(v) for f, v in zip(done["fold"], done["fold_pcc"])})
-
-
-def best_trial(table: pd.DataFrame, space: SearchSpace) -> dict[str, Any] | None:
-    """The best finished trial by the space's metric and mode (validation or folds, never test)."""
-    key = space.metric if space.metric in table.columns else "val_pcc"
-    done = table[(table["status"] == "finished") & table[key].notna()] if len(table) else table
-    if not len(done):
-        return None
-    row = done.sort_values(key, ascending=space.mode == "min", kind="stable").iloc[0]
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.to_dict().items()}
-
-
-AUX_METHODS_EXCLUDED = ("pgl",)   # PGL predicts the primary genes only
-
-
-def compare_with_pgl(table: pd.DataFrame, space: SearchSpace) -> dict[str, Any] | None:
-    """Did the best auxiliary-gene trial beat the best PGL trial beyond the fold noise?
-
-    Both ran the same folds, so the test is paired: a one-sided paired t-test
-    (``scipy.stats.ttest_rel(..., alternative="greater")``) on the per-fold held-out PCC; "beyond
-    the fold noise" means p < 0.05. None when the table has no finished trial of either kind.
-    """
-    from scipy import stats
-
-    if space.cv is None or "param.method" not in table or not len(table):
-        return None
-    done = table[(table["status"] == "finished") & table["cv_pcc"].notna()]
-    pgl = done[done["param.method"].astype(str).isin(AUX_METHODS_EXCLUDED)]
-    aux = done[~done["param.method"].astype(str).isin(AUX_METHODS_EXCLUDED)]
-    if not len(pgl) or not len(aux):
-        return None
-    a, b = aux.iloc[0], pgl.iloc[0]   # tables are sorted best first
-    fa, fb = json.loads(a["fold_pcc"]), json.loads(b["fold_pcc"])
-    folds = sorted(set(fa) & set(fb))
-    diff = [fa[f] - fb[f] for f in folds]
-    p = float(stats.ttest_rel([fa[f] for f in folds], [fb[f] for f in folds], alternative="greater").pvalue) \
-        if len(folds) > 1 and np.std(diff) > 0 else math.nan
-    from agl.distributed.cv import mean_se
-
-    mean_diff, se_diff = mean_se(diff)
-    beyond = bool(p < 0.05)
-    sign = "beat" if mean_diff > 0 else "did not beat"
-    line = (f"best auxiliary-gene trial ({a['param.method']}, {a['trial_id']}: cv_pcc {a['cv_pcc']:.4f} +- "
-            f"{a['cv_pcc_se']:.4f}) {sign} the best PGL trial ({b['trial_id']}: {b['cv_pcc']:.4f} +- "
-            f"{b['cv_pcc_se']:.4f}) by {mean_diff:+.4f} +- {se_diff:.4f} over {len(folds)} paired folds "
-            f"(one-sided paired t-test p = {p:.3g}): "
-            + ("beyond the fold noise" if beyond else "within the fold noise"))
-    return {"aux_trial": a["trial_id"], "pgl_trial": b["trial_id"], "mean_diff": mean_diff, "se_diff": se_diff,
-            "n_folds": len(folds), "p_value": p, "beyond_noise": beyond, "line": line}
-
-
-def write_table(table: pd.DataFrame, out: Path, space: SearchSpace,
-                champion: Mapping[str, Any] | None = None) -> dict[str, Path]:
-    """trials.csv, trials.png and summary.md.
-
-    The plot groups the trials by method: the objective of each trial with its fold standard error
-    as error bars (cross-validated spaces), stopped trials hollow, the champion starred, the y axis
-    fitted to the values so differences show; beside it final k against the objective.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    csv = out / TABLE_CSV
-    atomic_write_text(csv, table.to_csv(index=False))
-    png = out / TABLE_PNG
-    key = space.metric if space.metric in table.columns else "val_pcc"
-    err_key = f"{key}_se" if f"{key}_se" in table.columns else None
-    best = best_trial(table, space) if len(table) else None
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
-    if len(table):
-        method = table["param.method"].astype(str) if "param.method" in table else pd.Series(["?"] * len(table))
-        names = sorted(set(method))
-        colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
-        x, labels = 0, []
-        for name in names:
-            rows = table[method == name]
-            for _, row in rows.iterrows():
-                filled = row["status"] == "finished"
-                ax1.errorbar([x], [row[key]], yerr=None if err_key is None else [[row[err_key]], [row[err_key]]],
-                             fmt="o", color=colors[name], mfc=colors[name] if filled else "white", capsize=3)
-                if best and row["trial_id"] == best["trial_id"]:
-                    ax1.plot([x], [row[key]], marker="*", ms=18, color="gold", mec="black", zorder=5,
-                             label="champion (refit on all non-test slides)" if space.cv else "champion")
-                labels.append(f"{name}\n{str(row['trial_id'])[-4:]}")
-                x += 1
-            ax2.scatter(rows["final_k"], rows[key], color=colors[name], label=name)
-        ax1.set_xticks(range(len(labels)), labels, fontsize=7)
-        values = table[key].dropna()
-        if len(values):
-            spread = table[err_key].fillna(0) if err_key else 0
-            low = float((table[key] - spread).min())
-            high = float((table[key] + spread).max())
-            pad = max(0.1 * (high - low), 1e-3)
-            ax1.set_ylim(low - pad, high + pad)   # not from 0: the differences are what matters
-        ax1.legend(fontsize=7, loc="lower right")
-        ax2.legend(fontsize=7)
-    what = "mean held-out-slide PCC over folds (+- s.e.)" if space.cv else "best validation PCC"
-    ax1.set_ylabel(what, fontsize=8)
-    ax1.set_title("trials by method (filled: finished, hollow: stopped early)", fontsize=9)
-    ax2.set_xscale("symlog")
-    ax2.set_xlabel("final k (auxiliary genes kept)")
-    ax2.set_ylabel(key)
-    ax2.set_title("k vs objective", fontsize=9)
-    fig.tight_layout()
-    try:
-        atomic_savefig(fig, png, format="png")
-    finally:
-        plt.close(fig)
-    md = out / SUMMARY_MD
-    atomic_write_text(md, format_table(table, best, space, champion) + "\n")
-    return {"table_csv": csv, "table_png": png, "summary_md": md}
-
-
-def by_method(table: pd.DataFrame, space: SearchSpace) -> pd.DataFrame:
-    """The best finished trial of each method (objective +- s.e., test metrics, k), best first."""
-    key = space.metric if space.metric in table.columns else "val_pcc"
-    if not len(table) or "param.method" not in table:
-        return pd.DataFrame()
-    done = table[table["status"] == "finished"]
-    cols = ["param.method", "trial_id", key] + ([f"{key}_se"] if f"{key}_se" in table else []) + ["final_k"]
-    best = done.groupby("param.method", sort=False).head(1)[cols]
-    counts = table.groupby("param.method")["trial_id"].count().rename("trials")
-    return best.join(counts, on="param.method").rename(columns={"param.method": "method"}).reset_index(drop=True)
-
-
-def format_table(table: pd.DataFrame, best: Mapping[str, Any] | None, space: SearchSpace | None = None,
-                 champion: Mapping[str, Any] | None = None) -> str:
-    """The sweep summary for the terminal and summary.md: trials, best per method, the PGL comparison,
-    the champion (and, for cross-validated sweeps, its refit score on the test part)."""
-    if not len(table):
-        return "no trials ran"
-    key = space.metric if space is not None and space.metric in table.columns else "val_pcc"
-    cols = ["trial_id", "status"] + [c for c in table.columns if c.startswith("param.")] + \
-           ([key, f"{key}_se", "folds_done"] if key != "val_pcc" else ["val_pcc", "test_pcc"]) + ["final_k", "epochs_run"]
-    view = table[[c for c in cols if c in table.columns]].rename(columns=lambda c: c.removeprefix("param."))
-    text = view.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")
-    if space is not None:
-        methods = by_method(table, space)
-        if len(methods):
-            text += "\n\nbest finished trial per method:\n" + methods.to_string(
-                index=False, float_format=lambda v: f"{v:.4f}")
-        verdict = compare_with_pgl(table, space)
-        if verdict:
-            text += "\n\n" + verdict["line"]
-    if best:
-        params = ", ".join(f"{k.removeprefix('param.')}={v}" for k, v in best.items()
-                           if k.startswith("param.") and v is not None)
-        score = best.get(key)
-        text += f"\n\nbest trial {best['trial_id']}: {key} {score:.4f}"
-        if best.get(f"{key}_se") is not None:
-            text += f" +- {best[f'{key}_se']:.4f}"
-        if key == "val_pcc":
-            text += f", test PCC {best.get('test_pcc') or float('nan'):.4f}"
-        text += f", k {best.get('final_k')} ({params})"
-    if champion:
-        m = champion["metrics"]
-        text += (f"\nchampion: refit of {champion['trial_id']} on every non-test spot of {space.split if space else ''}, "
-                 f"scored once on its test part: test PCC {m.get('test_pcc', float('nan')):.4f}, "
-                 f"k {int(m.get('final_k', 0))} ({champion['folder']})")
-    return text

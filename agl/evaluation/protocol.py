@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from agl.errors import ConfigError
-from agl.fileio import atomic_write_json, atomic_write_text, check_output_folder, jsonable, write_output_marker
+from agl.fileio import atomic_write_json, atomic_write_text, check_output_folder, write_output_marker
 
 log = logging.getLogger(__name__)
 
@@ -105,26 +105,13 @@ class RunSpec:
 
 
 # --------------------------------------------------------------------------- one run
-def result_record(result: Any, split: str, label: str, genes: pd.DataFrame, n_primary: int) -> dict[str, Any]:
-    """The JSON summary of one fit (written as result.json by ``agl train`` and by each grid run)."""
-    test = result.test
-    return jsonable({
-        "method": label, "method_name": result.config.method, "split": split, "seed": result.config.seed,
-        "k": result.k, "n_aux": int(len(genes) - n_primary), "selected_aux_genes": int(len(result.selected)),
-        "pcc": test["pcc"], "scc": test["scc"], "mse": test["mse"], "per_slide": test["per_slide"],
-        "per_gene_pcc": dict(zip(test["genes"], np.asarray(test["per_gene_pcc"], dtype=float).tolist())),
-        "epochs": result.epochs_run, "best_epoch": result.best_epoch, "best_val_pcc": result.best_val_pcc,
-        "stopped_early": result.stopped_early, "wall_time_s": result.wall_time_s,
-        "history": result.history, "config": result.config.to_dict(),
-    })
-
-
 def run_one(store_path: str, spec: RunSpec, out: str, quiet: bool = True) -> dict[str, Any]:
     """Train one grid run and write its result.json (top-level so worker processes can run it)."""
     import torch
 
     from agl.training.bundles import make_bundle
     from agl.data.store import open_store
+    from agl.runs import write_run_record
     from agl.training.loop import TrainConfig, fit
 
     if quiet:
@@ -133,19 +120,17 @@ def run_one(store_path: str, spec: RunSpec, out: str, quiet: bool = True) -> dic
     cfg = TrainConfig.from_dict(spec.config)
     data = make_bundle(open_store(store_path), spec.split, cfg)
     result = fit(cfg, data)
-    record = result_record(result, spec.split, spec.label, data.genes, data.n_primary)
-    run_dir = spec.directory(Path(out))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "result.json", record)
-    return record
+    return write_run_record(spec.directory(Path(out)), result, data, spec.split, spec.label)
 
 
 def _finished(spec: RunSpec, out: Path) -> dict[str, Any] | None:
     """The stored record of a finished run, None if absent; a different config is an error."""
+    from agl.runs import read_record
+
     file = spec.directory(out) / "result.json"
-    if not file.is_file():
+    record = read_record(file.parent)
+    if record is None:
         return None
-    record = json.loads(file.read_text())
     if record.get("config") != spec.config:
         raise ConfigError(file, "a finished run with a different configuration is here; use another --out "
                                 "or delete the folder to rerun")

@@ -1,0 +1,94 @@
+"""The champion as an MLflow pyfunc model.
+
+Saved as *models from code* (``pyfunc_entry.py`` is the model's code; nothing is pickled):
+loading runs that file, which builds :class:`AglPyfuncModel`, whose ``load_context`` reads the
+bundled checkpoint folder with :func:`agl.training.checkpoint.load_model` (safetensors + JSON).
+Input: uint8 H&E patches ``[N, px, px, 3]`` cut as in training (``agl.data.patches``);
+output: ``[N, genes]`` float32 predicted log1p expression, primary genes first (the model's
+gene order is the metadata ``genes`` and the checkpoint's ``genes.parquet``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:  # the class must derive from PythonModel; agl imports without mlflow installed
+    from mlflow.pyfunc import PythonModel as _Base
+except ImportError:  # pragma: no cover
+    _Base = object
+
+ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+ARTIFACT = "checkpoint"
+DEFAULT_PATCH_PX = 224
+
+
+class AglPyfuncModel(_Base):
+    """An agl checkpoint behind ``mlflow.pyfunc``: patches in, expression out."""
+
+    checkpoint: Path | None = None
+
+    def load_context(self, context: Any) -> None:
+        from agl.training.checkpoint import load_model
+
+        self.checkpoint = Path(context.artifacts[ARTIFACT])
+        self.model, _gate, self.cfg, self.genes = load_model(self.checkpoint)
+
+    # model_input has no type hint on purpose: MLflow would read it as the input schema (the signature is that)
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> np.ndarray:  # noqa: ANN001
+        from agl.training.inference import run_model
+
+        if isinstance(model_input, dict):  # a named-tensor request ({"patches": ...})
+            model_input = model_input["patches"]
+        patches = np.asarray(model_input)
+        if patches.ndim != 4 or patches.shape[-1] != 3:
+            raise ValueError(f"expected uint8 patches [N, px, px, 3], got shape {patches.shape}")
+        options = params or {}
+        return run_model(self.model, self.cfg, patches.astype(np.uint8, copy=False),
+                         int(options.get("batch_size", 64)), str(options.get("device", "cpu")))
+
+
+def patch_px(checkpoint: Path) -> int:
+    """The patch size the checkpoint's training store was cut at."""
+    from agl.training.checkpoint import load_checkpoint
+
+    record = load_checkpoint(checkpoint).store
+    return int((record.get("patch") or {}).get("patch_px") or record.get("patch_px") or DEFAULT_PATCH_PX)
+
+
+def save_pyfunc(checkpoint: Path, dest: Path, input_example: np.ndarray | None = None) -> Path:
+    """Save ``checkpoint`` as a pyfunc model folder at ``dest`` (signature, input example, metadata)."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from agl.training.checkpoint import load_model
+
+    model, _gate, cfg, genes = load_model(checkpoint)
+    n_out = int(getattr(model, "n_genes", len(genes)))
+    px = patch_px(checkpoint)
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, px, px, 3))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_out))]))
+    if input_example is not None:
+        input_example = np.ascontiguousarray(input_example[:1], dtype=np.uint8)
+    mlflow.pyfunc.save_model(
+        str(dest), python_model=str(ENTRY), artifacts={ARTIFACT: str(checkpoint)}, signature=signature,
+        input_example=input_example, pip_requirements=_requirements(),
+        metadata={"genes": json.dumps(genes["gene"].astype(str).iloc[:n_out].tolist()), "method": cfg.method,
+                  "backbone": cfg.backbone, "mode": cfg.mode})
+    return dest
+
+
+def _requirements() -> list[str]:
+    """The pinned packages the model needs (given, so MLflow does not infer them by loading the model)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in ("agl", "torch", "torchvision", "safetensors", "numpy", "pandas", "mlflow"):
+        try:
+            out.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            continue
+    return out
