@@ -24,9 +24,8 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -116,23 +115,8 @@ def relocate_sqlite(db: Path, old_root: Path, new_root: Path) -> int:
     return changed
 
 
-@contextmanager
-def _global_uri(uri: str) -> Iterator[None]:
-    """mlflow's fluent model API reads the global tracking/registry URI: set it for one call only."""
-    import mlflow
-
-    before_t, before_r = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before_t)
-        mlflow.set_registry_uri(before_r)
-
-
 class MlflowTracker:
-    """MLflow behind the tracking interface (no global MLflow state touched except around model loading)."""
+    """MLflow behind the tracking interface (no global MLflow state touched)."""
 
     def __init__(self, uri: str):
         self.uri = check_tracking_uri(uri)
@@ -279,20 +263,24 @@ class MlflowTracker:
 
     def load_pyfunc(self, model_name: str = DEFAULT_MODEL_NAME, alias: str = CHAMPION,
                     dst: Path | None = None) -> Any:
-        """``mlflow.pyfunc.load_model("models:/<model_name>@<alias>")`` against this tracker."""
+        """The pyfunc model ``models:/<model_name>@<alias>`` of this tracker, loaded by ``mlflow.pyfunc``.
+
+        The version's files are downloaded through this tracker's URI and loaded from there, so no
+        global MLflow URI is set (``mlflow.set_registry_uri`` would also leak into the environment)."""
         import mlflow
         from mlflow.exceptions import MlflowException
 
         check_reachable(self.uri)
         try:
-            self.client.get_model_version_by_alias(model_name, alias)
+            version = self.client.get_model_version_by_alias(model_name, alias)
         except MlflowException as err:
             raise CheckpointError(f"{self.uri} models:/{model_name}@{alias}",
                                   f"no such registered model version ({getattr(err, 'message', err)})") from None
         dst = Path(dst or tempfile.mkdtemp(prefix="agl-champion-"))
         dst.mkdir(parents=True, exist_ok=True)
-        with _global_uri(self.uri):
-            return mlflow.pyfunc.load_model(f"models:/{model_name}@{alias}", dst_path=str(dst))
+        local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst),
+                                                    tracking_uri=self.uri)
+        return mlflow.pyfunc.load_model(local)
 
     def fetch_champion(self, model_name: str = DEFAULT_MODEL_NAME, alias: str = CHAMPION,
                        dst: Path | None = None) -> Path:
