@@ -120,9 +120,11 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- agl bench selection
-def add_bench_selection_args(p: argparse.ArgumentParser) -> None:
-    from agl.bench.selection import QUICK
+# --quick sizes; here, not in agl.bench.selection, so that building the parser imports no numpy/pandas
+QUICK = {"n_aux": 2000, "seeds": 5, "epochs": 25, "patience": 8}
 
+
+def add_bench_selection_args(p: argparse.ArgumentParser) -> None:
     add_store_arg(p)
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for bench_selection.json / .png")
     p.add_argument("--n-aux", type=int, default=None,
@@ -143,7 +145,7 @@ def add_bench_selection_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench_selection(args: argparse.Namespace) -> int:
-    from agl.bench.selection import QUICK, bench_selection
+    from agl.bench.selection import bench_selection
     from agl.commands import parse_sets
 
     quick = QUICK if args.quick else {}

@@ -223,7 +223,6 @@ def method_settings(k_planted: int, variants: Sequence[str]) -> dict[str, dict[s
 BASE_SETTINGS: dict[str, Any] = {"mode": "features", "device": "cpu", "epochs": 40, "patience": 10,
                                  "val_outer_fraction": 0.5}
 DKGSB_SETTINGS: dict[str, Any] = {"outer_val": "full", "t_init": 0.5}
-QUICK = {"n_aux": 2000, "seeds": 5, "epochs": 25, "patience": 8}
 
 
 def run_method(store: PlantedStore, split: str, settings: dict[str, Any]) -> dict[str, Any]:
