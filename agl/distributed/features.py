@@ -84,7 +84,7 @@ def feature_cache_ray(
     import ray
 
     from agl.data.augment import N_VIEWS
-    from agl.models.features import cache_target, exclusive, load_cached
+    from agl.models.features import cache_target, cached_or_computed
 
     views = N_VIEWS if views is None else views
     if not 1 <= views <= N_VIEWS:
@@ -94,22 +94,15 @@ def feature_cache_ray(
     if not ray.is_initialized():
         raise ConfigError("ray", "feature_cache_ray needs a running Ray (agl.distributed.runtime.init_ray)")
     module, key, fields, path, shape = cache_target(store, backbone, weights, views, dtype, sha256)
-    cached = load_cached(path, shape, dtype)
-    if cached is not None:
-        cached.preprocessing = dict(module.preprocessing)
-        return cached
     folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    with exclusive(folder / f".{key}.lock"):
-        cached = load_cached(path, shape, dtype)
-        if cached is None:
-            gpus = (1.0 if _cluster_gpus() > 0 else 0.0) if num_gpus is None else float(num_gpus)
-            _compute_parts(store, folder / f"{key}.parts", backbone, weights, sha256, shape,
-                           num_workers, batch_size, gpus, threads_per_worker)
-            _assemble(folder, key, fields, shape, dtype, store)
-            cached = np.load(path, mmap_mode="r")
-    cached.preprocessing = dict(module.preprocessing)
-    return cached
+
+    def compute() -> None:
+        gpus = (1.0 if _cluster_gpus() > 0 else 0.0) if num_gpus is None else float(num_gpus)
+        _compute_parts(store, folder / f"{key}.parts", backbone, weights, sha256, shape,
+                       num_workers, batch_size, gpus, threads_per_worker)
+        _assemble(folder, key, fields, shape, dtype, store)
+
+    return cached_or_computed(module, path, shape, dtype, compute)
 
 
 def _slide_rows(store: Any) -> dict[str, np.ndarray]:

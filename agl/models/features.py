@@ -19,7 +19,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -124,17 +124,26 @@ def feature_cache(
         raise DataError(getattr(store, "path", "store"), f"patches must be uint8 [N, H, W, 3], got {patches.dtype} {patches.shape}")
 
     module, key, fields, path, shape = cache_target(store, backbone, weights, views, dtype, sha256)
-    folder = path.parent
-    cached = load_cached(path, shape, dtype)
+    return cached_or_computed(module, path, shape, dtype,
+                              lambda: _compute(module, patches, path.parent, key, fields, shape, dtype, batch_size, device))
+
+
+def cached_or_computed(module: nn.Module, path: Path, shape: tuple[int, int, int], dtype: str,
+                       compute: Callable[[], None]) -> np.ndarray:
+    """The cache at ``path`` (memory-mapped), after ``compute()`` has written it if it was missing.
+
+    One writer per key: concurrent runs (Tune trials, parallel tests) wait on a lock and then
+    reuse its file. The array's ``preprocessing`` is the encoder input, recorded by checkpoints.
+    """
+    cached = _load_cached(path, shape, dtype)
     if cached is None:
-        folder.mkdir(parents=True, exist_ok=True)
-        # one writer per key: concurrent runs (Tune trials, parallel tests) wait and then reuse its file
-        with exclusive(folder / f".{key}.lock"):
-            cached = load_cached(path, shape, dtype)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(path.parent / f".{path.stem}.lock"):
+            cached = _load_cached(path, shape, dtype)
             if cached is None:
-                _compute(module, patches, folder, key, fields, shape, dtype, batch_size, device)
+                compute()
                 cached = np.load(path, mmap_mode="r")
-    cached.preprocessing = dict(module.preprocessing)  # the encoder input, recorded by checkpoints trained on it
+    cached.preprocessing = dict(module.preprocessing)
     return cached
 
 
@@ -149,7 +158,7 @@ def cache_target(store: Any, backbone: str, weights: str | Path | None, views: i
     return module, key, fields, Path(store.cache_dir) / "features" / f"{key}.npy", (views, store.patches.shape[0], dim)
 
 
-def load_cached(path: Path, shape: tuple[int, int, int], dtype: str) -> np.ndarray | None:
+def _load_cached(path: Path, shape: tuple[int, int, int], dtype: str) -> np.ndarray | None:
     """The cached array (memory-mapped) if ``path`` holds one of the expected shape and dtype."""
     if not path.is_file():
         return None
@@ -162,7 +171,7 @@ def load_cached(path: Path, shape: tuple[int, int, int], dtype: str) -> np.ndarr
 
 
 @contextlib.contextmanager
-def exclusive(lock_path: Path) -> Iterator[None]:
+def _exclusive(lock_path: Path) -> Iterator[None]:
     """An advisory inter-process lock (no-op where fcntl is unavailable)."""
     try:
         import fcntl
