@@ -193,3 +193,23 @@ def test_ray_dataset(store):
     finally:
         ray.shutdown()
 
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), ("cuda", torch.uint8)])
+def test_fine_tune_batches_stay_uint8_for_an_accelerator(store, device, dtype):
+    """uint8 is the default where the model normalises on its device; the Estimator's result is the same."""
+    from agl.config import TrainConfig
+    from agl.models import Estimator
+    from agl.training.bundles import PatchInputs
+
+    inputs = PatchInputs(store, TrainConfig(mode="finetune", device=device))
+    rows, views = np.array([3, 0, 5]), np.array([1, 0, 6])
+    x = inputs.batch(rows, views)
+    assert x.dtype == dtype
+    reference = load_views(store.patches, rows, views)  # normalised float32 on the CPU
+    expected = reference if dtype == torch.float32 else normalise_uint8(x)
+    assert torch.equal(expected, reference)
+    torch.manual_seed(0)
+    c, h, w = x.shape[1:]
+    model = Estimator(c * h * w, 4, trunk=(3,), dropout=0.0, backbone=torch.nn.Flatten()).eval()
+    assert torch.allclose(model(x), model(reference), atol=1e-6)

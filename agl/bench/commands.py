@@ -19,16 +19,29 @@ def cmd_bench_core(args: argparse.Namespace) -> int:
     from agl.bench.core import run_bench_core, run_bench_hypergrad
 
     if args.horizons or args.finetune_horizons:
-        skip = {k: int(v) for k, v in (item.split("=") for item in args.skip.split(",") if item)} if args.skip else None
+        skip = _pairs(args.skip, "--skip", key=str) or None
         run_bench_hypergrad(open_store_arg(args.store), Path(args.out), int_list(args.horizons, "--horizons"),
                             int_list(args.finetune_horizons, "--finetune-horizons"), args.repeats, args.finetune_repeats,
                             args.finetune_backbone, args.finetune_batch, args.patch_px if args.patch_px != 112 else 224,
-                            args.threads, skip, memory_horizons=int_list(args.memory_horizons, "--memory-horizons") or None)
+                            args.threads, skip, memory_horizons=int_list(args.memory_horizons, "--memory-horizons") or None,
+                            finetune_repeats_at=_pairs(args.finetune_repeats_at, "--finetune-repeats-at"),
+                            finetune_methods=[m for m in args.finetune_methods.split(",") if m] or None,
+                            feature_methods=[m for m in args.methods.split(",") if m] or None)
         return 0
     report = run_bench_core(store=open_store_arg(args.store), out=Path(args.out), repeats=args.repeats,
                             patch_px=args.patch_px)
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _pairs(text: str, flag: str, key: type = int) -> dict:
+    """``A=1,B=2`` as a dict (keys converted by ``key``, values int); a malformed item names the flag."""
+    from agl.errors import ConfigError
+
+    try:
+        return {key(k): int(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+    except ValueError as err:
+        raise ConfigError(flag, f"expected KEY=INT,... got {text!r}") from err
 
 
 def add_bench_core_args(p: argparse.ArgumentParser) -> None:
@@ -44,6 +57,10 @@ def add_bench_core_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-batch", type=int, default=64, help="batch size of fine-tune inner and outer steps")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the estimator comparison")
     p.add_argument("--memory-horizons", default="", help="measure peak memory (fresh processes) only at these H")
+    p.add_argument("--finetune-repeats-at", default="", help="H=N,...: repeats at that H in fine-tune mode; 0: only "
+                                                              "the one call timed in its fresh memory process")
+    p.add_argument("--methods", default="", help="estimators in features mode (default: all registered + first_order)")
+    p.add_argument("--finetune-methods", default="", help="estimators in fine-tune mode (default: all)")
     p.add_argument("--skip", default="", help="METHOD=H0,...: leave METHOD out for H >= H0 (e.g. unroll=4)")
 
 

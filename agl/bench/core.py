@@ -270,7 +270,8 @@ def bench_hypergradients(store_path: str, split: str, mode: str, horizons: list[
                          patch_px: int = 224, backbone: str = FINETUNE_BACKBONE, batch: int | None = None,
                          threads: int = 1, methods: list[str] | None = None,
                          skip: dict[str, int] | None = None,
-                         memory_horizons: list[int] | None = None) -> dict[str, Any]:
+                         memory_horizons: list[int] | None = None,
+                         repeats_at: dict[int, int] | None = None) -> dict[str, Any]:
     """Time of the plain step and of each estimator's outer step for each ``H``, in this process.
 
     Per ``H`` and repeat, the plain step and every estimator run once, in an order rotated
@@ -278,7 +279,10 @@ def bench_hypergradients(store_path: str, split: str, mode: str, horizons: list[
     does not favour one of them; medians over repeats. Then the peak memory of each, one fresh
     process per measurement (only at ``memory_horizons`` if given: each costs a process start and
     a model set-up). ``skip[method] = H0`` leaves out ``method`` for ``H >= H0`` (the
-    reverse unroll at large ``H`` does not fit in memory).
+    reverse unroll at large ``H`` does not fit in memory); its row is then a projection from a
+    straight-line fit of its measured time and memory against ``H`` (``projected: True``).
+    ``repeats_at[H]`` overrides ``repeats`` at that ``H``; 0 means no in-process timing: the one
+    call timed in the fresh memory process is the figure (for calls of minutes each).
     """
     methods = methods or _estimators()
     skip = skip or {}
@@ -290,35 +294,58 @@ def bench_hypergradients(store_path: str, split: str, mode: str, horizons: list[
     for horizon in horizons:
         todo = ["plain", *[m for m in methods if horizon < skip.get(m, 10**9)]]
         times: dict[str, list[float]] = {name: [] for name in todo}
-        for r in range(repeats):
+        n_repeats = (repeats_at or {}).get(horizon, repeats)
+        for r in range(n_repeats):
             order = todo[r % len(todo):] + todo[:r % len(todo)]
             for name in (order if r % 2 == 0 else order[::-1]):
                 t0 = time.perf_counter()
                 _plain_step(s) if name == "plain" else _hyper_step(s, name, horizon)
                 times[name].append(time.perf_counter() - t0)
-            log.info("bench hypergrad %s H=%d repeat %d/%d done (%.0f s elapsed)", mode, horizon, r + 1, repeats,
+            log.info("bench hypergrad %s H=%d repeat %d/%d done (%.0f s elapsed)", mode, horizon, r + 1, n_repeats,
                      time.perf_counter() - started)
-        plain = statistics.median(times["plain"])
         for name in todo:
-            median = statistics.median(times[name])
-            rows.append({"mode": mode, "H": horizon, "method": name, "seconds_median": median, "seconds_all": times[name],
-                         "vs_H_plain": median / (horizon * plain) if name != "plain" else 1.0 / horizon})
+            rows.append({"mode": mode, "H": horizon, "method": name, "repeats": n_repeats, "seconds_all": times[name],
+                         "seconds_median": statistics.median(times[name]) if times[name] else None})
     for row in rows:  # peak memory, each in a fresh process
-        if memory_horizons is not None and row["H"] not in memory_horizons:
+        if row["repeats"] and memory_horizons is not None and row["H"] not in memory_horizons:
             row["peak_rss_growth_mb"] = None
             continue
         mem = _fresh_memory(store_path, split, mode, row["method"], row["H"], patch_px, backbone, batch, threads)
         row["peak_rss_growth_mb"] = mem["peak_growth_mb"]
+        row["seconds_fresh_process"] = mem["seconds"]
+        if not row["repeats"]:  # no in-process timing at this H: the fresh process's one call is the figure
+            row["seconds_median"], row["seconds_all"] = mem["seconds"], [mem["seconds"]]
         log.info("bench hypergrad %s H=%d %s: %.2f s median, peak RSS +%.0f MB", mode, row["H"], row["method"],
                  row["seconds_median"], row["peak_rss_growth_mb"])
+    for method, h0 in skip.items():
+        rows.extend(_projected(rows, mode, method, [h for h in horizons if h >= h0]))
     for row in rows:
-        plain_mb = next(r["peak_rss_growth_mb"] for r in rows if r["H"] == row["H"] and r["method"] == "plain")
-        measured = row["peak_rss_growth_mb"] is not None
-        row["vs_plain_memory"] = row["peak_rss_growth_mb"] / max(plain_mb, 1.0) if measured else None
+        plain = next(r for r in rows if r["H"] == row["H"] and r["method"] == "plain")
+        row["vs_H_plain"] = row["seconds_median"] / (row["H"] * plain["seconds_median"])
+        measured = row["peak_rss_growth_mb"] is not None and plain["peak_rss_growth_mb"] is not None
+        row["vs_plain_memory"] = row["peak_rss_growth_mb"] / max(plain["peak_rss_growth_mb"], 1.0) if measured else None
     return {"mode": mode, "horizons": horizons, "repeats": repeats, "batch": batch, "threads": threads,
             "backbone": backbone if mode == "finetune" else None, "patch_px": patch_px if mode == "finetune" else None,
             "input_shape": list(s["train"][0].shape[1:]), "n_outputs": int(s["tr"].n_out),
             "skipped": {m: f"H >= {h}" for m, h in skip.items()}, "rows": rows}
+
+
+def _projected(rows: list[dict[str, Any]], mode: str, method: str, horizons: list[int]) -> list[dict[str, Any]]:
+    """Rows for a skipped ``method`` at ``horizons``: least-squares lines of its measured time and memory vs H."""
+    import numpy as np
+
+    measured = [r for r in rows if r["method"] == method and r["seconds_median"] is not None]
+    if len(measured) < 2:
+        return []
+    hs = np.array([r["H"] for r in measured], dtype=float)
+    seconds = np.polyfit(hs, [r["seconds_median"] for r in measured], 1)
+    with_mb = [r for r in measured if r["peak_rss_growth_mb"] is not None]
+    mb = np.polyfit([r["H"] for r in with_mb], [r["peak_rss_growth_mb"] for r in with_mb], 1) if len(with_mb) >= 2 else None
+    return [{"mode": mode, "H": h, "method": method, "repeats": 0, "seconds_all": [], "projected": True,
+             "seconds_median": float(np.polyval(seconds, h)),
+             "peak_rss_growth_mb": float(np.polyval(mb, h)) if mb is not None else None,
+             "projection": f"not run; straight line through the measured H = {', '.join(str(int(x)) for x in hs)}"}
+            for h in horizons]
 
 
 def plot_hypergradients(sections: list[dict[str, Any]], path: Path) -> None:
@@ -333,13 +360,19 @@ def plot_hypergradients(sections: list[dict[str, Any]], path: Path) -> None:
         methods = list(dict.fromkeys(r["method"] for r in section["rows"]))
         for i, method in enumerate(methods):
             style = {"marker": "o", "label": method, "color": f"C{i}"}  # one colour per method in both panels
-            rows = [r for r in section["rows"] if r["method"] == method]
+            rows = sorted((r for r in section["rows"] if r["method"] == method), key=lambda r: r["H"])
             hs = [r["H"] for r in rows]
             if method != "plain":
                 axes[0, col].plot(hs, [r["vs_H_plain"] for r in rows], **style)
             measured = [r for r in rows if r["peak_rss_growth_mb"] is not None]
             axes[1, col].plot([r["H"] for r in measured], [r["peak_rss_growth_mb"] / 1024 for r in measured],
                               **style)
+            for r in rows:  # projected (not run) points: open markers
+                if r.get("projected"):
+                    axes[0, col].plot([r["H"]], [r["vs_H_plain"]], marker="o", mfc="none", color=style["color"])
+                    if r["peak_rss_growth_mb"] is not None:
+                        axes[1, col].plot([r["H"]], [r["peak_rss_growth_mb"] / 1024], marker="o", mfc="none",
+                                          color=style["color"])
         model = f"{section['backbone']} {section['patch_px']} px, " if section["backbone"] else ""
         title = f"{section['mode']} ({model}batch {section['batch']}, {section['n_outputs']} outputs)"
         axes[0, col].set_title(title, fontsize=9)
@@ -363,14 +396,18 @@ def print_hypergradients(section: dict[str, Any]) -> None:
     for row in section["rows"]:
         memory = ("not measured" if row["peak_rss_growth_mb"] is None
                   else f"+{row['peak_rss_growth_mb']:.0f} MB ({row['vs_plain_memory']:.2f}x plain)")
-        print(f"  H={row['H']:<3d} {row['method']:13s} {row['seconds_median']:8.3f} s  {row['vs_H_plain']:6.2f}x  {memory}")
+        how = " (projected, not run)" if row.get("projected") else f" ({row.get('repeats', 1) or 'fresh-process'} x)"
+        print(f"  H={row['H']:<3d} {row['method']:13s} {row['seconds_median']:8.3f} s  {row['vs_H_plain']:6.2f}x  "
+              f"{memory}{how}")
 
 
 def run_bench_hypergrad(store: Any, out: Path, horizons: list[int], finetune_horizons: list[int], repeats: int = 3,
                         finetune_repeats: int = 1, finetune_backbone: str = "torchvision/resnet18",
                         finetune_batch: int = 64, patch_px: int = 224, threads: int = 2,
                         skip: dict[str, int] | None = None, split: str | None = None,
-                        memory_horizons: list[int] | None = None) -> dict[str, Any]:
+                        memory_horizons: list[int] | None = None, finetune_repeats_at: dict[int, int] | None = None,
+                        finetune_methods: list[str] | None = None, feature_methods: list[str] | None = None,
+                        features: bool = True) -> dict[str, Any]:
     """Estimators vs H in features and fine-tune mode; adds ``hypergrad`` to ``out/bench_core.json``
     (other keys of an existing file are kept) and writes ``out/bench_core_hypergrad.png``."""
     import torch
@@ -382,15 +419,18 @@ def run_bench_hypergrad(store: Any, out: Path, horizons: list[int], finetune_hor
     sections = []
     if horizons:
         sections.append(bench_hypergradients(str(store.path), split, "features", horizons, repeats, threads=threads,
-                                             memory_horizons=memory_horizons))
+                                             memory_horizons=memory_horizons, methods=feature_methods, skip=skip))
         print_hypergradients(sections[-1])
     if finetune_horizons:
         sections.append(bench_hypergradients(str(store.path), split, "finetune", finetune_horizons, finetune_repeats,
                                              patch_px, finetune_backbone, finetune_batch, threads, skip=skip,
-                                             memory_horizons=memory_horizons))
+                                             memory_horizons=memory_horizons, methods=finetune_methods,
+                                             repeats_at=finetune_repeats_at))
         print_hypergradients(sections[-1])
     path = out / "bench_core.json"
     report = json.loads(path.read_text()) if path.exists() else {}
+    kept = [x for x in report.get("hypergrad", {}).get("sections", []) if x["mode"] not in {y["mode"] for y in sections}]
+    sections = kept + sections  # a run of one mode keeps the other mode's section
     report["hypergrad"] = {"sections": sections, "torch": torch.__version__, "machine": platform.machine(),
                            "memory_method": "peak of psutil RSS sampled every 2 ms during the one step, above the "
                                             "RSS before it, in a fresh process after one warm-up plain step",

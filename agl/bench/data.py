@@ -90,6 +90,19 @@ def _interleaved_rates(loaders: dict[str, Iterable[tuple[torch.Tensor, torch.Ten
                    "patches_per_cpu_s": counts[name] / max(cpu_seconds[name], 1e-9)} for name in its}
 
 
+def numpy_copy_rate(nbytes: int, repeats: int = 20) -> float:
+    """Bytes/s of a plain ``np.copyto`` of ``nbytes`` into a preallocated array (the memory-bandwidth floor
+    of a loader writing that many bytes per batch); best of ``repeats``, both arrays touched first."""
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.zeros_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return src.nbytes / best
+
+
 def machine_info() -> dict[str, Any]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
@@ -133,6 +146,12 @@ def bench_data(store_path: str | Path | None = None, out_dir: str | Path = "resu
         "batched_uint8": "same views, normalise=False: uint8 [B, 3, H, W], normalisation left to the accelerator",
     }
     naive_rate = rates["naive"]["patches_per_s"]
+    # memory bandwidth: the float loader writes 4 bytes per value (the uint8 one 1), a plain copy of one batch
+    values = int(np.prod(store.manifest["patch_shape"]))
+    copy_rate = numpy_copy_rate(batch_size * values * 4)
+    for name, width in (("batched", 4), ("batched_uint8", 1)):
+        rates[name]["output_bytes_per_s"] = rates[name]["patches_per_s"] * values * width
+        rates[name]["vs_numpy_copy"] = rates[name]["output_bytes_per_s"] / copy_rate
     result = {
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(), "load_average": list(os.getloadavg()),
@@ -142,6 +161,9 @@ def bench_data(store_path: str | Path | None = None, out_dir: str | Path = "resu
         "ratio": rates["batched"]["patches_per_s"] / naive_rate,
         "ratio_uint8": rates["batched_uint8"]["patches_per_s"] / naive_rate,
         "ratio_cpu": rates["batched"]["patches_per_cpu_s"] / rates["naive"]["patches_per_cpu_s"],
+        "numpy_copy_bytes_per_s": copy_rate,
+        "numpy_copy": f"np.copyto of one float32 batch ({batch_size * values * 4} bytes) into a preallocated array, "
+                      "best of 20: the bandwidth a loader writing that batch cannot beat",
         "timing": "batches of the loaders timed alternately in one process (same load), in an order reversed "
                   "every round (so no loader always follows the naive one), after one warm-up batch each; the same spots, 8 dihedral views and batch size for every loader; "
                   "ratio = wall-clock patches/s over the naive loader's, ratio_cpu = the same per CPU second",
@@ -154,6 +176,9 @@ def bench_data(store_path: str | Path | None = None, out_dir: str | Path = "resu
     echo(f"ratio {result['ratio']:.1f}x (uint8 {result['ratio_uint8']:.1f}x, per CPU second {result['ratio_cpu']:.1f}x)"
          f"  (batch {batch_size}, {len(cols)} genes, {result['machine']['cpu_count']} CPUs, "
          f"load average {result['load_average'][0]:.1f})")
+    echo(f"output bytes/s: float {rates['batched']['output_bytes_per_s'] / 1e9:.2f} GB/s, uint8 "
+         f"{rates['batched_uint8']['output_bytes_per_s'] / 1e9:.2f} GB/s; plain numpy copy of one float batch "
+         f"{copy_rate / 1e9:.2f} GB/s (float loader at {rates['batched']['vs_numpy_copy']:.0%} of it)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "bench_data.json", result, indent=1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from agl.errors import ConfigError
@@ -61,7 +62,14 @@ class Estimator(nn.Module):
         return self.trunk(x)
 
     def forward(self, x: Tensor, n_outputs: int | None = None) -> Tensor:
-        """Predictions ``[B, n_genes]``, or only the first ``n_outputs`` (e.g. the primary genes)."""
+        """Predictions ``[B, n_genes]``, or only the first ``n_outputs`` (e.g. the primary genes).
+
+        uint8 patches (the fine-tuning batches on an accelerator) are ImageNet-normalised here, on
+        their device."""
+        if x.dtype == torch.uint8:
+            from agl.data.loaders import normalise_uint8
+
+            x = normalise_uint8(x)
         h = self.features(x)
         if n_outputs is None:
             return self.head(h)
