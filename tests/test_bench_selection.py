@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agl.bench.selection import PlantedStore, method_settings, paired_test, plant
+from agl.bench.selection import PlantedStore, curve_ks, method_settings, paired_test, plant, summarise_curve
 from agl.errors import AGLError, ConfigError
 
 
@@ -89,3 +89,14 @@ def test_planted_store_trains_like_a_store(store, features):
 def test_paired_test():
     t = paired_test([0.5, 0.6, 0.55, 0.58], [0.4, 0.52, 0.5, 0.5])
     assert t["mean_diff"] == pytest.approx(0.0775) and t["p"] < 0.05
+
+
+def test_curve_ks_and_summary():
+    assert curve_ks(300, 2000) == [75, 150, 300, 450, 600, 999]
+    assert curve_ks(300, 500, (0.001, 1.0, 5.0)) == [1, 300, 499]  # within 1..n_aux - 1
+    runs = [{"seed": s, "method": m, "k": k, "test_pcc": p} for s in (0, 1, 2)
+            for m, k, p in (("topk", 10, 0.5 + 0.01 * s), ("agl_all", 40, 0.4 + 0.02 * s))]
+    curve = [{"seed": s, "k": 20, "test_pcc": 0.45 + 0.015 * s} for s in (0, 1, 2)]
+    c = summarise_curve(curve, runs)
+    assert c["k"] == [10, 20, 40] and c["best_k_per_seed"] == {0: 10, 1: 10, 2: 10}
+    assert c["pcc_mean"][0] == pytest.approx(0.51) and c["planted_vs_k"][40]["mean_diff"] == pytest.approx(0.09)

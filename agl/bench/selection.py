@@ -225,6 +225,16 @@ BASE_SETTINGS: dict[str, Any] = {"mode": "features", "device": "cpu", "epochs": 
 DKGSB_SETTINGS: dict[str, Any] = {"outer_val": "full", "t_init": 0.5}
 
 
+# top-k at these multiples of the planted k (capped at n_aux; AGL-all is the "all" end): is the optimum
+# of test PCC over k even at the planted k, and how flat is the curve that DkGSB's threshold descends?
+CURVE_MULTIPLES: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0, 3.33)
+
+
+def curve_ks(k_planted: int, n_aux: int, multiples: Sequence[float] = CURVE_MULTIPLES) -> list[int]:
+    """Distinct k of the top-k curve: ``multiples`` of the planted k, within 1..n_aux - 1."""
+    return sorted({min(n_aux - 1, max(1, int(round(m * k_planted)))) for m in multiples})
+
+
 def run_method(store: PlantedStore, split: str, settings: dict[str, Any]) -> dict[str, Any]:
     """Train one method with the normal loop; its test PCC, k and per-epoch record."""
     from agl.config import TrainConfig
@@ -278,6 +288,25 @@ def summarise(runs: list[dict[str, Any]], k_planted: dict[int, int], tolerance: 
     return {"k_planted_mean": float(planted.mean()), "tolerance": tolerance, "methods": methods}
 
 
+def summarise_curve(curve: list[dict[str, Any]], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Top-k test PCC by k (mean, sd over seeds; AGL-all as k = n_aux), the best k per seed, and
+    paired tests of top-k at the planted k against top-k at every other k (a flat curve gives t no signal)."""
+    frame = pd.DataFrame([{k: r[k] for k in ("seed", "k", "test_pcc")} for r in curve])
+    allk = [{"seed": r["seed"], "k": r["k"], "test_pcc": r["test_pcc"]} for r in runs if r["method"] in ("agl_all", "topk")]
+    frame = pd.concat([frame, pd.DataFrame(allk)]).drop_duplicates(["seed", "k"])
+    table = frame.pivot(index="seed", columns="k", values="test_pcc").sort_index(axis=1)
+    k_at = {r["seed"]: r["k"] for r in runs if r["method"] == "topk"}
+    out: dict[str, Any] = {"k": [int(k) for k in table.columns],
+                           "pcc_mean": [float(table[k].mean()) for k in table.columns],
+                           "pcc_std": [float(table[k].std(ddof=1)) if table[k].count() > 1 else 0.0 for k in table.columns],
+                           "best_k_per_seed": {int(s): int(table.loc[s].idxmax()) for s in table.index}}
+    if k_at:
+        at = pd.Series({s: table.loc[s, k] for s, k in k_at.items()})
+        out["planted_vs_k"] = {int(k): paired_test(at.values, table.loc[at.index, k].values)
+                               for k in table.columns if not all(k_at[s] == k for s in at.index)}
+    return out
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """The printed table: one row per method."""
     lines = [f"{'method':<16} {'test PCC':>16} {'k':>9}  {'vs PGL (diff, p)':>20}  {'vs AGL-all (diff, p)':>22}"]
@@ -300,7 +329,20 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Path:
+def format_curve(curve: dict[str, Any], k_planted: float) -> str:
+    """The top-k curve as printed lines: PCC by k and the paired test of the planted k against each k."""
+    lines = [f"top-k curve (planted k {k_planted:.0f}): " + ", ".join(
+        f"k {k}: {m:.4f}" for k, m in zip(curve["k"], curve["pcc_mean"]))]
+    tests = curve.get("planted_vs_k", {})
+    if tests:
+        lines.append("  top-k at planted k minus top-k at k (paired): " + ", ".join(
+            f"k {k}: {t['mean_diff']:+.4f} (p={t['p']:.2g})" for k, t in tests.items()))
+    lines.append(f"  best k per seed: {sorted(curve['best_k_per_seed'].values())}")
+    return "\n".join(lines)
+
+
+def _plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path,
+          curve: dict[str, Any] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -309,7 +351,7 @@ def _plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Pa
     from agl.fileio import atomic_savefig
 
     methods = list(summary["methods"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4 if curve else 3, figsize=(20 if curve else 15, 4.2))
     ax = axes[0]
     means = [summary["methods"][m]["pcc_mean"] for m in methods]
     errs = [summary["methods"][m]["pcc_std"] for m in methods]
@@ -342,6 +384,22 @@ def _plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Pa
     axes[2].set_ylabel("hypergradient SNR (< 0: towards more genes)")
     axes[2].set_title("DkGSB: hypergradient signal per epoch")
     axes[2].legend(fontsize=7)
+    if curve:
+        ax = axes[3]
+        ax.errorbar(curve["k"], curve["pcc_mean"], yerr=curve["pcc_std"], marker="o", capsize=3, color="#4c72b0",
+                    label="top-k (prior prefix)")
+        ax.axvline(k_planted, color="k", ls="--", lw=1, label=f"planted k ({k_planted:.0f})")
+        for i, m in enumerate(dk):
+            s = summary["methods"][m]
+            ax.errorbar([s["k_mean"]], [s["pcc_mean"]], yerr=[s["pcc_std"]], marker="s", capsize=3,
+                        color=colours[i % len(colours)], label=f"{m} (learned k)")
+        if "pgl" in summary["methods"]:
+            ax.axhline(summary["methods"]["pgl"]["pcc_mean"], color="grey", lw=1, ls=":", label="PGL")
+        ax.set_xscale("log")
+        ax.set_xlabel("k (auxiliary genes kept, log)")
+        ax.set_ylabel("test PCC (mean +- sd over seeds)")
+        ax.set_title("Top-k curve: where is the optimum?")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     try:
         return atomic_savefig(fig, path, dpi=110)
@@ -353,9 +411,13 @@ def bench_selection(store: Any, out_dir: str | Path = "results", *, n_aux: int =
                     variants: Sequence[str] = ("unroll", "ift_cg"), epochs: int = 40, patience: int = 10,
                     methods: Sequence[str] | None = None, threads: int | None = None,
                     extra: dict[str, Any] | None = None, dkgsb_extra: dict[str, Any] | None = None,
-                    plant_options: dict[str, Any] | None = None,
+                    plant_options: dict[str, Any] | None = None, curve: Sequence[float] = CURVE_MULTIPLES,
                     echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every method on ``seeds`` planted data sets; print the table, write JSON and PNG under ``out_dir``."""
+    """Run every method on ``seeds`` planted data sets; print the table, write JSON and PNG under ``out_dir``.
+
+    ``curve``: multiples of the planted k at which top-k is also trained (the PCC-vs-k curve;
+    empty: none).
+    """
     import torch
 
     from agl.config import TrainConfig, list_hypergradients
@@ -374,6 +436,7 @@ def bench_selection(store: Any, out_dir: str | Path = "results", *, n_aux: int =
     base_cfg = TrainConfig()
     features = feature_cache(store, base_cfg.backbone, base_cfg.weights)
     runs: list[dict[str, Any]] = []
+    curve_runs: list[dict[str, Any]] = []
     k_planted: dict[int, int] = {}
     precision: dict[int, float] = {}
     started = time.perf_counter()
@@ -393,18 +456,29 @@ def bench_selection(store: Any, out_dir: str | Path = "results", *, n_aux: int =
             runs.append({"seed": seed, "method": label, "split": split, "settings": settings, **r})
             echo(f"seed {seed} {label:<14} test PCC {r['test_pcc']:.4f}  k {r['k']:>6} (planted {planted.k_planted})"
                  f"  best epoch {r['best_epoch'] + 1}/{r['epochs_run']}  {r['wall_s']:.0f} s")
+        for k in curve_ks(planted.k_planted, n_aux, curve) if curve and not methods else []:
+            if k == planted.k_planted:
+                continue  # the topk run above
+            settings = {**BASE_SETTINGS, "epochs": epochs, "patience": patience, **(extra or {}),
+                        "method": "topk", "k": k, "prior": PRIOR, "seed": seed}
+            r = run_method(pstore, split, settings)
+            curve_runs.append({"seed": seed, "k": k, "test_pcc": r["test_pcc"], "best_epoch": r["best_epoch"]})
+            echo(f"seed {seed} top-k curve k {k:>6} test PCC {r['test_pcc']:.4f}")
     summary = summarise(runs, k_planted)
+    curve_summary = summarise_curve(curve_runs, runs) if curve_runs else None
     text = format_table(summary)
+    if curve_summary:
+        text += "\n" + format_curve(curve_summary, summary["k_planted_mean"])
     echo(text)
     result = {"benchmark": "selection", "n_aux": n_aux, "seeds": seeds, "variants": list(variants),
               "planted": {"k": k_planted, "prior_precision_at_k": precision,
                           "settings": {k: v for k, v in planted.settings.items() if k != "seed"}},
               "base_settings": {**BASE_SETTINGS, "epochs": epochs, "patience": patience, **(extra or {})},
               "dkgsb_settings": {**DKGSB_SETTINGS, **(dkgsb_extra or {})},
-              "summary": summary, "table": text, "runs": runs,
+              "summary": summary, "curve": curve_summary, "curve_runs": curve_runs, "table": text, "runs": runs,
               "wall_s": round(time.perf_counter() - started, 1), "threads": torch.get_num_threads()}
     atomic_write_json(out_dir / "bench_selection.json", result)
-    _plot(runs, summary, out_dir / "bench_selection.png")
+    _plot(runs, summary, out_dir / "bench_selection.png", curve_summary)
     echo(f"wrote {out_dir / 'bench_selection.json'} and {out_dir / 'bench_selection.png'} "
          f"({result['wall_s']:.0f} s)")
     return result
