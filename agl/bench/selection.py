@@ -456,7 +456,7 @@ def bench_selection(store: Any, out_dir: str | Path = "results", *, n_aux: int =
             runs.append({"seed": seed, "method": label, "split": split, "settings": settings, **r})
             echo(f"seed {seed} {label:<14} test PCC {r['test_pcc']:.4f}  k {r['k']:>6} (planted {planted.k_planted})"
                  f"  best epoch {r['best_epoch'] + 1}/{r['epochs_run']}  {r['wall_s']:.0f} s")
-        for k in curve_ks(planted.k_planted, n_aux, curve) if curve and not methods else []:
+        for k in curve_ks(planted.k_planted, n_aux, curve) if curve and (not methods or "topk" in methods) else []:
             if k == planted.k_planted:
                 continue  # the topk run above
             settings = {**BASE_SETTINGS, "epochs": epochs, "patience": patience, **(extra or {}),
