@@ -170,13 +170,10 @@ def test_hypergradient_statistics() -> None:
 
 @pytest.fixture(scope="module")
 def demo_bundle(demo_store):
-    from agl.training.bundles import make_bundle
-    from trainkit import first_split, small_config, use_cheap_features
+    from trainkit import cheap_bundle
 
-    mp = pytest.MonkeyPatch()
-    use_cheap_features(mp)
-    yield make_bundle(demo_store, first_split(demo_store), small_config())
-    mp.undo()
+    with cheap_bundle(demo_store) as bundle:
+        yield bundle
 
 
 def test_outer_budget_statistics_and_tau_reach_the_run_record(demo_bundle) -> None:

@@ -20,6 +20,7 @@ from agl.errors import ConfigError
 from agl.tracking import (FINISHED, STOPPED, InMemoryTracker, MlflowTracker, check_tracking_uri,
                           default_tracking_uri)
 from servers import MlflowServer, free_port  # noqa: F401  (free_port: used by other test modules)
+from trainkit import cv_space
 
 SPLIT = "kfold-s0-f0"
 
@@ -157,24 +158,7 @@ def mlflow_server(tmp_path_factory):
         server.stop()
 
 
-CV_SPACE = """
-description: tracking test sweep (2 leave-one-slide-out folds, 2 epochs; ASHA may stop the third trial)
-split: loso-B4
-cv: {kind: loso, max_folds: 2}
-metric: cv_pcc
-direction: max
-num_samples: 3
-seed: 0
-scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
-resources: {cpu: 1}
-fixed: {mode: features, epochs: 2, patience: 2, inner_steps: 1, trunk: [32]}
-start_with:
-  - {method: topk, k: 64}
-params:
-  method: {type: categorical, choices: [topk, pgl]}
-  k:      {type: int, low: 8, high: 256, log: true, when: {method: topk}}
-  lr:     {type: float, low: 5.0e-4, high: 3.0e-3, log: true}
-"""
+CV_SPACE = cv_space('tracking test sweep (2 leave-one-slide-out folds, 2 epochs; ASHA may stop the third trial)', trunk=32, start_with='  - {method: topk, k: 64}')
 
 
 def test_sweep_logged_to_server(mlflow_server: str, ray_local, demo_store: Path, tmp_path: Path) -> None:

@@ -11,15 +11,13 @@ import torch
 from agl.training.bundles import make_bundle
 from agl.errors import ConfigError
 from agl.training.loop import SCHEDULES, TrainConfig, fit, warmup_epochs
-from trainkit import first_split, small_config, use_cheap_features
+from trainkit import cheap_bundle, first_split, small_config, use_cheap_features
 
 
 @pytest.fixture(scope="module")
 def base_bundle(demo_store):
-    mp = pytest.MonkeyPatch()
-    use_cheap_features(mp)
-    yield make_bundle(demo_store, first_split(demo_store), small_config())
-    mp.undo()
+    with cheap_bundle(demo_store) as bundle:
+        yield bundle
 
 
 @pytest.fixture

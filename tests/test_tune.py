@@ -17,6 +17,7 @@ from agl.tracking import MlflowTracker, default_tracking_uri
 from agl.distributed.spaces import load_space
 from agl.distributed.tune import SweepOptions, _scheduler, run_sweep
 from agl.errors import ConfigError
+from trainkit import cv_space
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,25 +157,7 @@ def test_default_out_never_reuses_an_earlier_sweep(tmp_path: Path) -> None:
     assert default_sweep_out(True, base) == str(second)
 
 
-CV_SPACE = """
-description: cross-validated test sweep (2 of the 4 leave-one-slide-out folds, 2 epochs)
-split: loso-B4
-cv: {kind: loso, max_folds: 2}
-metric: cv_pcc
-direction: max
-num_samples: 3
-seed: 0
-scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
-resources: {cpu: 1}
-fixed: {mode: features, epochs: 2, patience: 2, inner_steps: 1, trunk: [64]}
-start_with:
-  - {method: pgl}
-  - {method: topk, k: 64}
-params:
-  method: {type: categorical, choices: [topk, pgl]}
-  k:      {type: int, low: 8, high: 256, log: true, when: {method: topk}}
-  lr:     {type: float, low: 5.0e-4, high: 3.0e-3, log: true}
-"""
+CV_SPACE = cv_space('cross-validated test sweep (2 of the 4 leave-one-slide-out folds, 2 epochs)', trunk=64, start_with='  - {method: pgl}\n  - {method: topk, k: 64}')
 
 
 def test_cross_validated_sweep_refits_the_champion(ray_local, demo_store: Path, tmp_path: Path) -> None:

@@ -7,9 +7,10 @@ for each dihedral view (pooling commutes with the view, so view k is exact).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -57,3 +58,41 @@ def first_split(store: Any) -> str:
 
     names = open_store(getattr(store, "path", store)).split_names
     return next(n for n in names if n.startswith("kfold"))
+
+
+@contextmanager
+def cheap_bundle(store: Any, **changes: Any) -> Iterator[Any]:
+    """The first k-fold split's training bundle on cheap features (for module-scoped fixtures)."""
+    import pytest
+
+    from agl.training.bundles import make_bundle
+
+    patch = pytest.MonkeyPatch()
+    use_cheap_features(patch)
+    try:
+        yield make_bundle(store, first_split(store), small_config(**changes))
+    finally:
+        patch.undo()
+
+
+def cv_space(description: str, trunk: int, start_with: str) -> str:
+    """A small cross-validated sweep: 2 of the 4 leave-one-slide-out folds of loso-B4, 2 epochs,
+    ASHA (grace 1 fold), topk/pgl with k only for topk; ``start_with`` is the YAML list's body."""
+    return f"""
+description: {description}
+split: loso-B4
+cv: {{kind: loso, max_folds: 2}}
+metric: cv_pcc
+direction: max
+num_samples: 3
+seed: 0
+scheduler: {{name: asha, grace_period: 1, reduction_factor: 2}}
+resources: {{cpu: 1}}
+fixed: {{mode: features, epochs: 2, patience: 2, inner_steps: 1, trunk: [{trunk}]}}
+start_with:
+{start_with}
+params:
+  method: {{type: categorical, choices: [topk, pgl]}}
+  k:      {{type: int, low: 8, high: 256, log: true, when: {{method: topk}}}}
+  lr:     {{type: float, low: 5.0e-4, high: 3.0e-3, log: true}}
+"""
