@@ -36,3 +36,27 @@ class CheckpointError(AGLError):
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+def show(value: object) -> str:
+    """``value`` as a message shows it: numbers plainly (``nan``, ``0.5``, ``3``), never numpy's repr
+    (``np.float64(nan)`` under numpy 2), strings quoted, sequences and arrays element by element."""
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "shape", None) == ():  # a numpy scalar or 0-d array
+        py = item()
+        if isinstance(py, (bool, int, float)):
+            return str(value)  # numpy's str is plain and as short as its precision: 0.1 for float32(0.1)
+        value = py
+    if isinstance(value, (bool, int)):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)  # shortest round-trip form: 0.1, nan, inf
+    if isinstance(value, (str, bytes)):
+        return repr(value)
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):  # numpy arrays, pandas Index/Series: element by element, each shown as above
+        value = list(value)
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(show(v) for v in value)
+        return f"({inner}{',' if len(value) == 1 else ''})" if isinstance(value, tuple) else f"[{inner}]"
+    return repr(value)

@@ -50,6 +50,13 @@ def jsonable(value: Any, *, max_array: int | None = None) -> Any:
     return value
 
 
+def default_cache_dir() -> Path:
+    """Where agl keeps derived files it can rebuild (the demo store, images taken out of .h5ad files):
+    ``$AGL_CACHE_DIR`` if set, else ``~/.cache/agl``."""
+    env = os.environ.get("AGL_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "agl"
+
+
 def _temp_sibling(path: Path) -> Path:
     """A hidden, unique temporary name beside ``path`` (not ending in its suffix, so globs skip it)."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")

@@ -85,6 +85,11 @@ def write_visium(adata: ad.AnnData, outs: Path, *, legacy_positions: bool = Fals
     ids = [f"ENSG{i:011d}" for i in range(len(genes))]
     if matrix == "h5":
         with h5py.File(outs / "filtered_feature_bc_matrix.h5", "w") as f:
+            # the file attributes Space Ranger writes (scanpy.read_visium takes the library id from them)
+            f.attrs.update({"filetype": "matrix", "version": 2, "software_version": "spaceranger-2.1.0",
+                            "chemistry_description": "Spatial 3' v1",
+                            "library_ids": np.array([outs.parent.name], dtype="S"),
+                            "original_gem_groups": np.array([1], dtype=np.int64)})
             m = f.create_group("matrix")
             # features x barcodes in CSC == barcodes x features in CSR.
             m.create_dataset("data", data=counts.data.astype(np.int32))
@@ -133,6 +138,27 @@ def write_visium(adata: ad.AnnData, outs: Path, *, legacy_positions: bool = Fals
         "spot_diameter_fullres": 55.0 / meta["microns_per_pixel"], **scalef, "fiducial_diameter_fullres": 80.0}))
     os.symlink(meta["image_path"], outs.parent / Path(meta["image_path"]).name)
     return outs
+
+
+def write_scanpy_visium(adata: ad.AnnData, root: Path) -> tuple[Path, Path]:
+    """One real slide as users hold it after scanpy: Space Ranger outs/ read by ``scanpy.read_visium``
+    (which fills ``uns['spatial'][library]`` with the scale factors and the hires/lowres images as
+    float arrays, ``obsm['spatial']`` with full-resolution pixels) and saved with ``write_h5ad``.
+
+    Returns (the .h5ad, the outs/ folder it came from), the .h5ad named after the slide.
+    """
+    import warnings
+
+    import scanpy as sc
+
+    sid, _ = _one_slide(adata)
+    outs = write_visium(adata, root / sid / "outs")
+    with warnings.catch_warnings():  # scanpy >= 1.11 points to squidpy for Visium; the layout is the same
+        warnings.simplefilter("ignore", FutureWarning)
+        read = sc.read_visium(outs)
+    path = root / f"{sid}.h5ad"
+    read.write_h5ad(path)
+    return path, outs
 
 
 def cut_her2st(src: Path, dst: Path, section: str, n_spots: int = 30, n_genes: int = 300) -> Path:

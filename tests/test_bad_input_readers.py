@@ -154,15 +154,20 @@ def test_duplicate_gene_symbols(small):
                                   table.iloc[:, 0].to_numpy() + table.iloc[:, 1].to_numpy())
 
 
-@pytest.mark.parametrize("value, problem", [(-3, "negative counts"), (np.nan, "NaN or infinite counts"),
-                                            (2.5, "counts are not integers")])
-def test_bad_count_values(small, value, problem):
+@pytest.mark.reliability(kind="bad input", case="legacy ST counts holding a NaN, a negative or a fractional value",
+                         outcome="DataError naming the file, spot, gene and the value as a plain number (nan, not "
+                                 "numpy's np.float64(nan))")
+@pytest.mark.parametrize("value, problem, shown", [(-3, "negative counts", "-3.0"),
+                                                   (np.nan, "NaN or infinite counts", "nan"),
+                                                   (2.5, "counts are not integers", "2.5")])
+def test_bad_count_values(small, value, problem, shown):
     table = load_counts(small).astype(float)
     table.iloc[4, 7] = value
     write_counts(table, counts_path(small))
     spot, gene = table.index[4], table.columns[7]
-    with raises_naming(counts_path(small), f"{problem} .*spot '{spot}', gene '{gene}'"):
+    with raises_naming(counts_path(small), f"{problem} .*spot '{spot}', gene '{gene}': {re.escape(shown)}\\)$") as err:
         read_her2st(small, SECTION)
+    assert "np." not in str(err.value)  # numpy 2's repr of a scalar would read np.float64(nan)
 
 
 def test_non_numeric_counts(small):

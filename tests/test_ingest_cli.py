@@ -345,3 +345,96 @@ def test_one_list_syntax_for_every_command():
     assert e.methods == ["pgl", "topk:k=3", "dkgsb"] and e.seeds == [0, 1] and e.folds == [0, 2]
     with pytest.raises(SystemExit):
         parser.parse_args(["ingest", "her2st", "x", "--out", "o", "--seeds", "1,two"])
+
+
+# --------------------------------------------------------------------------- scanpy's Visium layout
+def _store_rows(store, ref) -> np.ndarray:
+    """Rows of ``ref`` holding the spots of ``store``, matched by barcode."""
+    return ref.spots.set_index("barcode")["row"].loc[store.spots["barcode"]].to_numpy()
+
+
+def test_scanpy_visium_h5ad_ingests_like_its_outs_folder(c2, c2_store, tmp_path, monkeypatch, caplog):
+    """Real C2 as Space Ranger outs/, read by scanpy.read_visium and saved: uns['spatial'] is read directly.
+
+    Without --image the hires image kept in the file (scanpy's float copy of tissue_hires_image.png) with
+    tissue_hires_scalef gives the store the Visium reader gives on the outs/ folder: same spots, pixel
+    size and patches. With --image (full resolution) it is the her2st store of the same section.
+    """
+    import json
+    import logging
+
+    from layouts import write_scanpy_visium
+
+    monkeypatch.setenv("AGL_CACHE_DIR", str(tmp_path / "cache"))  # where the hires PNG taken out of the file goes
+    h5ad, outs = write_scanpy_visium(c2, tmp_path / "in")
+    before = sorted(p.relative_to(tmp_path / "in") for p in (tmp_path / "in").rglob("*"))
+    sf = json.loads((outs / "spatial" / "scalefactors_json.json").read_text())
+    mpp = 55.0 / (sf["spot_diameter_fullres"] * sf["tissue_hires_scalef"])
+    with caplog.at_level(logging.WARNING):
+        assert main(["ingest", "anndata", str(h5ad), "--out", str(tmp_path / "a"), *ONE]) == 0
+    assert any(f"{h5ad}: no --image given" in r.message and "uns['spatial']['C2']['images']['hires']" in r.message
+               and f"{mpp:.3g} um per pixel" in r.message for r in caplog.records)
+    assert main(["ingest", "visium", str(outs), "--out", str(tmp_path / "v"), *ONE]) == 0
+    a, v = open_store(tmp_path / "a"), open_store(tmp_path / "v")
+    a.verify()
+    assert a.manifest["slides"] == v.manifest["slides"] == {"C2": 185}
+    meta = a.manifest["slide_meta"]["C2"]
+    assert meta["microns_per_pixel"] == pytest.approx(mpp, rel=1e-12)
+    assert meta["microns_per_pixel"] == pytest.approx(v.manifest["slide_meta"]["C2"]["microns_per_pixel"], rel=1e-12)
+    assert meta["image_kind"] == "tissue_hires_image" and meta["library_id"] == "C2"
+    assert Path(meta["image_path"]).parent == tmp_path / "cache" / "images"  # never beside the input
+    assert sorted(p.relative_to(tmp_path / "in") for p in (tmp_path / "in").rglob("*")) == before
+    rows = _store_rows(a, v)
+    np.testing.assert_array_equal(np.asarray(a.patches), np.asarray(v.patches)[rows])
+    np.testing.assert_array_equal(a.expression, v.expression[rows])
+    np.testing.assert_allclose(a.spots[["pixel_x", "pixel_y"]].to_numpy(),
+                               v.spots[["pixel_x", "pixel_y"]].to_numpy()[rows], rtol=1e-12)
+    # the full-resolution image on the command line: the store of the her2st release itself
+    image = c2.uns["slides"]["C2"]["image_path"]
+    assert main(["ingest", "anndata", str(h5ad), "--image", image, "--out", str(tmp_path / "f"), *ONE]) == 0
+    f = open_store(tmp_path / "f")
+    rows = _store_rows(f, c2_store)
+    assert f.manifest["slide_meta"]["C2"]["microns_per_pixel"] == pytest.approx(
+        c2_store.manifest["slide_meta"]["C2"]["microns_per_pixel"], rel=1e-9)
+    np.testing.assert_array_equal(np.asarray(f.patches), np.asarray(c2_store.patches)[rows])
+    np.testing.assert_array_equal(f.expression, c2_store.expression[rows])
+
+
+@pytest.mark.reliability(kind="bad input", case="slide data: a scanpy .h5ad whose uns['spatial'] holds two libraries, "
+                         "or whose spot_diameter_fullres is NaN",
+                         outcome="exit 1 naming the file and the libraries (--library-id chooses one, which ingests), "
+                                 "or the bad scale factor printed as a plain number; nothing written")
+def test_scanpy_visium_h5ad_libraries_and_bad_scale_factors(c2, tmp_path, monkeypatch, capsys):
+    import anndata as ad
+
+    from layouts import write_scanpy_visium
+
+    monkeypatch.setenv("AGL_CACHE_DIR", str(tmp_path / "cache"))
+    h5ad, _ = write_scanpy_visium(c2, tmp_path / "in")
+    one = ad.read_h5ad(h5ad)
+    # two libraries in one file, as scanpy/squidpy concatenation leaves them: obs['library_id'] says whose spot
+    half = one.n_obs // 2
+    one.obs["library_id"] = ["C2"] * half + ["C2b"] * (one.n_obs - half)
+    one.uns["spatial"]["C2b"] = one.uns["spatial"]["C2"]
+    one.write_h5ad(tmp_path / "two.h5ad")
+    out = tmp_path / "store"
+    assert main(["ingest", "anndata", str(tmp_path / "two.h5ad"), "--out", str(out), *ONE]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'two.h5ad'}: uns['spatial'] holds 2 libraries (C2, C2b); choose one with --library-id" in err
+    assert not out.exists()
+    assert main(["ingest", "anndata", str(tmp_path / "two.h5ad"), "--library-id", "C2b", "--out", str(out),
+                 *ONE]) == 0
+    from agl.data.readers import read_anndata
+
+    assert read_anndata(tmp_path / "two.h5ad", library_id="C2b").obs["barcode"].tolist() == list(one.obs_names[half:])
+    kept = set(open_store(out).spots["barcode"])  # spots of C2b only (less those preprocessing filters)
+    assert kept <= set(one.obs_names[half:]) and len(kept) > 0.9 * (one.n_obs - half)
+    # a NaN scale factor is named with its value as a number, not numpy's repr
+    one = ad.read_h5ad(h5ad)
+    one.uns["spatial"]["C2"]["scalefactors"]["spot_diameter_fullres"] = np.float64("nan")
+    one.write_h5ad(tmp_path / "nan.h5ad")
+    assert main(["ingest", "anndata", str(tmp_path / "nan.h5ad"), "--out", str(tmp_path / "n"), *ONE]) == 1
+    err = capsys.readouterr().err
+    assert (f"{tmp_path / 'nan.h5ad'}: uns['spatial']['C2']['scalefactors']['spot_diameter_fullres'] must be "
+            "positive, got nan") in err, err
+    assert "np.float64" not in err and not (tmp_path / "n").exists()

@@ -161,6 +161,37 @@ def test_genes_named_by_ensembl_id_map_back_through_gene_symbols(trained: Path, 
     np.testing.assert_allclose(result.layers["measured"][:, 3], expected, atol=1e-5)
 
 
+def test_visium_symbols_match_a_model_trained_on_ensembl_ids(trained: Path, her2st_dir: Path, tmp_path: Path) -> None:
+    """Space Ranger outs/ names genes by symbol and keeps their Ensembl IDs (features "id"): a model whose genes
+    are Ensembl IDs (trained on a store of ID-named slides) measures every one of them on it."""
+    import shutil
+
+    import pandas as pd
+
+    from agl.data.readers import read_her2st, read_visium
+    from layouts import write_visium
+
+    source = read_her2st(her2st_dir, [SECTION])
+    outs = write_visium(source, tmp_path / SECTION / "outs", images=False)
+    image = source.uns["slides"][SECTION]["image_path"]
+    slide = read_visium(outs, image_path=image)
+    assert list(slide.var_names) == list(source.var_names)  # symbols
+    id_of = dict(zip(slide.var_names, slide.var["gene_ids"]))
+    ckpt = tmp_path / "ensembl-model"
+    shutil.copytree(trained, ckpt)
+    genes = pd.read_parquet(ckpt / "genes.parquet")
+    genes["gene"] = genes["gene"].map(id_of)  # the same model, its genes named by Ensembl ID
+    assert genes["gene"].str.startswith("ENSG").all()
+    genes.to_parquet(ckpt / "genes.parquet")
+    predict_slides(PredictOptions(out=str(tmp_path / "pred"), input=str(outs), format="visium",
+                                  reader_args={"image_path": image}, checkpoint=str(ckpt), top_genes=0))
+    result = ad.read_h5ad(tmp_path / "pred" / "predictions.h5ad")
+    assert list(result.var_names) == genes["gene"].tolist() and result.var["measured"].all()
+    symbol = {v: k for k, v in id_of.items()}[result.var_names[3]]
+    expected = np.log1p(np.asarray(source[:, symbol].X.todense()).ravel())
+    np.testing.assert_allclose(result.layers["measured"][:, 3], expected, atol=1e-5)
+
+
 @pytest.mark.reliability(kind="bad input", case="slide data: agl predict on a slide whose genes are another species' "
                          "symbols (Erbb2, not ERBB2)",
                          outcome="exit 1 naming the slide, how many of the model's genes it holds and examples; "

@@ -191,6 +191,8 @@ def test_visium_round_trip_with_full_resolution_image(c3, tmp_path, legacy, matr
     assert meta["spot_diameter_um"] == 55.0 and meta["source_format"] == "visium"
     assert meta["image_path"] == image and meta["image_kind"] == "full-resolution" and meta["image_scalef"] == 1.0
     assert "CD3_TotalSeqB" not in got.var_names  # antibody features left out
+    # the Ensembl IDs (features "id") stay beside the symbols: a model trained on either finds the genes
+    assert got.var["gene_ids"].tolist() == [f"ENSG{i:011d}" for i in range(c3.n_vars)]
     assert meta["dropped_spots"] == 0  # off-tissue positions are not spots of the matrix
 
 

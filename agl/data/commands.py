@@ -67,6 +67,7 @@ _READER_FLAGS = (
     ("microns_per_pixel", "--microns-per-pixel", ("microns_per_pixel",)),
     ("spot_diameter_um", "--spot-diameter-um", ("spot_diameter_um",)),
     ("duplicate_genes", "--duplicate-genes", ("duplicate_genes",)),
+    ("library_id", "--library-id", ("library_id",)),
 )
 
 
@@ -80,12 +81,17 @@ def add_reader_args(p: argparse.ArgumentParser) -> None:
                    help="legacy ST array (her2st format): 1k = 200 um spot pitch, 2k = 100 um "
                         "(default: auto, from the array coordinates)")
     g.add_argument("--microns-per-pixel", type=float, default=None, metavar="UM",
-                   help="pixel size of the image (anndata input without one in the file)")
+                   help="pixel size of obsm['spatial'] and the full-resolution image (anndata input: needed "
+                        "when the file has none; a scanpy Visium file derives it from spot_diameter_fullres)")
     g.add_argument("--spot-diameter-um", type=float, default=None, metavar="UM",
-                   help="spot diameter (anndata input without one in the file)")
+                   help="spot diameter (anndata input without one in the file; in scanpy's Visium layout the "
+                        "diameter spot_diameter_fullres stands for, default 55)")
     g.add_argument("--duplicate-genes", choices=DUPLICATE_CHOICES, default=None,
                    help="genes sharing one symbol (as in human 10x references): refuse naming them (default), "
                         "add their counts, or keep the first")
+    g.add_argument("--library-id", default=None, metavar="ID",
+                   help="which library of uns['spatial'] to read (anndata input in scanpy's Visium layout with "
+                        "several; the default takes the only one)")
 
 
 def reader_kwargs(fmt: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import anndata as ad
 import h5py
@@ -25,7 +25,7 @@ import scipy.sparse as sp
 
 from agl.data import schema
 from agl.data.genes import alias_columns
-from agl.errors import DataError
+from agl.errors import DataError, show
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def counts_to_csr(values: Any, path: Path | str, barcodes: Sequence[str] | None 
         col = int(mat.indices[k])
         spot = barcodes[row] if barcodes is not None else f"row {row}"
         gene = genes[col] if genes is not None else f"column {col}"
-        return f"{int(mask.sum())} values, first at spot {spot!r}, gene {gene!r}: {data[k]!r}"
+        return f"{int(mask.sum())} values, first at spot {show(spot)}, gene {show(gene)}: {show(data[k])}"
 
     if data.dtype.kind == "f":
         bad = ~np.isfinite(data)
@@ -113,7 +113,7 @@ def resolve_duplicate_genes(counts: sp.csr_matrix, genes: Sequence[str], path: P
         return counts, list(index)
     dups = index[index.duplicated()].unique()
     if policy == "error":
-        shown = ", ".join(map(repr, dups[:5])) + (" ..." if len(dups) > 5 else "")
+        shown = ", ".join(map(show, dups[:5])) + (" ..." if len(dups) > 5 else "")
         raise DataError(path, f"{len(dups)} duplicate gene symbols ({shown}); pass duplicate_genes='sum' "
                               "(--duplicate-genes sum) to add their counts, or 'first' to keep the first")
     if policy == "first":
@@ -128,11 +128,20 @@ def resolve_duplicate_genes(counts: sp.csr_matrix, genes: Sequence[str], path: P
     return (counts @ merge).tocsr().astype(np.int32), list(uniques)
 
 
+def names_of_kept_genes(genes: Sequence[str], names: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Other names per gene (e.g. ``gene_ids``) of the genes :func:`resolve_duplicate_genes` keeps.
+
+    Every policy keeps each symbol's first column, in first-appearance order: its names follow it.
+    """
+    firsts = np.flatnonzero(~pd.Index([str(g) for g in genes]).duplicated())
+    return {k: np.asarray(v, dtype=str)[firsts] for k, v in names.items()}
+
+
 def _check_unique_barcodes(barcodes: Iterable[str], path: Path | str) -> None:
     index = pd.Index(list(barcodes))
     if not index.is_unique:
         dups = index[index.duplicated()].unique()
-        shown = ", ".join(map(repr, dups[:5]))
+        shown = ", ".join(map(show, dups[:5]))
         raise DataError(path, f"{len(dups)} duplicate spot barcodes ({shown})")
 
 
@@ -163,7 +172,7 @@ def assemble(slides: Sequence[SlideData]) -> ad.AnnData:
         raise DataError(None, "no slides to read")
     ids = [s.slide_id for s in slides]
     if len(set(ids)) != len(ids):
-        raise DataError(None, f"duplicate slide ids {sorted({i for i in ids if ids.count(i) > 1})}")
+        raise DataError(None, f"duplicate slide ids {show(sorted({i for i in ids if ids.count(i) > 1}))}")
     common = pd.Index(slides[0].genes)
     for s in slides[1:]:
         common = common[common.isin(s.genes)]  # keeps the first slide's order
@@ -292,7 +301,7 @@ def _read_count_table(path: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
         bad = col[pd.to_numeric(col, errors="coerce").isna() & col.notna()]
         gene, spot = (labels[nonnum[0]], bad.index[0]) if spots_are_rows else (bad.index[0], labels[nonnum[0]])
         raise DataError(path, f"non-numeric counts in {len(nonnum)} {'gene' if spots_are_rows else 'spot'} "
-                              f"columns (first: gene {str(gene)!r}, spot {str(spot)!r}, value {bad.iloc[0]!r})")
+                              f"columns (first: gene {str(gene)!r}, spot {str(spot)!r}, value {show(bad.iloc[0])})")
     values = table.to_numpy()
     return (values if spots_are_rows else values.T), [str(g) for g in genes], spot_ids
 
@@ -662,9 +671,9 @@ def _positive_float(value: Any, path: Path, key: str) -> float:
     try:
         out = float(value)
     except (TypeError, ValueError):
-        raise DataError(path, f"{key} must be a number, got {value!r}") from None
+        raise DataError(path, f"{key} must be a number, got {show(value)}") from None
     if not np.isfinite(out) or out <= 0:
-        raise DataError(path, f"{key} must be positive, got {value!r}")
+        raise DataError(path, f"{key} must be positive, got {show(value)}")
     return out
 
 
@@ -741,8 +750,19 @@ def read_hest(root: str | Path, sample_ids: Sequence[str] | str | None = None, *
 _POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
 
 
-def read_10x_h5(path: Path, feature_type: str = "Gene Expression") -> tuple[sp.csr_matrix, list[str], np.ndarray]:
-    """Counts (barcodes x genes, int32 CSR), gene symbols and barcodes of a 10x HDF5 matrix."""
+@dataclass
+class TenXMatrix:
+    """A 10x feature-barcode matrix, Gene Expression features only."""
+
+    counts: sp.csr_matrix  # int32, barcodes x genes
+    genes: list[str]  # gene symbols (features "name"), duplicates kept
+    gene_ids: np.ndarray  # Ensembl IDs (features "id"; a probe set's "gene_id"), one per gene
+    barcodes: np.ndarray
+    path: Path
+
+
+def read_10x_h5(path: Path, feature_type: str = "Gene Expression") -> TenXMatrix:
+    """Counts (barcodes x genes, int32 CSR), gene symbols, gene IDs and barcodes of a 10x HDF5 matrix."""
     _require_file(path, "10x feature-barcode matrix")
     try:
         with h5py.File(path, "r") as f:
@@ -755,6 +775,8 @@ def read_10x_h5(path: Path, feature_type: str = "Gene Expression") -> tuple[sp.c
             mat = sp.csr_matrix((data, m["indices"][:], m["indptr"][:]), shape=(n_barcodes, n_features))
             barcodes = _decode(m["barcodes"][:])
             names = _decode(m["features/name"][:])
+            # probe-based runs (FFPE, CytAssist) list probes in "id" and the gene's ID in "gene_id"
+            ids = _decode(m["features/gene_id" if "gene_id" in m["features"] else "features/id"][:])
             types = _decode(m["features/feature_type"][:]) if "feature_type" in m["features"] else None
     except DataError:
         raise
@@ -764,8 +786,8 @@ def read_10x_h5(path: Path, feature_type: str = "Gene Expression") -> tuple[sp.c
         keep = np.flatnonzero(types == feature_type)
         if len(keep) == 0:
             raise DataError(path, f"no {feature_type!r} features")
-        mat, names = mat[:, keep], names[keep]
-    return counts_to_csr(mat, path, barcodes, names), list(names), barcodes
+        mat, names, ids = mat[:, keep], names[keep], ids[keep]
+    return TenXMatrix(counts_to_csr(mat, path, barcodes, names), list(names), ids, barcodes, path)
 
 
 def _read_positions(spatial: Path) -> tuple[pd.DataFrame, Path]:
@@ -790,8 +812,8 @@ def _first_file(folder: Path, names: Sequence[str]) -> Path | None:
     return next((folder / n for n in names if (folder / n).is_file()), None)
 
 
-def read_10x_mtx(folder: Path, feature_type: str = "Gene Expression") -> tuple[sp.csr_matrix, list[str], np.ndarray]:
-    """Counts, gene symbols and barcodes of a 10x Matrix Market folder (``filtered_feature_bc_matrix/``).
+def read_10x_mtx(folder: Path, feature_type: str = "Gene Expression") -> TenXMatrix:
+    """Counts, gene symbols, gene IDs and barcodes of a 10x Matrix Market folder (``filtered_feature_bc_matrix/``).
 
     Space Ranger >= 1 / Cell Ranger >= 3 write ``matrix.mtx.gz``, ``features.tsv.gz`` (id, name,
     feature type) and ``barcodes.tsv.gz``; older runs ``genes.tsv`` (id, name) and plain files.
@@ -816,13 +838,13 @@ def read_10x_mtx(folder: Path, feature_type: str = "Gene Expression") -> tuple[s
     if mat.shape != (len(barcodes), len(features)):
         raise DataError(mtx, f"matrix is {mat.shape[1]} features x {mat.shape[0]} barcodes but {feats.name} "
                              f"lists {len(features)} and {bcs.name} {len(barcodes)}")
-    names = features[1].to_numpy(dtype=str)
+    names, ids = features[1].to_numpy(dtype=str), features[0].to_numpy(dtype=str)
     if features.shape[1] >= 3:
         keep = np.flatnonzero(features[2].to_numpy(dtype=str) == feature_type)
         if len(keep) == 0:
             raise DataError(feats, f"no {feature_type!r} features")
-        mat, names = mat[:, keep], names[keep]
-    return counts_to_csr(mat, mtx, barcodes, names), list(names), barcodes
+        mat, names, ids = mat[:, keep], names[keep], ids[keep]
+    return TenXMatrix(counts_to_csr(mat, mtx, barcodes, names), list(names), ids, barcodes, folder)
 
 
 def _open_binary(path: Path) -> Any:
@@ -831,13 +853,13 @@ def _open_binary(path: Path) -> Any:
     return gzip.open(path, "rb") if gz else open(path, "rb")
 
 
-def _visium_matrix(outs: Path) -> tuple[sp.csr_matrix, list[str], np.ndarray, Path]:
+def _visium_matrix(outs: Path) -> TenXMatrix:
     """The filtered feature-barcode matrix of ``outs/``: the HDF5 file, else the Matrix Market folder."""
     h5, folder = outs / "filtered_feature_bc_matrix.h5", outs / "filtered_feature_bc_matrix"
     if h5.is_file():
-        return (*read_10x_h5(h5), h5)
+        return read_10x_h5(h5)
     if folder.is_dir():
-        return (*read_10x_mtx(folder), folder)
+        return read_10x_mtx(folder)
     raise DataError(h5, "missing 10x feature-barcode matrix (filtered_feature_bc_matrix.h5 or the "
                         "filtered_feature_bc_matrix/ folder): is this a Space Ranger outs/ folder?")
 
@@ -850,50 +872,63 @@ def _spots_outside(pixels: np.ndarray, size: tuple[int, int]) -> int:
     return int(((pixels < 0) | (pixels >= np.asarray(size, dtype=np.float64))).any(axis=1).sum())
 
 
-def _visium_image(outs: Path, image_path: str | Path | None, pixels: np.ndarray, scalefactors: dict[str, Any],
-                  sf_path: Path, diameter_px: float) -> tuple[Path, float, str]:
+@dataclass(frozen=True)
+class ScaledImage:
+    """A downscaled image that comes with a Visium slide, and the factor from full-resolution pixels to it.
+
+    Space Ranger writes them as ``spatial/tissue_{hires,lowres}_image.png``; scanpy keeps them as
+    arrays in ``uns['spatial'][library]['images']``. ``size`` and ``file`` are only called for the
+    image chosen, so a file holding one that is not used is never decoded or written out.
+    """
+
+    label: str  # how messages name it: tissue_hires_image.png, uns['spatial']['A1']['images']['hires']
+    key: str  # its scale factor: tissue_hires_scalef or tissue_lowres_scalef
+    kind: str  # recorded as image_kind: tissue_hires_image or tissue_lowres_image
+    where: Path  # the file errors about it name
+    size: Callable[[], tuple[int, int]]  # (width, height)
+    file: Callable[[], Path]  # the image file patches are cut from
+
+
+def choose_image(where: Path, image_path: str | Path | None, pixels: np.ndarray, candidates: Sequence[ScaledImage],
+                 scalefactors: dict[str, Any], sf_where: Path, sf_label: str, full_mpp: float,
+                 missing: DataError) -> tuple[Path, float, str]:
     """The image to cut patches from, the factor from full-resolution pixels to it, and its kind.
 
-    ``image_path`` (``--image``) is taken as full resolution; without it, Space Ranger's
-    ``spatial/tissue_hires_image.png`` (else the lowres one) with its scale factor. Nothing
-    outside ``outs/`` is ever picked implicitly. Spots must fall inside the image chosen.
+    ``image_path`` (``--image``) is taken as full resolution (spots must fall inside it; if they
+    fit a downscaled image instead, the error says so); without it, the first of ``candidates``
+    (hires before lowres) with its factor from ``scalefactors``, checked against its size, and a
+    warning stating the resulting microns per pixel. ``missing`` is raised when there is neither.
     """
     from agl.data.patches import image_size
 
-    spatial = outs / "spatial"
     if image_path is not None:
         image = _require_file(Path(image_path), "full-resolution image (--image)")
         size = image_size(image)
         n_out = _spots_outside(pixels, size)
         if n_out:
-            fits = [(name, key) for name, key in VISIUM_IMAGES if key in scalefactors
-                    and not _spots_outside(pixels * float(scalefactors[key]), size)]
-            hint = (f"its size fits {fits[0][0]} (spots scaled by {fits[0][1]}): omit --image to use Space "
-                    "Ranger's image with its scale factor, or pass the full-resolution image" if fits else
+            fits = [c for c in candidates if c.key in scalefactors
+                    and not _spots_outside(pixels * float(scalefactors[c.key]), size)]
+            hint = (f"its size fits {fits[0].label} (spots scaled by {fits[0].key}): omit --image to use that "
+                    "image with its scale factor, or pass the full-resolution image" if fits else
                     "pass the full-resolution image of this slide with --image")
             raise DataError(image, f"{n_out} of {len(pixels)} spot centres (full-resolution pixels) lie "
                                    f"outside this {size[0]}x{size[1]} image given with --image: {hint}")
         return image, 1.0, "full-resolution"
-    for name, key in VISIUM_IMAGES:
-        if (spatial / name).is_file():
-            if key not in scalefactors:
-                raise DataError(sf_path, f"lacks {key}, needed to use spatial/{name}")
-            scale = _positive_float(scalefactors[key], sf_path, key)
-            image = spatial / name
-            size = image_size(image)
-            n_out = _spots_outside(pixels * scale, size)
-            if n_out:
-                raise DataError(image, f"{n_out} of {len(pixels)} spot centres fall outside this {size[0]}x"
-                                       f"{size[1]} image after scaling by {key}={scale:g} (from {sf_path.name}): "
-                                       "the scale factors do not belong to this image")
-            log.warning("%s: no --image given: patches come from spatial/%s, %s=%g, i.e. %.3g um per pixel "
-                        "(the full-resolution image has %.3g); pass the full-resolution image with --image "
-                        "for full detail", outs, name, key, scale, VISIUM_SPOT_UM / (diameter_px * scale),
-                        VISIUM_SPOT_UM / diameter_px)
-            return image, scale, name.removesuffix(".png")
-    raise DataError(spatial, "no image: neither spatial/tissue_hires_image.png nor tissue_lowres_image.png "
-                             "(Space Ranger writes them) and no --image; pass the full-resolution image "
-                             "with --image (images outside outs/ are never picked implicitly)")
+    for c in candidates:
+        if c.key not in scalefactors:
+            raise DataError(sf_where, f"{sf_label} lacks {c.key}, needed to use {c.label}")
+        scale = _positive_float(scalefactors[c.key], sf_where, f"{sf_label} {c.key}")
+        size = c.size()
+        n_out = _spots_outside(pixels * scale, size)
+        if n_out:
+            raise DataError(c.where, f"{n_out} of {len(pixels)} spot centres fall outside this {size[0]}x{size[1]} "
+                                     f"image after scaling by {c.key}={scale:g} (from {sf_label}): the scale "
+                                     f"factors do not belong to {c.label}")
+        log.warning("%s: no --image given: patches come from %s, %s=%g, i.e. %.3g um per pixel (the "
+                    "full-resolution image has %.3g); pass the full-resolution image with --image for full detail",
+                    where, c.label, c.key, scale, full_mpp / scale, full_mpp)
+        return c.file(), scale, c.kind
+    raise missing
 
 
 def read_visium(outs_dir: str | Path, image_path: str | Path | None = None, *,
@@ -907,12 +942,17 @@ def read_visium(outs_dir: str | Path, image_path: str | Path | None = None, *,
     ``spatial/scalefactors_json.json``; ``microns_per_pixel = 55 / (spot_diameter_fullres * s)``
     where ``s`` is 1 for the full-resolution ``image_path`` (``--image``; TIFF included), else
     ``tissue_hires_scalef`` for ``spatial/tissue_hires_image.png`` (pixel positions scaled alike,
-    with a warning stating the resulting pixel size).
+    with a warning stating the resulting pixel size). Genes are named by symbol; their Ensembl
+    IDs stay in ``var["gene_ids"]``, so a model trained on either finds them.
     """
+    from agl.data.patches import image_size
+
     outs = Path(outs_dir)
-    counts, genes, barcodes, matrix = _visium_matrix(outs)
+    tenx = _visium_matrix(outs)
+    barcodes, matrix = tenx.barcodes, tenx.path
     _check_unique_barcodes(barcodes, matrix)
-    counts, genes = resolve_duplicate_genes(counts, genes, matrix, duplicate_genes)
+    names = names_of_kept_genes(tenx.genes, {"gene_ids": tenx.gene_ids})
+    counts, genes = resolve_duplicate_genes(tenx.counts, tenx.genes, matrix, duplicate_genes)
     pos, pos_path = _read_positions(outs / "spatial")
     pos_ids = pd.Index(pos["barcode"].astype(str))
     _check_unique_barcodes(pos_ids, pos_path)
@@ -938,7 +978,15 @@ def read_visium(outs_dir: str | Path, image_path: str | Path | None = None, *,
     if not isinstance(scalefactors, dict) or "spot_diameter_fullres" not in scalefactors:
         raise DataError(sf_path, "lacks spot_diameter_fullres")
     diameter_px = _positive_float(scalefactors["spot_diameter_fullres"], sf_path, "spot_diameter_fullres")
-    image, scale, kind = _visium_image(outs, image_path, pixels, scalefactors, sf_path, diameter_px)
+    spatial = outs / "spatial"
+    candidates = [ScaledImage(name, key, name.removesuffix(".png"), spatial / name,
+                              size=lambda f=spatial / name: image_size(f), file=lambda f=spatial / name: f)
+                  for name, key in VISIUM_IMAGES if (spatial / name).is_file()]
+    image, scale, kind = choose_image(
+        outs, image_path, pixels, candidates, scalefactors, sf_path, sf_path.name, VISIUM_SPOT_UM / diameter_px,
+        missing=DataError(spatial, "no image: neither spatial/tissue_hires_image.png nor tissue_lowres_image.png "
+                                   "(Space Ranger writes them) and no --image; pass the full-resolution image with "
+                                   "--image (images outside outs/ are never picked implicitly)"))
     sid = slide_id or (outs.parent.name if outs.name == "outs" else outs.name)
     info = {
         "image_path": str(image.absolute()),
@@ -951,7 +999,8 @@ def read_visium(outs_dir: str | Path, image_path: str | Path | None = None, *,
         "image_scalef": scale,  # image pixels per full-resolution pixel
     }
     extra = {"array_row": pos["array_row"].to_numpy(np.int64), "array_col": pos["array_col"].to_numpy(np.int64)}
-    return assemble([SlideData(sid, counts[rows], genes, barcodes[rows], pixels * scale, info, extra, str(matrix))])
+    return assemble([SlideData(sid, counts[rows], genes, barcodes[rows], pixels * scale, info, extra, str(matrix),
+                               var_extra=names)])
 
 
 # --------------------------------------------------------------------------- generic .h5ad
@@ -968,15 +1017,153 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# scanpy's uns['spatial'][library]['images'] keys, the scale factor of each and the image_kind recorded
+SCANPY_IMAGES = (("hires", "tissue_hires_scalef", "tissue_hires_image"),
+                 ("lowres", "tissue_lowres_scalef", "tissue_lowres_image"))
+_PLAIN_UNS_KEYS = ("image_path", "microns_per_pixel", "pixel_size_um_estimated", "spot_diameter_um")
+
+
+def _array_size(image: Any, where: Path, label: str) -> tuple[int, int]:
+    shape = np.shape(image)
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3, 4)) or 0 in shape:
+        raise DataError(where, f"{label} is not an image: shape {show(shape)} (height x width [x 3 or 4] expected)")
+    return int(shape[1]), int(shape[0])
+
+
+def _rgb_uint8(image: Any, where: Path, label: str) -> np.ndarray:
+    """An image array as stored in a file (scanpy: float32 in [0, 1] as matplotlib reads a PNG) as RGB uint8."""
+    _array_size(image, where, label)
+    pixels = np.asarray(image)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    pixels = pixels[:, :, :3] if pixels.shape[2] >= 3 else np.repeat(pixels, 3, axis=2)  # alpha dropped
+    if pixels.dtype == np.uint8:
+        return np.ascontiguousarray(pixels)
+    if pixels.dtype == np.uint16:
+        return (pixels >> 8).astype(np.uint8)
+    if pixels.dtype.kind == "f":
+        finite = np.isfinite(pixels).all()
+        top = float(pixels.max()) if finite else math.nan
+        if finite and float(pixels.min()) >= 0 and top <= 255:
+            # matplotlib/scanpy store a PNG as value / 255: round back to the exact 8-bit pixels
+            return np.round(pixels * 255 if top <= 1 else pixels).astype(np.uint8)
+        raise DataError(where, f"{label} holds values outside 0-1 (or 0-255): min {show(np.nanmin(pixels))}, "
+                               f"max {show(np.nanmax(pixels))}" + ("" if finite else ", or NaN/inf"))
+    raise DataError(where, f"{label} has pixels of type {pixels.dtype}; uint8, uint16 or float expected")
+
+
+def image_array_file(image: Any, where: Path, label: str) -> Path:
+    """An image held in an AnnData (scanpy's ``uns['spatial']`` images) as a PNG file patches can be cut from.
+
+    Written once per content (named by its sha256) under ``agl``'s cache folder
+    (:func:`agl.fileio.default_cache_dir`, ``images/``), atomically, and never beside the input:
+    the cache can be deleted, the file is written again from the .h5ad when needed.
+    """
+    import hashlib
+
+    from PIL import Image
+
+    from agl.fileio import atomic_write, default_cache_dir
+
+    pixels = _rgb_uint8(image, where, label)
+    digest = hashlib.sha256(f"{pixels.shape}".encode() + pixels.tobytes()).hexdigest()[:32]
+    out = default_cache_dir() / "images" / f"{digest}.png"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
+        log.info("%s: %s written to %s to cut patches from", where, label, out)
+    return out
+
+
+def _scanpy_library(adata: ad.AnnData, path: Path, library_id: str | None) -> tuple[str, Any, np.ndarray]:
+    """The library of ``uns['spatial']`` to read, its entry and its spots (rows of ``adata``)."""
+    spatial = adata.uns["spatial"]
+    libs = [str(k) for k in spatial]
+    if library_id is not None:
+        if library_id not in spatial:
+            raise DataError(path, f"--library-id {library_id}: uns['spatial'] holds no such library "
+                                  f"(it holds {', '.join(libs)})")
+        lib = library_id
+    elif len(libs) == 1:
+        lib = libs[0]
+    else:
+        raise DataError(path, f"uns['spatial'] holds {len(libs)} libraries ({', '.join(libs)}); choose one "
+                              "with --library-id")
+    rows = np.arange(adata.n_obs)
+    if len(libs) > 1:  # several slides in one file (scanpy/squidpy concatenation): obs says whose spot is whose
+        if "library_id" not in adata.obs:
+            raise DataError(path, f"uns['spatial'] holds {len(libs)} libraries but obs has no 'library_id' column "
+                                  f"saying which spots belong to {lib}")
+        rows = np.flatnonzero(adata.obs["library_id"].astype(str).to_numpy() == lib)
+        if len(rows) == 0:
+            raise DataError(path, f"no spot has obs['library_id'] == {lib!r}")
+    return lib, spatial[lib], rows
+
+
+def _scanpy_slide(adata: ad.AnnData, path: Path, pixels: np.ndarray, barcodes: np.ndarray, *,
+                  library_id: str | None, image_path: str | Path | None, microns_per_pixel: float | None,
+                  spot_diameter_um: float | None) -> tuple[np.ndarray, dict[str, Any], float]:
+    """Spots (rows), slide record and image scale of a file in scanpy's Visium layout (``uns['spatial']``).
+
+    ``obsm['spatial']`` holds full-resolution pixels; their size is ``--microns-per-pixel`` if
+    given, else the spot diameter (``--spot-diameter-um``, default Visium's 55 um) over
+    ``scalefactors['spot_diameter_fullres']``. The image is ``--image`` (full resolution), else the
+    library's ``images['hires']`` (else ``'lowres'``) with its scale factor, exactly as
+    :func:`read_visium` treats Space Ranger's PNGs (:func:`choose_image`).
+    """
+    lib, library, rows = _scanpy_library(adata, path, library_id)
+    label = f"uns['spatial'][{lib!r}]"
+    pixels = pixels[rows]
+    _check_pixels(pixels, barcodes[rows], path)
+    library = library if isinstance(library, Mapping) else {}
+    scalefactors = _plain(dict(library.get("scalefactors") or {}))
+    spot_um = VISIUM_SPOT_UM if spot_diameter_um is None else _positive_float(spot_diameter_um, path,
+                                                                               "--spot-diameter-um")
+    if microns_per_pixel is not None:
+        full_mpp = _positive_float(microns_per_pixel, path, "--microns-per-pixel")
+    elif "spot_diameter_fullres" in scalefactors:
+        full_mpp = spot_um / _positive_float(scalefactors["spot_diameter_fullres"], path,
+                                             f"{label}['scalefactors']['spot_diameter_fullres']")
+    else:
+        raise DataError(path, f"{label}['scalefactors'] lacks spot_diameter_fullres, which sets the pixel size; "
+                              "pass --microns-per-pixel")
+    images = library.get("images") or {}
+    candidates = [ScaledImage(f"{label}['images'][{res!r}]", key, kind, path,
+                              size=lambda a=images[res], t=f"{label}['images'][{res!r}]": _array_size(a, path, t),
+                              file=lambda a=images[res], t=f"{label}['images'][{res!r}]": image_array_file(a, path, t))
+                  for res, key, kind in SCANPY_IMAGES if res in images]
+    image, scale, kind = choose_image(
+        path, image_path, pixels, candidates, scalefactors, path, f"{label}['scalefactors']", full_mpp,
+        missing=DataError(path, f"no image: {label} holds no images ('hires' or 'lowres') and no --image was "
+                                "given; pass the full-resolution image with --image"))
+    meta = {
+        "image_path": str(image.absolute()),
+        "microns_per_pixel": full_mpp / scale,
+        "spot_diameter_um": spot_um,
+        "source_format": "anndata",
+        "source_files": [str(path.absolute())],
+        "library_id": lib,
+        "image_kind": kind,  # full-resolution, tissue_hires_image or tissue_lowres_image
+        "image_scalef": scale,  # image pixels per full-resolution pixel
+    }
+    if kind != "full-resolution":
+        meta["image_from"] = next(c.label for c in candidates if c.kind == kind)  # the PNG is a copy of it
+    return rows, meta, scale
+
+
 def read_anndata(path: str | Path, *, image_path: str | Path | None = None, slide_id: str | None = None,
                  microns_per_pixel: float | None = None, spot_diameter_um: float | None = None,
-                 duplicate_genes: str = "error") -> ad.AnnData:
+                 duplicate_genes: str = "error", library_id: str | None = None) -> ad.AnnData:
     """Read a generic ``.h5ad`` with ``obsm["spatial"]`` (or a canonical agl AnnData).
 
     Raw counts come from ``layers["counts"]`` if present, else ``X`` (must be integer-valued).
-    A file that already has ``obs["slide_id"]`` and ``uns["slides"]`` keeps its slides; any
-    other file is one slide whose image and pixel size come from the arguments or from
-    ``uns`` (``image_path``, ``microns_per_pixel``, ``spot_diameter_um``).
+    A file that already has ``obs["slide_id"]`` and ``uns["slides"]`` keeps its slides. A file in
+    scanpy's Visium layout (``uns["spatial"][library]``: ``scalefactors``, ``images``; as
+    ``scanpy.read_visium`` writes it) is one slide read like a Space Ranger ``outs/``
+    (:func:`_scanpy_slide`; ``library_id`` chooses among several libraries). Any other file is
+    one slide whose image and pixel size come from the arguments or from ``uns``
+    (``image_path``, ``microns_per_pixel``, ``spot_diameter_um``). Other names of the genes in
+    ``var`` (``gene_ids``, ``gene_symbols``, ...) are kept for gene matching.
     """
     path = Path(path)
     adata = _read_h5ad(path)
@@ -988,6 +1175,13 @@ def read_anndata(path: str | Path, *, image_path: str | Path | None = None, slid
     barcodes_all = (adata.obs[schema.OBS_BARCODE].astype(str).to_numpy() if schema.OBS_BARCODE in adata.obs
                     else np.asarray(adata.obs_names, dtype=str))
     uns_slides = _plain(dict(adata.uns.get(schema.UNS_SLIDES, {})))
+    spatial = adata.uns.get("spatial")
+    scanpy_layout = isinstance(spatial, Mapping) and len(spatial) > 0
+    if library_id is not None and not scanpy_layout:
+        raise DataError(path, "--library-id given but the file has no uns['spatial'] libraries")
+    overrides = {k: v for k, v in (("image_path", image_path), ("microns_per_pixel", microns_per_pixel),
+                                   ("spot_diameter_um", spot_diameter_um)) if v is not None}
+    scale_of: dict[str, float] = {}  # image pixels per obsm['spatial'] pixel
     if schema.OBS_SLIDE in adata.obs and uns_slides:  # already canonical: keep its slides
         slide_of = adata.obs[schema.OBS_SLIDE].astype(str).to_numpy()
         order = list(dict.fromkeys(slide_of))
@@ -996,34 +1190,30 @@ def read_anndata(path: str | Path, *, image_path: str | Path | None = None, slid
                 raise DataError(path, f"slide_id given but the file holds {len(order)} slides {order}")
             uns_slides = {slide_id: uns_slides.get(order[0], {})}
             slide_of, order = np.full(adata.n_obs, slide_id), [slide_id]
+        rows_of = {sid: np.flatnonzero(slide_of == sid) for sid in order}
+        uns_slides = {sid: {**uns_slides.get(sid, {}), **overrides} for sid in order}
+    elif scanpy_layout:
+        sid = slide_id or path.stem
+        rows, meta, scale_of[sid] = _scanpy_slide(
+            adata, path, pixels_all, barcodes_all, library_id=library_id, image_path=image_path,
+            microns_per_pixel=microns_per_pixel, spot_diameter_um=spot_diameter_um)
+        rows_of, uns_slides = {sid: rows}, {sid: meta}
     else:
         sid = slide_id or path.stem
-        slide_of, order = np.full(adata.n_obs, sid), [sid]
-        uns = _plain(dict(adata.uns))
-        uns_slides = {sid: {
-            "image_path": image_path if image_path is not None else uns.get("image_path"),
-            "microns_per_pixel": microns_per_pixel if microns_per_pixel is not None else
-            uns.get("microns_per_pixel", uns.get("pixel_size_um_estimated")),
-            "spot_diameter_um": spot_diameter_um if spot_diameter_um is not None else uns.get("spot_diameter_um"),
-        }}
+        uns = {k: _plain(adata.uns[k]) for k in _PLAIN_UNS_KEYS if k in adata.uns}  # not every array in uns
+        meta = {"image_path": uns.get("image_path"),
+                "microns_per_pixel": uns.get("microns_per_pixel", uns.get("pixel_size_um_estimated")),
+                "spot_diameter_um": uns.get("spot_diameter_um")}
+        rows_of, uns_slides = {sid: np.arange(adata.n_obs)}, {sid: {**meta, **overrides}}
     counts_all = counts_to_csr(values, path, barcodes_all, genes, where)
-    # every duplicate policy keeps each symbol's first column in order: its other names follow it
-    firsts = np.flatnonzero(~pd.Index(genes).duplicated())
-    var_extra = {k: v[firsts] for k, v in alias_columns(adata.var).items()}
+    var_extra = names_of_kept_genes(genes, alias_columns(adata.var))
     counts_all, genes = resolve_duplicate_genes(counts_all, genes, path, duplicate_genes)
     slides = []
-    for sid in order:
-        rows = np.flatnonzero(slide_of == sid)
-        meta = dict(uns_slides.get(sid, {}))
-        if image_path is not None:
-            meta["image_path"] = str(image_path)
-        if microns_per_pixel is not None:
-            meta["microns_per_pixel"] = microns_per_pixel
-        if spot_diameter_um is not None:
-            meta["spot_diameter_um"] = spot_diameter_um
+    for sid, rows in rows_of.items():
+        meta = dict(uns_slides[sid])
         if meta.get("microns_per_pixel") is None:
-            raise DataError(path, f"slide {sid!r}: unknown pixel size; pass microns_per_pixel "
-                                  "or store uns['microns_per_pixel']")
+            raise DataError(path, f"slide {sid!r}: unknown pixel size; pass --microns-per-pixel "
+                                  "(or store uns['microns_per_pixel'])")
         meta["microns_per_pixel"] = _positive_float(meta["microns_per_pixel"], path, "microns_per_pixel")
         if meta.get("image_path") is not None:
             meta["image_path"] = str(Path(meta["image_path"]).absolute())
@@ -1034,8 +1224,8 @@ def read_anndata(path: str | Path, *, image_path: str | Path | None = None, slid
         _check_unique_barcodes(barcodes, path)
         _check_pixels(pixels_all[rows], barcodes, path)
         extra = {c: adata.obs[c].to_numpy()[rows] for c in ("array_row", "array_col") if c in adata.obs}
-        slides.append(SlideData(sid, counts_all[rows], genes, barcodes, pixels_all[rows], meta, extra,
-                                var_extra=var_extra, source=str(path)))
+        slides.append(SlideData(sid, counts_all[rows], genes, barcodes, pixels_all[rows] * scale_of.get(sid, 1.0),
+                                meta, extra, var_extra=var_extra, source=str(path)))
     return assemble(slides)
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from anndata import AnnData
 
 from agl.errors import DataError
+from agl.fileio import default_cache_dir  # re-exported: agl.datasets.default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,6 @@ def her2st_demo(sections: Sequence[str] | str | None = None) -> AnnData:
     from agl.data.readers import read_her2st
 
     return read_her2st(HER2ST_DEMO_DIR, sections if sections is not None else list(HER2ST_DEMO_SECTIONS))
-
-
-def default_cache_dir() -> Path:
-    """``$AGL_CACHE_DIR`` if set, else ``~/.cache/agl``."""
-    env = os.environ.get("AGL_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "agl"
 
 
 def _demo_key() -> str:
