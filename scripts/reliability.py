@@ -27,8 +27,9 @@ LOAD_JSON = REPO / "results" / "bench_load.json"
 LOAD_PNG = REPO / "results" / "bench_load.png"
 PAGE = REPO / "docs" / "reliability.md"
 FIGURE = REPO / "docs" / "figures" / "bench_load.png"
-KIND_ORDER = ("bad input", "fault", "secure default", "load")
-HEADINGS = {"bad input": "Bad input", "fault": "Faults, with recovery", "secure default": "Secure defaults",
+KIND_ORDER = ("layout", "bad input", "fault", "secure default", "load")
+HEADINGS = {"layout": "Slide layouts as users have them (real her2st sections written in each layout)",
+            "bad input": "Bad input", "fault": "Faults, with recovery", "secure default": "Secure defaults",
             "load": "Load"}
 
 
@@ -65,7 +66,7 @@ def render(cases: list[dict], load: dict | None, tests_rc: int) -> str:
     faults = by_kind.get("fault", [])
     lost = sum(c["outcome_status"] != "passed" for c in faults)
     lines = [
-        "# Reliability: bad input, faults, load and secure defaults",
+        "# Reliability: slide layouts, bad input, faults, load and secure defaults",
         "",
         "What `agl` survives, each row a test that can fail. Regenerate this page (tests, then the",
         "load benchmark) with one command:",
@@ -81,6 +82,8 @@ def render(cases: list[dict], load: dict | None, tests_rc: int) -> str:
         "",
         "| | count |",
         "|---|---|",
+        f"| slide layouts read and checked against the her2st release they were written from | "
+        f"{sum(c['outcome_status'] == 'passed' for c in by_kind.get('layout', []))} of {len(by_kind.get('layout', []))} |",
         f"| bad inputs tried (each: exit != 0, the file/field and problem named, nothing written) | "
         f"{len(by_kind.get('bad input', []))}, {sum(c['outcome_status'] == 'passed' for c in by_kind.get('bad input', []))} refused cleanly |",
         f"| faults injected and survived | {sum(c['outcome_status'] == 'passed' for c in faults)} of {len(faults)} |",

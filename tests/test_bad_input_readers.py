@@ -365,3 +365,12 @@ def test_visium_matrix_folder_damaged(small, tmp_path):
     (outs / "filtered_feature_bc_matrix").rename(tmp_path / "elsewhere")
     with raises_naming(outs / "filtered_feature_bc_matrix.h5", "missing 10x feature-barcode matrix"):
         read_visium(outs)
+
+
+def test_messages_show_numbers_plainly():
+    """agl.errors.show: what messages interpolate (numpy 2's repr would print np.float64(nan), np.str_('a'))."""
+    from agl.errors import show
+
+    assert show(np.float64("nan")) == "nan" and show(np.float32(0.1)) == "0.1" and show(np.int64(3)) == "3"
+    assert show((np.float64(1.0), np.float64(2.5))) == "(1.0, 2.5)" and show(np.array([0.5, np.inf])) == "[0.5, inf]"
+    assert show(np.str_("12x7")) == "'12x7'" and show(pd.Index(["a", "b"])) == "['a', 'b']" and show(None) == "None"

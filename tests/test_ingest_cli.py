@@ -205,6 +205,11 @@ def _anndata(c2, root: Path) -> list[str]:
 LAYOUTS = {"hest": _hest, "visium": _visium, "anndata": _anndata}
 
 
+@pytest.mark.reliability(kind="layout", case="agl ingest of C2 as a HEST-1k sample (st/, metadata/, patches/, "
+                         "wsis/), as Space Ranger outs/ (--image), and as a plain .h5ad (--image, um/px in uns)",
+                         outcome="the store of the her2st release: same 185 spots, expression, pixels and gene sets; "
+                                 "patches equal (HEST: resampled from its 224 px patches, mean difference < 2 grey "
+                                 "levels)")
 @pytest.mark.parametrize("fmt", LAYOUTS)
 def test_ingest_other_formats_gives_the_her2st_store(fmt, c2, c2_store, tmp_path, capsys):
     args = LAYOUTS[fmt](c2, tmp_path)
@@ -353,6 +358,11 @@ def _store_rows(store, ref) -> np.ndarray:
     return ref.spots.set_index("barcode")["row"].loc[store.spots["barcode"]].to_numpy()
 
 
+@pytest.mark.reliability(kind="layout", case="agl ingest anndata of a scanpy .h5ad (outs/ read by "
+                         "scanpy.read_visium, write_h5ad): uns['spatial'] scale factors and hires image, no --image",
+                         outcome="the store agl ingest visium gives on the outs/: same spots, um/px, pixels and "
+                                 "patches; the hires PNG goes to the agl cache, not beside the input; with --image "
+                                 "the her2st release's store")
 def test_scanpy_visium_h5ad_ingests_like_its_outs_folder(c2, c2_store, tmp_path, monkeypatch, caplog):
     """Real C2 as Space Ranger outs/, read by scanpy.read_visium and saved: uns['spatial'] is read directly.
 

@@ -177,6 +177,9 @@ def test_tiff_coarse_patches_come_from_a_pyramid_level(c2, c2_tiff, c2_image):
         assert np.abs(patches[i].astype(float) - from_full[i].astype(float)).mean() < 4.0
 
 
+@pytest.mark.reliability(kind="layout", case="whole-slide pyramidal TIFF (C2's 9274 x 9911 H&E, 3 levels, "
+                         "256 px tiles) read by region",
+                         outcome="numpy's peak while cutting 20 patches stays below 5% of the decoded image")
 def test_tiff_region_reads_keep_memory_small(c2, c2_tiff):
     """Cutting patches decodes tiles, not the slide: numpy's peak stays far below the decoded image."""
     import tracemalloc

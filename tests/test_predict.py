@@ -144,6 +144,9 @@ def _section_h5ad(her2st_dir: Path, path: Path, var_names, **columns) -> Path:
     return path
 
 
+@pytest.mark.reliability(kind="layout", case="agl predict on a .h5ad whose var names are versioned Ensembl IDs "
+                         "(var['gene_symbols'] beside them), model trained on symbols",
+                         outcome="every model gene measured, values equal the symbol-named slide's")
 def test_genes_named_by_ensembl_id_map_back_through_gene_symbols(trained: Path, her2st_dir: Path,
                                                                  tmp_path: Path) -> None:
     from agl.data.readers import read_her2st
@@ -161,6 +164,10 @@ def test_genes_named_by_ensembl_id_map_back_through_gene_symbols(trained: Path, 
     np.testing.assert_allclose(result.layers["measured"][:, 3], expected, atol=1e-5)
 
 
+@pytest.mark.reliability(kind="layout", case="agl predict on Space Ranger outs/ (genes by symbol) with a model "
+                         "whose genes are Ensembl IDs",
+                         outcome="every model gene measured through var['gene_ids'] (features 'id'), values equal "
+                                 "the symbol's counts")
 def test_visium_symbols_match_a_model_trained_on_ensembl_ids(trained: Path, her2st_dir: Path, tmp_path: Path) -> None:
     """Space Ranger outs/ names genes by symbol and keeps their Ensembl IDs (features "id"): a model whose genes
     are Ensembl IDs (trained on a store of ID-named slides) measures every one of them on it."""

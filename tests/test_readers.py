@@ -37,6 +37,9 @@ def test_her2st_spot_counts_and_schema(b4_c2):
     assert b4_c2.X.dtype == np.int32
 
 
+@pytest.mark.reliability(kind="layout", case="her2st release (legacy ST, 1k array): ST-cnts/*.tsv.gz, "
+                         "ST-spotfiles/*_selection.tsv, ST-imgs/ (B4, C2)",
+                         outcome="every count of the shared genes equals the gzip TSV, spot by spot")
 def test_her2st_counts_equal_tsv(b4_c2, her2st_dir):
     for section in ("B4", "C2"):
         table = _tsv_counts(her2st_dir, section)
@@ -181,6 +184,11 @@ def test_hest_coords_are_top_left(hest_root, tmp_path):
     assert got.uns["slides"]["C3"]["image_path"] is None
 
 
+@pytest.mark.reliability(kind="layout", case="Space Ranger outs/ with the full-resolution JPEG as --image: "
+                         "h5 matrix + tissue_positions.csv, or filtered_feature_bc_matrix/ + headerless "
+                         "tissue_positions_list.csv",
+                         outcome="exact round trip of counts, barcodes, pixels and um/px; antibody features left "
+                                 "out; Ensembl IDs kept as var['gene_ids']")
 @pytest.mark.parametrize("legacy, matrix", [(False, "h5"), (True, "mtx")])
 def test_visium_round_trip_with_full_resolution_image(c3, tmp_path, legacy, matrix):
     outs = write_visium(c3, tmp_path / "C3" / "outs", legacy_positions=legacy, matrix=matrix)
@@ -196,6 +204,11 @@ def test_visium_round_trip_with_full_resolution_image(c3, tmp_path, legacy, matr
     assert meta["dropped_spots"] == 0  # off-tissue positions are not spots of the matrix
 
 
+@pytest.mark.reliability(kind="layout", case="Space Ranger outs/ as written: no full-resolution image inside, "
+                         "spatial/tissue_hires_image.png + scalefactors_json.json (the JPEG lies beside outs/)",
+                         outcome="hires PNG used with tissue_hires_scalef, um/px = 55 / (spot_diameter_fullres x "
+                                 "scalef) stated in a warning; the image beside outs/ not taken; patches show the "
+                                 "same tissue; lowres used without hires")
 def test_visium_outs_as_space_ranger_writes_it(c3, tmp_path, caplog):
     """No --image: the hires PNG with tissue_hires_scalef; never the full-res image lying beside outs/."""
     outs = write_visium(c3, tmp_path / "C3" / "outs")
@@ -229,6 +242,8 @@ def test_visium_outs_as_space_ranger_writes_it(c3, tmp_path, caplog):
     assert low["microns_per_pixel"] == pytest.approx(55.0 / (sf["spot_diameter_fullres"] * sf["tissue_lowres_scalef"]))
 
 
+@pytest.mark.reliability(kind="layout", case="Space Ranger outs/ with a pyramidal tiled TIFF (2 levels, zlib) "
+                         "as --image", outcome="patches equal those cut from the JPEG, pixel for pixel")
 def test_visium_full_resolution_tiff(c3, tmp_path):
     """A whole-slide TIFF given with --image is the full-resolution image: patches equal the JPEG's."""
     from PIL import Image
@@ -313,6 +328,10 @@ def c2(her2st_dir):
     return read_her2st(her2st_dir, "C2")
 
 
+@pytest.mark.reliability(kind="layout", case="legacy ST on the 2k array (100 um pitch): C2 with its array "
+                         "coordinates doubled, same image",
+                         outcome="2k detected from the coordinates; um/px equals the 1k reading (~0.69, not twice "
+                                 "it); --array 1k refused naming the coordinates; C2 forced to 2k halves the scale")
 def test_2k_array_gives_the_same_scale(c2, her2st_dir, tmp_path):
     """The real C2 rewritten as a 2k-array layout (coordinates doubled, same pixels): same um/px."""
     root = write_st_2k(her2st_dir, tmp_path / "st2k", "C2")
@@ -332,6 +351,11 @@ def test_2k_array_gives_the_same_scale(c2, her2st_dir, tmp_path):
     assert forced == pytest.approx(want["microns_per_pixel"] / 2, rel=1e-9)
 
 
+@pytest.mark.reliability(kind="layout", case="legacy ST run folder outside the her2st names: {s}_stdata.tsv "
+                         "plain (spots as rows) or gzip (genes as rows), ST spot detector table with or without "
+                         "header, HE.jpg",
+                         outcome="same spots, counts, pixels and um/px (rel 1e-12) as the her2st reader; the counts "
+                                 "table alone reads too")
 @pytest.mark.parametrize("genes_as_rows, gzip_counts, spot_header", [(False, False, True), (True, True, False)])
 def test_st_pipeline_folder(c2, her2st_dir, tmp_path, caplog, genes_as_rows, gzip_counts, spot_header):
     """An ST Pipeline folder (plain or gzip TSV, spots or genes as rows, spot detector table): same slide."""
@@ -348,6 +372,9 @@ def test_st_pipeline_folder(c2, her2st_dir, tmp_path, caplog, genes_as_rows, gzi
     assert read_her2st(counts).obs["slide_id"].iloc[0] == "C2_stdata"
 
 
+@pytest.mark.reliability(kind="layout", case="ST spot detector table with selected = 0 for 3 spots",
+                         outcome="those 3 spots left out and counted as unselected_spots; no mismatch warning, even "
+                                 "with strict=True")
 def test_st_unselected_spots_are_left_out(c2, her2st_dir, tmp_path, caplog):
     folder = write_st_folder(her2st_dir, tmp_path / "run", "C2", unselect=3)
     with caplog.at_level(logging.WARNING):

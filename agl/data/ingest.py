@@ -30,7 +30,7 @@ from agl.data.splits import SPLIT_KINDS, make_splits
 from agl.data.stats import GeneMoments, seurat_hvg
 from agl.data.store import (SAFE_NAME, check_layout, check_target, finish_store, new_temp_folder, write_ipc_blocks,
                             write_expression_arrays, write_partition, write_store, write_tables)
-from agl.errors import ConfigError, DataError
+from agl.errors import ConfigError, DataError, show
 from agl.fileio import jsonable, sha256_file
 
 log = logging.getLogger(__name__)
@@ -469,7 +469,7 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
     order = [sid for u in units for sid, s in slides.items() if s["unit"] == u]  # input order, as assemble
     bad = [s for s in order if not SAFE_NAME.match(s)]
     if bad:
-        raise DataError(out, f"slide names must match {SAFE_NAME.pattern}: {bad[:5]}")
+        raise DataError(out, f"slide names must match {SAFE_NAME.pattern}: {show(bad[:5])}")
     n_read = sum(slides[s]["n_read"] for s in order)
     common = pd.Index(slides[order[0]]["genes"])
     for sid in order[1:]:

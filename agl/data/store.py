@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from agl.errors import ConfigError, DataError
+from agl.errors import ConfigError, DataError, show
 from agl.fileio import sha256_file, swap_folder
 
 SCHEMA_VERSION = 1
@@ -293,7 +293,7 @@ def write_store(out: str | Path, *, spots: pd.DataFrame, patches: np.ndarray, ex
     bad = [s for s in list(pd.unique(spots["slide_id"].astype(str))) + list(splits.columns)
            if not SAFE_NAME.match(str(s))]
     if bad:
-        raise DataError(out, f"slide/split names must match {SAFE_NAME.pattern}: {bad[:5]}")
+        raise DataError(out, f"slide/split names must match {SAFE_NAME.pattern}: {show(bad[:5])}")
     missing = [s for s in splits.columns if s not in gene_sets]
     if missing:
         raise DataError(out, f"no gene set for split(s) {missing}")

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
-from agl.errors import DataError
+from agl.errors import DataError, show
 
 
 def _columnwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -50,7 +50,7 @@ def _select_primary(gene_names: Sequence[str], primary: int | Sequence[str] | No
     position = {g: i for i, g in enumerate(names)}
     missing = [g for g in primary if g not in position]
     if missing:
-        raise DataError("primary", f"{len(missing)} primary genes not among the predicted genes, e.g. {missing[:5]}")
+        raise DataError("primary", f"{len(missing)} primary genes not among the predicted genes, e.g. {show(missing[:5])}")
     return np.array([position[g] for g in primary], dtype=np.int64)
 
 
