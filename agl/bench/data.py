@@ -103,6 +103,22 @@ def numpy_copy_rate(nbytes: int, repeats: int = 20) -> float:
     return src.nbytes / best
 
 
+def expression_rows_ms(store: Any, columns: np.ndarray, batch_size: int, repeats: int = 50,
+                       seed: int = 0) -> float:
+    """Median milliseconds of ``store.expression_rows`` for a sorted random batch: the expression part of a
+    batch alone (memory-mapped rows for a dense store, CSR rows densified for a sparse one)."""
+    rng = np.random.default_rng(seed)
+    n = int(store.manifest["n_spots"])
+    times = []
+    for i in range(repeats + 5):
+        rows = np.sort(rng.choice(n, min(batch_size, n), replace=False))
+        t0 = time.perf_counter()
+        store.expression_rows(rows, columns)
+        if i >= 5:  # the first calls map the arrays
+            times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
 def machine_info() -> dict[str, Any]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
@@ -148,6 +164,7 @@ def bench_data(store_path: str | Path | None = None, out_dir: str | Path = "resu
     naive_rate = rates["naive"]["patches_per_s"]
     # memory bandwidth: the float loader writes 4 bytes per value (the uint8 one 1), a plain copy of one batch
     values = int(np.prod(store.manifest["patch_shape"]))
+    rows_ms = expression_rows_ms(store, cols, batch_size)
     copy_rate = numpy_copy_rate(batch_size * values * 4)
     for name, width in (("batched", 4), ("batched_uint8", 1)):
         rates[name]["output_bytes_per_s"] = rates[name]["patches_per_s"] * values * width
@@ -157,6 +174,11 @@ def bench_data(store_path: str | Path | None = None, out_dir: str | Path = "resu
         "machine": machine_info(), "load_average": list(os.getloadavg()),
         "store": str(store.path), "split": split, "n_genes": int(len(cols)),
         "patch_shape": store.manifest["patch_shape"], "batch_size": batch_size,
+        "expression_layout": store.expression_layout,
+        "expression_encoding": store.manifest.get("expression_encoding"),
+        "expression_rows_ms": rows_ms,
+        "expression_rows": "median ms of Store.expression_rows for one sorted random batch of the split's gene "
+                           "columns (50 batches after 5 warm-up), the expression part of a batch alone",
         **{name: {**rates[name], "what": what[name]} for name in rates},
         "ratio": rates["batched"]["patches_per_s"] / naive_rate,
         "ratio_uint8": rates["batched_uint8"]["patches_per_s"] / naive_rate,
@@ -179,6 +201,9 @@ def bench_data(store_path: str | Path | None = None, out_dir: str | Path = "resu
     echo(f"output bytes/s: float {rates['batched']['output_bytes_per_s'] / 1e9:.2f} GB/s, uint8 "
          f"{rates['batched_uint8']['output_bytes_per_s'] / 1e9:.2f} GB/s; plain numpy copy of one float batch "
          f"{copy_rate / 1e9:.2f} GB/s (float loader at {rates['batched']['vs_numpy_copy']:.0%} of it)")
+    echo(f"expression rows: {rows_ms:.2f} ms per batch of {batch_size} ({store.expression_layout} layout"
+         + (f", {result['expression_encoding']['indices']} indices / {result['expression_encoding']['values']} values"
+            if result["expression_encoding"] else "") + ")")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "bench_data.json", result, indent=1)

@@ -28,6 +28,7 @@ from agl.data.preprocess import (PRIORS, PriorContext, check_min_detection, gene
 from agl.data.schema import OBS_SLIDE, UNS_SLIDES, validate_canonical
 from agl.data.splits import SPLIT_KINDS, make_splits
 from agl.data.stats import GeneMoments, seurat_hvg
+from agl.data.encoding import ValueEncoding, counts_encoding, settings_transform
 from agl.data.store import (SAFE_NAME, check_layout, check_target, finish_store, new_temp_folder, write_ipc_blocks,
                             write_expression_arrays, write_partition, write_store, write_tables)
 from agl.errors import ConfigError, DataError, show
@@ -329,11 +330,14 @@ def qc_slide(stage: str, slide: str, common: list[str], min_genes: int) -> dict[
     positive = counts > 0
     keep = np.asarray(positive.sum(axis=1)).ravel() >= min_genes
     nonzero = np.asarray(positive[keep].sum(axis=0)).ravel().astype(np.int64)
-    return {"slide": slide, "keep": keep, "nonzero": nonzero}
+    kept = counts[keep]
+    # the largest count decides the store's count dtype (uint16 or uint32)
+    return {"slide": slide, "keep": keep, "nonzero": nonzero, "max_count": int(kept.max()) if kept.nnz else 0}
 
 
 def finalize_slide(stage: str, slide: str, gene_cols: np.ndarray, keep: np.ndarray, row_start: int,
-                   train: np.ndarray, settings: IngestSettings, partition: str) -> dict[str, Any]:
+                   train: np.ndarray, settings: IngestSettings, partition: str,
+                   encoding: ValueEncoding | None = None) -> dict[str, Any]:
     """Pass 3: preprocess the slide's kept spots x kept genes, write its partition, return its sums.
 
     ``gene_cols`` index the slide's own gene list (store column order); ``train`` is bool
@@ -353,7 +357,7 @@ def finalize_slide(stage: str, slide: str, gene_cols: np.ndarray, keep: np.ndarr
     patches = np.load(folder / "patches.npy", mmap_mode="r")[keep]
     fs, path = _filesystem(partition)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    write_partition(path, spots, patches, x, settings.expression_layout, filesystem=fs)
+    write_partition(path, spots, patches, x, settings.expression_layout, filesystem=fs, encoding=encoding)
     return {"slide": slide, "moments": GeneMoments.of(x, train), "nnz": int(x.nnz), "n": int(x.shape[0])}
 
 
@@ -489,15 +493,19 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
     # pass 2: spot and gene filters
     keep: dict[str, np.ndarray] = {}
     nonzero = np.zeros(len(common), dtype=np.int64)
+    max_count = 0
 
     def add_qc(r: dict[str, Any]) -> None:
-        nonlocal nonzero
+        nonlocal nonzero, max_count
         keep[r["slide"]] = r["keep"]
         nonzero += r["nonzero"]
+        max_count = max(max_count, r["max_count"])
 
     runner.map("qc", qc_slide, [(s, (str(stage), s, list(common), settings.min_genes)) for s in order], add_qc)
     gene_keep = nonzero >= settings.min_cells
     genes_kept = common[gene_keep]
+    # one encoding for the store, known before any partition is written (Ray Data reads one schema)
+    encoding = counts_encoding(len(genes_kept), max_count, settings_transform(settings.normalize_total, settings.log1p))
     n_spots = int(sum(keep[s].sum() for s in order))
     if n_spots == 0 or len(genes_kept) == 0:
         raise DataError(None, f"preprocessing left {n_spots} spots x {len(genes_kept)} genes "
@@ -530,7 +538,7 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
             cols = pd.Index(slides[s]["genes"]).get_indexer(genes_kept)
             part = str(tmp / "spots" / f"slide_id={s}" / "part-0.parquet")
             calls.append((s, (str(stage), s, cols, keep[s], int(starts[i]), is_train[:, starts[i]:starts[i + 1]],
-                              settings, part)))
+                              settings, part, encoding)))
         runner.map("finalize", finalize_slide, calls, add_final)
         prior_pp = None if prior_data is None else preprocess(
             prior_data, min_genes=settings.min_genes, min_cells=0, normalize_total=settings.normalize_total,
@@ -544,7 +552,7 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
                               "n_spots": moments.nonzero[-1].astype(np.int64)})
         patch_shape = tuple(np.load(stage / order[0] / "patches.npy", mmap_mode="r").shape[1:])
         _write_arrays_from_partitions(tmp, order, n_spots, len(genes_kept), settings.expression_layout,
-                                      sum(nnz.values()), patch_shape)
+                                      sum(nnz.values()), patch_shape, encoding)
         write_tables(tmp, spot_ids=obs["spot_id"].to_numpy(), genes=genes, splits=splits.reset_index(drop=True),
                      gene_sets=gene_sets)
         report = {"patch_um": float(settings.patch_um), "patch_px": int(settings.patch_px), "border": settings.border,
@@ -571,7 +579,8 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
         finish_store(tmp, out, manifest=manifest, n_spots=n_spots, n_genes=len(genes_kept),
                      patch_shape=patch_shape,
                      slides={s: int(keep[s].sum()) for s in order if keep[s].any()}, splits=names,
-                     gene_names=list(genes_kept.astype(str)), layout=settings.expression_layout, overwrite=overwrite)
+                     gene_names=list(genes_kept.astype(str)), layout=settings.expression_layout, overwrite=overwrite,
+                     encoding=encoding)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -606,11 +615,9 @@ def merged_gene_sets(moments: GeneMoments, names: list[str], genes: pd.Index, se
 
 
 def _write_arrays_from_partitions(tmp: Path, order: list[str], n_spots: int, n_genes: int, layout: str,
-                                  nnz: int, patch_shape: tuple[int, ...]) -> None:
+                                  nnz: int, patch_shape: tuple[int, ...], encoding: ValueEncoding) -> None:
     """arrays/ (the in-process memory maps), filled partition by partition, one row group at a time."""
     import pyarrow.parquet as pq
-
-    from agl.data.loaders import densify_csr_lists
 
     arrays = tmp / "arrays"
     arrays.mkdir()
@@ -629,10 +636,11 @@ def _write_arrays_from_partitions(tmp: Path, order: list[str], n_spots: int, n_g
                 for batch in f.iter_batches(columns=["expression"], batch_size=1024):
                     yield batch.column(0).flatten().to_numpy().reshape(len(batch), n_genes)
             else:
-                for batch in f.iter_batches(columns=["expression_indices", "expression_values"], batch_size=1024):
+                # the partitions' stored values (counts) pass through unchanged
+                for batch in f.iter_batches(columns=["expression_indices", encoding.column], batch_size=1024):
                     idx, val = batch.column(0), batch.column(1)
                     offsets = idx.offsets.to_numpy()
                     yield sp.csr_matrix((val.flatten().to_numpy(), idx.flatten().to_numpy(), offsets - offsets[0]),
                                         shape=(len(batch), n_genes))
 
-    write_expression_arrays(arrays, n_spots, n_genes, layout, expression_blocks, nnz=nnz)
+    write_expression_arrays(arrays, n_spots, n_genes, layout, expression_blocks, nnz=nnz, encoding=encoding)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -214,31 +214,36 @@ def ray_dataset(store: Store, split: str, part: str,
     wanted = list(columns)
     read = set(wanted) | {"row"}
     if "expression" in read and store.expression_layout == "sparse":  # densified per batch below
-        read = (read - {"expression"}) | {"expression_indices", "expression_values"}
+        read = (read - {"expression"}) | {"expression_indices", store.expression_encoding.column}
     ds = ray.data.read_parquet(paths).select_columns(sorted(read))  # projection pushdown
     # an expression filter (not a Python callable) is pushed down into the Parquet scan
     ds = ds.filter(expr=col("row").is_in(rows.tolist()))
     if "row" not in wanted:
         ds = ds.select_columns(wanted)
     shapes = {"patch": tuple(store.manifest["patch_shape"]), "expression": (int(store.manifest["n_genes"]),)}
-    return ds.map_batches(_ListsToTensors(shapes), batch_format="pyarrow")
+    return ds.map_batches(_ListsToTensors(shapes, store.expression_encoding, store.expression_table),
+                          batch_format="pyarrow")
 
 
 class _ListsToTensors:
     """Turn fixed-size-list columns into numpy tensor columns ([B, px, px, 3], [B, G]).
 
-    A sparse store's ``expression_indices`` / ``expression_values`` lists become one dense
-    float32 ``expression`` column [B, G] per batch.
+    A sparse store's ``expression_indices`` / ``expression_counts`` (or ``expression_values``)
+    lists become one dense float32 ``expression`` column [B, G] per batch, decoded through the
+    store's value table (a few KB, shipped with this callable).
     """
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]]):
-        self.shapes = shapes
+    def __init__(self, shapes: dict[str, tuple[int, ...]], encoding: Any = None, table: np.ndarray | None = None):
+        from agl.data.encoding import LEGACY
+
+        self.shapes, self.encoding, self.table = shapes, encoding or LEGACY, table
 
     def __call__(self, batch):  # pyarrow.Table -> dict of numpy arrays
         out = {}
-        if "expression_values" in batch.column_names:
+        if self.encoding.column in batch.column_names:
             out["expression"] = densify_csr_lists(batch.column("expression_indices"),
-                                                  batch.column("expression_values"), self.shapes["expression"][0])
+                                                  batch.column(self.encoding.column), self.shapes["expression"][0],
+                                                  self.encoding, self.table)
         for name in batch.column_names:
             if name.startswith("expression_"):
                 continue
@@ -250,12 +255,16 @@ class _ListsToTensors:
         return out
 
 
-def densify_csr_lists(indices, values, n_genes: int) -> np.ndarray:
-    """float32 [B, n_genes] from Arrow list columns of per-spot gene indices and values."""
+def densify_csr_lists(indices, values, n_genes: int, encoding: Any = None, table: np.ndarray | None = None) -> np.ndarray:
+    """float32 [B, n_genes] from Arrow list columns of per-spot gene indices and stored values (``encoding``:
+    agl.data.encoding.ValueEncoding, default float32 values; ``table``: its count -> value table)."""
     import scipy.sparse as sp
+
+    from agl.data.encoding import LEGACY
 
     idx, val = indices.combine_chunks(), values.combine_chunks()
     offsets = idx.offsets.to_numpy()
-    csr = sp.csr_matrix((val.flatten().to_numpy(), idx.flatten().to_numpy(), offsets - offsets[0]),
+    decoded = (encoding or LEGACY).decode(val.flatten().to_numpy(), table)
+    csr = sp.csr_matrix((decoded, idx.flatten().to_numpy().astype(np.int32), offsets - offsets[0]),
                         shape=(len(idx), n_genes))
     return csr.toarray().astype(np.float32, copy=False)

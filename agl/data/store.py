@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from agl.data.encoding import ValueEncoding, detect_encoding
 from agl.errors import ConfigError, DataError, show
 from agl.fileio import sha256_file, swap_folder
 
@@ -148,20 +149,26 @@ def write_ipc_blocks(path: Path, name: str, shape: tuple[int, ...], dtype: np.dt
         raise DataError(path, f"wrote {written} of {nbytes} bytes: the row blocks do not add up to {shape}")
 
 
-def expression_columns(expression: np.ndarray | sp.spmatrix, layout: str) -> dict[str, pa.Array]:
-    """The expression columns of a spot partition: dense ``expression`` or CSR ``expression_indices/values``."""
+def expression_columns(expression: np.ndarray | sp.spmatrix, layout: str,
+                       encoding: ValueEncoding | None = None, table: np.ndarray | None = None,
+                       where: Any = None) -> dict[str, pa.Array]:
+    """The expression columns of a spot partition: dense ``expression``, or CSR ``expression_indices`` +
+    ``expression_counts`` (or ``expression_values``) in ``encoding`` (agl.data.encoding)."""
     if layout == "dense":
         dense = expression.toarray() if sp.issparse(expression) else np.asarray(expression)
         return {"expression": _fixed_list(np.asarray(dense, dtype=np.float32))}
+    encoding = encoding or detect_encoding(sp.csr_matrix(expression).data, expression.shape[1])
     csr = sp.csr_matrix(expression, dtype=np.float32)
     csr.sort_indices()
     offsets = pa.array(csr.indptr.astype(np.int32))
-    return {"expression_indices": pa.ListArray.from_arrays(offsets, pa.array(csr.indices.astype(np.int32))),
-            "expression_values": pa.ListArray.from_arrays(offsets, pa.array(csr.data.astype(np.float32)))}
+    values = encoding.encode(csr.data, encoding.table() if table is None else table, where)
+    return {"expression_indices": pa.ListArray.from_arrays(offsets, pa.array(csr.indices.astype(encoding.indices))),
+            encoding.column: pa.ListArray.from_arrays(offsets, pa.array(values))}
 
 
 def write_partition(path: str, spots: pd.DataFrame, patches: np.ndarray, expression: np.ndarray | sp.spmatrix,
-                    layout: str, filesystem: Any = None) -> None:
+                    layout: str, filesystem: Any = None, encoding: ValueEncoding | None = None,
+                    table: np.ndarray | None = None) -> None:
     """One slide's ``spots/slide_id=S/part-0.parquet``: spot columns, patch, expression (dense or CSR).
 
     ``path`` may be local or on a pyarrow filesystem (``filesystem``), so Ray tasks on
@@ -169,11 +176,26 @@ def write_partition(path: str, spots: pd.DataFrame, patches: np.ndarray, express
     """
     part = pa.Table.from_pandas(spots[list(SPOT_COLUMNS)].reset_index(drop=True), preserve_index=False)
     part = part.append_column("patch", _fixed_list(patches))
-    for name, column in expression_columns(expression, layout).items():
+    for name, column in expression_columns(expression, layout, encoding, table, where=path).items():
         part = part.append_column(name, column)
     # small row groups so Ray Data can split a slide across blocks; patches are incompressible
     pq.write_table(part, path, row_group_size=256, filesystem=filesystem,
-                   compression={c: ("none" if c == "patch" else "zstd") for c in part.column_names})
+                   compression=leaf_compression(part.schema, "zstd", {"patch": "none"}))
+
+
+def leaf_compression(schema: pa.Schema, default: str, columns: Mapping[str, str]) -> dict[str, str]:
+    """Parquet codec per leaf column: ``columns`` by top-level name, ``default`` for the others.
+
+    pyarrow's per-column ``compression`` is keyed by the Parquet leaf path, which for a list
+    column is ``NAME.list.element``: a plain ``NAME`` key is silently ignored and that column
+    is written uncompressed (the expression lists of earlier stores were).
+    """
+    out = {}
+    for field in schema:
+        leaf = f"{field.name}.list.element" if pa.types.is_list(field.type) or pa.types.is_fixed_size_list(field.type) \
+            or pa.types.is_large_list(field.type) else field.name
+        out[leaf] = columns.get(field.name, default)
+    return out
 
 
 def check_layout(layout: str) -> str:
@@ -208,8 +230,13 @@ def write_tables(tmp: Path, *, spot_ids: np.ndarray, genes: pd.DataFrame, splits
 
 def finish_store(tmp: Path, out: Path, *, manifest: Mapping[str, Any], n_spots: int, n_genes: int,
                  patch_shape: tuple[int, ...], slides: Mapping[str, int], splits: list[str], gene_names: list[str],
-                 layout: str, overwrite: bool) -> Path:
-    """Hash every file of ``tmp``, write the manifest last, and rename ``tmp`` to ``out``."""
+                 layout: str, overwrite: bool, encoding: ValueEncoding | None = None) -> Path:
+    """Hash every file of ``tmp``, write the manifest last, and rename ``tmp`` to ``out``.
+
+    ``encoding``: how a sparse store's indices and values are stored (required for sparse).
+    """
+    if layout == "sparse" and encoding is None:
+        raise DataError(tmp, "a sparse store needs its expression encoding recorded")
     (tmp / "cache").mkdir(exist_ok=True)
     files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     full = {
@@ -221,6 +248,7 @@ def finish_store(tmp: Path, out: Path, *, manifest: Mapping[str, Any], n_spots: 
         "n_genes": int(n_genes),
         "patch_shape": [int(d) for d in patch_shape],
         "expression_layout": layout,
+        **({"expression_encoding": encoding.to_manifest()} if layout == "sparse" else {}),
         "slides": {str(s): int(c) for s, c in slides.items()},
         "splits": list(map(str, splits)),
         "gene_list_sha256": gene_list_hash(gene_names),
@@ -232,19 +260,34 @@ def finish_store(tmp: Path, out: Path, *, manifest: Mapping[str, Any], n_spots: 
 
 
 def write_expression_arrays(folder: Path, n_spots: int, n_genes: int, layout: str,
-                            blocks: Callable[[], Iterable[np.ndarray | sp.spmatrix]], nnz: int | None = None) -> None:
-    """``arrays/expression.arrow`` (dense) or ``arrays/expression_{indptr,indices,values}.arrow`` (CSR).
+                            blocks: Callable[[], Iterable[np.ndarray | sp.spmatrix]], nnz: int | None = None,
+                            encoding: ValueEncoding | None = None) -> None:
+    """``arrays/expression.arrow`` (dense) or the CSR arrays ``arrays/expression_{indptr,indices}.arrow`` and
+    ``expression_counts.arrow`` + ``expression_table.arrow`` (or ``expression_values.arrow``) in ``encoding``.
 
-    ``blocks()`` yields consecutive row blocks (dense or sparse); it is called once per
-    file written, so the whole matrix never needs to be in memory.
+    ``blocks()`` yields consecutive row blocks (dense, or sparse with float32 values or
+    values already in ``encoding``'s stored dtype); it is called once per file written, so
+    the whole matrix never needs to be in memory.
     """
     if layout == "dense":
         dense = (b.toarray() if sp.issparse(b) else b for b in blocks())
         write_ipc_blocks(folder / "expression.arrow", "expression", (n_spots, n_genes), np.float32, dense)
         return
+    if encoding is None:
+        raise DataError(folder, "a sparse store needs an expression encoding")
+    table = encoding.table()
+    stored = np.dtype(encoding.values)
+
+    def csr() -> Iterator[sp.csr_matrix]:
+        for b in blocks():
+            b = sp.csr_matrix(b)
+            b.sort_indices()
+            if b.dtype != stored:  # float32 values: encoded (and checked) here
+                b = sp.csr_matrix((encoding.encode(b.data, table, folder), b.indices, b.indptr), shape=b.shape)
+            yield b
+
     if nnz is None:
-        nnz = sum(sp.csr_matrix(b).nnz for b in blocks())
-    csr = lambda: (sp.csr_matrix(b, dtype=np.float32) for b in blocks())  # noqa: E731
+        nnz = sum(b.nnz for b in csr())
 
     def indptr() -> Iterator[np.ndarray]:
         start = 0
@@ -253,16 +296,12 @@ def write_expression_arrays(folder: Path, n_spots: int, n_genes: int, layout: st
             yield start + b.indptr[1:].astype(np.int64)
             start += b.nnz
 
-    def sorted_csr() -> Iterator[sp.csr_matrix]:
-        for b in csr():
-            b.sort_indices()
-            yield b
-
     write_ipc_blocks(folder / "expression_indptr.arrow", "indptr", (n_spots + 1,), np.int64, indptr())
-    write_ipc_blocks(folder / "expression_indices.arrow", "indices", (nnz,), np.int32,
-                     (b.indices for b in sorted_csr()))
-    write_ipc_blocks(folder / "expression_values.arrow", "values", (nnz,), np.float32,
-                     (b.data for b in sorted_csr()))
+    write_ipc_blocks(folder / "expression_indices.arrow", "indices", (nnz,), np.dtype(encoding.indices),
+                     (b.indices for b in csr()))
+    write_ipc_blocks(folder / f"{encoding.column}.arrow", "values", (nnz,), stored, (b.data for b in csr()))
+    if table is not None:
+        _write_ipc(folder / "expression_table.arrow", "value", table)
 
 
 def write_store(out: str | Path, *, spots: pd.DataFrame, patches: np.ndarray, expression: np.ndarray | sp.spmatrix,
@@ -304,22 +343,30 @@ def write_store(out: str | Path, *, spots: pd.DataFrame, patches: np.ndarray, ex
         table["slide_id"] = table["slide_id"].astype(str)
         table["row"] = np.arange(n, dtype=np.int64)
         matrix = sp.csr_matrix(expression) if sp.issparse(expression) else expression
+        encoding = value_table = None
+        if layout == "sparse":  # one encoding for the whole store (the largest count decides uint16/uint32)
+            matrix = sp.csr_matrix(matrix)
+            encoding = detect_encoding(matrix.data, matrix.shape[1])
+            value_table = encoding.table()
         for slide in pd.unique(table["slide_id"]):
             at = np.flatnonzero(table["slide_id"].to_numpy() == slide)
             folder = tmp / "spots" / f"slide_id={slide}"
             folder.mkdir(parents=True)
-            write_partition(str(folder / "part-0.parquet"), table.iloc[at], patches[at], matrix[at], layout)
+            write_partition(str(folder / "part-0.parquet"), table.iloc[at], patches[at], matrix[at], layout,
+                            encoding=encoding, table=value_table)
         (tmp / "arrays").mkdir()
         _write_ipc(tmp / "arrays" / "patches.arrow", "patch", patches)
         if layout == "dense" and not sp.issparse(expression):
             _write_ipc(tmp / "arrays" / "expression.arrow", "expression", expression)
         else:
-            write_expression_arrays(tmp / "arrays", n, expression.shape[1], layout, lambda: [matrix])
+            write_expression_arrays(tmp / "arrays", n, expression.shape[1], layout, lambda: [matrix],
+                                    encoding=encoding)
         write_tables(tmp, spot_ids=table["spot_id"].to_numpy(), genes=genes, splits=splits, gene_sets=gene_sets)
         finish_store(tmp, out, manifest=manifest or {}, n_spots=n, n_genes=int(expression.shape[1]),
                      patch_shape=patches.shape[1:], slides={s: int((table["slide_id"] == s).sum())
                                                             for s in pd.unique(table["slide_id"])},
-                     splits=list(splits.columns), gene_names=list(genes["name"]), layout=layout, overwrite=overwrite)
+                     splits=list(splits.columns), gene_names=list(genes["name"]), layout=layout, overwrite=overwrite,
+                     encoding=encoding)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -425,6 +472,24 @@ class Store:
         return str(self.manifest.get("expression_layout", "dense"))
 
     @cached_property
+    def expression_encoding(self) -> ValueEncoding:
+        """How a sparse store's indices and values are stored (stores written before the encoding: int32 +
+        float32)."""
+        return ValueEncoding.from_manifest(self.manifest, self.path / MANIFEST)
+
+    @cached_property
+    def expression_table(self) -> np.ndarray | None:
+        """float32 value of each count (sparse stores with count encoding), else None."""
+        if self.expression_layout != "sparse" or not self.expression_encoding.counts:
+            return None
+        table = _read_ipc(self.path / "arrays" / "expression_table.arrow")
+        if table.dtype != np.float32 or len(table) != self.expression_encoding.max_count + 1:
+            raise DataError(self.path / "arrays" / "expression_table.arrow",
+                            f"expected float32 [{self.expression_encoding.max_count + 1}], found {table.dtype} "
+                            f"{table.shape}; rebuild the store with agl ingest")
+        return table
+
+    @cached_property
     def expression(self) -> np.ndarray:
         """float32 [N, G]: memory-mapped and read-only (dense layout), or densified once (sparse layout).
 
@@ -437,18 +502,32 @@ class Store:
         return dense
 
     @cached_property
-    def expression_csr(self) -> sp.csr_matrix:
-        """float32 CSR [N, G] over the memory-mapped index and value arrays (sparse layout)."""
-        if self.expression_layout == "dense":
-            return sp.csr_matrix(self.expression)
+    def _csr_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """indptr (int64), indices and stored values (the encoding's dtypes), memory-mapped (sparse layout)."""
         arrays = self.path / "arrays"
+        enc = self.expression_encoding
         indptr = _read_ipc(arrays / "expression_indptr.arrow")
         indices = _read_ipc(arrays / "expression_indices.arrow")
-        values = _read_ipc(arrays / "expression_values.arrow")
+        values = _read_ipc(arrays / f"{enc.column}.arrow")
+        if indices.dtype != np.dtype(enc.indices) or values.dtype != np.dtype(enc.values):
+            raise DataError(arrays, f"CSR arrays are {indices.dtype} indices / {values.dtype} values but the manifest "
+                                    f"records {enc.indices} / {enc.values}; rebuild the store with agl ingest")
+        if indptr[-1] != len(indices) or len(indices) != len(values) or len(indptr) != self.manifest["n_spots"] + 1:
+            raise DataError(arrays, f"CSR arrays disagree: indptr ends at {indptr[-1]} ({len(indptr)} entries), "
+                                    f"{len(indices)} indices, {len(values)} values")
+        return indptr, indices, values
+
+    @cached_property
+    def expression_csr(self) -> sp.csr_matrix:
+        """float32 CSR [N, G] (sparse layout: decoded once into memory, unless the store has float32 values and
+        int32 indices, which are used memory-mapped)."""
+        if self.expression_layout == "dense":
+            return sp.csr_matrix(self.expression)
+        indptr, indices, values = self._csr_arrays
         shape = (len(indptr) - 1, int(self.manifest["n_genes"]))
-        if indptr[-1] != len(indices) or len(indices) != len(values):
-            raise DataError(arrays, f"CSR arrays disagree: indptr ends at {indptr[-1]}, {len(indices)} indices, "
-                                    f"{len(values)} values")
+        if indices.dtype != np.int32 or values.dtype != np.float32:
+            return sp.csr_matrix((self.expression_encoding.decode(values, self.expression_table),
+                                  indices.astype(np.int32), indptr), shape=shape)
         # scipy would copy int64 indptr into int32 when it fits; build the matrix without its checks
         matrix = sp.csr_matrix(shape, dtype=np.float32)
         matrix.data, matrix.indices, matrix.indptr = values, indices, indptr
@@ -460,7 +539,16 @@ class Store:
         if self.expression_layout == "dense":
             block = self.expression[rows]
             return block if columns is None else np.take(block, columns, axis=1)
-        block = self.expression_csr[rows]
+        # gather the rows' segments of the memory-mapped arrays, decode only those values
+        indptr, indices, values = self._csr_arrays
+        starts, ends = indptr[rows], indptr[rows + 1]
+        lengths = ends - starts
+        block_ptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=block_ptr[1:])
+        at = np.arange(block_ptr[-1], dtype=np.int64) + np.repeat(starts - block_ptr[:-1], lengths)
+        block = sp.csr_matrix((self.expression_encoding.decode(values[at], self.expression_table),
+                               indices[at].astype(np.int32), block_ptr),
+                              shape=(len(rows), int(self.manifest["n_genes"])))
         if columns is not None:
             block = block[:, np.asarray(columns, dtype=np.int64)]
         return block.toarray().astype(np.float32, copy=False)
