@@ -85,6 +85,8 @@ def test_count_encoding_reads_back_exactly(b4, tmp_path, big_count):
     codecs = {meta.column(i).path_in_schema: meta.column(i).compression for i in range(meta.num_columns)}
     assert codecs["expression_indices.list.element"] == codecs["expression_counts.list.element"] == "ZSTD"
     assert codecs["patch.list.element"] == "UNCOMPRESSED"
+    encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
+    assert "DELTA_BINARY_PACKED" in encodings["expression_indices.list.element"]  # ascending gaps, not a dictionary
     sparse_bytes = sum(f.stat().st_size for f in arrays.glob("expression_*.arrow"))
     dense_bytes = (dense.path / "arrays" / "expression.arrow").stat().st_size
     print(f"sparse/dense expression arrays {sparse_bytes / dense_bytes:.3f} ({enc.values} counts)")

@@ -127,12 +127,19 @@ def add_bench_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-n", type=int, default=16, help="largest N of 1, 2, 4, 8, 16 to run")
     p.add_argument("--no-features", action="store_true",
                    help="skip the feature-cache rates (in process vs Ray Data with 1 and 2 workers)")
+    p.add_argument("--ns", default="", help="the N to run, e.g. 1,2 (default 1,2,4,8,16 up to --max-n)")
+    p.add_argument("--dense-max-n", type=int, default=None,
+                   help="build the dense layout only up to this N (default: every N); sparse runs at every N")
+    p.add_argument("--address", default="local", choices=("local", "none"),
+                   help="local: each ingest on a fresh local Ray, its processes' memory sampled; none: in process")
 
 
 def cmd_bench_scale(args: argparse.Namespace) -> int:
     from agl.bench.scale import bench_scale
 
-    bench_scale(out_dir=args.out, max_n=args.max_n, features=not args.no_features)
+    bench_scale(out_dir=args.out, max_n=args.max_n, features=not args.no_features,
+                address=None if args.address == "none" else args.address, dense_max_n=args.dense_max_n,
+                ns=int_list(args.ns, "--ns") or None)
     return 0
 
 
