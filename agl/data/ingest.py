@@ -621,26 +621,34 @@ def _write_arrays_from_partitions(tmp: Path, order: list[str], n_spots: int, n_g
 
     arrays = tmp / "arrays"
     arrays.mkdir()
-    files = [pq.ParquetFile(str(tmp / "spots" / f"slide_id={s}" / "part-0.parquet")) for s in order]
+
+    def batches(columns: list[str], batch_size: int) -> Iterator[Any]:
+        """Every partition's batches in row order, one open file at a time.
+
+        A ``ParquetFile`` keeps the column data it read until it is closed (measured: one
+        slide's patch column each), so holding all of them open made the driver's memory grow
+        with the number of slides.
+        """
+        for s in order:
+            with pq.ParquetFile(str(tmp / "spots" / f"slide_id={s}" / "part-0.parquet")) as f:
+                yield from f.iter_batches(columns=columns, batch_size=batch_size)
 
     def patch_blocks() -> Iterator[np.ndarray]:
-        for f in files:
-            for batch in f.iter_batches(columns=["patch"], batch_size=256):
-                yield batch.column(0).flatten().to_numpy()
+        for batch in batches(["patch"], 256):
+            yield batch.column(0).flatten().to_numpy()
 
     write_ipc_blocks(arrays / "patches.arrow", "patch", (n_spots, *patch_shape), np.uint8, patch_blocks())
 
     def expression_blocks() -> Iterator[np.ndarray | sp.csr_matrix]:
-        for f in files:
-            if layout == "dense":
-                for batch in f.iter_batches(columns=["expression"], batch_size=1024):
-                    yield batch.column(0).flatten().to_numpy().reshape(len(batch), n_genes)
-            else:
-                # the partitions' stored values (counts) pass through unchanged
-                for batch in f.iter_batches(columns=["expression_indices", encoding.column], batch_size=1024):
-                    idx, val = batch.column(0), batch.column(1)
-                    offsets = idx.offsets.to_numpy()
-                    yield sp.csr_matrix((val.flatten().to_numpy(), idx.flatten().to_numpy(), offsets - offsets[0]),
-                                        shape=(len(batch), n_genes))
+        if layout == "dense":
+            for batch in batches(["expression"], 1024):
+                yield batch.column(0).flatten().to_numpy().reshape(len(batch), n_genes)
+            return
+        # the partitions' stored values (counts) pass through unchanged
+        for batch in batches(["expression_indices", encoding.column], 1024):
+            idx, val = batch.column(0), batch.column(1)
+            offsets = idx.offsets.to_numpy()
+            yield sp.csr_matrix((val.flatten().to_numpy(), idx.flatten().to_numpy(), offsets - offsets[0]),
+                                shape=(len(batch), n_genes))
 
     write_expression_arrays(arrays, n_spots, n_genes, layout, expression_blocks, nnz=nnz, encoding=encoding)
