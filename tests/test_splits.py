@@ -123,3 +123,10 @@ def test_inner_folds_never_touch_the_outer_test_slide(demo_store) -> None:
     assert all((again[n] == folds[n]).all() for n in folds)    # seeded: recomputed identically
     spatial = inner_folds(store.spots, outer, kind="spatial", n_folds=3, max_folds=2)
     assert len(spatial) == 2 and all(set(r[slides == "B4"]) == {""} for r in spatial.values())
+
+
+def test_loso_on_one_slide_is_a_clear_error(obs):
+    one = obs[obs["slide_id"] == obs["slide_id"].iloc[0]]
+    with pytest.raises(ConfigError, match="leave-one-slide-out needs at least 2 slides"):
+        make_splits(one, kinds=("loso",))
+    assert len(make_splits(one, kinds=("kfold", "loso")).columns) == 5  # kfold alone still works

@@ -179,6 +179,10 @@ def make_splits(obs: pd.DataFrame, kinds: Iterable[str] = ("kfold", "spatial", "
         slides = obs[OBS_SLIDE].astype(str).to_numpy()
         columns = {name: carve_val_outer(roles, slides, val_outer_fraction, split_seed(name))
                    for name, roles in columns.items()}
+    if not columns:  # e.g. only loso on a one-slide store: there is nothing to hold out
+        n_slides = obs[OBS_SLIDE].nunique()
+        raise ConfigError("splits", f"split kind(s) {list(kinds)} give no split on {n_slides} slide(s); "
+                                    "leave-one-slide-out needs at least 2 slides (add kfold or spatial)")
     return pd.DataFrame(columns, index=obs.index, dtype=object)
 
 
