@@ -1075,6 +1075,12 @@ def image_array_file(image: Any, where: Path, label: str) -> Path:
     return out
 
 
+def _uns_image(array: Any, label: str, key: str, kind: str, path: Path) -> ScaledImage:
+    """An image array of ``uns['spatial'][library]['images']`` as a candidate for :func:`choose_image`."""
+    return ScaledImage(label, key, kind, path, size=lambda: _array_size(array, path, label),
+                       file=lambda: image_array_file(array, path, label))
+
+
 def _scanpy_library(adata: ad.AnnData, path: Path, library_id: str | None) -> tuple[str, Any, np.ndarray]:
     """The library of ``uns['spatial']`` to read, its entry and its spots (rows of ``adata``)."""
     spatial = adata.uns["spatial"]
@@ -1128,9 +1134,7 @@ def _scanpy_slide(adata: ad.AnnData, path: Path, pixels: np.ndarray, barcodes: n
         raise DataError(path, f"{label}['scalefactors'] lacks spot_diameter_fullres, which sets the pixel size; "
                               "pass --microns-per-pixel")
     images = library.get("images") or {}
-    candidates = [ScaledImage(f"{label}['images'][{res!r}]", key, kind, path,
-                              size=lambda a=images[res], t=f"{label}['images'][{res!r}]": _array_size(a, path, t),
-                              file=lambda a=images[res], t=f"{label}['images'][{res!r}]": image_array_file(a, path, t))
+    candidates = [_uns_image(images[res], f"{label}['images'][{res!r}]", key, kind, path)
                   for res, key, kind in SCANPY_IMAGES if res in images]
     image, scale, kind = choose_image(
         path, image_path, pixels, candidates, scalefactors, path, f"{label}['scalefactors']", full_mpp,
