@@ -152,3 +152,41 @@ def test_rejects_inconsistent_inputs(store, tmp_path):
     bad["gene_sets"] = {}
     with pytest.raises(DataError, match="no gene set"):
         write_store(tmp_path / "x", **bad)
+
+
+def test_patch_array_past_two_to_the_31_values(tmp_path):
+    """A patch array of more than 2^31 - 1 uint8 values (14,267 patches of 224 px) is written (streamed and in one
+    piece) and memory-mapped back zero-copy; Arrow's IPC writer refuses it without 64-bit lengths (issue 11: the
+    scale bench failed at N = 16). Writes two 2.1 GB files, deleted at the end."""
+    from agl.data.store import _read_ipc, _write_ipc, write_ipc_blocks
+
+    shape = (14_267, 224, 224, 3)
+    assert np.prod(shape, dtype=np.int64) > 2**31 - 1
+    last = np.arange(np.prod(shape[1:]), dtype=np.int64).astype(np.uint8).reshape(shape[1:])
+    block = np.zeros((4096, *shape[1:]), dtype=np.uint8)  # every block but the last is a view of these zeros
+
+    def blocks():
+        for start in range(0, shape[0], len(block)):
+            part = block[:min(len(block), shape[0] - start)]
+            if start + len(part) == shape[0]:
+                part = part.copy()
+                part[-1] = last
+            yield part
+
+    streamed, whole = tmp_path / "streamed.arrow", tmp_path / "whole.arrow"
+    try:
+        write_ipc_blocks(streamed, "patch", shape, np.uint8, blocks())
+        mapped = _read_ipc(streamed)
+        assert mapped.shape == shape and not mapped.flags.writeable and not mapped.flags.owndata
+        assert np.array_equal(mapped[-1], last) and not mapped[-2].any() and not mapped[0].any()
+        del mapped
+        values = np.zeros(shape, dtype=np.uint8)  # untouched pages: no resident memory
+        values[-1] = last
+        _write_ipc(whole, "patch", values)
+        del values
+        mapped = _read_ipc(whole)
+        assert mapped.shape == shape and np.array_equal(mapped[-1], last) and not mapped[0].any()
+        del mapped
+    finally:
+        streamed.unlink(missing_ok=True)
+        whole.unlink(missing_ok=True)

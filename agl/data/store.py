@@ -76,12 +76,17 @@ def _fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
 
 
+# Arrow's IPC writer refuses arrays of more than 2^31 - 1 values unless told otherwise: a patch array passes that
+# at 14,266 patches of 224 px; lengths and the fixed-size-list layout are 64-bit, so readers need nothing else
+IPC_OPTIONS = pa.ipc.IpcWriteOptions(allow_64bit=True)
+
+
 def _write_ipc(path: Path, name: str, values: np.ndarray) -> None:
     # one record batch, no compression: the reader maps it as one contiguous zero-copy array
     table = pa.table({name: _fixed_list(values)})
     table = table.replace_schema_metadata({"shape": json.dumps(list(values.shape)),
                                            "dtype": str(values.dtype)})
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema, options=IPC_OPTIONS) as writer:
         writer.write_table(table, max_chunksize=max(len(values), 1))
 
 
@@ -125,7 +130,7 @@ def write_ipc_blocks(path: Path, name: str, shape: tuple[int, ...], dtype: np.dt
                                        [None, pa.py_buffer(zeros)[:nbytes]])
         table = pa.table({name: pa.FixedSizeListArray.from_arrays(values, row_items)})
         table = table.replace_schema_metadata({"shape": json.dumps([int(d) for d in shape]), "dtype": str(dtype)})
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema, options=IPC_OPTIONS) as writer:
             writer.write_table(table, max_chunksize=max(int(shape[0]), 1))
         del table, values
     finally:
