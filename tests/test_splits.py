@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from agl.data.readers import read_her2st
-from agl.data.splits import make_splits, spatial_folds
+from agl.data.splits import loso_validation, make_splits, spatial_folds
 from agl.errors import ConfigError
 
 SECTIONS = ["B4", "C2", "C3"]
@@ -57,6 +57,20 @@ def test_loso(obs, splits):
         for other in set(SECTIONS) - {held}:
             val = (roles[slides == other] == "val").mean()
             assert abs(val - 0.2) < 0.01
+
+
+def test_loso_validation_is_the_same_in_every_split_that_trains_on_a_slide(obs, splits):
+    """So a loso split's training spots are every slide's non-validation spots minus the held-out slide's, and
+    streaming ingest needs one sum per slide, not one per slide and split (SPLITS_VERSION 2)."""
+    slides = obs["slide_id"].to_numpy()
+    val = loso_validation(obs)
+    for held in SECTIONS:
+        roles = splits[f"loso-{held}"].to_numpy()
+        assert np.array_equal(roles == "val", val & (slides != held))
+        assert np.array_equal(roles == "train", ~val & (slides != held))
+    # a slide's draw does not depend on which other slides are present
+    alone = loso_validation(obs[slides != "C3"])
+    assert np.array_equal(alone, val[slides != "C3"])
 
 
 def test_seeded_and_deterministic(obs, splits):

@@ -18,6 +18,7 @@ from anndata import AnnData
 from agl.data.ingest import IngestSettings, SlideSource, build_store, ingest_slides
 from agl.data.preprocess import preprocess
 from agl.data.readers import read_her2st
+from agl.data.splits import loso_validation, make_splits
 from agl.data.stats import GeneMoments, seurat_hvg
 from agl.data.store import open_store
 from agl.errors import DataError
@@ -70,6 +71,36 @@ def test_merged_moments_give_scanpys_seurat_hvgs(her2st_dir):
     # and a mask that is wrong on purpose gives other genes (the check can fail)
     other = seurat_hvg(*GeneMoments.of(x, (~train)[None, :]).mean_var(0), 50, pp.var_names)
     assert not np.array_equal(other["highly_variable"].to_numpy(), theirs["highly_variable"].to_numpy())
+
+
+def test_loso_moments_as_all_slides_minus_the_held_out_one_give_scanpys_hvgs(her2st_dir):
+    """A leave-one-slide-out split's training moments are merged as ingest_slides merges them: the sum of every
+    slide's loso part (non-validation spots) minus the held-out slide's part; HVGs equal scanpy's on the split's
+    training spots."""
+    slides3 = ["B4", "C2", "C3"]
+    pp = preprocess(read_her2st(her2st_dir, slides3))
+    x = sp.csr_matrix(pp.X)
+    slide = pp.obs["slide_id"].astype(str).to_numpy()
+    part = ~loso_validation(pp.obs)
+    per_slide = {s: GeneMoments.of(x[slide == s], part[slide == s][None, :]) for s in slides3}
+    total = GeneMoments.zeros(1, pp.n_vars)
+    for m in per_slide.values():
+        total += m
+    splits = make_splits(pp.obs, kinds=("loso",))
+    chosen = []
+    for held in slides3:
+        train = (splits[f"loso-{held}"] == "train").to_numpy()
+        ours = seurat_hvg(*(total - per_slide[held]).mean_var(0), 50, pp.var_names)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = sc.pp.highly_variable_genes(AnnData(X=x[train], var=pd.DataFrame(index=pp.var_names)),
+                                                 flavor="seurat", n_top_genes=50, inplace=False)
+        assert list(ours.index) == list(theirs.index)
+        assert np.array_equal(ours["highly_variable"].to_numpy(), theirs["highly_variable"].to_numpy())
+        np.testing.assert_allclose(ours["dispersions_norm"], theirs["dispersions_norm"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(ours["means"], theirs["means"], rtol=1e-12)
+        chosen.append(frozenset(ours.index[ours["highly_variable"]]))
+    assert len(set(chosen)) == 3  # each held-out slide gives its own panel (subtracting the wrong slide would show)
 
 
 def test_streamed_sparse_store_equals_in_memory_store(her2st_dir, reference_store, tmp_path):

@@ -26,7 +26,7 @@ from agl.data.patches import extract_patches
 from agl.data.preprocess import (PRIORS, PriorContext, check_min_detection, gene_set, gene_table, preprocess,
                                  primary_genes, prior_names)
 from agl.data.schema import OBS_SLIDE, UNS_SLIDES, validate_canonical
-from agl.data.splits import SPLIT_KINDS, make_splits
+from agl.data.splits import SPLIT_KINDS, SPLITS_VERSION, loso_validation, make_splits, split_kind
 from agl.data.stats import GeneMoments, seurat_hvg
 from agl.data.encoding import ValueEncoding, counts_encoding, settings_transform
 from agl.data.store import (SAFE_NAME, check_layout, check_target, finish_store, new_temp_folder, write_ipc_blocks,
@@ -153,7 +153,7 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
                           else sorted(map(str, prior_data.obs[OBS_SLIDE].unique()))},
         "patch": {"patch_um": float(patch_um), "patch_px": int(patch_px), "border": border,
                   "report": jsonable(report, max_array=1000)},
-        "split_settings": {"kinds": split_kinds, "seeds": seeds, "n_folds": int(n_folds)},
+        "split_settings": {"kinds": split_kinds, "seeds": seeds, "n_folds": int(n_folds), "version": SPLITS_VERSION},
         "spots_read": int(n_read),
         "slide_meta": slides_meta,
         "sources": sources,
@@ -175,12 +175,18 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
 #   2. qc:       spots kept by filter_cells on the genes all slides share, per-gene counts
 #                of non-zero spots (filter_genes is their sum);
 #   3. finalize: preprocess the slide's kept spots and genes, write its Parquet partition,
-#                return per-split sums of the expression (agl.data.stats.GeneMoments);
-#   4. driver:   merge the sums into each split's HVGs and priors, write the memory-mapped
-#                arrays block by block, the tables and the manifest, rename into place.
-# The driver holds the spot table and one gene-sized vector per split and statistic.
+#                return sums of the expression (agl.data.stats.GeneMoments) over the training
+#                spots of each kfold/spatial split, over all spots, and over the slide's loso
+#                training part (its non-validation spots, the same in every loso split);
+#   4. driver:   merge the sums into each split's HVGs and priors (a loso split's: every
+#                slide's loso part minus the held-out slide's, kept beside the staged slide),
+#                write the memory-mapped arrays block by block, the tables and the manifest,
+#                rename into place.
+# The driver holds the spot table and a few gene-sized vectors per kfold/spatial split and
+# statistic; what it holds for loso splits does not grow with the number of slides.
 
 STAGE_VERSION = 1
+LOSO_MOMENTS = "loso_moments.npz"  # a slide's loso training part's sums, beside its staged counts (pass 3)
 
 
 @dataclass(frozen=True)
@@ -341,7 +347,8 @@ def finalize_slide(stage: str, slide: str, gene_cols: np.ndarray, keep: np.ndarr
     """Pass 3: preprocess the slide's kept spots x kept genes, write its partition, return its sums.
 
     ``gene_cols`` index the slide's own gene list (store column order); ``train`` is bool
-    [groups, kept spots]: one row per split's training spots, then one of all spots.
+    [groups, kept spots]: one row per kfold/spatial split's training spots, then one of all
+    spots, then the slide's loso training part.
     """
     folder = Path(stage) / slide
     counts = sp.load_npz(folder / "counts.npz").tocsr()[keep][:, gene_cols]
@@ -518,20 +525,35 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
     obs[OBS_SLIDE] = pd.Categorical(obs[OBS_SLIDE].astype(str), categories=order)
     splits = make_splits(obs, kinds=split_kinds, n_folds=settings.n_folds, seeds=list(settings.seeds))
     names = list(splits.columns)
-    is_train = np.vstack([(splits[c] == "train").to_numpy() for c in names] + [np.ones(n_spots, dtype=bool)])
+    loso = [c for c in names if split_kind(c) == "loso"]
+    within = [c for c in names if c not in loso]  # kfold/spatial: every slide has training spots in each
+    # groups: within-slide splits' training spots, all spots, every slide's loso part (its non-validation spots)
+    is_train = np.vstack([(splits[c] == "train").to_numpy() for c in within]
+                         + [np.ones(n_spots, dtype=bool), ~loso_validation(obs)])
+    slide_of_spot = obs[OBS_SLIDE].astype(str).to_numpy()
+    for c in loso[:1]:  # the loso sums below rely on it (make_splits draws loso validation by loso_validation)
+        if not np.array_equal(splits[c].to_numpy() == "train", is_train[-1] & (slide_of_spot != c[len("loso-"):])):
+            raise DataError(None, f"split {c}: training spots are not every other slide's loso part")
     progress.step(f"splits: {len(names)} ({', '.join(split_kinds)}; seeds {list(settings.seeds)})")
 
     # pass 3: partitions and per-split sums, into the store's temporary folder
     tmp = new_temp_folder(out)
     try:
         starts = np.cumsum([0] + [int(keep[s].sum()) for s in order])
-        moments = GeneMoments.zeros(len(names) + 1, len(genes_kept))
+        moments = GeneMoments.zeros(len(within) + 2, len(genes_kept))
         nnz: dict[str, int] = {}
 
         def add_final(r: dict[str, Any]) -> None:
             nonlocal moments
             moments += r["moments"]
             nnz[r["slide"]] = r["nnz"]
+            if loso:
+                r["moments"].row(-1).save(stage / r["slide"] / LOSO_MOMENTS)
+
+        def train_moments(name: str) -> GeneMoments:
+            if name in loso:
+                return moments.row(-1) - GeneMoments.load(stage / name.removeprefix("loso-") / LOSO_MOMENTS)
+            return moments.row(within.index(name))
 
         calls = []
         for i, s in enumerate(order):
@@ -543,13 +565,14 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
         prior_pp = None if prior_data is None else preprocess(
             prior_data, min_genes=settings.min_genes, min_cells=0, normalize_total=settings.normalize_total,
             log1p=settings.log1p)
-        gene_sets = merged_gene_sets(moments, names, genes_kept, settings, prior_pp)
+        gene_sets = merged_gene_sets(train_moments, names, genes_kept, settings, prior_pp)
         progress.step(f"gene sets: {len(gene_sets)} splits from merged per-slide sums, {settings.n_primary} primary genes each")
 
-        all_n = int(moments.n[-1])
+        all_spots = len(within)
+        all_n = int(moments.n[all_spots])
         genes = pd.DataFrame({"name": genes_kept.astype(str),
-                              "mean": (moments.log_sum[-1] / all_n).astype(np.float32),
-                              "n_spots": moments.nonzero[-1].astype(np.int64)})
+                              "mean": (moments.log_sum[all_spots] / all_n).astype(np.float32),
+                              "n_spots": moments.nonzero[all_spots].astype(np.int64)})
         patch_shape = tuple(np.load(stage / order[0] / "patches.npy", mmap_mode="r").shape[1:])
         _write_arrays_from_partitions(tmp, order, n_spots, len(genes_kept), settings.expression_layout,
                                       sum(nnz.values()), patch_shape, encoding)
@@ -569,7 +592,7 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
             "patch": {"patch_um": float(settings.patch_um), "patch_px": int(settings.patch_px),
                       "border": settings.border, "report": jsonable(report, max_array=1000)},
             "split_settings": {"kinds": split_kinds, "seeds": [int(s) for s in settings.seeds],
-                               "n_folds": int(settings.n_folds)},
+                               "n_folds": int(settings.n_folds), "version": SPLITS_VERSION},
             "spots_read": int(n_read),
             "slide_meta": {s: slides[s]["meta"] for s in order if keep[s].any()},
             "sources": sources,
@@ -590,26 +613,28 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
     return out
 
 
-def merged_gene_sets(moments: GeneMoments, names: list[str], genes: pd.Index, settings: IngestSettings,
-                     prior_pp: AnnData | None) -> dict[str, pd.DataFrame]:
-    """Each split's gene set from merged sums: seurat HVGs of its training spots, then ``gene_table``."""
+def merged_gene_sets(train_moments: Callable[[str], GeneMoments], names: list[str], genes: pd.Index,
+                     settings: IngestSettings, prior_pp: AnnData | None) -> dict[str, pd.DataFrame]:
+    """Each split's gene set from merged sums (``train_moments(split)``: its training spots' moments, one
+    group): seurat HVGs of its training spots, then ``gene_table``."""
     prior_list = prior_names(settings.priors, prior_pp, settings.n_primary, len(genes))
     var = pd.DataFrame(index=pd.Index(genes.astype(str)))
     empty = AnnData(X=sp.csr_matrix((0, len(genes)), dtype=np.float32), var=var)  # carries the gene names only
     out = {}
-    for g, name in enumerate(names):
-        if moments.n[g] < 3:
-            raise ConfigError("gene_set", f"split {name}: only {int(moments.n[g])} training spots")
-        mean, variance = moments.mean_var(g)
+    for name in names:
+        moments = train_moments(name)
+        n = int(moments.n[0])
+        if n < 3:
+            raise ConfigError("gene_set", f"split {name}: only {n} training spots")
+        mean, variance = moments.mean_var(0)
         hvg = seurat_hvg(mean, variance, settings.n_primary, var.index)
         try:
-            primary = primary_genes(hvg, settings.n_primary, moments.nonzero[g] / moments.n[g],
-                                    settings.primary_min_detection)
+            primary = primary_genes(hvg, settings.n_primary, moments.nonzero[0] / n, settings.primary_min_detection)
         except DataError as err:
             raise DataError(None, f"split {name}: {err}") from err
         hvg["highly_variable"] = primary
         ctx = PriorContext(train=empty, hvg=hvg, primary=primary, prior_data=prior_pp,
-                           train_mean=moments.log_sum[g] / moments.n[g])
+                           train_mean=moments.log_sum[0] / n)
         out[name] = gene_table(ctx, prior_list)
     return out
 

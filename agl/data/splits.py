@@ -8,7 +8,11 @@ Names (see docs/architecture.md):
   (size-balanced k-means on pixel coordinates), so test spots are not surrounded by
   training spots (random folds leak through spatial autocorrelation).
 - ``loso-{slide}``: test = that slide, validation = a seeded 20% of every other slide's
-  spots, train = the rest.
+  spots, train = the rest. A slide's validation spots are the same in every loso split
+  where it is not held out (:func:`loso_validation`), so a split's training spots are
+  (every slide's non-validation spots) minus (the held-out slide's): streaming ingest
+  merges one sum per slide instead of one per slide and split (``SPLITS_VERSION`` 2;
+  version 1 drew each split's validation spots anew).
 
 A split is a column of roles ``"train" | "val" | "test" | ""`` (unused) in spot order,
 optionally with ``"val_outer"``: validation spots kept for DkGSB's outer objective (the
@@ -32,6 +36,7 @@ from agl.data.schema import OBS_PX, OBS_PY, OBS_SLIDE
 ROLES = ("train", "val", "test", "val_outer")
 LOSO_VAL_FRACTION = 0.2
 LOSO_SEED = 0
+SPLITS_VERSION = 2  # bumped when a split's roles change for the same spots (2: loso validation per slide)
 
 
 def _rng(seed: int, slide: str, salt: str) -> np.random.Generator:
@@ -110,22 +115,26 @@ def _spatial(obs: pd.DataFrame, n_folds: int, seeds: Iterable[int]) -> dict[str,
                         lambda o, k, rng: spatial_folds(o[[OBS_PX, OBS_PY]].to_numpy(), k, rng))
 
 
+def loso_validation(obs: pd.DataFrame) -> np.ndarray:
+    """bool per spot: a seeded 20% of each slide, its validation spots in every loso split that trains on it."""
+    slides = obs[OBS_SLIDE].astype(str).to_numpy()
+    val = np.zeros(len(obs), dtype=bool)
+    for slide in pd.unique(slides):
+        at = np.flatnonzero(slides == slide)
+        n_val = max(1, int(round(LOSO_VAL_FRACTION * len(at))))
+        val[_rng(LOSO_SEED, slide, "loso").choice(at, n_val, replace=False)] = True
+    return val
+
+
 def _loso(obs: pd.DataFrame, n_folds: int, seeds: Iterable[int]) -> dict[str, np.ndarray]:
     slides = obs[OBS_SLIDE].astype(str).to_numpy()
     names = list(pd.unique(slides))
     out: dict[str, np.ndarray] = {}
     if len(names) < 2:
         return out  # leave-one-slide-out needs another slide to train on
+    other_roles = np.where(loso_validation(obs), "val", "train").astype(object)
     for held in names:
-        roles = np.full(len(obs), "train", dtype=object)
-        roles[slides == held] = "test"
-        for other in names:
-            if other == held:
-                continue
-            at = np.flatnonzero(slides == other)
-            n_val = max(1, int(round(LOSO_VAL_FRACTION * len(at))))
-            roles[_rng(LOSO_SEED, other, f"loso-{held}").choice(at, n_val, replace=False)] = "val"
-        out[f"loso-{held}"] = roles
+        out[f"loso-{held}"] = np.where(slides == held, "test", other_roles).astype(object)
     return out
 
 

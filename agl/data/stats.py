@@ -18,6 +18,7 @@ driver adds them up:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -65,6 +66,27 @@ class GeneMoments:
         self.lin_sumsq += other.lin_sumsq
         self.nonzero += other.nonzero
         return self
+
+    def __sub__(self, other: "GeneMoments") -> "GeneMoments":
+        """The moments of a group's spots minus a subset of them (a leave-one-slide-out split's training spots:
+        every slide's minus the held-out slide's)."""
+        return GeneMoments(self.n - other.n, self.log_sum - other.log_sum, self.lin_sum - other.lin_sum,
+                           self.lin_sumsq - other.lin_sumsq, self.nonzero - other.nonzero)
+
+    def row(self, group: int) -> "GeneMoments":
+        """One group's moments (a copy) as a 1-group GeneMoments."""
+        at = slice(group, group + 1) if group != -1 else slice(-1, None)
+        return GeneMoments(self.n[at].copy(), self.log_sum[at].copy(), self.lin_sum[at].copy(),
+                           self.lin_sumsq[at].copy(), self.nonzero[at].copy())
+
+    def save(self, path: str | Path) -> None:
+        np.savez(path, n=self.n, log_sum=self.log_sum, lin_sum=self.lin_sum, lin_sumsq=self.lin_sumsq,
+                 nonzero=self.nonzero)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GeneMoments":
+        with np.load(path) as f:
+            return cls(f["n"], f["log_sum"], f["lin_sum"], f["lin_sumsq"], f["nonzero"])
 
     def mean_var(self, group: int) -> tuple[np.ndarray, np.ndarray]:
         """scanpy's ``_get_mean_var`` of ``expm1(x)`` for one group: mean and unbiased variance."""

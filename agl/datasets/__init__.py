@@ -37,12 +37,14 @@ def her2st_demo(sections: Sequence[str] | str | None = None) -> AnnData:
 
 
 def _demo_key() -> str:
-    """Hash of the bundled files, the ingest settings and the store schema."""
+    """Hash of the bundled files, the ingest settings, the store schema and the split draws' version."""
+    from agl.data.splits import SPLITS_VERSION
     from agl.data.store import SCHEMA_VERSION
     from agl.fileio import sha256_file
 
-    h = hashlib.sha256(json.dumps({"settings": DEMO_STORE_SETTINGS, "schema": SCHEMA_VERSION},
-                                  sort_keys=True).encode())
+    # splits: a store cached before a change of the split draws would keep the old roles
+    h = hashlib.sha256(json.dumps({"settings": DEMO_STORE_SETTINGS, "schema": SCHEMA_VERSION,
+                                   "splits": SPLITS_VERSION}, sort_keys=True).encode())
     for f in sorted(p for p in HER2ST_DEMO_DIR.rglob("*") if p.is_file() and p.name != "README.md"):
         h.update(f.relative_to(HER2ST_DEMO_DIR).as_posix().encode())
         h.update(sha256_file(f).encode())
