@@ -52,3 +52,16 @@ def test_ray_memory_sees_a_child_process_peak():
     peaks = [mb for _kind, mb in memory.hwm_mb.values()]
     assert max(peaks) >= 300
     assert memory.summary()["ray_workers"] == 0  # a plain python child is not a Ray worker
+
+
+def test_ray_memory_counts_a_child_process_cpu_time():
+    """A child that burns 0.6 s of CPU, then idles: the sampler keeps its CPU seconds (Ray workers are never reaped
+    into RUSAGE_CHILDREN, so sampling is how the bench sees their time); its own time is kept apart."""
+    code = "import time; t = time.process_time(); exec('while time.process_time() - t < 0.6: pass'); time.sleep(1.5)"
+    with RayMemory(interval_s=0.1) as memory:
+        child = subprocess.Popen([sys.executable, "-c", code])
+        time.sleep(1.2)
+        child.wait(timeout=30)
+    assert memory.cpu_s[child.pid] >= 0.6
+    assert memory.summary()["cpu_s_ray"] >= 0.6
+    assert 0 < memory.sampler_cpu_s < 1.0

@@ -4,7 +4,8 @@ The 5 bundled her2st sections are relabelled ``{section}-r{k}`` for k < N, so a 
 of N copies has 5N distinct slides and about 1,000N spots. Each N runs in a fresh
 subprocess (its peak RSS is its own, ``ru_maxrss``), on a fresh local Ray by default (one
 task per slide and pass, as ``agl ingest --address local``), once with each expression
-layout, and reports ingest wall time, driver peak RSS, the Ray processes' peak RSS (each
+layout, and reports ingest wall time, CPU seconds (user + system of the driver and every
+Ray process, :class:`CpuClock`: robust to a loaded machine), driver peak RSS, the Ray processes' peak RSS (each
 process's own peak, and their sampled sum), store size on disk (dense vs sparse: whole
 store, expression arrays, expression columns of the partitions; density and bytes per
 non-zero) and spots/s; then feature-cache images/s in process and on Ray Data with 1 and 2
@@ -67,6 +68,12 @@ class RayMemory:
     GCS, raylet, agents and workers): their summed RSS (peak over the samples), and each process's own
     peak RSS (``VmHWM`` in ``/proc/PID/status``, exact: the kernel keeps it), so a worker's peak between
     two samples is not missed. Workers are the processes Ray names ``ray::...`` or runs ``default_worker.py``.
+
+    CPU seconds (user + system) of each process too, the last value seen: Ray's raylet does not
+    wait for its workers (they end unreaped into ``RUSAGE_CHILDREN``), so their time is only
+    seen while they run. A process loses at most its last ``interval_s``; the final sample
+    (on exit from the ``with`` block, before ``ray.shutdown``) sees every live worker's total.
+    The sampler thread's own CPU time is kept apart (``sampler_cpu_s``), as it runs in the driver.
     """
 
     def __init__(self, interval_s: float = 0.25):
@@ -75,6 +82,8 @@ class RayMemory:
         self.interval_s = interval_s
         self.peak_total_mb = 0.0
         self.hwm_mb: dict[int, tuple[str, float]] = {}  # pid -> (kind, peak RSS MB)
+        self.cpu_s: dict[int, float] = {}  # pid -> user + system seconds (its reaped children's too), last seen
+        self.sampler_cpu_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="agl-bench-scale-memory", daemon=True)
 
@@ -100,8 +109,11 @@ class RayMemory:
                 status = Path(f"/proc/{proc.pid}/status").read_text()
                 cmd = " ".join(proc.cmdline())
                 name = proc.name()
+                times = proc.cpu_times()
             except (OSError, psutil.Error):  # ended between listing and reading
                 continue
+            self.cpu_s[proc.pid] = max(self.cpu_s.get(proc.pid, 0.0), times.user + times.system
+                                       + times.children_user + times.children_system)
             fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
             rss = int(fields.get("VmRSS", "0 kB").split()[0]) / 1024
             hwm = int(fields.get("VmHWM", "0 kB").split()[0]) / 1024
@@ -113,13 +125,15 @@ class RayMemory:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.sample()
+        self.sampler_cpu_s = time.thread_time()
 
     def summary(self) -> dict[str, Any]:
         workers = [mb for kind, mb in self.hwm_mb.values() if kind == "worker"]
         system = [mb for kind, mb in self.hwm_mb.values() if kind != "worker"]
         return {"ray_peak_total_rss_mb": self.peak_total_mb, "ray_sum_of_process_peaks_mb": sum(workers + system),
                 "worker_peak_rss_mb": max(workers, default=0.0), "ray_workers": len(workers),
-                "ray_system_peak_rss_mb": sum(system), "ray_processes": len(self.hwm_mb)}
+                "ray_system_peak_rss_mb": sum(system), "ray_processes": len(self.hwm_mb),
+                "cpu_s_ray": sum(self.cpu_s.values())}
 
 
 def expression_bytes(path: Path) -> dict[str, int]:
@@ -150,21 +164,26 @@ def run_one(copies: int, layout: str, out: str, address: str | None = None) -> d
     from agl.data.ingest import IngestSettings, ingest_slides
     from agl.data.store import open_store
 
+    own = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     with RayMemory() as memory:
         path = ingest_slides(RelabelledDemo(copies), Path(out), IngestSettings(expression_layout=layout, seeds=(0,)),
                              address=address)
         seconds = time.perf_counter() - t0
+    end = resource.getrusage(resource.RUSAGE_SELF)  # before ray.shutdown, as the sampler's last look at Ray
     if address is not None:
         import ray
 
         ray.shutdown()
+    ray_cpu = memory.summary()["cpu_s_ray"]
+    driver_cpu = end.ru_utime + end.ru_stime - own.ru_utime - own.ru_stime - memory.sampler_cpu_s
+    cpu = {"cpu_s": driver_cpu + ray_cpu, "cpu_s_driver": driver_cpu, "cpu_s_sampler": memory.sampler_cpu_s}
     store = open_store(path)
     manifest = store.manifest
     nnz = int(store._csr_arrays[0][-1]) if layout == "sparse" else None
     row = {"copies": copies, "layout": layout, "mode": "in-process" if address is None else f"ray ({address})",
            "slides": len(manifest["slides"]), "spots": manifest["n_spots"], "genes": manifest["n_genes"],
-           "seconds": seconds, "spots_per_s": manifest["n_spots"] / seconds,
+           "seconds": seconds, "spots_per_s": manifest["n_spots"] / seconds, **cpu, "load_avg_1m": os.getloadavg()[0],
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "store_bytes": _du(path), "partition_bytes": _du(path / "spots"), **expression_bytes(path),
            "expression_encoding": manifest.get("expression_encoding"), **memory.summary()}
@@ -249,6 +268,8 @@ def verdicts(rows: list[dict[str, Any]]) -> dict[str, Any]:
             memory[key] = {"max_over_n2": max(values) / values[0], "flat_within_20pct": max(values) / values[0] <= 1.2
                            and min(values) / values[0] >= 0.8}
     fit = linear_fit(ns, [sparse[n]["seconds"] for n in ns]) if len(ns) >= 3 else None
+    cpu_fit = linear_fit(ns, [sparse[n]["cpu_s"] for n in ns]) if len(ns) >= 3 and all(
+        "cpu_s" in sparse[n] for n in ns) else None
     both = [n for n in ns if n in dense]
     size = {n: {"expression_arrays": sparse[n]["expression_array_bytes"] / dense[n]["expression_array_bytes"],
                 "expression_arrays_and_partitions":
@@ -257,6 +278,7 @@ def verdicts(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "whole_store": sparse[n]["store_bytes"] / dense[n]["store_bytes"]} for n in both}
     return {"memory_flat_n2_to_max": memory,
             "time_linear": None if fit is None else {**fit, "linear": fit["r2"] >= 0.99},
+            "cpu_time_linear": None if cpu_fit is None else {**cpu_fit, "linear": cpu_fit["r2"] >= 0.99},
             "sparse_over_dense": size,
             "sparse_at_most_0.3x_dense_expression": all(v["expression_arrays"] <= 0.3 for v in size.values())
             if size else None}
@@ -307,6 +329,7 @@ def bench_scale(out_dir: str | Path = "results", max_n: int = 16, echo: Callable
     dense_max_n = max(ns) if dense_max_n is None else dense_max_n
     rows = []
     t_start = time.perf_counter()
+    load_start = os.getloadavg()
     for n in ns:
         for layout in ("sparse", "dense") if n <= dense_max_n else ("sparse",):
             with tempfile.TemporaryDirectory(prefix="agl-scale-") as tmp:
@@ -316,7 +339,8 @@ def bench_scale(out_dir: str | Path = "results", max_n: int = 16, echo: Callable
             rows.append(row)
             elapsed = time.perf_counter() - t_start
             echo(f"N={n:<3} {layout:<6} {row['spots']:>6} spots {row['seconds']:>6.1f} s {row['spots_per_s']:>5.1f} "
-                 f"spots/s  driver {row['peak_rss_mb']:>5.0f} MB  worker {row['worker_peak_rss_mb']:>5.0f} MB  "
+                 f"spots/s  CPU {row['cpu_s']:>6.1f} s ({row['cpu_s_driver']:.1f} driver + {row['cpu_s_ray']:.1f} Ray)"
+                 f"  driver {row['peak_rss_mb']:>5.0f} MB  worker {row['worker_peak_rss_mb']:>5.0f} MB  "
                  f"Ray total {row['ray_peak_total_rss_mb']:>5.0f} MB  store {row['store_bytes'] / 1e6:>7.1f} MB  "
                  f"expression {row['expression_array_bytes'] / 1e6:>6.1f} + {row['expression_partition_bytes'] / 1e6:.1f}"
                  f" MB (bench {elapsed:.0f} s)")
@@ -324,6 +348,7 @@ def bench_scale(out_dir: str | Path = "results", max_n: int = 16, echo: Callable
                 echo(f"       density {row['density']:.4f}, {row['array_bytes_per_nonzero']:.2f} bytes per non-zero in "
                      f"arrays/, {row['partition_bytes_per_nonzero']:.2f} in Parquet ({row['expression_encoding']})")
     result: dict[str, Any] = {"ns": ns, "mode": "in-process" if address is None else f"ray ({address})",
+                              "load_avg_start": load_start,
                               "workers": os.cpu_count() if address else 1, "rows": rows, **verdicts(rows)}
     rates = None
     if features:
@@ -334,6 +359,7 @@ def bench_scale(out_dir: str | Path = "results", max_n: int = 16, echo: Callable
              + ", ".join(f"{k} {v:.1f} img/s" for k, v in rates.items()))
     result["hest_1k_estimate"] = hest = hest_estimate(rows, rates, result["workers"])
     result["bench_seconds"] = time.perf_counter() - t_start
+    result["load_avg_end"] = os.getloadavg()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "bench_scale.json", result, indent=1)
@@ -341,8 +367,8 @@ def bench_scale(out_dir: str | Path = "results", max_n: int = 16, echo: Callable
     for n, v in result["sparse_over_dense"].items():
         echo(f"N={n}: sparse/dense expression arrays {v['expression_arrays']:.3f}, arrays + partitions "
              f"{v['expression_arrays_and_partitions']:.3f}, whole store {v['whole_store']:.3f}")
-    echo(f"targets: memory flat N=2..{max(ns)}: {result['memory_flat_n2_to_max']}; time linear: "
-         f"{result['time_linear']}; sparse <= 0.3x dense (expression arrays): "
+    echo(f"targets: memory flat N=2..{max(ns)}: {result['memory_flat_n2_to_max']}; wall time linear: "
+         f"{result['time_linear']}; CPU time linear: {result['cpu_time_linear']}; sparse <= 0.3x dense (expression arrays): "
          f"{result['sparse_at_most_0.3x_dense_expression']}")
     echo(f"HEST-1k back-of-envelope: {json.dumps(hest, indent=1)}")
     echo(f"wrote {out / 'bench_scale.json'} and {out / 'bench_scale.png'}")
@@ -360,7 +386,9 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     for layout, style in (("sparse", "o-"), ("dense", "s--")):
         rows = [r for r in result["rows"] if r["layout"] == layout]
         n = [r["copies"] for r in rows]
-        axes[0].plot(n, [r["seconds"] for r in rows], style, label=layout)
+        axes[0].plot(n, [r["seconds"] for r in rows], style, label=f"wall, {layout}")
+        axes[0].plot(n, [r.get("cpu_s", float("nan")) for r in rows], style, alpha=0.5,
+                     label=f"CPU (driver + Ray), {layout}")
         axes[1].plot(n, [r["peak_rss_mb"] for r in rows], style, label=f"driver, {layout}")
         axes[2].plot(n, [r["worker_peak_rss_mb"] for r in rows], style, label=f"largest worker peak, {layout}")
         axes[2].plot(n, [r["ray_peak_total_rss_mb"] for r in rows], style, alpha=0.5,
@@ -369,7 +397,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
         axes[4].plot(n, [(r["expression_array_bytes"] + r["expression_partition_bytes"]) / 1e6 for r in rows], style,
                      label=f"{layout}: arrays + Parquet")
         axes[4].plot(n, [r["expression_array_bytes"] / 1e6 for r in rows], style, alpha=0.5, label=f"{layout}: arrays/")
-    titles = ("ingest wall time (s)", "driver peak RSS (MB)", "Ray processes' peak RSS (MB)", "store size (MB)",
+    titles = ("ingest time (s): wall and CPU", "driver peak RSS (MB)", "Ray processes' peak RSS (MB)", "store size (MB)",
               "expression on disk (MB)")
     for ax, title in zip(axes, titles):
         ax.set_xlabel("N x demo sections (5 slides, ~1,000 spots each)")
