@@ -154,6 +154,36 @@ def test_functional_adam_matches_torch_adam() -> None:
     assert torch.allclose(value, w.detach(), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("opt_name,count", [("sgd", 1), ("adam", 1), ("adam", 5)])
+def test_in_place_tangent_step_equals_jvp_of_the_update(opt_name: str, count: int) -> None:
+    """The optimisers' hand-written tangent step (forward mode's) against torch.func.jvp of their pure update,
+    including entries whose gradient and second moment are zero (Adam's sqrt at 0)."""
+    from agl.training.bilevel import INNER_OPTIMIZERS
+
+    torch.manual_seed(0)
+    params = [torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    opt = INNER_OPTIMIZERS[opt_name](params, lr=0.1)
+    state = tuple([x.abs() if i else x for x in (torch.randn_like(params[0]), torch.randn_like(params[1]))]
+                  for i in range(len(opt.state())))
+    if state:
+        state[0][0][0, 0] = state[1][0][0, 0] = 0.0  # a weight that never had a gradient
+    grads = [torch.randn_like(x) for x in params]
+    grads[0][0, 0] = 0.0
+    d_params, d_grads = [torch.randn_like(x) for x in params], [torch.randn_like(x) for x in params]
+    d_state = tuple([torch.randn_like(x) for x in xs] for xs in state)
+    if state:
+        d_state[1][0][0, 0] = 0.0  # v stays 0 there, so its tangent is 0 too
+    (ref, ref_state), (d_ref, d_ref_state) = torch.func.jvp(lambda p_, s_, g_: opt.update(p_, g_, s_, count),
+                                                            (params, state, grads), (d_params, d_state, d_grads))
+    clone = lambda xs: [x.clone() for x in xs]  # noqa: E731
+    p2, s2, dp2, ds2 = clone(params), tuple(clone(xs) for xs in state), clone(d_params), tuple(clone(xs) for xs in d_state)
+    opt.tangent_step_(p2, s2, dp2, ds2, grads, d_grads, count)
+    for a, b in zip([*ref, *[x for xs in ref_state for x in xs], *d_ref, *[x for xs in d_ref_state for x in xs]],
+                    [*p2, *[x for xs in s2 for x in xs], *dp2, *[x for xs in ds2 for x in xs]]):
+        assert torch.isfinite(b).all()
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_gates_without_outer_parameters_are_a_no_op() -> None:
     model, _, train, val = _problem()
     gate = create_gate("agl_all", A, {})

@@ -143,8 +143,10 @@ def _trajectory(net: Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, val
         loss = functional_call(gate_loss, dict(zip(outer_names, outer_values)), (per_gene,))
         return loss, loss
 
-    theta = [p.detach() for p in net.params]
-    state = tuple([x.detach() for x in xs] for xs in opt.state())
+    # own copies, updated in place by the optimiser's tangent step (the model and ``opt`` stay as they are)
+    theta = [p.detach().clone() for p in net.params]
+    state = tuple([x.detach().clone() for x in xs] for xs in opt.state())
+    in_place = hasattr(opt, "tangent_step_")
     d_theta = [torch.zeros_like(x) for x in theta]
     d_state = tuple([torch.zeros_like(x) for x in xs] for xs in state)
     inner_losses = []
@@ -154,16 +156,17 @@ def _trajectory(net: Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, val
         for h in range(steps):
             count = opt.count + h + 1
 
-            def step(th: list[Tensor], st: tuple, ph: list[Tensor]) -> tuple[tuple[list[Tensor], tuple], Tensor]:
-                g, loss = grad(train_loss, has_aux=True)(th, ph)
-                return opt.update(th, g, st, count), loss
-
             rng = capture_rng(theta[0].device)
             while not whole_step:
-                try:
-                    (theta_next, state_next), (d_theta_next, d_state_next), loss = jvp(
-                        step, (theta, state, phi), (d_theta, d_state, tangent_phi), has_aux=True)
-                    theta, state, d_theta, d_state = theta_next, state_next, d_theta_next, d_state_next
+                try:  # forward-over-reverse: the gradient and its tangent
+                    g, d_g, loss = jvp(grad(train_loss, has_aux=True), (theta, phi), (d_theta, tangent_phi),
+                                       has_aux=True)
+                    if in_place:
+                        opt.tangent_step_(theta, state, d_theta, d_state, g, d_g, count)
+                    else:
+                        (theta, state), (d_theta, d_state) = jvp(lambda t_, s_, g_: opt.update(t_, g_, s_, count),
+                                                                 (theta, state, g), (d_theta, d_state, d_g))
+                    del g, d_g
                     break
                 except (RuntimeError, NotImplementedError) as error:
                     if not _is_missing_rule(error):
