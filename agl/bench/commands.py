@@ -27,7 +27,8 @@ def cmd_bench_core(args: argparse.Namespace) -> int:
                             finetune_repeats_at=_pairs(args.finetune_repeats_at, "--finetune-repeats-at"),
                             finetune_methods=[m for m in args.finetune_methods.split(",") if m] or None,
                             feature_methods=[m for m in args.methods.split(",") if m] or None,
-                            cache_patches=args.cache_patches)
+                            cache_patches=args.cache_patches,
+                            repeats_at=_pairs(args.repeats_at, "--repeats-at"))
         return 0
     report = run_bench_core(store=open_store_arg(args.store), out=Path(args.out), repeats=args.repeats,
                             patch_px=args.patch_px, cache_patches=args.cache_patches)
@@ -58,6 +59,7 @@ def add_bench_core_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-batch", type=int, default=64, help="batch size of fine-tune inner and outer steps")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the estimator comparison")
     p.add_argument("--memory-horizons", default="", help="measure peak memory (fresh processes) only at these H")
+    p.add_argument("--repeats-at", default="", help="H=N,...: repeats at that H in features mode (e.g. 12=1)")
     p.add_argument("--finetune-repeats-at", default="", help="H=N,...: repeats at that H in fine-tune mode; 0: only "
                                                               "the one call timed in its fresh memory process")
     p.add_argument("--methods", default="", help="estimators in features mode (default: all registered + first_order)")

@@ -13,6 +13,8 @@ Measured in one run, reported as ratios (absolute seconds depend on the machine)
   fine-tuning mode (a small backbone on patches resized to ``patch_px``).
 - ``feature_cache_speedup``: time of one ordinary training epoch by fine-tuning divided by
   the time of the same epoch on cached features (the one-off cache build is reported separately).
+- ``feature_cache_vs_plain_loop``: images/s of the feature cache's computation against a plain
+  ``torch.inference_mode()`` channels-last loop over the same patches (target: within 10%).
 """
 from __future__ import annotations
 
@@ -345,8 +347,11 @@ def bench_hypergradients(store_path: str, split: str, mode: str, horizons: list[
     ``repeats_at[H]`` overrides ``repeats`` at that ``H``; 0 means no in-process timing: the one
     call timed in the fresh memory process is the figure (for calls of minutes each).
     """
+    import os
+
     methods = methods or _estimators()
     skip = skip or {}
+    load_start = os.getloadavg()  # a shared machine: the load goes into the report with the figures
     batch = batch or (FEATURE_BATCH if mode == "features" else FINETUNE_BATCH)
     s = _setup(store_path, split, mode, patch_px, max(horizons), "adam", backbone, batch, threads)
     _plain_step(s)
@@ -388,7 +393,8 @@ def bench_hypergradients(store_path: str, split: str, mode: str, horizons: list[
     return {"mode": mode, "horizons": horizons, "repeats": repeats, "batch": batch, "threads": threads,
             "backbone": backbone if mode == "finetune" else None, "patch_px": patch_px if mode == "finetune" else None,
             "input_shape": list(s["train"][0].shape[1:]), "n_outputs": int(s["tr"].n_out),
-            "skipped": {m: f"H >= {h}" for m, h in skip.items()}, "rows": rows}
+            "skipped": {m: f"H >= {h}" for m, h in skip.items()},
+            "load_average_1_5_15min": {"start": list(load_start), "end": list(os.getloadavg())}, "rows": rows}
 
 
 def _projected(rows: list[dict[str, Any]], mode: str, method: str, horizons: list[int]) -> list[dict[str, Any]]:
@@ -468,7 +474,8 @@ def run_bench_hypergrad(store: Any, out: Path, horizons: list[int], finetune_hor
                         skip: dict[str, int] | None = None, split: str | None = None,
                         memory_horizons: list[int] | None = None, finetune_repeats_at: dict[int, int] | None = None,
                         finetune_methods: list[str] | None = None, feature_methods: list[str] | None = None,
-                        features: bool = True, cache_patches: int = 128) -> dict[str, Any]:
+                        features: bool = True, cache_patches: int = 128,
+                        repeats_at: dict[int, int] | None = None) -> dict[str, Any]:
     """Estimators vs H in features and fine-tune mode; adds ``hypergrad`` to ``out/bench_core.json``
     (other keys of an existing file are kept) and writes ``out/bench_core_hypergrad.png``."""
     import torch
@@ -480,7 +487,8 @@ def run_bench_hypergrad(store: Any, out: Path, horizons: list[int], finetune_hor
     sections = []
     if horizons:
         sections.append(bench_hypergradients(str(store.path), split, "features", horizons, repeats, threads=threads,
-                                             memory_horizons=memory_horizons, methods=feature_methods, skip=skip))
+                                             memory_horizons=memory_horizons, methods=feature_methods, skip=skip,
+                                             repeats_at=repeats_at))
         print_hypergradients(sections[-1])
     if finetune_horizons:
         sections.append(bench_hypergradients(str(store.path), split, "finetune", finetune_horizons, finetune_repeats,
