@@ -23,3 +23,16 @@ def test_plot_and_table_of_a_section(tmp_path, capsys) -> None:
     print_hypergradients(section)
     out = capsys.readouterr().out
     assert "H=4   forward" in out and "not measured" in out and "2.50x plain" in out
+
+
+def test_feature_cache_and_plain_loop_measured_side_by_side(demo_store, capsys) -> None:
+    """Both sides run on the same patches and views; the ratio is the ratio of the two rates (not a timing target)."""
+    from agl.bench.core import bench_feature_cache
+    from agl.data.store import open_store
+
+    result = bench_feature_cache(open_store(demo_store), n_patches=4, views=2, repeats=1, batch_size=2, threads=1)
+    rates = result["images_per_s"]
+    assert result["images"] == 8 and set(rates) == {"feature_cache", "plain_inference_mode"}
+    assert all(len(ts) == 1 and ts[0] > 0 for ts in result["seconds_all"].values())
+    assert result["cache_vs_plain_loop"] == rates["feature_cache"] / rates["plain_inference_mode"]
+    assert "images/s vs plain inference_mode" in capsys.readouterr().out

@@ -154,6 +154,36 @@ def test_functional_adam_matches_torch_adam() -> None:
     assert torch.allclose(value, w.detach(), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("opt_name,count", [("sgd", 1), ("adam", 1), ("adam", 5)])
+def test_in_place_tangent_step_equals_jvp_of_the_update(opt_name: str, count: int) -> None:
+    """The optimisers' hand-written tangent step (forward mode's) against torch.func.jvp of their pure update,
+    including entries whose gradient and second moment are zero (Adam's sqrt at 0)."""
+    from agl.training.bilevel import INNER_OPTIMIZERS
+
+    torch.manual_seed(0)
+    params = [torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    opt = INNER_OPTIMIZERS[opt_name](params, lr=0.1)
+    state = tuple([x.abs() if i else x for x in (torch.randn_like(params[0]), torch.randn_like(params[1]))]
+                  for i in range(len(opt.state())))
+    if state:
+        state[0][0][0, 0] = state[1][0][0, 0] = 0.0  # a weight that never had a gradient
+    grads = [torch.randn_like(x) for x in params]
+    grads[0][0, 0] = 0.0
+    d_params, d_grads = [torch.randn_like(x) for x in params], [torch.randn_like(x) for x in params]
+    d_state = tuple([torch.randn_like(x) for x in xs] for xs in state)
+    if state:
+        d_state[1][0][0, 0] = 0.0  # v stays 0 there, so its tangent is 0 too
+    (ref, ref_state), (d_ref, d_ref_state) = torch.func.jvp(lambda p_, s_, g_: opt.update(p_, g_, s_, count),
+                                                            (params, state, grads), (d_params, d_state, d_grads))
+    clone = lambda xs: [x.clone() for x in xs]  # noqa: E731
+    p2, s2, dp2, ds2 = clone(params), tuple(clone(xs) for xs in state), clone(d_params), tuple(clone(xs) for xs in d_state)
+    opt.tangent_step_(p2, s2, dp2, ds2, grads, d_grads, count)
+    for a, b in zip([*ref, *[x for xs in ref_state for x in xs], *d_ref, *[x for xs in d_ref_state for x in xs]],
+                    [*p2, *[x for xs in s2 for x in xs], *dp2, *[x for xs in ds2 for x in xs]]):
+        assert torch.isfinite(b).all()
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_gates_without_outer_parameters_are_a_no_op() -> None:
     model, _, train, val = _problem()
     gate = create_gate("agl_all", A, {})
@@ -221,7 +251,8 @@ def test_exact_estimators_replay_dropout_masks(method: str) -> None:
 
 
 class _SquareNoJvp(torch.autograd.Function):
-    """x**2 as an old-style autograd.Function: differentiable twice in eager mode, but no forward-mode rule."""
+    """x**2 as an old-style autograd.Function: differentiable twice in eager mode, but usable by no
+    torch.func transform (it has no setup_context), so it has no forward-mode rule."""
 
     @staticmethod
     def forward(ctx, x):
@@ -234,25 +265,119 @@ class _SquareNoJvp(torch.autograd.Function):
         return 2 * x * g
 
 
+class _ScaledTanhNoJvp(torch.autograd.Function):
+    """tanh(x) * w as a torch.func-ready Function (setup_context, backward written with differentiable ops)
+    but without a ``jvp``: grad works, forward mode does not."""
+
+    @staticmethod
+    def forward(x, w):
+        return torch.tanh(x) * w
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        t = torch.tanh(x)
+        return g * w * (1 - t * t), (g * t).sum(0)
+
+
 class _SquareLayer(nn.Module):
     def forward(self, x):
         return _SquareNoJvp.apply(x)
 
 
-def test_forward_mode_falls_back_loudly_where_an_operator_has_no_jvp_rule() -> None:
-    """The layer without a rule is named in a warning and the tangent comes from double backward: same result."""
-    grads = []
+class _ScaledTanhLayer(nn.Module):
+    """A custom layer with its own parameter, dropout inside (masks must agree between all recomputations)."""
+
+    def __init__(self, width: int, dropout: float = 0.0):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, width))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return _ScaledTanhNoJvp.apply(self.dropout(x), self.w)
+
+
+def _with_custom_layers(seed: int, layers: list[nn.Module]):
+    torch.manual_seed(0)
+    model, gate, train, val = _problem(seed=seed)
+    model.backbone = nn.Sequential(nn.Linear(D, D), *layers, nn.Linear(D, D)).double()
+    return model, gate, train, val
+
+
+@pytest.mark.parametrize("opt_name,steps,warm,dropout", [("adam", 3, False, 0.0), ("adam", 3, True, 0.0),
+                                                         ("sgd", 1, False, 0.0), ("adam", 3, False, 0.3)])
+def test_forward_mode_falls_back_per_layer_where_a_layer_has_no_jvp_rule(opt_name: str, steps: int, warm: bool,
+                                                                         dropout: float) -> None:
+    """Only the layers without a rule get their tangents by double backward, each named once in a warning;
+    the hypergradient equals the reverse unroll's (rel. err. < 1e-4) and central differences."""
+    from agl.training import forward_mode
+
+    lr = 0.05 if opt_name == "sgd" else 0.01
+    results = {}
     for method in ("unroll", "forward"):
-        torch.manual_seed(0)
-        model, gate, train, val = _problem(seed=3)
-        model.backbone = nn.Sequential(nn.Linear(D, D), _SquareLayer()).double()
+        model, gate, train, val = _with_custom_layers(3, [_SquareLayer(), _ScaledTanhLayer(D, dropout)])
+        model.train()
+        opt = _warm_adam(model, train) if warm else None
+        forward_mode.FALLBACKS.clear()
+        torch.manual_seed(7)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            grads.append(hypergradient(model, gate, pearson_loss, train, val, P, inner_steps=3, inner_lr=0.01,
-                                       method=method)["hypergrad"][0].item())
-        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+            out = hypergradient(model, gate, pearson_loss, train, val, P, inner_steps=steps, inner_lr=lr,
+                                inner_optimizer=opt_name, optimizer=opt, method=method,
+                                inner_state="warm" if warm else "fresh")
+        results[method] = out["hypergrad"][0].item(), [str(w.message) for w in caught
+                                                        if issubclass(w.category, RuntimeWarning)]
+        counts = dict(forward_mode.FALLBACKS)
         if method == "forward":
-            assert any("backbone.1 (_SquareLayer)" in m and "no forward-mode rule" in m for m in messages), messages
+            # a second outer step on the same model: the culprits are remembered, no new warning
+            with warnings.catch_warnings(record=True) as again:
+                warnings.simplefilter("always")
+                torch.manual_seed(7)
+                repeat = hypergradient(model, gate, pearson_loss, train, val, P, inner_steps=steps, inner_lr=lr,
+                                       inner_optimizer=opt_name, optimizer=opt, method=method,
+                                       inner_state="warm" if warm else "fresh", accumulate=False)
+            assert not [w for w in again if issubclass(w.category, RuntimeWarning)]
+            assert repeat["hypergrad"][0].item() == pytest.approx(out["hypergrad"][0].item(), rel=1e-12)
+    (ref, _), (ours, messages) = results["unroll"], results["forward"]
+    fallback_warnings = [m for m in messages if "no forward-mode (jvp) rule" in m]
+    assert len(fallback_warnings) == 1, messages
+    assert "backbone.1 (_SquareLayer)" in fallback_warnings[0] and "backbone.2 (_ScaledTanhLayer)" in fallback_warnings[0]
+    assert "backbone.0" not in fallback_warnings[0] and "backbone.3" not in fallback_warnings[0]
+    # only the two custom layers fell back (the Linear layers, trunk and head stayed in forward mode), never a whole step
+    assert set(counts) == {"backbone.1", "backbone.2"}, counts
+    assert forward_mode.WHOLE_STEP not in counts
+    assert abs(ours - ref) / abs(ref) < 1e-4, (ours, ref)
+    if dropout == 0.0:
+        model, gate, train, val = _with_custom_layers(3, [_SquareLayer(), _ScaledTanhLayer(D)])
+        opt = _warm_adam(model, train) if warm else None
+        t0, h = gate.t.item(), 1e-5
+        fd = (_outer_loss_reference(model, gate, train, val, t0 + h, steps, lr, opt_name, opt)
+              - _outer_loss_reference(model, gate, train, val, t0 - h, steps, lr, opt_name, opt)) / (2 * h)
+        assert abs(ours - fd) / abs(fd) < 1e-4, (ours, fd)
+
+
+def test_forward_mode_falls_back_to_whole_steps_when_no_layer_is_to_blame() -> None:
+    """A loss function without a jvp rule is in no module: whole inner steps fall back, loudly, same result."""
+    from agl.training import forward_mode
+
+    def squared_pearson(pred, y):
+        return pearson_loss(_SquareNoJvp.apply(pred), y)
+
+    grads = []
+    for method in ("unroll", "forward"):
+        model, gate, train, val = _problem(seed=3)
+        forward_mode.FALLBACKS.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            grads.append(hypergradient(model, gate, squared_pearson, train, val, P, inner_steps=3, inner_lr=0.01,
+                                       method=method)["hypergrad"][0].item())
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert any("whole inner steps" in m for m in messages), messages
+    assert forward_mode.FALLBACKS[forward_mode.WHOLE_STEP] == 3
     assert grads[1] == pytest.approx(grads[0], rel=1e-8)
 
 

@@ -26,10 +26,12 @@ def cmd_bench_core(args: argparse.Namespace) -> int:
                             args.threads, skip, memory_horizons=int_list(args.memory_horizons, "--memory-horizons") or None,
                             finetune_repeats_at=_pairs(args.finetune_repeats_at, "--finetune-repeats-at"),
                             finetune_methods=[m for m in args.finetune_methods.split(",") if m] or None,
-                            feature_methods=[m for m in args.methods.split(",") if m] or None)
+                            feature_methods=[m for m in args.methods.split(",") if m] or None,
+                            cache_patches=args.cache_patches,
+                            repeats_at=_pairs(args.repeats_at, "--repeats-at"))
         return 0
     report = run_bench_core(store=open_store_arg(args.store), out=Path(args.out), repeats=args.repeats,
-                            patch_px=args.patch_px)
+                            patch_px=args.patch_px, cache_patches=args.cache_patches)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -57,10 +59,13 @@ def add_bench_core_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-batch", type=int, default=64, help="batch size of fine-tune inner and outer steps")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the estimator comparison")
     p.add_argument("--memory-horizons", default="", help="measure peak memory (fresh processes) only at these H")
+    p.add_argument("--repeats-at", default="", help="H=N,...: repeats at that H in features mode (e.g. 12=1)")
     p.add_argument("--finetune-repeats-at", default="", help="H=N,...: repeats at that H in fine-tune mode; 0: only "
                                                               "the one call timed in its fresh memory process")
     p.add_argument("--methods", default="", help="estimators in features mode (default: all registered + first_order)")
     p.add_argument("--finetune-methods", default="", help="estimators in fine-tune mode (default: all)")
+    p.add_argument("--cache-patches", type=int, default=128, help="patches (x 2 views) for the feature cache vs a "
+                                                                  "plain inference_mode loop; 0 skips it")
     p.add_argument("--skip", default="", help="METHOD=H0,...: leave METHOD out for H >= H0 (e.g. unroll=4)")
 
 

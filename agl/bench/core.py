@@ -13,6 +13,8 @@ Measured in one run, reported as ratios (absolute seconds depend on the machine)
   fine-tuning mode (a small backbone on patches resized to ``patch_px``).
 - ``feature_cache_speedup``: time of one ordinary training epoch by fine-tuning divided by
   the time of the same epoch on cached features (the one-off cache build is reported separately).
+- ``feature_cache_vs_plain_loop``: images/s of the feature cache's computation against a plain
+  ``torch.inference_mode()`` channels-last loop over the same patches (target: within 10%).
 """
 from __future__ import annotations
 
@@ -128,7 +130,7 @@ def _fresh(*args: Any) -> dict[str, Any]:
 
 
 def run_bench_core(store: Any, out: Path, repeats: int = 3, patch_px: int = 112, inner_steps: int = 2,
-                   split: str | None = None) -> dict[str, Any]:
+                   split: str | None = None, cache_patches: int = 128) -> dict[str, Any]:
     """Measure, print progress, write ``out/bench_core.json`` and return the report."""
     import torch
 
@@ -177,6 +179,8 @@ def run_bench_core(store: Any, out: Path, repeats: int = 3, patch_px: int = 112,
         inner_steps * results["features_plain"]["seconds_median"])
     report["feature_cache_speedup_per_epoch"] = report["finetune"]["epoch_s"] / report["features"]["epoch_s"]
     report["raw"] = results
+    if cache_patches:
+        report["feature_cache_vs_plain_loop"] = bench_feature_cache(store, cache_patches, repeats=repeats)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "bench_core.json", report)
     for mode in ("features", "finetune"):
@@ -189,6 +193,65 @@ def run_bench_core(store: Any, out: Path, repeats: int = 3, patch_px: int = 112,
           f"({report['finetune']['epoch_s']:.1f} s fine-tuning vs {report['features']['epoch_s']:.2f} s on features)")
     print(f"written: {out / 'bench_core.json'}")
     return report
+
+
+# --------------------------------------------------------------------------- feature cache vs a plain loop
+def bench_feature_cache(store: Any, n_patches: int = 128, views: int = 2, repeats: int = 3, batch_size: int = 64,
+                        backbone: str = FINETUNE_BACKBONE, threads: int = 2) -> dict[str, Any]:
+    """Images/s of the feature cache's own computation (``agl.models.features._compute``: uint8 ->
+    normalised float, dihedral views, channels-last encoder, written to a memory-mapped ``.npy`` then
+    renamed) against a plain ``torch.inference_mode()`` channels-last loop over the same patches and
+    views with the same encoder, in this process, alternating order, medians of ``repeats``.
+    The issue's target: the cache within 10% of the plain loop (ratio >= 0.9)."""
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from agl.data.augment import dihedral
+    from agl.models.features import _compute, cache_target
+    from agl.normalisation import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.set_num_threads(threads)
+    patches = np.array(store.patches[:n_patches])  # in memory (a writable copy), so neither side reads the disk
+    module, key, fields, _, (_, _, dim) = cache_target(store, backbone, "imagenet", views, "float32")
+    module = module.eval().to(memory_format=torch.channels_last)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    def cache(folder: Path) -> None:
+        _compute(module, patches, folder, key, fields, (views, len(patches), dim), "float32", batch_size, "cpu")
+
+    def plain_loop() -> None:
+        out = torch.empty(views, len(patches), dim)
+        with torch.inference_mode():
+            for start in range(0, len(patches), batch_size):
+                x = torch.from_numpy(patches[start:start + batch_size]).permute(0, 3, 1, 2).float().div_(255.0)
+                x = x.sub_(mean).div_(std)
+                for v in range(views):
+                    out[v, start:start + x.shape[0]] = module(dihedral(x, v).contiguous(memory_format=torch.channels_last))
+
+    times: dict[str, list[float]] = {"feature_cache": [], "plain_inference_mode": []}
+    with tempfile.TemporaryDirectory(prefix="agl-bench-cache-") as tmp:
+        plain_loop()  # warm-up (oneDNN primitives, allocator)
+        for r in range(repeats):
+            for name in (("feature_cache", "plain_inference_mode") if r % 2 == 0 else
+                         ("plain_inference_mode", "feature_cache")):
+                folder = Path(tmp) / f"{name}-{r}"
+                folder.mkdir()
+                t0 = time.perf_counter()
+                cache(folder) if name == "feature_cache" else plain_loop()
+                times[name].append(time.perf_counter() - t0)
+    images = views * len(patches)
+    rates = {name: images / statistics.median(ts) for name, ts in times.items()}
+    result = {"images": images, "patches": len(patches), "views": views, "batch": batch_size, "threads": threads,
+              "backbone": backbone, "patch_shape": list(patches.shape[1:]), "repeats": repeats,
+              "seconds_all": times, "images_per_s": rates,
+              "cache_vs_plain_loop": rates["feature_cache"] / rates["plain_inference_mode"],
+              "target": "feature cache >= 0.9x the plain loop"}
+    print(f"feature cache {rates['feature_cache']:.1f} images/s vs plain inference_mode channels-last loop "
+          f"{rates['plain_inference_mode']:.1f} images/s: {result['cache_vs_plain_loop']:.2f}x "
+          f"({images} images = {len(patches)} patches x {views} views, {threads} threads, medians of {repeats})")
+    return result
 
 
 # --------------------------------------------------------------------------- hypergradient estimators vs H
@@ -284,8 +347,11 @@ def bench_hypergradients(store_path: str, split: str, mode: str, horizons: list[
     ``repeats_at[H]`` overrides ``repeats`` at that ``H``; 0 means no in-process timing: the one
     call timed in the fresh memory process is the figure (for calls of minutes each).
     """
+    import os
+
     methods = methods or _estimators()
     skip = skip or {}
+    load_start = os.getloadavg()  # a shared machine: the load goes into the report with the figures
     batch = batch or (FEATURE_BATCH if mode == "features" else FINETUNE_BATCH)
     s = _setup(store_path, split, mode, patch_px, max(horizons), "adam", backbone, batch, threads)
     _plain_step(s)
@@ -327,7 +393,8 @@ def bench_hypergradients(store_path: str, split: str, mode: str, horizons: list[
     return {"mode": mode, "horizons": horizons, "repeats": repeats, "batch": batch, "threads": threads,
             "backbone": backbone if mode == "finetune" else None, "patch_px": patch_px if mode == "finetune" else None,
             "input_shape": list(s["train"][0].shape[1:]), "n_outputs": int(s["tr"].n_out),
-            "skipped": {m: f"H >= {h}" for m, h in skip.items()}, "rows": rows}
+            "skipped": {m: f"H >= {h}" for m, h in skip.items()},
+            "load_average_1_5_15min": {"start": list(load_start), "end": list(os.getloadavg())}, "rows": rows}
 
 
 def _projected(rows: list[dict[str, Any]], mode: str, method: str, horizons: list[int]) -> list[dict[str, Any]]:
@@ -407,7 +474,8 @@ def run_bench_hypergrad(store: Any, out: Path, horizons: list[int], finetune_hor
                         skip: dict[str, int] | None = None, split: str | None = None,
                         memory_horizons: list[int] | None = None, finetune_repeats_at: dict[int, int] | None = None,
                         finetune_methods: list[str] | None = None, feature_methods: list[str] | None = None,
-                        features: bool = True) -> dict[str, Any]:
+                        features: bool = True, cache_patches: int = 128,
+                        repeats_at: dict[int, int] | None = None) -> dict[str, Any]:
     """Estimators vs H in features and fine-tune mode; adds ``hypergrad`` to ``out/bench_core.json``
     (other keys of an existing file are kept) and writes ``out/bench_core_hypergrad.png``."""
     import torch
@@ -419,7 +487,8 @@ def run_bench_hypergrad(store: Any, out: Path, horizons: list[int], finetune_hor
     sections = []
     if horizons:
         sections.append(bench_hypergradients(str(store.path), split, "features", horizons, repeats, threads=threads,
-                                             memory_horizons=memory_horizons, methods=feature_methods, skip=skip))
+                                             memory_horizons=memory_horizons, methods=feature_methods, skip=skip,
+                                             repeats_at=repeats_at))
         print_hypergradients(sections[-1])
     if finetune_horizons:
         sections.append(bench_hypergradients(str(store.path), split, "finetune", finetune_horizons, finetune_repeats,
@@ -431,6 +500,8 @@ def run_bench_hypergrad(store: Any, out: Path, horizons: list[int], finetune_hor
     report = json.loads(path.read_text()) if path.exists() else {}
     kept = [x for x in report.get("hypergrad", {}).get("sections", []) if x["mode"] not in {y["mode"] for y in sections}]
     sections = kept + sections  # a run of one mode keeps the other mode's section
+    if cache_patches:
+        report["feature_cache_vs_plain_loop"] = bench_feature_cache(store, cache_patches, threads=threads)
     report["hypergrad"] = {"sections": sections, "torch": torch.__version__, "machine": platform.machine(),
                            "memory_method": "peak of psutil RSS sampled every 2 ms during the one step, above the "
                                             "RSS before it, in a fresh process after one warm-up plain step",

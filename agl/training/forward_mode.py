@@ -18,17 +18,26 @@ The initial optimiser state (warm moments from the training optimiser, or zeros)
 depend on ``phi`` in this objective, so its tangent starts at zero, exactly as the reverse
 unroll treats it.
 
-If some operator of the model has no forward-mode (jvp) rule, the step falls back to the
-same tangent by reverse-over-reverse: ``dg = grad_theta(<g, Z_theta> + <dL/dphi, Z_phi>)``
-(a Hessian-vector product, Pearlmutter 1994) and a ``jvp`` of the optimiser arithmetic only;
-a warning names the operator. The result is the same; the cost is about one more backward pass.
+If some module of the model has no forward-mode (jvp) rule (an operator without a forward-AD
+formula, or a custom ``autograd.Function`` without ``jvp``), only that module falls back, once a
+warning has named it: it runs inside ``_LayerFunction``, whose ``jvp`` computes the module's
+tangent by double backward (the "double-vjp" trick: ``J v = d/du <J^T u, v>``), and whose
+backward is ``_LayerVjp``, whose ``jvp`` is the tangent of ``J^T g``: ``J^T dg`` plus the
+Hessian-vector product ``d/dz <J(z)^T g, dz>`` (Pearlmutter 1994), both by eager reverse mode
+on that module alone. Every other module stays in forward mode. Only if that does not help
+(e.g. the loss itself lacks a rule) does the whole step fall back to reverse-over-reverse:
+``dg = grad_theta(<g, Z_theta> + <dL/dphi, Z_phi>)`` and a ``jvp`` of the optimiser arithmetic.
+``FALLBACKS`` counts the tangents computed each way (per module name, or ``WHOLE_STEP``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import warnings
-from typing import Any, Sequence
+import weakref
+from collections import Counter
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +46,18 @@ from torch.func import functional_call, grad, jvp
 from agl.training.bilevel import Estimate, grads_of, replay_rng, capture_rng, Unrolled, weighted_loss
 
 log = logging.getLogger(__name__)
+
+try:  # eager autograd inside a torch.func transform (the fallback's double backward); private, so guarded
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack as _outside_transforms
+except ImportError:  # pragma: no cover - older/newer torch: torch.func-composable modules still work
+    _outside_transforms = contextlib.nullcontext
+
+# Tangents computed other than by forward mode: module name -> count; WHOLE_STEP: whole inner steps
+FALLBACKS: Counter[str] = Counter()
+WHOLE_STEP = "<whole step by double backward>"
+# Modules found without a jvp rule, per model (probed once per model, then wrapped up front)
+_KNOWN_CULPRITS: "weakref.WeakKeyDictionary[nn.Module, list[str]]" = weakref.WeakKeyDictionary()
+_WHOLE_STEP_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 # Above this many outer scalars the reverse estimators are cheaper (one tangent per scalar here).
 MANY_OUTER_SCALARS = 8
@@ -77,7 +98,8 @@ def _operator_name(message: str) -> str:
 def _is_missing_rule(error: Exception) -> bool:
     text = str(error)
     return bool(_NO_RULE.search(text)) and any(w in text for w in ("not implemented", "not supported", "does not support",
-                                                                    "must override", "doesn't support", "NotImplemented"))
+                                                                    "must override", "must implement", "doesn't support",
+                                                                    "NotImplemented"))
 
 
 def forward_mode(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
@@ -121,50 +143,52 @@ def _trajectory(net: Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, val
         loss = functional_call(gate_loss, dict(zip(outer_names, outer_values)), (per_gene,))
         return loss, loss
 
-    theta = [p.detach() for p in net.params]
-    state = tuple([x.detach() for x in xs] for xs in opt.state())
+    # own copies, updated in place by the optimiser's tangent step (the model and ``opt`` stay as they are)
+    theta = [p.detach().clone() for p in net.params]
+    state = tuple([x.detach().clone() for x in xs] for xs in opt.state())
+    in_place = hasattr(opt, "tangent_step_")
     d_theta = [torch.zeros_like(x) for x in theta]
     d_state = tuple([torch.zeros_like(x) for x in xs] for xs in state)
     inner_losses = []
-    fallback = False
-    with torch.no_grad():  # torch.func does its own differentiation; no eager graph is needed
+    whole_step = net.model in _WHOLE_STEP_MODELS
+    # torch.func does its own differentiation; no eager graph is needed
+    with torch.no_grad(), _LayerFallbacks(net) as layers:
         for h in range(steps):
             count = opt.count + h + 1
 
-            def step(th: list[Tensor], st: tuple, ph: list[Tensor]) -> tuple[tuple[list[Tensor], tuple], Tensor]:
-                g, loss = grad(train_loss, has_aux=True)(th, ph)
-                return opt.update(th, g, st, count), loss
-
-            if not fallback:
-                rng = capture_rng(theta[0].device)
-                try:
-                    (theta_next, state_next), (d_theta, d_state), loss = jvp(
-                        step, (theta, state, phi), (d_theta, d_state, tangent_phi), has_aux=True)
-                    theta, state = theta_next, state_next
+            rng = capture_rng(theta[0].device)
+            while not whole_step:
+                try:  # forward-over-reverse: the gradient and its tangent
+                    g, d_g, loss = jvp(grad(train_loss, has_aux=True), (theta, phi), (d_theta, tangent_phi),
+                                       has_aux=True)
+                    if in_place:
+                        opt.tangent_step_(theta, state, d_theta, d_state, g, d_g, count)
+                    else:
+                        (theta, state), (d_theta, d_state) = jvp(lambda t_, s_, g_: opt.update(t_, g_, s_, count),
+                                                                 (theta, state, g), (d_theta, d_state, d_g))
+                    del g, d_g
+                    break
                 except (RuntimeError, NotImplementedError) as error:
                     if not _is_missing_rule(error):
                         raise
-                    operator = _operator_name(str(error))
-                    layers = _layers_without_rule(net, theta, train)
-                    if layers:
-                        operator = f"{operator} in layer(s) {', '.join(layers)}"
-                    warnings.warn(f"hypergrad=forward: {operator} has no forward-mode rule in torch; computing the "
-                                  f"tangent by double backward instead (same result, about one more backward pass). "
-                                  f"torch said: {str(error).splitlines()[0]}", RuntimeWarning, stacklevel=2)
-                    log.warning("forward mode: %s lacks a jvp rule; falling back to double backward", operator)
-                    fallback = True
-                    with replay_rng(rng, theta[0].device):  # redo this step with the same dropout masks
-                        theta, state, d_theta, d_state, loss = _double_backward_step(
-                            train_loss, opt, theta, state, phi, d_theta, d_state, tangent_phi, count)
-            else:
+                    torch.set_rng_state(rng[0])  # the retry draws this step's dropout masks again
+                    if rng[1] is not None:
+                        torch.cuda.set_rng_state(rng[1], theta[0].device)
+                    if not layers.add_culprits(theta, train, error):
+                        whole_step = True  # no single module to blame (or wrapping did not help)
+                        _WHOLE_STEP_MODELS.add(net.model)
+                        layers.remove()
+                        _warn_whole_step(error)
+            if whole_step:  # (after a failed try the RNG was reset above: same dropout masks)
                 theta, state, d_theta, d_state, loss = _double_backward_step(
                     train_loss, opt, theta, state, phi, d_theta, d_state, tangent_phi, count)
+                FALLBACKS[WHOLE_STEP] += 1
             inner_losses.append(float(loss))
 
         def val_loss(th: list[Tensor]) -> Tensor:
             return net.per_gene(th, val, n_primary).mean()
 
-        if fallback:
+        if whole_step:
             final = [x.detach().requires_grad_() for x in theta]
             with torch.enable_grad():
                 value = val_loss(final)
@@ -175,41 +199,245 @@ def _trajectory(net: Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, val
     return float(value.detach()), inner_losses, torch.as_tensor(derivative).detach()
 
 
-def _layers_without_rule(net: Unrolled, theta: list[Tensor], batch: tuple) -> list[str]:
-    """Leaf modules whose forward, or the backward of it, has no jvp rule (names for the warning).
+def _warn_whole_step(error: Exception) -> None:
+    operator = _operator_name(str(error))
+    warnings.warn(f"hypergrad=forward: {operator} has no forward-mode rule in torch and no single module could be "
+                  f"given one; computing whole inner steps' tangents by double backward instead (same result, about "
+                  f"one more backward pass). torch said: {str(error).splitlines()[0]}", RuntimeWarning, stacklevel=3)
+    log.warning("forward mode: %s lacks a jvp rule; whole steps fall back to double backward", operator)
 
-    Each leaf module's input is captured by a forward hook during one functional forward pass
-    (private buffers, replayed RNG: the model is not changed), then the module is run alone
-    under ``jvp`` and under ``jvp`` of its input gradient.
+
+# --------------------------------------------------------------------------- per-module fallback
+def _zero_if_none(tangent: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if tangent is None else tangent
+
+
+class _Call:
+    """How one wrapped module is called: the module, its parameter names, its positional arguments
+    (``None`` where a differentiated tensor goes), keyword arguments, the RNG state at the call
+    (replayed by the recomputations, so dropout masks agree) and the name reported in ``FALLBACKS``."""
+
+    def __init__(self, wrapper: "_Wrapped", param_names: list[str], template: list[Any], kwargs: dict[str, Any],
+                 rng: tuple):
+        self.name, self.wrapper, self.param_names = wrapper.name, wrapper, param_names
+        self.template, self.kwargs, self.rng = template, kwargs, rng
+        self.n_inputs = sum(a is None for a in template)
+
+    def run(self, tensors: Sequence[Tensor], replay: bool = True) -> Tensor:
+        """The module's own forward on ``tensors`` = (differentiated inputs, parameters), with the private
+        buffers it had in the unrolled forward (the backward pass runs after ``functional_call`` has ended)."""
+        inputs, params = iter(tensors[:self.n_inputs]), tensors[self.n_inputs:]
+        args = tuple(next(inputs) if a is None else a for a in self.template)
+        state = {**self.wrapper.buffers, **dict(zip(self.param_names, params))}
+        replayed = replay_rng(self.rng, tensors[0].device) if replay else contextlib.nullcontext()
+        with self.wrapper.unwrapped(), replayed:
+            return functional_call(self.wrapper.module, state, args, self.kwargs)
+
+    def vjp(self, tensors: Sequence[Tensor], cotangent: Tensor | None, create_graph: bool) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """Eager reverse mode on this module alone: leaves for ``tensors``, ``J^T cotangent`` and the
+        cotangent (a zero probe that requires grad when ``None``: ``J^T u`` as a function of ``u``)."""
+        leaves = [t.detach().requires_grad_() for t in tensors]
+        out = self.run(leaves)
+        if cotangent is None:
+            cotangent = torch.zeros_like(out, requires_grad=True)
+        pulled = torch.autograd.grad(out, leaves, cotangent, create_graph=create_graph, allow_unused=True)
+        return leaves, [_zero_if_none(g, x) for g, x in zip(pulled, leaves)], cotangent
+
+
+class _LayerFunction(torch.autograd.Function):
+    """A module without a jvp rule as one differentiable function of its inputs and parameters."""
+
+    @staticmethod
+    def forward(call: _Call, *tensors: Tensor) -> Tensor:
+        return call.run(tensors, replay=False)  # draws its dropout masks; the recomputations replay them
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.call = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+        ctx.save_for_forward(*inputs[1:])
+
+    @staticmethod
+    def jvp(ctx: Any, _call: None, *tangents: Tensor | None) -> Tensor:
+        # J v by double backward: u -> J^T u is linear, so d/du <J^T u, v> = J v
+        FALLBACKS[ctx.call.name] += 1
+        tensors = ctx.saved_tensors
+        with _outside_transforms(), torch.enable_grad():
+            leaves, pulled, probe = ctx.call.vjp(tensors, None, create_graph=True)
+            pairs = [(g, _zero_if_none(v, x)) for g, v, x in zip(pulled, tangents, leaves) if g.requires_grad]
+            if not pairs:
+                return torch.zeros_like(probe).detach()
+            (out,) = torch.autograd.grad([g for g, _ in pairs], probe, [v for _, v in pairs], allow_unused=True)
+        return _zero_if_none(out, probe).detach()
+
+    @staticmethod
+    def backward(ctx: Any, cotangent: Tensor) -> tuple:
+        return (None, *_LayerVjp.apply(ctx.call, cotangent, *ctx.saved_tensors))
+
+
+class _LayerVjp(torch.autograd.Function):
+    """``J(z)^T g`` of a wrapped module, with its tangent ``J^T dg + d/dz <J(z)^T g, dz>`` by double backward."""
+
+    @staticmethod
+    def forward(call: _Call, cotangent: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+        with _outside_transforms(), torch.enable_grad():
+            _, pulled, _ = call.vjp(tensors, cotangent, create_graph=False)
+        return tuple(pulled)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        ctx.call = inputs[0]
+        ctx.save_for_forward(*inputs[1:])
+
+    @staticmethod
+    def jvp(ctx: Any, _call: None, d_cotangent: Tensor | None, *tangents: Tensor | None) -> tuple[Tensor, ...]:
+        FALLBACKS[ctx.call.name] += 1
+        cotangent, *tensors = ctx.saved_tensors
+        with _outside_transforms(), torch.enable_grad():
+            leaves, pulled, _ = ctx.call.vjp(tensors, cotangent, create_graph=True)
+            pairs = [(g, _zero_if_none(v, x)) for g, v, x in zip(pulled, tangents, leaves) if g.requires_grad]
+            second = (torch.autograd.grad([g for g, _ in pairs], leaves, [v for _, v in pairs], allow_unused=True)
+                      if pairs else [None] * len(leaves))
+            first = ([None] * len(leaves) if d_cotangent is None
+                     else ctx.call.vjp(tensors, d_cotangent, create_graph=False)[1])
+        return tuple((_zero_if_none(a, x) + _zero_if_none(b, x)).detach() for a, b, x in zip(first, second, leaves))
+
+    @staticmethod
+    def backward(ctx: Any, *cotangents: Tensor) -> tuple:
+        raise NotImplementedError("hypergrad=forward: a module's fallback gradient is not differentiable in reverse mode")
+
+
+class _Wrapped:
+    """Replaces one module's ``forward`` (an instance attribute, removed afterwards) by a call through
+    ``_LayerFunction``; inside the function the module's own forward runs (``unwrapped``)."""
+
+    def __init__(self, name: str, module: nn.Module, buffers: dict[str, Tensor | None]):
+        self.name, self.module, self.buffers = name, module, buffers
+        self.original = module.forward
+        self.inside = 0  # > 0 while the module's own forward runs inside _LayerFunction
+        module.forward = self
+
+    @contextlib.contextmanager
+    def unwrapped(self) -> Iterator[None]:
+        self.inside += 1
+        try:
+            yield
+        finally:
+            self.inside -= 1
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.inside:
+            return self.original(*args, **kwargs)
+        named = list(self.module.named_parameters())  # inside functional_call: the values being differentiated
+        template = [None if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
+        inputs = [a for a, t in zip(args, template) if t is None]
+        if not inputs:
+            return self.original(*args, **kwargs)
+        call = _Call(self, [n for n, _ in named], template, kwargs, capture_rng(inputs[0].device))
+        return _LayerFunction.apply(call, *inputs, *[p for _, p in named])
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is self:
+            del self.module.forward
+
+
+class _LayerFallbacks:
+    """The modules of ``net.model`` whose tangents are computed by double backward (``_LayerFunction``)."""
+
+    def __init__(self, net: Unrolled):
+        self.net = net
+        self.wrapped: dict[str, _Wrapped] = {}
+
+    def __enter__(self) -> "_LayerFallbacks":
+        modules = dict(self.net.model.named_modules())
+        for name in _KNOWN_CULPRITS.get(self.net.model, []):
+            self._wrap(name, modules[name])
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def _wrap(self, name: str, module: nn.Module) -> None:
+        prefix = f"{name}." if name else ""
+        buffers = {n[len(prefix):]: b for n, b in self.net.buffers.items() if n.startswith(prefix)}
+        self.wrapped[name] = _Wrapped(name, module, buffers)
+
+    def remove(self) -> None:
+        for wrapper in self.wrapped.values():
+            wrapper.remove()
+        self.wrapped.clear()
+
+    def add_culprits(self, theta: list[Tensor], batch: tuple, error: Exception) -> bool:
+        """Find and wrap the modules without a jvp rule; False when none (more) can be found."""
+        found = _modules_without_rule(self.net, theta, batch, self)
+        if not found:
+            return False
+        _KNOWN_CULPRITS[self.net.model] = [*_KNOWN_CULPRITS.get(self.net.model, []), *found]
+        named = ", ".join(f"{n or '<model>'} ({type(self.wrapped[n].module).__name__})" for n in found)
+        warnings.warn(f"hypergrad=forward: no forward-mode (jvp) rule in torch for layer(s) {named}; only their "
+                      f"tangents are computed by double backward, every other layer stays in forward mode. torch "
+                      f"said: {str(error).splitlines()[0]}", RuntimeWarning, stacklevel=3)
+        log.warning("forward mode: per-layer double-backward fallback for %s (%s)", named, _operator_name(str(error)))
+        return True
+
+
+def _modules_without_rule(net: Unrolled, theta: list[Tensor], batch: tuple, layers: _LayerFallbacks) -> list[str]:
+    """Modules whose own forward, or the backward of it, has no jvp rule, children before parents
+    (a parent is tried with its culprit children already wrapped, so only its own code can fail);
+    each culprit is wrapped in ``layers`` as it is found.
+
+    Each module's input is captured by a forward hook during one functional forward pass (private
+    buffers, replayed RNG: the model is not changed), then the module is run alone, functionally
+    with its share of ``theta``, under ``jvp`` and under ``jvp`` of its input-and-parameter gradient.
     """
-    captured: dict[str, tuple[nn.Module, tuple]] = {}
+    captured: dict[str, tuple[tuple, dict]] = {}
+    modules = dict(net.model.named_modules())
 
     def capture(name: str) -> Any:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:  # returns None: the output is kept
-            captured.setdefault(name, (module, args))
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:  # None: the output is kept
+            captured.setdefault(name, (args, kwargs))
         return hook
 
-    hooks = [module.register_forward_hook(capture(name))
-             for name, module in net.model.named_modules() if not any(True for _ in module.children())]
+    hooks = [module.register_forward_hook(capture(name), with_kwargs=True) for name, module in modules.items()
+             if name not in layers.wrapped]
     try:
         with torch.no_grad(), replay_rng(capture_rng(theta[0].device), theta[0].device):
             net.per_gene(theta, batch)
     finally:
         for hook in hooks:
             hook.remove()
-    culprits = []
-    for name, (module, args) in captured.items():
-        floats = tuple(a for a in args if isinstance(a, Tensor) and a.is_floating_point())
-        if len(floats) != len(args) or not floats:
+    values = dict(zip(net.names, theta))
+    found = []
+    for name in reversed(list(modules)):  # reversed pre-order: every module after its descendants
+        if name in layers.wrapped or name not in captured:
             continue
-        ones = tuple(torch.ones_like(a) for a in floats)
+        args, kwargs = captured[name]
+        module, prefix = modules[name], f"{name}." if name else ""
+        own = {n[len(prefix):]: v for n, v in values.items() if n.startswith(prefix)}
+        buffers = {n[len(prefix):]: b for n, b in net.buffers.items() if n.startswith(prefix)}
+        slots = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.is_floating_point()]
+        if not slots and not own:
+            continue
+
+        def run(inputs: tuple, params: dict) -> Tensor:
+            full = list(args)
+            for i, x in zip(slots, inputs):
+                full[i] = x
+            out = functional_call(module, {**params, **buffers}, tuple(full), kwargs)
+            return out if isinstance(out, Tensor) else sum(o.sum() for o in out if isinstance(o, Tensor))
+
+        primals = (tuple(args[i] for i in slots), own)
+        tangents = (tuple(torch.ones_like(args[i]) for i in slots), {n: torch.ones_like(v) for n, v in own.items()})
         try:
-            with replay_rng(capture_rng(floats[0].device), floats[0].device):
-                jvp(lambda *a: module(*a), floats, ones)
-                jvp(lambda *a: grad(lambda *b: module(*b).sum())(*a), floats, ones)
-        except Exception:  # noqa: BLE001 - the module ran in the plain forward above, so jvp is what fails
-            culprits.append(f"{name} ({type(module).__name__})")
-    return culprits
+            with torch.no_grad(), replay_rng(capture_rng(theta[0].device), theta[0].device):
+                jvp(run, primals, tangents)
+                jvp(grad(lambda i, p: run(i, p).sum(), argnums=(0, 1)), primals, tangents)
+        except Exception as error:  # noqa: BLE001 - the module ran in the forward above, so a transform failed
+            if not _is_missing_rule(error):
+                continue
+            layers._wrap(name, module)
+            found.append(name)
+    return found
 
 
 def _double_backward_step(train_loss: Any, opt: Any, theta: list[Tensor], state: tuple, phi: list[Tensor],
