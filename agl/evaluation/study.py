@@ -22,7 +22,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -399,7 +399,6 @@ def run_study(plan: StudyPlan, page: str | Path, work: str | Path, *, jobs: int 
     """Run (or resume) every grid of ``plan`` and write the page and its figures; returns what was written."""
     from agl.data.store import open_store
     from agl.evaluation.protocol import evaluate
-    from agl.fileio import atomic_write_text
 
     started, started_utc = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     page, work = Path(page), Path(work)
@@ -423,6 +422,17 @@ def run_study(plan: StudyPlan, page: str | Path, work: str | Path, *, jobs: int 
         eta = elapsed / i * (len(grids) - i)
         log.info("study grid %d/%d done in %.0f s (%d runs) | %.2f grids/h, ETA %dm%02ds", i, len(grids),
                  time.perf_counter() - t0, len(records), 3600 * i / elapsed, int(eta) // 60, int(eta) % 60)
+        # the page after every grid: an interrupted study still leaves the finished grids written up
+        written = write_page(plan, page, work, figures, jobs, quick, results, len(grids), started, started_utc,
+                             load_start, overwrite)
+    return {**written, "figures": sorted(figures.glob("study_*.png"))}
+
+
+def write_page(plan: StudyPlan, page: Path, work: Path, figures: Path, jobs: int, quick: bool,
+               results: list[GridResult], n_grids: int, started: float, started_utc: str,
+               load_start: tuple[float, float, float], overwrite: bool) -> dict[str, Any]:
+    """Render the finished grids into the page's study block (atomically) and their figures."""
+    from agl.fileio import atomic_write_text
 
     sections, verdicts = [], []
     for g in results:
@@ -433,17 +443,16 @@ def run_study(plan: StudyPlan, page: str | Path, work: str | Path, *, jobs: int 
     train_s = sum(r["wall_time_s"] for g in results for r in g.records)
     n_runs = sum(len(g.records) for g in results)
     block = render_page(plan, page, work, jobs, quick, sections, verdicts, results, started_utc, wall, train_s,
-                        n_runs, load_start)
+                        n_runs, load_start, n_grids)
     check_page(page, plan, overwrite)  # again: the page may have changed during the runs
     atomic_write_text(page, splice(page, block))
-    log.info("wrote %s (%d runs, %.0f s)", page, n_runs, wall)
-    return {"page": page, "figures": sorted(figures.glob("study_*.png")), "n_runs": n_runs, "verdicts": verdicts,
-            "wall_s": wall}
+    log.info("wrote %s (%d of %d grids, %d runs, %.0f s)", page, len(results), n_grids, n_runs, wall)
+    return {"page": page, "n_runs": n_runs, "verdicts": verdicts, "wall_s": wall}
 
 
 def render_page(plan: StudyPlan, page: Path, work: Path, jobs: int, quick: bool, sections: list[str],
                 verdicts: list[str], results: list[GridResult], started_utc: str, wall: float, train_s: float,
-                n_runs: int, load_start: tuple[float, float, float]) -> str:
+                n_runs: int, load_start: tuple[float, float, float], n_grids: int) -> str:
     import torch
 
     full = StudyPlan(panels=PANELS, protocols=PROTOCOLS, min_detection=plan.min_detection)
@@ -465,7 +474,9 @@ def render_page(plan: StudyPlan, page: Path, work: Path, jobs: int, quick: bool,
         "Does auxiliary-gene learning help the 50 primary genes on real data, and does DkGSB's learned selection "
         "beat using all auxiliary genes (AGL-all) or only the primary genes (PGL)? Five imaged her2st sections "
         "(B4, C2-C5, 996 spots after QC), frozen MobileNetV2 features, one command. This page is "
-        f"{scope}.",
+        f"{scope}."
+        + ("" if len(results) == n_grids else f" **Unfinished: {len(results)} of its {n_grids} grids (panel x "
+                                               "protocol) had finished when this page was written.**"),
         "",
         "## Answer",
         "",
