@@ -157,7 +157,7 @@ def cmd_study(args: argparse.Namespace) -> int:
                      patience=pick(args.patience, "patience"), min_detection=args.min_detection,
                      settings=base_settings(args))
     result = run_study(plan, args.out, args.work, jobs=args.jobs, overwrite=args.overwrite, quick=args.quick,
-                       figures=args.figures)
+                       figures=args.figures, report_only=args.report_only)
     print("\n".join(result["verdicts"]))
     print(f"written: {result['page']} and {len(result['figures'])} figure(s); {result['n_runs']} runs, "
           f"{result['wall_s'] / 60:.1f} min")

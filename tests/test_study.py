@@ -12,8 +12,8 @@ from trainkit import use_cheap_features
 MARKERS = ("<!-- agl study: begin", "<!-- agl study: end -->")
 
 
-def tiny(page, work, *extra: str) -> list[str]:
-    return ["study", "--panels", "seurat", "--protocols", "loso", "--slides", "B4", "--seeds", "0",
+def tiny(page, work, *extra: str, seeds: str = "0") -> list[str]:
+    return ["study", "--panels", "seurat", "--protocols", "loso", "--slides", "B4", "--seeds", seeds,
             "--ks", "100,1000", "--epochs", "2", "--patience", "1", "--set", "trunk=[16]",
             "--set", "bilevel_batch_size=256", "--set", "weights=null",
             "--out", str(page), "--work", str(work), *extra]
@@ -51,6 +51,14 @@ def test_study_writes_the_page_with_tables_and_figures_and_guards_it(demo_store,
     before = page.read_text()
     assert main(tiny(page, work, "--min-detection", "0.2")) == 1
     assert page.read_text() == before
+
+    # --report-only trains nothing: a plan with a second seed is written from the finished seed, and says so
+    assert main(tiny(page, work, "--report-only", "--overwrite", seeds="0,1")) == 0
+    text = page.read_text()
+    assert "**Unfinished grid: 7 of its 14 runs**" in text and "--seeds 0,1" in text and "--report-only" in text
+    assert len(list((work / "seurat" / "loso" / "runs").rglob("result.json"))) == n_runs
+    assert main(tiny(page, tmp_path / "empty", "--report-only", "--overwrite")) == 1  # nothing finished there
+    assert page.read_text() == text
 
 
 def test_paired_p_values_match_scipy():

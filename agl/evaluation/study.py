@@ -22,7 +22,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -39,7 +39,7 @@ END = "<!-- agl study: end -->"
 
 # The two sizes of the study; any field can be overridden on the command line.
 FULL: dict[str, Any] = {"seeds": [0, 1, 2, 3, 4], "kfold_seeds": [0, 1, 2], "folds": None,
-                        "ks": [250, 500, 1000, 2000, 4000, 8000], "epochs": 40, "patience": 10}
+                        "ks": [250, 500, 1000, 2000, 4000, 8000], "epochs": 30, "patience": 10}
 QUICK: dict[str, Any] = {"seeds": [0, 1], "kfold_seeds": [0], "folds": [0, 1],
                          "ks": [500, 4000], "epochs": 12, "patience": 4}
 
@@ -199,21 +199,24 @@ def verdict(c: dict[str, Any]) -> str:
     Wilcoxon test both give p < ALPHA in the same direction; genes of one run share its noise,
     so the per-gene test alone overstates the evidence.
     """
-    p, test = run_level_p(c)
     stats = (f"mean test PCC difference {_f(c['mean_diff'])} over {c['n_runs']} paired runs ({c['wins']} wins, "
              f"{c['losses']} losses), Wilcoxon p = {_p(c['p_wilcoxon'])}, paired t p = {_p(c['p_t'])}; per gene "
              f"{_f(c['gene_mean_diff'])} ({c['gene_wins']} wins / {c['gene_losses']} losses of {c['n_genes']} genes), "
              f"Wilcoxon p = {_p(c['p_genes'])}")
+    return f"**{c['a']} vs {c['b']}: {verdict_word(c)}**: {stats}"
+
+
+def verdict_word(c: dict[str, Any]) -> str:
+    """better / worse (both tests agree at ALPHA), not shown (only one test), noise, or not testable."""
+    p, test = run_level_p(c)
     if not math.isfinite(p):
-        return f"**{c['a']} vs {c['b']}: not testable** with {c['n_runs']} paired run(s): {stats}"
+        return f"not testable with {c['n_runs']} paired run(s)"
     same_sign = math.isfinite(c["gene_mean_diff"]) and (c["gene_mean_diff"] > 0) == (c["mean_diff"] > 0)
     if p < ALPHA and c["p_genes"] < ALPHA and same_sign:
-        word = "better" if c["mean_diff"] > 0 else "worse"
-    elif p < ALPHA or c["p_genes"] < ALPHA:
-        word = f"not shown (only the {'run-level ' + test if p < ALPHA else 'per-gene'} test gives p < {ALPHA})"
-    else:
-        word = "no detectable difference: noise"
-    return f"**{c['a']} vs {c['b']}: {word}**: {stats}"
+        return "better" if c["mean_diff"] > 0 else "worse"
+    if p < ALPHA or c["p_genes"] < ALPHA:
+        return f"not shown (only the {'run-level ' + test if p < ALPHA else 'per-gene'} test gives p < {ALPHA})"
+    return "no detectable difference: noise"
 
 
 def group_of(split: str, protocol: str) -> str:
@@ -232,6 +235,7 @@ class GridResult:
     records: list[dict[str, Any]]
     n_aux: int
     primary_detection: float  # median over runs' primary genes of the fraction of spots with a non-zero count
+    n_planned: int = 0  # runs in the plan's grid (more than len(records) when written from an unfinished grid)
 
     @property
     def runs(self) -> pd.DataFrame:
@@ -279,6 +283,9 @@ def grid_section(g: GridResult, figures: Path, page: Path) -> tuple[str, list[st
     panel = {"seurat": "seurat top 50", "detected": "top 50 among genes detected in the training spots"}[g.panel]
     lines = [f"## {panel}, {name}", ""]
     n_splits, n_seeds = runs["split"].nunique(), runs["seed"].nunique()
+    if g.n_planned > len(runs):
+        lines += [f"**Unfinished grid: {len(runs)} of its {g.n_planned} runs** (only the (split, seed) units where "
+                  "every method had finished are used).", ""]
     lines.append(f"{len(runs)} runs: {n_splits} splits x {n_seeds} seed(s) x {runs['method'].nunique()} methods; "
                  f"{g.n_aux} auxiliary genes; the primary genes are non-zero in a median of "
                  f"{100 * g.primary_detection:.0f}% of spots. Epochs run (mean): "
@@ -361,7 +368,7 @@ def grid_section(g: GridResult, figures: Path, page: Path) -> tuple[str, list[st
         lines.append(f"| {grp} | " + " | ".join(means) + f" | {k:.0f} | {_f(float(diff.mean()) if len(diff) else float('nan'))} | {_p(t)} |")
     lines.append("")
     verdicts = [f"- {panel}, {g.protocol}: " + verdict(c) for c in comparisons]
-    key = [f"- {panel}, {g.protocol}: " + verdict(c) for c in comparisons
+    key = [{**c, "grid": f"{panel}, {g.protocol}"} for c in comparisons
            if c["b"] in ("pgl", "agl_all") and c["a"] in ("agl_all", "dkgsb", best_val)]
     lines += ["Verdicts (alpha = 0.05, no correction for multiple comparisons; a difference counts when the run-level "
               "test and the per-gene test agree):", "", *verdicts, ""]
@@ -394,9 +401,31 @@ def primary_detection(store: Any, records: list[dict[str, Any]]) -> float:
     return float(np.median(found)) if found else float("nan")
 
 
+def finished_units(store: Any, protocol: str, seeds: Sequence[int], methods: Sequence[str], out: Path,
+                   base: dict[str, Any], folds: Sequence[int] | None, only: Sequence[str] | None
+                   ) -> tuple[list[dict[str, Any]], int]:
+    """The finished runs of a grid, kept only for (split, seed) units where every method finished; and the grid's size.
+
+    Whole units only, so that every method's mean is over the same held-out data.
+    """
+    from agl.evaluation.protocol import _finished, build_grid
+
+    specs = build_grid(store.split_names, protocol, seeds, methods, base, folds, only)
+    found = [r for r in (_finished(s, out) for s in specs) if r is not None]
+    per_unit: dict[tuple[str, int], int] = {}
+    for r in found:
+        per_unit[(r["split"], r["seed"])] = per_unit.get((r["split"], r["seed"]), 0) + 1
+    complete = {u for u, n in per_unit.items() if n == len(methods)}
+    return [r for r in found if (r["split"], r["seed"]) in complete], len(specs)
+
+
 def run_study(plan: StudyPlan, page: str | Path, work: str | Path, *, jobs: int = 1, overwrite: bool = False,
-              quick: bool = False, figures: str | Path | None = None) -> dict[str, Any]:
-    """Run (or resume) every grid of ``plan`` and write the page and its figures; returns what was written."""
+              quick: bool = False, figures: str | Path | None = None, report_only: bool = False) -> dict[str, Any]:
+    """Run (or resume) every grid of ``plan`` and write the page and its figures; returns what was written.
+
+    ``report_only``: train nothing; write the page from the runs already finished in ``work`` (whole
+    (split, seed) units only), saying how many of each grid's runs that is.
+    """
     from agl.data.store import open_store
     from agl.evaluation.protocol import evaluate
 
@@ -414,23 +443,34 @@ def run_study(plan: StudyPlan, page: str | Path, work: str | Path, *, jobs: int 
         only = [f"loso-{s}" for s in plan.slides] if (plan.slides and protocol == "loso") else None
         t0 = time.perf_counter()
         log.info("study grid %d/%d: panel %s, protocol %s (%s)", i, len(grids), panel, protocol, store.path)
-        summary = evaluate(store, protocol, seeds, plan.methods(n_aux), work / panel / protocol, base=plan.base(),
-                           jobs=jobs, folds=plan.folds if protocol == "kfold" else None, only_splits=only)
-        records = summary["records"]
-        results.append(GridResult(panel, protocol, records, n_aux, primary_detection(store, records)))
+        folds = plan.folds if protocol == "kfold" else None
+        if report_only:
+            records, n_planned = finished_units(store, protocol, seeds, plan.methods(n_aux), work / panel / protocol,
+                                                plan.base(), folds, only)
+            if not records:
+                log.warning("no whole (split, seed) unit of grid %s/%s has finished in %s; left out", panel, protocol,
+                            work / panel / protocol)
+                continue
+        else:
+            records = evaluate(store, protocol, seeds, plan.methods(n_aux), work / panel / protocol, base=plan.base(),
+                               jobs=jobs, folds=folds, only_splits=only)["records"]
+            n_planned = len(records)
+        results.append(GridResult(panel, protocol, records, n_aux, primary_detection(store, records), n_planned))
         elapsed = time.perf_counter() - started
         eta = elapsed / i * (len(grids) - i)
         log.info("study grid %d/%d done in %.0f s (%d runs) | %.2f grids/h, ETA %dm%02ds", i, len(grids),
                  time.perf_counter() - t0, len(records), 3600 * i / elapsed, int(eta) // 60, int(eta) % 60)
         # the page after every grid: an interrupted study still leaves the finished grids written up
         written = write_page(plan, page, work, figures, jobs, quick, results, len(grids), started, started_utc,
-                             load_start, overwrite)
+                             load_start, overwrite, report_only)
+    if not results:
+        raise DataError(work, "no finished runs of this plan to report (run it without --report-only first)")
     return {**written, "figures": sorted(figures.glob("study_*.png"))}
 
 
 def write_page(plan: StudyPlan, page: Path, work: Path, figures: Path, jobs: int, quick: bool,
                results: list[GridResult], n_grids: int, started: float, started_utc: str,
-               load_start: tuple[float, float, float], overwrite: bool) -> dict[str, Any]:
+               load_start: tuple[float, float, float], overwrite: bool, report_only: bool = False) -> dict[str, Any]:
     """Render the finished grids into the page's study block (atomically) and their figures."""
     from agl.fileio import atomic_write_text
 
@@ -443,16 +483,16 @@ def write_page(plan: StudyPlan, page: Path, work: Path, figures: Path, jobs: int
     train_s = sum(r["wall_time_s"] for g in results for r in g.records)
     n_runs = sum(len(g.records) for g in results)
     block = render_page(plan, page, work, jobs, quick, sections, verdicts, results, started_utc, wall, train_s,
-                        n_runs, load_start, n_grids)
+                        n_runs, load_start, n_grids, report_only)
     check_page(page, plan, overwrite)  # again: the page may have changed during the runs
     atomic_write_text(page, splice(page, block))
     log.info("wrote %s (%d of %d grids, %d runs, %.0f s)", page, len(results), n_grids, n_runs, wall)
-    return {"page": page, "n_runs": n_runs, "verdicts": verdicts, "wall_s": wall}
+    return {"page": page, "n_runs": n_runs, "verdicts": [f"{c['grid']}: {verdict(c)}" for c in verdicts], "wall_s": wall}
 
 
 def render_page(plan: StudyPlan, page: Path, work: Path, jobs: int, quick: bool, sections: list[str],
                 verdicts: list[str], results: list[GridResult], started_utc: str, wall: float, train_s: float,
-                n_runs: int, load_start: tuple[float, float, float], n_grids: int) -> str:
+                n_runs: int, load_start: tuple[float, float, float], n_grids: int, report_only: bool = False) -> str:
     import torch
 
     full = StudyPlan(panels=PANELS, protocols=PROTOCOLS, min_detection=plan.min_detection)
@@ -480,7 +520,11 @@ def render_page(plan: StudyPlan, page: Path, work: Path, jobs: int, quick: bool,
         "",
         "## Answer",
         "",
-        *verdicts,
+        "| panel, protocol | comparison | mean diff (runs) | wins/losses | run-level p | per-gene p | verdict |",
+        "|---|---|---|---|---|---|---|",
+        *(f"| {c['grid']} | {c['a']} − {c['b']} | {_f(c['mean_diff'])} | {c['wins']}/{c['losses']} | "
+          f"{_p(run_level_p(c)[0])} ({run_level_p(c)[1]}, {c['n_runs']} pairs) | {_p(c['p_genes'])} ({c['n_genes']} genes) "
+          f"| {verdict_word(c)} |" for c in verdicts),
         "",
         "All tests are two-sided. A difference counts (better / worse) only when the run-level test (Wilcoxon "
         "signed-rank over runs paired by split and seed from 6 pairs on, the paired t-test below that) and the per-gene "
@@ -491,9 +535,12 @@ def render_page(plan: StudyPlan, page: Path, work: Path, jobs: int, quick: bool,
         "## How this page was made",
         "",
         "```bash",
-        plan.command(page, work, jobs, quick),
+        plan.command(page, work, jobs, quick) + (" --report-only" if report_only else ""),
         "```",
         "",
+        *(["This page was written with `--report-only` from the runs that the same command without it had finished "
+           "in the work folder (it trains nothing itself); the wall time below is the report's, the training time "
+           "summed over runs is the study's.", ""] if report_only else []),
         f"- Date: {started_utc}; wall time {wall / 60:.1f} min ({n_runs} runs, {train_s / 60:.1f} min of training "
         f"summed over runs; runs already in `{work}` from an earlier call with the same settings are reused).",
         f"- Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"

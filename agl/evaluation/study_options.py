@@ -23,7 +23,7 @@ def add_study_args(p: argparse.ArgumentParser) -> None:
     add_list_arg(p, "--slides", default=None, metavar="SLIDE", help="only these held-out slides of leave-one-slide-out")
     add_list_arg(p, "--ks", item=int, default=None, help="k of the top-k / random-k curve (full: 250 ... 8000; "
                                                           "'all' is AGL-all, always run)")
-    p.add_argument("--epochs", type=int, default=None, help="epoch budget per run (full: 40)")
+    p.add_argument("--epochs", type=int, default=None, help="epoch budget per run (full: 30; runs stop earlier by --patience)")
     p.add_argument("--patience", type=int, default=None, help="early-stopping patience (full: 10)")
     p.add_argument("--min-detection", type=float, default=0.3, metavar="FRACTION",
                    help="detection rate of the 'detected' panel's primary genes")
@@ -32,5 +32,8 @@ def add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--figures", default=None, help="folder for the figures (default: 'figures' beside --out)")
     p.add_argument("--work", default="results/study", help="folder of the evaluation grids (reused to resume)")
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (one core each)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the page from the runs already finished in --work (e.g. after an "
+                        "interrupted study), saying how much of each grid that is")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a page without a study block, or a block made with other settings")
