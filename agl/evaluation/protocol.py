@@ -123,7 +123,7 @@ def run_one(store_path: str, spec: RunSpec, out: str, quiet: bool = True) -> dic
     return write_run_record(spec.directory(Path(out)), result, data, spec.split, spec.label)
 
 
-def _finished(spec: RunSpec, out: Path) -> dict[str, Any] | None:
+def finished_run(spec: RunSpec, out: Path) -> dict[str, Any] | None:
     """The stored record of a finished run, None if absent; a different config is an error."""
     from agl.runs import read_record
 
@@ -283,7 +283,7 @@ def run_grid(store_path: str, specs: list[RunSpec], out: Path, jobs: int = 1) ->
     records: list[dict[str, Any]] = []
     todo = []
     for spec in specs:
-        done = _finished(spec, out)
+        done = finished_run(spec, out)
         if done is None:
             todo.append(spec)
         else:
@@ -342,7 +342,7 @@ def evaluate(store: Any, protocol: str, seeds: Sequence[int], methods: Sequence[
     check_output_folder(out, "evaluate", inputs=[store.path], reuse=True)
     out.mkdir(parents=True, exist_ok=True)
     for spec in specs:  # refuse a folder holding another configuration's runs before any work
-        _finished(spec, out)
+        finished_run(spec, out)
     write_output_marker(out, "evaluate", store=str(store.path), protocol=protocol)
     prepare_inputs(store, specs)
     records = run_grid(str(store.path), specs, out, jobs)

@@ -408,10 +408,10 @@ def finished_units(store: Any, protocol: str, seeds: Sequence[int], methods: Seq
 
     Whole units only, so that every method's mean is over the same held-out data.
     """
-    from agl.evaluation.protocol import _finished, build_grid
+    from agl.evaluation.protocol import build_grid, finished_run
 
     specs = build_grid(store.split_names, protocol, seeds, methods, base, folds, only)
-    found = [r for r in (_finished(s, out) for s in specs) if r is not None]
+    found = [r for r in (finished_run(s, out) for s in specs) if r is not None]
     per_unit: dict[tuple[str, int], int] = {}
     for r in found:
         per_unit[(r["split"], r["seed"])] = per_unit.get((r["split"], r["seed"]), 0) + 1
