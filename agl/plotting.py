@@ -112,10 +112,11 @@ def plot_gene_scatter(reference: pd.Series, others: Mapping[str, pd.Series], pat
 
 def plot_k_curve(curves: Mapping[str, pd.DataFrame], path: str | Path, *, n_aux: int,
                  lines: Mapping[str, tuple[float, float]] = {}, points: Mapping[str, tuple[float, float, float, float]] = {},
-                 title: str = "Test PCC against the number of auxiliary genes k") -> Path:
+                 title: str = "Test PCC against the number of auxiliary genes k",
+                 ylabel: str = "test PCC, primary genes (mean ± std over runs)") -> Path:
     """PCC-vs-k curves (``{label: DataFrame(k, mean, std)}``, std as a band) on a log k axis.
 
-    ``lines``: horizontal references ``{label: (mean, std)}`` (e.g. PGL); ``points``: single
+    ``lines``: horizontal references ``{label: (mean, std)}`` (e.g. PGL; std is not drawn); ``points``: single
     methods placed on the curve ``{label: (k_mean, k_std, pcc_mean, pcc_std)}`` (e.g. DkGSB's learned k).
     """
     fig, ax = plt.subplots(figsize=(6.8, 4.2))
@@ -135,7 +136,7 @@ def plot_k_curve(curves: Mapping[str, pd.DataFrame], path: str | Path, *, n_aux:
     ax.axvline(n_aux, color="grey", ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel(f"k, auxiliary genes used (of {n_aux}; all = AGL-all)")
-    ax.set_ylabel("test PCC, primary genes (mean ± std over runs)")
+    ax.set_ylabel(ylabel, fontsize=9)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     return _save(fig, path)

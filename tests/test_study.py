@@ -35,12 +35,13 @@ def test_study_writes_the_page_with_tables_and_figures_and_guards_it(demo_store,
     assert text.rstrip().endswith("## Kept section")  # outside the markers: kept
     for needle in ("agl study --panels seurat --protocols loso --seeds 0", "--ks 100,1000 --epochs 2 --patience 1",
                    "| pgl | 1 |", "| agl_all | 1 |", "| dkgsb | 1 |", "| 100 | ", "| 1000 | ", "(all)",
-                   "| top-k test PCC | random-k test PCC |", "| dkgsb − agl_all | 1 |", "Wilcoxon p (genes)",
+                   "| top-k test PCC | random-k test PCC | top-k − AGL-all (paired) |", "| dkgsb − agl_all | 1 |", "Wilcoxon p (genes)",
                    "| B4 |", "**a subset of the full study**", "## Answer", "Machine:", "wall time"):
         assert needle in text, needle
     figure = tmp_path / "docs" / "figures" / "study_seurat_loso_curve.png"
-    assert "(figures/study_seurat_loso_curve.png)" in text
+    assert "(figures/study_seurat_loso_curve.png)" in text and "(figures/study_seurat_loso_curve_vs_agl_all.png)" in text
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert figure.with_name("study_seurat_loso_curve_vs_agl_all.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the per-gene test of a comparison is the evaluation's Wilcoxon (checked against scipy in test_evaluate)
     n_runs = len(list((work / "seurat" / "loso" / "runs").rglob("result.json")))
     assert n_runs == 7  # pgl, agl_all, dkgsb, top-k and random-k at two k, one split, one seed
