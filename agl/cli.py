@@ -28,6 +28,7 @@ EXAMPLES: dict[str, str] = {
     "info": "agl info stores/her2st --split kfold-s0-f0",
     "train": "agl train --store demo --method topk:k=1000 --split loso-B4 --out runs/top1000-B4",
     "evaluate": "agl evaluate --store demo --protocol kfold --seeds 0,1,2 --methods pgl,probe,dkgsb --out runs/eval",
+    "study": "agl study --quick --out runs/study/results.md --work runs/study/grids",
     "tune": "agl tune --space default --out results/sweep",
     "tune-sync": "agl tune-sync --out results/sweep",
     "train-ray": "agl train-ray --store demo --split loso-B4 --num-workers 2",

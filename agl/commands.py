@@ -1,4 +1,4 @@
-"""Sub-commands ``agl train`` and ``agl evaluate``."""
+"""Sub-commands ``agl train``, ``agl evaluate`` and ``agl study``."""
 from __future__ import annotations
 
 import argparse
@@ -143,6 +143,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- agl study
+def cmd_study(args: argparse.Namespace) -> int:
+    from agl.evaluation.study import FULL, QUICK, StudyPlan, run_study
+
+    size = QUICK if args.quick else FULL
+    pick = lambda value, key: size[key] if value is None else value  # noqa: E731
+    folds = pick(args.folds, "folds")
+    plan = StudyPlan(panels=tuple(args.panels), protocols=tuple(args.protocols),
+                     seeds=tuple(pick(args.seeds, "seeds")), kfold_seeds=tuple(pick(args.kfold_seeds, "kfold_seeds")),
+                     folds=None if folds is None else tuple(folds), slides=None if args.slides is None else tuple(args.slides),
+                     ks=tuple(pick(args.ks, "ks")), epochs=pick(args.epochs, "epochs"),
+                     patience=pick(args.patience, "patience"), min_detection=args.min_detection,
+                     settings=base_settings(args))
+    result = run_study(plan, args.out, args.work, jobs=args.jobs, overwrite=args.overwrite, quick=args.quick,
+                       figures=args.figures, report_only=args.report_only)
+    print("\n".join(result["verdicts"]))
+    print(f"written: {result['page']} and {len(result['figures'])} figure(s); {result['n_runs']} runs, "
+          f"{result['wall_s'] / 60:.1f} min")
+    return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML or JSON file of TrainConfig settings")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable)")
@@ -178,3 +199,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (one core each)")
     _add_config_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    from agl.evaluation.study_options import add_study_args  # no numpy/pandas at parser build time
+
+    p = sub.add_parser("study", help="the real-data study on the her2st demo, regenerated into docs/results.md",
+                       description="PGL, AGL-all, DkGSB and the top-k / random-k curve over k, leave-one-slide-out "
+                                   "and 5-fold, two primary-gene panels, paired tests; writes one Markdown page and "
+                                   "its figures. Resumable: finished runs in --work are reused.")
+    add_study_args(p)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_study)

@@ -108,3 +108,35 @@ def plot_gene_scatter(reference: pd.Series, others: Mapping[str, pd.Series], pat
     for ax in list(axes.flat)[len(others):]:
         ax.axis("off")
     return _save(fig, path)
+
+
+def plot_k_curve(curves: Mapping[str, pd.DataFrame], path: str | Path, *, n_aux: int,
+                 lines: Mapping[str, tuple[float, float]] = {}, points: Mapping[str, tuple[float, float, float, float]] = {},
+                 title: str = "Test PCC against the number of auxiliary genes k",
+                 ylabel: str = "test PCC, primary genes (mean ± std over runs)") -> Path:
+    """PCC-vs-k curves (``{label: DataFrame(k, mean, std)}``, std as a band) on a log k axis.
+
+    ``lines``: horizontal references ``{label: (mean, std)}`` (e.g. PGL; std is not drawn); ``points``: single
+    methods placed on the curve ``{label: (k_mean, k_std, pcc_mean, pcc_std)}`` (e.g. DkGSB's learned k).
+    """
+    fig, ax = plt.subplots(figsize=(6.8, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, df) in enumerate(curves.items()):
+        df = df.sort_values("k")
+        k, mean, std = (df[c].to_numpy(float) for c in ("k", "mean", "std"))
+        std = np.nan_to_num(std)
+        ax.plot(k, mean, "o-", color=colours[i % len(colours)], label=label, lw=1.5, ms=4)
+        ax.fill_between(k, mean - std, mean + std, color=colours[i % len(colours)], alpha=0.15)
+    styles = ["--", ":", "-."]
+    for i, (label, (mean, std)) in enumerate(lines.items()):
+        ax.axhline(mean, color="black", ls=styles[i % len(styles)], lw=1, label=f"{label} ({mean:.4f})")
+    for i, (label, (k_mean, k_std, mean, std)) in enumerate(points.items()):
+        ax.errorbar([k_mean], [mean], xerr=[np.nan_to_num(k_std)], yerr=[np.nan_to_num(std)], fmt="*", ms=12,
+                    color=colours[(len(curves) + i) % len(colours)], capsize=3, label=f"{label} (k = {k_mean:.0f})")
+    ax.axvline(n_aux, color="grey", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"k, auxiliary genes used (of {n_aux}; all = AGL-all)")
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

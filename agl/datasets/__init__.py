@@ -36,14 +36,14 @@ def her2st_demo(sections: Sequence[str] | str | None = None) -> AnnData:
     return read_her2st(HER2ST_DEMO_DIR, sections if sections is not None else list(HER2ST_DEMO_SECTIONS))
 
 
-def _demo_key() -> str:
+def _demo_key(settings: dict[str, Any] | None = None) -> str:
     """Hash of the bundled files, the ingest settings, the store schema and the split draws' version."""
     from agl.data.splits import SPLITS_VERSION
     from agl.data.store import SCHEMA_VERSION
     from agl.fileio import sha256_file
 
     # splits: a store cached before a change of the split draws would keep the old roles
-    h = hashlib.sha256(json.dumps({"settings": DEMO_STORE_SETTINGS, "schema": SCHEMA_VERSION,
+    h = hashlib.sha256(json.dumps({"settings": settings or DEMO_STORE_SETTINGS, "schema": SCHEMA_VERSION,
                                    "splits": SPLITS_VERSION}, sort_keys=True).encode())
     for f in sorted(p for p in HER2ST_DEMO_DIR.rglob("*") if p.is_file() and p.name != "README.md"):
         h.update(f.relative_to(HER2ST_DEMO_DIR).as_posix().encode())
@@ -51,9 +51,11 @@ def _demo_key() -> str:
     return h.hexdigest()[:16]
 
 
-def her2st_demo_store(cache_dir: str | Path | None = None) -> Path:
+def her2st_demo_store(cache_dir: str | Path | None = None, **overrides: Any) -> Path:
     """Path of a store built from the bundled sections; built on first use (about a minute).
 
+    ``overrides`` change ingest settings (e.g. ``primary_min_detection=0.3`` for a primary
+    panel of genes detected in at least 30% of the training spots); the default store has none.
     The folder name carries a hash of the data and settings, so a changed package never
     reuses a stale store. Concurrent callers are safe: each builds in a temporary folder
     and renames it into place; whoever loses the race discards its copy and uses the winner's.
@@ -61,13 +63,19 @@ def her2st_demo_store(cache_dir: str | Path | None = None) -> Path:
     from agl.data.ingest import build_store
     from agl.data.store import StoreExistsError, open_store
 
+    unknown = sorted(set(overrides) - set(DEMO_STORE_SETTINGS) - {"primary_min_detection"})
+    if unknown:
+        from agl.errors import ConfigError
+
+        raise ConfigError("her2st_demo_store", f"unknown ingest settings {unknown}")
+    settings = {**DEMO_STORE_SETTINGS, **overrides}
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / f"her2st_demo-{_demo_key()}"
+    # no overrides: the key (and folder) of the default store stays what it always was
+    target = root / f"her2st_demo-{_demo_key(settings if overrides else None)}"
     if target.exists():
         open_store(target)  # raises DataError naming manifest.json if the folder is not a store
         return target
     log.info("building the her2st demo store at %s (once)", target)
-    settings = dict(DEMO_STORE_SETTINGS)
     try:
         return build_store(her2st_demo(), target, **settings)
     except StoreExistsError:

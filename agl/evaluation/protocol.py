@@ -123,7 +123,7 @@ def run_one(store_path: str, spec: RunSpec, out: str, quiet: bool = True) -> dic
     return write_run_record(spec.directory(Path(out)), result, data, spec.split, spec.label)
 
 
-def _finished(spec: RunSpec, out: Path) -> dict[str, Any] | None:
+def finished_run(spec: RunSpec, out: Path) -> dict[str, Any] | None:
     """The stored record of a finished run, None if absent; a different config is an error."""
     from agl.runs import read_record
 
@@ -249,14 +249,23 @@ def write_outputs(out: Path, records: list[dict[str, Any]], order: Sequence[str]
 
 # --------------------------------------------------------------------------- the grid
 def build_grid(split_names: Sequence[str], protocol: str, seeds: Iterable[int], methods: Sequence[str],
-               base: dict[str, Any], folds: Sequence[int] | None = None) -> list[RunSpec]:
-    """Every (method, split, seed) run, with validated configs (bad options fail before any training)."""
+               base: dict[str, Any], folds: Sequence[int] | None = None,
+               only_splits: Sequence[str] | None = None) -> list[RunSpec]:
+    """Every (method, split, seed) run, with validated configs (bad options fail before any training).
+
+    ``only_splits`` keeps only those split names (e.g. one held-out slide of ``loso``).
+    """
     from agl.training.loop import TrainConfig
 
     specs = []
     parsed = [parse_method(m) for m in methods]
     for seed in seeds:
-        for split in protocol_splits(split_names, protocol, seed, folds):
+        splits = protocol_splits(split_names, protocol, seed, folds)
+        if only_splits is not None:
+            splits = [s for s in splits if s in set(only_splits)]
+            if not splits:
+                raise ConfigError("splits", f"none of {', '.join(only_splits)} is a {protocol} split for seed {seed}")
+        for split in splits:
             for label, overrides in parsed:
                 cfg = TrainConfig.from_dict({**base, **overrides, "seed": int(seed)}, source=f"--methods {label}")
                 specs.append(RunSpec(label, split, int(seed), cfg.to_dict()))
@@ -274,7 +283,7 @@ def run_grid(store_path: str, specs: list[RunSpec], out: Path, jobs: int = 1) ->
     records: list[dict[str, Any]] = []
     todo = []
     for spec in specs:
-        done = _finished(spec, out)
+        done = finished_run(spec, out)
         if done is None:
             todo.append(spec)
         else:
@@ -322,17 +331,18 @@ def prepare_inputs(store: Any, specs: list[RunSpec]) -> None:
 
 
 def evaluate(store: Any, protocol: str, seeds: Sequence[int], methods: Sequence[str], out: str | Path,
-             base: dict[str, Any] | None = None, jobs: int = 1, folds: Sequence[int] | None = None) -> dict[str, Any]:
+             base: dict[str, Any] | None = None, jobs: int = 1, folds: Sequence[int] | None = None,
+             only_splits: Sequence[str] | None = None) -> dict[str, Any]:
     """Run (or resume) a grid and write its summary; returns {"records", "table", "wilcoxon", "paths"}."""
     from agl.data.store import open_store
 
     store = open_store(store) if isinstance(store, (str, Path)) else store
     out = Path(out)
-    specs = build_grid(store.split_names, protocol, seeds, methods, base or {}, folds)
+    specs = build_grid(store.split_names, protocol, seeds, methods, base or {}, folds, only_splits)
     check_output_folder(out, "evaluate", inputs=[store.path], reuse=True)
     out.mkdir(parents=True, exist_ok=True)
     for spec in specs:  # refuse a folder holding another configuration's runs before any work
-        _finished(spec, out)
+        finished_run(spec, out)
     write_output_marker(out, "evaluate", store=str(store.path), protocol=protocol)
     prepare_inputs(store, specs)
     records = run_grid(str(store.path), specs, out, jobs)

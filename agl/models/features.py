@@ -210,3 +210,32 @@ def _compute(module: nn.Module, patches: np.ndarray, folder: Path, key: str, fie
         raise
     log.info("feature cache written: %s (%d images in %.1f s, %.1f img/s)", path,
              views * patches.shape[0], seconds, views * patches.shape[0] / max(seconds, 1e-9))
+
+
+def share_feature_cache(source: Any, target: Any) -> list[Path]:
+    """Link ``source``'s cached feature files into ``target``'s cache when both stores give the same keys.
+
+    Two stores ingested from the same spots and images with different gene-set settings (e.g. another
+    primary panel) have the same patches and gene list, so every cache key, which hashes only those
+    store fields, is the same: their features are identical. Returns the files linked (copied where
+    hard links are not possible); nothing when the stores differ in what the features depend on.
+    """
+    import shutil
+
+    probe = lambda store: feature_cache_key(store, "probe", "probe")[0]  # noqa: E731  (store-dependent part only)
+    if probe(source) != probe(target):
+        return []
+    src_dir, dst_dir = Path(source.cache_dir) / "features", Path(target.cache_dir) / "features"
+    linked = []
+    for f in sorted(src_dir.glob("*")) if src_dir.is_dir() else []:
+        if f.name.startswith(".") or not f.is_file() or (dst_dir / f.name).exists():
+            continue
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        tmp = dst_dir / f".{f.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            os.link(f, tmp)
+        except OSError:
+            shutil.copy2(f, tmp)
+        os.replace(tmp, dst_dir / f.name)
+        linked.append(dst_dir / f.name)
+    return linked
