@@ -35,6 +35,11 @@ def test_verdicts_say_met_and_not_met():
     hest = hest_estimate(flat, {"in_process": 30.0, "ray_1_workers": 20.0}, workers=2)
     assert hest["from_n"] == 16 and hest["ingest_hours"]["8"] == pytest.approx(hest["ingest_hours"]["1"] / 8)
     assert hest["feature_hours_8_views"]["1 CPU workers (measured rate)"] == pytest.approx(2_100_000 * 8 / 20 / 3600)
+    assert "ingest_hours_from_cpu" not in hest  # rows without CPU seconds
+    timed = [{**r, "cpu_s": 30.0 * r["copies"], "cpu_s_driver": 6.0 * r["copies"], "cpu_s_ray": 24.0 * r["copies"]}
+             for r in flat]
+    hours = hest_estimate(timed, None, workers=2)["ingest_hours_from_cpu"]  # 1000 spots: 6 s driver + 24 s Ray
+    assert hours["8"] == pytest.approx(2100 * (6 + 24 / 8) / 3600) and hours["1"] == pytest.approx(2100 * 30 / 3600)
 
 
 def test_linear_fit_of_a_line():

@@ -175,9 +175,10 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
 #   2. qc:       spots kept by filter_cells on the genes all slides share, per-gene counts
 #                of non-zero spots (filter_genes is their sum);
 #   3. finalize: preprocess the slide's kept spots and genes, write its Parquet partition,
-#                return sums of the expression (agl.data.stats.GeneMoments) over the training
+#                write sums of the expression (agl.data.stats.GeneMoments) over the training
 #                spots of each kfold/spatial split, over all spots, and over the slide's loso
-#                training part (its non-validation spots, the same in every loso split);
+#                training part (its non-validation spots, the same in every loso split),
+#                beside its staged counts;
 #   4. driver:   merge the sums into each split's HVGs and priors (a loso split's: every
 #                slide's loso part minus the held-out slide's, kept beside the staged slide),
 #                write the memory-mapped arrays block by block, the tables and the manifest,
@@ -186,7 +187,8 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
 # statistic; what it holds for loso splits does not grow with the number of slides.
 
 STAGE_VERSION = 1
-LOSO_MOMENTS = "loso_moments.npz"  # a slide's loso training part's sums, beside its staged counts (pass 3)
+SLIDE_MOMENTS = "moments.npz"  # a slide's sums for every group (pass 3), beside its staged counts
+LOSO_MOMENTS = "loso_moments.npz"  # and those of its loso training part alone
 
 
 @dataclass(frozen=True)
@@ -344,7 +346,8 @@ def qc_slide(stage: str, slide: str, common: list[str], min_genes: int) -> dict[
 def finalize_slide(stage: str, slide: str, gene_cols: np.ndarray, keep: np.ndarray, row_start: int,
                    train: np.ndarray, settings: IngestSettings, partition: str,
                    encoding: ValueEncoding | None = None) -> dict[str, Any]:
-    """Pass 3: preprocess the slide's kept spots x kept genes, write its partition, return its sums.
+    """Pass 3: preprocess the slide's kept spots x kept genes, write its partition and its sums (``SLIDE_MOMENTS``,
+    ``LOSO_MOMENTS`` in its staging folder).
 
     ``gene_cols`` index the slide's own gene list (store column order); ``train`` is bool
     [groups, kept spots]: one row per kfold/spatial split's training spots, then one of all
@@ -365,7 +368,11 @@ def finalize_slide(stage: str, slide: str, gene_cols: np.ndarray, keep: np.ndarr
     fs, path = _filesystem(partition)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     write_partition(path, spots, patches, x, settings.expression_layout, filesystem=fs, encoding=encoding)
-    return {"slide": slide, "moments": GeneMoments.of(x, train), "nnz": int(x.nnz), "n": int(x.shape[0])}
+    # the sums go back through the staging folder, where the driver also finds the loso part of a held-out slide
+    moments = GeneMoments.of(x, train)
+    moments.save(folder / SLIDE_MOMENTS)
+    moments.row(-1).save(folder / LOSO_MOMENTS)
+    return {"slide": slide, "nnz": int(x.nnz), "n": int(x.shape[0])}
 
 
 def _filesystem(uri: str) -> tuple[Any, str]:
@@ -545,10 +552,8 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
 
         def add_final(r: dict[str, Any]) -> None:
             nonlocal moments
-            moments += r["moments"]
+            moments += GeneMoments.load(stage / r["slide"] / SLIDE_MOMENTS)
             nnz[r["slide"]] = r["nnz"]
-            if loso:
-                r["moments"].row(-1).save(stage / r["slide"] / LOSO_MOMENTS)
 
         def train_moments(name: str) -> GeneMoments:
             if name in loso:
