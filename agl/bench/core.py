@@ -198,7 +198,7 @@ def run_bench_core(store: Any, out: Path, repeats: int = 3, patch_px: int = 112,
 # --------------------------------------------------------------------------- feature cache vs a plain loop
 def bench_feature_cache(store: Any, n_patches: int = 128, views: int = 2, repeats: int = 3, batch_size: int = 64,
                         backbone: str = FINETUNE_BACKBONE, threads: int = 2) -> dict[str, Any]:
-    """Images/s of the feature cache's own computation (``agl.models.features._compute``: uint8 ->
+    """Images/s of the feature cache's own computation (``agl.models.features.compute_cache_file``: uint8 ->
     normalised float, dihedral views, channels-last encoder, written to a memory-mapped ``.npy`` then
     renamed) against a plain ``torch.inference_mode()`` channels-last loop over the same patches and
     views with the same encoder, in this process, alternating order, medians of ``repeats``.
@@ -209,7 +209,7 @@ def bench_feature_cache(store: Any, n_patches: int = 128, views: int = 2, repeat
     import torch
 
     from agl.data.augment import dihedral
-    from agl.models.features import _compute, cache_target
+    from agl.models.features import cache_target, compute_cache_file
     from agl.normalisation import IMAGENET_MEAN, IMAGENET_STD
 
     torch.set_num_threads(threads)
@@ -219,7 +219,7 @@ def bench_feature_cache(store: Any, n_patches: int = 128, views: int = 2, repeat
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
     def cache(folder: Path) -> None:
-        _compute(module, patches, folder, key, fields, (views, len(patches), dim), "float32", batch_size, "cpu")
+        compute_cache_file(module, patches, folder, key, fields, (views, len(patches), dim), "float32", batch_size, "cpu")
 
     def plain_loop() -> None:
         out = torch.empty(views, len(patches), dim)

@@ -125,7 +125,7 @@ def feature_cache(
 
     module, key, fields, path, shape = cache_target(store, backbone, weights, views, dtype, sha256)
     return cached_or_computed(module, path, shape, dtype,
-                              lambda: _compute(module, patches, path.parent, key, fields, shape, dtype, batch_size, device))
+                              lambda: compute_cache_file(module, patches, path.parent, key, fields, shape, dtype, batch_size, device))
 
 
 def cached_or_computed(module: nn.Module, path: Path, shape: tuple[int, int, int], dtype: str,
@@ -186,7 +186,7 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _compute(module: nn.Module, patches: np.ndarray, folder: Path, key: str, fields: dict[str, Any],
+def compute_cache_file(module: nn.Module, patches: np.ndarray, folder: Path, key: str, fields: dict[str, Any],
              shape: tuple[int, int, int], dtype: str, batch_size: int, device: str) -> None:
     """Encode every patch and view into a temporary file, then rename it (and its JSON sidecar) into place."""
     views = shape[0]
