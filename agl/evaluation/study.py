@@ -219,6 +219,26 @@ def verdict_word(c: dict[str, Any]) -> str:
     return "no detectable difference: noise"
 
 
+def summary_sentence(key: list[dict[str, Any]]) -> str:
+    """How often selection (DkGSB, the validation-chosen top-k) and AGL-all were better/worse than the baselines."""
+    def tally(rows: list[dict[str, Any]]) -> str:
+        words = [verdict_word(c) for c in rows]
+        better, worse = words.count("better"), words.count("worse")
+        return f"better in {better}, worse in {worse}, neither (noise, not shown or not testable) in {len(rows) - better - worse}"
+
+    selection = [c for c in key if c["a"] != "agl_all"]
+    parts = []
+    for ref, name in (("agl_all", "AGL-all"), ("pgl", "PGL")):
+        rows = [c for c in selection if c["b"] == ref]
+        if rows:
+            parts.append(f"against {name} it is {tally(rows)} of {len(rows)} comparisons")
+    agl = [c for c in key if c["a"] == "agl_all" and c["b"] == "pgl"]
+    text = "**In short: auxiliary-gene selection (DkGSB and the top-k chosen on validation): " + "; ".join(parts) + "."
+    if agl:
+        text += f" AGL-all against PGL: {tally(agl)} of {len(agl)} grids."
+    return text + "** Per grid:"
+
+
 def group_of(split: str, protocol: str) -> str:
     """The unit of per-slide / per-fold tests: the held-out slide (loso) or the fold index (kfold)."""
     if protocol == "loso":
@@ -236,6 +256,7 @@ class GridResult:
     n_aux: int
     primary_detection: float  # median over runs' primary genes of the fraction of spots with a non-zero count
     n_planned: int = 0  # runs in the plan's grid (more than len(records) when written from an unfinished grid)
+    min_detection: float = 0.0  # the detection rate of the 'detected' panel
 
     @property
     def runs(self) -> pd.DataFrame:
@@ -283,7 +304,8 @@ def grid_section(g: GridResult, figures: Path, page: Path) -> tuple[str, list[st
 
     runs = g.runs
     name = {"loso": "leave-one-slide-out", "kfold": "5-fold spot split (the paper's protocol)"}[g.protocol]
-    panel = {"seurat": "seurat top 50", "detected": "top 50 among genes detected in the training spots"}[g.panel]
+    panel = {"seurat": "seurat top 50",
+             "detected": f"detected top 50 (non-zero in >= {g.min_detection:.0%} of training spots)"}[g.panel]
     lines = [f"## {panel}, {name}", ""]
     n_splits, n_seeds = runs["split"].nunique(), runs["seed"].nunique()
     if g.n_planned > len(runs):
@@ -390,7 +412,7 @@ def grid_section(g: GridResult, figures: Path, page: Path) -> tuple[str, list[st
         lines.append(f"| {grp} | " + " | ".join(means) + f" | {k:.0f} | {_f(float(diff.mean()) if len(diff) else float('nan'))} | {_p(t)} |")
     lines.append("")
     verdicts = [f"- {panel}, {g.protocol}: " + verdict(c) for c in comparisons]
-    key = [{**c, "grid": f"{panel}, {g.protocol}"} for c in comparisons
+    key = [{**c, "grid": f"{g.panel}, {g.protocol}"} for c in comparisons
            if c["b"] in ("pgl", "agl_all") and c["a"] in ("agl_all", "dkgsb", best_val)]
     lines += ["Verdicts (alpha = 0.05, no correction for multiple comparisons; a difference counts when the run-level "
               "test and the per-gene test agree):", "", *verdicts, ""]
@@ -477,7 +499,8 @@ def run_study(plan: StudyPlan, page: str | Path, work: str | Path, *, jobs: int 
             records = evaluate(store, protocol, seeds, plan.methods(n_aux), work / panel / protocol, base=plan.base(),
                                jobs=jobs, folds=folds, only_splits=only)["records"]
             n_planned = len(records)
-        results.append(GridResult(panel, protocol, records, n_aux, primary_detection(store, records), n_planned))
+        results.append(GridResult(panel, protocol, records, n_aux, primary_detection(store, records), n_planned,
+                                  plan.min_detection))
         elapsed = time.perf_counter() - started
         eta = elapsed / i * (len(grids) - i)
         log.info("study grid %d/%d done in %.0f s (%d runs) | %.2f grids/h, ETA %dm%02ds", i, len(grids),
@@ -541,6 +564,8 @@ def render_page(plan: StudyPlan, page: Path, work: Path, jobs: int, quick: bool,
                                                "protocol) had finished when this page was written.**"),
         "",
         "## Answer",
+        "",
+        summary_sentence(verdicts),
         "",
         "| panel, protocol | comparison | mean diff (runs) | wins/losses | run-level p | per-gene p | verdict |",
         "|---|---|---|---|---|---|---|",
