@@ -455,7 +455,11 @@ def finished_units(store: Any, protocol: str, seeds: Sequence[int], methods: Seq
     from agl.evaluation.protocol import build_grid, finished_run
 
     specs = build_grid(store.split_names, protocol, seeds, methods, base, folds, only)
-    found = [r for r in (finished_run(s, out) for s in specs) if r is not None]
+    found = []
+    for spec in specs:
+        record = finished_run(spec, out)
+        if record is not None:  # when it was written: the report states the span the training ran in
+            found.append({**record, "finished_at": (spec.directory(out) / "result.json").stat().st_mtime})
     per_unit: dict[tuple[str, int], int] = {}
     for r in found:
         per_unit[(r["split"], r["seed"])] = per_unit.get((r["split"], r["seed"]), 0) + 1
@@ -535,6 +539,16 @@ def write_page(plan: StudyPlan, page: Path, work: Path, figures: Path, jobs: int
     return {"page": page, "n_runs": n_runs, "verdicts": [f"{c['grid']}: {verdict(c)}" for c in verdicts], "wall_s": wall}
 
 
+def span(results: list[GridResult]) -> str:
+    """First start and last end (UTC) of the runs, from their result files' times (``--report-only``)."""
+    ends = [(r["finished_at"], r["wall_time_s"]) for g in results for r in g.records if "finished_at" in r]
+    if not ends:
+        return "unknown times"
+    first, last = min(e - w for e, w in ends), max(e for e, _ in ends)
+    fmt = lambda t: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))  # noqa: E731
+    return f"{fmt(first)} and {fmt(last)} ({(last - first) / 60:.0f} min of wall time)"
+
+
 def render_page(plan: StudyPlan, page: Path, work: Path, jobs: int, quick: bool, sections: list[str],
                 verdicts: list[str], results: list[GridResult], started_utc: str, wall: float, train_s: float,
                 n_runs: int, load_start: tuple[float, float, float], n_grids: int, report_only: bool = False) -> str:
@@ -588,6 +602,8 @@ def render_page(plan: StudyPlan, page: Path, work: Path, jobs: int, quick: bool,
         *(["This page was written with `--report-only` from the runs that the same command without it had finished "
            "in the work folder (it trains nothing itself); the wall time below is the report's, the training time "
            "summed over runs is the study's.", ""] if report_only else []),
+        *([f"- The runs were trained between {span(results)} (first run's start to last run's end, all grids)."]
+          if report_only else []),
         f"- Date: {started_utc}; wall time {wall / 60:.1f} min ({n_runs} runs, {train_s / 60:.1f} min of training "
         f"summed over runs; runs already in `{work}` from an earlier call with the same settings are reused).",
         f"- Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
