@@ -219,6 +219,26 @@ def verdict_word(c: dict[str, Any]) -> str:
     return "no detectable difference: noise"
 
 
+def summary_sentence(key: list[dict[str, Any]]) -> str:
+    """How often selection (DkGSB, the validation-chosen top-k) and AGL-all were better/worse than the baselines."""
+    def tally(rows: list[dict[str, Any]]) -> str:
+        words = [verdict_word(c) for c in rows]
+        better, worse = words.count("better"), words.count("worse")
+        return f"better in {better}, worse in {worse}, neither (noise, not shown or not testable) in {len(rows) - better - worse}"
+
+    selection = [c for c in key if c["a"] != "agl_all"]
+    parts = []
+    for ref, name in (("agl_all", "AGL-all"), ("pgl", "PGL")):
+        rows = [c for c in selection if c["b"] == ref]
+        if rows:
+            parts.append(f"against {name} it is {tally(rows)} of {len(rows)} comparisons")
+    agl = [c for c in key if c["a"] == "agl_all" and c["b"] == "pgl"]
+    text = "**In short: auxiliary-gene selection (DkGSB and the top-k chosen on validation): " + "; ".join(parts) + "."
+    if agl:
+        text += f" AGL-all against PGL: {tally(agl)} of {len(agl)} grids."
+    return text + "** Per grid:"
+
+
 def group_of(split: str, protocol: str) -> str:
     """The unit of per-slide / per-fold tests: the held-out slide (loso) or the fold index (kfold)."""
     if protocol == "loso":
@@ -236,6 +256,7 @@ class GridResult:
     n_aux: int
     primary_detection: float  # median over runs' primary genes of the fraction of spots with a non-zero count
     n_planned: int = 0  # runs in the plan's grid (more than len(records) when written from an unfinished grid)
+    min_detection: float = 0.0  # the detection rate of the 'detected' panel
 
     @property
     def runs(self) -> pd.DataFrame:
@@ -283,7 +304,8 @@ def grid_section(g: GridResult, figures: Path, page: Path) -> tuple[str, list[st
 
     runs = g.runs
     name = {"loso": "leave-one-slide-out", "kfold": "5-fold spot split (the paper's protocol)"}[g.protocol]
-    panel = {"seurat": "seurat top 50", "detected": "top 50 among genes detected in the training spots"}[g.panel]
+    panel = {"seurat": "seurat top 50",
+             "detected": f"detected top 50 (non-zero in >= {g.min_detection:.0%} of training spots)"}[g.panel]
     lines = [f"## {panel}, {name}", ""]
     n_splits, n_seeds = runs["split"].nunique(), runs["seed"].nunique()
     if g.n_planned > len(runs):
@@ -390,7 +412,7 @@ def grid_section(g: GridResult, figures: Path, page: Path) -> tuple[str, list[st
         lines.append(f"| {grp} | " + " | ".join(means) + f" | {k:.0f} | {_f(float(diff.mean()) if len(diff) else float('nan'))} | {_p(t)} |")
     lines.append("")
     verdicts = [f"- {panel}, {g.protocol}: " + verdict(c) for c in comparisons]
-    key = [{**c, "grid": f"{panel}, {g.protocol}"} for c in comparisons
+    key = [{**c, "grid": f"{g.panel}, {g.protocol}"} for c in comparisons
            if c["b"] in ("pgl", "agl_all") and c["a"] in ("agl_all", "dkgsb", best_val)]
     lines += ["Verdicts (alpha = 0.05, no correction for multiple comparisons; a difference counts when the run-level "
               "test and the per-gene test agree):", "", *verdicts, ""]
@@ -433,7 +455,11 @@ def finished_units(store: Any, protocol: str, seeds: Sequence[int], methods: Seq
     from agl.evaluation.protocol import build_grid, finished_run
 
     specs = build_grid(store.split_names, protocol, seeds, methods, base, folds, only)
-    found = [r for r in (finished_run(s, out) for s in specs) if r is not None]
+    found = []
+    for spec in specs:
+        record = finished_run(spec, out)
+        if record is not None:  # when it was written: the report states the span the training ran in
+            found.append({**record, "finished_at": (spec.directory(out) / "result.json").stat().st_mtime})
     per_unit: dict[tuple[str, int], int] = {}
     for r in found:
         per_unit[(r["split"], r["seed"])] = per_unit.get((r["split"], r["seed"]), 0) + 1
@@ -477,7 +503,8 @@ def run_study(plan: StudyPlan, page: str | Path, work: str | Path, *, jobs: int 
             records = evaluate(store, protocol, seeds, plan.methods(n_aux), work / panel / protocol, base=plan.base(),
                                jobs=jobs, folds=folds, only_splits=only)["records"]
             n_planned = len(records)
-        results.append(GridResult(panel, protocol, records, n_aux, primary_detection(store, records), n_planned))
+        results.append(GridResult(panel, protocol, records, n_aux, primary_detection(store, records), n_planned,
+                                  plan.min_detection))
         elapsed = time.perf_counter() - started
         eta = elapsed / i * (len(grids) - i)
         log.info("study grid %d/%d done in %.0f s (%d runs) | %.2f grids/h, ETA %dm%02ds", i, len(grids),
@@ -512,6 +539,16 @@ def write_page(plan: StudyPlan, page: Path, work: Path, figures: Path, jobs: int
     return {"page": page, "n_runs": n_runs, "verdicts": [f"{c['grid']}: {verdict(c)}" for c in verdicts], "wall_s": wall}
 
 
+def span(results: list[GridResult]) -> str:
+    """First start and last end (UTC) of the runs, from their result files' times (``--report-only``)."""
+    ends = [(r["finished_at"], r["wall_time_s"]) for g in results for r in g.records if "finished_at" in r]
+    if not ends:
+        return "unknown times"
+    first, last = min(e - w for e, w in ends), max(e for e, _ in ends)
+    fmt = lambda t: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))  # noqa: E731
+    return f"{fmt(first)} and {fmt(last)} ({(last - first) / 60:.0f} min of wall time)"
+
+
 def render_page(plan: StudyPlan, page: Path, work: Path, jobs: int, quick: bool, sections: list[str],
                 verdicts: list[str], results: list[GridResult], started_utc: str, wall: float, train_s: float,
                 n_runs: int, load_start: tuple[float, float, float], n_grids: int, report_only: bool = False) -> str:
@@ -542,6 +579,8 @@ def render_page(plan: StudyPlan, page: Path, work: Path, jobs: int, quick: bool,
         "",
         "## Answer",
         "",
+        summary_sentence(verdicts),
+        "",
         "| panel, protocol | comparison | mean diff (runs) | wins/losses | run-level p | per-gene p | verdict |",
         "|---|---|---|---|---|---|---|",
         *(f"| {c['grid']} | {c['a']} − {c['b']} | {_f(c['mean_diff'])} | {c['wins']}/{c['losses']} | "
@@ -563,6 +602,8 @@ def render_page(plan: StudyPlan, page: Path, work: Path, jobs: int, quick: bool,
         *(["This page was written with `--report-only` from the runs that the same command without it had finished "
            "in the work folder (it trains nothing itself); the wall time below is the report's, the training time "
            "summed over runs is the study's.", ""] if report_only else []),
+        *([f"- The runs were trained between {span(results)} (first run's start to last run's end, all grids)."]
+          if report_only else []),
         f"- Date: {started_utc}; wall time {wall / 60:.1f} min ({n_runs} runs, {train_s / 60:.1f} min of training "
         f"summed over runs; runs already in `{work}` from an earlier call with the same settings are reused).",
         f"- Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
