@@ -30,7 +30,8 @@ from agl.data.splits import SPLIT_KINDS, SPLITS_VERSION, loso_validation, make_s
 from agl.data.stats import GeneMoments, seurat_hvg
 from agl.data.encoding import ValueEncoding, counts_encoding, settings_transform
 from agl.data.store import (SAFE_NAME, check_layout, check_target, finish_store, new_temp_folder, write_ipc_blocks,
-                            write_expression_arrays, write_partition, write_store, write_tables)
+                            write_expression_arrays, write_gene_set, write_partition, write_store,
+                            write_tables)
 from agl.errors import ConfigError, DataError, show
 from agl.fileio import jsonable, sha256_file
 
@@ -581,8 +582,10 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
         prior_pp = None if prior_data is None else preprocess(
             prior_data, min_genes=settings.min_genes, min_cells=0, normalize_total=settings.normalize_total,
             log1p=settings.log1p)
-        gene_sets = merged_gene_sets(train_moments, names, genes_kept, settings, prior_pp)
-        progress.step(f"gene sets: {len(gene_sets)} splits from merged per-slide sums, {settings.n_primary} primary genes each")
+        # each split's table written as soon as it is merged: all of them (one per loso split too) grew with the slides
+        for name, table in merged_gene_sets(train_moments, names, genes_kept, settings, prior_pp):
+            write_gene_set(tmp, name, table)
+        progress.step(f"gene sets: {len(names)} splits from merged per-slide sums, {settings.n_primary} primary genes each")
 
         all_spots = len(within)
         all_n = int(moments.n[all_spots])
@@ -593,7 +596,7 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
         _write_arrays_from_partitions(tmp, stage, order, keep, n_spots, len(genes_kept), settings.expression_layout,
                                       sum(nnz.values()), patch_shape, encoding)
         write_tables(tmp, spot_ids=obs["spot_id"].to_numpy(), genes=genes, splits=splits.reset_index(drop=True),
-                     gene_sets=gene_sets)
+                     gene_sets=None)
         report = {"patch_um": float(settings.patch_um), "patch_px": int(settings.patch_px), "border": settings.border,
                   "slides": {s: slides[s]["report"] for s in order},
                   "n_dropped": int(sum(slides[s]["report"].get("n_dropped", 0) for s in order))}
@@ -630,13 +633,12 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
 
 
 def merged_gene_sets(train_moments: Callable[[str], GeneMoments], names: list[str], genes: pd.Index,
-                     settings: IngestSettings, prior_pp: AnnData | None) -> dict[str, pd.DataFrame]:
+                     settings: IngestSettings, prior_pp: AnnData | None) -> Iterator[tuple[str, pd.DataFrame]]:
     """Each split's gene set from merged sums (``train_moments(split)``: its training spots' moments, one
-    group): seurat HVGs of its training spots, then ``gene_table``."""
+    group): seurat HVGs of its training spots, then ``gene_table``; yielded one split at a time."""
     prior_list = prior_names(settings.priors, prior_pp, settings.n_primary, len(genes))
     var = pd.DataFrame(index=pd.Index(genes.astype(str)))
     empty = AnnData(X=sp.csr_matrix((0, len(genes)), dtype=np.float32), var=var)  # carries the gene names only
-    out = {}
     for name in names:
         moments = train_moments(name)
         n = int(moments.n[0])
@@ -651,8 +653,7 @@ def merged_gene_sets(train_moments: Callable[[str], GeneMoments], names: list[st
         hvg["highly_variable"] = primary
         ctx = PriorContext(train=empty, hvg=hvg, primary=primary, prior_data=prior_pp,
                            train_mean=moments.log_sum[0] / n)
-        out[name] = gene_table(ctx, prior_list)
-    return out
+        yield name, gene_table(ctx, prior_list)
 
 
 def _write_arrays_from_partitions(tmp: Path, stage: Path, order: list[str], keep: dict[str, np.ndarray],
