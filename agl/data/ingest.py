@@ -30,7 +30,8 @@ from agl.data.splits import SPLIT_KINDS, SPLITS_VERSION, loso_validation, make_s
 from agl.data.stats import GeneMoments, seurat_hvg
 from agl.data.encoding import ValueEncoding, counts_encoding, settings_transform
 from agl.data.store import (SAFE_NAME, check_layout, check_target, finish_store, new_temp_folder, write_ipc_blocks,
-                            write_expression_arrays, write_partition, write_store, write_tables)
+                            write_expression_arrays, write_gene_set, write_partition, write_store,
+                            write_tables)
 from agl.errors import ConfigError, DataError, show
 from agl.fileio import jsonable, sha256_file
 
@@ -475,12 +476,17 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
 
     # pass 1: stage every slide
     slides: dict[str, dict[str, Any]] = {}
+    # each slide's gene list as int32 codes into one vocabulary: a list of its own strings per slide
+    # (~1 MB for a her2st slide) made the driver grow with the number of slides
+    vocabulary: dict[str, int] = {}
 
     def add_staged(summaries: list[dict[str, Any]]) -> None:
         for s in summaries:
             if s["slide_id"] in slides:
                 raise DataError(None, f"duplicate slide id {s['slide_id']!r} in units {slides[s['slide_id']]['unit']!r} "
                                       f"and {s['unit']!r}")
+            s["gene_codes"] = np.fromiter((vocabulary.setdefault(g, len(vocabulary)) for g in s.pop("genes")),
+                                          dtype=np.int32)
             slides[s["slide_id"]] = s
 
     runner.map("stage", stage_unit, [(str(u), (source, u, settings, str(stage))) for u in units], add_staged)
@@ -489,13 +495,17 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
     if bad:
         raise DataError(out, f"slide names must match {SAFE_NAME.pattern}: {show(bad[:5])}")
     n_read = sum(slides[s]["n_read"] for s in order)
-    common = pd.Index(slides[order[0]]["genes"])
+    common_codes = slides[order[0]]["gene_codes"]
     for sid in order[1:]:
-        common = common[common.isin(slides[sid]["genes"])]  # keeps the first slide's order (as assemble)
-    if len(common) == 0:
+        common_codes = common_codes[np.isin(common_codes, slides[sid]["gene_codes"])]  # first slide's order (as assemble)
+    if len(common_codes) == 0:
         raise DataError(None, "the slides share no gene symbols")
+    names_by_code = np.empty(len(vocabulary), dtype=object)
+    names_by_code[list(vocabulary.values())] = list(vocabulary)
+    common = pd.Index(names_by_code[common_codes])
+    del vocabulary
     for sid in order:
-        dropped = len(slides[sid]["genes"]) - len(common)
+        dropped = len(slides[sid]["gene_codes"]) - len(common)
         if dropped:
             log.warning("slide %s has %d genes that other slides lack; dropped them (%d genes kept)",
                         sid, dropped, len(common))
@@ -562,7 +572,9 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
 
         calls = []
         for i, s in enumerate(order):
-            cols = pd.Index(slides[s]["genes"]).get_indexer(genes_kept)
+            position = np.full(len(names_by_code), -1, dtype=np.int64)  # a code's column in the slide's own list
+            position[slides[s]["gene_codes"]] = np.arange(len(slides[s]["gene_codes"]))
+            cols = position[common_codes[gene_keep]]
             part = str(tmp / "spots" / f"slide_id={s}" / "part-0.parquet")
             calls.append((s, (str(stage), s, cols, keep[s], int(starts[i]), is_train[:, starts[i]:starts[i + 1]],
                               settings, part, encoding)))
@@ -570,8 +582,10 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
         prior_pp = None if prior_data is None else preprocess(
             prior_data, min_genes=settings.min_genes, min_cells=0, normalize_total=settings.normalize_total,
             log1p=settings.log1p)
-        gene_sets = merged_gene_sets(train_moments, names, genes_kept, settings, prior_pp)
-        progress.step(f"gene sets: {len(gene_sets)} splits from merged per-slide sums, {settings.n_primary} primary genes each")
+        # each split's table written as soon as it is merged: all of them (one per loso split too) grew with the slides
+        for name, table in merged_gene_sets(train_moments, names, genes_kept, settings, prior_pp):
+            write_gene_set(tmp, name, table)
+        progress.step(f"gene sets: {len(names)} splits from merged per-slide sums, {settings.n_primary} primary genes each")
 
         all_spots = len(within)
         all_n = int(moments.n[all_spots])
@@ -579,10 +593,10 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
                               "mean": (moments.log_sum[all_spots] / all_n).astype(np.float32),
                               "n_spots": moments.nonzero[all_spots].astype(np.int64)})
         patch_shape = tuple(np.load(stage / order[0] / "patches.npy", mmap_mode="r").shape[1:])
-        _write_arrays_from_partitions(tmp, order, n_spots, len(genes_kept), settings.expression_layout,
+        _write_arrays_from_partitions(tmp, stage, order, keep, n_spots, len(genes_kept), settings.expression_layout,
                                       sum(nnz.values()), patch_shape, encoding)
         write_tables(tmp, spot_ids=obs["spot_id"].to_numpy(), genes=genes, splits=splits.reset_index(drop=True),
-                     gene_sets=gene_sets)
+                     gene_sets=None)
         report = {"patch_um": float(settings.patch_um), "patch_px": int(settings.patch_px), "border": settings.border,
                   "slides": {s: slides[s]["report"] for s in order},
                   "n_dropped": int(sum(slides[s]["report"].get("n_dropped", 0) for s in order))}
@@ -619,13 +633,12 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
 
 
 def merged_gene_sets(train_moments: Callable[[str], GeneMoments], names: list[str], genes: pd.Index,
-                     settings: IngestSettings, prior_pp: AnnData | None) -> dict[str, pd.DataFrame]:
+                     settings: IngestSettings, prior_pp: AnnData | None) -> Iterator[tuple[str, pd.DataFrame]]:
     """Each split's gene set from merged sums (``train_moments(split)``: its training spots' moments, one
-    group): seurat HVGs of its training spots, then ``gene_table``."""
+    group): seurat HVGs of its training spots, then ``gene_table``; yielded one split at a time."""
     prior_list = prior_names(settings.priors, prior_pp, settings.n_primary, len(genes))
     var = pd.DataFrame(index=pd.Index(genes.astype(str)))
     empty = AnnData(X=sp.csr_matrix((0, len(genes)), dtype=np.float32), var=var)  # carries the gene names only
-    out = {}
     for name in names:
         moments = train_moments(name)
         n = int(moments.n[0])
@@ -640,13 +653,15 @@ def merged_gene_sets(train_moments: Callable[[str], GeneMoments], names: list[st
         hvg["highly_variable"] = primary
         ctx = PriorContext(train=empty, hvg=hvg, primary=primary, prior_data=prior_pp,
                            train_mean=moments.log_sum[0] / n)
-        out[name] = gene_table(ctx, prior_list)
-    return out
+        yield name, gene_table(ctx, prior_list)
 
 
-def _write_arrays_from_partitions(tmp: Path, order: list[str], n_spots: int, n_genes: int, layout: str,
-                                  nnz: int, patch_shape: tuple[int, ...], encoding: ValueEncoding) -> None:
-    """arrays/ (the in-process memory maps), filled partition by partition, one row group at a time."""
+def _write_arrays_from_partitions(tmp: Path, stage: Path, order: list[str], keep: dict[str, np.ndarray],
+                                  n_spots: int, n_genes: int, layout: str, nnz: int, patch_shape: tuple[int, ...],
+                                  encoding: ValueEncoding) -> None:
+    """arrays/ (the in-process memory maps): expression from the partitions, one row group at a time; patches
+    from the staged slides (the bytes ``finalize_slide`` wrote into the partitions), a block of rows at a time."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     arrays = tmp / "arrays"
@@ -662,10 +677,25 @@ def _write_arrays_from_partitions(tmp: Path, order: list[str], n_spots: int, n_g
         for s in order:
             with pq.ParquetFile(str(tmp / "spots" / f"slide_id={s}" / "part-0.parquet")) as f:
                 yield from f.iter_batches(columns=columns, batch_size=batch_size)
+            pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages otherwise
 
     def patch_blocks() -> Iterator[np.ndarray]:
-        for batch in batches(["patch"], 256):
-            yield batch.column(0).flatten().to_numpy()
+        """Decoding the partitions' patch column took ~3 GB a 1,000 patches (levels of 150k uint8 list items
+        per patch) and Arrow's allocator kept much of it: it was the driver's peak, growing with the slides."""
+        for s in order:
+            rows = np.flatnonzero(keep[s])
+            with open(stage / s / "patches.npy", "rb") as fh:
+                header = np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(fh) == (1, 0) \
+                    else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = header(fh)
+                if fortran or dtype != np.uint8 or tuple(shape[1:]) != tuple(patch_shape) or len(shape) < 1:
+                    raise DataError(fh.name, f"staged patches are {dtype} {shape}, expected uint8 [n, {patch_shape}]")
+                start, row_bytes = fh.tell(), int(np.prod(patch_shape))
+                for i in range(0, len(rows), 256):
+                    block = rows[i:i + 256]  # ascending: one read from its first to its last row
+                    fh.seek(start + int(block[0]) * row_bytes)
+                    span = np.fromfile(fh, dtype=np.uint8, count=(int(block[-1]) - int(block[0]) + 1) * row_bytes)
+                    yield span.reshape(-1, *patch_shape)[block - block[0]]
 
     write_ipc_blocks(arrays / "patches.arrow", "patch", (n_spots, *patch_shape), np.uint8, patch_blocks())
 

@@ -223,10 +223,20 @@ def new_temp_folder(out: Path) -> Path:
     return tmp
 
 
+def write_gene_set(tmp: Path, split: str, table: pd.DataFrame) -> None:
+    """``gene_sets/SPLIT.parquet`` of a store being written in ``tmp``."""
+    (tmp / "gene_sets").mkdir(exist_ok=True)
+    _write_parquet(table, tmp / "gene_sets" / f"{split}.parquet")
+
+
 def write_tables(tmp: Path, *, spot_ids: np.ndarray, genes: pd.DataFrame, splits: pd.DataFrame,
-                 gene_sets: Mapping[str, pd.DataFrame]) -> None:
-    """genes.parquet, splits.parquet and gene_sets/ of a store being written in ``tmp``."""
-    missing = [s for s in splits.columns if s not in gene_sets]
+                 gene_sets: Mapping[str, pd.DataFrame] | None) -> None:
+    """genes.parquet, splits.parquet and gene_sets/ of a store being written in ``tmp`` (``gene_sets`` None: every
+    split's was already written by ``write_gene_set``)."""
+    if gene_sets is None:
+        missing = [s for s in splits.columns if not (tmp / "gene_sets" / f"{s}.parquet").is_file()]
+    else:
+        missing = [s for s in splits.columns if s not in gene_sets]
     if missing:
         raise DataError(tmp, f"no gene set for split(s) {missing}")
     _write_parquet(genes.reset_index(drop=True), tmp / "genes.parquet")
@@ -234,8 +244,8 @@ def write_tables(tmp: Path, *, spot_ids: np.ndarray, genes: pd.DataFrame, splits
     split_table.insert(0, "spot_id", np.asarray(spot_ids))
     _write_parquet(split_table, tmp / "splits.parquet")
     (tmp / "gene_sets").mkdir(exist_ok=True)
-    for name in splits.columns:
-        _write_parquet(gene_sets[name], tmp / "gene_sets" / f"{name}.parquet")
+    for name in splits.columns if gene_sets is not None else ():
+        write_gene_set(tmp, name, gene_sets[name])
 
 
 def finish_store(tmp: Path, out: Path, *, manifest: Mapping[str, Any], n_spots: int, n_genes: int,
