@@ -13,6 +13,12 @@ features-mode training reads) and its splits. The expression is planted (:func:`
 - **conflict** auxiliary genes mix the *other* block's factors: just as predictable from
   the image, but they pull the shared trunk towards directions the primaries do not use;
 - **noise** auxiliary genes are pure noise (a trunk that fits them overfits);
+- conflict genes are most of the unhelpful ones (70% of all auxiliary genes, noise 15%) and
+  every method trains a narrow trunk (``BASE_SETTINGS``: one hidden layer of 64), so that the
+  conflict genes really compete with the primaries for the trunk's capacity. With the earlier
+  35% conflict / 50% noise and a 512-wide trunk the top-k curve was flat from about 0.5 to
+  3.3 times the planted k (``--curve``, one ``--quick`` seed: 0.433 to 0.435): the question
+  "which k?" had no answer there (measured figures: the README's ``agl bench selection`` bullet);
 - the prior score is ``1[helpful] + sigma * noise``, ``sigma`` set so that a chosen share
   (``precision``, 0.8 by default) of the top-``k_planted`` genes are helpful, where
   ``k_planted`` is the number of helpful genes.
@@ -130,7 +136,7 @@ def prior_sigma(is_helpful: np.ndarray, noise: np.ndarray, precision: float) -> 
 
 
 def plant(features: np.ndarray, *, n_primary: int = 50, n_aux: int = 14000, helpful_fraction: float = 0.15,
-          conflict_fraction: float = 0.35, precision: float = 0.8, n_factors: int = 6, n_components: int = 24,
+          conflict_fraction: float = 0.7, precision: float = 0.8, n_factors: int = 6, n_components: int = 24,
           primary_signal: float = 0.3, helpful_signal: float = 0.6, conflict_signal: float = 0.8,
           seed: int = 0) -> Planted:
     """Plant primary, helpful, conflict and noise genes on real image features (see the module docstring).
@@ -221,7 +227,7 @@ def method_settings(k_planted: int, variants: Sequence[str]) -> dict[str, dict[s
 
 # settings every run shares (features mode, CPU); DKGSB_SETTINGS only DkGSB's
 BASE_SETTINGS: dict[str, Any] = {"mode": "features", "device": "cpu", "epochs": 40, "patience": 10,
-                                 "val_outer_fraction": 0.5}
+                                 "val_outer_fraction": 0.5, "trunk": [64]}  # narrow: conflict genes compete
 DKGSB_SETTINGS: dict[str, Any] = {"outer_val": "full", "t_init": 0.5}
 
 
@@ -427,6 +433,12 @@ def bench_selection(store: Any, out_dir: str | Path = "results", *, n_aux: int =
     unknown = [v for v in variants if v not in list_hypergradients()]
     if unknown:
         raise ConfigError("--variants", f"unknown hypergradient(s) {unknown}; known: {list_hypergradients()}")
+    import inspect
+
+    known = set(inspect.signature(plant).parameters) - {"features", "n_aux", "seed"}
+    bad = sorted(set(plant_options or {}) - known)
+    if bad:
+        raise ConfigError("--plant", f"unknown planted-design setting(s) {bad}; known: {sorted(known)}")
     if seeds < 2:
         raise ConfigError("--seeds", f"paired tests need at least 2 seeds, got {seeds}")
     if threads:
