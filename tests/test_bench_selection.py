@@ -114,3 +114,17 @@ def test_default_design_makes_conflict_genes_the_majority(features):
     p = plant(features, n_primary=5, n_aux=1000, n_components=8, n_factors=2, seed=0)
     share = {k: float((p.kind == k).mean()) for k in ("helpful", "conflict", "noise")}
     assert share == pytest.approx({"helpful": 0.15, "conflict": 0.7, "noise": 0.15})
+
+
+def test_plot_without_dkgsb_has_no_empty_panels(tmp_path):
+    import warnings
+
+    from agl.bench.selection import _plot, summarise
+
+    runs = [{"seed": s, "method": m, "k": k, "test_pcc": p + 0.01 * s, "history": []} for s in (0, 1)
+            for m, k, p in (("pgl", 0, 0.4), ("topk", 10, 0.45))]
+    curve = summarise_curve([{"seed": s, "k": 20, "test_pcc": 0.42} for s in (0, 1)], runs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty DkGSB panel's legend() warns "No artists with labels"
+        path = _plot(runs, summarise(runs, {0: 10, 1: 10}), tmp_path / "curve.png", curve)
+    assert path.exists() and path.stat().st_size > 0

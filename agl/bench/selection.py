@@ -357,7 +357,10 @@ def _plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path,
     from agl.fileio import atomic_savefig
 
     methods = list(summary["methods"])
-    fig, axes = plt.subplots(1, 4 if curve else 3, figsize=(20 if curve else 15, 4.2))
+    dk = [m for m in methods if m.startswith("dkgsb")]
+    panels = 1 + (2 if dk else 0) + (1 if curve else 0)  # the DkGSB panels only when DkGSB ran
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2), squeeze=False)
+    axes = list(axes[0])
     ax = axes[0]
     means = [summary["methods"][m]["pcc_mean"] for m in methods]
     errs = [summary["methods"][m]["pcc_std"] for m in methods]
@@ -369,7 +372,6 @@ def _plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path,
     ax.set_ylabel("test PCC, primary genes (mean +- sd over seeds)")
     ax.set_title("Planted data: test PCC by method")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    dk = [m for m in methods if m.startswith("dkgsb")]
     k_planted = summary["k_planted_mean"]
     for i, m in enumerate(dk):
         c = colours[i % len(colours)]
@@ -379,19 +381,20 @@ def _plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path,
                          label=m if j == 0 else None)
             snr = [(row["epoch"] + 1, row.get("hypergrad_snr")) for row in h if row.get("hypergrad_snr") is not None]
             axes[2].plot([e for e, _ in snr], [s for _, s in snr], color=c, alpha=0.6, label=m if j == 0 else None)
-    axes[1].axhline(k_planted, color="k", ls="--", lw=1, label=f"planted k ({k_planted:.0f})")
-    axes[1].axhspan(0.75 * k_planted, 1.25 * k_planted, color="grey", alpha=0.15, label="+-25%")
-    axes[1].set_xlabel("epoch")
-    axes[1].set_ylabel("k (auxiliary genes kept)")
-    axes[1].set_title("DkGSB: learned k per epoch")
-    axes[1].legend(fontsize=7)
-    axes[2].axhline(0, color="k", lw=0.8)
-    axes[2].set_xlabel("epoch")
-    axes[2].set_ylabel("hypergradient SNR (< 0: towards more genes)")
-    axes[2].set_title("DkGSB: hypergradient signal per epoch")
-    axes[2].legend(fontsize=7)
+    if dk:
+        axes[1].axhline(k_planted, color="k", ls="--", lw=1, label=f"planted k ({k_planted:.0f})")
+        axes[1].axhspan(0.75 * k_planted, 1.25 * k_planted, color="grey", alpha=0.15, label="+-25%")
+        axes[1].set_xlabel("epoch")
+        axes[1].set_ylabel("k (auxiliary genes kept)")
+        axes[1].set_title("DkGSB: learned k per epoch")
+        axes[1].legend(fontsize=7)
+        axes[2].axhline(0, color="k", lw=0.8)
+        axes[2].set_xlabel("epoch")
+        axes[2].set_ylabel("hypergradient SNR (< 0: towards more genes)")
+        axes[2].set_title("DkGSB: hypergradient signal per epoch")
+        axes[2].legend(fontsize=7)
     if curve:
-        ax = axes[3]
+        ax = axes[-1]
         ax.errorbar(curve["k"], curve["pcc_mean"], yerr=curve["pcc_std"], marker="o", capsize=3, color="#4c72b0",
                     label="top-k (prior prefix)")
         ax.axvline(k_planted, color="k", ls="--", lw=1, label=f"planted k ({k_planted:.0f})")
