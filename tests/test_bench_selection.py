@@ -100,3 +100,31 @@ def test_curve_ks_and_summary():
     c = summarise_curve(curve, runs)
     assert c["k"] == [10, 20, 40] and c["best_k_per_seed"] == {0: 10, 1: 10, 2: 10}
     assert c["pcc_mean"][0] == pytest.approx(0.51) and c["planted_vs_k"][40]["mean_diff"] == pytest.approx(0.09)
+
+
+def test_unknown_plant_setting_fails_before_training(store, tmp_path):
+    from agl.bench.selection import bench_selection
+
+    with pytest.raises(ConfigError, match="no_such_key"):
+        bench_selection(store, tmp_path, n_aux=50, seeds=2, plant_options={"no_such_key": 1}, echo=lambda s: None)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_default_design_makes_conflict_genes_the_majority(features):
+    p = plant(features, n_primary=5, n_aux=1000, n_components=8, n_factors=2, seed=0)
+    share = {k: float((p.kind == k).mean()) for k in ("helpful", "conflict", "noise")}
+    assert share == pytest.approx({"helpful": 0.15, "conflict": 0.7, "noise": 0.15})
+
+
+def test_plot_without_dkgsb_has_no_empty_panels(tmp_path):
+    import warnings
+
+    from agl.bench.selection import _plot, summarise
+
+    runs = [{"seed": s, "method": m, "k": k, "test_pcc": p + 0.01 * s, "history": []} for s in (0, 1)
+            for m, k, p in (("pgl", 0, 0.4), ("topk", 10, 0.45))]
+    curve = summarise_curve([{"seed": s, "k": 20, "test_pcc": 0.42} for s in (0, 1)], runs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty DkGSB panel's legend() warns "No artists with labels"
+        path = _plot(runs, summarise(runs, {0: 10, 1: 10}), tmp_path / "curve.png", curve)
+    assert path.exists() and path.stat().st_size > 0

@@ -165,6 +165,9 @@ def add_bench_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int, default=None, help="early-stopping patience (default 10; --quick: %d)"
                    % QUICK["patience"])
     p.add_argument("--precision", type=float, default=0.8, help="share of helpful genes in the prior's top k_planted")
+    p.add_argument("--plant", action="append", default=[], metavar="KEY=VALUE", dest="plant_sets",
+                   help="a setting of the planted design (repeatable), e.g. conflict_fraction=0.35 "
+                        "(agl.bench.selection.plant's keyword arguments)")
     p.add_argument("--curve", default="0.25,0.5,1,1.5,2,3.33",
                    help="top-k also at these multiples of the planted k (the PCC-vs-k curve); empty: none")
     p.add_argument("--quick", action="store_true", help="small sizes: about 10 min on 2 cores")
@@ -187,7 +190,7 @@ def cmd_bench_selection(args: argparse.Namespace) -> int:
                     epochs=pick(args.epochs, "epochs", 40), patience=pick(args.patience, "patience", 10),
                     threads=args.threads, extra=parse_sets(args.sets),
                     dkgsb_extra=parse_sets(args.dkgsb_sets),
-                    plant_options={"precision": args.precision},
+                    plant_options={"precision": args.precision, **parse_sets(args.plant_sets)},
                     curve=[float(m) for m in args.curve.split(",") if m.strip()])
     return 0
 
