@@ -47,6 +47,19 @@ def assert_same_store(ref, new) -> None:
         pd.testing.assert_frame_equal(ref.gene_set(name), new.gene_set(name), check_exact=True)
 
 
+def _assert_equals_scanpys_hvgs(ours: pd.DataFrame, x_train, var_names) -> pd.DataFrame:
+    """scanpy's seurat HVGs of ``x_train``; ``ours`` must give the same genes, order, flags, dispersions and means."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = sc.pp.highly_variable_genes(AnnData(X=x_train, var=pd.DataFrame(index=var_names)),
+                                             flavor="seurat", n_top_genes=50, inplace=False)
+    assert list(ours.index) == list(theirs.index)
+    assert np.array_equal(ours["highly_variable"].to_numpy(), theirs["highly_variable"].to_numpy())
+    np.testing.assert_allclose(ours["dispersions_norm"], theirs["dispersions_norm"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ours["means"], theirs["means"], rtol=1e-12)
+    return theirs
+
+
 def test_merged_moments_give_scanpys_seurat_hvgs(her2st_dir):
     pp = preprocess(read_her2st(her2st_dir, SLIDES))
     x = sp.csr_matrix(pp.X)
@@ -59,15 +72,8 @@ def test_merged_moments_give_scanpys_seurat_hvgs(her2st_dir):
         merged += GeneMoments.of(x[at], train[at][None, :])
     mean, var = merged.mean_var(0)
     ours = seurat_hvg(mean, var, 50, pp.var_names)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = sc.pp.highly_variable_genes(AnnData(X=x[train], var=pd.DataFrame(index=pp.var_names)),
-                                             flavor="seurat", n_top_genes=50, inplace=False)
-    assert list(ours.index) == list(theirs.index)
-    assert np.array_equal(ours["highly_variable"].to_numpy(), theirs["highly_variable"].to_numpy())
+    theirs = _assert_equals_scanpys_hvgs(ours, x[train], pp.var_names)
     assert ours["highly_variable"].sum() == 50
-    np.testing.assert_allclose(ours["dispersions_norm"], theirs["dispersions_norm"], rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(ours["means"], theirs["means"], rtol=1e-12)
     # and a mask that is wrong on purpose gives other genes (the check can fail)
     other = seurat_hvg(*GeneMoments.of(x, (~train)[None, :]).mean_var(0), 50, pp.var_names)
     assert not np.array_equal(other["highly_variable"].to_numpy(), theirs["highly_variable"].to_numpy())
@@ -91,14 +97,7 @@ def test_loso_moments_as_all_slides_minus_the_held_out_one_give_scanpys_hvgs(her
     for held in slides3:
         train = (splits[f"loso-{held}"] == "train").to_numpy()
         ours = seurat_hvg(*(total - per_slide[held]).mean_var(0), 50, pp.var_names)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            theirs = sc.pp.highly_variable_genes(AnnData(X=x[train], var=pd.DataFrame(index=pp.var_names)),
-                                                 flavor="seurat", n_top_genes=50, inplace=False)
-        assert list(ours.index) == list(theirs.index)
-        assert np.array_equal(ours["highly_variable"].to_numpy(), theirs["highly_variable"].to_numpy())
-        np.testing.assert_allclose(ours["dispersions_norm"], theirs["dispersions_norm"], rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(ours["means"], theirs["means"], rtol=1e-12)
+        _assert_equals_scanpys_hvgs(ours, x[train], pp.var_names)
         chosen.append(frozenset(ours.index[ours["highly_variable"]]))
     assert len(set(chosen)) == 3  # each held-out slide gives its own panel (subtracting the wrong slide would show)
 
