@@ -259,10 +259,11 @@ def build_grid(split_names: Sequence[str], protocol: str, seeds: Iterable[int], 
 
     specs = []
     parsed = [parse_method(m) for m in methods]
+    keep = None if only_splits is None else set(only_splits)
     for seed in seeds:
         splits = protocol_splits(split_names, protocol, seed, folds)
-        if only_splits is not None:
-            splits = [s for s in splits if s in set(only_splits)]
+        if keep is not None:
+            splits = [s for s in splits if s in keep]
             if not splits:
                 raise ConfigError("splits", f"none of {', '.join(only_splits)} is a {protocol} split for seed {seed}")
         for split in splits:
