@@ -115,3 +115,21 @@ def test_primary_selection_and_bad_input() -> None:
         evaluate_predictions(pred, target, slides, genes, primary=["nope"])
     with pytest.raises(DataError, match="slide"):
         evaluate_predictions(pred, target, slides[:-1], genes)
+
+
+def test_paired_difference_tests_match_scipys_paired_tests():
+    from scipy.stats import ttest_rel, wilcoxon
+
+    from agl.evaluation.metrics import paired_difference_tests
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0.30, 0.03, 9), rng.normal(0.28, 0.03, 9)
+    got = paired_difference_tests(a - b)
+    ref = ttest_rel(a, b)
+    assert got["n"] == 9 and got["mean_diff"] == pytest.approx(float(np.mean(a - b)))
+    assert got["t"] == pytest.approx(ref.statistic) and got["p_t"] == pytest.approx(ref.pvalue)
+    assert got["p_wilcoxon"] == pytest.approx(wilcoxon(a, b).pvalue)
+    constant = paired_difference_tests([0.01, 0.01, 0.01])  # t undefined, Wilcoxon defined
+    assert np.isnan(constant["p_t"]) and constant["p_wilcoxon"] == pytest.approx(wilcoxon([0.01] * 3).pvalue)
+    assert all(np.isnan(paired_difference_tests(np.zeros(4))[k]) for k in ("p_t", "p_wilcoxon"))
+    assert np.isnan(paired_difference_tests([0.2])["p_t"])

@@ -74,6 +74,36 @@ def test_paired_p_values_match_scipy():
     assert all(np.isnan(paired_p(np.zeros(5))))
 
 
+def test_threshold_summary_tells_a_drifting_threshold_from_one_that_moves_on_signal():
+    from scipy.stats import binomtest, t as student_t, ttest_1samp
+
+    from agl.evaluation.study import threshold_lines, threshold_summary
+
+    def run(snrs: list[float], t_end: float, best: int) -> dict:
+        rows = [{"epoch": 1, "t": 0.5, "outer_steps": 0.0}]  # the warm-up epoch has no outer steps
+        ts = np.linspace(0.5, t_end, len(snrs) + 1)[1:]
+        rows += [{"epoch": e + 2, "t": float(t), "outer_steps": 10.0, "hypergrad_snr": snr,
+                  "hypergrad_sign_agreement": 0.6} for e, (snr, t) in enumerate(zip(snrs, ts))]
+        return {"method": "dkgsb", "best_epoch": best, "config": {"t_init": 0.5}, "history": rows}
+
+    # |snr| * sqrt(10) > 2 <=> |snr| > 0.632: noise-like runs have one such epoch in ten
+    noisy = [run([0.1, -0.2, 0.7, 0.05, -0.1, 0.3, -0.4, 0.2, 0.1, -0.3], t_end, 4) for t_end in (0.49, 0.51, 0.5)]
+    noisy.append({"method": "pgl", "history": [{"epoch": 1}]})  # other methods are ignored
+    s = threshold_summary(noisy)
+    rate = 2 * student_t.sf(2.0, 9)
+    assert s["runs"] == 3 and s["epochs"] == 30 and s["strong_epochs"] == 3
+    assert s["noise_rate"] == pytest.approx(rate)
+    assert s["p_strong"] == pytest.approx(binomtest(3, 30, rate, alternative="greater").pvalue)
+    assert s["p_delta"] == pytest.approx(ttest_1samp([-0.01, 0.01, 0.0], 0.0).pvalue)
+    assert s["t_best"] == pytest.approx(np.mean([0.5 + 3 * d / 10 for d in (-0.01, 0.01, 0.0)]))
+    assert "not more than noise" in threshold_lines(s)[0]
+
+    moving = threshold_summary([run([-1.5] * 10, t_end, 11) for t_end in (0.3, 0.28, 0.33)])
+    assert moving["strong_epochs"] == 30 and moving["p_strong"] < 1e-6 and moving["t_end"] == pytest.approx(0.3033, abs=1e-3)
+    assert moving["p_delta"] < 0.01 and "not more than noise" not in threshold_lines(moving)[0]
+    assert threshold_summary([{"method": "pgl"}]) is None
+
+
 def test_detected_panel_store_has_exactly_n_detected_primary_genes_and_shares_features(demo_store, tmp_path):
     from agl.datasets import her2st_demo_store
     from agl.models.features import share_feature_cache

@@ -125,3 +125,24 @@ def evaluate_predictions(
         "genes": [gene_names[i] for i in cols],
     }
 
+
+
+def paired_difference_tests(diff: Sequence[float]) -> dict[str, float]:
+    """Two-sided tests of paired differences ``a - b`` against 0: paired t and Wilcoxon signed-rank (scipy).
+
+    A p-value is NaN where its test is undefined: fewer than two pairs; t when every difference is
+    equal (zero variance); Wilcoxon when every difference is zero.
+    """
+    from scipy.stats import ttest_1samp, wilcoxon
+
+    d = np.asarray(diff, dtype=float)
+    nan = float("nan")
+    out = {"n": int(len(d)), "mean_diff": float(d.mean()) if len(d) else nan, "t": nan, "p_t": nan, "p_wilcoxon": nan}
+    if len(d) < 2:
+        return out
+    if d.std(ddof=1) > 0:
+        res = ttest_1samp(d, 0.0)
+        out.update(t=float(res.statistic), p_t=float(res.pvalue))
+    if np.any(d != 0):
+        out["p_wilcoxon"] = float(wilcoxon(d).pvalue)
+    return out

@@ -160,14 +160,10 @@ def paired_runs(runs: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
 
 def paired_p(diff: np.ndarray) -> tuple[float, float]:
     """Two-sided p-values of paired differences: Wilcoxon signed-rank and paired t (NaN when undefined)."""
-    from scipy.stats import ttest_1samp, wilcoxon
+    from agl.evaluation.metrics import paired_difference_tests
 
-    diff = np.asarray(diff, dtype=float)
-    if len(diff) < 2 or np.allclose(diff, 0):
-        return float("nan"), float("nan")
-    w = float(wilcoxon(diff).pvalue) if np.count_nonzero(diff) >= 1 else float("nan")
-    t = float(ttest_1samp(diff, 0.0).pvalue) if diff.std(ddof=1) > 0 else float("nan")
-    return w, t
+    tests = paired_difference_tests(diff)
+    return tests["p_wilcoxon"], tests["p_t"]
 
 
 def compare(records: list[dict[str, Any]], runs: pd.DataFrame, a: str, b: str) -> dict[str, Any]:
@@ -293,6 +289,60 @@ def best_topk(runs: pd.DataFrame, by: str) -> str | None:
     return str(sub.groupby("method")[by].mean().idxmax())
 
 
+def threshold_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Did DkGSB's threshold t move on signal? Its path and its hypergradients over a grid's DkGSB runs.
+
+    Per run: t at the start (``t_init``), at the best validation epoch (the tested model) and at the end;
+    per epoch with outer steps, whether the mean of its single-batch hypergradients lies more than two
+    standard errors from zero (``|snr| * sqrt(outer steps) > 2``, a t-statistic). Across runs: a
+    one-sample t-test of the net change of t against 0.
+    """
+    from scipy.stats import binomtest, t as student_t, ttest_1samp
+
+    runs = [r for r in records if r.get("method") == "dkgsb" and r.get("history")]
+    if not runs:
+        return None
+    t0, t_best, t_end, strong, epochs, agreement, null = [], [], [], 0, 0, [], []
+    for r in runs:
+        h = r["history"]  # one row per epoch
+        best = next((row for row in h if row.get("epoch") == r.get("best_epoch")), h[-1])
+        t0.append(float(r.get("config", {}).get("t_init", h[0]["t"])))
+        t_best.append(float(best["t"]))
+        t_end.append(float(h[-1]["t"]))
+        for row in h:
+            steps, snr = row.get("outer_steps") or 0, row.get("hypergrad_snr")
+            if steps > 1 and snr is not None and math.isfinite(snr):
+                epochs += 1
+                strong += abs(snr) * math.sqrt(steps) > 2
+                agreement.append(float(row["hypergrad_sign_agreement"]))
+                null.append(2 * float(student_t.sf(2.0, steps - 1)))  # the share pure noise would give
+    delta = np.asarray(t_end) - np.asarray(t0)
+    p = float(ttest_1samp(delta, 0.0).pvalue) if len(delta) > 1 and delta.std(ddof=1) > 0 else float("nan")
+    rate = float(np.mean(null)) if null else float("nan")
+    p_strong = float(binomtest(int(strong), epochs, rate, alternative="greater").pvalue) if epochs else float("nan")
+    return {"runs": len(runs), "t_init": float(np.mean(t0)), "t_best": float(np.mean(t_best)),
+            "t_best_std": float(np.std(t_best, ddof=1)) if len(runs) > 1 else float("nan"),
+            "t_end": float(np.mean(t_end)), "delta_min": float(delta.min()), "delta_max": float(delta.max()),
+            "p_delta": p, "epochs": epochs, "strong_epochs": int(strong), "noise_rate": rate, "p_strong": p_strong,
+            "sign_agreement": float(np.mean(agreement)) if agreement else float("nan")}
+
+
+def threshold_lines(s: dict[str, Any]) -> list[str]:
+    """The page's paragraph on DkGSB's threshold (see ``threshold_summary``)."""
+    share = f"{s['strong_epochs']} of {s['epochs']}" if s["epochs"] else "none"
+    sd = f" ± {s['t_best_std']:.3f}" if math.isfinite(s["t_best_std"]) else ""
+    moved = ("t ended where it started in every run" if s["delta_min"] == s["delta_max"] == 0 else
+             f"net change of t {s['delta_min']:+.3f} to {s['delta_max']:+.3f} (t-test against 0: p = {_p(s['p_delta'])})")
+    signal = ("more than noise alone gives" if s["p_strong"] < 0.05 else
+              "not more than noise alone gives: nothing shows that t moved on signal, so DkGSB's k "
+              "reflects its starting threshold more than the data") if math.isfinite(s["p_strong"]) else "not measured"
+    return [f"DkGSB's threshold over its {s['runs']} runs: t {s['t_init']:.3f} at the start, {s['t_best']:.3f}{sd} at "
+            f"the tested (best-validation) epoch, {s['t_end']:.3f} at the end; {moved}. Epochs whose mean "
+            f"hypergradient lies more than 2 standard errors from zero: {share}, where pure noise would give "
+            f"{100 * s['noise_rate']:.0f}% (one-sided binomial p = {_p(s['p_strong'])}): {signal}. Mean sign "
+            f"agreement of the single-batch estimates: {_f(s['sign_agreement'], 2)}.", ""]
+
+
 def nearest_topk(runs: pd.DataFrame, k: float) -> str | None:
     labels = sorted({m for m in runs["method"] if m.startswith("topk:")})
     return min(labels, key=lambda m: abs(math.log(int(m.split("k=")[1]) / max(k, 1.0)))) if labels else None
@@ -370,6 +420,9 @@ def grid_section(g: GridResult, figures: Path, page: Path) -> tuple[str, list[st
         lines={"PGL − AGL-all": (float(d_pgl.mean()), 0.0), "AGL-all": (0.0, 0.0)} if len(d_pgl) else {},
         points=diff_points, ylabel="test PCC − AGL-all's on the same run (mean ± s.e.m.)",
         title=f"{panel}, {g.protocol}: paired difference from AGL-all against k")
+    threshold = threshold_summary(g.records)
+    if threshold:
+        lines += threshold_lines(threshold)
     lines += [f"![PCC against k, {panel}, {g.protocol}]({os.path.relpath(fig, page.parent)})",
               f"![Paired difference from AGL-all against k, {panel}, {g.protocol}]"
               f"({os.path.relpath(fig_diff, page.parent)})", ""]
