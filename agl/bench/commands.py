@@ -159,6 +159,8 @@ def add_bench_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-aux", type=int, default=None,
                    help="planted auxiliary genes (default 14000, like the demo; --quick: %d)" % QUICK["n_aux"])
     p.add_argument("--seeds", type=int, default=5, help="planted data sets (paired over methods)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seed of the first planted data set (e.g. 5: check settings chosen on seeds 0-4 on fresh ones)")
     p.add_argument("--variants", default="unroll,ift_cg", help="DkGSB hypergradient estimators, comma-separated")
     p.add_argument("--methods", default="", help="run only these labels (pgl,agl_all,topk,random_k,dkgsb_VARIANT)")
     p.add_argument("--epochs", type=int, default=None, help="epoch budget per run (default 40; --quick: %d)" % QUICK["epochs"])
@@ -185,6 +187,7 @@ def cmd_bench_selection(args: argparse.Namespace) -> int:
     quick = QUICK if args.quick else {}
     pick = lambda value, key, default: value if value is not None else quick.get(key, default)  # noqa: E731
     bench_selection(open_store_arg(args.store), args.out, n_aux=pick(args.n_aux, "n_aux", 14000), seeds=args.seeds,
+                    first_seed=args.first_seed,
                     variants=[v for v in args.variants.split(",") if v],
                     methods=[m for m in args.methods.split(",") if m] or None,
                     epochs=pick(args.epochs, "epochs", 40), patience=pick(args.patience, "patience", 10),

@@ -256,7 +256,7 @@ def bench_feature_cache(store: Any, n_patches: int = 128, views: int = 2, repeat
 
 # --------------------------------------------------------------------------- hypergradient estimators vs H
 def _estimators() -> list[str]:
-    """Every registered exact estimator, then the first-order approximation."""
+    """Every registered estimator, then the first-order approximation."""
     from agl.training.bilevel import HYPERGRADIENTS
 
     return [*HYPERGRADIENTS, "first_order"]

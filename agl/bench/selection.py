@@ -413,7 +413,7 @@ def _plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path,
 
 
 def bench_selection(store: Any, out_dir: str | Path = "results", *, n_aux: int = 14000, seeds: int = 5,
-                    variants: Sequence[str] = ("unroll", "ift_cg"), epochs: int = 40, patience: int = 10,
+                    first_seed: int = 0, variants: Sequence[str] = ("unroll", "ift_cg"), epochs: int = 40, patience: int = 10,
                     methods: Sequence[str] | None = None, threads: int | None = None,
                     extra: dict[str, Any] | None = None, dkgsb_extra: dict[str, Any] | None = None,
                     plant_options: dict[str, Any] | None = None, curve: Sequence[float] = CURVE_MULTIPLES,
@@ -421,7 +421,8 @@ def bench_selection(store: Any, out_dir: str | Path = "results", *, n_aux: int =
     """Run every method on ``seeds`` planted data sets; print the table, write JSON and PNG under ``out_dir``.
 
     ``curve``: multiples of the planted k at which top-k is also trained (the PCC-vs-k curve;
-    empty: none).
+    empty: none). ``first_seed``: the planted data sets are seeds ``first_seed .. first_seed + seeds - 1``
+    (fresh seeds check settings that were chosen on others).
     """
     import torch
 
@@ -440,6 +441,8 @@ def bench_selection(store: Any, out_dir: str | Path = "results", *, n_aux: int =
         raise ConfigError("--plant", f"unknown planted-design setting(s) {bad}; known: {sorted(known)}")
     if seeds < 2:
         raise ConfigError("--seeds", f"paired tests need at least 2 seeds, got {seeds}")
+    if first_seed < 0:
+        raise ConfigError("--first-seed", f"must be >= 0, got {first_seed}")
     if threads:
         torch.set_num_threads(int(threads))
     out_dir = Path(out_dir)
@@ -451,7 +454,7 @@ def bench_selection(store: Any, out_dir: str | Path = "results", *, n_aux: int =
     k_planted: dict[int, int] = {}
     precision: dict[int, float] = {}
     started = time.perf_counter()
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         planted = plant(features, n_aux=n_aux, seed=seed, **(plant_options or {}))
         k_planted[seed], precision[seed] = planted.k_planted, planted.precision_at(planted.k_planted)
         split = f"kfold-s0-f{seed % 5}"
@@ -481,7 +484,8 @@ def bench_selection(store: Any, out_dir: str | Path = "results", *, n_aux: int =
     if curve_summary:
         text += "\n" + format_curve(curve_summary, summary["k_planted_mean"])
     echo(text)
-    result = {"benchmark": "selection", "n_aux": n_aux, "seeds": seeds, "variants": list(variants),
+    result = {"benchmark": "selection", "n_aux": n_aux, "seeds": seeds, "first_seed": first_seed,
+              "variants": list(variants),
               "planted": {"k": k_planted, "prior_precision_at_k": precision,
                           "settings": {k: v for k, v in planted.settings.items() if k != "seed"}},
               "base_settings": {**BASE_SETTINGS, "epochs": epochs, "patience": patience, **(extra or {})},

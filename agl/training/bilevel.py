@@ -243,6 +243,7 @@ HYPERGRADIENTS: dict[str, str] = {
     "unroll": "agl.training.bilevel:unrolled_reverse",
     "checkpointed": "agl.training.bilevel:checkpointed_reverse",
     "forward": "agl.training.forward_mode:forward_mode",
+    "forward_fd": "agl.training.forward_mode:forward_fd",
     "ift_cg": "agl.training.implicit:ift_cg",
     "ift_neumann": "agl.training.implicit:ift_neumann",
 }

@@ -28,6 +28,18 @@ on that module alone. Every other module stays in forward mode. Only if that doe
 (e.g. the loss itself lacks a rule) does the whole step fall back to reverse-over-reverse:
 ``dg = grad_theta(<g, Z_theta> + <dL/dphi, Z_phi>)`` and a ``jvp`` of the optimiser arithmetic.
 ``FALLBACKS`` counts the tangents computed each way (per module name, or ``WHOLE_STEP``).
+
+``hypergrad: forward_fd`` is the same recursion without forward-over-reverse. The gradient's
+tangent splits into the mixed term ``d/dphi grad_theta L . Z_phi`` and the Hessian-vector product
+``H Z_theta``. The first is exact and cheap: ``phi`` (the gate) only reweights the per-gene losses,
+so it is the model's Jacobian transposed times a per-gene vector that forward mode gets from the
+gate alone, i.e. a second backward pass through the model. The second is a forward difference of
+gradients along ``Z_theta`` (one more plain gradient; DARTS, Liu et al. 2019, eq. 8, approximates
+its second-order term by differences of gradients too; a difference along ``phi`` would be poor,
+since the gate is sharp on the scale of tau). Per inner step that is one forward and three backward
+passes plus one more forward, about 2.7 plain steps, and its peak memory is one plain step's plus a
+few parameter-sized vectors whatever the activations. The error is ``O(h)`` plus round-off, with
+``h`` from ``FD_STEP``; at ``H = 1`` the result is exact. Every pass replays the step's dropout masks.
 """
 from __future__ import annotations
 
@@ -61,6 +73,9 @@ _WHOLE_STEP_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 # Above this many outer scalars the reverse estimators are cheaper (one tangent per scalar here).
 MANY_OUTER_SCALARS = 8
+# forward_fd: the finite-difference step is FD_STEP * (1 + |theta|) / |d_theta|; 0 means the square
+# root of the parameters' float epsilon (where a forward difference's truncation and round-off balance)
+FD_STEP = 0.0
 
 
 class _GateLoss(nn.Module):
@@ -102,9 +117,17 @@ def _is_missing_rule(error: Exception) -> bool:
                                                                     "NotImplemented"))
 
 
+def forward_fd(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
+               steps: int, outer: list[Tensor]) -> Estimate:
+    """``forward_mode`` with each inner step's gradient tangent by central finite differences of gradients."""
+    return forward_mode(net, gate, opt, train, val, n_primary, steps, outer, fd_step=FD_STEP)
+
+
 def forward_mode(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
-                 steps: int, outer: list[Tensor]) -> Estimate:
-    """Hypergradient of the unrolled objective by forward-mode differentiation (one tangent per outer scalar)."""
+                 steps: int, outer: list[Tensor], fd_step: float | None = None) -> Estimate:
+    """Hypergradient of the unrolled objective by forward-mode differentiation (one tangent per outer scalar).
+
+    ``fd_step``: take each step's gradient tangent by central finite differences (``forward_fd``)."""
     names = {id(p): n for n, p in gate.named_parameters()}
     outer_names = [f"gate.{names[id(p)]}" for p in outer]
     gate_loss = _GateLoss(gate, n_primary)
@@ -124,18 +147,19 @@ def forward_mode(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tu
             tangent_phi[j].view(-1)[e] = 1.0
             if direction == 0:  # the first trajectory draws dropout masks like the reverse unroll would
                 outer_loss, inner_losses, derivative = _trajectory(net, gate_loss, opt, train, val, n_primary, steps,
-                                                                   outer_names, phi, tangent_phi)
+                                                                   outer_names, phi, tangent_phi, fd_step)
             else:  # later ones replay the same masks
                 with replay_rng(start_rng, device):
                     _, _, derivative = _trajectory(net, gate_loss, opt, train, val, n_primary, steps,
-                                                   outer_names, phi, tangent_phi)
+                                                   outer_names, phi, tangent_phi, fd_step)
             total[j].view(-1)[e] = derivative
             direction += 1
     return outer_loss, inner_losses, total
 
 
 def _trajectory(net: Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, val: tuple, n_primary: int, steps: int,
-                outer_names: list[str], phi: list[Tensor], tangent_phi: list[Tensor]) -> tuple[float, list[float], Tensor]:
+                outer_names: list[str], phi: list[Tensor], tangent_phi: list[Tensor], fd_step: float | None = None
+                ) -> tuple[float, list[float], Tensor]:
     """``H`` inner steps carrying the tangent along ``tangent_phi``; the validation loss and its derivative."""
 
     def train_loss(theta: Sequence[Tensor], outer_values: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -150,7 +174,7 @@ def _trajectory(net: Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, val
     d_theta = [torch.zeros_like(x) for x in theta]
     d_state = tuple([torch.zeros_like(x) for x in xs] for xs in state)
     inner_losses = []
-    whole_step = net.model in _WHOLE_STEP_MODELS
+    whole_step = net.model in _WHOLE_STEP_MODELS or fd_step is not None
     # torch.func does its own differentiation; no eager graph is needed
     with torch.no_grad(), _LayerFallbacks(net) as layers:
         for h in range(steps):
@@ -179,7 +203,18 @@ def _trajectory(net: Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, val
                         _WHOLE_STEP_MODELS.add(net.model)
                         layers.remove()
                         _warn_whole_step(error)
-            if whole_step:  # (after a failed try the RNG was reset above: same dropout masks)
+            if fd_step is not None:
+                g, d_g, loss = _finite_difference_step(
+                    lambda th: net.per_gene(th, train),
+                    lambda losses, ph: functional_call(gate_loss, dict(zip(outer_names, ph)), (losses,)),
+                    theta, phi, d_theta, tangent_phi, fd_step or float(torch.finfo(theta[0].dtype).eps) ** 0.5)
+                if in_place:
+                    opt.tangent_step_(theta, state, d_theta, d_state, g, d_g, count)
+                else:
+                    (theta, state), (d_theta, d_state) = jvp(lambda t_, s_, g_: opt.update(t_, g_, s_, count),
+                                                             (theta, state, g), (d_theta, d_state, d_g))
+                del g, d_g
+            elif whole_step:  # (after a failed try the RNG was reset above: same dropout masks)
                 theta, state, d_theta, d_state, loss = _double_backward_step(
                     train_loss, opt, theta, state, phi, d_theta, d_state, tangent_phi, count)
                 FALLBACKS[WHOLE_STEP] += 1
@@ -197,6 +232,40 @@ def _trajectory(net: Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, val
         else:
             value, derivative = jvp(val_loss, (theta,), (d_theta,))
     return float(value.detach()), inner_losses, torch.as_tensor(derivative).detach()
+
+
+def _finite_difference_step(per_gene: Any, weighted: Any, theta: list[Tensor], phi: list[Tensor],
+                            d_theta: list[Tensor], d_phi: list[Tensor], rel_step: float
+                            ) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """The training gradient ``g`` at ``(theta, phi)``, its tangent ``d_g`` along ``(d_theta, d_phi)``, and the loss.
+
+    ``d_g = J^T (d/dphi grad_l f . d_phi) + H_theta d_theta`` with ``l = per_gene(theta)`` (the per-gene
+    losses, ``J`` their Jacobian) and ``f = weighted(l, phi)`` the gate's loss. The first term is exact:
+    a second backward pass through the model with a cotangent that forward mode gets from the gate
+    alone (per-gene sized). The second is a forward difference of gradients along ``d_theta`` (one
+    more plain gradient, replaying this step's dropout masks); it is zero at the first inner step.
+    """
+    from torch.func import grad_and_value, vjp
+
+    device = theta[0].device
+    rng = capture_rng(device)
+    losses, pull = vjp(per_gene, theta)  # the step's one forward pass: draws its dropout masks
+    after = capture_rng(device)
+    (cotangent, loss), (d_cotangent, _) = jvp(lambda ph: grad_and_value(weighted)(losses, ph), (phi,), (d_phi,))
+    (g,), (d_g,) = pull(cotangent), pull(d_cotangent)
+    del pull, losses
+    norm_v = torch.sqrt(sum((d.double() ** 2).sum() for d in d_theta))
+    if float(norm_v) > 0.0:
+        norm_x = torch.sqrt(sum((x.double() ** 2).sum() for x in theta))
+        h = float(rel_step * (1.0 + norm_x) / norm_v)
+        with replay_rng(rng, device):
+            shifted = grad(lambda th: weighted(per_gene(th), phi))([x + h * d for x, d in zip(theta, d_theta)])
+        for dg, a, b in zip(d_g, shifted, g):  # in place: one extra gradient alive at a time
+            dg.add_(a.sub_(b), alpha=1.0 / h)
+    torch.set_rng_state(after[0])  # the next step draws new masks, as in the exact recursion
+    if after[1] is not None:
+        torch.cuda.set_rng_state(after[1], device)
+    return list(g), list(d_g), loss
 
 
 def _warn_whole_step(error: Exception) -> None:
