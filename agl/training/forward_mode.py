@@ -119,7 +119,8 @@ def _is_missing_rule(error: Exception) -> bool:
 
 def forward_fd(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
                steps: int, outer: list[Tensor]) -> Estimate:
-    """``forward_mode`` with each inner step's gradient tangent by central finite differences of gradients."""
+    """``forward_mode`` without forward-over-reverse: each inner step's gradient tangent from a second backward
+    pass (the gate's term, exact) and a forward difference of gradients (the Hessian's term)."""
     return forward_mode(net, gate, opt, train, val, n_primary, steps, outer, fd_step=FD_STEP)
 
 
@@ -127,7 +128,7 @@ def forward_mode(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tu
                  steps: int, outer: list[Tensor], fd_step: float | None = None) -> Estimate:
     """Hypergradient of the unrolled objective by forward-mode differentiation (one tangent per outer scalar).
 
-    ``fd_step``: take each step's gradient tangent by central finite differences (``forward_fd``)."""
+    ``fd_step``: not None: take each step's gradient tangent as ``forward_fd`` does (0: the default step)."""
     names = {id(p): n for n, p in gate.named_parameters()}
     outer_names = [f"gate.{names[id(p)]}" for p in outer]
     gate_loss = _GateLoss(gate, n_primary)
@@ -174,14 +175,15 @@ def _trajectory(net: Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, val
     d_theta = [torch.zeros_like(x) for x in theta]
     d_state = tuple([torch.zeros_like(x) for x in xs] for xs in state)
     inner_losses = []
-    whole_step = net.model in _WHOLE_STEP_MODELS or fd_step is not None
+    whole_step = net.model in _WHOLE_STEP_MODELS
+    differences = fd_step is not None  # forward_fd: no forward-over-reverse at all
     # torch.func does its own differentiation; no eager graph is needed
     with torch.no_grad(), _LayerFallbacks(net) as layers:
         for h in range(steps):
             count = opt.count + h + 1
 
             rng = capture_rng(theta[0].device)
-            while not whole_step:
+            while not (whole_step or differences):
                 try:  # forward-over-reverse: the gradient and its tangent
                     g, d_g, loss = jvp(grad(train_loss, has_aux=True), (theta, phi), (d_theta, tangent_phi),
                                        has_aux=True)
@@ -203,7 +205,7 @@ def _trajectory(net: Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, val
                         _WHOLE_STEP_MODELS.add(net.model)
                         layers.remove()
                         _warn_whole_step(error)
-            if fd_step is not None:
+            if differences:
                 g, d_g, loss = _finite_difference_step(
                     lambda th: net.per_gene(th, train),
                     lambda losses, ph: functional_call(gate_loss, dict(zip(outer_names, ph)), (losses,)),
@@ -223,7 +225,7 @@ def _trajectory(net: Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, val
         def val_loss(th: list[Tensor]) -> Tensor:
             return net.per_gene(th, val, n_primary).mean()
 
-        if whole_step:
+        if whole_step or differences:  # one plain backward pass
             final = [x.detach().requires_grad_() for x in theta]
             with torch.enable_grad():
                 value = val_loss(final)
@@ -258,8 +260,14 @@ def _finite_difference_step(per_gene: Any, weighted: Any, theta: list[Tensor], p
     if float(norm_v) > 0.0:
         norm_x = torch.sqrt(sum((x.double() ** 2).sum() for x in theta))
         h = float(rel_step * (1.0 + norm_x) / norm_v)
-        with replay_rng(rng, device):
-            shifted = grad(lambda th: weighted(per_gene(th), phi))([x + h * d for x, d in zip(theta, d_theta)])
+        for x, d in zip(theta, d_theta):  # shifted in place and back (as DARTS does): no copy of theta
+            x.add_(d, alpha=h)
+        try:
+            with replay_rng(rng, device):
+                shifted = grad(lambda th: weighted(per_gene(th), phi))(theta)
+        finally:
+            for x, d in zip(theta, d_theta):
+                x.sub_(d, alpha=h)
         for dg, a, b in zip(d_g, shifted, g):  # in place: one extra gradient alive at a time
             dg.add_(a.sub_(b), alpha=1.0 / h)
     torch.set_rng_state(after[0])  # the next step draws new masks, as in the exact recursion
