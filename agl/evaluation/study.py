@@ -333,7 +333,8 @@ def threshold_lines(s: dict[str, Any]) -> list[str]:
     sd = f" ± {s['t_best_std']:.3f}" if math.isfinite(s["t_best_std"]) else ""
     moved = ("t ended where it started in every run" if s["delta_min"] == s["delta_max"] == 0 else
              f"net change of t {s['delta_min']:+.3f} to {s['delta_max']:+.3f} (t-test against 0: p = {_p(s['p_delta'])})")
-    signal = ("more than noise alone gives" if s["p_strong"] < 0.05 else
+    signal = ("more than noise alone gives, so within epochs the hypergradient carries some signal (whether t "
+              "moved the same way across runs is the t-test above)" if s["p_strong"] < 0.05 else
               "not more than noise alone gives: nothing shows that t moved on signal, so DkGSB's k "
               "reflects its starting threshold more than the data") if math.isfinite(s["p_strong"]) else "not measured"
     return [f"DkGSB's threshold over its {s['runs']} runs: t {s['t_init']:.3f} at the start, {s['t_best']:.3f}{sd} at "
