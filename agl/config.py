@@ -116,9 +116,10 @@ class TrainConfig:
     inner_optimizer: str = setting("adam", one_of("adam", "sgd"), "optimiser of the unrolled inner steps")
     first_order: bool = setting(False, boolean, "drop second-order terms of the hypergradient")
     hypergrad: str = setting("unroll", one_of_registry("hypergradient estimators", list_hypergradients),
-                             "estimator of the exact hypergradient: unroll (reverse), checkpointed (reverse, "
+                             "estimator of the unrolled hypergradient: unroll (reverse), checkpointed (reverse, "
                              "memory flat in H), forward (forward mode, for few outer scalars), forward_fd "
-                             "(forward mode with finite-difference Hessian-vector products: a plain step's memory)")
+                             "(forward mode with finite-difference Hessian-vector products, no activation "
+                             "tangents: for fine-tuning), ift_cg / ift_neumann (implicit)")
     inner_state: str = setting("fresh", one_of("fresh", "warm"),
                                "inner Adam per outer step: fresh = zero moments (the authors' release), "
                                "warm = the training optimiser's moments")

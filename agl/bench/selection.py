@@ -413,7 +413,8 @@ def _plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path,
 
 
 def bench_selection(store: Any, out_dir: str | Path = "results", *, n_aux: int = 14000, seeds: int = 5,
-                    first_seed: int = 0, variants: Sequence[str] = ("unroll", "ift_cg"), epochs: int = 40, patience: int = 10,
+                    first_seed: int = 0, variants: Sequence[str] = ("unroll", "ift_cg"), epochs: int = 40,
+                    patience: int = 10,
                     methods: Sequence[str] | None = None, threads: int | None = None,
                     extra: dict[str, Any] | None = None, dkgsb_extra: dict[str, Any] | None = None,
                     plant_options: dict[str, Any] | None = None, curve: Sequence[float] = CURVE_MULTIPLES,
