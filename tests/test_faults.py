@@ -203,7 +203,8 @@ def test_driver_killed_mid_sweep_is_restored(demo_store, tmp_path) -> None:
                 pass
         proc.wait()
     assert proc.returncode == -signal.SIGKILL and 0 < len(before) < 3
-    resumed = subprocess.run(cmd + ["--resume"], env=ENV, capture_output=True, text=True, timeout=400)
+    # a generous limit: on a loaded shared machine the resumed 3-trial sweep took more than 400 s
+    resumed = subprocess.run(cmd + ["--resume"], env=ENV, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     table = pd.read_csv(out / "trials.csv")
     assert len(table) == 3 and set(table["status"]) == {"finished"}, table
