@@ -172,7 +172,6 @@ def _trajectory(net: Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, val
     # own copies, updated in place by the optimiser's tangent step (the model and ``opt`` stay as they are)
     theta = [p.detach().clone() for p in net.params]
     state = tuple([x.detach().clone() for x in xs] for xs in opt.state())
-    in_place = hasattr(opt, "tangent_step_")
     d_theta = [torch.zeros_like(x) for x in theta]
     d_state = tuple([torch.zeros_like(x) for x in xs] for xs in state)
     inner_losses = []
@@ -188,11 +187,8 @@ def _trajectory(net: Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, val
                 try:  # forward-over-reverse: the gradient and its tangent
                     g, d_g, loss = jvp(grad(train_loss, has_aux=True), (theta, phi), (d_theta, tangent_phi),
                                        has_aux=True)
-                    if in_place:
-                        opt.tangent_step_(theta, state, d_theta, d_state, g, d_g, count)
-                    else:
-                        (theta, state), (d_theta, d_state) = jvp(lambda t_, s_, g_: opt.update(t_, g_, s_, count),
-                                                                 (theta, state, g), (d_theta, d_state, d_g))
+                    theta, state, d_theta, d_state = _optimiser_step(opt, theta, state, d_theta, d_state, g, d_g,
+                                                                     count)
                     del g, d_g
                     break
                 except (RuntimeError, NotImplementedError) as error:
@@ -211,11 +207,7 @@ def _trajectory(net: Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, val
                     lambda th: net.per_gene(th, train),
                     lambda losses, ph: functional_call(gate_loss, dict(zip(outer_names, ph)), (losses,)),
                     theta, phi, d_theta, tangent_phi, fd_step or float(torch.finfo(theta[0].dtype).eps) ** 0.5)
-                if in_place:
-                    opt.tangent_step_(theta, state, d_theta, d_state, g, d_g, count)
-                else:
-                    (theta, state), (d_theta, d_state) = jvp(lambda t_, s_, g_: opt.update(t_, g_, s_, count),
-                                                             (theta, state, g), (d_theta, d_state, d_g))
+                theta, state, d_theta, d_state = _optimiser_step(opt, theta, state, d_theta, d_state, g, d_g, count)
                 del g, d_g
             elif whole_step:  # (after a failed try the RNG was reset above: same dropout masks)
                 theta, state, d_theta, d_state, loss = _double_backward_step(
@@ -235,6 +227,18 @@ def _trajectory(net: Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, val
         else:
             value, derivative = jvp(val_loss, (theta,), (d_theta,))
     return float(value.detach()), inner_losses, torch.as_tensor(derivative).detach()
+
+
+def _optimiser_step(opt: Any, theta: list[Tensor], state: tuple, d_theta: list[Tensor], d_state: tuple,
+                    g: list[Tensor], d_g: list[Tensor], count: int) -> tuple:
+    """One inner optimiser step and its tangent: in place where the optimiser writes its tangent step out
+    (``tangent_step_``), else a ``jvp`` through its pure update."""
+    if hasattr(opt, "tangent_step_"):
+        opt.tangent_step_(theta, state, d_theta, d_state, g, d_g, count)
+        return theta, state, d_theta, d_state
+    (theta, state), (d_theta, d_state) = jvp(lambda t_, s_, g_: opt.update(t_, g_, s_, count),
+                                             (theta, state, g), (d_theta, d_state, d_g))
+    return theta, state, d_theta, d_state
 
 
 def _finite_difference_step(per_gene: Any, weighted: Any, theta: list[Tensor], phi: list[Tensor],
