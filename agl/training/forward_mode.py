@@ -206,7 +206,7 @@ def _trajectory(net: Unrolled, gate_loss: _GateLoss, opt: Any, train: tuple, val
                 g, d_g, loss = _finite_difference_step(
                     lambda th: net.per_gene(th, train),
                     lambda losses, ph: functional_call(gate_loss, dict(zip(outer_names, ph)), (losses,)),
-                    theta, phi, d_theta, tangent_phi, fd_step or float(torch.finfo(theta[0].dtype).eps) ** 0.5)
+                    theta, phi, d_theta, tangent_phi, fd_step)
                 theta, state, d_theta, d_state = _optimiser_step(opt, theta, state, d_theta, d_state, g, d_g, count)
                 del g, d_g
             elif whole_step:  # (after a failed try the RNG was reset above: same dropout masks)
@@ -255,9 +255,9 @@ def _finite_difference_step(per_gene: Any, weighted: Any, theta: list[Tensor], p
     from torch.func import grad_and_value, vjp
 
     device = theta[0].device
+    rel_step = rel_step or float(torch.finfo(theta[0].dtype).eps) ** 0.5  # 0: the default (see FD_STEP)
     rng = capture_rng(device)
     losses, pull = vjp(per_gene, theta)  # the step's one forward pass: draws its dropout masks
-    after = capture_rng(device)
     (cotangent, loss), (d_cotangent, _) = jvp(lambda ph: grad_and_value(weighted)(losses, ph), (phi,), (d_phi,))
     (g,), (d_g,) = pull(cotangent), pull(d_cotangent)
     del pull, losses
@@ -267,7 +267,7 @@ def _finite_difference_step(per_gene: Any, weighted: Any, theta: list[Tensor], p
         h = float(rel_step * (1.0 + norm_x) / norm_v)
         for x, d in zip(theta, d_theta):  # shifted in place and back (as DARTS does): no copy of theta
             x.add_(d, alpha=h)
-        try:
+        try:  # replay_rng restores the RNG afterwards: the next step draws new masks, as in the exact recursion
             with replay_rng(rng, device):
                 shifted = grad(lambda th: weighted(per_gene(th), phi))(theta)
         finally:
@@ -275,9 +275,6 @@ def _finite_difference_step(per_gene: Any, weighted: Any, theta: list[Tensor], p
                 x.sub_(d, alpha=h)
         for dg, a, b in zip(d_g, shifted, g):  # in place: one extra gradient alive at a time
             dg.add_(a.sub_(b), alpha=1.0 / h)
-    torch.set_rng_state(after[0])  # the next step draws new masks, as in the exact recursion
-    if after[1] is not None:
-        torch.cuda.set_rng_state(after[1], device)
     return list(g), list(d_g), loss
 
 
