@@ -128,3 +128,18 @@ def test_plot_without_dkgsb_has_no_empty_panels(tmp_path):
         warnings.simplefilter("error")  # an empty DkGSB panel's legend() warns "No artists with labels"
         path = _plot(runs, summarise(runs, {0: 10, 1: 10}), tmp_path / "curve.png", curve)
     assert path.exists() and path.stat().st_size > 0
+
+
+def test_first_seed_picks_the_planted_data_sets(store, tmp_path):
+    """--first-seed 3 --seeds 2 plants (and pairs over) seeds 3 and 4: the same runs as seeds 3-4 of a run from 0."""
+    from agl.bench.selection import bench_selection
+
+    with pytest.raises(ConfigError, match="first-seed"):
+        bench_selection(store, tmp_path / "bad", n_aux=50, seeds=2, first_seed=-1, echo=lambda s: None)
+    tiny = dict(n_aux=60, methods=["pgl"], epochs=1, patience=1, curve=(), extra={"trunk": [8]}, echo=lambda s: None)
+    later = bench_selection(store, tmp_path / "later", seeds=2, first_seed=3, **tiny)
+    every = bench_selection(store, tmp_path / "every", seeds=5, **tiny)
+    assert later["first_seed"] == 3 and [r["seed"] for r in later["runs"]] == [3, 4]
+    pcc = {r["seed"]: r["test_pcc"] for r in every["runs"]}
+    assert len(set(pcc.values())) == 5  # the seeds plant different data
+    assert [r["test_pcc"] for r in later["runs"]] == pytest.approx([pcc[3], pcc[4]], rel=1e-6)
