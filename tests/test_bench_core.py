@@ -36,3 +36,18 @@ def test_feature_cache_and_plain_loop_measured_side_by_side(demo_store, capsys) 
     assert all(len(ts) == 1 and ts[0] > 0 for ts in result["seconds_all"].values())
     assert result["cache_vs_plain_loop"] == rates["feature_cache"] / rates["plain_inference_mode"]
     assert "images/s vs plain inference_mode" in capsys.readouterr().out
+
+
+def test_live_memory_setting_reaches_only_the_fresh_process(monkeypatch):
+    """--live-memory: the allocator setting is in the spawned process's environment (glibc reads it at
+    start) and the parent's environment is as it was."""
+    import os
+
+    from agl.bench.core import LIVE_MEMORY_ENV, run_fresh
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    assert run_fresh(os.getenv, "MALLOC_MMAP_THRESHOLD_", env=LIVE_MEMORY_ENV) == "65536"
+    assert run_fresh(os.getenv, "MALLOC_TRIM_THRESHOLD_", env=LIVE_MEMORY_ENV) == "0"
+    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ and os.environ["MALLOC_TRIM_THRESHOLD_"] == "12345"
+    assert run_fresh(os.getenv, "MALLOC_MMAP_THRESHOLD_") is None

@@ -143,3 +143,20 @@ def test_first_seed_picks_the_planted_data_sets(store, tmp_path):
     pcc = {r["seed"]: r["test_pcc"] for r in every["runs"]}
     assert len(set(pcc.values())) == 5  # the seeds plant different data
     assert [r["test_pcc"] for r in later["runs"]] == pytest.approx([pcc[3], pcc[4]], rel=1e-6)
+
+
+def test_curve_counts_seeds_whose_own_best_k_is_near_the_planted_k(tmp_path):
+    """The identifiability check: seed 0's best k (20) is within 25% of its planted 18; seed 1's (10) is not."""
+    from agl.bench.selection import _plot, summarise
+
+    runs = [{"seed": s, "method": m, "k": k, "test_pcc": p, "history": [{"epoch": 0, "k": k}]}
+            for s, best in ((0, 20), (1, 10))
+            for m, k, p in (("pgl", 0, 0.4), ("topk", 18, 0.45), ("agl_all", 40, 0.41), ("dkgsb_unroll", 30, 0.44))]
+    curve = [{"seed": s, "k": k, "test_pcc": 0.5 if k == best else 0.43} for s, best in ((0, 20), (1, 10))
+             for k in (10, 20)]
+    c = summarise_curve(curve, runs, {0: 18, 1: 18})
+    assert c["best_k_per_seed"] == {0: 20, 1: 10}
+    assert c["oracle_within_tolerance"] == {"seeds": 1, "of": 2, "tolerance": 0.25}
+    assert c["per_seed"][1] == {10: 0.5, 18: 0.45, 20: 0.43, 40: 0.41}
+    path = _plot(runs, summarise(runs, {0: 18, 1: 18}), tmp_path / "per_seed.png", c)
+    assert path.exists() and path.stat().st_size > 0

@@ -411,3 +411,27 @@ def test_forward_fd_is_within_float32_error_of_forward_mode_with_a_sharp_gate_an
             got[method] = hypergradient(model, gate, pearson_loss, train, val, p, inner_steps=steps, inner_lr=1e-3,
                                         method=method)["hypergrad"][0].item()
         assert abs(got["forward_fd"] - got["forward"]) <= tolerance * abs(got["forward"]), (steps, got)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_forward_fd_keeps_no_graph_and_takes_two_passes_per_step(steps: int, monkeypatch) -> None:
+    """forward_fd's memory bound: every backward pass frees its graph (no retain_graph, no create_graph,
+    so no second set of activations is ever alive) and each inner step is two passes, then one for
+    the validation gradient."""
+    from agl.training import forward_mode
+
+    calls = []
+    real = forward_mode.grads_of
+
+    def recording(loss, params, create_graph, cotangent=None, retain_graph=None):
+        calls.append((create_graph, retain_graph))
+        return real(loss, params, create_graph, cotangent, retain_graph)
+
+    monkeypatch.setattr(forward_mode, "grads_of", recording)
+    model, gate, train, val = _problem()
+    out = hypergradient(model, gate, pearson_loss, train, val, P, inner_steps=steps, inner_lr=0.01,
+                        method="forward_fd")
+    assert torch.isfinite(out["hypergrad"][0]).all()
+    n_outer = sum(p.numel() for p in gate.parameters() if p.requires_grad)
+    assert len(calls) == n_outer * (2 * steps + 1), calls
+    assert all(not create and not retain for create, retain in calls), calls

@@ -28,7 +28,7 @@ def cmd_bench_core(args: argparse.Namespace) -> int:
                             finetune_methods=[m for m in args.finetune_methods.split(",") if m] or None,
                             feature_methods=[m for m in args.methods.split(",") if m] or None,
                             cache_patches=args.cache_patches,
-                            repeats_at=_pairs(args.repeats_at, "--repeats-at"))
+                            repeats_at=_pairs(args.repeats_at, "--repeats-at"), live_memory=args.live_memory)
         return 0
     report = run_bench_core(store=open_store_arg(args.store), out=Path(args.out), repeats=args.repeats,
                             patch_px=args.patch_px, cache_patches=args.cache_patches)
@@ -59,6 +59,9 @@ def add_bench_core_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-batch", type=int, default=64, help="batch size of fine-tune inner and outer steps")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the estimator comparison")
     p.add_argument("--memory-horizons", default="", help="measure peak memory (fresh processes) only at these H")
+    p.add_argument("--live-memory", action="store_true",
+                   help="memory processes under glibc's MALLOC_MMAP_THRESHOLD_=65536, so that RSS follows the live "
+                        "tensors rather than the allocator's kept heap (which varies by +-150 MB between processes)")
     p.add_argument("--repeats-at", default="", help="H=N,...: repeats at that H in features mode (e.g. 12=1)")
     p.add_argument("--finetune-repeats-at", default="", help="H=N,...: repeats at that H in fine-tune mode; 0: only "
                                                               "the one call timed in its fresh memory process")

@@ -324,9 +324,33 @@ def _memory_of(store_path: str, split: str, mode: str, method: str, horizon: int
     return {"peak_growth_mb": peak.growth_mb, "seconds": seconds}
 
 
-def _fresh_memory(*args: Any) -> dict[str, Any]:
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
-        return pool.submit(_memory_of, *args).result()
+# glibc keeps freed heap memory and fragments it, so RSS overstates live tensors by a varying amount
+# (+-150 MB between fresh processes at batch 64, 224 px). With every allocation of 64 KiB or more its
+# own mapping, returned on free, RSS tracks the live tensors (the CPU analogue of CUDA's allocated peak).
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def _fresh_memory(*args: Any, live: bool = False) -> dict[str, Any]:
+    """``_memory_of`` in a new process; ``live``: under ``LIVE_MEMORY_ENV``."""
+    return run_fresh(_memory_of, *args, env=LIVE_MEMORY_ENV if live else None)
+
+
+def run_fresh(fn: Any, *args: Any, env: dict[str, str] | None = None) -> Any:
+    """``fn(*args)`` in a new (spawned) process, with ``env`` added to its environment only (the C
+    library reads its settings at process start, so they must be in place before the spawn)."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
+            return pool.submit(fn, *args).result()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def bench_hypergradients(store_path: str, split: str, mode: str, horizons: list[int], repeats: int = 3,
@@ -334,7 +358,7 @@ def bench_hypergradients(store_path: str, split: str, mode: str, horizons: list[
                          threads: int = 1, methods: list[str] | None = None,
                          skip: dict[str, int] | None = None,
                          memory_horizons: list[int] | None = None,
-                         repeats_at: dict[int, int] | None = None) -> dict[str, Any]:
+                         repeats_at: dict[int, int] | None = None, live_memory: bool = False) -> dict[str, Any]:
     """Time of the plain step and of each estimator's outer step for each ``H``, in this process.
 
     Per ``H`` and repeat, the plain step and every estimator run once, in an order rotated
@@ -345,7 +369,8 @@ def bench_hypergradients(store_path: str, split: str, mode: str, horizons: list[
     reverse unroll at large ``H`` does not fit in memory); its row is then a projection from a
     straight-line fit of its measured time and memory against ``H`` (``projected: True``).
     ``repeats_at[H]`` overrides ``repeats`` at that ``H``; 0 means no in-process timing: the one
-    call timed in the fresh memory process is the figure (for calls of minutes each).
+    call timed in the fresh memory process is the figure (for calls of minutes each). ``live_memory``:
+    the memory processes run under ``LIVE_MEMORY_ENV``, so their RSS follows the live tensors.
     """
     import os
 
@@ -376,7 +401,8 @@ def bench_hypergradients(store_path: str, split: str, mode: str, horizons: list[
         if row["repeats"] and memory_horizons is not None and row["H"] not in memory_horizons:
             row["peak_rss_growth_mb"] = None
             continue
-        mem = _fresh_memory(store_path, split, mode, row["method"], row["H"], patch_px, backbone, batch, threads)
+        mem = _fresh_memory(store_path, split, mode, row["method"], row["H"], patch_px, backbone, batch, threads,
+                            live=live_memory)
         row["peak_rss_growth_mb"] = mem["peak_growth_mb"]
         row["seconds_fresh_process"] = mem["seconds"]
         if not row["repeats"]:  # no in-process timing at this H: the fresh process's one call is the figure
@@ -394,6 +420,8 @@ def bench_hypergradients(store_path: str, split: str, mode: str, horizons: list[
             "backbone": backbone if mode == "finetune" else None, "patch_px": patch_px if mode == "finetune" else None,
             "input_shape": list(s["train"][0].shape[1:]), "n_outputs": int(s["tr"].n_out),
             "skipped": {m: f"H >= {h}" for m, h in skip.items()},
+            "memory_allocator": f"glibc with {LIVE_MEMORY_ENV} (RSS follows live tensors)" if live_memory
+            else "the C library's defaults (RSS as a user sees it, freed heap included)",
             "load_average_1_5_15min": {"start": list(load_start), "end": list(os.getloadavg())}, "rows": rows}
 
 
@@ -444,7 +472,8 @@ def plot_hypergradients(sections: list[dict[str, Any]], path: Path) -> None:
         title = f"{section['mode']} ({model}batch {section['batch']}, {section['n_outputs']} outputs)"
         axes[0, col].set_title(title, fontsize=9)
         axes[0, col].set_ylabel("outer step / (H x plain step)")
-        axes[1, col].set_ylabel("peak RSS growth (GiB)")
+        live = str(section.get("memory_allocator", "")).startswith("glibc with")
+        axes[1, col].set_ylabel("peak RSS growth (GiB)" + (", live tensors (--live-memory)" if live else ""))
         for ax in axes[:, col]:
             ax.set_xlabel("H (unrolled inner steps)")
             ax.set_xscale("log", base=2)
@@ -475,7 +504,7 @@ def run_bench_hypergrad(store: Any, out: Path, horizons: list[int], finetune_hor
                         memory_horizons: list[int] | None = None, finetune_repeats_at: dict[int, int] | None = None,
                         finetune_methods: list[str] | None = None, feature_methods: list[str] | None = None,
                         features: bool = True, cache_patches: int = 128,
-                        repeats_at: dict[int, int] | None = None) -> dict[str, Any]:
+                        repeats_at: dict[int, int] | None = None, live_memory: bool = False) -> dict[str, Any]:
     """Estimators vs H in features and fine-tune mode; adds ``hypergrad`` to ``out/bench_core.json``
     (other keys of an existing file are kept) and writes ``out/bench_core_hypergrad.png``."""
     import torch
@@ -488,13 +517,13 @@ def run_bench_hypergrad(store: Any, out: Path, horizons: list[int], finetune_hor
     if horizons:
         sections.append(bench_hypergradients(str(store.path), split, "features", horizons, repeats, threads=threads,
                                              memory_horizons=memory_horizons, methods=feature_methods, skip=skip,
-                                             repeats_at=repeats_at))
+                                             repeats_at=repeats_at, live_memory=live_memory))
         print_hypergradients(sections[-1])
     if finetune_horizons:
         sections.append(bench_hypergradients(str(store.path), split, "finetune", finetune_horizons, finetune_repeats,
                                              patch_px, finetune_backbone, finetune_batch, threads, skip=skip,
                                              memory_horizons=memory_horizons, methods=finetune_methods,
-                                             repeats_at=finetune_repeats_at))
+                                             repeats_at=finetune_repeats_at, live_memory=live_memory))
         print_hypergradients(sections[-1])
     path = out / "bench_core.json"
     report = json.loads(path.read_text()) if path.exists() else {}

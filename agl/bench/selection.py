@@ -290,18 +290,30 @@ def summarise(runs: list[dict[str, Any]], k_planted: dict[int, int], tolerance: 
     return {"k_planted_mean": float(planted.mean()), "tolerance": tolerance, "methods": methods}
 
 
-def summarise_curve(curve: list[dict[str, Any]], runs: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise_curve(curve: list[dict[str, Any]], runs: list[dict[str, Any]],
+                    k_planted: dict[int, int] | None = None, tolerance: float = 0.25) -> dict[str, Any]:
     """Top-k test PCC by k (mean, sd over seeds; AGL-all as k = n_aux), the best k per seed, and
-    paired tests of top-k at the planted k against top-k at every other k (a flat curve gives t no signal)."""
+    paired tests of top-k at the planted k against top-k at every other k (a flat curve gives t no signal).
+
+    With ``k_planted``: how identifiable k is at all. ``oracle_within_tolerance`` counts the seeds whose
+    best k on their own test curve (an oracle no method has) lies within ``tolerance`` of the planted k;
+    where even that oracle misses, a learned k cannot be expected to hit it seed by seed."""
     frame = pd.DataFrame([{k: r[k] for k in ("seed", "k", "test_pcc")} for r in curve])
     allk = [{"seed": r["seed"], "k": r["k"], "test_pcc": r["test_pcc"]} for r in runs if r["method"] in ("agl_all", "topk")]
     frame = pd.concat([frame, pd.DataFrame(allk)]).drop_duplicates(["seed", "k"])
     table = frame.pivot(index="seed", columns="k", values="test_pcc").sort_index(axis=1)
     k_at = {r["seed"]: r["k"] for r in runs if r["method"] == "topk"}
+    best = {int(s): int(table.loc[s].idxmax()) for s in table.index}
     out: dict[str, Any] = {"k": [int(k) for k in table.columns],
                            "pcc_mean": [float(table[k].mean()) for k in table.columns],
                            "pcc_std": [float(table[k].std(ddof=1)) if table[k].count() > 1 else 0.0 for k in table.columns],
-                           "best_k_per_seed": {int(s): int(table.loc[s].idxmax()) for s in table.index}}
+                           "best_k_per_seed": best,
+                           "per_seed": {int(s): {int(k): float(v) for k, v in table.loc[s].dropna().items()}
+                                        for s in table.index}}
+    if k_planted:
+        hits = [s for s, k in best.items() if s in k_planted and abs(k - k_planted[s]) <= tolerance * k_planted[s]]
+        out["oracle_within_tolerance"] = {"seeds": len(hits), "of": len([s for s in best if s in k_planted]),
+                                          "tolerance": tolerance}
     if k_at:
         at = pd.Series({s: table.loc[s, k] for s, k in k_at.items()})
         out["planted_vs_k"] = {int(k): paired_test(at.values, table.loc[at.index, k].values)
@@ -340,6 +352,10 @@ def format_curve(curve: dict[str, Any], k_planted: float) -> str:
         lines.append("  top-k at planted k minus top-k at k (paired): " + ", ".join(
             f"k {k}: {t['mean_diff']:+.4f} (p={t['p']:.2g})" for k, t in tests.items()))
     lines.append(f"  best k per seed: {sorted(curve['best_k_per_seed'].values())}")
+    oracle = curve.get("oracle_within_tolerance")
+    if oracle:
+        lines.append(f"  test-set oracle (each seed's best k on its own test curve): within +-{oracle['tolerance']:.0%} "
+                     f"of the planted k in {oracle['seeds']}/{oracle['of']} seeds")
     return "\n".join(lines)
 
 
@@ -354,9 +370,14 @@ def _plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path,
 
     methods = list(summary["methods"])
     dk = [m for m in methods if m.startswith("dkgsb")]
-    panels = 1 + (2 if dk else 0) + (1 if curve else 0)  # the DkGSB panels only when DkGSB ran
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2), squeeze=False)
-    axes = list(axes[0])
+    per_seed = (curve or {}).get("per_seed") or {}
+    panels = 1 + (2 if dk else 0) + (1 if curve else 0) + (1 if per_seed else 0)  # DkGSB panels only when it ran
+    rows = 2 if panels > 3 else 1  # 4-5 panels: two rows, so the figure stays readable
+    cols = -(-panels // rows)
+    fig, grid = plt.subplots(rows, cols, figsize=(5 * cols, 4.2 * rows), squeeze=False)
+    axes = list(grid.flat)[:panels]
+    for spare in list(grid.flat)[panels:]:
+        spare.set_visible(False)
     ax = axes[0]
     means = [summary["methods"][m]["pcc_mean"] for m in methods]
     errs = [summary["methods"][m]["pcc_std"] for m in methods]
@@ -390,7 +411,7 @@ def _plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path,
         axes[2].set_title("DkGSB: hypergradient signal per epoch")
         axes[2].legend(fontsize=7)
     if curve:
-        ax = axes[-1]
+        ax = axes[-2] if per_seed else axes[-1]
         ax.errorbar(curve["k"], curve["pcc_mean"], yerr=curve["pcc_std"], marker="o", capsize=3, color="#4c72b0",
                     label="top-k (prior prefix)")
         ax.axvline(k_planted, color="k", ls="--", lw=1, label=f"planted k ({k_planted:.0f})")
@@ -405,6 +426,29 @@ def _plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path,
         ax.set_ylabel("test PCC (mean +- sd over seeds)")
         ax.set_title("Top-k curve: where is the optimum?")
         ax.legend(fontsize=7)
+    if per_seed:  # why a single run's k can miss: each seed's own curve and where DkGSB's k landed on it
+        ax = axes[-1]
+        markers = "sD^v"
+        for i, (seed, points) in enumerate(sorted(per_seed.items(), key=lambda kv: int(kv[0]))):
+            c = colours[i % len(colours)]
+            ks_seed = sorted(points, key=int)
+            ax.plot([int(k) for k in ks_seed], [points[k] for k in ks_seed], color=c, alpha=0.7, lw=1, marker=".",
+                    label=f"seed {seed}")
+            for j, m in enumerate(dk):
+                r = next((r for r in runs if r["method"] == m and str(r["seed"]) == str(seed)), None)
+                if r is not None:
+                    ax.plot([r["k"]], [r["test_pcc"]], marker=markers[j % len(markers)], color=c, ms=7, mec="k",
+                            label=m if i == 0 else None)
+        ax.axvline(k_planted, color="k", ls="--", lw=1)
+        ax.axvspan(0.75 * k_planted, 1.25 * k_planted, color="grey", alpha=0.15, label="planted k +-25%")
+        ax.set_xscale("log")
+        ax.set_xlabel("k (auxiliary genes kept, log)")
+        ax.set_ylabel("test PCC")
+        oracle = curve.get("oracle_within_tolerance")
+        ax.set_title("Per seed: top-k curve, DkGSB's k on it" + (
+            f"\n(each seed's own best k within +-25%: {oracle['seeds']}/{oracle['of']})" if oracle else ""),
+            fontsize=10)
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     try:
         return atomic_savefig(fig, path, dpi=110)
@@ -480,7 +524,7 @@ def bench_selection(store: Any, out_dir: str | Path = "results", *, n_aux: int =
             curve_runs.append({"seed": seed, "k": k, "test_pcc": r["test_pcc"], "best_epoch": r["best_epoch"]})
             echo(f"seed {seed} top-k curve k {k:>6} test PCC {r['test_pcc']:.4f}")
     summary = summarise(runs, k_planted)
-    curve_summary = summarise_curve(curve_runs, runs) if curve_runs else None
+    curve_summary = summarise_curve(curve_runs, runs, k_planted) if curve_runs else None
     text = format_table(summary)
     if curve_summary:
         text += "\n" + format_curve(curve_summary, summary["k_planted_mean"])

@@ -31,16 +31,19 @@ on that module alone. Every other module stays in forward mode. Only if that doe
 
 ``hypergrad: forward_fd`` is the same recursion without forward-over-reverse. The gradient's
 tangent splits into the mixed term ``d/dphi grad_theta L . Z_phi`` and the Hessian-vector product
-``H Z_theta``. The first is exact and cheap: ``phi`` (the gate) only reweights the per-gene losses,
-so it is the model's Jacobian transposed times a per-gene vector that forward mode gets from the
-gate alone, i.e. a second backward pass through the model. The second is a forward difference of
-gradients along ``Z_theta`` (one more plain gradient; DARTS, Liu et al. 2019, eq. 8, approximates
-its second-order term by differences of gradients too; a difference along ``phi`` would be poor,
-since the gate is sharp on the scale of tau). Per inner step that is one forward and three backward
-passes plus one more forward, about 2.7 plain steps; no activation carries a tangent, so its peak
-memory is far below ``forward``'s (measured at 224 px, batch 64: 1.94x a plain step at H = 1, 2.22x
-at H = 12; docs/results.md). The error is ``O(h)`` plus round-off, with
-``h`` from ``FD_STEP``; at ``H = 1`` the result is exact. Every pass replays the step's dropout masks.
+``H Z_theta``. The first is cheap: ``phi`` (the gate) only reweights the per-gene losses, so it is
+the model's Jacobian transposed times a per-gene vector that forward mode gets from the gate alone.
+The second is a difference of gradients along ``Z_theta`` (DARTS, Liu et al. 2019, eq. 8,
+approximates its second-order term by differences of gradients too; a difference along ``phi``
+would be poor, since the gate is sharp on the scale of tau). Both come from two passes at
+``theta -/+ (h/2) Z_theta`` whose backward cotangents carry the gate's term with opposite signs:
+their difference is a central difference (error ``O(h^2)`` plus round-off, ``h`` from ``FD_STEP``),
+their mean the gradient itself. At the first inner step (``Z_theta = 0``) the two passes give the
+gradient and the mixed term exactly, so at ``H = 1`` the result is exact. Per inner step that is two
+forward and two backward passes, about 2 plain steps; no backward pass keeps its graph and no
+activation carries a tangent, so the peak is one plain step's activations plus the trajectory's
+parameter-sized tensors (measured at 224 px, batch 64: docs/results.md). Every pass replays the
+step's dropout masks.
 """
 from __future__ import annotations
 
@@ -246,42 +249,61 @@ def _finite_difference_step(per_gene: Any, weighted: Any, theta: list[Tensor], p
                             ) -> tuple[list[Tensor], list[Tensor], Tensor]:
     """The training gradient ``g`` at ``(theta, phi)``, its tangent ``d_g`` along ``(d_theta, d_phi)``, and the loss.
 
-    ``d_g = J^T (d/dphi grad_l f . d_phi) + H_theta d_theta`` with ``l = per_gene(theta)`` (the per-gene
-    losses, ``J`` their Jacobian) and ``f = weighted(l, phi)`` the gate's loss. The first term is exact:
-    a second backward pass through the model with a cotangent that forward mode gets from the gate
-    alone (per-gene sized). The second is a forward difference of gradients along ``d_theta`` (one
-    more plain gradient, replaying this step's dropout masks); it is zero at the first inner step.
-    """
-    from torch.func import grad_and_value
+    ``d_g = H_theta d_theta + J^T c_phi`` with ``l = per_gene(theta)`` (the per-gene losses, ``J`` their
+    Jacobian), ``f = weighted(l, phi)`` the gate's loss and ``c_phi = d/dphi grad_l f . d_phi`` (per-gene
+    sized, from forward mode through the gate alone). Two passes, each a forward and a backward that frees
+    its graph as it goes, so no pass holds a second set of activations:
 
+    - at the first inner step (``d_theta = 0``): ``g`` and then ``J^T c_phi``, both at ``theta``, exact;
+    - later, at ``theta -/+ (h/2) d_theta``, ``J^T (c -/+ (h/2) c_phi)`` each (``c = grad_l f`` there), so
+      their difference over ``h`` is a central difference of gradients along ``d_theta`` plus the gate's
+      term (``O(h^2)``) and their mean is ``g`` (``O(h^2)``, as is the loss, the mean of the two).
+
+    The second pass replays this step's dropout masks.
+    """
     device = theta[0].device
     rel_step = rel_step or float(torch.finfo(theta[0].dtype).eps) ** 0.5  # 0: the default (see FD_STEP)
     rng = capture_rng(device)
     # Eager autograd, not torch.func: torch.func.grad always differentiates with create_graph=True (to
-    # compose), which held about one more set of activations in the shifted pass (+1.1 GB at batch 64, 224 px).
+    # compose), which held about one more set of activations (+1.1 GB at batch 64, 224 px).
     leaves = [x.detach().requires_grad_() for x in theta]  # theta's own storage: no copy
-    with torch.enable_grad():
-        losses = per_gene(leaves)  # the step's one forward pass: draws its dropout masks
-    (cotangent, loss), (d_cotangent, _) = jvp(lambda ph: grad_and_value(weighted)(losses.detach(), ph),
-                                               (phi,), (d_phi,))
-    g = grads_of(losses, leaves, False, cotangent, retain_graph=True)
-    d_g = grads_of(losses, leaves, False, d_cotangent)
-    del losses
     norm_v = torch.sqrt(sum((d.double() ** 2).sum() for d in d_theta))
-    if float(norm_v) > 0.0:
-        norm_x = torch.sqrt(sum((x.double() ** 2).sum() for x in theta))
-        h = float(rel_step * (1.0 + norm_x) / norm_v)
-        for x, d in zip(theta, d_theta):  # shifted in place and back (as DARTS does): no copy of theta
+    if float(norm_v) == 0.0:
+        g, loss = _gradient_pass(per_gene, weighted, leaves, phi, d_phi, 1.0, 0.0)
+        with replay_rng(rng, device):  # restores the RNG afterwards: the next step draws new masks
+            d_g, _ = _gradient_pass(per_gene, weighted, leaves, phi, d_phi, 0.0, 1.0)
+        return g, d_g, loss
+    norm_x = torch.sqrt(sum((x.double() ** 2).sum() for x in theta))
+    h = float(rel_step * (1.0 + norm_x) / norm_v)
+    offset = 0.0  # theta is shifted in place and back (as DARTS does): no copy of theta
+    try:
+        for x, d in zip(theta, d_theta):
+            x.sub_(d, alpha=h / 2)
+        offset = -h / 2
+        below, loss_below = _gradient_pass(per_gene, weighted, leaves, phi, d_phi, 1.0, -h / 2)
+        for x, d in zip(theta, d_theta):
             x.add_(d, alpha=h)
-        try:  # replay_rng restores the RNG afterwards: the next step draws new masks, as in the exact recursion
-            with replay_rng(rng, device), torch.enable_grad():
-                shifted = grads_of(weighted(per_gene(leaves), phi), leaves, create_graph=False)
-        finally:
-            for x, d in zip(theta, d_theta):
-                x.sub_(d, alpha=h)
-        for dg, a, b in zip(d_g, shifted, g):  # in place: one extra gradient alive at a time
-            dg.add_(a.sub_(b), alpha=1.0 / h)
-    return g, d_g, loss
+        offset = h / 2
+        with replay_rng(rng, device):
+            above, loss_above = _gradient_pass(per_gene, weighted, leaves, phi, d_phi, 1.0, h / 2)
+    finally:
+        for x, d in zip(theta, d_theta):
+            x.sub_(d, alpha=offset)
+    for a, b in zip(below, above):  # in place: a <- (a + b) / 2 = g, then b <- (b - g) * 2 / h = (b - a) / h
+        a.add_(b).mul_(0.5)
+        b.sub_(a).mul_(2.0 / h)
+    return below, above, (loss_below + loss_above) / 2
+
+
+def _gradient_pass(per_gene: Any, weighted: Any, leaves: list[Tensor], phi: list[Tensor], d_phi: list[Tensor],
+                   of_loss: float, of_tangent: float) -> tuple[list[Tensor], Tensor]:
+    """One forward and backward pass at ``leaves``: ``J^T (of_loss c + of_tangent c_phi)`` and the gate's loss."""
+    from torch.func import grad_and_value
+
+    with torch.enable_grad():
+        losses = per_gene(leaves)
+    (c, loss), (c_phi, _) = jvp(lambda ph: grad_and_value(weighted)(losses.detach(), ph), (phi,), (d_phi,))
+    return grads_of(losses, leaves, False, of_loss * c + of_tangent * c_phi), loss
 
 
 def _warn_whole_step(error: Exception) -> None:
