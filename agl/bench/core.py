@@ -125,8 +125,7 @@ def _measure(store_path: str, split: str, mode: str, op: str, repeats: int, patc
 
 def _fresh(*args: Any) -> dict[str, Any]:
     """One measurement in a new process (ru_maxrss is a process-lifetime peak)."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
-        return pool.submit(_measure, *args).result()
+    return run_fresh(_measure, *args)
 
 
 def run_bench_core(store: Any, out: Path, repeats: int = 3, patch_px: int = 112, inner_steps: int = 2,
