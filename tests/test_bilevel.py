@@ -423,9 +423,9 @@ def test_forward_fd_keeps_no_graph_and_takes_two_passes_per_step(steps: int, mon
     calls = []
     real = forward_mode.grads_of
 
-    def recording(loss, params, create_graph, cotangent=None, retain_graph=None):
-        calls.append((create_graph, retain_graph))
-        return real(loss, params, create_graph, cotangent, retain_graph)
+    def recording(loss, params, create_graph, cotangent=None, **rest):
+        calls.append((create_graph, rest.get("retain_graph")))
+        return real(loss, params, create_graph, cotangent, **rest)
 
     monkeypatch.setattr(forward_mode, "grads_of", recording)
     model, gate, train, val = _problem()

@@ -227,11 +227,10 @@ def weighted_loss(gate: nn.Module, per_gene: Tensor, n_primary: int) -> Tensor:
     return gate.loss(per_gene[:n_primary], per_gene[n_primary:])
 
 
-def grads_of(loss: Tensor, params: Sequence[Tensor], create_graph: bool, cotangent: Tensor | None = None,
-             retain_graph: bool | None = None) -> list[Tensor]:
+def grads_of(loss: Tensor, params: Sequence[Tensor], create_graph: bool, cotangent: Tensor | None = None
+             ) -> list[Tensor]:
     """``d loss / d params`` (``J^T cotangent`` for a non-scalar ``loss``), zeros for a parameter it does not use."""
-    grads = torch.autograd.grad(loss, params, cotangent, retain_graph=retain_graph, create_graph=create_graph,
-                                allow_unused=True)
+    grads = torch.autograd.grad(loss, params, cotangent, create_graph=create_graph, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
