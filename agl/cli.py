@@ -45,10 +45,25 @@ EXAMPLES: dict[str, str] = {
 }
 
 
+class LazyHelp:
+    """An option's help made when shown (e.g. read from a registry that imports torch), not when the parser is built."""
+
+    def __init__(self, make: Callable[[], str]):
+        self.make = make
+
+    def __str__(self) -> str:
+        return self.make()
+
+    def strip(self) -> str:  # argparse tests the help for blankness before formatting it
+        return str(self).strip()
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults after every option's help; descriptions and examples keep their line breaks."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
+        if isinstance(action.help, LazyHelp):
+            return str(action.help)
         # a required option, a flag or an unset option has no default worth printing
         if action.required or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
             return action.help

@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from agl.cli import add_list_arg
+from agl.cli import LazyHelp, add_list_arg
 from agl.data.locate import add_store_arg, open_store_arg, store_path
 from agl.errors import ConfigError, DataError
 
@@ -164,6 +164,14 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def method_help() -> str:
+    """The ``--method`` help, read from the gate registry when shown (so building the parser imports no torch)."""
+    from agl.selection import GATES, gate_help
+
+    gates = "; ".join(f"{name}: {gate_help(cls)}" for name, cls in GATES.items())
+    return f"a registered gate, optionally with options: topk:k=100 ({gates})".replace("%", "%%")
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML or JSON file of TrainConfig settings")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable)")
@@ -177,8 +185,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one method on one split of a store",
                        description="Train one run; writes result.json, checkpoint/, gene_set.csv and plots.")
     add_store_arg(p, required=True)
-    p.add_argument("--method", required=True, help="pgl | agl_all | topk | random_k | uncertainty | dkgsb | probe, "
-                                                  "optionally with options: topk:k=100")
+    p.add_argument("--method", required=True, help=LazyHelp(method_help))
     p.add_argument("--split", required=True, help="split name, e.g. kfold-s0-f0 (see `agl info`)")
     p.add_argument("--out", required=True, help="output folder")
     _add_config_args(p)

@@ -227,6 +227,22 @@ def test_pgl_comparison_is_a_paired_t_test() -> None:
     assert verdict["mean_diff"] == pytest.approx(0.0475)
 
 
+def test_pgl_comparison_does_not_count_the_probe_as_an_auxiliary_gene_trial() -> None:
+    """The probe predicts the primary genes only (its gate's trait); the best auxiliary-gene trial is dkgsb's."""
+    from agl.distributed.spaces import parse_space
+    from agl.distributed.tune import compare_with_pgl
+
+    space = parse_space({"split": "loso-B4", "metric": "cv_pcc", "cv": {"kind": "loso"},
+                         "params": {"method": {"type": "categorical", "choices": ["probe", "dkgsb", "pgl"]}}})
+    folds = {"probe": {"a": 0.30, "b": 0.31}, "dkgsb": {"a": 0.22, "b": 0.25}, "pgl": {"a": 0.17, "b": 0.21}}
+    table = pd.DataFrame([  # sorted best first, as summary_table writes it: the probe leads
+        {"trial_id": f"t-{m}", "status": "finished", "param.method": m, "cv_pcc": sum(f.values()) / 2,
+         "cv_pcc_se": 0.01, "fold_pcc": json.dumps(f)} for m, f in folds.items()])
+    verdict = compare_with_pgl(table, space)
+    assert verdict["aux_trial"] == "t-dkgsb" and verdict["pgl_trial"] == "t-pgl"
+    assert verdict["mean_diff"] == pytest.approx(0.045)
+
+
 def test_fair_asha_never_stops_pinned_trials() -> None:
     from agl.distributed.tune import FairASHA
 

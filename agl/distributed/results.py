@@ -118,9 +118,6 @@ def best_trial(table: pd.DataFrame, space: SearchSpace) -> dict[str, Any] | None
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.to_dict().items()}
 
 
-AUX_METHODS_EXCLUDED = ("pgl",)   # PGL predicts the primary genes only
-
-
 def compare_with_pgl(table: pd.DataFrame, space: SearchSpace) -> dict[str, Any] | None:
     """Did the best auxiliary-gene trial beat the best PGL trial beyond the fold noise?
 
@@ -130,11 +127,14 @@ def compare_with_pgl(table: pd.DataFrame, space: SearchSpace) -> dict[str, Any] 
     """
     from scipy import stats
 
+    from agl.selection import gates_with, reference_gate
+
     if space.cv is None or "param.method" not in table or not len(table):
         return None
     done = table[(table["status"] == "finished") & table["cv_pcc"].notna()]
-    pgl = done[done["param.method"].astype(str).isin(AUX_METHODS_EXCLUDED)]
-    aux = done[~done["param.method"].astype(str).isin(AUX_METHODS_EXCLUDED)]
+    method = done["param.method"].astype(str)
+    pgl = done[method == reference_gate()]
+    aux = done[method.isin(gates_with(predicts_auxiliary=True))]  # not the probe: it predicts primary genes only
     if not len(pgl) or not len(aux):
         return None
     a, b = aux.iloc[0], pgl.iloc[0]   # tables are sorted best first

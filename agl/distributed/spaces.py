@@ -65,8 +65,6 @@ DIST_KEYS = {
 }
 CV_KEYS = {"kind", "folds", "seed", "max_folds"}
 CV_KINDS = ("loso", "spatial", "kfold")
-# methods whose gate has outer parameters trained by bi-level steps
-BILEVEL_METHODS = ("dkgsb",)
 SCHEDULERS = {"asha": {"name", "grace_period", "reduction_factor"}, "fifo": {"name"}}
 METRIC_MODES = ("max", "min")
 
@@ -353,10 +351,12 @@ def _parse_cv(err: "_Errors", raw: Any, split: str) -> dict[str, Any] | None:
 def _check_bilevel_budget(err: "_Errors", min_bilevel: int, params: Mapping[str, Distribution],
                           fixed: Mapping[str, Any]) -> None:
     """Early stopping (patience) must leave every bi-level method at least ``min_bilevel`` outer epochs."""
+    from agl.selection import gates_with
     from agl.training.loop import TrainConfig, warmup_epochs
 
     methods = params["method"].choices if "method" in params else (fixed.get("method", TrainConfig().method),)
-    if not min_bilevel or not any(m in BILEVEL_METHODS for m in methods):
+    # methods whose gate has outer parameters trained by bi-level steps
+    if not min_bilevel or not any(m in gates_with(bilevel=True) for m in methods):
         return
     cfg = TrainConfig.from_dict(dict(fixed))
     first = warmup_epochs(cfg) if cfg.schedule == "warmstart" else 1   # first epoch with a bi-level pass

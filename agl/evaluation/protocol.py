@@ -31,7 +31,6 @@ PROTOCOL_PREFIX: dict[str, Callable[[int], str]] = {
     "spatial": lambda seed: f"spatial-s{seed}-f",
     "loso": lambda seed: "loso-",
 }
-REFERENCE = "pgl"
 METRICS = ("pcc", "scc", "mse")
 
 
@@ -165,9 +164,14 @@ def per_gene_means(records: list[dict[str, Any]], label: str, runs: set[tuple[st
     return pd.concat(frames, axis=1).mean(axis=1) if frames else pd.Series(dtype=float)
 
 
-def wilcoxon_table(records: list[dict[str, Any]], order: Sequence[str], reference: str = REFERENCE) -> pd.DataFrame:
-    """Paired Wilcoxon signed-rank test per method vs ``reference`` over per-gene PCC (runs matched)."""
+def wilcoxon_table(records: list[dict[str, Any]], order: Sequence[str], reference: str | None = None) -> pd.DataFrame:
+    """Paired Wilcoxon signed-rank test per method vs ``reference`` (default: the reference gate, PGL)
+    over per-gene PCC (runs matched)."""
     from scipy.stats import wilcoxon
+
+    from agl.selection import reference_gate
+
+    reference = reference or reference_gate()
 
     def runs_of(label: str) -> set[tuple[str, int]]:
         return {(r["split"], r["seed"]) for r in records if r["method"] == label}
@@ -225,6 +229,7 @@ def results_markdown(table: pd.DataFrame, wil: pd.DataFrame) -> str:
 def write_outputs(out: Path, records: list[dict[str, Any]], order: Sequence[str]) -> dict[str, Path]:
     """Write table.csv, table.md, wilcoxon.csv and the figures; return their paths."""
     from agl import plotting
+    from agl.selection import gates_with, reference_gate
 
     table = summary_table(records, order)
     wil = wilcoxon_table(records, order)
@@ -234,13 +239,14 @@ def write_outputs(out: Path, records: list[dict[str, Any]], order: Sequence[str]
     atomic_write_text(paths["table_md"], results_markdown(table, wil))
     paths["bars"] = plotting.plot_method_bars(table, out / "pcc_bars.png")
     present = [m for m in order if m in set(table["method"])]
-    if REFERENCE in present and len(present) > 1:
-        ref_runs = {(r["split"], r["seed"]) for r in records if r["method"] == REFERENCE}
-        others = {m: per_gene_means(records, m, ref_runs) for m in present if m != REFERENCE}
-        paths["scatter"] = plotting.plot_gene_scatter(per_gene_means(records, REFERENCE, ref_runs), others,
+    reference = reference_gate()
+    if reference in present and len(present) > 1:
+        ref_runs = {(r["split"], r["seed"]) for r in records if r["method"] == reference}
+        others = {m: per_gene_means(records, m, ref_runs) for m in present if m != reference}
+        paths["scatter"] = plotting.plot_gene_scatter(per_gene_means(records, reference, ref_runs), others,
                                                       out / "gene_scatter_vs_pgl.png")
     trajectories = {m: [[row["k"] for row in r["history"]] for r in records if r["method"] == m]
-                    for m in present if any(r["method"] == m and r["method_name"] == "dkgsb" for r in records)}
+                    for m in present if any(r["method"] == m and r["method_name"] in gates_with(bilevel=True) for r in records)}
     if trajectories:
         n_aux = max(r["n_aux"] for r in records)
         paths["k_trajectories"] = plotting.plot_k_trajectories(trajectories, out / "k_trajectories.png", n_aux=n_aux)

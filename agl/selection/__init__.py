@@ -4,6 +4,8 @@
 ``GATES`` (``pgl``, ``agl_all``, ``topk``, ``random_k``, ``uncertainty``, ``dkgsb``, and
 ``probe``: HEST-Benchmark's PCA + ridge baseline, fitted in closed form by ``fit``);
 an option the gate does not declare (in its ``Options``) is a ConfigError naming it.
+Each gate carries its traits (``predicts_auxiliary``, ``bilevel``, ``fitter``, ``reference``,
+``help``); code outside this package asks ``gates_with(...)`` instead of naming methods.
 ``agl.config.gate_options(cfg)`` picks a gate's options out of a whole ``TrainConfig``.
 """
 from __future__ import annotations
@@ -14,7 +16,8 @@ import numpy as np
 from torch import Tensor
 
 from agl.errors import ConfigError
-from agl.selection.base import GATES, Gate, PriorOptions, blend_ranks, gate_option_settings, register_gate
+from agl.selection.base import (GATES, Gate, PriorOptions, blend_ranks, gate_help, gate_option_settings, gates_with,
+                                reference_gate, register_gate)
 # importing the gate modules registers them
 from agl.selection.dkgsb import DkGSBGate
 from agl.selection.fixed import AllGenesGate, PrimaryOnlyGate, RandomKGate, TopKGate
@@ -23,6 +26,7 @@ from agl.selection.probe import ProbeGate  # noqa: E402  (after fixed: it extend
 
 __all__ = [
     "GATES", "Gate", "PriorOptions", "register_gate", "create_gate", "blend_ranks", "gate_option_settings",
+    "gates_with", "reference_gate", "gate_help",
     "PrimaryOnlyGate", "AllGenesGate", "TopKGate", "RandomKGate", "UncertaintyGate", "DkGSBGate", "ProbeGate",
 ]
 

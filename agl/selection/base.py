@@ -10,6 +10,13 @@ adds the class to ``GATES``; from then on its options are run settings
 (:class:`agl.config.TrainConfig` accepts them, search spaces may search them, help texts
 list them). Adding a gate is one class plus ``@register_gate("name")``, nothing else.
 An option with the name of a run setting (``seed``) reads that setting.
+
+A gate also carries its traits as class attributes, which the rest of agl queries instead of
+naming methods (:func:`gates_with`): ``predicts_auxiliary`` (False: the model predicts the
+primary genes only, as PGL), ``bilevel`` (outer parameters trained by hypergradient),
+``fitter`` (``"module:function"`` fitting the method in closed form instead of the training
+loop), ``reference`` (the baseline that evaluations compare every other method with) and
+``help`` (the one line the ``--method`` help shows; the docstring's first line by default).
 """
 from __future__ import annotations
 
@@ -40,6 +47,25 @@ def register_gate(name: str) -> Callable[[type["Gate"]], type["Gate"]]:
         return cls
 
     return add
+
+
+def gates_with(**traits: Any) -> list[str]:
+    """Names of the registered gates whose traits have the given values, e.g. ``gates_with(bilevel=True)``."""
+    return [name for name, cls in GATES.items() if all(getattr(cls, t) == v for t, v in traits.items())]
+
+
+def reference_gate() -> str:
+    """The gate every other method is compared with (the one registered with ``reference = True``)."""
+    names = gates_with(reference=True)
+    if len(names) != 1:
+        raise TypeError(f"exactly one gate must set reference = True; found {names}")
+    return names[0]
+
+
+def gate_help(cls: type["Gate"]) -> str:
+    """The gate's one-line description: its ``help``, else its docstring's first line."""
+    lines = (cls.__doc__ or "").strip().splitlines()
+    return cls.help or (lines[0] if lines else "")
 
 
 def gate_option_settings(cls: type["Gate"]) -> dict[str, Any]:
@@ -122,6 +148,12 @@ class Gate(nn.Module):
 
     name: str = "gate"
     Options: type = NoOptions
+    # traits (see the module docstring); read through gates_with(), never by comparing names
+    predicts_auxiliary: bool = True
+    bilevel: bool = False
+    fitter: str | None = None
+    reference: bool = False
+    help: str = ""
 
     def __init__(self, n_aux: int, prior_ranks: Mapping[str, Tensor | np.ndarray] | None = None, **options: Any):
         super().__init__()

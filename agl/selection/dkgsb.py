@@ -27,6 +27,11 @@ from agl.selection.fixed import K_HELP
 
 @register_gate("dkgsb")
 class DkGSBGate(Gate):
+    """DkGSB: a soft top-k of the prior ranking whose threshold t is learned by hypergradient."""
+
+    bilevel = True
+    help = "soft top-k by the prior, threshold learned by hypergradient (DkGSB)"
+
     @dataclass
     class Options(PriorOptions):
         t_init: float = setting(0.5, num_in(0.0, 1.0), "dkgsb: initial threshold t in [0, 1] (unless k is set)")

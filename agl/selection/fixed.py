@@ -37,6 +37,10 @@ def _check_k(k: int | None, n_aux: int, name: str) -> int:
 class PrimaryOnlyGate(FixedMaskGate):
     """Primary genes only: every auxiliary weight is 0 (the paper's PGL baseline)."""
 
+    predicts_auxiliary = False  # the paper's 50-output baseline: its model has no auxiliary outputs
+    reference = True
+    help = "primary genes only (the paper's PGL baseline)"
+
     def __init__(self, n_aux: int, prior_ranks: Mapping | None = None, **options: Any):
         super().__init__(n_aux, prior_ranks, **options)
         self._set_mask(torch.zeros(n_aux))
@@ -46,6 +50,8 @@ class PrimaryOnlyGate(FixedMaskGate):
 class AllGenesGate(FixedMaskGate):
     """Every auxiliary gene with weight 1 (the paper's AGL (all) baseline)."""
 
+    help = "every auxiliary gene with weight 1 (AGL-all)"
+
     def __init__(self, n_aux: int, prior_ranks: Mapping | None = None, **options: Any):
         super().__init__(n_aux, prior_ranks, **options)
         self._set_mask(torch.ones(n_aux))
@@ -54,6 +60,8 @@ class AllGenesGate(FixedMaskGate):
 @register_gate("topk")
 class TopKGate(FixedMaskGate):
     """The ``k`` best auxiliary genes by the (blended) prior rank, weight 1; the rest 0."""
+
+    help = "the k best auxiliary genes by the prior (needs k)"
 
     @dataclass
     class Options(PriorOptions):
@@ -70,6 +78,8 @@ class TopKGate(FixedMaskGate):
 @register_gate("random_k")
 class RandomKGate(FixedMaskGate):
     """``k`` auxiliary genes drawn uniformly at random with ``seed`` (a prior-free control)."""
+
+    help = "k auxiliary genes drawn at random (needs k)"
 
     @dataclass
     class Options:

@@ -13,7 +13,7 @@ splits allow. One view (view 0) per spot, as HEST embeds each patch once.
 It is registered as the gate ``probe`` (so ``agl train --method probe``, ``agl evaluate
 --methods pgl,probe:probe_alpha=val``, config files and search spaces take it and its option
 like any method); like PGL it learns the primary genes only (every auxiliary weight 0).
-``agl.training.loop.fit`` hands it to ``agl.training.probe.fit_probe`` (``loop.BASELINES``) instead of the
+``agl.training.loop.fit`` hands it to ``agl.training.probe.fit_probe`` (the gate's ``fitter``) instead of the
 gradient loop, and it is scored by the same ``agl.evaluation.metrics.evaluate_predictions``
 on the same splits.
 """
@@ -39,6 +39,10 @@ def _alpha(v: Any) -> str | None:
 @register_gate("probe")
 class ProbeGate(PrimaryOnlyGate):
     """HEST-Benchmark's linear probe: primary genes only (as PGL), fitted in closed form by ``agl.training.probe.fit_probe``."""
+
+    fitter = "agl.training.probe:fit_probe"
+    reference = False  # inherited from PGL's class; PGL alone is the reference
+    help = "HEST-Benchmark's PCA + ridge probe on frozen features, primary genes only"
 
     @dataclass
     class Options:

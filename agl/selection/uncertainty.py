@@ -20,6 +20,10 @@ from agl.selection.base import Gate, register_gate
 
 @register_gate("uncertainty")
 class UncertaintyGate(Gate):
+    """Homoscedastic uncertainty weighting (Kendall et al. 2018): learned log-variances weigh the tasks."""
+
+    help = "learned task log-variances weigh primary and auxiliary genes (Kendall et al.)"
+
     @dataclass
     class Options:
         per_gene: bool = setting(False, boolean, "uncertainty: one log-variance per auxiliary gene (else one shared)")

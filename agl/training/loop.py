@@ -32,10 +32,6 @@ __all__ = ["TrainConfig", "LoopState", "Trainer", "FitResult", "fit", "build_mod
 
 log = logging.getLogger(__name__)
 
-# Methods fitted in closed form on the same bundle instead of by this loop (their gate, registered
-# in agl.selection, declares their options and describes what they predict).
-BASELINES: dict[str, str] = {"probe": "agl.training.probe:fit_probe"}  # HEST-Benchmark's PCA + ridge
-
 # Fraction of the epochs that the "warmstart" schedule trains AGL-all style before selecting.
 WARMUP_FRACTION = 0.2
 
@@ -359,10 +355,13 @@ def fit(cfg: TrainConfig, data: DataBundle, reporter: Reporter | None = None,
     next epoch and reproduces the uninterrupted run.
     """
     cfg.validate()
-    if cfg.method in BASELINES:  # fitted in closed form on the same bundle, scored the same way
+    from agl.selection import GATES
+
+    fitter = GATES[cfg.method].fitter
+    if fitter is not None:  # fitted in closed form on the same bundle (the gate's trait), scored the same way
         import importlib
 
-        module, _, name = BASELINES[cfg.method].partition(":")
+        module, _, name = fitter.partition(":")
         return getattr(importlib.import_module(module), name)(cfg, data)
     rank, world = dist_info()
     tr = Trainer(cfg, data)

@@ -17,8 +17,10 @@ from agl.errors import ConfigError
 
 
 def n_outputs(cfg: TrainConfig, n_genes: int, n_primary: int) -> int:
-    """PGL predicts the primary genes only (the paper's 50-output baseline); others predict every gene."""
-    return n_primary if cfg.method == "pgl" else n_genes
+    """A gate without ``predicts_auxiliary`` (PGL: the paper's 50-output baseline) predicts the primary genes only."""
+    from agl.selection import GATES
+
+    return n_genes if GATES[cfg.method].predicts_auxiliary else n_primary
 
 
 def build_model(cfg: TrainConfig, genes: pd.DataFrame, n_primary: int, prior_ranks: dict[str, np.ndarray],
@@ -38,7 +40,7 @@ def build_model(cfg: TrainConfig, genes: pd.DataFrame, n_primary: int, prior_ran
     if in_dim is None:
         raise ConfigError(None, "mode: features mode needs the bundle's input_dim (feature size)")
     n_out = n_outputs(cfg, len(genes), n_primary)
-    n_aux = n_out - n_primary  # PGL's gate sees no auxiliary genes because its model predicts none
+    n_aux = n_out - n_primary  # a primary-only gate (PGL) sees no auxiliary genes: its model predicts none
     model = Estimator(in_dim, n_out, trunk=tuple(cfg.trunk), dropout=cfg.dropout, backbone=backbone)
     gate = create_gate(cfg.method, n_aux, {name: np.asarray(r)[:n_aux] for name, r in prior_ranks.items()},
                        **gate_options(cfg))
