@@ -5,9 +5,11 @@ Every setting of a training run is declared once, as a field made by
 
 - the run settings: the fields of :class:`TrainConfig` below (loop, optimiser, model, data);
 - each gate's own options: the ``Options`` dataclass next to the gate's code in
-  :mod:`agl.selection` (``k``, ``tau``, ``per_gene``, ...), registered with the gate.
+  :mod:`agl.selection` (``k``, ``tau``, ``per_gene``, ...), registered with the gate;
+- each hypergradient estimator's options: the dataclass registered with it
+  (``agl.training.bilevel.register_estimator``; ``ift_iters``, ``ift_damping``, ``ift_alpha``).
 
-``TrainConfig`` is flat: gate options are read and written like run settings
+``TrainConfig`` is flat: gate and estimator options are read and written like run settings
 (``cfg.k``, ``{"method": "topk", "k": 100}``), ``from_dict`` rejects a key that neither
 declares, and every value is checked by its declaration. Config files, ``--set``,
 ``--method topk:k=100``, search spaces (:mod:`agl.distributed.spaces`, which checks
@@ -24,7 +26,7 @@ spaces, validated everywhere, and listed by ``describe_settings()``. Then read i
 it is used (``cfg.hypergrad``). A setting that must be equal for a checkpoint to be
 resumed also goes into ``agl.training.checkpoint.ARCHITECTURE_KEYS``.
 
-Adding a gate option: a field in that gate's ``Options``; nothing here changes.
+Adding a gate or estimator option: a field in its options dataclass; nothing here changes.
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ def list_gates() -> list[str]:
     """Names of the registered gates (``method`` values), in registration order."""
     from agl.selection import GATES
 
-    return list(GATES)
+    return GATES.names()
 
 
 def list_backbones() -> list[str]:
@@ -74,16 +76,23 @@ def list_readers() -> list[str]:
 
 def list_hypergradients() -> list[str]:
     """Names of the hypergradient estimators (``hypergrad`` values)."""
-    from agl.training.bilevel import HYPERGRADIENTS
+    from agl.training.bilevel import ESTIMATORS
 
-    return list(HYPERGRADIENTS)
+    return ESTIMATORS.names()
 
 
 def list_losses() -> list[str]:
     """Names of the training losses (``loss`` values)."""
     from agl.training.losses import LOSSES
 
-    return list(LOSSES)
+    return LOSSES.names()
+
+
+def list_schedules() -> list[str]:
+    """Names of the schedules (``schedule`` values)."""
+    from agl.training.schedules import SCHEDULES
+
+    return SCHEDULES.names()
 
 
 def _trunk(v: Any) -> str | None:
@@ -103,8 +112,8 @@ def _device(v: Any) -> str | None:
 class TrainConfig:
     """Every setting of one training run; every value is a plain JSON value (MLflow/Tune log it).
 
-    The fields are the run settings; the options of the registered gates are held beside
-    them and read as attributes too (``cfg.k``). Build one with ``from_dict`` (checked,
+    The fields are the run settings; the options of the registered gates and hypergradient
+    estimators are held beside them and read as attributes too (``cfg.k``, ``cfg.ift_iters``). Build one with ``from_dict`` (checked,
     errors name the key) or ``TrainConfig(**values)`` (checked by ``validate``/``fit``).
     """
 
@@ -117,15 +126,12 @@ class TrainConfig:
     first_order: bool = setting(False, boolean, "drop second-order terms of the hypergradient")
     hypergrad: str = setting("unroll", one_of_registry("hypergradient estimators", list_hypergradients),
                              "estimator of the unrolled hypergradient: unroll (reverse), checkpointed (reverse, "
-                             "memory flat in H), forward (forward mode, for few outer scalars), forward_fd "
-                             "(forward mode with finite-difference Hessian-vector products, no activation "
-                             "tangents: for fine-tuning), ift_cg / ift_neumann (implicit)")
+                             "memory flat in H), first_order (Hessian-free), forward (forward mode, for few outer "
+                             "scalars), forward_fd (forward mode with finite-difference Hessian-vector products, no "
+                             "activation tangents: for fine-tuning), ift_cg / ift_neumann (implicit)")
     inner_state: str = setting("fresh", one_of("fresh", "warm"),
                                "inner Adam per outer step: fresh = zero moments (the authors' release), "
                                "warm = the training optimiser's moments")
-    ift_iters: int = setting(20, int_at_least(1), "ift_cg / ift_neumann: CG iterations or Neumann terms")
-    ift_damping: float = setting(0.0, num_in(0.0), "ift_*: lambda in (H + lambda I)^-1")
-    ift_alpha: float | None = setting(None, optional(positive), "ift_neumann: step; null = 1 / lambda_max (power iteration)")
     outer_val: str = setting("batch", one_of("batch", "full"),
                              "outer objective on one validation batch per step, or on the whole outer-validation part")
     hypergrad_batches: int = setting(1, int_at_least(1), "training batches whose hypergradients each outer step averages")
@@ -136,7 +142,7 @@ class TrainConfig:
     val_outer_fraction: float = setting(0.0, num_in(0.0, 1.0, hi_open=True),
                                         "share of validation spots carved into val_outer (the threshold's "
                                         "objective) when the split has none; 0 = outer steps use val")
-    schedule: str = setting("interleaved", one_of("interleaved", "warmstart"), "when bi-level passes run")
+    schedule: str = setting("interleaved", one_of_registry("schedules", list_schedules), "when bi-level passes run")
     epochs: int = setting(100, int_at_least(1), "maximum number of epochs")
     patience: int = setting(20, int_at_least(1), "epochs without a better validation PCC before stopping")
     batch_size: int = setting(128, int_at_least(2), "batch size of ordinary training steps")
@@ -153,7 +159,7 @@ class TrainConfig:
     device: str = setting("auto", _device, "auto, cpu, cuda, cuda:N or mps")
 
     def __init__(self, **values: Any):
-        run, gate = run_settings(), gate_settings()
+        run, gate = run_settings(), option_settings()
         unknown = sorted(set(values) - set(run) - set(gate))
         if unknown:
             raise ConfigError(None, _unknown_message(unknown))
@@ -163,13 +169,13 @@ class TrainConfig:
         object.__setattr__(self, "_options", {name: values.get(name, spec.default) for name, spec in gate.items()})
 
     def __getattr__(self, name: str) -> Any:
-        # only reached for names that are not run settings: the options of the registered gates
+        # only reached for names that are not run settings: the options of the registered gates and estimators
         if name.startswith("_"):
             raise AttributeError(name)
         options = self.__dict__.get("_options", {})
         if name in options:
             return options[name]
-        spec = gate_settings().get(name)  # a gate registered after this config was built
+        spec = option_settings().get(name)  # a gate or estimator registered after this config was built
         if spec is None:
             raise AttributeError(f"TrainConfig has no setting {name!r}")
         return spec.default
@@ -177,7 +183,7 @@ class TrainConfig:
     def __setattr__(self, name: str, value: Any) -> None:
         if name in run_settings():
             object.__setattr__(self, name, value)
-        elif name in gate_settings():
+        elif name in option_settings():
             self._options[name] = value
         else:
             raise AttributeError(f"TrainConfig has no setting {name!r}")
@@ -201,10 +207,10 @@ class TrainConfig:
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-compatible values: run settings, then every registered gate option."""
+        """Plain JSON-compatible values: run settings, then every registered gate and estimator option."""
         out = {name: getattr(self, name) for name in run_settings()}
         out["trunk"] = list(out["trunk"])
-        out.update({name: getattr(self, name) for name in gate_settings()})
+        out.update({name: getattr(self, name) for name in option_settings()})
         return out
 
     def replace(self, **changes: Any) -> "TrainConfig":
@@ -225,40 +231,58 @@ def run_settings() -> dict[str, Setting]:
     return declared(TrainConfig)
 
 
+def _gate_owners() -> tuple[tuple[str, type], ...]:
+    from agl.selection import GATES
+
+    return tuple((f"gate {name!r}", cls.Options) for name, cls in GATES.items())
+
+
+def _estimator_owners() -> tuple[tuple[str, type], ...]:
+    from agl.training.bilevel import ESTIMATORS, estimator_options_class
+
+    return tuple((f"estimator {name!r}", estimator_options_class(fn)) for name, fn in ESTIMATORS.items())
+
+
 def gate_settings() -> dict[str, Setting]:
     """Every option a registered gate declares (one entry per name; a run setting's name reads that setting).
 
     Two gates that declare an option of the same name must agree on its type and default.
     """
-    from agl.selection import GATES
-
-    return _gate_settings(tuple(GATES.items()))
+    return _option_settings(_gate_owners())
 
 
-@functools.lru_cache(maxsize=4)
-def _gate_settings(gates: tuple[tuple[str, type], ...]) -> dict[str, Setting]:
-    from agl.selection import gate_option_settings
+def estimator_settings() -> dict[str, Setting]:
+    """Every option a registered hypergradient estimator declares (as ``gate_settings``)."""
+    return _option_settings(_estimator_owners())
 
+
+def option_settings() -> dict[str, Setting]:
+    """The options of every registered gate and estimator (the settings beside TrainConfig's fields)."""
+    return _option_settings(_gate_owners() + _estimator_owners())
+
+
+@functools.lru_cache(maxsize=8)
+def _option_settings(owners: tuple[tuple[str, type], ...]) -> dict[str, Setting]:
     run = run_settings()
     out: dict[str, Setting] = {}
     owner: dict[str, str] = {}
-    for gate_name, cls in gates:
-        for name, spec in gate_option_settings(cls).items():
+    for label, options in owners:
+        for name, spec in declared(options).items():
             if name in run:
                 if spec.hint != run[name].hint:
-                    raise TypeError(f"gate {gate_name!r}: option {name!r} is a run setting of another type")
+                    raise TypeError(f"{label}: option {name!r} is a run setting of another type")
                 continue
             if name in out and (out[name].hint, out[name].default) != (spec.hint, spec.default):
-                raise TypeError(f"gate {gate_name!r}: option {name!r} differs from gate {owner[name]!r}'s "
+                raise TypeError(f"{label}: option {name!r} differs from {owner[name]}'s "
                                 f"(type or default); give it another name")
             out.setdefault(name, spec)
-            owner.setdefault(name, gate_name)
+            owner.setdefault(name, label)
     return out
 
 
 def all_settings() -> dict[str, Setting]:
-    """Run settings and gate options: every key a config file, ``--set`` or a search space may use."""
-    return {**run_settings(), **gate_settings()}
+    """Run settings, gate and estimator options: every key a config file, ``--set`` or a search space may use."""
+    return {**run_settings(), **option_settings()}
 
 
 def gate_options(cfg: TrainConfig) -> dict[str, Any]:
@@ -266,6 +290,13 @@ def gate_options(cfg: TrainConfig) -> dict[str, Any]:
     from agl.selection import GATES, gate_option_settings
 
     return {name: getattr(cfg, name) for name in gate_option_settings(GATES[cfg.method])}
+
+
+def estimator_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The options the hypergradient estimator of ``cfg.hypergrad`` declares, with their values in ``cfg``."""
+    from agl.training.bilevel import ESTIMATORS, estimator_options_class
+
+    return {name: getattr(cfg, name) for name in declared(estimator_options_class(ESTIMATORS.get(cfg.hypergrad)))}
 
 
 def check_settings(values: dict[str, Any], source: str | Path | None = None) -> TrainConfig:
@@ -278,23 +309,25 @@ def _unknown_message(unknown: list[str]) -> str:
 
 
 def describe_settings() -> str:
-    """Every setting with its default and help, and which gates read each gate option (generated help)."""
-    from agl.selection import GATES, gate_option_settings
-
-    readers: dict[str, list[str]] = {}
-    for gate_name, cls in GATES.items():
-        for name in gate_option_settings(cls):
-            readers.setdefault(name, []).append(gate_name)
+    """Every setting with its default and help, and which gates (estimators) read each option (generated help)."""
     lines = ["run settings:"]
     lines += [f"  {name:<20} {spec.default!r:<26} {spec.help}" for name, spec in run_settings().items()]
-    lines.append("gate options (read by the gates named):")
-    lines += [f"  {name:<20} {spec.default!r:<26} {spec.help} [{', '.join(readers[name])}]"
-              for name, spec in gate_settings().items()]
+    for what, owners, settings in (("gate", _gate_owners(), gate_settings()),
+                                   ("estimator", _estimator_owners(), estimator_settings())):
+        readers: dict[str, list[str]] = {}
+        for label, options in owners:
+            for name in declared(options):
+                readers.setdefault(name, []).append(label.split(" ", 1)[1].strip("'"))
+        lines.append(f"{what} options (read by the {what}s named):")
+        lines += [f"  {name:<20} {spec.default!r:<26} {spec.help} [{', '.join(readers[name])}]"
+                  for name, spec in settings.items()]
     lines.append(f"gates: {', '.join(list_gates())}")
+    lines.append(f"hypergradient estimators: {', '.join(list_hypergradients())}")
     return "\n".join(lines)
 
 
 __all__ = [
-    "TrainConfig", "Setting", "all_settings", "check_settings", "describe_settings", "gate_options",
-    "gate_settings", "list_backbones", "list_gates", "list_losses", "list_readers", "run_settings",
+    "TrainConfig", "Setting", "all_settings", "check_settings", "describe_settings", "estimator_options",
+    "estimator_settings", "gate_options", "gate_settings", "list_backbones", "list_gates", "list_hypergradients",
+    "list_losses", "list_readers", "option_settings", "run_settings",
 ]

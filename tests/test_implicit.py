@@ -93,9 +93,9 @@ def _at_optimum(seed: int = 0, gate_cls: type = DkGSBGate):
 
 def _hyper(model, gate, train, val, method: str, inner_steps: int = 2, inner_lr: float = 1e-3,
            inner_optimizer: str = "adam", ift_iters: int = 20, **kw) -> float:
-    options = {"iters": ift_iters} if method.startswith("ift_") else {}
-    out = hypergradient(model, gate, mse_loss, train, val, P, inner_steps, inner_lr, inner_optimizer,
-                        method=method, estimator_options=options, accumulate=False, **kw)
+    options = {"ift_iters": ift_iters} if method.startswith("ift_") else {}
+    out = hypergradient(model, gate, mse_loss, train, val, P, inner_steps=inner_steps, inner_lr=inner_lr,
+                        inner_optimizer=inner_optimizer, method=method, estimator_options=options, accumulate=False, **kw)
     return float(out["hypergrad"][0])
 
 

@@ -2,16 +2,18 @@
 
 Each benchmark prints its figures and writes JSON (and a PNG where there is a plot) under
 ``--out`` (default ``results/``). A new benchmark is a module in ``agl/bench/`` plus one
-row in ``BENCHMARKS`` below.
+entry of the ``BENCHMARKS`` registry below.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 from agl.commands import int_list
 from agl.data.locate import add_store_arg, open_store_arg
+from agl.registry import Registry
 
 
 # --------------------------------------------------------------------------- agl bench core
@@ -39,10 +41,12 @@ def cmd_bench_core(args: argparse.Namespace) -> int:
 def _pairs(text: str, flag: str, key: type = int) -> dict:
     """``A=1,B=2`` as a dict (keys converted by ``key``, values int); a malformed item names the flag."""
     from agl.errors import ConfigError
+    from agl.evaluation.protocol import parse_key_values
 
     try:
-        return {key(k): int(v) for k, v in (item.split("=") for item in text.split(",") if item)}
-    except ValueError as err:
+        pairs = parse_key_values([item for item in text.split(",") if item], flag, convert=int)
+        return {key(k): v for k, v in pairs.items()}
+    except (ValueError, ConfigError) as err:
         raise ConfigError(flag, f"expected KEY=INT,... got {text!r}") from err
 
 
@@ -201,20 +205,29 @@ def cmd_bench_selection(args: argparse.Namespace) -> int:
     return 0
 
 
-# name, help, arguments, handler: one row per benchmark
-BENCHMARKS = (
-    ("core", "cost of a DkGSB outer step vs plain steps; feature-cache speed-up", add_bench_core_args, cmd_bench_core),
-    ("data", "patches/s: the store's batched loader vs a naive per-item loader", add_bench_data_args, cmd_bench_data),
-    ("ray", "trials/hour of a frozen-feature sweep; Train samples/s with 1 vs 2 workers",
-     add_bench_ray_args, cmd_bench_ray),
-    ("load", "many more trials than cores: peak memory, growth per trial, trials finished/failed/retried",
-     add_bench_load_args, cmd_bench_load),
-    ("scale", "streaming ingest of N x the demo sections: time, peak RSS, store size",
-     add_bench_scale_args, cmd_bench_scale),
-    ("selection", "known answer: planted helpful/conflict/noise genes on real image features; PGL, AGL-all, "
-                  "top-k, random-k, DkGSB per hypergradient; learned k vs planted k, paired tests",
-     add_bench_selection_args, cmd_bench_selection),
-)
+class Benchmark(NamedTuple):
+    """One ``agl bench NAME`` sub-command: its help line, its arguments and its handler."""
+
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+
+
+# name -> Benchmark: one entry per benchmark (a new one: BENCHMARKS.register("name", Benchmark(...)))
+BENCHMARKS: Registry[Benchmark] = Registry("benchmark", setting="bench")
+BENCHMARKS.register("core", Benchmark("cost of a DkGSB outer step vs plain steps; feature-cache speed-up",
+                                      add_bench_core_args, cmd_bench_core))
+BENCHMARKS.register("data", Benchmark("patches/s: the store's batched loader vs a naive per-item loader",
+                                      add_bench_data_args, cmd_bench_data))
+BENCHMARKS.register("ray", Benchmark("trials/hour of a frozen-feature sweep; Train samples/s with 1 vs 2 workers",
+                                     add_bench_ray_args, cmd_bench_ray))
+BENCHMARKS.register("load", Benchmark("many more trials than cores: peak memory, growth per trial, trials "
+                                      "finished/failed/retried", add_bench_load_args, cmd_bench_load))
+BENCHMARKS.register("scale", Benchmark("streaming ingest of N x the demo sections: time, peak RSS, store size",
+                                       add_bench_scale_args, cmd_bench_scale))
+BENCHMARKS.register("selection", Benchmark(
+    "known answer: planted helpful/conflict/noise genes on real image features; PGL, AGL-all, top-k, random-k, "
+    "DkGSB per hypergradient; learned k vs planted k, paired tests", add_bench_selection_args, cmd_bench_selection))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -222,7 +235,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("bench", help="benchmarks that print figures and write JSON results")
     bench = parser.add_subparsers(dest="bench", metavar="WHAT")
     parser.set_defaults(func=lambda a: (parser.print_help(), 2)[1])
-    for name, help_text, add_args, handler in BENCHMARKS:
-        p = bench.add_parser(name, help=help_text)
-        add_args(p)
-        p.set_defaults(func=handler)
+    for name, benchmark in BENCHMARKS.items():
+        p = bench.add_parser(name, help=benchmark.help)
+        benchmark.add_args(p)
+        p.set_defaults(func=benchmark.handler)

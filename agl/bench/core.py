@@ -88,8 +88,8 @@ def _outer_step(s: dict[str, Any]) -> None:
     tr, cfg = s["tr"], s["cfg"]
     (xt, yt), (xv, yv) = s["train"], s["val"]
     tr.outer_opt.zero_grad(set_to_none=True)
-    hypergradient(tr.model, tr.gate, tr.loss_fn, (xt, yt), (xv, yv), tr.n_primary,
-                  cfg.inner_steps, cfg.lr, cfg.inner_optimizer, cfg.first_order, optimizer=tr.opt)
+    hypergradient(tr.model, tr.gate, tr.loss_fn, (xt, yt), (xv, yv), tr.n_primary, inner_steps=cfg.inner_steps,
+                  inner_lr=cfg.lr, inner_optimizer=cfg.inner_optimizer, first_order=cfg.first_order, optimizer=tr.opt)
     tr.outer_opt.step()
     tr.gate.project_()
 
@@ -255,10 +255,10 @@ def bench_feature_cache(store: Any, n_patches: int = 128, views: int = 2, repeat
 
 # --------------------------------------------------------------------------- hypergradient estimators vs H
 def _estimators() -> list[str]:
-    """Every registered estimator, then the first-order approximation."""
-    from agl.training.bilevel import HYPERGRADIENTS
+    """Every registered estimator (the first-order approximation among them)."""
+    from agl.training.bilevel import ESTIMATORS
 
-    return [*HYPERGRADIENTS, "first_order"]
+    return ESTIMATORS.names()
 
 
 def _hyper_step(s: dict[str, Any], method: str, horizon: int) -> None:
@@ -268,9 +268,8 @@ def _hyper_step(s: dict[str, Any], method: str, horizon: int) -> None:
     tr, cfg = s["tr"], s["cfg"]
     tr.model.train()
     tr.outer_opt.zero_grad(set_to_none=True)
-    first_order = method == "first_order"
-    hypergradient(tr.model, tr.gate, tr.loss_fn, s["train"], s["val"], tr.n_primary, horizon, cfg.lr,
-                  cfg.inner_optimizer, first_order, optimizer=tr.opt, method="unroll" if first_order else method)
+    hypergradient(tr.model, tr.gate, tr.loss_fn, s["train"], s["val"], tr.n_primary, inner_steps=horizon,
+                  inner_lr=cfg.lr, inner_optimizer=cfg.inner_optimizer, optimizer=tr.opt, method=method)
     tr.outer_opt.step()
     tr.gate.project_()
 

@@ -24,6 +24,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from agl.errors import ConfigError, DataError
+from agl.registry import Registry
 
 PREPROCESS_KEY = "agl_preprocess"
 
@@ -104,11 +105,10 @@ def _coexpr_prior(ctx: PriorContext) -> np.ndarray:
 
 
 # name -> function(ctx) -> score per gene (higher = better; NaN = no information, ranked last)
-PRIORS: dict[str, Callable[[PriorContext], np.ndarray]] = {
-    "hvg": _hvg_prior,
-    "mean": _mean_prior,
-    "coexpr": _coexpr_prior,
-}
+PRIORS: Registry[Callable[[PriorContext], np.ndarray]] = Registry("prior", setting="priors")
+PRIORS.register("hvg", _hvg_prior)
+PRIORS.register("mean", _mean_prior)
+PRIORS.register("coexpr", _coexpr_prior)
 
 
 def normalised_rank(score: np.ndarray) -> np.ndarray:

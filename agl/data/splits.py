@@ -32,6 +32,7 @@ import pandas as pd
 
 from agl.errors import ConfigError
 from agl.data.schema import OBS_PX, OBS_PY, OBS_SLIDE
+from agl.registry import Registry
 
 ROLES = ("train", "val", "test", "val_outer")
 LOSO_VAL_FRACTION = 0.2
@@ -138,12 +139,12 @@ def _loso(obs: pd.DataFrame, n_folds: int, seeds: Iterable[int]) -> dict[str, np
     return out
 
 
-# kind -> function(obs, n_folds, seeds) -> {split name: roles}; add a kind by registering it here.
-SPLIT_KINDS: dict[str, Callable[[pd.DataFrame, int, Iterable[int]], dict[str, np.ndarray]]] = {
-    "kfold": _kfold,
-    "spatial": _spatial,
-    "loso": _loso,
-}
+# kind -> function(obs, n_folds, seeds) -> {split name: roles}; add a kind with SPLIT_KINDS.register(name, fn).
+SPLIT_KINDS: Registry[Callable[[pd.DataFrame, int, Iterable[int]], dict[str, np.ndarray]]] = Registry(
+    "split kind", setting="split_kinds")
+SPLIT_KINDS.register("kfold", _kfold)
+SPLIT_KINDS.register("spatial", _spatial)
+SPLIT_KINDS.register("loso", _loso)
 
 
 def carve_val_outer(roles: np.ndarray, slides: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:

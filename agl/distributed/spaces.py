@@ -1,4 +1,5 @@
-"""Search spaces for the gene-subset sweep: YAML files in ``agl/search_spaces/``.
+"""Search spaces for the gene-subset sweep: YAML files in ``search_spaces/`` (the repository's top level;
+an installed wheel carries them as ``agl/search_spaces/``).
 
 A space file names the training settings to search (``params``), the ones to hold
 fixed (``fixed``), the data split, the metric and the scheduler::
@@ -57,14 +58,19 @@ from agl.errors import AGLError, ConfigError
 
 log = logging.getLogger(__name__)
 
-SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"  # shipped in the wheel
+def _spaces_dir() -> Path:
+    """``agl/search_spaces`` in an installed wheel (setup.py maps the top-level folder there), else the checkout's."""
+    packaged = Path(__file__).resolve().parents[1] / "search_spaces"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "search_spaces"
+
+
+SPACES_DIR = _spaces_dir()
 DIST_KEYS = {
     "float": {"type", "low", "high", "log", "step", "when"},
     "int": {"type", "low", "high", "log", "step", "when"},
     "categorical": {"type", "choices", "when"},
 }
 CV_KEYS = {"kind", "folds", "seed", "max_folds"}
-CV_KINDS = ("loso", "spatial", "kfold")
 SCHEDULERS = {"asha": {"name", "grace_period", "reduction_factor"}, "fifo": {"name"}}
 METRIC_MODES = ("max", "min")
 
@@ -209,7 +215,7 @@ def _plain(value: Any) -> Any:
 
 
 def resolve_space_path(name_or_path: str | Path) -> Path:
-    """A path as given, or a bundled space by name (``tiny`` -> agl/search_spaces/tiny.yaml)."""
+    """A path as given, or a bundled space by name (``tiny`` -> search_spaces/tiny.yaml)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return path
@@ -332,8 +338,10 @@ def _parse_cv(err: "_Errors", raw: Any, split: str) -> dict[str, Any] | None:
     """``cv: {kind: loso | spatial | kfold, folds: N, seed: S, max_folds: M}``."""
     if raw is None:
         return None
-    if not isinstance(raw, dict) or raw.get("kind") not in CV_KINDS:
-        raise err(f"cv: must be a mapping with kind one of {CV_KINDS}, got {raw!r}")
+    from agl.data.splits import SPLIT_KINDS
+
+    if not isinstance(raw, dict) or raw.get("kind") not in SPLIT_KINDS:
+        raise err(f"cv: must be a mapping with kind one of {tuple(SPLIT_KINDS)}, got {raw!r}")
     unknown = sorted(set(raw) - CV_KEYS)
     if unknown:
         raise err(f"cv: unknown key(s) {unknown}; allowed: {sorted(CV_KEYS)}")
@@ -352,14 +360,15 @@ def _check_bilevel_budget(err: "_Errors", min_bilevel: int, params: Mapping[str,
                           fixed: Mapping[str, Any]) -> None:
     """Early stopping (patience) must leave every bi-level method at least ``min_bilevel`` outer epochs."""
     from agl.selection import gates_with
-    from agl.training.loop import TrainConfig, warmup_epochs
+    from agl.training.loop import TrainConfig
+    from agl.training.schedules import first_bilevel_epoch
 
     methods = params["method"].choices if "method" in params else (fixed.get("method", TrainConfig().method),)
     # methods whose gate has outer parameters trained by bi-level steps
     if not min_bilevel or not any(m in gates_with(bilevel=True) for m in methods):
         return
     cfg = TrainConfig.from_dict(dict(fixed))
-    first = warmup_epochs(cfg) if cfg.schedule == "warmstart" else 1   # first epoch with a bi-level pass
+    first = first_bilevel_epoch(cfg)
     guaranteed = min(cfg.epochs, cfg.patience + 1) - first             # patience ends a run no sooner
     if guaranteed < min_bilevel:
         raise err(f"min_bilevel_epochs: {min_bilevel} bi-level epochs, but epochs={cfg.epochs}, "

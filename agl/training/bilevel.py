@@ -25,15 +25,21 @@ Estimators (the ``hypergrad`` setting, registry ``HYPERGRADIENTS``):
   trajectory; memory flat in ``H``, cost proportional to the number of outer scalars.
 - ``ift_cg`` / ``ift_neumann`` (``agl.training.implicit``): the implicit function theorem at the
   current weights taken as an approximately converged ``theta*`` (fits the warmstart schedule).
-- ``first_order=True``: the Hessian-free approximation (``_first_order``).
+- ``first_order`` (also ``first_order=True`` with ``unroll``): the Hessian-free approximation.
+
+Every estimator is ``estimator(problem: HypergradProblem, *, **options) -> Estimate`` and is
+registered in ``ESTIMATORS`` with its options dataclass (``register_estimator(name, options=...)``);
+the options' fields are run settings (flattened into :class:`agl.config.TrainConfig` as gate
+options are), so a new estimator with its options is one file.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
+import dataclasses
 import inspect
 import math
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +47,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from agl.errors import ConfigError
+from agl.registry import Registry
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -237,34 +244,69 @@ def grads_of(loss: Tensor, params: Sequence[Tensor], create_graph: bool, cotange
 # --------------------------------------------------------------------------- estimators
 Estimate = tuple[float, list[float], list[Tensor]]  # (outer loss, inner losses, one gradient per outer parameter)
 
-# The ``hypergrad`` setting: name -> "module:function", imported when used (so validating a config
-# imports no estimator). Each is called as
-#     estimator(net: Unrolled, gate, opt, train_batch, val_batch, n_primary, steps, outer) -> Estimate
-# with ``opt`` a fresh functional optimiser (``FunctionalSGD``/``FunctionalAdam``) over ``net.params``.
-HYPERGRADIENTS: dict[str, str] = {
+
+class HypergradProblem(NamedTuple):
+    """What every estimator gets: the unrolled model, the gate, a fresh functional optimiser over
+    ``net.params`` (``FunctionalSGD``/``FunctionalAdam``), the batches, ``H`` and the outer parameters."""
+
+    net: "Unrolled"
+    gate: nn.Module
+    opt: Any
+    train: tuple
+    val: tuple
+    n_primary: int
+    steps: int
+    outer: list[Tensor]
+
+
+@dataclass
+class NoOptions:
+    """An estimator that reads no settings."""
+
+
+# The ``hypergrad`` setting. Built-ins are lazy "module:function" entries (listing them imports no
+# estimator module); each module registers its functions with their options when imported.
+ESTIMATORS: Registry[Callable[..., Estimate]] = Registry("hypergradient estimator", setting="hypergrad")
+for _name, _target in {
     "unroll": "agl.training.bilevel:unrolled_reverse",
     "checkpointed": "agl.training.bilevel:checkpointed_reverse",
     "forward": "agl.training.forward_mode:forward_mode",
     "forward_fd": "agl.training.forward_mode:forward_fd",
     "ift_cg": "agl.training.implicit:ift_cg",
     "ift_neumann": "agl.training.implicit:ift_neumann",
-}
+    "first_order": "agl.training.bilevel:first_order_approximation",
+}.items():
+    ESTIMATORS.register_lazy(_name, _target)
+HYPERGRADIENTS = ESTIMATORS  # the earlier name of this registry
 INNER_STATES = ("fresh", "warm")
+
+
+def register_estimator(name: str, options: type = NoOptions) -> Callable[[Callable[..., Estimate]], Callable[..., Estimate]]:
+    """Decorator adding ``estimator(problem, *, **options)`` under ``name`` with its ``options`` dataclass
+    (fields made by :func:`agl.checks.setting`; they become run settings, read by the keyword of the same name)."""
+    if not dataclasses.is_dataclass(options):
+        raise TypeError(f"estimator {name!r}: options must be a dataclass of setting() fields")
+
+    def add(fn: Callable[..., Estimate]) -> Callable[..., Estimate]:
+        fn.Options = options  # type: ignore[attr-defined]
+        return ESTIMATORS.register(name, fn)
+
+    return add
 
 
 def register_hypergradient(name: str, target: str) -> None:
     """Add an estimator ``"module:function"`` under ``name`` (the value of the ``hypergrad`` setting)."""
-    if name in HYPERGRADIENTS and HYPERGRADIENTS[name] != target:
-        raise ValueError(f"hypergradient estimator {name!r} registered twice")
-    HYPERGRADIENTS[name] = target
+    ESTIMATORS.register_lazy(name, target)
 
 
 def hypergradient_estimator(name: str) -> Callable[..., Estimate]:
-    """The estimator function registered under ``name``."""
-    if name not in HYPERGRADIENTS:
-        raise ConfigError("hypergrad", f"unknown hypergradient estimator {name!r}; choose one of {', '.join(HYPERGRADIENTS)}")
-    module, function = HYPERGRADIENTS[name].split(":")
-    return getattr(importlib.import_module(module), function)
+    """The estimator function registered under ``name`` (unknown: a ConfigError listing the known ones)."""
+    return ESTIMATORS.get(name)
+
+
+def estimator_options_class(fn: Callable[..., Estimate]) -> type:
+    """The options dataclass an estimator was registered with."""
+    return getattr(fn, "Options", NoOptions)
 
 
 # --------------------------------------------------------------------------- hypergradient
@@ -275,6 +317,7 @@ def hypergradient(
     train_batch: tuple[Tensor, Tensor],
     val_batch: tuple[Tensor, Tensor],
     n_primary: int,
+    *,
     inner_steps: int = 2,
     inner_lr: float = 1e-3,
     inner_optimizer: str = "adam",
@@ -297,15 +340,16 @@ def hypergradient(
         n_primary: the first ``n_primary`` outputs are primary genes.
         inner_steps: ``H``, unrolled steps on ``train_batch``.
         inner_lr, inner_optimizer: ``"sgd"`` or ``"adam"`` (functional, differentiable).
-        first_order: skip differentiating through the trajectory (see ``_first_order``).
+        first_order: skip differentiating through the trajectory (the ``first_order`` estimator, ``first_order_approximation``).
         optimizer: the training ``torch.optim.Adam``; read for its betas/eps, and with
             ``inner_state="warm"`` its moments seed the inner Adam.
         fd_eps: relative finite-difference step of the first-order approximation.
-        method: the estimator of the exact unrolled hypergradient (``HYPERGRADIENTS``):
-            ``unroll``, ``checkpointed``, ``forward``, ``ift_cg`` or ``ift_neumann``; not combined
-            with ``first_order``.
+        method: the estimator (``ESTIMATORS``): ``unroll``, ``checkpointed``, ``first_order``,
+            ``forward``, ``forward_fd``, ``ift_cg`` or ``ift_neumann``; ``first_order=True`` is
+            ``method="first_order"`` and combines with ``unroll`` only.
         inner_state: ``fresh`` (zero inner Adam moments, the authors' release) or ``warm``.
-        estimator_options: keyword options of the estimator (``ift_*``: iters, damping, alpha).
+        estimator_options: keyword options of the estimator (the fields of its options dataclass,
+            e.g. ``ift_*``: ift_iters, ift_damping, ift_alpha).
         accumulate: add the result to ``.grad`` (False: only return it).
 
     Returns:
@@ -319,9 +363,13 @@ def hypergradient(
         raise ConfigError("inner_steps", f"must be >= 1, got {inner_steps}")
     if inner_state not in INNER_STATES:
         raise ConfigError("inner_state", f"must be one of {', '.join(INNER_STATES)}, got {inner_state!r}")
-    estimator = hypergradient_estimator(method)
-    if first_order and method != "unroll":
+    if first_order and method not in ("unroll", "first_order"):
         raise ConfigError("hypergrad", f"first_order approximates the unrolled hypergradient; it takes no estimator (got {method!r})")
+    method = "first_order" if first_order else method
+    estimator = hypergradient_estimator(method)
+    options = dict(estimator_options or {})
+    if method == "first_order":
+        options.setdefault("fd_eps", fd_eps)
     outer = [p for p in gate.outer_parameters() if p.requires_grad]
     if not outer:
         return {"outer_loss": math.nan, "inner_losses": [], "hypergrad": [], "hypergrad_norm": 0.0}
@@ -331,12 +379,9 @@ def hypergradient(
     if inner_state == "fresh":
         state = None  # a new Adam per outer step, as the release's higher.innerloop_ctx(Adam(...))
     opt = INNER_OPTIMIZERS[inner_optimizer](net.params, inner_lr, state=state, **hyper)
+    problem = HypergradProblem(net, gate, opt, train_batch, val_batch, n_primary, inner_steps, outer)
     with torch.enable_grad():
-        if first_order:
-            outer_loss, inner_losses, hyper_grads = _first_order(net, gate, opt, train_batch, val_batch, n_primary, inner_steps, outer, fd_eps)
-        else:
-            outer_loss, inner_losses, hyper_grads = estimator(net, gate, opt, train_batch, val_batch, n_primary,
-                                                              inner_steps, outer, **(estimator_options or {}))
+        outer_loss, inner_losses, hyper_grads = estimator(problem, **options)
 
     for p, g in zip(outer, hyper_grads if accumulate else []):
         g = g.detach()
@@ -345,9 +390,10 @@ def hypergradient(
     return {"outer_loss": outer_loss, "inner_losses": inner_losses, "hypergrad": [g.detach() for g in hyper_grads], "hypergrad_norm": norm}
 
 
-def unrolled_reverse(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
-                     steps: int, outer: list[Tensor]) -> Estimate:
+@register_estimator("unroll")
+def unrolled_reverse(problem: HypergradProblem) -> Estimate:
     """Exact hypergradient of the unrolled objective: differentiate through every inner step."""
+    net, gate, opt, train, val, n_primary, steps, outer = problem
     params: list[Tensor] = list(net.params)  # the real leaves: the graph starts there, but we only ask for d/d outer
     inner_losses = []
     for _ in range(steps):
@@ -375,8 +421,8 @@ def _leaves(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [x.detach().requires_grad_() for x in tensors]
 
 
-def checkpointed_reverse(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
-                         steps: int, outer: list[Tensor]) -> Estimate:
+@register_estimator("checkpointed")
+def checkpointed_reverse(problem: HypergradProblem) -> Estimate:
     """``unroll``'s gradient with one step's graph alive at a time (recompute in the backward pass).
 
     Forward: plain steps (first-order gradients, no graph), keeping ``theta_h``, the optimiser
@@ -387,6 +433,7 @@ def checkpointed_reverse(net: Unrolled, gate: nn.Module, opt: Any, train: tuple,
     Griewank's checkpointing with a checkpoint at every step). Costs about ``unroll`` plus ``H``
     plain steps; memory is one step's second-order graph plus ``H`` copies of parameters and moments.
     """
+    net, gate, opt, train, val, n_primary, steps, outer = problem
     device = net.params[0].device
     params = [p.detach() for p in net.params]
     state = tuple([x.detach() for x in xs] for xs in opt.state())
@@ -421,8 +468,8 @@ def checkpointed_reverse(net: Unrolled, gate: nn.Module, opt: Any, train: tuple,
     return float(val_loss.detach()), inner_losses, total
 
 
-def _first_order(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
-                 steps: int, outer: list[Tensor], fd_eps: float) -> Estimate:
+@register_estimator("first_order")
+def first_order_approximation(problem: HypergradProblem, *, fd_eps: float = 1e-2) -> Estimate:
     """First-order approximation: inner gradients are computed without ``create_graph``.
 
     Taken literally, treating the inner gradients ``g_h`` as constants leaves the validation loss
@@ -440,8 +487,10 @@ def _first_order(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tu
         [grad_phi L_train(theta_h + e u_h, phi) - grad_phi L_train(theta_h - e u_h, phi)] / 2e
 
     which needs two forward passes per step and no second-order autograd. With ``H = 1`` and
-    SGD this is exactly the one-step unrolled hypergradient up to O(e^2).
+    SGD this is exactly the one-step unrolled hypergradient up to O(e^2). ``fd_eps``: the relative
+    finite-difference step (not a run setting).
     """
+    net, gate, opt, train, val, n_primary, steps, outer = problem
     values = [p.detach() for p in net.params]      # theta_h as plain tensors (forward passes)
     tracked: list[Tensor] = list(values)            # theta_h as a function of the g leaves
     thetas, leaves, rng_states, inner_losses = [], [], [], []

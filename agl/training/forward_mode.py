@@ -59,7 +59,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
-from agl.training.bilevel import Estimate, grads_of, replay_rng, capture_rng, Unrolled, weighted_loss
+from agl.training.bilevel import (Estimate, HypergradProblem, grads_of, register_estimator, replay_rng, capture_rng,
+                                  Unrolled, weighted_loss)
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,9 @@ _WHOLE_STEP_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 # Above this many outer scalars the reverse estimators are cheaper (one tangent per scalar here).
 MANY_OUTER_SCALARS = 8
-# forward_fd: the finite-difference step is FD_STEP * (1 + |theta|) / |d_theta|; 0 means the square
-# root of the parameters' float epsilon (where a forward difference's truncation and round-off balance)
+# forward_fd: the central-difference step is FD_STEP * (1 + |theta|) / |d_theta|; 0 means the square
+# root of the parameters' float epsilon (a one-sided difference's balance of truncation and round-off;
+# the central difference used here errs O(h^2), so this step is on the safe side of round-off)
 FD_STEP = 0.0
 
 
@@ -121,18 +123,19 @@ def _is_missing_rule(error: Exception) -> bool:
                                                                     "NotImplemented"))
 
 
-def forward_fd(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
-               steps: int, outer: list[Tensor]) -> Estimate:
+@register_estimator("forward_fd")
+def forward_fd(problem: HypergradProblem) -> Estimate:
     """``forward_mode`` without forward-over-reverse: each inner step's gradient tangent from a second backward
-    pass (the gate's term, exact) and a forward difference of gradients (the Hessian's term)."""
-    return forward_mode(net, gate, opt, train, val, n_primary, steps, outer, fd_step=FD_STEP)
+    pass (the gate's term, exact) and a central difference of gradients (the Hessian's term)."""
+    return forward_mode(problem, fd_step=FD_STEP)
 
 
-def forward_mode(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
-                 steps: int, outer: list[Tensor], fd_step: float | None = None) -> Estimate:
+@register_estimator("forward")
+def forward_mode(problem: HypergradProblem, *, fd_step: float | None = None) -> Estimate:
     """Hypergradient of the unrolled objective by forward-mode differentiation (one tangent per outer scalar).
 
     ``fd_step``: not None: take each step's gradient tangent as ``forward_fd`` does (0: the default step)."""
+    net, gate, opt, train, val, n_primary, steps, outer = problem
     names = {id(p): n for n, p in gate.named_parameters()}
     outer_names = [f"gate.{names[id(p)]}" for p in outer]
     gate_loss = _GateLoss(gate, n_primary)

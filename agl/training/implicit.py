@@ -27,14 +27,17 @@ products see the same masks (one fixed stochastic objective).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp
 
+from agl.checks import int_at_least, num_in, optional, positive, setting
 from agl.errors import ConfigError
-from agl.training.bilevel import Estimate, grads_of, replay_rng, capture_rng, Unrolled, weighted_loss
+from agl.training.bilevel import (Estimate, HypergradProblem, grads_of, register_estimator, replay_rng, capture_rng,
+                                  Unrolled, weighted_loss)
 
 Vector = tuple[Tensor, ...]
 POWER_ITERATIONS = 20
@@ -164,19 +167,30 @@ def _implicit(net: Unrolled, gate: nn.Module, train: tuple, val: tuple, n_primar
     return float(val_loss.detach()), [float(train_loss.detach())], hyper
 
 
-def ift_cg(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int, steps: int,
-           outer: list[Tensor], iters: int = 20, damping: float = 0.0, alpha: float | None = None,
+@dataclass
+class IFTOptions:
+    """The run settings of the implicit estimators (flattened into TrainConfig: ``ift_iters`` etc.)."""
+
+    ift_iters: int = setting(20, int_at_least(1), "ift_cg / ift_neumann: CG iterations or Neumann terms")
+    ift_damping: float = setting(0.0, num_in(0.0), "ift_*: lambda in (H + lambda I)^-1")
+    ift_alpha: float | None = setting(None, optional(positive), "ift_neumann: step; null = 1 / lambda_max (power iteration)")
+
+
+@register_estimator("ift_cg", options=IFTOptions)
+def ift_cg(problem: HypergradProblem, *, ift_iters: int = 20, ift_damping: float = 0.0, ift_alpha: float | None = None,
            tol: float = 1e-6) -> Estimate:
-    """IFT with the inverse-Hessian-vector product by conjugate gradients (``iters`` at most).
+    """IFT with the inverse-Hessian-vector product by conjugate gradients (``ift_iters`` at most).
 
     ``opt`` and ``steps`` (the unrolled estimators' inputs) are not used: no inner steps are taken.
     """
-    return _implicit(net, gate, train, val, n_primary, outer, "cg", iters, damping, alpha, tol)
+    net, gate, _, train, val, n_primary, _, outer = problem
+    return _implicit(net, gate, train, val, n_primary, outer, "cg", ift_iters, ift_damping, ift_alpha, tol)
 
 
-def ift_neumann(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int, steps: int,
-                outer: list[Tensor], iters: int = 20, damping: float = 0.0, alpha: float | None = None,
-                tol: float = 1e-6) -> Estimate:
-    """IFT with the inverse-Hessian-vector product by ``iters`` Neumann terms of step ``alpha``
+@register_estimator("ift_neumann", options=IFTOptions)
+def ift_neumann(problem: HypergradProblem, *, ift_iters: int = 20, ift_damping: float = 0.0,
+                ift_alpha: float | None = None, tol: float = 1e-6) -> Estimate:
+    """IFT with the inverse-Hessian-vector product by ``ift_iters`` Neumann terms of step ``ift_alpha``
     (by default ``1 / lambda_max`` from power iteration)."""
-    return _implicit(net, gate, train, val, n_primary, outer, "neumann", iters, damping, alpha, tol)
+    net, gate, _, train, val, n_primary, _, outer = problem
+    return _implicit(net, gate, train, val, n_primary, outer, "neumann", ift_iters, ift_damping, ift_alpha, tol)

@@ -26,14 +26,12 @@ from agl.config import TrainConfig
 from agl.training import checkpoint as ckpt
 from agl.training.checkpoint import LoopState
 from agl.training.model import build_model, gate_state, n_outputs
+from agl.training.schedules import SCHEDULES, WARMUP_FRACTION, EpochPlan, first_bilevel_epoch, warmup_epochs
 
 __all__ = ["TrainConfig", "LoopState", "Trainer", "FitResult", "fit", "build_model", "n_outputs", "predict",
            "resolve_device", "SCHEDULES", "warmup_epochs"]
 
 log = logging.getLogger(__name__)
-
-# Fraction of the epochs that the "warmstart" schedule trains AGL-all style before selecting.
-WARMUP_FRACTION = 0.2
 
 
 # --------------------------------------------------------------------------- interfaces
@@ -77,36 +75,7 @@ class FitResult:
 
 
 # --------------------------------------------------------------------------- schedules
-@dataclass(frozen=True)
-class EpochPlan:
-    """What one epoch does: a bi-level pass before training, and whether gate weights are forced to 1."""
-
-    bilevel: bool
-    all_genes: bool
-
-
-def _interleaved(epoch: int, cfg: TrainConfig) -> EpochPlan:
-    # The public release: every epoch after the first starts with a bi-level pass.
-    return EpochPlan(bilevel=epoch >= 1, all_genes=False)
-
-
-def _warmstart(epoch: int, cfg: TrainConfig) -> EpochPlan:
-    # Submission-time code: AGL-all warm-up stage, then alternate bi-level and normal stages.
-    warmup = warmup_epochs(cfg)
-    return EpochPlan(bilevel=epoch >= warmup, all_genes=epoch < warmup)
-
-
-def warmup_epochs(cfg: TrainConfig) -> int:
-    """Length of the AGL-all stage of the warmstart schedule."""
-    return max(1, int(round(WARMUP_FRACTION * cfg.epochs)))
-
-
-SCHEDULES: dict[str, Callable[[int, TrainConfig], EpochPlan]] = {
-    "interleaved": _interleaved,
-    "warmstart": _warmstart,
-}
-
-
+# SCHEDULES, EpochPlan and warmup_epochs are defined in agl.training.schedules (imported above).
 def tau_horizon(cfg: TrainConfig, steps_per_pass: int) -> int:
     """Outer steps over which tau anneals to tau_final (``tau_anneal_steps`` when set).
 
@@ -117,8 +86,7 @@ def tau_horizon(cfg: TrainConfig, steps_per_pass: int) -> int:
     """
     if cfg.tau_anneal_steps is not None:
         return int(cfg.tau_anneal_steps)
-    schedule = SCHEDULES[cfg.schedule]
-    first = next((e for e in range(cfg.epochs) if schedule(e, cfg).bilevel), cfg.epochs)
+    first = first_bilevel_epoch(cfg)
     passes = max(1, min(cfg.epochs - first, cfg.patience - first + 1))
     return passes * max(1, steps_per_pass)
 
@@ -267,12 +235,12 @@ class Trainer:
         from noise: ``hypergrad_sign_agreement`` is the share of estimates with the sign of their
         mean, ``hypergrad_snr`` their mean over their sample standard deviation.
         """
+        from agl.config import estimator_options
         from agl.training.bilevel import hypergradient
 
         cfg = self.cfg
         bs = cfg.bilevel_batch_size
-        options = ({"iters": cfg.ift_iters, "damping": cfg.ift_damping, "alpha": cfg.ift_alpha}
-                   if cfg.hypergrad.startswith("ift_") else {})
+        options = estimator_options(cfg)
         part = self.outer_part()
         if cfg.outer_val == "full":
             xv, yv, _ = self.data.eval_arrays(part)
@@ -294,8 +262,8 @@ class Trainer:
                 out = hypergradient(self.model, self.gate, self.loss_fn,
                                     (xt.to(self.device), yt[:, : self.n_out].to(self.device)),
                                     (xv.to(self.device), yv[:, : self.n_out].to(self.device)),
-                                    self.n_primary, cfg.inner_steps, cfg.lr, cfg.inner_optimizer, cfg.first_order,
-                                    optimizer=self.opt, method=cfg.hypergrad, inner_state=cfg.inner_state,
+                                    self.n_primary, inner_steps=cfg.inner_steps, inner_lr=cfg.lr,
+                                    inner_optimizer=cfg.inner_optimizer, first_order=cfg.first_order, optimizer=self.opt, method=cfg.hypergrad, inner_state=cfg.inner_state,
                                     estimator_options=options, accumulate=False)
                 flat = torch.cat([g.reshape(-1) for g in out["hypergrad"]]) if out["hypergrad"] else torch.zeros(0)
                 estimates.append(flat.detach().cpu())

@@ -10,11 +10,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from agl.errors import ConfigError
+from agl.registry import Registry
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+# name -> per-gene loss (the ``loss`` setting); a new loss is a function and @LOSSES.register("name")
+LOSSES: Registry[LossFn] = Registry("loss", setting="loss")
 
 
+@LOSSES.register("pcc")
 def pearson_loss(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
     """``1 - pearson(pred[:, g], target[:, g])`` per gene, centred over the batch.
 
@@ -31,6 +34,7 @@ def pearson_loss(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
     return 1.0 - cov * torch.rsqrt(var_product + eps)
 
 
+@LOSSES.register("mse")
 def mse_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Mean squared error per gene, averaged over the batch."""
     if pred.shape != target.shape or pred.dim() != 2:
@@ -38,12 +42,6 @@ def mse_loss(pred: Tensor, target: Tensor) -> Tensor:
     return (pred - target).square().mean(dim=0)
 
 
-LOSSES: dict[str, LossFn] = {"pcc": pearson_loss, "mse": mse_loss}
-
-
 def get_loss(name: str) -> LossFn:
     """The per-gene loss registered as ``name`` (``pcc`` or ``mse``)."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise ConfigError("loss", f"unknown loss {name!r}; choose one of {sorted(LOSSES)}") from None
+    return LOSSES.get(name)
