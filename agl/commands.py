@@ -39,15 +39,9 @@ def read_config_file(path: str | None) -> dict[str, Any]:
 
 def parse_sets(items: Sequence[str] | None) -> dict[str, Any]:
     """``--set key=value`` pairs (values read as YAML scalars/lists)."""
-    from agl.evaluation.protocol import parse_value
+    from agl.evaluation.protocol import parse_key_values
 
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError("--set", f"{item!r} must look like key=value")
-        out[key.strip()] = parse_value(value.strip())
-    return out
+    return parse_key_values(items or [], "--set")
 
 
 def base_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -6,7 +6,7 @@
 - :mod:`agl.distributed.results`: the trial table, best trial, PGL comparison, summary
 - :mod:`agl.distributed.sync`: sends the tracker (:mod:`agl.tracking`) what it missed; ``agl tune-sync``
 - :mod:`agl.distributed.cv`: the cross-validated trial objective and the refit champion
-- :mod:`agl.distributed.runtime`: ``init_ray`` and store resolution
+- :mod:`agl.distributed.runtime`: ``init_ray`` (stores are located by :mod:`agl.data.locate`)
 - :mod:`agl.distributed.commands`: ``agl tune``, ``agl train-ray``, ``agl predict``, ``agl bench ray``
 
 Submodules import Ray lazily, so ``import agl.distributed`` is cheap.

@@ -11,7 +11,6 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import pandas as pd
 
 from agl.distributed.spaces import SearchSpace
@@ -122,11 +121,11 @@ def compare_with_pgl(table: pd.DataFrame, space: SearchSpace) -> dict[str, Any] 
     """Did the best auxiliary-gene trial beat the best PGL trial beyond the fold noise?
 
     Both ran the same folds, so the test is paired: a one-sided paired t-test
-    (``scipy.stats.ttest_rel(..., alternative="greater")``) on the per-fold held-out PCC; "beyond
-    the fold noise" means p < 0.05. None when the table has no finished trial of either kind.
+    (``agl.evaluation.metrics.paired_difference_tests(..., alternative="greater")``) on the per-fold
+    held-out PCC; "beyond the fold noise" means p < 0.05. None when the table has no finished trial of
+    either kind.
     """
-    from scipy import stats
-
+    from agl.evaluation.metrics import paired_difference_tests
     from agl.selection import gates_with, reference_gate
 
     if space.cv is None or "param.method" not in table or not len(table):
@@ -140,12 +139,8 @@ def compare_with_pgl(table: pd.DataFrame, space: SearchSpace) -> dict[str, Any] 
     a, b = aux.iloc[0], pgl.iloc[0]   # tables are sorted best first
     fa, fb = json.loads(a["fold_pcc"]), json.loads(b["fold_pcc"])
     folds = sorted(set(fa) & set(fb))
-    diff = [fa[f] - fb[f] for f in folds]
-    p = float(stats.ttest_rel([fa[f] for f in folds], [fb[f] for f in folds], alternative="greater").pvalue) \
-        if len(folds) > 1 and np.std(diff) > 0 else math.nan
-    from agl.distributed.cv import mean_se
-
-    mean_diff, se_diff = mean_se(diff)
+    tests = paired_difference_tests([fa[f] - fb[f] for f in folds], alternative="greater")
+    p, mean_diff, se_diff = tests["p_t"], tests["mean_diff"], tests["se_diff"]
     beyond = bool(p < 0.05)
     sign = "beat" if mean_diff > 0 else "did not beat"
     line = (f"best auxiliary-gene trial ({a['param.method']}, {a['trial_id']}: cv_pcc {a['cv_pcc']:.4f} +- "

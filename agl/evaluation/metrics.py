@@ -127,9 +127,11 @@ def evaluate_predictions(
 
 
 
-def paired_difference_tests(diff: Sequence[float]) -> dict[str, float]:
-    """Two-sided tests of paired differences ``a - b`` against 0: paired t and Wilcoxon signed-rank (scipy).
+def paired_difference_tests(diff: Sequence[float], alternative: str = "two-sided") -> dict[str, float]:
+    """Tests of paired differences ``a - b`` against 0: paired t and Wilcoxon signed-rank (scipy), with
+    the mean difference and its standard error. agl's one paired-test helper (study, benchmarks, sweeps).
 
+    ``alternative``: ``two-sided``, or ``greater`` (``a`` beats ``b``) / ``less``, as scipy takes it.
     A p-value is NaN where its test is undefined: fewer than two pairs; t when every difference is
     equal (zero variance); Wilcoxon when every difference is zero.
     """
@@ -137,12 +139,14 @@ def paired_difference_tests(diff: Sequence[float]) -> dict[str, float]:
 
     d = np.asarray(diff, dtype=float)
     nan = float("nan")
-    out = {"n": int(len(d)), "mean_diff": float(d.mean()) if len(d) else nan, "t": nan, "p_t": nan, "p_wilcoxon": nan}
+    out = {"n": int(len(d)), "mean_diff": float(d.mean()) if len(d) else nan, "se_diff": nan, "t": nan, "p_t": nan,
+           "p_wilcoxon": nan}
     if len(d) < 2:
         return out
+    out["se_diff"] = float(d.std(ddof=1) / np.sqrt(len(d)))
     if d.std(ddof=1) > 0:
-        res = ttest_1samp(d, 0.0)
+        res = ttest_1samp(d, 0.0, alternative=alternative)
         out.update(t=float(res.statistic), p_t=float(res.pvalue))
     if np.any(d != 0):
-        out["p_wilcoxon"] = float(wilcoxon(d).pvalue)
+        out["p_wilcoxon"] = float(wilcoxon(d, alternative=alternative).pvalue)
     return out

@@ -45,19 +45,27 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def parse_key_values(items: Iterable[str], flag: str, where: str = "",
+                     convert: Callable[[str], Any] = parse_value) -> dict[str, Any]:
+    """``["k=100", "hard=true"]`` -> ``{"k": 100, "hard": True}`` (values by ``convert``, YAML by default):
+    agl's one ``key=value`` parser (``--set``, method options, benchmark flags). A malformed item is a
+    ConfigError naming ``flag`` (``where`` prefixes the item in the message)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(flag, f"{where}{item!r} must look like key=value")
+        out[key.strip()] = convert(value.strip())
+    return out
+
+
 def parse_method(spec: str, flag: str = "--methods") -> tuple[str, dict[str, Any]]:
     """``"topk:k=100"`` -> (``"topk:k=100"``, ``{"method": "topk", "k": 100}``); options join with ``:``.
 
     ``flag`` is the command-line flag the spec came from, named in errors.
     """
     name, *options = spec.strip().split(":")
-    overrides: dict[str, Any] = {"method": name}
-    for option in options:
-        key, sep, value = option.partition("=")
-        if not sep or not key:
-            raise ConfigError(flag, f"{spec!r}: option {option!r} must look like key=value")
-        overrides[key.strip()] = parse_value(value.strip())
-    return spec.strip(), overrides
+    return spec.strip(), {"method": name, **parse_key_values(options, flag, where=f"{spec!r}: option ")}
 
 
 def split_methods(text: str) -> list[str]:
