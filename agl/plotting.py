@@ -90,7 +90,7 @@ def plot_method_bars(table: pd.DataFrame, path: str | Path, metric: str = "pcc")
 
 
 def plot_gene_scatter(reference: pd.Series, others: Mapping[str, pd.Series], path: str | Path,
-                      reference_name: str = "pgl") -> Path:
+                      reference_name: str = "reference") -> Path:
     """Per-gene PCC of each method (y) against the reference method (x); points above the diagonal win."""
     n = max(len(others), 1)
     cols = min(n, 4)

@@ -1,4 +1,5 @@
-"""agl's import graph: no cycles, and no module imports another module's private names.
+"""agl's import graph: no cycles, and no module imports another module's private names; and no
+module outside ``agl/selection`` names a gene-selection method (it asks the gates' traits).
 
 The graph is read statically (ast over agl/**/*.py): every ``import`` and ``from ... import``,
 at module level or inside a function (a lazy import still ties the two modules together),
@@ -19,6 +20,21 @@ PACKAGE = Path(__file__).resolve().parents[1] / "agl"
 PENDING_CYCLES: list[list[str]] = []
 PENDING_PRIVATE: list[str] = []
 PENDING_LAYERING: dict[str, set[str]] = {}
+# Cycles that exist only through ``if TYPE_CHECKING:`` imports (annotations, never run). Counted, so a
+# new one is a decision, not an accident; each is delete-on-fix.
+TYPE_CHECKING_CYCLES: list[list[str]] = [["agl.training.checkpoint", "agl.training.loop"]]
+
+# Modules that may name a method (a registered gate) as a string: experiment designs (the study and
+# the benchmarks define which methods they run), the default of the ``method`` setting, and one
+# unrelated use of the word "probe". Everything else reads the gates' traits (agl.selection.gates_with).
+METHOD_NAMES_ALLOWED: dict[str, set[str] | None] = {
+    "agl/evaluation/study.py": None,        # None: any method name
+    "agl/bench/selection.py": None,
+    "agl/bench/core.py": None,
+    "agl/bench/sweep.py": None,
+    "agl/config.py": {"dkgsb"},             # TrainConfig's default method
+    "agl/models/features.py": {"probe"},    # a cache-key probe, not the probe method
+}
 
 
 def module_name(path: Path) -> str:
@@ -31,12 +47,14 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _imports(tree: ast.AST, module: str, is_package: bool) -> list[tuple[str, list[str], int]]:
-    """(imported module, names taken from it, line) for every import that can run."""
+def _imports(tree: ast.AST, module: str, is_package: bool,
+             type_checking: bool = False) -> list[tuple[str, list[str], int]]:
+    """(imported module, names taken from it, line) for every import that can run (and, with
+    ``type_checking``, those under ``if TYPE_CHECKING:`` too)."""
     out: list[tuple[str, list[str], int]] = []
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
+        if isinstance(node, ast.If) and _is_type_checking(node.test) and not type_checking:
             for child in node.orelse:
                 visit(child)
             return
@@ -56,14 +74,15 @@ def _imports(tree: ast.AST, module: str, is_package: bool) -> list[tuple[str, li
     return out
 
 
-def build_graph() -> tuple[dict[str, set[str]], list[str]]:
-    """Edges between agl modules, and every private-name import across modules."""
+def build_graph(type_checking: bool = False) -> tuple[dict[str, set[str]], list[str]]:
+    """Edges between agl modules, and every private-name import across modules (``type_checking``:
+    count the imports under ``if TYPE_CHECKING:`` as edges too)."""
     files = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
     graph: dict[str, set[str]] = {name: set() for name in files}
     private: list[str] = []
     for name, path in files.items():
         tree = ast.parse(path.read_text(), filename=str(path))
-        for target, names, line in _imports(tree, name, path.name == "__init__.py"):
+        for target, names, line in _imports(tree, name, path.name == "__init__.py", type_checking):
             if not (target == "agl" or target.startswith("agl.")):
                 continue
             for taken in names or [""]:
@@ -143,3 +162,43 @@ def test_predict_does_not_import_the_distributed_layer(module: str) -> None:
     graph, _ = build_graph()
     upward = {m for m in graph[module] if m.startswith("agl.distributed")} - PENDING_LAYERING.get(module, set())
     assert not upward, upward
+
+
+def test_type_checking_cycles_are_counted() -> None:
+    """Cycles closed only by annotation imports: exactly the known ones (a new one fails; a fixed one too,
+    until it is deleted from TYPE_CHECKING_CYCLES)."""
+    running, _ = build_graph()
+    annotated, _ = build_graph(type_checking=True)
+    only_annotations = [c for c in find_cycles(annotated) if c not in find_cycles(running)]
+    assert sorted(only_annotations) == sorted(TYPE_CHECKING_CYCLES), (
+        f"{len(only_annotations)} TYPE_CHECKING-only cycle(s): " + "; ".join(" <-> ".join(c) for c in only_annotations))
+
+
+def method_names_outside_selection() -> list[str]:
+    """Every string constant outside agl/selection that equals a registered gate's name (not allowed above)."""
+    from agl.selection import GATES
+
+    names = set(GATES.names())
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = str(path.relative_to(PACKAGE.parent))
+        if rel.startswith("agl/selection/"):
+            continue
+        allowed = METHOD_NAMES_ALLOWED.get(rel, set())
+        for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
+            if isinstance(node, ast.Constant) and node.value in names:
+                if allowed is not None and node.value not in allowed:
+                    found.append(f"{rel}:{node.lineno}: {node.value!r}")
+    return found
+
+
+def test_no_method_names_outside_selection() -> None:
+    found = method_names_outside_selection()
+    assert not found, ("a method named outside agl/selection (ask a gate trait instead: agl.selection.gates_with):\n"
+                       + "\n".join(found))
+
+
+def test_the_method_name_check_finds_one(monkeypatch) -> None:
+    """The scan sees a name where one is: without its allowance, the study's PGL reference is reported."""
+    monkeypatch.delitem(METHOD_NAMES_ALLOWED, "agl/evaluation/study.py")
+    assert any(hit.startswith("agl/evaluation/study.py:") and "'pgl'" in hit for hit in method_names_outside_selection())
