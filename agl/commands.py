@@ -77,9 +77,9 @@ def write_run_outputs(out: Path, result: Any, data: Any, split: str, label: str)
 
 def cmd_train(args: argparse.Namespace) -> int:
     from agl.fileio import check_output_folder, swap_folder, write_output_marker
-    from agl.training.bundles import make_bundle
     from agl.evaluation.protocol import parse_method
-    from agl.training.loop import TrainConfig, fit
+    from agl.service import run_config
+    from agl.training.loop import TrainConfig
 
     out = Path(args.out)
     store_dir = store_path(args.store)
@@ -96,16 +96,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not resume.is_dir():
             raise ConfigError(resume, "--resume needs a checkpoint folder from an earlier run in --out")
     store = open_store_arg(store_dir)
-    data = make_bundle(store, args.split, cfg)
     # a new run goes straight into --out (so --resume can continue it after a crash); a replacement
     # is built beside it and swapped in at the end, so the earlier run stays whole until then
     replace = args.overwrite and not args.resume and out.is_dir() and any(out.iterdir())
     work = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}" if replace else out
-    work.mkdir(parents=True, exist_ok=True)
     try:
-        result = fit(cfg, data, resume_from=resume, out_dir=work)  # a crashed run is known by its checkpoint/
+        # a crashed run is known by its checkpoint/ (fit creates the folder with it; a bad split creates none)
+        run = run_config(cfg, store, args.split, resume_from=resume, out_dir=work)
+        work.mkdir(parents=True, exist_ok=True)  # a closed-form fit (the probe) writes no checkpoint
         write_output_marker(work, "train", store=str(store_dir), split=args.split, method=args.method)
-        record = write_run_outputs(work, result, data, args.split, label)
+        record = write_run_outputs(work, run.result, run.data, args.split, label)
         if replace:
             check_output_folder(out, "train", overwrite=True)
             swap_folder(work, out)

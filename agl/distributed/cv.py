@@ -115,8 +115,8 @@ def agl_cv_trial(config: dict[str, Any], *, space: Any, store_path: str, threads
     from ray import tune
 
     from agl.data.store import open_store
-    from agl.training.bundles import make_bundle
-    from agl.training.loop import TrainConfig, fit
+    from agl.service import run_config
+    from agl.training.loop import TrainConfig
 
     torch.set_num_threads(threads)
     cfg = TrainConfig.from_dict(space.train_config(config), source=space.source)
@@ -133,9 +133,8 @@ def agl_cv_trial(config: dict[str, Any], *, space: Any, store_path: str, threads
         for name, fold in roles.items():
             if name in done:
                 continue  # restored trial: this fold is in the checkpoint
-            data = make_bundle(store, space.split, cfg, rank=0, world_size=1, roles=fold)
-            result = fit(cfg, data)
-            summary = runs.finalize_run(result, data, work / FOLDS_DIR / name, split=name)
+            summary = run_config(cfg, store, space.split, rank=0, world_size=1, roles=fold,
+                                 record_to=work / FOLDS_DIR / name, record_split=name, copy_checkpoint=True).record
             done[name] = summary["metrics"]
             trial = write_trial_folder(work, done, len(roles), cfg.to_dict())
             log.info("fold %s (%d/%d) %s: held-out PCC %.4f, cv_pcc %.4f +- %.4f", name, len(done), len(roles),
@@ -152,19 +151,13 @@ def refit(space: Any, config: Mapping[str, Any], store_path: str, dest: str | Pa
     """Train ``config`` (a trial's sampled values) on the outer split (every non-test spot: its train
     and val roles) and score it once on the test part; write the run folder (checkpoint, gene set,
     k plot, result.json with test_* metrics) to ``dest``; return its summary."""
-    import torch
+    from agl.service import run_config
 
-    from agl.training.bundles import make_bundle
-    from agl.training.loop import TrainConfig, fit
-
-    if threads:
-        torch.set_num_threads(threads)
-    cfg = TrainConfig.from_dict(space.train_config(config), source=space.source)
-    data = make_bundle(store_path, space.split, cfg, rank=0, world_size=1)
     work = Path(tempfile.mkdtemp(prefix="agl-refit-"))
     try:
-        result = fit(cfg, data, out_dir=work)
-        summary = runs.finalize_run(result, data, work / "final", split=space.split)
+        run = run_config(space.train_config(config), store_path, space.split, source=space.source, threads=threads,
+                         rank=0, world_size=1, out_dir=work, record_to=work / "final", copy_checkpoint=True)
+        cfg, summary = run.config, run.record
         dest = Path(dest)
         tmp = dest.with_name(dest.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -101,22 +101,18 @@ def train_func(config: dict[str, Any]) -> None:
     ``threads``, optionally ``pid_dir`` (each worker writes its PID there; used by failure drills).
     """
     import ray.train
-    import torch
 
-    from agl.training.bundles import make_bundle
     from agl import runs
-    from agl.training.loop import TrainConfig, fit
+    from agl.service import run_config
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(int(config.get("threads", 1)))
     if config.get("pid_dir"):
         _write_pid(Path(config["pid_dir"]), rank)
-    cfg = TrainConfig.from_dict(dict(config["train"]))
-    base = make_bundle(config["store"], config["split"], cfg, rank=rank, world_size=world)
-    data: Any = base
-    if config.get("data", "bundle") == "ray_data":
-        data = ShardBundle(base, ray.train.get_dataset_shard("train"), base.genes["column"].to_numpy(), rank)
+
+    def shard(base: Any) -> Any:
+        return ShardBundle(base, ray.train.get_dataset_shard("train"), base.genes["column"].to_numpy(), rank)
+
     work = Path(tempfile.mkdtemp(prefix=f"agl-train-r{rank}-"))
     previous = ray.train.get_checkpoint()
     resumed_from = -1
@@ -125,8 +121,11 @@ def train_func(config: dict[str, Any]) -> None:
             if resume_from is not None:
                 resumed_from = int(json.loads((Path(resume_from) / "state.json").read_text()).get("next_epoch", 0))
                 log.info("rank %d resumes from %s (epoch %d)", rank, previous.path, resumed_from)
-            result = fit(cfg, data, reporter=RayReporter({"resumed_from_epoch": resumed_from}),
-                         resume_from=resume_from, out_dir=work)
+            run = run_config(config["train"], config["store"], config["split"], threads=int(config.get("threads", 1)),
+                             rank=rank, world_size=world, wrap_data=shard if config.get("data", "bundle") == "ray_data"
+                             else None, reporter=RayReporter({"resumed_from_epoch": resumed_from}),
+                             resume_from=resume_from, out_dir=work)
+            result, base = run.result, run.data
         final_metrics: dict[str, Any] = {"final": True, "resumed_from_epoch": resumed_from}
         checkpoint = None
         if rank == 0:

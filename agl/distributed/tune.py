@@ -103,22 +103,19 @@ class TuneReporter:
 
 def agl_trial(config: dict[str, Any], *, space: SearchSpace, store_path: str, threads: int = 1) -> None:
     """One trial in-process: fit() with a TuneReporter, then a final report with the run artifacts."""
-    import torch
     from ray import tune
 
-    from agl.training.bundles import make_bundle
-    from agl.training.loop import TrainConfig, fit
+    from agl.service import run_config
 
-    torch.set_num_threads(threads)
-    cfg = TrainConfig.from_dict(space.train_config(config), source=space.source)
-    data = make_bundle(store_path, space.split, cfg, rank=0, world_size=1)
     work = Path(tempfile.mkdtemp(prefix="agl-trial-"))
     try:
         previous = tune.get_checkpoint()
-        with (previous.as_directory() if previous else nullcontext(None)) as resume_from:
-            result = fit(cfg, data, reporter=TuneReporter(), resume_from=resume_from, out_dir=work)
         final = work / "final"
-        summary = runs.finalize_run(result, data, final, split=space.split)
+        with (previous.as_directory() if previous else nullcontext(None)) as resume_from:
+            run = run_config(space.train_config(config), store_path, space.split, source=space.source,
+                             threads=threads, rank=0, world_size=1, reporter=TuneReporter(), resume_from=resume_from,
+                             out_dir=work, record_to=final, copy_checkpoint=True)
+        result, summary = run.result, run.record
         # val_pcc: the single-split objective, the best epoch's (Tune checks every report has it)
         tune.report({**summary["metrics"], "val_pcc": result.best_val_pcc, "epoch": result.epochs_run - 1, "final": True,
                      "resumed": resume_from is not None},

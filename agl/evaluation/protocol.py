@@ -114,20 +114,14 @@ class RunSpec:
 # --------------------------------------------------------------------------- one run
 def run_one(store_path: str, spec: RunSpec, out: str, quiet: bool = True) -> dict[str, Any]:
     """Train one grid run and write its result.json (top-level so worker processes can run it)."""
-    import torch
-
-    from agl.training.bundles import make_bundle
     from agl.data.store import open_store
-    from agl.runs import write_run_record
-    from agl.training.loop import TrainConfig, fit
+    from agl.service import run_config
 
     if quiet:
         logging.getLogger("agl.training.loop").setLevel(logging.WARNING)
-    torch.set_num_threads(1)  # one core per worker process: --jobs sets the parallelism
-    cfg = TrainConfig.from_dict(spec.config)
-    data = make_bundle(open_store(store_path), spec.split, cfg)
-    result = fit(cfg, data)
-    return write_run_record(spec.directory(Path(out)), result, data, spec.split, spec.label)
+    # one core per worker process: --jobs sets the parallelism
+    return run_config(spec.config, open_store(store_path), spec.split, threads=1,
+                      record_to=spec.directory(Path(out)), label=spec.label).record
 
 
 def finished_run(spec: RunSpec, out: Path) -> dict[str, Any] | None:
@@ -252,7 +246,7 @@ def write_outputs(out: Path, records: list[dict[str, Any]], order: Sequence[str]
         ref_runs = {(r["split"], r["seed"]) for r in records if r["method"] == reference}
         others = {m: per_gene_means(records, m, ref_runs) for m in present if m != reference}
         paths["scatter"] = plotting.plot_gene_scatter(per_gene_means(records, reference, ref_runs), others,
-                                                      out / "gene_scatter_vs_pgl.png")
+                                                      out / "gene_scatter_vs_pgl.png", reference_name=reference)
     trajectories = {m: [[row["k"] for row in r["history"]] for r in records if r["method"] == m]
                     for m in present if any(r["method"] == m and r["method_name"] in gates_with(bilevel=True) for r in records)}
     if trajectories:
