@@ -38,5 +38,7 @@ def read_toy(root: str | Path, slides: Sequence[str] | None = None) -> ad.AnnDat
                              counts.index.to_numpy(dtype=str), pixels,
                              {"image_path": str((folder / "image.jpg").absolute()),
                               "microns_per_pixel": meta["microns_per_pixel"], "spot_diameter_um": 100.0,
-                              "source_format": "toy-csv"}, source=str(folder / "counts.csv")))
+                              "source_format": "toy-csv",
+                              "source_files": [str((folder / n).absolute()) for n in ("counts.csv", "spots.csv")]},
+                             source=str(folder / "counts.csv")))
     return assemble(out)
