@@ -61,6 +61,27 @@ def write_hest(adata: ad.AnnData, root: Path, sample_id: str, *, patches: bool =
     return root
 
 
+def write_10x_h5(path: Path, counts: sp.csr_matrix, barcodes: np.ndarray, genes: np.ndarray, *,
+                 attrs: dict, types: list[str] | None = None, ids: list[str] | None = None) -> None:
+    """A 10x feature-barcode HDF5 matrix as Space Ranger / Xenium write it: features x barcodes in CSC (i.e.
+    barcodes x features in CSR), features name / id / feature_type / genome, the file attributes ``attrs``."""
+    counts = sp.csr_matrix(counts)
+    ids = ids or [f"ENSG{i:011d}" for i in range(len(genes))]
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"filetype": "matrix", "version": 2, **attrs})
+        m = f.create_group("matrix")
+        m.create_dataset("data", data=counts.data.astype(np.int32))
+        m.create_dataset("indices", data=counts.indices.astype(np.int64))
+        m.create_dataset("indptr", data=counts.indptr.astype(np.int64))
+        m.create_dataset("shape", data=np.array([counts.shape[1], counts.shape[0]], dtype=np.int32))
+        m.create_dataset("barcodes", data=np.array(barcodes, dtype="S"))
+        feats = m.create_group("features")
+        feats.create_dataset("name", data=np.array(genes, dtype="S"))
+        feats.create_dataset("id", data=np.array(ids, dtype="S"))
+        feats.create_dataset("feature_type", data=np.array(types or ["Gene Expression"] * len(genes), dtype="S"))
+        feats.create_dataset("genome", data=np.array(["GRCh38"] * len(genes), dtype="S"))
+
+
 def write_visium(adata: ad.AnnData, outs: Path, *, legacy_positions: bool = False,
                  extra_features: bool = True, matrix: str = "h5", images: bool = True) -> Path:
     """Space Ranger outs/ as Space Ranger writes it, from one real slide.
@@ -84,24 +105,11 @@ def write_visium(adata: ad.AnnData, outs: Path, *, legacy_positions: bool = Fals
         types += ["Antibody Capture"] * 2
     ids = [f"ENSG{i:011d}" for i in range(len(genes))]
     if matrix == "h5":
-        with h5py.File(outs / "filtered_feature_bc_matrix.h5", "w") as f:
-            # the file attributes Space Ranger writes (scanpy.read_visium takes the library id from them)
-            f.attrs.update({"filetype": "matrix", "version": 2, "software_version": "spaceranger-2.1.0",
-                            "chemistry_description": "Spatial 3' v1",
+        # the file attributes Space Ranger writes (scanpy.read_visium takes the library id from them)
+        write_10x_h5(outs / "filtered_feature_bc_matrix.h5", counts, barcodes, genes, types=types, ids=ids,
+                     attrs={"software_version": "spaceranger-2.1.0", "chemistry_description": "Spatial 3' v1",
                             "library_ids": np.array([outs.parent.name], dtype="S"),
                             "original_gem_groups": np.array([1], dtype=np.int64)})
-            m = f.create_group("matrix")
-            # features x barcodes in CSC == barcodes x features in CSR.
-            m.create_dataset("data", data=counts.data.astype(np.int32))
-            m.create_dataset("indices", data=counts.indices.astype(np.int64))
-            m.create_dataset("indptr", data=counts.indptr.astype(np.int64))
-            m.create_dataset("shape", data=np.array([counts.shape[1], counts.shape[0]], dtype=np.int32))
-            m.create_dataset("barcodes", data=np.array(barcodes, dtype="S"))
-            feats = m.create_group("features")
-            feats.create_dataset("name", data=np.array(genes, dtype="S"))
-            feats.create_dataset("id", data=np.array(ids, dtype="S"))
-            feats.create_dataset("feature_type", data=np.array(types, dtype="S"))
-            feats.create_dataset("genome", data=np.array(["GRCh38"] * len(genes), dtype="S"))
     else:
         import scipy.io
 
@@ -287,25 +295,6 @@ def _spot_umis(adata: ad.AnnData, rows: np.ndarray) -> list[tuple[np.ndarray, np
     return out
 
 
-def _write_10x_h5(path: Path, counts: sp.csr_matrix, barcodes: np.ndarray, genes: np.ndarray,
-                  software: str) -> None:
-    """A 10x feature-barcode HDF5 matrix (features x barcodes CSC, i.e. barcodes x features CSR), Gene Expression."""
-    counts = sp.csr_matrix(counts)
-    with h5py.File(path, "w") as f:
-        f.attrs.update({"filetype": "matrix", "version": 2, "software_version": software})
-        m = f.create_group("matrix")
-        m.create_dataset("data", data=counts.data.astype(np.int32))
-        m.create_dataset("indices", data=counts.indices.astype(np.int64))
-        m.create_dataset("indptr", data=counts.indptr.astype(np.int64))
-        m.create_dataset("shape", data=np.array([counts.shape[1], counts.shape[0]], dtype=np.int32))
-        m.create_dataset("barcodes", data=np.array(barcodes, dtype="S"))
-        feats = m.create_group("features")
-        feats.create_dataset("name", data=np.array(genes, dtype="S"))
-        feats.create_dataset("id", data=np.array([f"ENSG{i:011d}" for i in range(len(genes))], dtype="S"))
-        feats.create_dataset("feature_type", data=np.array(["Gene Expression"] * len(genes), dtype="S"))
-        feats.create_dataset("genome", data=np.array(["GRCh38"] * len(genes), dtype="S"))
-
-
 def hd_square_of_spots(adata: ad.AnnData, spot_um: float) -> np.ndarray:
     """The (column, row) square of ``spot_um`` (grid anchored at pixel 0, axis-aligned) holding each spot's centre."""
     _, meta = _one_slide(adata)
@@ -349,8 +338,8 @@ def write_visium_hd(adata: ad.AnnData, outs: Path, *, bins_um: tuple[int, ...] =
         counts = sp.vstack(parts, format="csr")
         counts.sum_duplicates()
         barcodes = np.array([f"s_{b:03d}um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols)])
-        _write_10x_h5(folder / "filtered_feature_bc_matrix.h5", counts, barcodes, genes,
-                      f"spaceranger-{space_ranger}.0.1")
+        write_10x_h5(folder / "filtered_feature_bc_matrix.h5", counts, barcodes, genes,
+                     attrs={"software_version": f"spaceranger-{space_ranger}.0.1"})
         pos = pd.DataFrame({"barcode": barcodes, "in_tissue": 1, "array_row": rows, "array_col": cols,
                             "pxl_row_in_fullres": (rows + 0.5) * b / mpp, "pxl_col_in_fullres": (cols + 0.5) * b / mpp})
         off = pd.DataFrame({"barcode": [f"s_{b:03d}um_00000_0000{j}-1" for j in range(3)], "in_tissue": 0,
@@ -373,6 +362,17 @@ def write_visium_hd(adata: ad.AnnData, outs: Path, *, bins_um: tuple[int, ...] =
     if not link.exists():
         os.symlink(meta["image_path"], link)
     return outs
+
+
+def pseudo_spot_rows(got: ad.AnnData, squares: np.ndarray, spot_um: float, centres: np.ndarray) -> list[int]:
+    """Rows of ``got`` (a reader's pseudo-spots) holding each source spot's square; asserts one spot per square,
+    no pseudo-spot without a source spot, and each at its expected pixel centre (1e-6 px)."""
+    key = [f"sq{spot_um:g}um_c{c:05d}_r{r:05d}" for c, r in squares]
+    rows = got.obs["barcode"].astype(str).tolist()
+    assert sorted(rows) == sorted(key) and len(set(key)) == len(squares)
+    order = [rows.index(k) for k in key]
+    np.testing.assert_allclose(got.obs[["pixel_x", "pixel_y"]].to_numpy()[order], centres, rtol=0, atol=1e-6)
+    return order
 
 
 XENIUM_PIXEL_SIZE = 0.2125  # um per morphology-image pixel (experiment.xenium)
@@ -444,7 +444,8 @@ def write_xenium(adata: ad.AnnData, bundle: Path, *, affine: np.ndarray, spot_um
             cell_rows.append(np.bincount(u[which == c], minlength=len(genes)))
             cell_xy.append((squares[i] + rng.uniform(0.05, 0.95, 2)) * spot_um)
     ids = np.array([f"cell{j:06d}-1" for j in range(len(cell_rows))])
-    _write_10x_h5(bundle / "cell_feature_matrix.h5", sp.csr_matrix(np.vstack(cell_rows)), ids, genes, "xenium-2.0.0.10")
+    write_10x_h5(bundle / "cell_feature_matrix.h5", sp.csr_matrix(np.vstack(cell_rows)), ids, genes,
+                 attrs={"software_version": "xenium-2.0.0.10"})
     cell_xy = np.array(cell_xy)
     pd.DataFrame({"cell_id": ids, "x_centroid": cell_xy[:, 0], "y_centroid": cell_xy[:, 1],
                   "transcript_counts": np.vstack(cell_rows).sum(axis=1)}).to_parquet(bundle / "cells.parquet", index=False)

@@ -13,7 +13,7 @@ from agl.data import extract_patches
 from agl.data.readers import read_her2st, read_visium_hd
 from agl.data.store import open_store
 from agl.errors import DataError
-from layouts import hd_square_of_spots, write_visium_hd
+from layouts import hd_square_of_spots, pseudo_spot_rows, write_visium_hd
 
 SPOT_UM = 112.0
 
@@ -37,15 +37,9 @@ def expected_centres(c3, spot_um):
 
 def assert_pools_back(got, c3, spot_um):
     """Each pseudo-spot holds exactly one source spot's counts, at the centre of that spot's square."""
-    squares = hd_square_of_spots(c3, spot_um)
-    key = [f"sq{spot_um:g}um_c{c:05d}_r{r:05d}" for c, r in squares]
-    rows = got.obs["barcode"].astype(str).tolist()
-    assert sorted(rows) == sorted(key) and len(set(key)) == c3.n_obs  # one spot per square, every spot
-    order = [rows.index(k) for k in key]
+    order = pseudo_spot_rows(got, hd_square_of_spots(c3, spot_um), spot_um, expected_centres(c3, spot_um))
     assert list(got.var_names) == list(c3.var_names)
     assert (got.X[order] != c3.X).nnz == 0
-    np.testing.assert_allclose(got.obs[["pixel_x", "pixel_y"]].to_numpy()[order], expected_centres(c3, spot_um),
-                               rtol=0, atol=1e-6)
     return order
 
 

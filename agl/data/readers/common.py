@@ -7,6 +7,7 @@ file and the problem.
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ class SlideData:
 # --------------------------------------------------------------------------- shared checks
 
 
-def _require_file(path: Path, what: str) -> Path:
+def require_file(path: Path, what: str) -> Path:
     if not path.is_file():
         raise DataError(path, f"missing {what}")
     return path
@@ -125,7 +126,7 @@ def names_of_kept_genes(genes: Sequence[str], names: dict[str, np.ndarray]) -> d
     return {k: np.asarray(v, dtype=str)[firsts] for k, v in names.items()}
 
 
-def _check_unique_barcodes(barcodes: Iterable[str], path: Path | str) -> None:
+def check_unique_barcodes(barcodes: Iterable[str], path: Path | str) -> None:
     index = pd.Index(list(barcodes))
     if not index.is_unique:
         dups = index[index.duplicated()].unique()
@@ -133,14 +134,14 @@ def _check_unique_barcodes(barcodes: Iterable[str], path: Path | str) -> None:
         raise DataError(path, f"{len(dups)} duplicate spot barcodes ({shown})")
 
 
-def _check_pixels(pixels: np.ndarray, barcodes: np.ndarray, path: Path | str) -> None:
+def check_pixels(pixels: np.ndarray, barcodes: np.ndarray, path: Path | str) -> None:
     bad = ~np.isfinite(pixels).all(axis=1)
     if bad.any():
         raise DataError(path, f"{int(bad.sum())} spots lack finite pixel coordinates "
                               f"(e.g. {barcodes[bad][:3].tolist()})")
 
 
-def _single_image(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> Path | None:
+def single_image(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> Path | None:
     """The one image file directly in ``folder``; None if none; DataError if ambiguous."""
     if not folder.is_dir():
         return None
@@ -151,7 +152,16 @@ def _single_image(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> Pat
     return found[0] if found else None
 
 
-def _positive_float(value: Any, path: Path, key: str) -> float:
+def read_json(path: Path, what: str) -> Any:
+    """A required JSON file (``what`` names it in errors)."""
+    require_file(path, what)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(path, f"cannot read the {what} JSON: {err}") from err
+
+
+def positive_float(value: Any, path: Path, key: str) -> float:
     try:
         out = float(value)
     except (TypeError, ValueError):
@@ -161,20 +171,20 @@ def _positive_float(value: Any, path: Path, key: str) -> float:
     return out
 
 
-def _decode(values: np.ndarray) -> np.ndarray:
+def decode_strings(values: np.ndarray) -> np.ndarray:
     flat = np.asarray(values).reshape(len(values), -1)[:, 0] if np.ndim(values) > 1 else np.asarray(values)
     return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in flat], dtype=str)
 
 
-def _read_h5ad(path: Path) -> ad.AnnData:
-    _require_file(path, "AnnData file")
+def read_h5ad_file(path: Path) -> ad.AnnData:
+    require_file(path, "AnnData file")
     try:
         return ad.read_h5ad(path)
     except Exception as err:  # anndata/h5py raise many types for damaged files
         raise DataError(path, f"cannot read the AnnData file: {type(err).__name__}: {err}") from err
 
 
-def _counts_of(adata: ad.AnnData, path: Path) -> tuple[Any, str]:
+def raw_counts_of(adata: ad.AnnData, path: Path) -> tuple[Any, str]:
     """Raw counts of an AnnData: layers["counts"] if present, else X (which must be integer)."""
     if "counts" in adata.layers:
         return adata.layers["counts"], "layers['counts']"
@@ -183,23 +193,23 @@ def _counts_of(adata: ad.AnnData, path: Path) -> tuple[Any, str]:
     return adata.X, "X"
 
 
-def _open_text(path: Path) -> Any:
+def open_text(path: Path) -> Any:
     with open(path, "rb") as fh:
         gz = fh.read(2) == b"\x1f\x8b"  # gzip by content: suffixes lie
     return gzip.open(path, "rt") if gz else open(path)
 
 
-def _open_binary(path: Path) -> Any:
+def open_binary(path: Path) -> Any:
     with open(path, "rb") as fh:
         gz = fh.read(2) == b"\x1f\x8b"
     return gzip.open(path, "rb") if gz else open(path, "rb")
 
 
-def _first_file(folder: Path, names: Sequence[str]) -> Path | None:
+def first_file(folder: Path, names: Sequence[str]) -> Path | None:
     return next((folder / n for n in names if (folder / n).is_file()), None)
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
     try:
         float(text)
     except ValueError:
@@ -257,7 +267,7 @@ def assemble(slides: Sequence[SlideData]) -> ad.AnnData:
     return adata
 
 
-def _join_spots(count_ids: pd.Index, pos_ids: pd.Index, counts_path: Path, pos_path: Path,
+def join_spots(count_ids: pd.Index, pos_ids: pd.Index, counts_path: Path, pos_path: Path,
                 strict: bool) -> tuple[np.ndarray, np.ndarray, int]:
     """Rows of counts and positions that share a spot id; warn about (or refuse) the rest."""
     only_counts = count_ids.difference(pos_ids, sort=False)
@@ -278,7 +288,7 @@ def _join_spots(count_ids: pd.Index, pos_ids: pd.Index, counts_path: Path, pos_p
 # --------------------------------------------------------------------------- downscaled images (Visium, scanpy)
 
 
-def _spots_outside(pixels: np.ndarray, size: tuple[int, int]) -> int:
+def spots_outside(pixels: np.ndarray, size: tuple[int, int]) -> int:
     return int(((pixels < 0) | (pixels >= np.asarray(size, dtype=np.float64))).any(axis=1).sum())
 
 
@@ -312,12 +322,12 @@ def choose_image(where: Path, image_path: str | Path | None, pixels: np.ndarray,
     from agl.data.patches import image_size
 
     if image_path is not None:
-        image = _require_file(Path(image_path), "full-resolution image (--image)")
+        image = require_file(Path(image_path), "full-resolution image (--image)")
         size = image_size(image)
-        n_out = _spots_outside(pixels, size)
+        n_out = spots_outside(pixels, size)
         if n_out:
             fits = [c for c in candidates if c.key in scalefactors
-                    and not _spots_outside(pixels * float(scalefactors[c.key]), size)]
+                    and not spots_outside(pixels * float(scalefactors[c.key]), size)]
             hint = (f"its size fits {fits[0].label} (spots scaled by {fits[0].key}): omit --image to use that "
                     "image with its scale factor, or pass the full-resolution image" if fits else
                     "pass the full-resolution image of this slide with --image")
@@ -327,9 +337,9 @@ def choose_image(where: Path, image_path: str | Path | None, pixels: np.ndarray,
     for c in candidates:
         if c.key not in scalefactors:
             raise DataError(sf_where, f"{sf_label} lacks {c.key}, needed to use {c.label}")
-        scale = _positive_float(scalefactors[c.key], sf_where, f"{sf_label} {c.key}")
+        scale = positive_float(scalefactors[c.key], sf_where, f"{sf_label} {c.key}")
         size = c.size()
-        n_out = _spots_outside(pixels * scale, size)
+        n_out = spots_outside(pixels * scale, size)
         if n_out:
             raise DataError(c.where, f"{n_out} of {len(pixels)} spot centres fall outside this {size[0]}x{size[1]} "
                                      f"image after scaling by {c.key}={scale:g} (from {sf_label}): the scale "

@@ -12,8 +12,8 @@ import numpy as np
 
 from agl.data import schema
 from agl.data.genes import alias_columns
-from agl.data.readers.common import (ScaledImage, SlideData, _check_pixels, _check_unique_barcodes, _counts_of,
-                                     _positive_float, _read_h5ad, assemble, choose_image, counts_to_csr,
+from agl.data.readers.common import (ScaledImage, SlideData, check_pixels, check_unique_barcodes, raw_counts_of,
+                                     positive_float, read_h5ad_file, assemble, choose_image, counts_to_csr,
                                      names_of_kept_genes, resolve_duplicate_genes)
 from agl.data.readers.registry import register_reader
 from agl.data.readers.visium import VISIUM_SPOT_UM
@@ -136,15 +136,15 @@ def _scanpy_slide(adata: ad.AnnData, path: Path, pixels: np.ndarray, barcodes: n
     lib, library, rows = _scanpy_library(adata, path, library_id)
     label = f"uns['spatial'][{lib!r}]"
     pixels = pixels[rows]
-    _check_pixels(pixels, barcodes[rows], path)
+    check_pixels(pixels, barcodes[rows], path)
     library = library if isinstance(library, Mapping) else {}
     scalefactors = _plain(dict(library.get("scalefactors") or {}))
-    spot_um = VISIUM_SPOT_UM if spot_diameter_um is None else _positive_float(spot_diameter_um, path,
+    spot_um = VISIUM_SPOT_UM if spot_diameter_um is None else positive_float(spot_diameter_um, path,
                                                                                "--spot-diameter-um")
     if microns_per_pixel is not None:
-        full_mpp = _positive_float(microns_per_pixel, path, "--microns-per-pixel")
+        full_mpp = positive_float(microns_per_pixel, path, "--microns-per-pixel")
     elif "spot_diameter_fullres" in scalefactors:
-        full_mpp = spot_um / _positive_float(scalefactors["spot_diameter_fullres"], path,
+        full_mpp = spot_um / positive_float(scalefactors["spot_diameter_fullres"], path,
                                              f"{label}['scalefactors']['spot_diameter_fullres']")
     else:
         raise DataError(path, f"{label}['scalefactors'] lacks spot_diameter_fullres, which sets the pixel size; "
@@ -187,10 +187,10 @@ def read_anndata(path: str | Path, *, image_path: str | Path | None = None, slid
     ``var`` (``gene_ids``, ``gene_symbols``, ...) are kept for gene matching.
     """
     path = Path(path)
-    adata = _read_h5ad(path)
+    adata = read_h5ad_file(path)
     if "spatial" not in adata.obsm:
         raise DataError(path, "no obsm['spatial'] spot positions")
-    values, where = _counts_of(adata, path)
+    values, where = raw_counts_of(adata, path)
     genes = [str(g) for g in adata.var_names]
     pixels_all = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
     barcodes_all = (adata.obs[schema.OBS_BARCODE].astype(str).to_numpy() if schema.OBS_BARCODE in adata.obs
@@ -235,15 +235,15 @@ def read_anndata(path: str | Path, *, image_path: str | Path | None = None, slid
         if meta.get("microns_per_pixel") is None:
             raise DataError(path, f"slide {sid!r}: unknown pixel size; pass --microns-per-pixel "
                                   "(or store uns['microns_per_pixel'])")
-        meta["microns_per_pixel"] = _positive_float(meta["microns_per_pixel"], path, "microns_per_pixel")
+        meta["microns_per_pixel"] = positive_float(meta["microns_per_pixel"], path, "microns_per_pixel")
         if meta.get("image_path") is not None:
             meta["image_path"] = str(Path(meta["image_path"]).absolute())
         meta.setdefault("spot_diameter_um", None)
         meta.setdefault("source_format", "anndata")
         meta["source_files"] = list(meta.get("source_files") or []) or [str(path.absolute())]
         barcodes = barcodes_all[rows]
-        _check_unique_barcodes(barcodes, path)
-        _check_pixels(pixels_all[rows], barcodes, path)
+        check_unique_barcodes(barcodes, path)
+        check_pixels(pixels_all[rows], barcodes, path)
         extra = {c: adata.obs[c].to_numpy()[rows] for c in ("array_row", "array_col") if c in adata.obs}
         slides.append(SlideData(sid, counts_all[rows], genes, barcodes, pixels_all[rows] * scale_of.get(sid, 1.0),
                                 meta, extra, var_extra=var_extra, source=str(path)))

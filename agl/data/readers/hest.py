@@ -1,15 +1,14 @@
 """HEST-1k (``st/``, ``metadata/``, ``patches/``, ``wsis/``), read without the hest package; registered as ``hest``."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import anndata as ad
 import numpy as np
 
-from agl.data.readers.common import (IMAGE_SUFFIXES, SlideData, _check_pixels, _check_unique_barcodes, _counts_of,
-                                     _positive_float, _read_h5ad, _require_file, assemble, counts_to_csr,
+from agl.data.readers.common import (IMAGE_SUFFIXES, SlideData, check_pixels, check_unique_barcodes, raw_counts_of,
+                                     positive_float, read_h5ad_file, assemble, counts_to_csr, read_json,
                                      resolve_duplicate_genes)
 from agl.data.readers.registry import register_reader
 from agl.errors import DataError
@@ -23,38 +22,30 @@ HEST_PATCH_MPP = 0.5
 
 
 
-def _hest_meta(path: Path) -> dict[str, Any]:
-    _require_file(path, "HEST metadata file")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(path, f"cannot read the metadata JSON: {err}") from err
-
-
 def read_hest_sample(root: str | Path, sample_id: str, *, duplicate_genes: str = "error") -> SlideData:
     """One HEST-1k sample: ``st/{id}.h5ad``, ``metadata/{id}.json``, optional patches and WSI."""
     root = Path(root)
     st_path = root / "st" / f"{sample_id}.h5ad"
     meta_path = root / "metadata" / f"{sample_id}.json"
-    adata = _read_h5ad(st_path)
-    meta = _hest_meta(meta_path)
+    adata = read_h5ad_file(st_path)
+    meta = read_json(meta_path, "HEST metadata file")
     key = next((k for k in ("pixel_size_um_estimated", "pixel_size_um_embedded") if meta.get(k)), None)
     if key is None:
         raise DataError(meta_path, "no pixel size (pixel_size_um_estimated / pixel_size_um_embedded)")
-    mpp = _positive_float(meta[key], meta_path, key)
+    mpp = positive_float(meta[key], meta_path, key)
     spot_um = meta.get("spot_diameter")
-    spot_um = _positive_float(spot_um, meta_path, "spot_diameter") if spot_um is not None else None
+    spot_um = positive_float(spot_um, meta_path, "spot_diameter") if spot_um is not None else None
 
     barcodes = np.asarray(adata.obs_names, dtype=str)
-    _check_unique_barcodes(barcodes, st_path)
+    check_unique_barcodes(barcodes, st_path)
     if "spatial" in adata.obsm:
         pixels = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
     elif {"pxl_col_in_fullres", "pxl_row_in_fullres"} <= set(adata.obs.columns):
         pixels = adata.obs[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
     else:
         raise DataError(st_path, "no spot positions (obsm['spatial'] or obs pxl_col/row_in_fullres)")
-    _check_pixels(pixels, barcodes, st_path)
-    values, where = _counts_of(adata, st_path)
+    check_pixels(pixels, barcodes, st_path)
+    values, where = raw_counts_of(adata, st_path)
     counts = counts_to_csr(values, st_path, barcodes, list(adata.var_names), where)
     counts, genes = resolve_duplicate_genes(counts, list(adata.var_names), st_path, duplicate_genes)
 

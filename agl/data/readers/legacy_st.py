@@ -14,8 +14,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from agl.data.readers.common import (IMAGE_SUFFIXES, SlideData, _check_unique_barcodes, _is_number, _join_spots,
-                                     _open_text, _require_file, _single_image, assemble, counts_to_csr,
+from agl.data.readers.common import (IMAGE_SUFFIXES, SlideData, check_unique_barcodes, is_number, join_spots,
+                                     open_text, require_file, single_image, assemble, counts_to_csr,
                                      resolve_duplicate_genes)
 from agl.data.readers.registry import register_reader
 from agl.errors import DataError, show
@@ -60,7 +60,7 @@ def _read_count_table(path: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
     >= 1.5) or the columns (older ST Pipeline: genes as rows); the corner cell may be absent.
     """
     try:
-        with _open_text(path) as fh:
+        with open_text(path) as fh:
             header = fh.readline().rstrip("\r\n").split("\t")
         # The header is parsed by hand so duplicate symbols are seen, not silently mangled.
         table = pd.read_csv(path, sep="\t", header=None, skiprows=1, index_col=0, engine="c",
@@ -97,11 +97,11 @@ def _read_count_table(path: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
 def _read_spot_table(path: Path) -> pd.DataFrame:
     """An ST spot detector table (``x y new_x new_y pixel_x pixel_y [selected]``), header or not."""
     try:
-        with _open_text(path) as fh:
+        with open_text(path) as fh:
             first = fh.readline()
         sep = "\t" if "\t" in first else r"\s+"
         cells = first.split()
-        headerless = bool(cells) and all(_is_number(c) for c in cells)
+        headerless = bool(cells) and all(is_number(c) for c in cells)
         kw: dict[str, Any] = {"header": None, "names": _SPOT_COLUMNS[:len(cells)]} if headerless else {}
         if headerless and len(cells) not in (6, 7):
             raise DataError(path, f"a spot table without header needs 6 or 7 columns "
@@ -185,7 +185,7 @@ class STFiles:
 
 
 def _her2st_image(root: Path, section: str) -> Path | None:
-    return _single_image(root / "ST-imgs" / section[0] / section, (".jpg", ".jpeg", ".tif", ".tiff", ".png"))
+    return single_image(root / "ST-imgs" / section[0] / section, (".jpg", ".jpeg", ".tif", ".tiff", ".png"))
 
 
 def _her2st_file(folder: Path, stem: str, suffixes: Sequence[str], what: str) -> Path:
@@ -207,7 +207,7 @@ def _stems(folder: Path, tail: str, suffixes: Sequence[str]) -> set[str]:
     return {p.name[: -len(tail + s)] for s in suffixes for p in folder.glob(f"*{tail}{s}")}
 
 
-def _her2st_sections(root: Path, require_image: bool) -> list[str]:
+def her2st_sections(root: Path, require_image: bool) -> list[str]:
     counts = _stems(root / "ST-cnts", "", (".tsv.gz", ".tsv"))
     spots = _stems(root / "ST-spotfiles", "_selection", (".tsv", ".tsv.gz"))
     found = sorted(counts & spots)
@@ -219,12 +219,12 @@ def _her2st_sections(root: Path, require_image: bool) -> list[str]:
 def _sniff_table(path: Path) -> str | None:
     """``"spots"`` for an ST spot detector table, ``"counts"`` for a counts table with XxY ids, else None."""
     try:
-        with _open_text(path) as fh:
+        with open_text(path) as fh:
             first, second = fh.readline(), fh.readline()
     except (OSError, EOFError, UnicodeDecodeError):
         return None
     head = first.split()
-    if {"x", "y", "pixel_x", "pixel_y"} <= set(head) or (len(head) in (6, 7) and all(map(_is_number, head))):
+    if {"x", "y", "pixel_x", "pixel_y"} <= set(head) or (len(head) in (6, 7) and all(map(is_number, head))):
         return "spots"
     cells = first.rstrip("\r\n").split("\t")
     row = second.split("\t")[0] if second else ""
@@ -257,18 +257,18 @@ def st_section_files(path: str | Path, *, counts_path: str | Path | None = None,
     tables = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name.lower().endswith(TABLE_SUFFIXES)]
     kinds = {p: _sniff_table(p) for p in tables if p not in (counts_path, spots_path)}
     if counts_path is not None:
-        counts = _require_file(Path(counts_path), "counts table")
+        counts = require_file(Path(counts_path), "counts table")
     elif path.is_file():
         counts = path
     else:
         counts = _one([p for p, k in kinds.items() if k == "counts"], "counts tables with XxY spot ids",
                       folder, "pass counts_path")
     if spots_path is not None:
-        spots = _require_file(Path(spots_path), "spot file")
+        spots = require_file(Path(spots_path), "spot file")
     else:
         spots = _one([p for p, k in kinds.items() if k == "spots" and p != counts],
                      "spot tables (x y new_x new_y pixel_x pixel_y selected)", folder, "pass spots_path")
-    image = _require_file(Path(image_path), "image") if image_path is not None else _single_image(folder)
+    image = require_file(Path(image_path), "image") if image_path is not None else single_image(folder)
     sid = slide_id or (folder.name if path.is_dir() else counts.name.split(".")[0])
     return STFiles(sid, counts, spots, image)
 
@@ -356,12 +356,12 @@ def read_st_section(files: STFiles, *, require_image: bool = True, strict: bool 
     size is fitted on the array grid with the pitch of the detected (or given) array.
     """
     counts_path, spot_path, image = files.counts, files.spots, files.image
-    _require_file(counts_path, "counts file")
-    _require_file(spot_path, "spot file")
+    require_file(counts_path, "counts file")
+    require_file(spot_path, "spot file")
     if image is None and require_image:
         raise DataError(spot_path.parent, "missing image (no H&E image found); pass --image")
     values, genes, count_ids = _read_count_table(counts_path)
-    _check_unique_barcodes(count_ids, counts_path)
+    check_unique_barcodes(count_ids, counts_path)
     pos = _read_spot_table(spot_path)
     for c in [c for c in _SPOT_COLUMNS if c in pos.columns]:
         pos[c] = pd.to_numeric(pos[c], errors="coerce")
@@ -380,8 +380,8 @@ def read_st_section(files: STFiles, *, require_image: bool = True, strict: bool 
         pos = pos[chosen]
     pos = pos.reset_index(drop=True)
     pos_ids = pd.Index(pos["x"].round().astype(int).astype(str) + "x" + pos["y"].round().astype(int).astype(str))
-    _check_unique_barcodes(pos_ids, spot_path)
-    rows, pos_rows, n_dropped = _join_spots(pd.Index(count_ids), pos_ids, counts_path, spot_path, strict)
+    check_unique_barcodes(pos_ids, spot_path)
+    rows, pos_rows, n_dropped = join_spots(pd.Index(count_ids), pos_ids, counts_path, spot_path, strict)
     grid_cols = ["new_x", "new_y"] if {"new_x", "new_y"} <= set(pos.columns) else ["x", "y"]
     # Matched spots without a pixel position are dropped too: there is nowhere to cut a patch.
     no_pixel = ~np.isfinite(pos[["pixel_x", "pixel_y", *grid_cols]].to_numpy(float)[pos_rows]).all(axis=1)
@@ -453,7 +453,7 @@ def _read_folder_sections(several: FolderSections, sections: Sequence[str] | Non
         if len(files) != 1:
             raise DataError(several.folder, f"--image names one image but {len(files)} sections are read; "
                                             "choose one with --sections")
-        files[0].image = _require_file(Path(image_path), "image")
+        files[0].image = require_file(Path(image_path), "image")
     return assemble([read_st_section(f, **kw) for f in files])
 
 
@@ -461,7 +461,7 @@ def _legacy_st_units(root: Path, require_image: bool = True, **_: Any) -> list[s
     """Sections of a her2st release (every one with counts and a spot file, and an image if required), or of
     a folder holding several sections' tables; none (one unit) for a single section."""
     if (root / "ST-cnts").is_dir():
-        return _her2st_sections(root, require_image)
+        return her2st_sections(root, require_image)
     several = folder_sections(root)
     if several is None:
         return []
@@ -503,7 +503,7 @@ def read_her2st(root: str | Path, sections: Sequence[str] | str | None = None, *
                                  slide_id=sections[0] if sections else None)
         return assemble([read_st_section(files, **kw)])
     if sections is None:
-        sections = _her2st_sections(root, require_image)
+        sections = her2st_sections(root, require_image)
         if not sections:
             raise DataError(root, "no section has counts, a spot file"
                                   + (" and an image" if require_image else ""))
@@ -511,6 +511,6 @@ def read_her2st(root: str | Path, sections: Sequence[str] | str | None = None, *
         if len(sections) != 1:
             raise DataError(root, f"--image names one image but {len(sections)} sections are read")
         files = STFiles(sections[0], _her2st_counts(root, sections[0]), _her2st_spots(root, sections[0]),
-                        _require_file(Path(image_path), "image"))
+                        require_file(Path(image_path), "image"))
         return assemble([read_st_section(files, **kw, source_format="her2st")])
     return assemble([read_her2st_section(root, s, **kw) for s in sections])

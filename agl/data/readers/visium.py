@@ -1,7 +1,6 @@
 """10x Visium: a Space Ranger ``outs/`` folder as Space Ranger writes it; registered as ``visium``."""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +11,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from agl.data.readers.common import (ScaledImage, SlideData, _check_pixels, _check_unique_barcodes, _decode,
-                                     _first_file, _open_binary, _positive_float, _require_file, assemble,
+from agl.data.readers.common import (ScaledImage, SlideData, check_pixels, check_unique_barcodes, decode_strings,
+                                     first_file, open_binary, positive_float, require_file, assemble, read_json,
                                      choose_image, counts_to_csr, names_of_kept_genes, resolve_duplicate_genes)
 from agl.data.readers.registry import register_reader
 from agl.errors import DataError
@@ -38,7 +37,7 @@ class TenXMatrix:
 
 def read_10x_h5(path: Path, feature_type: str = "Gene Expression") -> TenXMatrix:
     """Counts (barcodes x genes, int32 CSR), gene symbols, gene IDs and barcodes of a 10x HDF5 matrix."""
-    _require_file(path, "10x feature-barcode matrix")
+    require_file(path, "10x feature-barcode matrix")
     try:
         with h5py.File(path, "r") as f:
             if "matrix" not in f:
@@ -48,11 +47,11 @@ def read_10x_h5(path: Path, feature_type: str = "Gene Expression") -> TenXMatrix
             # 10x stores features x barcodes in CSC, i.e. barcodes x features in CSR.
             data = m["data"][:]
             mat = sp.csr_matrix((data, m["indices"][:], m["indptr"][:]), shape=(n_barcodes, n_features))
-            barcodes = _decode(m["barcodes"][:])
-            names = _decode(m["features/name"][:])
+            barcodes = decode_strings(m["barcodes"][:])
+            names = decode_strings(m["features/name"][:])
             # probe-based runs (FFPE, CytAssist) list probes in "id" and the gene's ID in "gene_id"
-            ids = _decode(m["features/gene_id" if "gene_id" in m["features"] else "features/id"][:])
-            types = _decode(m["features/feature_type"][:]) if "feature_type" in m["features"] else None
+            ids = decode_strings(m["features/gene_id" if "gene_id" in m["features"] else "features/id"][:])
+            types = decode_strings(m["features/feature_type"][:]) if "feature_type" in m["features"] else None
     except DataError:
         raise
     except (OSError, KeyError, ValueError) as err:
@@ -91,14 +90,14 @@ def read_10x_mtx(folder: Path, feature_type: str = "Gene Expression") -> TenXMat
     """
     import scipy.io
 
-    mtx = _first_file(folder, ("matrix.mtx.gz", "matrix.mtx"))
-    feats = _first_file(folder, ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"))
-    bcs = _first_file(folder, ("barcodes.tsv.gz", "barcodes.tsv"))
+    mtx = first_file(folder, ("matrix.mtx.gz", "matrix.mtx"))
+    feats = first_file(folder, ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"))
+    bcs = first_file(folder, ("barcodes.tsv.gz", "barcodes.tsv"))
     for found, name in ((mtx, "matrix.mtx.gz"), (feats, "features.tsv.gz"), (bcs, "barcodes.tsv.gz")):
         if found is None:
             raise DataError(folder / name, "missing file of the 10x feature-barcode matrix")
     try:
-        with _open_binary(mtx) as fh:
+        with open_binary(mtx) as fh:
             mat = sp.csr_matrix(scipy.io.mmread(fh)).T.tocsr()  # 10x writes features x barcodes
         features = pd.read_csv(feats, sep="\t", header=None, dtype=str, keep_default_na=False)
         barcodes = pd.read_csv(bcs, sep="\t", header=None, dtype=str, keep_default_na=False)[0].to_numpy(dtype=str)
@@ -153,12 +152,12 @@ def read_visium(outs_dir: str | Path, image_path: str | Path | None = None, *,
     outs = Path(outs_dir)
     tenx = _visium_matrix(outs)
     barcodes, matrix = tenx.barcodes, tenx.path
-    _check_unique_barcodes(barcodes, matrix)
+    check_unique_barcodes(barcodes, matrix)
     names = names_of_kept_genes(tenx.genes, {"gene_ids": tenx.gene_ids})
     counts, genes = resolve_duplicate_genes(tenx.counts, tenx.genes, matrix, duplicate_genes)
     pos, pos_path = _read_positions(outs / "spatial")
     pos_ids = pd.Index(pos["barcode"].astype(str))
-    _check_unique_barcodes(pos_ids, pos_path)
+    check_unique_barcodes(pos_ids, pos_path)
     # Positions list every spot on the slide; only barcodes of the matrix without a position matter.
     missing = pd.Index(barcodes).difference(pos_ids, sort=False)
     if len(missing):
@@ -171,16 +170,13 @@ def read_visium(outs_dir: str | Path, image_path: str | Path | None = None, *,
         raise DataError(matrix, f"no barcode has a position in {pos_path.name}")
     pos = pos.iloc[pos_ids.get_indexer(barcodes[rows])]
     pixels = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
-    _check_pixels(pixels, barcodes[rows], pos_path)
+    check_pixels(pixels, barcodes[rows], pos_path)
 
-    sf_path = _require_file(outs / "spatial" / "scalefactors_json.json", "scale factors")
-    try:
-        scalefactors = json.loads(sf_path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(sf_path, f"cannot read the scale factors JSON: {err}") from err
+    sf_path = outs / "spatial" / "scalefactors_json.json"
+    scalefactors = read_json(sf_path, "scale factors")
     if not isinstance(scalefactors, dict) or "spot_diameter_fullres" not in scalefactors:
         raise DataError(sf_path, "lacks spot_diameter_fullres")
-    diameter_px = _positive_float(scalefactors["spot_diameter_fullres"], sf_path, "spot_diameter_fullres")
+    diameter_px = positive_float(scalefactors["spot_diameter_fullres"], sf_path, "spot_diameter_fullres")
     spatial = outs / "spatial"
     candidates = [ScaledImage(name, key, name.removesuffix(".png"), spatial / name,
                               size=lambda f=spatial / name: image_size(f), file=lambda f=spatial / name: f)

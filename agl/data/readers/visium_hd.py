@@ -10,7 +10,6 @@ Ranger 4 adds ``segmented_outputs/`` (cells) beside ``binned_outputs/``; the bin
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from agl.data.readers.common import (ScaledImage, SlideData, _check_pixels, _check_unique_barcodes, _positive_float,
-                                     _require_file, assemble, check_side, choose_image, counts_to_csr,
+from agl.data.readers.common import (ScaledImage, SlideData, check_pixels, check_unique_barcodes, positive_float,
+                                     require_file, assemble, check_side, read_json, choose_image, counts_to_csr,
                                      names_of_kept_genes, pool_rows, pseudo_spot_id, resolve_duplicate_genes)
 from agl.data.readers.registry import register_reader
 from agl.data.readers.visium import VISIUM_IMAGES, read_10x_h5
@@ -47,7 +46,7 @@ def _bin_folder(outs: Path, bin_um: int) -> Path:
 
 
 def _read_bin_positions(spatial: Path) -> tuple[pd.DataFrame, Path]:
-    path = _require_file(spatial / "tissue_positions.parquet", "bin positions (tissue_positions.parquet)")
+    path = require_file(spatial / "tissue_positions.parquet", "bin positions (tissue_positions.parquet)")
     try:
         pos = pd.read_parquet(path)
     except Exception as err:  # pyarrow raises several types for damaged files
@@ -62,16 +61,13 @@ def _read_bin_positions(spatial: Path) -> tuple[pd.DataFrame, Path]:
 
 def _hd_scale(sf_path: Path, bin_um: int) -> tuple[dict[str, Any], float]:
     """The scale factors and the full-resolution pixel size, checked three ways (bin size, bin width, pixel size)."""
-    try:
-        sf = json.loads(_require_file(sf_path, "scale factors").read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(sf_path, f"cannot read the scale factors JSON: {err}") from err
+    sf = read_json(sf_path, "scale factors")
     missing = [k for k in ("bin_size_um", "microns_per_pixel", "spot_diameter_fullres") if k not in sf]
     if missing:
         raise DataError(sf_path, f"lacks {missing} (Space Ranger writes them for Visium HD bins)")
-    size = _positive_float(sf["bin_size_um"], sf_path, "bin_size_um")
-    mpp = _positive_float(sf["microns_per_pixel"], sf_path, "microns_per_pixel")
-    width = _positive_float(sf["spot_diameter_fullres"], sf_path, "spot_diameter_fullres")
+    size = positive_float(sf["bin_size_um"], sf_path, "bin_size_um")
+    mpp = positive_float(sf["microns_per_pixel"], sf_path, "microns_per_pixel")
+    width = positive_float(sf["spot_diameter_fullres"], sf_path, "spot_diameter_fullres")
     if abs(size - bin_um) > 1e-6:
         raise DataError(sf_path, f"bin_size_um is {size:g} but the folder is for --bin-um {bin_um}")
     if abs(size / width - mpp) > _MPP_TOLERANCE * mpp:
@@ -113,23 +109,23 @@ def read_visium_hd(outs_dir: str | Path, image_path: str | Path | None = None, *
     if bin_um not in HD_BIN_UM:
         raise DataError(outs, f"--bin-um must be one of {', '.join(map(str, HD_BIN_UM))} (Space Ranger's bins), "
                               f"got {bin_um}")
-    spot_um = _positive_float(spot_um, outs, "--spot-um")
+    spot_um = positive_float(spot_um, outs, "--spot-um")
     k = check_side(spot_um, float(bin_um), "--spot-um", "--bin-um")
     folder = _bin_folder(outs, bin_um)
     spatial = folder / "spatial"
     sf_path = spatial / "scalefactors_json.json"
     scalefactors, mpp = _hd_scale(sf_path, bin_um)
     tenx = read_10x_h5(folder / "filtered_feature_bc_matrix.h5")
-    _check_unique_barcodes(tenx.barcodes, tenx.path)
+    check_unique_barcodes(tenx.barcodes, tenx.path)
     names = names_of_kept_genes(tenx.genes, {"gene_ids": tenx.gene_ids})
     counts, genes = resolve_duplicate_genes(tenx.counts, tenx.genes, tenx.path, duplicate_genes)
     pos, pos_path = _read_bin_positions(spatial)
-    _check_unique_barcodes(pos["barcode"], pos_path)
+    check_unique_barcodes(pos["barcode"], pos_path)
     at = pd.Index(pos["barcode"]).get_indexer(tenx.barcodes)
     if (at < 0).any():
         raise DataError(tenx.path, f"{int((at < 0).sum())} bins of the matrix have no position in {pos_path.name} "
                                    f"(e.g. {list(tenx.barcodes[at < 0][:3])})")
-    _check_pixels(pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)[at], tenx.barcodes, pos_path)
+    check_pixels(pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)[at], tenx.barcodes, pos_path)
     grid = _grid_to_pixels(pos, pos_path)
     blocks = np.column_stack([pos["array_col"].to_numpy(np.int64)[at] // k, pos["array_row"].to_numpy(np.int64)[at] // k])
     squares, which = np.unique(blocks, axis=0, return_inverse=True)

@@ -11,7 +11,6 @@ H&E pixels): an affine is fitted to them.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from agl.data.readers.common import (SlideData, _decode, _positive_float, _require_file, assemble, counts_to_csr,
-                                     pool_rows, pseudo_spot_id, resolve_duplicate_genes, square_index)
+from agl.data.readers.common import (SlideData, decode_strings, positive_float, require_file, assemble, counts_to_csr,
+                                     pool_rows, pseudo_spot_id, read_json, resolve_duplicate_genes, square_index)
 from agl.data.readers.registry import register_reader
 from agl.data.readers.visium import read_10x_h5
 from agl.errors import DataError, show
@@ -40,19 +39,16 @@ _MAX_OUTSIDE = 0.1  # pseudo-spots outside the H&E tolerated (dropped, with a wa
 
 
 def _pixel_size(bundle: Path) -> float:
-    path = _require_file(bundle / "experiment.xenium", "experiment.xenium (is this a Xenium output bundle?)")
-    try:
-        spec = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(path, f"cannot read experiment.xenium as JSON: {err}") from err
+    path = bundle / "experiment.xenium"
+    spec = read_json(path, "experiment.xenium (is this a Xenium output bundle?)")
     if not isinstance(spec, dict) or "pixel_size" not in spec:
         raise DataError(path, "lacks pixel_size (microns per morphology-image pixel)")
-    return _positive_float(spec["pixel_size"], path, "pixel_size")
+    return positive_float(spec["pixel_size"], path, "pixel_size")
 
 
 def _find_alignment(bundle: Path, alignment_path: str | Path | None) -> Path:
     if alignment_path is not None:
-        return _require_file(Path(alignment_path), "H&E alignment (--alignment)")
+        return require_file(Path(alignment_path), "H&E alignment (--alignment)")
     found = sorted(bundle.glob("*imagealignment.csv")) + sorted(bundle.glob("*keypoints*.csv"))
     he = [p for p in found if "he_" in p.name.lower() or "keypoints" in p.name.lower()]
     if len(he) == 1:
@@ -127,7 +123,7 @@ def _transcripts(path: Path, min_qv: float) -> tuple[np.ndarray, np.ndarray, lis
         raise DataError(path, f"cannot read the transcripts: {type(err).__name__}: {err}") from err
     n_all = table.num_rows
     table = table.filter(pc.greater_equal(table["qv"], min_qv))
-    names = _decode(table["feature_name"].to_numpy(zero_copy_only=False))
+    names = decode_strings(table["feature_name"].to_numpy(zero_copy_only=False))
     gene = _gene_mask(names, table["is_gene"].to_numpy(zero_copy_only=False) if "is_gene" in table.column_names
                       else None)
     codes, genes = pd.factorize(names[gene], sort=True)
@@ -138,13 +134,13 @@ def _transcripts(path: Path, min_qv: float) -> tuple[np.ndarray, np.ndarray, lis
 def _cells(bundle: Path) -> tuple[np.ndarray, sp.csr_matrix, list[str], Path]:
     """Cell centroids (um) and the cell-feature matrix rows in the same order."""
     tenx = read_10x_h5(bundle / "cell_feature_matrix.h5")
-    path = _require_file(bundle / "cells.parquet", "cells.parquet (cell centroids)")
+    path = require_file(bundle / "cells.parquet", "cells.parquet (cell centroids)")
     try:
         cells = pd.read_parquet(path, columns=["cell_id", "x_centroid", "y_centroid"])
     except Exception as err:
         raise DataError(path, f"cannot read cell centroids (cell_id, x_centroid, y_centroid): "
                               f"{type(err).__name__}: {err}") from err
-    ids = pd.Index(_decode(cells["cell_id"].to_numpy()))
+    ids = pd.Index(decode_strings(cells["cell_id"].to_numpy()))
     at = ids.get_indexer(tenx.barcodes)
     if (at < 0).any():
         raise DataError(tenx.path, f"{int((at < 0).sum())} cells have no centroid in {path.name} "
@@ -155,7 +151,7 @@ def _cells(bundle: Path) -> tuple[np.ndarray, sp.csr_matrix, list[str], Path]:
 
 def _he_image(bundle: Path, image_path: str | Path | None) -> Path:
     if image_path is not None:
-        return _require_file(Path(image_path), "H&E image (--he)")
+        return require_file(Path(image_path), "H&E image (--he)")
     found = sorted(bundle.glob("*he_image*.tif*"))
     if len(found) == 1:
         return found[0]
@@ -183,7 +179,7 @@ def read_xenium(bundle_dir: str | Path, image_path: str | Path | None = None, *,
         raise DataError(bundle, "missing Xenium output bundle folder")
     if counts_from not in COUNTS_FROM:
         raise DataError(bundle, f"--xenium-counts must be one of {', '.join(COUNTS_FROM)}, got {counts_from!r}")
-    spot_um = _positive_float(spot_um, bundle, "--spot-um")
+    spot_um = positive_float(spot_um, bundle, "--spot-um")
     pixel_size = _pixel_size(bundle)
     align_path = _find_alignment(bundle, alignment_path)
     to_um = read_alignment(align_path, pixel_size)
@@ -199,7 +195,7 @@ def read_xenium(bundle_dir: str | Path, image_path: str | Path | None = None, *,
         min_qv = float(min_qv)
         if not np.isfinite(min_qv) or min_qv < 0:
             raise DataError(bundle, f"--min-qv must be a number >= 0, got {min_qv}")
-        _require_file(transcripts, "transcripts.parquet (or pass --xenium-counts cells)")
+        require_file(transcripts, "transcripts.parquet (or pass --xenium-counts cells)")
         xy, codes, genes, n_low_qv = _transcripts(transcripts, min_qv)
         if len(xy) == 0:
             raise DataError(transcripts, f"no gene transcript has qv >= {min_qv:g}; lower --min-qv")
