@@ -296,13 +296,14 @@ class FolderSections:
     counts: dict[str, Path]  # section -> counts table, in name order
     spots: dict[str, list[Path]]
     images: dict[str, list[Path]]
+    spot_tables: list[Path]  # every spot table in the folder, named for a section or not
 
     def files(self, section: str) -> STFiles:
         """The section's files; DataError naming ``--sections`` for a section the folder lacks."""
         if section not in self.counts:
             raise DataError(self.folder, f"--sections {section}: this folder holds the legacy ST sections "
                                          f"{', '.join(self.counts)} (one counts table each), not {section}")
-        found = {p for ps in self.spots.values() for p in ps}
+        found = self.spot_tables
         if len(self.spots[section]) != 1:
             what = "no spot table" if not self.spots[section] else f"{len(self.spots[section])} spot tables"
             raise DataError(self.folder, f"section {section}: {what} named for it (spot tables here: "
@@ -344,7 +345,7 @@ def folder_sections(folder: Path) -> FolderSections | None:
             into[max(named, key=len)].append(p)
         else:
             log.info("%s: names none of the sections %s; not used", p, list(counts))
-    return FolderSections(folder, counts, spots, images)
+    return FolderSections(folder, counts, spots, images, [p for p, k in kinds.items() if k == "spots"])
 
 
 def read_st_section(files: STFiles, *, require_image: bool = True, strict: bool = False,
@@ -443,12 +444,12 @@ def read_her2st_section(root: str | Path, section: str, *, require_image: bool =
 def _read_folder_sections(several: FolderSections, sections: Sequence[str] | None, image_path: str | Path | None,
                           **kw: Any) -> ad.AnnData:
     """Sections of one folder holding several (``sections``, else every one: with an image if required)."""
-    if sections is None:
-        sections = [s for s in several.counts if several.images[s] or not kw["require_image"]]
-        if not sections:
+    files = [several.files(s) for s in (several.counts if sections is None else sections)]
+    if sections is None and kw["require_image"]:  # every section with an image, as in a her2st release
+        files = [f for f in files if f.image is not None]
+        if not files:
             raise DataError(several.folder, f"no image named for any of the sections {', '.join(several.counts)}; "
                                             "pass --sections and --image")
-    files = [several.files(s) for s in sections]
     if image_path is not None:
         if len(files) != 1:
             raise DataError(several.folder, f"--image names one image but {len(files)} sections are read; "
