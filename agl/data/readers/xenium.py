@@ -221,6 +221,9 @@ def read_xenium(bundle_dir: str | Path, image_path: str | Path | None = None, *,
         log.warning("%s: %d of %d pseudo-spots lie outside the H&E; dropped them", image, int(outside.sum()),
                     len(pixels))
     keep = ~outside
+    log.info("%s: %s pooled into %d pseudo-spots of %g um (%s)", bundle,
+             f"{len(which)} gene transcripts with qv >= {min_qv:g} ({n_low_qv} below)" if counts_from == "transcripts"
+             else f"{len(which)} cells", int(keep.sum()), spot_um, align_path.name)
     mpp = float(np.sqrt(abs(np.linalg.det(to_um[:2, :2]))))  # microns per H&E pixel (area scale of the affine)
     sid = slide_id or bundle.name
     meta: dict[str, Any] = {
