@@ -61,6 +61,27 @@ def write_hest(adata: ad.AnnData, root: Path, sample_id: str, *, patches: bool =
     return root
 
 
+def write_10x_h5(path: Path, counts: sp.csr_matrix, barcodes: np.ndarray, genes: np.ndarray, *,
+                 attrs: dict, types: list[str] | None = None, ids: list[str] | None = None) -> None:
+    """A 10x feature-barcode HDF5 matrix as Space Ranger / Xenium write it: features x barcodes in CSC (i.e.
+    barcodes x features in CSR), features name / id / feature_type / genome, the file attributes ``attrs``."""
+    counts = sp.csr_matrix(counts)
+    ids = ids or [f"ENSG{i:011d}" for i in range(len(genes))]
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"filetype": "matrix", "version": 2, **attrs})
+        m = f.create_group("matrix")
+        m.create_dataset("data", data=counts.data.astype(np.int32))
+        m.create_dataset("indices", data=counts.indices.astype(np.int64))
+        m.create_dataset("indptr", data=counts.indptr.astype(np.int64))
+        m.create_dataset("shape", data=np.array([counts.shape[1], counts.shape[0]], dtype=np.int32))
+        m.create_dataset("barcodes", data=np.array(barcodes, dtype="S"))
+        feats = m.create_group("features")
+        feats.create_dataset("name", data=np.array(genes, dtype="S"))
+        feats.create_dataset("id", data=np.array(ids, dtype="S"))
+        feats.create_dataset("feature_type", data=np.array(types or ["Gene Expression"] * len(genes), dtype="S"))
+        feats.create_dataset("genome", data=np.array(["GRCh38"] * len(genes), dtype="S"))
+
+
 def write_visium(adata: ad.AnnData, outs: Path, *, legacy_positions: bool = False,
                  extra_features: bool = True, matrix: str = "h5", images: bool = True) -> Path:
     """Space Ranger outs/ as Space Ranger writes it, from one real slide.
@@ -84,24 +105,11 @@ def write_visium(adata: ad.AnnData, outs: Path, *, legacy_positions: bool = Fals
         types += ["Antibody Capture"] * 2
     ids = [f"ENSG{i:011d}" for i in range(len(genes))]
     if matrix == "h5":
-        with h5py.File(outs / "filtered_feature_bc_matrix.h5", "w") as f:
-            # the file attributes Space Ranger writes (scanpy.read_visium takes the library id from them)
-            f.attrs.update({"filetype": "matrix", "version": 2, "software_version": "spaceranger-2.1.0",
-                            "chemistry_description": "Spatial 3' v1",
+        # the file attributes Space Ranger writes (scanpy.read_visium takes the library id from them)
+        write_10x_h5(outs / "filtered_feature_bc_matrix.h5", counts, barcodes, genes, types=types, ids=ids,
+                     attrs={"software_version": "spaceranger-2.1.0", "chemistry_description": "Spatial 3' v1",
                             "library_ids": np.array([outs.parent.name], dtype="S"),
                             "original_gem_groups": np.array([1], dtype=np.int64)})
-            m = f.create_group("matrix")
-            # features x barcodes in CSC == barcodes x features in CSR.
-            m.create_dataset("data", data=counts.data.astype(np.int32))
-            m.create_dataset("indices", data=counts.indices.astype(np.int64))
-            m.create_dataset("indptr", data=counts.indptr.astype(np.int64))
-            m.create_dataset("shape", data=np.array([counts.shape[1], counts.shape[0]], dtype=np.int32))
-            m.create_dataset("barcodes", data=np.array(barcodes, dtype="S"))
-            feats = m.create_group("features")
-            feats.create_dataset("name", data=np.array(genes, dtype="S"))
-            feats.create_dataset("id", data=np.array(ids, dtype="S"))
-            feats.create_dataset("feature_type", data=np.array(types, dtype="S"))
-            feats.create_dataset("genome", data=np.array(["GRCh38"] * len(genes), dtype="S"))
     else:
         import scipy.io
 
@@ -217,7 +225,8 @@ def write_st_2k(src: Path, dst: Path, section: str) -> Path:
 
 
 def write_st_folder(src: Path, dst: Path, section: str, *, genes_as_rows: bool = False, gzip_counts: bool = False,
-                    spot_header: bool = True, unselect: int = 0) -> Path:
+                    spot_header: bool = True, unselect: int = 0, spots_name: str | None = None,
+                    image_name: str = "HE.jpg") -> Path:
     """One real her2st section as an ST Pipeline run folder: ``{s}_stdata.tsv``, ``spots_{s}.txt``, ``HE.jpg``.
 
     ST Pipeline writes plain TSV counts with ``XxY`` spot ids (spots as rows; older versions
@@ -232,9 +241,19 @@ def write_st_folder(src: Path, dst: Path, section: str, *, genes_as_rows: bool =
     out = table.T if genes_as_rows else table
     counts = dst / f"{section}_stdata.tsv{'.gz' if gzip_counts else ''}"
     out.to_csv(counts, sep="\t", compression="gzip" if gzip_counts else None)
-    sel.to_csv(dst / f"spots_{section}.txt", sep="\t", index=False, header=spot_header)
+    sel.to_csv(dst / (spots_name or f"spots_{section}.txt"), sep="\t", index=False, header=spot_header)
     (img,) = (src / "ST-imgs" / section[0] / section).glob("*.jpg")
-    os.symlink(img, dst / "HE.jpg")
+    os.symlink(img, dst / image_name)
+    return dst
+
+
+def write_stutility(src: Path, dst: Path, sections: list[str]) -> Path:
+    """Several real her2st sections in ONE folder, as STUtility's users keep them (its infoTable lists, per
+    section, a counts table, a spot/alignment table and an H&E image side by side):
+    ``{s}_stdata.tsv.gz``, ``alignment_table_{s}.tsv`` (ST spot detector columns), ``HE_{s}.jpg``.
+    """
+    for s in sections:
+        write_st_folder(src, dst, s, gzip_counts=True, spots_name=f"alignment_table_{s}.tsv", image_name=f"HE_{s}.jpg")
     return dst
 
 
@@ -261,3 +280,182 @@ def write_pyramid_tiff(image: Image.Image, out: Path, *, levels: int = 3, tile: 
         for lv in levels_img[1:]:
             tw.write(np.asarray(lv), subfiletype=1, **kw)
     return out
+
+
+# --------------------------------------------------------------------------- Visium HD and Xenium
+
+
+def _spot_umis(adata: ad.AnnData, rows: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per spot (rows of ``adata``): its UMIs as gene codes (one entry per count)."""
+    X = sp.csr_matrix(adata.X)
+    out = []
+    for i in rows:
+        cols, vals = X.indices[X.indptr[i]:X.indptr[i + 1]], X.data[X.indptr[i]:X.indptr[i + 1]]
+        out.append(np.repeat(cols, vals.astype(np.int64)))
+    return out
+
+
+def hd_square_of_spots(adata: ad.AnnData, spot_um: float) -> np.ndarray:
+    """The (column, row) square of ``spot_um`` (grid anchored at pixel 0, axis-aligned) holding each spot's centre."""
+    _, meta = _one_slide(adata)
+    um = adata.obs[["pixel_x", "pixel_y"]].to_numpy(np.float64) * meta["microns_per_pixel"]
+    return np.floor(um / spot_um).astype(np.int64)
+
+
+def write_visium_hd(adata: ad.AnnData, outs: Path, *, bins_um: tuple[int, ...] = (8, 16), spot_um: float = 112.0,
+                    space_ranger: int = 3, hires: bool = False, seed: int = 0) -> Path:
+    """A Visium HD ``outs/`` written from one real slide: each spot's UMIs scattered over the bins of the
+    ``spot_um`` square holding its centre (so pooling those bins gives back its counts exactly).
+
+    ``binned_outputs/square_{b:03d}um/`` per bin size: ``filtered_feature_bc_matrix.h5`` (every bin of the used
+    squares, empty bins included), ``spatial/tissue_positions.parquet`` (plus off-tissue bins not in the
+    matrix), ``spatial/scalefactors_json.json`` (bin_size_um, microns_per_pixel, spot_diameter_fullres = bin
+    width in pixels, hires/lowres scale factors) and, if ``hires``, ``tissue_hires_image.png`` (longest side
+    6000 px, as Space Ranger writes for HD). ``space_ranger=4`` adds ``segmented_outputs/``. The bin grid is
+    aligned with the image axes, anchored at pixel 0; the full-resolution image lies beside outs/.
+    """
+    _, meta = _one_slide(adata)
+    mpp = float(meta["microns_per_pixel"])
+    squares = hd_square_of_spots(adata, spot_um)
+    genes = adata.var_names.to_numpy(dtype=str)
+    umis = _spot_umis(adata, np.arange(adata.n_obs))
+    with Image.open(meta["image_path"]) as full:
+        size = full.size
+    scalef = {"tissue_hires_scalef": 6000 / max(size), "tissue_lowres_scalef": 600 / max(size)}
+    for b in bins_um:
+        k = int(round(spot_um / b))
+        assert abs(k * b - spot_um) < 1e-9
+        rng = np.random.default_rng(seed + b)
+        folder = outs / "binned_outputs" / f"square_{b:03d}um"
+        (folder / "spatial").mkdir(parents=True, exist_ok=True)
+        local = np.stack(np.meshgrid(np.arange(k), np.arange(k), indexing="ij"), -1).reshape(-1, 2)  # (dc, dr)
+        cols = (squares[:, None, 0] * k + local[None, :, 0]).ravel()
+        rows = (squares[:, None, 1] * k + local[None, :, 1]).ravel()
+        parts = []
+        for i, u in enumerate(umis):
+            parts.append(sp.csr_matrix((np.ones(len(u), np.int64), (rng.integers(0, k * k, len(u)), u)),
+                                       shape=(k * k, len(genes))))
+        counts = sp.vstack(parts, format="csr")
+        counts.sum_duplicates()
+        barcodes = np.array([f"s_{b:03d}um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols)])
+        write_10x_h5(folder / "filtered_feature_bc_matrix.h5", counts, barcodes, genes,
+                     attrs={"software_version": f"spaceranger-{space_ranger}.0.1"})
+        pos = pd.DataFrame({"barcode": barcodes, "in_tissue": 1, "array_row": rows, "array_col": cols,
+                            "pxl_row_in_fullres": (rows + 0.5) * b / mpp, "pxl_col_in_fullres": (cols + 0.5) * b / mpp})
+        off = pd.DataFrame({"barcode": [f"s_{b:03d}um_00000_0000{j}-1" for j in range(3)], "in_tissue": 0,
+                            "array_row": 0, "array_col": np.arange(3),
+                            "pxl_row_in_fullres": 0.5 * b / mpp, "pxl_col_in_fullres": (np.arange(3) + 0.5) * b / mpp})
+        pd.concat([off, pos], ignore_index=True).to_parquet(folder / "spatial" / "tissue_positions.parquet", index=False)
+        (folder / "spatial" / "scalefactors_json.json").write_text(json.dumps({
+            "bin_size_um": float(b), "microns_per_pixel": mpp, "spot_diameter_fullres": b / mpp,
+            "fiducial_diameter_fullres": 100.0 / mpp, "regist_target_img_scalef": scalef["tissue_hires_scalef"],
+            **scalef}))
+        if hires:
+            with Image.open(meta["image_path"]) as full:
+                target = (round(size[0] * scalef["tissue_hires_scalef"]), round(size[1] * scalef["tissue_hires_scalef"]))
+                full.convert("RGB").resize(target, Image.Resampling.LANCZOS).save(folder / "spatial" / "tissue_hires_image.png")
+    if space_ranger >= 4:  # Space Ranger 4: cells from segmentation beside the bins
+        seg = outs / "segmented_outputs"
+        (seg / "spatial").mkdir(parents=True, exist_ok=True)
+        (seg / "cell_segmentations.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    link = outs.parent / Path(meta["image_path"]).name
+    if not link.exists():
+        os.symlink(meta["image_path"], link)
+    return outs
+
+
+def pseudo_spot_rows(got: ad.AnnData, squares: np.ndarray, spot_um: float, centres: np.ndarray) -> list[int]:
+    """Rows of ``got`` (a reader's pseudo-spots) holding each source spot's square; asserts one spot per square,
+    no pseudo-spot without a source spot, and each at its expected pixel centre (1e-6 px)."""
+    key = [f"sq{spot_um:g}um_c{c:05d}_r{r:05d}" for c, r in squares]
+    rows = got.obs["barcode"].astype(str).tolist()
+    assert sorted(rows) == sorted(key) and len(set(key)) == len(squares)
+    order = [rows.index(k) for k in key]
+    np.testing.assert_allclose(got.obs[["pixel_x", "pixel_y"]].to_numpy()[order], centres, rtol=0, atol=1e-6)
+    return order
+
+
+XENIUM_PIXEL_SIZE = 0.2125  # um per morphology-image pixel (experiment.xenium)
+
+
+def he_to_xenium_affine(mpp_he: float, angle_deg: float = 30.0, offset_px: tuple[float, float] = (40000.0, 5000.0)
+                        ) -> np.ndarray:
+    """A 3 x 3 affine from H&E pixels to Xenium morphology pixels: a rotation, the scale between the two pixel sizes
+    and a shift, as Xenium Explorer exports after aligning an H&E (a similarity transform)."""
+    s = mpp_he / XENIUM_PIXEL_SIZE
+    a = np.deg2rad(angle_deg)
+    return np.array([[s * np.cos(a), -s * np.sin(a), offset_px[0]], [s * np.sin(a), s * np.cos(a), offset_px[1]],
+                     [0.0, 0.0, 1.0]])
+
+
+def xenium_square_of_spots(adata: ad.AnnData, affine: np.ndarray, spot_um: float) -> np.ndarray:
+    """The (column, row) ``spot_um`` square of the Xenium micron grid holding each spot's centre."""
+    px = adata.obs[["pixel_x", "pixel_y"]].to_numpy(np.float64)
+    um = (np.column_stack([px, np.ones(len(px))]) @ affine.T)[:, :2] * XENIUM_PIXEL_SIZE
+    return np.floor(um / spot_um).astype(np.int64)
+
+
+def write_xenium(adata: ad.AnnData, bundle: Path, *, affine: np.ndarray, spot_um: float = 112.0,
+                 transcripts: bool = True, cells_per_spot: int = 3, keypoints: bool = False, seed: int = 0) -> Path:
+    """A Xenium output bundle written from one real slide, its H&E beside it under a known ``affine``.
+
+    Each spot's UMIs become transcripts at random places inside the ``spot_um`` square (Xenium microns) that holds
+    its centre, qv 20-40; plus low-quality transcripts (qv < 20) and control probes (NegControlProbe_*, BLANK_*)
+    that a reader must leave out. ``cell_feature_matrix.h5`` + ``cells.parquet``: each spot's counts split over
+    ``cells_per_spot`` cells with centroids inside the same square. The H&E (a link to the real image) and
+    ``{name}_he_imagealignment.csv`` (the affine) or, if ``keypoints``, a Xenium Explorer keypoints CSV lie beside
+    the bundle, as 10x distributes them. ``transcripts=False`` leaves out transcripts.parquet.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, meta = _one_slide(adata)
+    rng = np.random.default_rng(seed)
+    bundle.mkdir(parents=True, exist_ok=True)
+    genes = adata.var_names.to_numpy(dtype=str)
+    squares = xenium_square_of_spots(adata, affine, spot_um)
+    umis = _spot_umis(adata, np.arange(adata.n_obs))
+    (bundle / "experiment.xenium").write_text(json.dumps({
+        "major_version": 5, "minor_version": 0, "analysis_sw_version": "xenium-2.0.0.10", "pixel_size": XENIUM_PIXEL_SIZE,
+        "panel_name": "her2st top genes (written for a test)", "run_name": bundle.name}))
+    if transcripts:
+        codes = np.concatenate(umis)
+        square = np.repeat(squares, [len(u) for u in umis], axis=0)
+        xy = (square + rng.uniform(0.01, 0.99, size=(len(codes), 2))) * spot_um
+        qv = rng.uniform(20.0, 40.0, len(codes)).astype(np.float32)
+        n_bad = len(codes) // 10  # low-quality transcripts of real genes, and control probes
+        bad_xy = (squares[rng.integers(0, len(squares), 2 * n_bad)] + rng.uniform(0.01, 0.99, (2 * n_bad, 2))) * spot_um
+        names = np.concatenate([genes[codes], genes[rng.integers(0, len(genes), n_bad)],
+                                np.where(rng.random(n_bad) < 0.5, "NegControlProbe_00042", "BLANK_0013")])
+        qv = np.concatenate([qv, rng.uniform(0.0, 19.9, n_bad).astype(np.float32),
+                             rng.uniform(20.0, 40.0, n_bad).astype(np.float32)])
+        xy = np.vstack([xy, bad_xy])
+        order = rng.permutation(len(names))
+        pq.write_table(pa.table({
+            "transcript_id": np.arange(len(names), dtype=np.uint64), "cell_id": np.full(len(names), "UNASSIGNED"),
+            "overlaps_nucleus": np.zeros(len(names), np.uint8), "feature_name": names[order],
+            "x_location": xy[order, 0].astype(np.float32), "y_location": xy[order, 1].astype(np.float32),
+            "z_location": np.full(len(names), 10.0, np.float32), "qv": qv[order]}), bundle / "transcripts.parquet")
+    # cells: each spot's UMIs dealt to cells_per_spot cells inside its square
+    cell_rows, cell_xy = [], []
+    for i, u in enumerate(umis):
+        which = rng.integers(0, cells_per_spot, len(u))
+        for c in range(cells_per_spot):
+            cell_rows.append(np.bincount(u[which == c], minlength=len(genes)))
+            cell_xy.append((squares[i] + rng.uniform(0.05, 0.95, 2)) * spot_um)
+    ids = np.array([f"cell{j:06d}-1" for j in range(len(cell_rows))])
+    write_10x_h5(bundle / "cell_feature_matrix.h5", sp.csr_matrix(np.vstack(cell_rows)), ids, genes,
+                 attrs={"software_version": "xenium-2.0.0.10"})
+    cell_xy = np.array(cell_xy)
+    pd.DataFrame({"cell_id": ids, "x_centroid": cell_xy[:, 0], "y_centroid": cell_xy[:, 1],
+                  "transcript_counts": np.vstack(cell_rows).sum(axis=1)}).to_parquet(bundle / "cells.parquet", index=False)
+    stem = bundle.name
+    os.symlink(meta["image_path"], bundle.parent / f"{stem}_he_image{Path(meta['image_path']).suffix}")
+    if keypoints:  # Xenium Explorer >= 2.0: pairs of H&E pixels (alignment) and Xenium microns (fixed)
+        he = np.array([[500.0, 700.0], [8000.0, 900.0], [4000.0, 8500.0], [1200.0, 6000.0], [7000.0, 7000.0]])
+        um = (np.column_stack([he, np.ones(len(he))]) @ affine.T)[:, :2] * XENIUM_PIXEL_SIZE
+        pd.DataFrame({"fixedX": um[:, 0], "fixedY": um[:, 1], "alignmentX": he[:, 0], "alignmentY": he[:, 1]}).to_csv(
+            bundle.parent / f"{stem}_keypoints.csv", index=False)
+    else:
+        np.savetxt(bundle.parent / f"{stem}_he_imagealignment.csv", affine, delimiter=",", fmt="%.17g")
+    return bundle

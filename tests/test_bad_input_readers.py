@@ -287,8 +287,10 @@ def test_implausible_pixel_size_is_refused(small):
     assert read_her2st(small, SECTION, require_image=False).n_obs == 30
 
 
-@pytest.mark.reliability(kind="bad input", case="legacy ST folder holding two counts tables",
-                         outcome="DataError naming the folder and both tables; asks for counts_path")
+@pytest.mark.reliability(kind="bad input", case="legacy ST folder holding two counts tables (two sections, as "
+                         "STUtility keeps them) and one spot table named for neither",
+                         outcome="DataError naming the folder, the section without a spot table and the spot tables "
+                                 "found; counts_path still picks one table")
 def test_ambiguous_st_folder(small, tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
@@ -297,7 +299,8 @@ def test_ambiguous_st_folder(small, tmp_path):
     table.to_csv(folder / "b_stdata.tsv", sep="\t")
     load_spots(small).to_csv(folder / "spots.tsv", sep="\t", index=False)
     (folder / "HE.jpg").symlink_to(next((small / "ST-imgs" / "C" / SECTION).glob("*.jpg")).resolve())
-    with raises_naming(folder, r"2 counts tables with XxY spot ids \['a_stdata.tsv', 'b_stdata.tsv'\]"):
+    # two counts tables: two sections side by side (as STUtility keeps them); the spot table names neither
+    with raises_naming(folder, r"section a: no spot table named for it \(spot tables here: \['spots.tsv'\]\)"):
         read_her2st(folder)
     got = read_her2st(folder, counts_path=folder / "b_stdata.tsv")
     assert got.n_obs == 30

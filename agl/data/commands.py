@@ -10,9 +10,8 @@ from agl.cli import add_list_arg
 from agl.data.locate import add_store_arg, open_store_arg
 from agl.errors import ConfigError
 
-FORMATS = ("her2st", "hest", "visium", "anndata")
-# reader keyword that selects a subset of slides, tried in this order
-_SUBSET_KWARGS = ("sections", "sample_ids")
+# the registered readers' names (agl.data.readers.READERS; the parser stays light; a test keeps them equal)
+FORMATS = ("her2st", "hest", "visium", "visium-hd", "xenium", "anndata")
 ARRAY_CHOICES = ("auto", "1k", "2k")  # agl.data.readers.ST_ARRAY_CHOICES (the parser stays light)
 DUPLICATE_CHOICES = ("error", "sum", "first")  # agl.data.readers.DUPLICATE_POLICIES
 
@@ -61,13 +60,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # (namespace attribute, flag, reader keywords it may fill: the first one the reader takes)
 _READER_FLAGS = (
-    ("sections", "--sections", _SUBSET_KWARGS),
+    ("sections", "--sections", ()),  # the reader's registered subset keyword (sections, sample_ids)
     ("image", "--image", ("image_path",)),
     ("array", "--array", ("array",)),
     ("microns_per_pixel", "--microns-per-pixel", ("microns_per_pixel",)),
     ("spot_diameter_um", "--spot-diameter-um", ("spot_diameter_um",)),
     ("duplicate_genes", "--duplicate-genes", ("duplicate_genes",)),
     ("library_id", "--library-id", ("library_id",)),
+    ("bin_um", "--bin-um", ("bin_um",)),
+    ("spot_um", "--spot-um", ("spot_um",)),
+    ("alignment", "--alignment", ("alignment_path",)),
+    ("min_qv", "--min-qv", ("min_qv",)),
+    ("xenium_counts", "--xenium-counts", ("counts_from",)),
 )
 
 
@@ -76,7 +80,8 @@ def add_reader_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("reading the slides")
     add_list_arg(g, "--sections", help="slides/sections (her2st) or sample ids (hest) to read, as A1 B2 or A1,B2 "
                                        "(default: all with an image)")
-    g.add_argument("--image", type=Path, help="full-resolution image (visium/anndata inputs)")
+    g.add_argument("--image", "--he", type=Path, help="full-resolution image (visium, visium-hd, anndata inputs; "
+                   "the post-Xenium H&E for xenium)")
     g.add_argument("--array", choices=ARRAY_CHOICES, default=None,
                    help="legacy ST array (her2st format): 1k = 200 um spot pitch, 2k = 100 um "
                         "(default: auto, from the array coordinates)")
@@ -92,25 +97,45 @@ def add_reader_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--library-id", default=None, metavar="ID",
                    help="which library of uns['spatial'] to read (anndata input in scanpy's Visium layout with "
                         "several; the default takes the only one)")
+    g.add_argument("--bin-um", type=int, choices=(2, 8, 16), default=None,
+                   help="visium-hd: which of Space Ranger's bins to pool (binned_outputs/square_XXXum; default 8)")
+    g.add_argument("--spot-um", type=float, default=None, metavar="UM",
+                   help="visium-hd, xenium: width of the square pseudo-spots the bins or transcripts are pooled into "
+                        "(default: --patch-um, so a patch shows exactly the tissue its counts come from)")
+    g.add_argument("--alignment", type=Path, default=None, metavar="CSV",
+                   help="xenium: H&E-to-Xenium alignment exported by Xenium Explorer (*_he_imagealignment.csv, or "
+                        "its keypoints CSV; default: the one in the bundle)")
+    g.add_argument("--min-qv", type=float, default=None, metavar="QV",
+                   help="xenium: transcripts of at least this quality value (default 20, as Xenium's cell matrix)")
+    g.add_argument("--xenium-counts", choices=("auto", "transcripts", "cells"), default=None,
+                   help="xenium: pool transcripts, or cells by centroid (default auto: transcripts when "
+                        "transcripts.parquet exists)")
 
 
 def reader_kwargs(fmt: str, args: argparse.Namespace) -> dict[str, Any]:
     """Reader keywords from the options of :func:`add_reader_args`; a flag the reader has no use for is an error."""
-    from agl.data.readers import READERS
+    from agl.data.readers import READER_ENTRIES, READERS
 
     if fmt not in READERS:
         raise ConfigError("--format", f"unknown format {fmt!r}; choose one of {', '.join(sorted(READERS))}")
     params = inspect.signature(READERS[fmt]).parameters
+
+    def keys_of(entry: Any, keys: tuple[str, ...]) -> tuple[str, ...]:
+        return keys or ((entry.subset,) if entry.subset else ())
+
     kw: dict[str, Any] = {}
     for attr, flag, keys in _READER_FLAGS:
         value = getattr(args, attr, None)
         if value is None:
             continue
-        key = next((k for k in keys if k in params), None)
+        key = next((k for k in keys_of(READER_ENTRIES[fmt], keys) if k in params), None)
         if key is None:
-            takers = sorted(f for f, r in READERS.items() if any(k in inspect.signature(r).parameters for k in keys))
+            takers = sorted(f for f, e in READER_ENTRIES.items()
+                            if any(k in inspect.signature(e.read).parameters for k in keys_of(e, keys)))
             raise ConfigError(flag, f"only for formats {', '.join(takers)}; the {fmt} reader has no use for it")
         kw[key] = value
+    if "spot_um" in params and "spot_um" not in kw and getattr(args, "patch_um", None) is not None:
+        kw["spot_um"] = args.patch_um  # pseudo-spots as wide as the patches unless --spot-um says otherwise
     return kw
 
 
@@ -144,12 +169,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def _cmd_ingest_streaming(args: argparse.Namespace) -> int:
     from agl.data.ingest import IngestSettings, SlideSource, ingest_slides
-    from agl.data.readers import read_slides
+    from agl.data.readers import READER_ENTRIES, read_slides
 
     kw = reader_kwargs(args.format, args)
-    units = None
-    for key in _SUBSET_KWARGS:  # the slides named on the command line are the units, one task each
-        units = kw.pop(key, units)
+    # the slides named on the command line are the units, one task each
+    units = kw.pop(READER_ENTRIES[args.format].subset, None) if READER_ENTRIES[args.format].subset else None
     prior_data = None
     if args.prior_sections:
         if args.format != "her2st":

@@ -6,7 +6,6 @@ and priors come from its own training spots only (``gene_set``).
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -70,6 +69,14 @@ def _check_names(names: list[str], registry: dict, field: str) -> None:
         raise ConfigError(field, f"unknown {field} {unknown}; known: {sorted(registry)}")
 
 
+def check_panel(n_genes: int, n_primary: int) -> None:
+    """Refuse more primary genes than preprocessing left (a targeted panel), naming the flag to change."""
+    if n_genes <= n_primary:
+        raise ConfigError("--n-primary", f"preprocessing left {n_genes} genes (a targeted panel?), not more than the "
+                                         f"{n_primary} primary genes asked for, which leaves no auxiliary gene: pass "
+                                         f"--n-primary {max(1, n_genes // 2)} or lower (or a lower --min-cells)")
+
+
 def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, patch_px: int = 224,
                 border: str = "pad", min_genes: int = 200, min_cells: int = 3,
                 normalize_total: float | None = None, log1p: bool = True, n_primary: int = 50,
@@ -109,6 +116,8 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
 
     pp = preprocess(adata, min_genes=min_genes, min_cells=min_cells, normalize_total=normalize_total, log1p=log1p)
     patches = patches[adata.obs_names.get_indexer(pp.obs_names)]
+    if pp.n_obs:
+        check_panel(pp.n_vars, n_primary)
     progress.step(f"preprocess: {pp.n_obs} spots x {pp.n_vars} genes "
                   f"(min_genes={min_genes}, min_cells={min_cells}, log1p={log1p}, normalize_total={normalize_total})")
 
@@ -226,23 +235,13 @@ class SlideSource:
     """
 
     def __init__(self, fmt: str, path: str | Path, units: list[str] | None = None, **reader_kwargs: Any):
-        from agl.data.readers import READERS
+        from agl.data.readers import READER_ENTRIES, list_units
 
-        if fmt not in READERS:
-            raise ConfigError("format", f"unknown format {fmt!r}; known: {sorted(READERS)}")
+        if fmt not in READER_ENTRIES:
+            raise ConfigError("format", f"unknown format {fmt!r}; known: {sorted(READER_ENTRIES)}")
         self.fmt, self.path, self.reader_kwargs = fmt, Path(path), reader_kwargs
-        params = inspect.signature(READERS[fmt]).parameters
-        self.subset_kw = next((k for k in ("sections", "sample_ids") if k in params), None)
-        self.units = list(units) if units else self._list_units()
-
-    def _list_units(self) -> list[str | None]:
-        from agl.data import readers
-
-        if self.fmt == "her2st":
-            return readers._her2st_sections(self.path, self.reader_kwargs.get("require_image", True)) or [None]
-        if self.fmt == "hest":
-            return sorted(p.stem for p in (self.path / "st").glob("*.h5ad")) or [None]
-        return [None]
+        self.subset_kw = READER_ENTRIES[fmt].subset
+        self.units = list(units) if units else (list_units(fmt, self.path, **reader_kwargs) or [None])
 
     def __call__(self, unit: str | None) -> AnnData:
         from agl.data.readers import read_slides
@@ -444,37 +443,57 @@ def _stage_dir(out: Path, settings: IngestSettings) -> Path:
     return out.parent / f".{out.name}.staging-{settings.stage_key()}"
 
 
-def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: IngestSettings | None = None, *,
-                  units: list[Any] | None = None, prior_data: AnnData | None = None, overwrite: bool = False,
-                  address: str | None = None, max_retries: int = 2, keep_staging: bool = False) -> Path:
-    """Streaming ingest: the store ``build_store`` writes, built slide by slide (in-process, or on Ray).
+@dataclass
+class _Staged:
+    """Pass 1's result: every slide's summary (``gene_codes`` into one vocabulary), in input order."""
 
-    ``source(unit)`` returns the canonical AnnData of one input unit (``SlideSource``,
-    ``AnnDataSource``); ``units`` default to ``source.units``. ``address``: None runs every
-    pass in this process; ``"local"`` starts a local Ray, ``"auto"`` / ``"ray://..."`` joins a
-    cluster, and each slide becomes one Ray task per pass (the staging folder and ``out``
-    must then be on storage every worker sees). Memory: one slide per worker, and on the
-    driver the spot table plus a few gene-length vectors per split. A failed slide is
-    reported by name; the staged slides stay beside ``out`` so the same call resumes.
-    """
-    settings = settings or IngestSettings()
-    out = check_target(out, overwrite)
-    priors, split_kinds = list(settings.priors), list(settings.split_kinds)
-    _check_names(priors, PRIORS, "priors")
-    _check_names(split_kinds, SPLIT_KINDS, "split_kinds")
+    slides: dict[str, dict[str, Any]]
+    order: list[str]
+    common_codes: np.ndarray  # codes of the genes every slide has, in the first slide's order
+    names_by_code: np.ndarray  # gene symbol of each code
+    n_read: int
+
+    @property
+    def common(self) -> pd.Index:
+        return pd.Index(self.names_by_code[self.common_codes])
+
+
+@dataclass
+class _Filtered:
+    """Pass 2's result: the spots and genes kept, and the store's value encoding."""
+
+    keep: dict[str, np.ndarray]  # per slide, its staged spots kept
+    gene_keep: np.ndarray  # bool over the common genes
+    genes_kept: pd.Index
+    n_spots: int
+    encoding: ValueEncoding
+
+
+@dataclass
+class _Splits:
+    """The splits of the kept spots and the spot groups whose sums the gene sets need."""
+
+    obs: pd.DataFrame
+    table: pd.DataFrame
+    loso: list[str]
+    within: list[str]  # kfold/spatial: every slide has training spots in each
+    is_train: np.ndarray  # bool [groups, spots]: within splits' training spots, all spots, each slide's loso part
+
+
+def _check_settings(settings: IngestSettings) -> None:
+    _check_names(list(settings.priors), PRIORS, "priors")
+    _check_names(list(settings.split_kinds), SPLIT_KINDS, "split_kinds")
     check_layout(settings.expression_layout)
     if not (settings.patch_um > 0 and settings.patch_px > 0 and settings.n_primary > 0) \
             or settings.border not in ("pad", "drop"):
         raise ConfigError("ingest", f"need patch_um > 0, patch_px > 0, n_primary > 0 and border pad|drop; got "
                                     f"{settings.patch_um}, {settings.patch_px}, {settings.n_primary}, {settings.border!r}")
     check_min_detection(settings.primary_min_detection)
-    units = list(units if units is not None else getattr(source, "units"))
-    runner = _Runner(address, max_retries=max_retries)
-    progress = _Progress(5)
-    stage = _stage_dir(out, settings)
-    stage.mkdir(parents=True, exist_ok=True)
 
-    # pass 1: stage every slide
+
+def _stage_pass(runner: _Runner, source: Callable[[Any], AnnData], units: list[Any], settings: IngestSettings,
+                stage: Path, out: Path) -> _Staged:
+    """Pass 1: stage every unit's slides; the genes all slides share."""
     slides: dict[str, dict[str, Any]] = {}
     # each slide's gene list as int32 codes into one vocabulary: a list of its own strings per slide
     # (~1 MB for a her2st slide) made the driver grow with the number of slides
@@ -494,7 +513,6 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
     bad = [s for s in order if not SAFE_NAME.match(s)]
     if bad:
         raise DataError(out, f"slide names must match {SAFE_NAME.pattern}: {show(bad[:5])}")
-    n_read = sum(slides[s]["n_read"] for s in order)
     common_codes = slides[order[0]]["gene_codes"]
     for sid in order[1:]:
         common_codes = common_codes[np.isin(common_codes, slides[sid]["gene_codes"])]  # first slide's order (as assemble)
@@ -502,20 +520,20 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
         raise DataError(None, "the slides share no gene symbols")
     names_by_code = np.empty(len(vocabulary), dtype=object)
     names_by_code[list(vocabulary.values())] = list(vocabulary)
-    common = pd.Index(names_by_code[common_codes])
-    del vocabulary
     for sid in order:
-        dropped = len(slides[sid]["gene_codes"]) - len(common)
+        dropped = len(slides[sid]["gene_codes"]) - len(common_codes)
         if dropped:
             log.warning("slide %s has %d genes that other slides lack; dropped them (%d genes kept)",
-                        sid, dropped, len(common))
+                        sid, dropped, len(common_codes))
         slides[sid]["meta"]["dropped_genes"] = int(dropped)
         slides[sid]["meta"]["n_spots"] = int(slides[sid]["n_read"])
-    progress.step(f"staged {len(order)} slides ({n_read} spots read; patches "
-                  f"{settings.patch_px} px for {settings.patch_um} um, {settings.border}); {len(common)} shared genes")
+    return _Staged(slides, order, common_codes, names_by_code, sum(slides[s]["n_read"] for s in order))
 
-    # pass 2: spot and gene filters
+
+def _qc_pass(runner: _Runner, stage: Path, staged: _Staged, settings: IngestSettings) -> _Filtered:
+    """Pass 2: spot and gene filters; the largest count sets the store's encoding."""
     keep: dict[str, np.ndarray] = {}
+    common = staged.common
     nonzero = np.zeros(len(common), dtype=np.int64)
     max_count = 0
 
@@ -525,104 +543,158 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
         nonzero += r["nonzero"]
         max_count = max(max_count, r["max_count"])
 
-    runner.map("qc", qc_slide, [(s, (str(stage), s, list(common), settings.min_genes)) for s in order], add_qc)
+    runner.map("qc", qc_slide, [(s, (str(stage), s, list(common), settings.min_genes)) for s in staged.order], add_qc)
     gene_keep = nonzero >= settings.min_cells
     genes_kept = common[gene_keep]
     # one encoding for the store, known before any partition is written (Ray Data reads one schema)
     encoding = counts_encoding(len(genes_kept), max_count, settings_transform(settings.normalize_total, settings.log1p))
-    n_spots = int(sum(keep[s].sum() for s in order))
+    n_spots = int(sum(keep[s].sum() for s in staged.order))
     if n_spots == 0 or len(genes_kept) == 0:
         raise DataError(None, f"preprocessing left {n_spots} spots x {len(genes_kept)} genes "
                               f"(min_genes={settings.min_genes}, min_cells={settings.min_cells})")
-    progress.step(f"preprocess: {n_spots} spots x {len(genes_kept)} genes (min_genes={settings.min_genes}, "
-                  f"min_cells={settings.min_cells}, log1p={settings.log1p}, normalize_total={settings.normalize_total})")
+    check_panel(len(genes_kept), settings.n_primary)
+    return _Filtered(keep, gene_keep, genes_kept, n_spots, encoding)
 
+
+def _split_pass(stage: Path, order: list[str], kept: _Filtered, settings: IngestSettings) -> _Splits:
+    """The splits of the kept spots (on the driver: the spot table only) and the groups to sum per slide."""
+    keep = kept.keep
     obs = pd.concat([pd.read_parquet(stage / s / "obs.parquet")[keep[s]] for s in order], ignore_index=True)
     obs.index = obs["spot_id"].to_numpy()
     obs[OBS_SLIDE] = pd.Categorical(obs[OBS_SLIDE].astype(str), categories=order)
-    splits = make_splits(obs, kinds=split_kinds, n_folds=settings.n_folds, seeds=list(settings.seeds))
+    splits = make_splits(obs, kinds=list(settings.split_kinds), n_folds=settings.n_folds, seeds=list(settings.seeds))
     names = list(splits.columns)
     loso = [c for c in names if split_kind(c) == "loso"]
-    within = [c for c in names if c not in loso]  # kfold/spatial: every slide has training spots in each
+    within = [c for c in names if c not in loso]
     # groups: within-slide splits' training spots, all spots, every slide's loso part (its non-validation spots)
     is_train = np.vstack([(splits[c] == "train").to_numpy() for c in within]
-                         + [np.ones(n_spots, dtype=bool), ~loso_validation(obs)])
+                         + [np.ones(kept.n_spots, dtype=bool), ~loso_validation(obs)])
     slide_of_spot = obs[OBS_SLIDE].astype(str).to_numpy()
     for c in loso[:1]:  # the loso sums below rely on it (make_splits draws loso validation by loso_validation)
         if not np.array_equal(splits[c].to_numpy() == "train", is_train[-1] & (slide_of_spot != c[len("loso-"):])):
             raise DataError(None, f"split {c}: training spots are not every other slide's loso part")
-    progress.step(f"splits: {len(names)} ({', '.join(split_kinds)}; seeds {list(settings.seeds)})")
+    return _Splits(obs, splits, loso, within, is_train)
 
-    # pass 3: partitions and per-split sums, into the store's temporary folder
-    tmp = new_temp_folder(out)
+
+def _finalize_pass(runner: _Runner, stage: Path, tmp: Path, staged: _Staged, kept: _Filtered, splits: _Splits,
+                   settings: IngestSettings) -> tuple[GeneMoments, dict[str, int]]:
+    """Pass 3: each slide's partition in ``tmp`` and its sums; the sums of every group, merged."""
+    order, keep = staged.order, kept.keep
+    starts = np.cumsum([0] + [int(keep[s].sum()) for s in order])
+    moments = GeneMoments.zeros(len(splits.within) + 2, len(kept.genes_kept))
+    nnz: dict[str, int] = {}
+
+    def add_final(r: dict[str, Any]) -> None:
+        nonlocal moments
+        moments += GeneMoments.load(stage / r["slide"] / SLIDE_MOMENTS)
+        nnz[r["slide"]] = r["nnz"]
+
+    calls = []
+    for i, s in enumerate(order):
+        position = np.full(len(staged.names_by_code), -1, dtype=np.int64)  # a code's column in the slide's own list
+        position[staged.slides[s]["gene_codes"]] = np.arange(len(staged.slides[s]["gene_codes"]))
+        cols = position[staged.common_codes[kept.gene_keep]]
+        part = str(tmp / "spots" / f"slide_id={s}" / "part-0.parquet")
+        calls.append((s, (str(stage), s, cols, keep[s], int(starts[i]),
+                          splits.is_train[:, starts[i]:starts[i + 1]], settings, part, kept.encoding)))
+    runner.map("finalize", finalize_slide, calls, add_final)
+    return moments, nnz
+
+
+def _ingest_manifest(staged: _Staged, kept: _Filtered, settings: IngestSettings, prior_data: AnnData | None,
+                     address: str | None) -> dict[str, Any]:
+    """The streamed store's manifest (the same keys as ``build_store`` writes, plus ``ingest``)."""
+    order, keep, slides = staged.order, kept.keep, staged.slides
+    report = {"patch_um": float(settings.patch_um), "patch_px": int(settings.patch_px), "border": settings.border,
+              "slides": {s: slides[s]["report"] for s in order},
+              "n_dropped": int(sum(slides[s]["report"].get("n_dropped", 0) for s in order))}
+    return {
+        "preprocessing": {"min_genes": int(settings.min_genes), "min_cells": int(settings.min_cells),
+                          "normalize_total": None if not settings.normalize_total else float(settings.normalize_total),
+                          "log1p": bool(settings.log1p), "n_primary": int(settings.n_primary),
+                          "primary_min_detection": float(settings.primary_min_detection),
+                          "priors": list(settings.priors),
+                          "prior_slides": None if prior_data is None
+                          else sorted(map(str, prior_data.obs[OBS_SLIDE].unique()))},
+        "patch": {"patch_um": float(settings.patch_um), "patch_px": int(settings.patch_px),
+                  "border": settings.border, "report": jsonable(report, max_array=1000)},
+        "split_settings": {"kinds": list(settings.split_kinds), "seeds": [int(s) for s in settings.seeds],
+                           "n_folds": int(settings.n_folds), "version": SPLITS_VERSION},
+        "spots_read": int(staged.n_read),
+        "slide_meta": {s: slides[s]["meta"] for s in order if keep[s].any()},
+        "sources": [f for s in order for f in slides[s]["sources"]],
+        "ingest": {"mode": "in-process" if address is None else f"ray ({address})", "slides": len(order),
+                   "passes": ["stage", "qc", "finalize", "merge"]},
+    }
+
+
+def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: IngestSettings | None = None, *,
+                  units: list[Any] | None = None, prior_data: AnnData | None = None, overwrite: bool = False,
+                  address: str | None = None, max_retries: int = 2, keep_staging: bool = False) -> Path:
+    """Streaming ingest: the store ``build_store`` writes, built slide by slide (in-process, or on Ray).
+
+    ``source(unit)`` returns the canonical AnnData of one input unit (``SlideSource``,
+    ``AnnDataSource``); ``units`` default to ``source.units``. ``address``: None runs every
+    pass in this process; ``"local"`` starts a local Ray, ``"auto"`` / ``"ray://..."`` joins a
+    cluster, and each slide becomes one Ray task per pass (the staging folder and ``out``
+    must then be on storage every worker sees). Memory: one slide per worker, and on the
+    driver the spot table plus a few gene-length vectors per split. A failed slide is
+    reported by name; the staged slides stay beside ``out`` so the same call resumes.
+    """
+    settings = settings or IngestSettings()
+    out = check_target(out, overwrite)
+    _check_settings(settings)
+    units = list(units if units is not None else getattr(source, "units"))
+    runner = _Runner(address, max_retries=max_retries)
+    progress = _Progress(5)
+    stage = _stage_dir(out, settings)
+    stage.mkdir(parents=True, exist_ok=True)
+
+    staged = _stage_pass(runner, source, units, settings, stage, out)
+    order = staged.order
+    progress.step(f"staged {len(order)} slides ({staged.n_read} spots read; patches {settings.patch_px} px for "
+                  f"{settings.patch_um} um, {settings.border}); {len(staged.common_codes)} shared genes")
+
+    kept = _qc_pass(runner, stage, staged, settings)
+    progress.step(f"preprocess: {kept.n_spots} spots x {len(kept.genes_kept)} genes (min_genes={settings.min_genes}, "
+                  f"min_cells={settings.min_cells}, log1p={settings.log1p}, normalize_total={settings.normalize_total})")
+
+    splits = _split_pass(stage, order, kept, settings)
+    names = list(splits.table.columns)
+    progress.step(f"splits: {len(names)} ({', '.join(settings.split_kinds)}; seeds {list(settings.seeds)})")
+
+    tmp = new_temp_folder(out)  # passes 3 and 4 write into the store's temporary folder
     try:
-        starts = np.cumsum([0] + [int(keep[s].sum()) for s in order])
-        moments = GeneMoments.zeros(len(within) + 2, len(genes_kept))
-        nnz: dict[str, int] = {}
-
-        def add_final(r: dict[str, Any]) -> None:
-            nonlocal moments
-            moments += GeneMoments.load(stage / r["slide"] / SLIDE_MOMENTS)
-            nnz[r["slide"]] = r["nnz"]
+        moments, nnz = _finalize_pass(runner, stage, tmp, staged, kept, splits, settings)
 
         def train_moments(name: str) -> GeneMoments:
-            if name in loso:
+            if name in splits.loso:
                 return moments.row(-1) - GeneMoments.load(stage / name.removeprefix("loso-") / LOSO_MOMENTS)
-            return moments.row(within.index(name))
+            return moments.row(splits.within.index(name))
 
-        calls = []
-        for i, s in enumerate(order):
-            position = np.full(len(names_by_code), -1, dtype=np.int64)  # a code's column in the slide's own list
-            position[slides[s]["gene_codes"]] = np.arange(len(slides[s]["gene_codes"]))
-            cols = position[common_codes[gene_keep]]
-            part = str(tmp / "spots" / f"slide_id={s}" / "part-0.parquet")
-            calls.append((s, (str(stage), s, cols, keep[s], int(starts[i]), is_train[:, starts[i]:starts[i + 1]],
-                              settings, part, encoding)))
-        runner.map("finalize", finalize_slide, calls, add_final)
         prior_pp = None if prior_data is None else preprocess(
             prior_data, min_genes=settings.min_genes, min_cells=0, normalize_total=settings.normalize_total,
             log1p=settings.log1p)
         # each split's table written as soon as it is merged: all of them (one per loso split too) grew with the slides
-        for name, table in merged_gene_sets(train_moments, names, genes_kept, settings, prior_pp):
+        for name, table in merged_gene_sets(train_moments, names, kept.genes_kept, settings, prior_pp):
             write_gene_set(tmp, name, table)
         progress.step(f"gene sets: {len(names)} splits from merged per-slide sums, {settings.n_primary} primary genes each")
 
-        all_spots = len(within)
+        all_spots = len(splits.within)
         all_n = int(moments.n[all_spots])
-        genes = pd.DataFrame({"name": genes_kept.astype(str),
+        genes = pd.DataFrame({"name": kept.genes_kept.astype(str),
                               "mean": (moments.log_sum[all_spots] / all_n).astype(np.float32),
                               "n_spots": moments.nonzero[all_spots].astype(np.int64)})
         patch_shape = tuple(np.load(stage / order[0] / "patches.npy", mmap_mode="r").shape[1:])
-        _write_arrays_from_partitions(tmp, stage, order, keep, n_spots, len(genes_kept), settings.expression_layout,
-                                      sum(nnz.values()), patch_shape, encoding)
-        write_tables(tmp, spot_ids=obs["spot_id"].to_numpy(), genes=genes, splits=splits.reset_index(drop=True),
-                     gene_sets=None)
-        report = {"patch_um": float(settings.patch_um), "patch_px": int(settings.patch_px), "border": settings.border,
-                  "slides": {s: slides[s]["report"] for s in order},
-                  "n_dropped": int(sum(slides[s]["report"].get("n_dropped", 0) for s in order))}
-        sources = [f for s in order for f in slides[s]["sources"]]
-        manifest = {
-            "preprocessing": {"min_genes": int(settings.min_genes), "min_cells": int(settings.min_cells),
-                              "normalize_total": None if not settings.normalize_total else float(settings.normalize_total),
-                              "log1p": bool(settings.log1p), "n_primary": int(settings.n_primary),
-                              "primary_min_detection": float(settings.primary_min_detection), "priors": priors,
-                              "prior_slides": None if prior_data is None
-                              else sorted(map(str, prior_data.obs[OBS_SLIDE].unique()))},
-            "patch": {"patch_um": float(settings.patch_um), "patch_px": int(settings.patch_px),
-                      "border": settings.border, "report": jsonable(report, max_array=1000)},
-            "split_settings": {"kinds": split_kinds, "seeds": [int(s) for s in settings.seeds],
-                               "n_folds": int(settings.n_folds), "version": SPLITS_VERSION},
-            "spots_read": int(n_read),
-            "slide_meta": {s: slides[s]["meta"] for s in order if keep[s].any()},
-            "sources": sources,
-            "ingest": {"mode": "in-process" if address is None else f"ray ({address})", "slides": len(order),
-                       "passes": ["stage", "qc", "finalize", "merge"]},
-        }
-        finish_store(tmp, out, manifest=manifest, n_spots=n_spots, n_genes=len(genes_kept),
-                     patch_shape=patch_shape,
-                     slides={s: int(keep[s].sum()) for s in order if keep[s].any()}, splits=names,
-                     gene_names=list(genes_kept.astype(str)), layout=settings.expression_layout, overwrite=overwrite,
-                     encoding=encoding)
+        _write_arrays_from_partitions(tmp, stage, order, kept.keep, kept.n_spots, len(kept.genes_kept),
+                                      settings.expression_layout, sum(nnz.values()), patch_shape, kept.encoding)
+        write_tables(tmp, spot_ids=splits.obs["spot_id"].to_numpy(), genes=genes,
+                     splits=splits.table.reset_index(drop=True), gene_sets=None)
+        finish_store(tmp, out, manifest=_ingest_manifest(staged, kept, settings, prior_data, address),
+                     n_spots=kept.n_spots, n_genes=len(kept.genes_kept), patch_shape=patch_shape,
+                     slides={s: int(kept.keep[s].sum()) for s in order if kept.keep[s].any()}, splits=names,
+                     gene_names=list(kept.genes_kept.astype(str)), layout=settings.expression_layout,
+                     overwrite=overwrite, encoding=kept.encoding)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
