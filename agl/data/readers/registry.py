@@ -1,4 +1,4 @@
-"""The reader registry: a format name -> its reader, the keyword that picks a subset of its slides and
+"""The reader registry (two :class:`agl.registry.Registry`): a format name -> its reader, the keyword that picks a subset of its slides and
 how to list them. A reader module registers itself with :func:`register_reader`; nothing else names it.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any, Callable
 import anndata as ad
 
 from agl.errors import DataError
+from agl.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,8 @@ class ReaderEntry:
     help: str = ""  # one line for ``agl ingest --help``
 
 
-READERS: dict[str, Callable[..., ad.AnnData]] = {}  # name -> reader, what ``agl ingest FORMAT`` accepts
-READER_ENTRIES: dict[str, ReaderEntry] = {}
+READERS: Registry[Callable[..., ad.AnnData]] = Registry("reader", setting="format")  # what ``agl ingest FORMAT`` accepts
+READER_ENTRIES: Registry[ReaderEntry] = Registry("reader entry", setting="format")
 
 
 def register_reader(name: str, *, subset: str | None = None, list_units: Callable[..., list[str]] | None = None,
@@ -36,17 +37,19 @@ def register_reader(name: str, *, subset: str | None = None, list_units: Callabl
         for key in (name, *aliases):
             if key in READERS and READERS[key] is not read:
                 raise ValueError(f"reader name {key!r} already registered by {READERS[key].__module__}")
-            READERS[key], READER_ENTRIES[key] = read, entry
+            if key not in READERS:
+                READERS.register(key, read)
+                READER_ENTRIES.register(key, entry)
         return read
     return add
 
 
 def reader_entry(fmt: str, path: str | Path | None = None) -> ReaderEntry:
     """The entry registered under ``fmt``; DataError listing the known formats otherwise."""
-    try:
-        return READER_ENTRIES[fmt]
-    except KeyError:
-        raise DataError(path, f"unknown format {fmt!r}; known: {sorted(READERS)}") from None
+    entry = READER_ENTRIES.get(fmt, None)
+    if entry is None:
+        raise DataError(path, f"unknown format {fmt!r}; known: {sorted(READERS)}")
+    return entry
 
 
 def read_slides(fmt: str, path: str | Path, **kw: Any) -> ad.AnnData:
