@@ -64,8 +64,11 @@ def default_sweep_out(resume: bool, base: Path = Path("results/sweep")) -> str:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from agl import tracking
     from agl.distributed.tune import SweepOptions, format_table, run_sweep
 
+    if args.tracking_uri:  # a typo must not leave a new database (or folder) behind: its folder must exist
+        tracking.check_database(tracking.check_tracking_uri(args.tracking_uri), must_exist=False)
     opts = SweepOptions(space=args.space, store=args.store, out=args.out or default_sweep_out(args.resume),
                         name=args.name,
                         num_samples=args.num_samples, address=args.address, num_cpus=args.num_cpus,
@@ -140,7 +143,7 @@ def cmd_train_ray(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_dict({**read_config_file(args.config), **parse_sets(args.set)},
                                 source=args.config or "--set")
     if args.tracking_uri:  # refuse an unreachable server before training, not after
-        tracking.check_reachable(tracking.check_tracking_uri(args.tracking_uri))
+        tracking.check_reachable(tracking.check_database(tracking.check_tracking_uri(args.tracking_uri), False))
     store = resolve_store(args.store)
     init_ray(args.address, num_cpus=args.num_cpus)
     scaling: dict[str, Any] = {"num_workers": args.num_workers, "use_gpu": args.use_gpu}
@@ -179,7 +182,11 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
                         "nor a folder of other files)")
     p.add_argument("--patch-um", type=float, default=None, help="patch size in um (default: as in training)")
     p.add_argument("--patch-px", type=int, default=None, help="patch size in px (default: as in training)")
-    p.add_argument("--top-genes", type=int, default=6, help="primary genes to map (PNG)")
+    p.add_argument("--top-genes", type=int, default=6,
+                   help="genes to map (PNG): the best-predicted primary genes when the slide has measured "
+                        "expression, else the first primary genes")
+    p.add_argument("--genes", default=None, metavar="GENE,GENE",
+                   help="map these genes instead, e.g. markers: --genes ERBB2,ESR1,PGR (any gene the model outputs)")
     p.add_argument("--no-clip", action="store_true",
                    help="maps show predictions as the model gives them (default: below 0 on the log1p scale shown as 0)")
     p.add_argument("--min-gene-fraction", type=float, default=0.5, metavar="F",
@@ -198,7 +205,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     summary = predict_slides(PredictOptions(
         out=args.out, input=args.input, format=args.format, reader_args=reader_args, checkpoint=args.checkpoint,
         tracking_uri=args.tracking_uri, model_name=args.model_name, alias=args.alias, patch_um=args.patch_um,
-        patch_px=args.patch_px, top_genes=args.top_genes, device=args.device, overwrite=args.overwrite,
+        patch_px=args.patch_px, top_genes=args.top_genes,
+        genes=[g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None, device=args.device, overwrite=args.overwrite,
         clip_maps=not args.no_clip, min_gene_fraction=args.min_gene_fraction, warn_gene_fraction=args.warn_gene_fraction))
     print(json.dumps(summary, indent=1))
     return 0
