@@ -81,8 +81,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"\ntrial table: {summary.paths.get('table_csv')}\nplot: {summary.paths.get('table_png')}")
     print(f"MLflow: {summary.tracking_uri} (parent run {summary.parent_run_id}); "
           f"champion: {args.model_name} version {summary.champion_version or '-'}")
-    if summary.tracking_uri.startswith("sqlite:"):
-        print(f"UI: mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri {summary.tracking_uri}")
+    experiment_id = _sweep_experiment(Path(opts.out))
+    if experiment_id is not None:
+        print(ui_hint(summary.tracking_uri, experiment_id))
     if summary.tracking_pending:
         from agl.distributed.sync import sync_command
 
@@ -92,6 +93,33 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: continue with the same command plus --resume", file=sys.stderr)
         return 130
     return 0 if summary.best is not None else 1
+
+
+UI_PORT = 5000
+
+
+def ui_hint(tracking_uri: str, experiment_id: str) -> str:
+    """How to open the sweep's runs in the MLflow UI: the server to start (local SQLite) and the runs page.
+
+    MLflow 3.17's UI picks the experiment page's tabs from the sidebar's GenAI / machine-learning
+    switch (kept in the browser, GenAI by default), not from the ``mlflow.experimentKind`` tag, so a
+    fresh browser opens a GenAI overview; ``#/experiments/<id>/runs?workflowType=machine_learning``
+    opens the training runs table directly."""
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"UI: {tracking_uri.rstrip('/')}/{page}"
+    return (f"UI: mlflow server --host 127.0.0.1 --port {UI_PORT} --backend-store-uri {tracking_uri}\n"
+            f"    then open http://127.0.0.1:{UI_PORT}/{page}")
+
+
+def _sweep_experiment(out: Path) -> str | None:
+    """The MLflow experiment id a sweep in ``out`` recorded (sweep.json), if any."""
+    from agl.distributed.tune import SWEEP_JSON
+
+    try:
+        return str(json.loads((out / SWEEP_JSON).read_text())["experiment_id"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 # --------------------------------------------------------------------------- agl tune-sync
