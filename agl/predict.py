@@ -160,10 +160,12 @@ def warn_in_sample(in_sample: list[str], slides: Mapping[str, list[str]] | None,
     if not in_sample or not slides:
         return
     parts = "; ".join(f"{part}: {', '.join(slides[part])}" for part in SEEN_PARTS if slides.get(part))
+    held_out = [s for s in slides.get("test", []) if not in_sample_slides([s], slides)]
     log.warning("slide%s %s %s among the model's training slides (split %s; %s): the PCC vs measured is "
-                "in-sample, not a measure of prediction on a new slide; predict a slide the model never saw "
-                "(the split's test slides: %s)", "s" if len(in_sample) > 1 else "", ", ".join(in_sample),
-                "were" if len(in_sample) > 1 else "was", split or "?", parts, ", ".join(slides.get("test", [])) or "none")
+                "in-sample, not a measure of prediction on a new slide; predict a slide the model never saw (%s)",
+                "s" if len(in_sample) > 1 else "", ", ".join(in_sample), "were" if len(in_sample) > 1 else "was",
+                split or "?", parts, f"the split's test slides: {', '.join(held_out)}" if held_out else
+                "this split holds out no whole slide")
 
 
 def measured_expression(adata: Any, genes: list[str], switches: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -392,6 +394,9 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
         predicted_slides = list(dict.fromkeys(adata.obs["slide_id"].astype(str)))
         in_sample = in_sample_slides(predicted_slides, slides)
         warn_in_sample(in_sample, slides, store_record(ckpt).get("split"))
+        if slides is None:
+            log.info("%s records no training slides (a checkpoint of earlier agl, its store not in the agl cache): "
+                     "whether %s was among them is unknown", ckpt, ", ".join(predicted_slides))
         patches, keep, report = extract_patches(adata, patch_um=patch_um, patch_px=patch_px, border="pad")
         if not keep.all():
             adata, patches, measured = adata[keep].copy(), patches[keep], measured[keep]

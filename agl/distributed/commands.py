@@ -233,11 +233,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     summary = predict_slides(PredictOptions(
         out=args.out, input=args.input, format=args.format, reader_args=reader_args, checkpoint=args.checkpoint,
         tracking_uri=args.tracking_uri, model_name=args.model_name, alias=args.alias, patch_um=args.patch_um,
-        patch_px=args.patch_px, top_genes=args.top_genes,
-        genes=[g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None, device=args.device, overwrite=args.overwrite,
+        patch_px=args.patch_px, top_genes=args.top_genes, genes=_gene_list(args.genes), device=args.device,
+        overwrite=args.overwrite,
         clip_maps=not args.no_clip, min_gene_fraction=args.min_gene_fraction, warn_gene_fraction=args.warn_gene_fraction))
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def _gene_list(text: str | None) -> list[str] | None:
+    """``--genes ERBB2,GRB7`` as a list (None when not given)."""
+    genes = [g.strip() for g in (text or "").split(",") if g.strip()]
+    return genes or None
 
 
 # --------------------------------------------------------------------------- agl features
