@@ -2,8 +2,9 @@
 
 What a user sees in the MLflow UI:
 
-- experiments tagged ``mlflow.experimentKind = custom_model_development``, so the UI opens them
-  as model training (runs, charts), not in its GenAI view;
+- experiments tagged ``mlflow.experimentKind = custom_model_development`` (MLflow 3.17's UI opens
+  an experiment by its sidebar's GenAI / model-training switch instead, so ``agl tune`` links
+  ``#/experiments/<id>/runs?workflowType=machine_learning``: docs/distributed.md);
 - a run per trial named like ``dkgsb-k1000-92df`` (method, k where the method uses it, trial
   id), its params, per-epoch metrics with step = epoch (1-based, as in the plots and
   result.json), fold metrics with step = folds done, and at the end its run record:
