@@ -28,7 +28,7 @@ def panel_outs(her2st_dir: Path, tmp_path_factory) -> list[str]:
 
 
 @pytest.mark.reliability(kind="bad input", case="agl ingest visium of a 100-gene targeted panel (real C2 counts) with the "
-                         "default --min-genes 200, then --min-genes 10 with --n-primary 100, in memory and --stream",
+                         "default --min-genes 200, then --min-genes 14 (the value it suggests) with --n-primary 100, in memory and --stream",
                          outcome="exit != 0; the message names --min-genes/--min-cells (with the panel's 100 genes, "
                          "the median spot's 28 and a value to try), then --n-primary and its range; no store written")
 @pytest.mark.parametrize("stream", [False, True], ids=["memory", "stream"])
