@@ -321,10 +321,10 @@ class MlflowTracker:
             local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst),
                                                         tracking_uri=self.uri)
         except (MlflowException, OSError) as err:  # the artifact folder was moved or deleted since logging
+            reason = [line for line in str(err).splitlines() if line.strip()][-1:] or [type(err).__name__]
             raise CheckpointError(where, f"its model files are missing at {_artifact_location(version.source, self)}"
-                                         f" ({type(err).__name__}: {str(err)[:200]}). Was the sweep folder moved? "
-                                         f"`agl tune-sync --out NEW_FOLDER` points its mlflow.db at the new place"
-                                  ) from None
+                                         f" ({reason[0][:200]}). Was the sweep folder moved? `agl tune-sync --out "
+                                         f"NEW_FOLDER` points its mlflow.db at the new place") from None
         try:
             return mlflow.pyfunc.load_model(local)
         except (MlflowException, OSError) as err:
