@@ -33,15 +33,9 @@ MODEL = "agl-test-model"
 @pytest.fixture(scope="module")
 def champion(demo_store: Path, tmp_path_factory) -> Path:
     """A short real run on the demo store's loso-B4 split (trained on C2-C5, B4 held out), finalised as a sweep's."""
-    from agl.training.bundles import make_bundle
-    from agl.training.loop import TrainConfig, fit
+    from trainkit import finalised_run
 
-    root = tmp_path_factory.mktemp("champion")
-    cfg = TrainConfig.from_dict({"method": "topk", "k": 32, "epochs": 2, "trunk": [64]})
-    data = make_bundle(demo_store, SPLIT, cfg)
-    result = fit(cfg, data, out_dir=root / "run")
-    runs.finalize_run(result, data, root / "final", split=SPLIT)
-    return root / "final"
+    return finalised_run(demo_store, SPLIT, tmp_path_factory.mktemp("champion"), epochs=2)
 
 
 def register(folder: Path, root: Path, demo_store: Path) -> tuple[str, str]:
