@@ -33,7 +33,7 @@ EXAMPLES: dict[str, str] = {
     "tune-sync": "agl tune-sync --out results/sweep",
     "train-ray": "agl train-ray --store demo --split loso-B4 --num-workers 2",
     "predict": "agl predict --tracking-uri sqlite:///results/sweep/mlflow.db --input ../shared/data/her2st "
-               "--format her2st --sections C5 --out runs/predict-C5",
+               "--format her2st --sections B4 --out runs/predict-B4",  # B4: the slide the loso-B4 champion never saw
     "features": "agl features --store demo --num-workers 2",
     "bench": "agl bench core --store demo",
     "bench data": "agl bench data --store demo",

@@ -4,7 +4,9 @@
 ``<model>@champion``), reads the slide in any supported format
 (``agl.data.readers.read_slides``), cuts patches as in training, runs the model and
 writes ``OUT/predictions.h5ad`` plus PNG spatial maps (predicted vs measured) of the
-top primary genes under ``OUT/maps/``.
+best-predicted primary genes (or the genes named by ``--genes``) under ``OUT/maps/``. A slide
+the checkpoint trained or validated on (its ``store.json`` records the split's slides) gets a
+warning: its PCC vs measured is in-sample.
 
 The .h5ad holds the predicted expression of every gene the model outputs in ``X``
 (log1p scale, as in training), the measured expression of the same genes in
@@ -58,7 +60,8 @@ class PredictOptions:
     alias: str = "champion"
     patch_um: float | None = None           # None: the training store's setting (else 112 um)
     patch_px: int | None = None             # None: the training store's setting (else 224 px)
-    top_genes: int = 6
+    top_genes: int = 6                      # maps: the best-predicted primary genes (else the first)
+    genes: list[str] | None = None          # maps: these genes instead (--genes ERBB2,ESR1)
     batch_size: int = 64
     device: str = "auto"
     overwrite: bool = False
@@ -87,15 +90,20 @@ def resolve_checkpoint(opts: PredictOptions, download_to: Path) -> Path:
     from agl.tracking import make_tracker
 
     # the champion's pyfunc model, loaded as mlflow.pyfunc.load_model("models:/<name>@<alias>") loads it
-    return make_tracker(opts.tracking_uri).fetch_champion(opts.model_name, opts.alias, dst=download_to)
+    # reading only: a mistyped SQLite path is refused, never created as a new empty database
+    return make_tracker(opts.tracking_uri, must_exist=True).fetch_champion(opts.model_name, opts.alias,
+                                                                           dst=download_to)
+
+
+def store_record(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's record of its training store and split (``store.json``; empty if absent)."""
+    store_json = ckpt / "store.json"
+    return json.loads(store_json.read_text()) if store_json.is_file() else {}
 
 
 def patch_settings(ckpt: Path, opts: PredictOptions) -> tuple[float, int]:
     """Patch size in um and px: explicit options, else the checkpoint's store record, else the defaults."""
-    record: Mapping[str, Any] = {}
-    store_json = ckpt / "store.json"
-    if store_json.is_file():
-        record = json.loads(store_json.read_text())
+    record = store_record(ckpt)
     patch = record.get("patch") or {}
     um = opts.patch_um or patch.get("patch_um") or record.get("patch_um")
     px = opts.patch_px or patch.get("patch_px") or record.get("patch_px")
@@ -107,9 +115,57 @@ def patch_settings(ckpt: Path, opts: PredictOptions) -> tuple[float, int]:
 
 def preprocessing(ckpt: Path) -> dict[str, Any]:
     """The store's preprocessing switches recorded in the checkpoint (log1p by default)."""
-    store_json = ckpt / "store.json"
-    record = json.loads(store_json.read_text()) if store_json.is_file() else {}
-    return dict(record.get("preprocessing") or {"log1p": True, "normalize_total": None})
+    return dict(store_record(ckpt).get("preprocessing") or {"log1p": True, "normalize_total": None})
+
+
+SEEN_PARTS = ("train", "val", "val_outer")  # parts whose spots shaped the model (fit or early stopping)
+
+
+def training_slides(ckpt: Path) -> dict[str, list[str]] | None:
+    """The slides of each part of the split the checkpoint was trained on (``store.json``'s ``slides``).
+
+    Checkpoints of earlier agl versions record only the split and the store's manifest hash:
+    a store with that hash in the agl cache (the demo store) still tells; else None."""
+    record = store_record(ckpt)
+    if record.get("slides"):
+        return {part: list(slides) for part, slides in record["slides"].items()}
+    split, digest = record.get("split"), record.get("manifest_sha256")
+    if not split or not digest:
+        return None
+    from agl.data.store import open_store
+    from agl.fileio import default_cache_dir
+    from agl.training.checkpoint import manifest_hash
+
+    for manifest in sorted(default_cache_dir().glob("*/manifest.json")):
+        try:
+            if manifest_hash(json.loads(manifest.read_text())) != digest:
+                continue
+            store = open_store(manifest.parent)
+            roles = np.asarray(store.split(split)).astype(str)
+        except (OSError, ValueError, KeyError, DataError):  # another store, or no such split: keep looking
+            continue
+        slide_ids = store.spots["slide_id"].astype(str).to_numpy()
+        return {part: sorted(set(slide_ids[roles == part])) for part in dict.fromkeys(roles)}
+    return None
+
+
+def in_sample_slides(predicted: list[str], slides: Mapping[str, list[str]] | None) -> list[str]:
+    """The predicted slides the model trained or was validated on (their PCC is in-sample)."""
+    seen = {s for part in SEEN_PARTS for s in (slides or {}).get(part, [])}
+    return [s for s in predicted if s in seen]
+
+
+def warn_in_sample(in_sample: list[str], slides: Mapping[str, list[str]] | None, split: str | None) -> None:
+    """A clear warning that the PCC of ``in_sample`` slides does not measure prediction on new slides."""
+    if not in_sample or not slides:
+        return
+    parts = "; ".join(f"{part}: {', '.join(slides[part])}" for part in SEEN_PARTS if slides.get(part))
+    held_out = [s for s in slides.get("test", []) if not in_sample_slides([s], slides)]
+    log.warning("slide%s %s %s among the model's training slides (split %s; %s): the PCC vs measured is "
+                "in-sample, not a measure of prediction on a new slide; predict a slide the model never saw (%s)",
+                "s" if len(in_sample) > 1 else "", ", ".join(in_sample), "were" if len(in_sample) > 1 else "was",
+                split or "?", parts, f"the split's test slides: {', '.join(held_out)}" if held_out else
+                "this split holds out no whole slide")
 
 
 def measured_expression(adata: Any, genes: list[str], switches: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -144,6 +200,31 @@ def check_gene_overlap(present: np.ndarray, genes: list[str], slide_genes: Any, 
         raise DataError(source, f"{text}. Below --min-gene-fraction {min_fraction:g}: another species, or gene IDs "
                                 "without a gene_symbols column in var? (lower --min-gene-fraction to predict anyway)")
     log.warning("%s: %s (below --warn-gene-fraction %g)", source, text, warn_fraction)
+
+
+def check_map_genes(named: list[str] | None, genes: list[str]) -> None:
+    """Refuse ``--genes`` names the model does not output, suggesting a match in another case."""
+    if not named:
+        return
+    known = set(genes)
+    unknown = [g for g in named if g not in known]
+    if unknown:
+        by_upper = {g.upper(): g for g in genes}
+        hints = [f"{g} (did you mean {by_upper[g.upper()]}?)" if g.upper() in by_upper else g for g in unknown]
+        raise ConfigError("--genes", f"{', '.join(hints)}: not among the model's {len(genes)} output genes")
+
+
+def map_genes(primary_pcc: pd.Series, top: int, named: list[str] | None) -> tuple[list[str], str]:
+    """The genes to map and how they were picked: ``named`` (--genes), else the ``top`` primary genes with the
+    highest PCC vs measured expression (``primary_pcc``, NaN where unmeasured), else the first ``top``."""
+    if named:
+        return list(named), "genes named by --genes"
+    measured = primary_pcc.dropna()
+    if len(measured):
+        best = measured.sort_values(ascending=False, kind="stable").index[:top]
+        return [str(g) for g in best], f"the {len(best)} best-predicted primary genes (highest PCC vs measured)"
+    first = [str(g) for g in primary_pcc.index[:top]]
+    return first, f"the first {len(first)} primary genes (no measured expression)"
 
 
 def _pcc(a: np.ndarray, b: np.ndarray) -> float:
@@ -199,8 +280,11 @@ def _spot_px(meta: Mapping[str, Any], xy: np.ndarray) -> float:
     return 0.7 * float(np.median(dist[:, 1]))
 
 
-def plot_maps(adata: Any, genes: list[str], folder: Path, clip: bool = True) -> list[MapFigure]:
+def plot_maps(adata: Any, genes: list[str], folder: Path, clip: bool = True, chosen: str = "") -> list[MapFigure]:
     """One PNG per slide: predicted beside measured expression of each of ``genes`` over the H&E.
+
+    ``chosen`` says in the title how the genes were picked. Each panel takes the tissue's aspect
+    ratio and the figure is laid out tight (no empty band above or below the panels).
 
     Both panels of a gene share one colour scale (1st-99th percentile of both together), the
     measured panel's title gives the PCC of what is shown, and with ``clip`` predictions below 0
@@ -225,8 +309,10 @@ def plot_maps(adata: Any, genes: list[str], folder: Path, clip: bool = True) -> 
         box = (xy[:, 0].min() - spot, xy[:, 1].min() - spot, xy[:, 0].max() + spot, xy[:, 1].max() + spot)
         under = _background(meta, box)
         ncols = 2 if has_measured else 1
-        fig, axes = plt.subplots(len(genes), ncols, figsize=(3.6 * ncols + 0.6, 3.4 * len(genes)), dpi=100,
-                                 squeeze=False)
+        panel_w = 3.4
+        panel_h = panel_w * (box[3] - box[1]) / max(box[2] - box[0], 1e-9)
+        fig, axes = plt.subplots(len(genes), ncols, figsize=(panel_w * ncols + 1.2, (panel_h + 0.4) * len(genes) + 0.5),
+                                 dpi=100, squeeze=False, layout="constrained")
         scales, pccs = {}, {}
         for i, gene in enumerate(genes):
             j = adata.var_names.get_loc(gene)
@@ -260,10 +346,11 @@ def plot_maps(adata: Any, genes: list[str], folder: Path, clip: bool = True) -> 
                 if label == "measured":
                     title += f" (PCC {pccs[gene]:.2f})"
                 ax.set_title(title, fontsize=9)
-            fig.colorbar(spots, ax=list(axes[i]), fraction=0.046, label="log1p expression" if i == 0 else None)
-        fig.suptitle(f"slide {slide}: predicted and measured on one colour scale per gene", fontsize=10)
+            fig.colorbar(spots, ax=list(axes[i]), shrink=0.9, label="log1p expression")
+        what = "predicted and measured on one colour scale per gene" if has_measured else "predicted"
+        fig.suptitle(f"slide {slide}: {what}" + (f"\n{chosen}" if chosen else ""), fontsize=10)
         path = folder / f"{slide}.png"
-        atomic_savefig(fig, path, format="png")
+        atomic_savefig(fig, path, format="png", bbox_inches="tight", pad_inches=0.1)
         plt.close(fig)
         written.append(MapFigure(path, scales, pccs))
     return written
@@ -284,6 +371,10 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
     for flag, value in (("--min-gene-fraction", opts.min_gene_fraction), ("--warn-gene-fraction", opts.warn_gene_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ConfigError(flag, f"must be between 0 and 1, got {value:g}")
+    if not opts.checkpoint and opts.tracking_uri:  # a missing MLflow database is named before anything is written
+        from agl.tracking import check_database, check_tracking_uri
+
+        check_database(check_tracking_uri(opts.tracking_uri), must_exist=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -295,9 +386,17 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
         patch_um, patch_px = patch_settings(ckpt, opts)
         adata = read_slides(opts.format, opts.input, **opts.reader_args)
         names = out_genes["gene"].astype(str).tolist()
+        check_map_genes(opts.genes, names)  # before reading the slide
         measured, present = measured_expression(adata, names, preprocessing(ckpt))
         check_gene_overlap(present, names, adata.var_names, str(opts.input), opts.min_gene_fraction,
                            opts.warn_gene_fraction)  # before cutting patches and running the model
+        slides = training_slides(ckpt)
+        predicted_slides = list(dict.fromkeys(adata.obs["slide_id"].astype(str)))
+        in_sample = in_sample_slides(predicted_slides, slides)
+        warn_in_sample(in_sample, slides, store_record(ckpt).get("split"))
+        if slides is None:
+            log.info("%s records no training slides (a checkpoint of earlier agl, its store not in the agl cache): "
+                     "whether %s was among them is unknown", ckpt, ", ".join(predicted_slides))
         patches, keep, report = extract_patches(adata, patch_um=patch_um, patch_px=patch_px, border="pad")
         if not keep.all():
             adata, patches, measured = adata[keep].copy(), patches[keep], measured[keep]
@@ -316,13 +415,16 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
             "checkpoint": str(opts.checkpoint or f"models:/{opts.model_name}@{opts.alias}"),
             "config": json.dumps(cfg.to_dict()), "patch_um": patch_um, "patch_px": patch_px,
             "n_dropped_spots": int((~keep).sum()), "input": str(opts.input), "format": opts.format,
+            "training_slides": json.dumps(slides), "in_sample_slides": json.dumps(in_sample),
         }
         n_primary = int((out_genes["role"] == "primary").sum())
-        primary = [g for g in names[:n_primary]]
         primary_pcc = var["pcc_measured"].to_numpy()[:n_primary]
         result.write_h5ad(tmp / H5AD)
-        top = primary[: opts.top_genes]
-        maps = plot_maps(result, top, tmp / MAPS, clip=opts.clip_maps) if top else []
+        shown = np.maximum(pred[:, :n_primary], 0.0) if opts.clip_maps else pred[:, :n_primary]
+        shown_pcc = pd.Series([_pcc(shown[:, j], measured[:, j]) if present[j] else math.nan
+                               for j in range(n_primary)], index=names[:n_primary])  # the PCC the maps show
+        top, chosen = map_genes(shown_pcc, opts.top_genes, opts.genes)
+        maps = plot_maps(result, top, tmp / MAPS, clip=opts.clip_maps, chosen=chosen) if top else []
         shutil.rmtree(tmp / ".download", ignore_errors=True)
         write_output_marker(tmp, COMMAND, input=str(opts.input), format=opts.format)
         _publish(tmp, out, opts.overwrite)
@@ -333,10 +435,12 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
         "out": str(out), "h5ad": str(out / H5AD), "maps": [str(out / MAPS / m.path.name) for m in maps],
         "n_spots": int(result.n_obs), "n_genes": int(result.n_vars),
         "mean_pcc_primary_measured": float(np.nanmean(primary_pcc)) if np.isfinite(primary_pcc).any() else None,
+        "in_sample_slides": in_sample, "map_genes": list(top),
     }
     log.info("wrote %s (%d spots x %d genes)%s", summary["h5ad"], summary["n_spots"], summary["n_genes"],
              "" if summary["mean_pcc_primary_measured"] is None else
-             f"; mean PCC vs measured over primary genes {summary['mean_pcc_primary_measured']:.3f}")
+             f"; mean PCC vs measured over primary genes {summary['mean_pcc_primary_measured']:.3f}"
+             + (f" (in-sample: the model trained on {', '.join(in_sample)})" if in_sample else ""))
     return summary
 
 

@@ -27,9 +27,10 @@ LOAD_JSON = REPO / "results" / "bench_load.json"
 LOAD_PNG = REPO / "results" / "bench_load.png"
 PAGE = REPO / "docs" / "reliability.md"
 FIGURE = REPO / "docs" / "figures" / "bench_load.png"
-KIND_ORDER = ("layout", "bad input", "fault", "secure default", "load")
+KIND_ORDER = ("layout", "bad input", "use", "fault", "secure default", "load")
 HEADINGS = {"layout": "Slide layouts as users have them (real her2st sections written in each layout)",
-            "bad input": "Bad input", "fault": "Faults, with recovery", "secure default": "Secure defaults",
+            "bad input": "Bad input",
+            "use": "Using a trained model: predictions, maps, the served champion, the MLflow UI", "fault": "Faults, with recovery", "secure default": "Secure defaults",
             "load": "Load"}
 
 
@@ -86,6 +87,8 @@ def render(cases: list[dict], load: dict | None, tests_rc: int) -> str:
         f"{sum(c['outcome_status'] == 'passed' for c in by_kind.get('layout', []))} of {len(by_kind.get('layout', []))} |",
         f"| bad inputs tried (each: exit != 0, the file/field and problem named, nothing written) | "
         f"{len(by_kind.get('bad input', []))}, {sum(c['outcome_status'] == 'passed' for c in by_kind.get('bad input', []))} refused cleanly |",
+        f"| uses of a trained model checked (predict, maps, serving, UI links) | "
+        f"{sum(c['outcome_status'] == 'passed' for c in by_kind.get('use', []))} of {len(by_kind.get('use', []))} |",
         f"| faults injected and survived | {sum(c['outcome_status'] == 'passed' for c in faults)} of {len(faults)} |",
         f"| faults that lost data (a failed fault test) | {lost} |",
         f"| secure defaults checked | {sum(c['outcome_status'] == 'passed' for c in by_kind.get('secure default', []))} "

@@ -53,11 +53,11 @@ def ray_local():
 
 # --------------------------------------------------------------------------- reliability cases
 # Tests of slide layouts read, bad input, faults, load and secure defaults carry
-#   @pytest.mark.reliability(kind="layout" | "bad input" | "fault" | "load" | "secure default",
+#   @pytest.mark.reliability(kind="layout" | "bad input" | "use" | "fault" | "load" | "secure default",
 #                            case="what was given or done", outcome="what must happen")
 # `scripts/reliability.py` runs them with AGL_RELIABILITY_JSON=<file> and turns the
 # recorded cases and their outcomes into docs/reliability.md.
-RELIABILITY_KINDS = ("layout", "bad input", "fault", "load", "secure default")
+RELIABILITY_KINDS = ("layout", "bad input", "use", "fault", "load", "secure default")
 
 
 def pytest_configure(config: pytest.Config) -> None:

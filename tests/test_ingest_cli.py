@@ -134,9 +134,9 @@ def test_primary_min_detection_flag(her2st_dir, tmp_path, capsys, stream):
     args[args.index(str(out))] = str(bad)
     assert main(args + ["--primary-min-detection", "0.999"]) == 1  # too few genes that common: runtime
     err = capsys.readouterr().err
-    assert "split kfold-s0-f0" in err and "fewer than n_primary=50" in err and not bad.exists()
+    assert "split kfold-s0-f0" in err and "fewer than --n-primary 50" in err and not bad.exists()
     assert main(args + ["--primary-min-detection", "1.5"]) == 2 and not bad.exists()
-    assert "primary_min_detection" in capsys.readouterr().err
+    assert "--primary-min-detection" in capsys.readouterr().err
 
 
 def test_bench_data_writes_json(small_store, tmp_path, capsys):

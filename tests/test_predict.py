@@ -18,15 +18,9 @@ SECTION = "C5"
 @pytest.fixture(scope="module")
 def trained(demo_store: Path, tmp_path_factory) -> Path:
     """A short real run on the demo store, finalised like a sweep trial (checkpoint + artifacts)."""
-    from agl.training.bundles import make_bundle
-    from agl.training.loop import TrainConfig, fit
+    from trainkit import finalised_run
 
-    root = tmp_path_factory.mktemp("trained")
-    cfg = TrainConfig.from_dict({"method": "topk", "k": 32, "epochs": 3, "trunk": [64]})
-    data = make_bundle(demo_store, SPLIT, cfg)
-    result = fit(cfg, data, out_dir=root / "run")
-    runs.finalize_run(result, data, root / "final", split=SPLIT)
-    return root / "final"
+    return finalised_run(demo_store, SPLIT, tmp_path_factory.mktemp("trained"))
 
 
 def options(her2st_dir: Path, out: Path, **kw) -> PredictOptions:

@@ -160,7 +160,7 @@ def test_primary_min_detection(pp, train_mask):
     left_out = norm[(detection >= 0.3) & ~norm.index.isin(panel)]
     assert left_out.max() <= norm[panel].min()
     assert set(default) & set(panel) == {g for g in default if detection[g] >= 0.3}
-    with pytest.raises(ConfigError, match="primary_min_detection"):
+    with pytest.raises(ConfigError, match="--primary-min-detection"):
         gene_set(pp, train_mask, primary_min_detection=1.5)
-    with pytest.raises(DataError, match="fewer than n_primary=50"):
+    with pytest.raises(DataError, match="fewer than --n-primary 50"):
         gene_set(pp, train_mask, primary_min_detection=0.999)

@@ -230,7 +230,7 @@ def test_sweep_logged_to_server(mlflow_server: str, ray_local, demo_store: Path,
     patches = np.asarray(open_store(demo_store).patches[:3])
     pred = model.predict(patches)
     genes = json.loads(model.metadata.metadata["genes"])
-    assert pred.shape == (3, len(genes)) and np.isfinite(pred).all()
+    assert pred.shape == (3, len(genes)) and list(pred.columns) == genes and np.isfinite(pred.to_numpy()).all()
     # agl predict's loader goes the same way and finds the checkpoint inside the model
     folder = MlflowTracker(mlflow_server).fetch_champion("agl-model", "champion", dst=tmp_path / "dl")
     assert (folder / "best.safetensors").is_file() and runs.read_record(folder)["refit_of"] == summary.best["trial_id"]

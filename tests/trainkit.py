@@ -60,6 +60,20 @@ def first_split(store: Any) -> str:
     return next(n for n in names if n.startswith("kfold"))
 
 
+def finalised_run(store: Any, split: str, root: Path, epochs: int = 3) -> Path:
+    """A short real run (topk k=32, trunk [64], MobileNetV2 features) on ``split``, finalised like a sweep
+    trial (checkpoint + run record) into ``root/final``."""
+    from agl import runs
+    from agl.training.bundles import make_bundle
+    from agl.training.loop import TrainConfig, fit
+
+    cfg = TrainConfig.from_dict({"method": "topk", "k": 32, "epochs": epochs, "trunk": [64]})
+    data = make_bundle(store, split, cfg)
+    result = fit(cfg, data, out_dir=root / "run")
+    runs.finalize_run(result, data, root / "final", split=split)
+    return root / "final"
+
+
 @contextmanager
 def cheap_bundle(store: Any, **changes: Any) -> Iterator[Any]:
     """The first k-fold split's training bundle on cheap features (for module-scoped fixtures)."""

@@ -22,8 +22,8 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from agl.data.patches import extract_patches
-from agl.data.preprocess import (PRIORS, PriorContext, check_min_detection, gene_set, gene_table, preprocess,
-                                 primary_genes, prior_names)
+from agl.data.preprocess import (PRIORS, PriorContext, check_min_detection, check_panel, filtered_out_message,
+                                 gene_set, gene_table, preprocess, primary_genes, prior_names)
 from agl.data.schema import OBS_SLIDE, UNS_SLIDES, validate_canonical
 from agl.data.splits import SPLIT_KINDS, SPLITS_VERSION, loso_validation, make_splits, split_kind
 from agl.data.stats import GeneMoments, seurat_hvg
@@ -63,18 +63,13 @@ def source_files(adata: AnnData) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
+INGEST_FLAGS = {"priors": "--priors", "split_kinds": "--splits"}  # the `agl ingest` flag of each setting
+
+
 def _check_names(names: list[str], registry: dict, field: str) -> None:
     unknown = [n for n in names if n not in registry]
     if unknown:
-        raise ConfigError(field, f"unknown {field} {unknown}; known: {sorted(registry)}")
-
-
-def check_panel(n_genes: int, n_primary: int) -> None:
-    """Refuse more primary genes than preprocessing left (a targeted panel), naming the flag to change."""
-    if n_genes <= n_primary:
-        raise ConfigError("--n-primary", f"preprocessing left {n_genes} genes (a targeted panel?), not more than the "
-                                         f"{n_primary} primary genes asked for, which leaves no auxiliary gene: pass "
-                                         f"--n-primary {max(1, n_genes // 2)} or lower (or a lower --min-cells)")
+        raise ConfigError(INGEST_FLAGS.get(field, field), f"unknown {field} {unknown}; known: {sorted(registry)}")
 
 
 def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, patch_px: int = 224,
@@ -101,8 +96,8 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
     _check_names(priors, PRIORS, "priors")
     _check_names(split_kinds, SPLIT_KINDS, "split_kinds")
     if not (patch_um > 0 and patch_px > 0 and n_primary > 0) or border not in ("pad", "drop"):
-        raise ConfigError("ingest", f"need patch_um > 0, patch_px > 0, n_primary > 0 and border pad|drop; got "
-                                    f"{patch_um}, {patch_px}, {n_primary}, {border!r}")
+        raise ConfigError("ingest", f"need --patch-um > 0, --patch-px > 0, --n-primary > 0 and --border pad|drop; "
+                                    f"got {patch_um}, {patch_px}, {n_primary}, {border!r}")
     check_min_detection(primary_min_detection)
     progress = _Progress(6)
     n_read = adata.n_obs
@@ -336,11 +331,13 @@ def qc_slide(stage: str, slide: str, common: list[str], min_genes: int) -> dict[
     cols = pd.Index(genes).get_indexer(common)
     counts = sp.load_npz(folder / "counts.npz").tocsr()[:, cols]
     positive = counts > 0
-    keep = np.asarray(positive.sum(axis=1)).ravel() >= min_genes
+    genes_per_spot = np.asarray(positive.sum(axis=1)).ravel()
+    keep = genes_per_spot >= min_genes
     nonzero = np.asarray(positive[keep].sum(axis=0)).ravel().astype(np.int64)
     kept = counts[keep]
     # the largest count decides the store's count dtype (uint16 or uint32)
-    return {"slide": slide, "keep": keep, "nonzero": nonzero, "max_count": int(kept.max()) if kept.nnz else 0}
+    return {"slide": slide, "keep": keep, "nonzero": nonzero, "max_count": int(kept.max()) if kept.nnz else 0,
+            "genes_per_spot": genes_per_spot}
 
 
 def finalize_slide(stage: str, slide: str, gene_cols: np.ndarray, keep: np.ndarray, row_start: int,
@@ -486,8 +483,8 @@ def _check_settings(settings: IngestSettings) -> None:
     check_layout(settings.expression_layout)
     if not (settings.patch_um > 0 and settings.patch_px > 0 and settings.n_primary > 0) \
             or settings.border not in ("pad", "drop"):
-        raise ConfigError("ingest", f"need patch_um > 0, patch_px > 0, n_primary > 0 and border pad|drop; got "
-                                    f"{settings.patch_um}, {settings.patch_px}, {settings.n_primary}, {settings.border!r}")
+        raise ConfigError("ingest", f"need --patch-um > 0, --patch-px > 0, --n-primary > 0 and --border pad|drop; "
+                                    f"got {settings.patch_um}, {settings.patch_px}, {settings.n_primary}, {settings.border!r}")
     check_min_detection(settings.primary_min_detection)
 
 
@@ -536,10 +533,12 @@ def _qc_pass(runner: _Runner, stage: Path, staged: _Staged, settings: IngestSett
     common = staged.common
     nonzero = np.zeros(len(common), dtype=np.int64)
     max_count = 0
+    genes_per_spot: list[np.ndarray] = []  # only for the message when the filters leave nothing
 
     def add_qc(r: dict[str, Any]) -> None:
         nonlocal nonzero, max_count
         keep[r["slide"]] = r["keep"]
+        genes_per_spot.append(r["genes_per_spot"])
         nonzero += r["nonzero"]
         max_count = max(max_count, r["max_count"])
 
@@ -550,8 +549,9 @@ def _qc_pass(runner: _Runner, stage: Path, staged: _Staged, settings: IngestSett
     encoding = counts_encoding(len(genes_kept), max_count, settings_transform(settings.normalize_total, settings.log1p))
     n_spots = int(sum(keep[s].sum() for s in staged.order))
     if n_spots == 0 or len(genes_kept) == 0:
-        raise DataError(None, f"preprocessing left {n_spots} spots x {len(genes_kept)} genes "
-                              f"(min_genes={settings.min_genes}, min_cells={settings.min_cells})")
+        per_spot = np.concatenate(genes_per_spot) if genes_per_spot else np.zeros(0)
+        raise DataError(None, filtered_out_message(n_spots, len(genes_kept), settings.min_genes, settings.min_cells,
+                                                   len(common), float(np.median(per_spot)) if len(per_spot) else 0.0))
     check_panel(len(genes_kept), settings.n_primary)
     return _Filtered(keep, gene_keep, genes_kept, n_spots, encoding)
 

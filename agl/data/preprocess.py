@@ -37,11 +37,12 @@ def preprocess(adata: AnnData, min_genes: int = 200, min_cells: int = 3,
     (sparse CSR). The switches are recorded in ``uns["agl_preprocess"]``.
     """
     ad = adata.copy()
+    genes_per_spot = np.asarray((sp.csr_matrix(ad.X) > 0).sum(axis=1)).ravel()  # for the message below
     sc.pp.filter_cells(ad, min_genes=min_genes)
     sc.pp.filter_genes(ad, min_cells=min_cells)
     if ad.n_obs == 0 or ad.n_vars == 0:
-        raise DataError(None, f"preprocessing left {ad.n_obs} spots x {ad.n_vars} genes "
-                              f"(min_genes={min_genes}, min_cells={min_cells})")
+        raise DataError(None, filtered_out_message(ad.n_obs, ad.n_vars, min_genes, min_cells, adata.n_vars,
+                                                   float(np.median(genes_per_spot)) if len(genes_per_spot) else 0.0))
     ad.layers["counts"] = ad.X.copy()
     ad.X = sp.csr_matrix(ad.X, dtype=np.float32)
     if normalize_total:
@@ -139,12 +140,13 @@ def primary_genes(hvg: pd.DataFrame, n_primary: int, detection: np.ndarray | Non
     eligible = np.isfinite(norm)
     if min_detection > 0:
         if detection is None or len(detection) != len(norm):
-            raise ConfigError("primary_min_detection", "needs a detection rate per gene")
+            raise ConfigError("--primary-min-detection", "needs a detection rate per gene")
         eligible &= np.asarray(detection, dtype=np.float64) >= min_detection
     if eligible.sum() < n_primary:
         raise DataError(None, f"only {int(eligible.sum())} genes are eligible as primary genes (finite dispersion"
                               + (f", detected in >= {min_detection:.0%} of the training spots" if min_detection > 0 else "")
-                              + f"), fewer than n_primary={n_primary}")
+                              + f"), fewer than --n-primary {n_primary}: lower --n-primary"
+                              + (" or --primary-min-detection" if min_detection > 0 else ""))
     neg = lambda c: -np.nan_to_num(hvg[c].to_numpy(dtype=np.float64), nan=-np.inf)  # noqa: E731  (NaN last)
     name_rank = np.unique(hvg.index.astype(str), return_inverse=True)[1]
     order = np.lexsort((name_rank, neg("means"), neg("dispersions"), neg("dispersions_norm")))
@@ -154,10 +156,19 @@ def primary_genes(hvg: pd.DataFrame, n_primary: int, detection: np.ndarray | Non
     return mask
 
 
+def filtered_out_message(n_spots: int, n_genes: int, min_genes: int, min_cells: int, n_input_genes: int,
+                         median_genes_per_spot: float) -> str:
+    """What the spot/gene filters left and the flags to change (a small targeted panel needs a lower --min-genes)."""
+    return (f"preprocessing left {n_spots} spots x {n_genes} genes: each spot needs --min-genes {min_genes} detected "
+            f"genes and each gene --min-cells {min_cells} spots; the slides have {n_input_genes} genes and their median "
+            f"spot detects {median_genes_per_spot:g}. Lower --min-genes (e.g. --min-genes "
+            f"{max(1, int(median_genes_per_spot // 2))}) or --min-cells for a small gene panel")
+
+
 def check_min_detection(min_detection: float) -> None:
     """A detection-rate threshold is a fraction in [0, 1)."""
     if not 0.0 <= float(min_detection) < 1.0:
-        raise ConfigError("primary_min_detection", f"must be a fraction in [0, 1), got {min_detection}")
+        raise ConfigError("--primary-min-detection", f"must be a fraction in [0, 1), got {min_detection}")
 
 
 def gene_set(adata_pp: AnnData, train_mask: np.ndarray | pd.Series, n_primary: int = 50,
@@ -201,10 +212,17 @@ def prior_names(priors: Iterable[str], prior_data: AnnData | None, n_primary: in
         names.append("coexpr")
     unknown = [p for p in names if p not in PRIORS]
     if unknown:
-        raise ConfigError("priors", f"unknown prior(s) {unknown}; known: {sorted(PRIORS)}")
-    if not 0 < n_primary < n_genes:
-        raise ConfigError("n_primary", f"must be in 1..{n_genes - 1}, got {n_primary}")
+        raise ConfigError("--priors", f"unknown prior(s) {unknown}; known: {sorted(PRIORS)}")
+    check_panel(n_genes, n_primary)
     return names
+
+
+def check_panel(n_genes: int, n_primary: int) -> None:
+    """Refuse more primary genes than preprocessing left (a targeted panel), naming the flag to change."""
+    if not 0 < n_primary < n_genes:
+        raise ConfigError("--n-primary", f"must be in 1..{n_genes - 1} (the {n_genes} genes left after preprocessing "
+                                         f"need at least one auxiliary gene), got {n_primary}: lower --n-primary "
+                                         f"(e.g. --n-primary {max(1, n_genes // 2)}) or --min-cells")
 
 
 def gene_table(ctx: PriorContext, names: list[str]) -> pd.DataFrame:

@@ -64,8 +64,11 @@ def default_sweep_out(resume: bool, base: Path = Path("results/sweep")) -> str:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from agl import tracking
     from agl.distributed.tune import SweepOptions, format_table, run_sweep
 
+    if args.tracking_uri:  # a typo must not leave a new database (or folder) behind: its folder must exist
+        tracking.check_database(tracking.check_tracking_uri(args.tracking_uri), must_exist=False)
     opts = SweepOptions(space=args.space, store=args.store, out=args.out or default_sweep_out(args.resume),
                         name=args.name,
                         num_samples=args.num_samples, address=args.address, num_cpus=args.num_cpus,
@@ -78,8 +81,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"\ntrial table: {summary.paths.get('table_csv')}\nplot: {summary.paths.get('table_png')}")
     print(f"MLflow: {summary.tracking_uri} (parent run {summary.parent_run_id}); "
           f"champion: {args.model_name} version {summary.champion_version or '-'}")
-    if summary.tracking_uri.startswith("sqlite:"):
-        print(f"UI: mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri {summary.tracking_uri}")
+    experiment_id = _sweep_experiment(Path(opts.out))
+    if experiment_id is not None:
+        print(ui_hint(summary.tracking_uri, experiment_id))
     if summary.tracking_pending:
         from agl.distributed.sync import sync_command
 
@@ -89,6 +93,33 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: continue with the same command plus --resume", file=sys.stderr)
         return 130
     return 0 if summary.best is not None else 1
+
+
+UI_PORT = 5000
+
+
+def ui_hint(tracking_uri: str, experiment_id: str) -> str:
+    """How to open the sweep's runs in the MLflow UI: the server to start (local SQLite) and the runs page.
+
+    MLflow 3.17's UI picks the experiment page's tabs from the sidebar's GenAI / machine-learning
+    switch (kept in the browser, GenAI by default), not from the ``mlflow.experimentKind`` tag, so a
+    fresh browser opens a GenAI overview; ``#/experiments/<id>/runs?workflowType=machine_learning``
+    opens the training runs table directly."""
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"UI: {tracking_uri.rstrip('/')}/{page}"
+    return (f"UI: mlflow server --host 127.0.0.1 --port {UI_PORT} --backend-store-uri {tracking_uri}\n"
+            f"    then open http://127.0.0.1:{UI_PORT}/{page}")
+
+
+def _sweep_experiment(out: Path) -> str | None:
+    """The MLflow experiment id a sweep in ``out`` recorded (sweep.json), if any."""
+    from agl.distributed.tune import SWEEP_JSON
+
+    try:
+        return str(json.loads((out / SWEEP_JSON).read_text())["experiment_id"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 # --------------------------------------------------------------------------- agl tune-sync
@@ -140,7 +171,7 @@ def cmd_train_ray(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_dict({**read_config_file(args.config), **parse_sets(args.set)},
                                 source=args.config or "--set")
     if args.tracking_uri:  # refuse an unreachable server before training, not after
-        tracking.check_reachable(tracking.check_tracking_uri(args.tracking_uri))
+        tracking.check_reachable(tracking.check_database(tracking.check_tracking_uri(args.tracking_uri), False))
     store = resolve_store(args.store)
     init_ray(args.address, num_cpus=args.num_cpus)
     scaling: dict[str, Any] = {"num_workers": args.num_workers, "use_gpu": args.use_gpu}
@@ -179,7 +210,11 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
                         "nor a folder of other files)")
     p.add_argument("--patch-um", type=float, default=None, help="patch size in um (default: as in training)")
     p.add_argument("--patch-px", type=int, default=None, help="patch size in px (default: as in training)")
-    p.add_argument("--top-genes", type=int, default=6, help="primary genes to map (PNG)")
+    p.add_argument("--top-genes", type=int, default=6,
+                   help="genes to map (PNG): the best-predicted primary genes when the slide has measured "
+                        "expression, else the first primary genes")
+    p.add_argument("--genes", default=None, metavar="GENE,GENE",
+                   help="map these genes instead, e.g. markers: --genes ERBB2,ESR1,PGR (any gene the model outputs)")
     p.add_argument("--no-clip", action="store_true",
                    help="maps show predictions as the model gives them (default: below 0 on the log1p scale shown as 0)")
     p.add_argument("--min-gene-fraction", type=float, default=0.5, metavar="F",
@@ -198,10 +233,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     summary = predict_slides(PredictOptions(
         out=args.out, input=args.input, format=args.format, reader_args=reader_args, checkpoint=args.checkpoint,
         tracking_uri=args.tracking_uri, model_name=args.model_name, alias=args.alias, patch_um=args.patch_um,
-        patch_px=args.patch_px, top_genes=args.top_genes, device=args.device, overwrite=args.overwrite,
+        patch_px=args.patch_px, top_genes=args.top_genes, genes=_gene_list(args.genes), device=args.device,
+        overwrite=args.overwrite,
         clip_maps=not args.no_clip, min_gene_fraction=args.min_gene_fraction, warn_gene_fraction=args.warn_gene_fraction))
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def _gene_list(text: str | None) -> list[str] | None:
+    """``--genes ERBB2,GRB7`` as a list (None when not given)."""
+    genes = [g.strip() for g in (text or "").split(",") if g.strip()]
+    return genes or None
 
 
 # --------------------------------------------------------------------------- agl features

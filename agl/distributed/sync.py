@@ -311,14 +311,16 @@ def sync_sweep(out: str | Path, tracking_uri: str | None = None) -> SyncReport:
     from agl.data.locate import resolve_store
     from agl.distributed.spaces import SearchSpace, load_space
     from agl.distributed.results import dataset_ref
-    from agl.tracking import DEFAULT_MODEL_NAME, TrackingUnavailable, check_reachable, check_tracking_uri, make_tracker
+    from agl.tracking import (DEFAULT_MODEL_NAME, TrackingUnavailable, check_database, check_reachable,
+                              check_tracking_uri, make_tracker)
 
     out = Path(out).resolve()
     state_file = out / SWEEP_JSON
     if not state_file.is_file():
         raise ConfigError(out, f"holds no sweep ({SWEEP_JSON} missing)")
     state = relocate(out)
-    uri = check_reachable(check_tracking_uri(tracking_uri or state["tracking_uri"]))
+    # the sweep's runs must be in that tracker already: a mistyped SQLite path is refused, not created
+    uri = check_reachable(check_database(check_tracking_uri(tracking_uri or state["tracking_uri"]), must_exist=True))
     options = state.get("options", {})
     space = load_space(options.get("space", "default"))
     if options.get("num_samples"):

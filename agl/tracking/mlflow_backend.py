@@ -2,8 +2,9 @@
 
 What a user sees in the MLflow UI:
 
-- experiments tagged ``mlflow.experimentKind = custom_model_development``, so the UI opens them
-  as model training (runs, charts), not in its GenAI view;
+- experiments tagged ``mlflow.experimentKind = custom_model_development`` (MLflow 3.17's UI opens
+  an experiment by its sidebar's GenAI / model-training switch instead, so ``agl tune`` links
+  ``#/experiments/<id>/runs?workflowType=machine_learning``: docs/distributed.md);
 - a run per trial named like ``dkgsb-k1000-92df`` (method, k where the method uses it, trial
   id), its params, per-epoch metrics with step = epoch (1-based, as in the plots and
   result.json), fold metrics with step = folds done, and at the end its run record:
@@ -62,6 +63,31 @@ def check_tracking_uri(uri: str) -> str:
     return uri
 
 
+def sqlite_database(uri: str) -> Path | None:
+    """The database file a ``sqlite:`` URI names (None for other URIs and in-memory SQLite)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    return None if not database or database == ":memory:" else Path(database)
+
+
+def check_database(uri: str, must_exist: bool) -> str:
+    """Refuse a SQLite URI whose database is missing (``must_exist``: commands that only read it) or whose
+    folder is missing (any command): MLflow would create both, so a typo would give an empty new database."""
+    db = sqlite_database(uri)
+    if db is None:
+        return uri
+    if must_exist and not db.is_file():
+        raise ConfigError("--tracking-uri", f"the MLflow database {db} does not exist ({uri}); give the mlflow.db "
+                                            f"of the sweep (sqlite:///OUT/mlflow.db, OUT being `agl tune --out`)")
+    if not db.parent.is_dir():
+        raise ConfigError("--tracking-uri", f"the folder {db.parent} of the MLflow database {db} does not exist "
+                                            f"({uri}); create it or fix the path")
+    return uri
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> str:
     """Fail fast, naming the URI, when an http(s) tracking server does not answer its /health check.
 
@@ -115,11 +141,23 @@ def relocate_sqlite(db: Path, old_root: Path, new_root: Path) -> int:
     return changed
 
 
+def _artifact_location(source: str, tracker: "MlflowTracker") -> str:
+    """Where ``source`` (``runs:/<id>/model`` or a URI) lies on disk or on the server, for messages."""
+    if source.startswith("runs:/"):
+        run_id, _, path = source[len("runs:/"):].partition("/")
+        try:
+            return f"{tracker.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
+        except Exception:  # the message still names the runs:/ URI
+            return source
+    return source
+
+
 class MlflowTracker:
     """MLflow behind the tracking interface (no global MLflow state touched)."""
 
-    def __init__(self, uri: str):
-        self.uri = check_tracking_uri(uri)
+    def __init__(self, uri: str, must_exist: bool = False):
+        """``must_exist``: a SQLite database must be there already (reading commands never create one)."""
+        self.uri = check_database(check_tracking_uri(uri), must_exist)
         self._client: Any = None
 
     def __getstate__(self) -> dict[str, Any]:  # MLflow clients hold sessions: rebuild after unpickling
@@ -278,9 +316,20 @@ class MlflowTracker:
                                   f"no such registered model version ({getattr(err, 'message', err)})") from None
         dst = Path(dst or tempfile.mkdtemp(prefix="agl-champion-"))
         dst.mkdir(parents=True, exist_ok=True)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst),
-                                                    tracking_uri=self.uri)
-        return mlflow.pyfunc.load_model(local)
+        where = f"{self.uri} models:/{model_name}@{alias} (version {version.version}, run {version.run_id})"
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst),
+                                                        tracking_uri=self.uri)
+        except (MlflowException, OSError) as err:  # the artifact folder was moved or deleted since logging
+            reason = [line for line in str(err).splitlines() if line.strip()][-1:] or [type(err).__name__]
+            raise CheckpointError(where, f"its model files are missing at {_artifact_location(version.source, self)}"
+                                         f" ({reason[0][:200]}). Was the sweep folder moved? `agl tune-sync --out "
+                                         f"NEW_FOLDER` points its mlflow.db at the new place") from None
+        try:
+            return mlflow.pyfunc.load_model(local)
+        except (MlflowException, OSError) as err:
+            raise CheckpointError(where, f"cannot load the model downloaded from {version.source} "
+                                         f"({type(err).__name__}: {str(err)[:300]})") from None
 
     def fetch_champion(self, model_name: str = DEFAULT_MODEL_NAME, alias: str = CHAMPION,
                        dst: Path | None = None) -> Path:

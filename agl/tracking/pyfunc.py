@@ -4,16 +4,21 @@ Saved as *models from code* (``pyfunc_entry.py`` is the model's code; nothing is
 loading runs that file, which builds :class:`AglPyfuncModel`, whose ``load_context`` reads the
 bundled checkpoint folder with :func:`agl.training.checkpoint.load_model` (safetensors + JSON).
 Input: uint8 H&E patches ``[N, px, px, 3]`` cut as in training (``agl.data.patches``);
-output: ``[N, genes]`` float32 predicted log1p expression, primary genes first (the model's
-gene order is the metadata ``genes`` and the checkpoint's ``genes.parquet``).
+output: a DataFrame ``[N, genes]`` of float32 predicted log1p expression, one column per gene
+named by its symbol, primary genes first (also the metadata ``genes`` and the checkpoint's
+``genes.parquet``), so ``mlflow models serve`` answers with gene names; an empty batch gives
+``[0, genes]``.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 try:  # the class must derive from PythonModel; agl imports without mlflow installed
     from mlflow.pyfunc import PythonModel as _Base
@@ -35,9 +40,13 @@ class AglPyfuncModel(_Base):
 
         self.checkpoint = Path(context.artifacts[ARTIFACT])
         self.model, _gate, self.cfg, self.genes = load_model(self.checkpoint)
+        n_out = int(getattr(self.model, "n_genes", len(self.genes)))
+        self.columns = self.genes["gene"].astype(str).iloc[:n_out].tolist()  # the output's column names
 
     # model_input has no type hint on purpose: MLflow would read it as the input schema (the signature is that)
-    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> np.ndarray:  # noqa: ANN001
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> "pd.DataFrame":  # noqa: ANN001
+        import pandas as pd
+
         from agl.training.inference import run_model
 
         if isinstance(model_input, dict):  # a named-tensor request ({"patches": ...})
@@ -45,9 +54,12 @@ class AglPyfuncModel(_Base):
         patches = np.asarray(model_input)
         if patches.ndim != 4 or patches.shape[-1] != 3:
             raise ValueError(f"expected uint8 patches [N, px, px, 3], got shape {patches.shape}")
+        if len(patches) == 0:  # no model run: an empty table with every gene's column
+            return pd.DataFrame(np.zeros((0, len(self.columns)), dtype=np.float32), columns=self.columns)
         options = params or {}
-        return run_model(self.model, self.cfg, patches.astype(np.uint8, copy=False),
+        pred = run_model(self.model, self.cfg, patches.astype(np.uint8, copy=False),
                          int(options.get("batch_size", 64)), str(options.get("device", "cpu")))
+        return pd.DataFrame(pred, columns=self.columns)
 
 
 def patch_px(checkpoint: Path) -> int:
@@ -62,21 +74,22 @@ def save_pyfunc(checkpoint: Path, dest: Path, input_example: np.ndarray | None =
     """Save ``checkpoint`` as a pyfunc model folder at ``dest`` (signature, input example, metadata)."""
     import mlflow
     from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
     from agl.training.checkpoint import load_model
 
     model, _gate, cfg, genes = load_model(checkpoint)
     n_out = int(getattr(model, "n_genes", len(genes)))
     px = patch_px(checkpoint)
+    names = genes["gene"].astype(str).iloc[:n_out].tolist()
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, px, px, 3))]),
-                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_out))]))
+                               outputs=Schema([ColSpec(DataType.float, name) for name in names]))  # gene-named
     if input_example is not None:
         input_example = np.ascontiguousarray(input_example[:1], dtype=np.uint8)
     mlflow.pyfunc.save_model(
         str(dest), python_model=str(ENTRY), artifacts={ARTIFACT: str(checkpoint)}, signature=signature,
         input_example=input_example, pip_requirements=_requirements(),
-        metadata={"genes": json.dumps(genes["gene"].astype(str).iloc[:n_out].tolist()), "method": cfg.method,
+        metadata={"genes": json.dumps(names), "method": cfg.method,
                   "backbone": cfg.backbone, "mode": cfg.mode})
     return dest
 

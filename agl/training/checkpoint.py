@@ -167,11 +167,20 @@ def _write_checkpoint_files(tmp: Path, trainer: "Trainer", cfg: TrainConfig, sta
     manifest = getattr(data, "manifest", None) or {}
     atomic_write_json(tmp / "store.json", {"manifest_sha256": manifest_hash(manifest) if manifest else None,
                                            "split": getattr(data, "split", None),
+                                           "slides": slides_by_part(data),  # agl predict warns on these
                                            "preprocessing": manifest.get("preprocessing"),
                                            # prediction must cut patches of the physical size the model saw
                                            "patch": {k: (manifest.get("patch") or {}).get(k)
                                                      for k in ("patch_um", "patch_px", "border")}})
     data.genes.reset_index(drop=True).to_parquet(tmp / GENES_FILE, index=False)
+
+
+def slides_by_part(data: Any) -> dict[str, list[str]] | None:
+    """The slides of each part (train, val, val_outer, test) a bundle trains and validates on; None if unknown."""
+    parts, slide_ids = getattr(data, "parts", None), getattr(data, "slide_ids", None)
+    if parts is None or slide_ids is None:
+        return None
+    return {part: sorted({str(s) for s in np.asarray(slide_ids)[rows]}) for part, rows in parts.items()}
 
 
 def encoder_input(model: Any, data: Any = None) -> dict[str, Any] | None:
