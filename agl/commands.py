@@ -23,11 +23,13 @@ def read_config_file(path: str | None) -> dict[str, Any]:
         return {}
     import yaml
 
+    from agl.checks import load_yaml
+
     file = Path(path)
     if not file.is_file():
         raise ConfigError(file, "config file not found")
     try:
-        values = yaml.safe_load(file.read_text())  # JSON is a subset of YAML
+        values = load_yaml(file.read_text())  # JSON is a subset of YAML; 1e-4 is a number
     except yaml.YAMLError as err:
         raise ConfigError(file, f"not valid YAML/JSON: {err}") from None
     if values is None:

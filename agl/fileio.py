@@ -165,7 +165,7 @@ def check_output_folder(out: str | Path, command: str, *, inputs: Sequence[str |
     ``out`` inside an input folder is allowed (a fresh folder, or an earlier output of this command).
     Returns ``"fresh"`` (absent or empty) or ``"own"`` (an earlier output of this command).
     """
-    from agl.errors import DataError
+    from agl.errors import DataError, OutputExistsError
 
     out = Path(out)
     what = what or f"an `agl {command}` output"
@@ -181,20 +181,20 @@ def check_output_folder(out: str | Path, command: str, *, inputs: Sequence[str |
     if not out.exists() and not out.is_symlink():
         return "fresh"
     if not out.is_dir():
-        raise DataError(out, f"exists and is not a folder; refusing to replace it with {what}")
+        raise OutputExistsError(out, f"exists and is not a folder; refusing to replace it with {what}")
     entries = sorted(p.name for p in out.iterdir())
     if not entries:
         return "fresh"
     owner = output_owner(out)
     if owner is None:
         shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-        raise DataError(out, f"already exists and is not {what} (it holds {shown}); refusing to replace it "
+        raise OutputExistsError(out, f"already exists and is not {what} (it holds {shown}); refusing to replace it "
                              "(choose another --out)")
     if owner != command:
-        raise DataError(out, f"holds the output of `agl {owner}`, not {what}; refusing to replace it "
+        raise OutputExistsError(out, f"holds the output of `agl {owner}`, not {what}; refusing to replace it "
                              "(choose another --out)")
     if not (overwrite or reuse):
-        raise DataError(out, f"already exists ({what}); pass --overwrite to replace it")
+        raise OutputExistsError(out, f"already exists ({what}); pass --overwrite to replace it")
     return "own"
 
 

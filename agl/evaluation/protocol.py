@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from agl.errors import ConfigError
+from agl.errors import ConfigError, OutputExistsError
 from agl.fileio import atomic_write_json, atomic_write_text, check_output_folder, write_output_marker
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,13 @@ METRICS = ("pcc", "scc", "mse")
 
 # --------------------------------------------------------------------------- specs
 def parse_value(text: str) -> Any:
-    """A command-line value as YAML scalar/list (``100`` -> int, ``true`` -> bool, ``[256]`` -> list)."""
+    """A command-line value as YAML scalar/list (``100`` -> int, ``1e-4`` -> float, ``true`` -> bool, ``[256]`` -> list)."""
     import yaml
 
+    from agl.checks import load_yaml
+
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -132,8 +134,8 @@ def finished_run(spec: RunSpec, out: Path) -> dict[str, Any] | None:
     if record is None:
         return None
     if record.get("config") != spec.config:
-        raise ConfigError(file, "a finished run with a different configuration is here; use another --out "
-                                "or delete the folder to rerun")
+        raise OutputExistsError(file, "a finished run with a different configuration is here; use another --out "
+                                      "or delete the folder to rerun")
     return record
 
 
