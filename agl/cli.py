@@ -170,12 +170,17 @@ def _run(handler: Callable[[argparse.Namespace], int | None], args: argparse.Nam
     except AGLError as err:
         print(f"{name}: error: {err}", file=sys.stderr)
         return exit_code(err)
-    except BaseException as err:  # noqa: BLE001 - only interrupts are handled; the rest is re-raised
-        if not _interrupted(err):
-            raise
-        notes = getattr(err, "__notes__", None) or []  # what to do next, added by the handler (add_note)
-        print(f"{name}: interrupted" + "".join(f"; {note}" for note in notes), file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except BaseException as err:  # noqa: BLE001 - interrupts and file-system refusals handled, the rest re-raised
+        if _interrupted(err):
+            notes = getattr(err, "__notes__", None) or []  # what to do next, added by the handler (add_note)
+            print(f"{name}: interrupted" + "".join(f"; {note}" for note in notes), file=sys.stderr)
+            return EXIT_INTERRUPTED
+        from agl.fileio import write_refusal
+
+        if isinstance(err, OSError) and write_refusal(err) is not None:  # permissions, read-only, full disk
+            print(f"{name}: error: {err.filename or 'a file'}: {err.strerror or err}", file=sys.stderr)
+            return EXIT_RUNTIME
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

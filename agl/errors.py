@@ -50,34 +50,33 @@ class OutputExistsError(DataError):
 class NonFiniteLossError(AGLError):
     """Training met a non-finite loss (NaN or inf): a diverging run or non-finite values in the data.
 
-    The CLI exits with :data:`exit_code` (3), distinct from other failures, so a sweep script can
-    tell a diverged run from a broken one. Pickles by its fields (worker processes raise it).
+    The CLI exits with :data:`exit_code` (3), distinct from other failures, so a script can tell a
+    diverged run from a broken one. ``outcome`` says what was kept (added by the caller that knows:
+    ``agl train`` names the last good checkpoint). Pickles by its fields (worker processes raise it).
     """
 
     exit_code = 3
 
     def __init__(self, what: str, value: float, epoch: int, step: int | None = None, lr: float | None = None,
-                 checkpoint: str | None = None, checkpoint_epoch: int | None = None):
+                 outcome: str | None = None):
         self.what, self.value, self.epoch, self.step, self.lr = what, float(value), int(epoch), step, lr
-        self.checkpoint, self.checkpoint_epoch = checkpoint, checkpoint_epoch
+        self.outcome = outcome
         super().__init__(self._message())
 
-    def with_checkpoint(self, checkpoint: str | None, checkpoint_epoch: int | None) -> "NonFiniteLossError":
-        """The same error, naming the last good checkpoint that the run kept."""
-        return NonFiniteLossError(self.what, self.value, self.epoch, self.step, self.lr, checkpoint, checkpoint_epoch)
+    def with_outcome(self, outcome: str) -> "NonFiniteLossError":
+        """The same error, saying what was kept (the last good checkpoint, the earlier run)."""
+        return NonFiniteLossError(self.what, self.value, self.epoch, self.step, self.lr, outcome)
 
     def __reduce__(self) -> tuple:
-        return (NonFiniteLossError, (self.what, self.value, self.epoch, self.step, self.lr, self.checkpoint,
-                                     self.checkpoint_epoch))
+        return (NonFiniteLossError, (self.what, self.value, self.epoch, self.step, self.lr, self.outcome))
 
     def _message(self) -> str:
         at = f"epoch {self.epoch}" + (f", step {self.step}" if self.step is not None else "")
-        kept = (f"the last good checkpoint (epoch {self.checkpoint_epoch}) is kept in {self.checkpoint}"
-                if self.checkpoint else "no checkpoint was written (it failed in the first epoch)")
         lr = f" (lr is {self.lr:g})" if self.lr is not None else ""
-        return (f"training stopped: the {self.what} is {self.value} at {at}; no result was written and {kept}. "
-                f"The run diverged or the data holds non-finite values: lower the learning rate{lr}, e.g. "
-                f"--set lr=1e-4, or check the store's data for NaN/inf values")
+        outcome = f"; {self.outcome}" if self.outcome else ""
+        return (f"training stopped: the {self.what} is {self.value} at {at}{outcome}. The run diverged or the "
+                f"data holds non-finite values: lower the learning rate{lr}, e.g. --set lr=1e-4, or check the "
+                f"store's data for NaN/inf values")
 
 
 def show(value: object) -> str:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from agl.errors import ConfigError, OutputExistsError
+from agl.errors import ConfigError, NonFiniteLossError, OutputExistsError
 from agl.fileio import atomic_write_json, atomic_write_text, check_output_folder, write_output_marker
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,11 @@ def run_one(store_path: str, spec: RunSpec, out: str, quiet: bool = True) -> dic
     torch.set_num_threads(1)  # one core per worker process: --jobs sets the parallelism
     cfg = TrainConfig.from_dict(spec.config)
     data = make_bundle(open_store(store_path), spec.split, cfg)
-    result = fit(cfg, data)
+    try:
+        result = fit(cfg, data)
+    except NonFiniteLossError as err:  # name the grid run; the finished ones stay for a rerun to reuse
+        raise err.with_outcome(f"grid run {spec.label} on {spec.split}, seed {spec.seed}; no result was written "
+                               f"for it, finished runs are kept in {out}") from None
     return write_run_record(spec.directory(Path(out)), result, data, spec.split, spec.label)
 
 
