@@ -243,12 +243,13 @@ def check_output_location(out: str | Path, flag: str = "--out", need_mb: float |
     probe = base / f".agl-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with open(probe, "wb") as fh:
-            fh.write(b"0")
+            try:
+                fh.write(b"0")
+            finally:
+                probe.unlink()  # created: remove it (an unlink on a read-only mount fails even when absent)
     except OSError as err:
         problem = write_refusal(err) or f"cannot be written: {err.strerror or err}"
         raise DataError(base, f"{problem}; {flag} {out} cannot be written there (choose another {flag})") from None
-    finally:
-        probe.unlink(missing_ok=True)
     need = float(os.environ.get("AGL_MIN_FREE_MB", MIN_FREE_MB) if need_mb is None else need_mb)
     free = shutil.disk_usage(base).free / 2**20
     if free < need:

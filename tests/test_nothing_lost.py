@@ -211,3 +211,71 @@ def test_method_bars_with_undefined_means(tmp_path) -> None:
 
     table = pd.DataFrame({"method": ["pgl", "dkgsb"], "pcc_mean": [np.nan, np.nan], "pcc_std": [np.nan, np.nan]})
     assert plot_method_bars(table, tmp_path / "bars.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- 5. output locations
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    path.mkdir(parents=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def bad_locations(tmp_path):
+    """--out under: a read-only tmpfs (EROFS, which root cannot bypass), a 1 MiB tmpfs (real statvfs: less free
+    than asked), a file where a folder is expected. Where mounting is not allowed (not root) the first two
+    are skipped: the file case still runs."""
+    ro, small = tmp_path / "ro", tmp_path / "small"
+    mounted = [p for p, opt in ((ro, "ro,size=1m"), (small, "size=1m")) if _mount_tmpfs(p, opt)]
+    file = tmp_path / "a-file"
+    file.write_text("not a folder")
+    cases = [(file / "out", file, "is a file, not a folder")]
+    if ro in mounted:
+        cases.append((ro / "out", ro, "is on a read-only file system"))
+    if small in mounted:
+        cases.append((small / "out", small, "has only 1 MiB free, less than the 100 MiB asked"))
+    yield cases
+    for p in mounted:
+        subprocess.run(["umount", "--lazy", str(p)], check=False)
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("work started before the output location was checked")
+
+
+@pytest.mark.reliability(kind="bad input", case="agl ingest, train, predict and evaluate with --out on a read-only "
+                                                "file system, a full one (1 MiB tmpfs) and under a file",
+                         outcome="exit 1 before any work, naming the location and the problem (read-only, n MiB "
+                                 "free, a file); no OSError traceback; nothing written")
+def test_unwritable_output_locations_are_refused_before_work(her2st_dir, demo_store, tmp_path, bad_locations,
+                                                             monkeypatch, capsys) -> None:
+    src = cut_her2st(her2st_dir, tmp_path / "her2st", "C2")
+    monkeypatch.setattr("agl.data.readers.read_slides", _no_work)
+    monkeypatch.setattr("agl.training.bundles.make_bundle", _no_work)
+    monkeypatch.setattr("agl.evaluation.protocol.evaluate", _no_work)
+    assert len(bad_locations) == 3, "tmpfs mounts are needed for the read-only and full cases (run as root)"
+    for out, named, problem in bad_locations:
+        for argv in (["ingest", "her2st", str(src), "--sections", "C2", "--out", str(out)],
+                     _train(demo_store, out),
+                     ["predict", "--checkpoint", str(tmp_path / "no-checkpoint-needed"), "--input", str(src),
+                      "--format", "her2st", "--sections", "C2", "--out", str(out)],
+                     ["evaluate", "--store", str(demo_store), "--protocol", "kfold", "--methods", "pgl",
+                      "--out", str(out)]):
+            assert main(argv) == 1, argv
+            err = capsys.readouterr().err
+            assert f"{named}: {problem}" in err and f"--out {out}" in err and "Traceback" not in err, err
+            assert not out.exists()
+    assert sorted(p.name for p in (tmp_path / "small").iterdir()) == []
+
+
+def test_file_system_refusal_mid_run_is_one_line(tmp_path, monkeypatch, capsys) -> None:
+    """A write refused after the checks (the disk filled meanwhile): one line naming the file, exit 1."""
+    import errno
+
+    def refuse(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.arrow"))
+
+    monkeypatch.setattr("agl.commands.cmd_evaluate", refuse)
+    from agl import cli
+
+    assert cli._run(refuse, None, "agl evaluate") == 1
+    assert capsys.readouterr().err == f"agl evaluate: error: {tmp_path / 'x.arrow'}: No space left on device\n"
