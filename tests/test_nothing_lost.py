@@ -279,3 +279,133 @@ def test_file_system_refusal_mid_run_is_one_line(tmp_path, monkeypatch, capsys) 
 
     assert cli._run(refuse, None, "agl evaluate") == 1
     assert capsys.readouterr().err == f"agl evaluate: error: {tmp_path / 'x.arrow'}: No space left on device\n"
+
+
+# --------------------------------------------------------------------------- 6. Ctrl-C during ingest
+INGEST = ["--sections", "C2", "C3", "--patch-px", "32", "--seeds", "0", "--splits", "kfold"]
+
+
+@pytest.mark.reliability(kind="fault", case="Ctrl-C inside the numba-compiled scanpy call of ingest's gene-set "
+                                            "stage (numba's dispatcher reports it as SystemError: '... returned a "
+                                            "result with an exception set')",
+                         outcome="exit 130 'agl ingest: interrupted', no SystemError traceback; no store and no "
+                                 "temporary folder left")
+def test_ctrl_c_in_compiled_code_during_ingest_exits_130(her2st_dir, tmp_path, monkeypatch, capsys) -> None:
+    from agl.data import ingest
+
+    real, calls = ingest.gene_set, []
+
+    def interrupted_in_numba(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # what CPython raises when a KeyboardInterrupt lands inside numba's dispatcher
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as ctrl_c:
+                raise SystemError("CPUDispatcher(<function sparse_mean_var_minor_axis>) returned a result with "
+                                  "an exception set") from ctrl_c
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ingest, "gene_set", interrupted_in_numba)
+    out = tmp_path / "store"
+    assert main(["ingest", "her2st", str(her2st_dir), *INGEST, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().endswith("agl ingest: interrupted") and "SystemError" not in err, err
+    assert len(calls) == 3 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("stage", [1, 3, 5])
+@pytest.mark.reliability(kind="fault", case="SIGINT to a running `agl ingest` (C2 + C3) as its stage 1, 3 or 5 "
+                                            "of 6 ends",
+                         outcome="exit 130 with 'interrupted' on stderr; no store and no temporary folder left")
+def test_sigint_during_ingest_leaves_nothing(her2st_dir, tmp_path, stage) -> None:
+    import signal
+    import sys
+
+    out = tmp_path / "store"
+    cmd = [str(Path(sys.executable).with_name("agl")), "ingest", "her2st", str(her2st_dir), *INGEST, "--out", str(out)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if f"ingest [{stage}/6]" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        rest = proc.communicate(timeout=300)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert "agl ingest: interrupted" in rest and "Traceback" not in rest, rest
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- 7. numbers written 1e-4
+@pytest.mark.reliability(kind="bad input", case="numbers written 1e-4 / 1E-2 / 5e-1 (YAML 1.1 reads them as text) in "
+                                                "--set, a --config file, --method options and a search space",
+                         outcome="read as numbers everywhere: the run records lr 0.0001, outer_lr 0.01, ift_alpha 0.5; "
+                                 "the space's bounds are floats")
+def test_exponent_numbers_are_numbers_everywhere(demo_store, tmp_path, cheap) -> None:
+    from agl.distributed.spaces import load_space
+
+    config = tmp_path / "run.yaml"
+    config.write_text("outer_lr: 1E-2\n")
+    out = tmp_path / "run"
+    assert main(_train(demo_store, out, "--set", "lr=1e-4", "--config", str(config), epochs=1,
+                       method="dkgsb:ift_alpha=5e-1")) == 0
+    settings = json.loads((out / "result.json").read_text())["config"]
+    assert (settings["lr"], settings["outer_lr"], settings["ift_alpha"]) == (1e-4, 1e-2, 0.5)
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("params:\n  lr: {type: float, low: 1e-5, high: 1E-2, log: true}\n"
+                          "  outer_lr: {type: categorical, choices: [1e-3, 3e-2]}\n")
+    space = load_space(space_file)
+    assert (space.params["lr"].low, space.params["lr"].high) == (1e-5, 1e-2)
+    assert space.params["outer_lr"].choices == [1e-3, 3e-2] or list(space.params["outer_lr"].choices) == [1e-3, 3e-2]
+
+
+# --------------------------------------------------------------------------- 9. one exit code
+@pytest.mark.reliability(kind="bad input", case="an existing output given as --out again, in agl train, evaluate "
+                                                "(another configuration), ingest, predict and tune",
+                         outcome="exit 1 in every command (the rule in `agl --help`), the folder named with the "
+                                 "flag to pass; nothing changed")
+def test_existing_output_exits_1_in_every_command(her2st_dir, demo_store, tmp_path, cheap, capsys) -> None:
+    from agl.fileio import write_output_marker
+
+    run = tmp_path / "run"
+    assert main(_train(demo_store, run, epochs=1, method="pgl")) == 0
+    grid = tmp_path / "grid"
+    evaluate = ["evaluate", "--store", str(demo_store), "--protocol", "kfold", "--seeds", "0", "--folds", "0",
+                "--methods", "pgl", "--out", str(grid), "--set", "epochs=1", *FAST]
+    assert main(evaluate) == 0
+    src = cut_her2st(her2st_dir, tmp_path / "her2st", "C2")
+    store = tmp_path / "store"
+    ingest = ["ingest", "her2st", str(src), "--sections", "C2", "--out", str(store), "--patch-px", "32",
+              "--seeds", "0", "--splits", "kfold", "--min-genes", "10", "--n-primary", "5"]
+    assert main(ingest) == 0
+    predicted = tmp_path / "pred"
+    predicted.mkdir()
+    (predicted / "predictions.h5ad").write_bytes(b"h5")
+    write_output_marker(predicted, "predict")
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text(json.dumps({"name": "agl-sweep"}))
+    write_output_marker(sweep, "tune")
+    capsys.readouterr()
+    cases = [
+        (_train(demo_store, run, epochs=1, method="pgl"), f"{run / 'result.json'}: exists; pass --overwrite"),
+        ([*evaluate, "--set", "lr=0.01"], "a finished run with a different configuration is here"),
+        (ingest, f"{store}: already exists"),
+        (["predict", "--checkpoint", str(run / "checkpoint"), "--input", str(src), "--format", "her2st",
+          "--sections", "C2", "--out", str(predicted)], f"{predicted}: already exists (an `agl predict` output); "
+                                                       "pass --overwrite"),
+        (["tune", "--space", "tiny", "--store", str(demo_store), "--out", str(sweep), "--num-samples", "1"],
+         f"{sweep.resolve()}: already holds sweep 'agl-sweep'; pass --resume"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    from agl.cli import build_parser
+
+    assert "also an existing --out, in every command" in build_parser().format_help()
