@@ -97,39 +97,47 @@ def test_interrupted_train_run_is_never_restarted_silently(demo_store, tmp_path,
 
 
 # --------------------------------------------------------------------------- 2. store integrity, NaN
-@pytest.mark.reliability(kind="bad input", case="a store with one byte of arrays/expression.arrow changed "
-                                                "(after a run had checked it, and with its file times kept)",
+@pytest.mark.reliability(kind="bad input", case="a store with one byte of arrays/expression.arrow changed: "
+                                                "never checked before; after a check, with its file times kept "
+                                                "(caught by a sampled block); outside the samples with a new date",
                          outcome="agl train exits 1 naming arrays/expression.arrow before any training; nothing "
                                  "written to --out; --verify (full sha256) names it too")
 def test_changed_store_byte_stops_training(demo_store, tmp_path, cheap, capsys) -> None:
-    from agl.data.integrity import STAMP, check_store_files
-    from agl.data.store import open_store
-
     rel = "arrays/expression.arrow"
     store = _linked_store_copy(demo_store, tmp_path / "store", private=(rel,))
-    first = check_store_files(open_store(store))  # the first check hashes every file and keeps a stamp
-    assert first["hashed"] == first["files"] and (store / STAMP).is_file()
-    again = check_store_files(open_store(store))  # later runs: stat and three sampled blocks per file
-    assert again["hashed"] == 0 and again["sampled"] == again["files"]
-
     target = store / rel
-    stat = target.stat()
     data = bytearray(target.read_bytes())
-    data[100] ^= 0x01  # one byte, inside the first sampled block
-    target.write_bytes(bytes(data))
-    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # times kept: only the sample can tell
-    for extra in ((), ("--verify",)):
-        out = tmp_path / f"run{len(extra)}"
+
+    def flip(offset: int, keep_times: bool) -> None:
+        stat = target.stat()
+        data[offset] ^= 0x01
+        target.write_bytes(bytes(data))
+        if keep_times:
+            os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    def refused(*extra: str) -> None:
+        out = tmp_path / f"run-{len(os.listdir(tmp_path))}"
         assert main(_train(store, out, *extra, epochs=1)) == 1
         err = capsys.readouterr().err
         assert f"{target}: sha256 differs from manifest.json" in err and "Traceback" not in err, err
-        assert not out.exists()
+        assert not out.exists()  # refused before training: nothing written
 
-    data[len(data) // 4] ^= 0x01  # outside every sample, with a new modification time: hashed again
-    data[100] ^= 0x01
-    target.write_bytes(bytes(data))
-    assert main(_train(store, tmp_path / "run2", epochs=1)) == 1
-    assert f"{target}: sha256 differs" in capsys.readouterr().err
+    flip(len(data) // 3, keep_times=False)  # the case: one byte changed, the store never checked before
+    refused()
+    refused("--verify")
+    flip(len(data) // 3, keep_times=False)  # restored: the store checks out again, and keeps a stamp
+    from agl.data.integrity import STAMP, check_store_files
+    from agl.data.store import open_store
+
+    first = check_store_files(open_store(store))
+    assert first["hashed"] == first["files"] and (store / STAMP).is_file()  # no stamp yet: every file hashed
+    again = check_store_files(open_store(store))  # later runs: a stat and three sampled blocks per file
+    assert again["hashed"] == 0 and again["sampled"] == again["files"]
+    flip(100, keep_times=True)  # inside the first sampled block, file times kept: only the sample can tell
+    refused()
+    flip(100, keep_times=True)
+    flip(len(data) // 4, keep_times=False)  # outside every sample, a new modification time: hashed again
+    refused()
 
 
 def _nan_store(demo_store: Path, dest: Path) -> Path:
