@@ -158,3 +158,39 @@ def non_empty_string(v: Any) -> str | None:
 
 def boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else "must be true or false"
+
+
+# --------------------------------------------------------------------------- numbers in YAML
+# YAML 1.1 (PyYAML) reads a float only with a dot ("1.0e-4"); "1e-4" and "1E+3" stay strings.
+# YAML 1.2 and JSON read them as numbers, and so does every place agl reads a number.
+_EXPONENT_FLOAT = r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"
+
+
+def _number_loader() -> type:
+    import re
+
+    import yaml
+
+    class NumberLoader(yaml.SafeLoader):
+        """``yaml.SafeLoader`` that also reads ``1e-4``, ``1E+3``, ``-2e5`` as floats (YAML 1.2 / JSON numbers)."""
+
+    NumberLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_EXPONENT_FLOAT),
+                                       list("-+0123456789"))
+    return NumberLoader
+
+
+_LOADER: type | None = None
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)``, except that exponent numbers without a dot (``1e-4``) are floats.
+
+    The one reader of YAML settings: config files, ``--set`` values, ``--method k=v`` options and
+    search spaces all go through it. Raises ``yaml.YAMLError`` as ``safe_load`` does.
+    """
+    import yaml
+
+    global _LOADER
+    if _LOADER is None:
+        _LOADER = _number_loader()
+    return yaml.load(text, Loader=_LOADER)  # noqa: S506 - a SafeLoader subclass

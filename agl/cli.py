@@ -7,8 +7,10 @@ parser imports no torch, scanpy, Ray or MLflow (handlers import them when they r
 
 Exit codes: 0 success; 2 usage errors (a bad command line or setting: argparse's errors and
 ``ConfigError``); 1 runtime failures (what was found on disk is wrong: input data, stores,
-checkpoints, existing outputs, ``DataError`` / ``CheckpointError``, and any unexpected
-error); 130 interrupted (Ctrl-C).
+checkpoints, an existing output (``OutputExistsError``, the same in every command), an
+unwritable or full output location, ``DataError`` / ``CheckpointError``, and any unexpected
+error); 3 training stopped on a non-finite loss (``NonFiniteLossError``); 130 interrupted (Ctrl-C,
+also when it lands inside compiled code, e.g. numba, that reports it as a SystemError).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from agl.errors import AGLError, ConfigError
 
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 # One example per command, shown at the end of its --help.
 EXAMPLES: dict[str, str] = {
@@ -129,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="agl",
         description="Auxiliary Gene Learning: spatial gene expression from H&E, with DkGSB gene selection.",
         epilog="exit codes: 0 success, 2 usage error (arguments, settings), 1 runtime failure (data, stores, "
-               "checkpoints, files on disk), 130 interrupted\nexample:\n  agl train --store demo --method dkgsb --split loso-B4 --out runs/dkgsb",
+               "checkpoints, files on disk; also an existing --out, in every command: pass --overwrite or "
+               "--resume where offered, or another --out), 3 training diverged (non-finite loss), "
+               "130 interrupted\nexample:\n  agl train --store demo --method dkgsb --split loso-B4 --out runs/dkgsb",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-V", "--version", action="version", version=f"agl {__version__}")
@@ -155,8 +159,23 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def exit_code(err: AGLError) -> int:
-    """2 for a usage error (bad settings, ``ConfigError``), 1 for a runtime failure (data, checkpoints)."""
+    """2 for a usage error (bad settings, ``ConfigError``), 3 for a non-finite training loss, 1 for any
+    other runtime failure (data, checkpoints, an existing or unwritable output)."""
+    if getattr(err, "exit_code", None) is not None:
+        return int(err.exit_code)
     return EXIT_USAGE if isinstance(err, ConfigError) else EXIT_RUNTIME
+
+
+def _interrupted(err: BaseException) -> bool:
+    """Whether ``err`` is, or was caused by, a Ctrl-C: compiled code (numba's dispatcher) that a
+    KeyboardInterrupt lands in returns a SystemError "returned a result with an exception set"."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _run(handler: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, name: str) -> int:
@@ -166,9 +185,17 @@ def _run(handler: Callable[[argparse.Namespace], int | None], args: argparse.Nam
     except AGLError as err:
         print(f"{name}: error: {err}", file=sys.stderr)
         return exit_code(err)
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except BaseException as err:  # noqa: BLE001 - interrupts and file-system refusals handled, the rest re-raised
+        if _interrupted(err):
+            notes = getattr(err, "__notes__", None) or []  # what to do next, added by the handler (add_note)
+            print(f"{name}: interrupted" + "".join(f"; {note}" for note in notes), file=sys.stderr)
+            return EXIT_INTERRUPTED
+        from agl.fileio import write_refusal
+
+        if isinstance(err, OSError) and write_refusal(err) is not None:  # permissions, read-only, full disk
+            print(f"{name}: error: {err.filename or 'a file'}: {err.strerror or err}", file=sys.stderr)
+            return EXIT_RUNTIME
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import uuid
@@ -11,7 +10,7 @@ from typing import Any, Sequence
 
 from agl.cli import LazyHelp, add_list_arg
 from agl.data.locate import add_store_arg, open_store_arg, store_path
-from agl.errors import ConfigError, DataError
+from agl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +22,13 @@ def read_config_file(path: str | None) -> dict[str, Any]:
         return {}
     import yaml
 
+    from agl.checks import load_yaml
+
     file = Path(path)
     if not file.is_file():
         raise ConfigError(file, "config file not found")
     try:
-        values = yaml.safe_load(file.read_text())  # JSON is a subset of YAML
+        values = load_yaml(file.read_text())  # JSON is a subset of YAML; 1e-4 is a number
     except yaml.YAMLError as err:
         raise ConfigError(file, f"not valid YAML/JSON: {err}") from None
     if values is None:
@@ -76,17 +77,20 @@ def write_run_outputs(out: Path, result: Any, data: Any, split: str, label: str)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from agl.fileio import check_output_folder, swap_folder, write_output_marker
+    from agl.data.integrity import check_store_files
+    from agl.errors import NonFiniteLossError, OutputExistsError
+    from agl.fileio import check_output_folder, check_output_location, swap_folder, write_output_marker
     from agl.evaluation.protocol import parse_method
     from agl.service import run_config
     from agl.training.loop import TrainConfig
+    from agl.training.resume import check_unfinished_run, checkpoint_progress, train_command
 
     out = Path(args.out)
     store_dir = store_path(args.store)
     # never over the store or a folder of someone else's files; an earlier run is checked just below
     check_output_folder(out, "train", inputs=[store_dir], overwrite=args.overwrite, reuse=True)
     if (out / "result.json").exists() and not args.overwrite and not args.resume:
-        raise DataError(out / "result.json", "exists; pass --overwrite to replace this run (or use another --out)")
+        raise OutputExistsError(out / "result.json", "exists; pass --overwrite to replace this run (or use another --out)")
     label, overrides = parse_method(args.method, flag="--method")
     # base settings are checked (naming --set / --config) before the method's options (naming --method)
     cfg = TrainConfig.from_dict({**base_settings(args), **overrides}, source=f"--method {label}")
@@ -95,7 +99,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume = out / "checkpoint"
         if not resume.is_dir():
             raise ConfigError(resume, "--resume needs a checkpoint folder from an earlier run in --out")
+    check_unfinished_run(out, args, cfg, args.split)  # an interrupted run is resumed or replaced, never restarted
+    check_output_location(out)  # writable, with room, before any work
     store = open_store_arg(store_dir)
+    check_store_files(store, full=args.verify)  # sizes, dates and samples (full sha256 with --verify)
     # a new run goes straight into --out (so --resume can continue it after a crash); a replacement
     # is built beside it and swapped in at the end, so the earlier run stays whole until then
     replace = args.overwrite and not args.resume and out.is_dir() and any(out.iterdir())
@@ -109,19 +116,37 @@ def cmd_train(args: argparse.Namespace) -> int:
         if replace:
             check_output_folder(out, "train", overwrite=True)
             swap_folder(work, out)
-    except BaseException:
+    except BaseException as err:
         if replace:
             shutil.rmtree(work, ignore_errors=True)
+        elif work.is_dir() and not any(work.iterdir()):
+            work.rmdir()  # nothing was written: leave no empty folder behind
+        kept = (work / "checkpoint").is_dir() and not replace
+        if isinstance(err, NonFiniteLossError):
+            outcome = (f"no result was written; the last good checkpoint ({checkpoint_progress(work / 'checkpoint')}) "
+                       f"is kept in {work / 'checkpoint'}" if kept else
+                       f"no result was written; {'the earlier run in ' + str(out) + ' is unchanged' if replace else 'no epoch finished'}")
+            raise err.with_outcome(outcome) from None
+        if isinstance(err, KeyboardInterrupt):
+            err.add_note(f"the run is kept in {out} (checkpoint after {checkpoint_progress(work / 'checkpoint')}); "
+                         f"continue it with: {train_command(args, '--resume')}" if kept else
+                         f"{'the earlier run in ' + str(out) + ' is unchanged' if replace else 'no epoch finished, nothing kept'}")
         raise
-    print(f"{label} on {args.split} (seed {cfg.seed}): test PCC {record['pcc']:.4f}  SCC {record['scc']:.4f}  "
-          f"MSE {record['mse']:.4f}  k {record['k']}/{record['n_aux']}  epochs {record['epochs']}  "
+    print(f"{label} on {args.split} (seed {cfg.seed}): test PCC {_metric(record['pcc'])}  SCC {_metric(record['scc'])}  "
+          f"MSE {_metric(record['mse'])}  k {record['k']}/{record['n_aux']}  epochs {record['epochs']}  "
           f"{record['wall_time_s']:.0f} s -> {out}")
     return 0
 
 
+def _metric(value: float | None) -> str:
+    """A metric as the summary prints it: 4 decimals, or "undefined" (a NaN stored as null)."""
+    return "undefined" if value is None else f"{value:.4f}"
+
+
 # --------------------------------------------------------------------------- agl evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from agl.fileio import check_output_folder
+    from agl.data.integrity import check_store_files
+    from agl.fileio import check_output_folder, check_output_location
     from agl.evaluation.protocol import evaluate, results_markdown, split_methods
 
     seeds, folds = list(args.seeds), args.folds
@@ -129,7 +154,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     store_dir = store_path(args.store)
     # the grid resumes in --out: an earlier evaluate output is reused, anything else is refused
     check_output_folder(args.out, "evaluate", inputs=[store_dir], reuse=True)
+    check_output_location(args.out)  # writable, with room, before any work
     store = open_store_arg(store_dir)
+    check_store_files(store, full=args.verify)
     summary = evaluate(store, args.protocol, seeds, methods, args.out, base=base_settings(args),
                        jobs=args.jobs, folds=folds)
     print(results_markdown(summary["table"], summary["wilcoxon"]))
@@ -174,6 +201,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                         "the rest select the model (same as --set val_outer_fraction=FRACTION)")
 
 
+def _add_verify_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verify", action="store_true", help="check every store file's sha256 against its manifest "
+                   "before training (by default: sizes, dates and sampled blocks; files changed since the last "
+                   "check are hashed in full)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``train`` and ``evaluate``."""
     p = sub.add_parser("train", help="train one method on one split of a store",
@@ -185,7 +218,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier `agl train` run in --out (never the store, "
                    "nor a folder of other files)")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint (an interrupted run: "
+                   "same --method and settings; more epochs, patience or another device are allowed)")
+    _add_verify_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="protocol x seeds x methods grid with tables, Wilcoxon tests and plots",
@@ -199,6 +234,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (reused to resume)")
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (one core each)")
     _add_config_args(p)
+    _add_verify_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     from agl.evaluation.study_options import add_study_args  # no numpy/pandas at parser build time

@@ -38,6 +38,47 @@ class CheckpointError(AGLError):
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
 
+class OutputExistsError(DataError):
+    """An output location that already holds something the command was not asked to replace.
+
+    One rule for every command (ingest, train, evaluate, tune, predict, study): exit 1, a runtime
+    failure, since what is on disk decides it (the same command line succeeds with an empty --out);
+    the message names the folder and the flag that changes the outcome (--overwrite, --resume).
+    """
+
+
+class NonFiniteLossError(AGLError):
+    """Training met a non-finite loss (NaN or inf): a diverging run or non-finite values in the data.
+
+    The CLI exits with :data:`exit_code` (3), distinct from other failures, so a script can tell a
+    diverged run from a broken one. ``outcome`` says what was kept (added by the caller that knows:
+    ``agl train`` names the last good checkpoint). Pickles by its fields (worker processes raise it).
+    """
+
+    exit_code = 3
+
+    def __init__(self, what: str, value: float, epoch: int, step: int | None = None, lr: float | None = None,
+                 outcome: str | None = None):
+        self.what, self.value, self.epoch, self.step, self.lr = what, float(value), int(epoch), step, lr
+        self.outcome = outcome
+        super().__init__(self._message())
+
+    def with_outcome(self, outcome: str) -> "NonFiniteLossError":
+        """The same error, saying what was kept (the last good checkpoint, the earlier run)."""
+        return NonFiniteLossError(self.what, self.value, self.epoch, self.step, self.lr, outcome)
+
+    def __reduce__(self) -> tuple:
+        return (NonFiniteLossError, (self.what, self.value, self.epoch, self.step, self.lr, self.outcome))
+
+    def _message(self) -> str:
+        at = f"epoch {self.epoch}" + (f", step {self.step}" if self.step is not None else "")
+        lr = f" (lr is {self.lr:g})" if self.lr is not None else ""
+        outcome = f"; {self.outcome}" if self.outcome else ""
+        return (f"training stopped: the {self.what} is {self.value} at {at}{outcome}. The run diverged or the "
+                f"data holds non-finite values: lower the learning rate{lr}, e.g. --set lr=1e-4, or check the "
+                f"store's data for NaN/inf values")
+
+
 def show(value: object) -> str:
     """``value`` as a message shows it: numbers plainly (``nan``, ``0.5``, ``3``), never numpy's repr
     (``np.float64(nan)`` under numpy 2), strings quoted, sequences and arrays element by element."""

@@ -7,6 +7,7 @@ folder copies which skip hidden files (e.g. MLflow artifact uploads) never pick 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -165,7 +166,7 @@ def check_output_folder(out: str | Path, command: str, *, inputs: Sequence[str |
     ``out`` inside an input folder is allowed (a fresh folder, or an earlier output of this command).
     Returns ``"fresh"`` (absent or empty) or ``"own"`` (an earlier output of this command).
     """
-    from agl.errors import DataError
+    from agl.errors import DataError, OutputExistsError
 
     out = Path(out)
     what = what or f"an `agl {command}` output"
@@ -181,20 +182,20 @@ def check_output_folder(out: str | Path, command: str, *, inputs: Sequence[str |
     if not out.exists() and not out.is_symlink():
         return "fresh"
     if not out.is_dir():
-        raise DataError(out, f"exists and is not a folder; refusing to replace it with {what}")
+        raise OutputExistsError(out, f"exists and is not a folder; refusing to replace it with {what}")
     entries = sorted(p.name for p in out.iterdir())
     if not entries:
         return "fresh"
     owner = output_owner(out)
     if owner is None:
         shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-        raise DataError(out, f"already exists and is not {what} (it holds {shown}); refusing to replace it "
+        raise OutputExistsError(out, f"already exists and is not {what} (it holds {shown}); refusing to replace it "
                              "(choose another --out)")
     if owner != command:
-        raise DataError(out, f"holds the output of `agl {owner}`, not {what}; refusing to replace it "
+        raise OutputExistsError(out, f"holds the output of `agl {owner}`, not {what}; refusing to replace it "
                              "(choose another --out)")
     if not (overwrite or reuse):
-        raise DataError(out, f"already exists ({what}); pass --overwrite to replace it")
+        raise OutputExistsError(out, f"already exists ({what}); pass --overwrite to replace it")
     return "own"
 
 
@@ -205,3 +206,54 @@ def write_output_marker(folder: str | Path, command: str, **details: Any) -> Pat
     record = {"command": command, "version": __version__,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **details}
     return atomic_write_json(Path(folder) / OUTPUT_MARKER, record)
+
+
+# --------------------------------------------------------------------------- output locations
+MIN_FREE_MB = 100  # free space asked of an output location before any work ($AGL_MIN_FREE_MB overrides)
+_REFUSALS = {errno.EACCES: "is not writable (permission denied)", errno.EPERM: "is not writable (permission denied)",
+             errno.EROFS: "is on a read-only file system", errno.ENOSPC: "has no space left",
+             errno.EDQUOT: "is over its disk quota"}
+
+
+def write_refusal(err: OSError) -> str | None:
+    """What an OSError says about an output location ("is on a read-only file system"), or None for
+    errors that are not the file system refusing a write."""
+    return _REFUSALS.get(err.errno)
+
+
+def check_output_location(out: str | Path, flag: str = "--out", need_mb: float | None = None) -> Path:
+    """Before any work: ``out`` (a folder, made later) can be written, and its file system has room.
+
+    Walks up to the nearest folder that exists, refuses a file in the way, writes and removes a
+    hidden probe file there (what the command will do; root passes permission bits, a read-only
+    mount still refuses), and asks ``need_mb`` (default :data:`MIN_FREE_MB`) free MiB of it. Raises
+    ``DataError`` naming the path and the problem; returns the folder probed.
+    """
+    from agl.errors import DataError
+
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    base = out
+    while not base.exists():
+        if base.is_symlink():
+            raise DataError(base, f"is a broken symbolic link; {flag} {out} cannot be created there")
+        base = base.parent
+    if not base.is_dir():
+        what = "the output" if base == out else f"{flag} {out}"
+        raise DataError(base, f"is a file, not a folder; {what} cannot be written there (choose another {flag})")
+    probe = base / f".agl-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(probe, "wb") as fh:
+            try:
+                fh.write(b"0")
+            finally:
+                probe.unlink()  # created: remove it (an unlink on a read-only mount fails even when absent)
+    except OSError as err:
+        problem = write_refusal(err) or f"cannot be written: {err.strerror or err}"
+        raise DataError(base, f"{problem}; {flag} {out} cannot be written there (choose another {flag})") from None
+    need = float(os.environ.get("AGL_MIN_FREE_MB", MIN_FREE_MB) if need_mb is None else need_mb)
+    free = shutil.disk_usage(base).free / 2**20
+    if free < need:
+        raise DataError(base, f"has only {free:.0f} MiB free, less than the {need:.0f} MiB asked before writing "
+                              f"{flag} {out}; free some space or choose another {flag} "
+                              "(AGL_MIN_FREE_MB sets the amount asked)")
+    return base

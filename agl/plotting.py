@@ -81,9 +81,12 @@ def plot_method_bars(table: pd.DataFrame, path: str | Path, metric: str = "pcc")
     ax.bar(x, mean, yerr=std, capsize=3, color="#4c72b0")
     ax.set_xticks(x)
     ax.set_xticklabels(table["method"], rotation=35, ha="right", fontsize=8)
-    low, high = float(np.nanmin(mean - std)), float(np.nanmax(mean + std))
-    pad = 0.1 * (high - low) if high > low else 0.01
-    ax.set_ylim(low - pad, high + pad)
+    ends = np.concatenate([mean - std, mean + std])
+    ends = ends[np.isfinite(ends)]
+    if len(ends):  # a method whose every run is undefined (NaN) has no bar and sets no limit
+        low, high = float(ends.min()), float(ends.max())
+        pad = 0.1 * (high - low) if high > low else 0.01
+        ax.set_ylim(low - pad, high + pad)
     ax.set_ylabel(f"test {metric.upper()} (mean ± std over runs)")
     ax.set_title(f"Test {metric.upper()} of the primary genes per method")
     return _save(fig, path)

@@ -34,7 +34,7 @@ import pandas as pd
 
 from agl.data.genes import locate_genes
 from agl.errors import CheckpointError, ConfigError, DataError
-from agl.fileio import atomic_savefig, check_output_folder, swap_folder, write_output_marker
+from agl.fileio import atomic_savefig, check_output_folder, check_output_location, swap_folder, write_output_marker
 from agl.training.inference import run_model
 
 log = logging.getLogger(__name__)
@@ -366,6 +366,7 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
 
     out = Path(opts.out)
     check_output_folder(out, COMMAND, inputs=input_paths(opts), overwrite=opts.overwrite)  # before any work
+    check_output_location(out)  # writable, with room
     if opts.top_genes < 0:
         raise ConfigError("--top-genes", f"must be >= 0, got {opts.top_genes}")
     for flag, value in (("--min-gene-fraction", opts.min_gene_fraction), ("--warn-gene-fraction", opts.warn_gene_fraction)):

@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import wilcoxon
 
 from agl.data.store import open_store
-from agl.errors import ConfigError
+from agl.errors import ConfigError, OutputExistsError
 from agl.evaluation.protocol import (build_grid, evaluate, parse_method, protocol_splits, split_methods, summary_table,
                           wilcoxon_table)
 from trainkit import use_cheap_features
@@ -77,7 +77,7 @@ def test_tiny_grid_writes_table_wilcoxon_plots_and_resumes(demo_store, tmp_path,
     assert len(again["records"]) == 6 and "6 already finished" in caplog.text
     assert mtimes == {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/**/result.json")}
     # the same folder with another configuration is refused rather than mixed
-    with pytest.raises(ConfigError, match="different configuration"):
+    with pytest.raises(OutputExistsError, match="different configuration"):
         evaluate(store, "kfold", [0], ["pgl"], tmp_path, base={**BASE, "epochs": 3}, jobs=1, folds=[0])
 
 

@@ -74,7 +74,7 @@ def test_tune_space_maps_distributions() -> None:
     ("params: {lr: {type: gaussian, low: 0.1, high: 0.2}}\n", "unknown distribution type 'gaussian'"),
     ("params: {lr: {type: float, low: 0.2, high: 0.1}}\n", "params.lr: low (0.2) must be < high (0.1)"),
     ("params: {lr: {type: float, low: 0.0, high: 0.1, log: true}}\n", "log scale needs positive bounds"),
-    ("params: {lr: {type: float, low: 1e-4, high: 0.1}}\n", "write 1.0e-4"),
+    ("params: {lr: {type: float, low: '1e-4', high: 0.1}}\n", "write it without quotes"),
     ("params: {k: {type: int, low: 1.5, high: 8}}\n", "integer bounds"),
     ("params: {lr: {type: float, low: 0.1, high: 0.2, scale: log}}\n", "unknown key(s) ['scale']"),
     ("params: {method: {type: categorical, choices: [dkgsb, magic]}}\n", "params.method='magic': TrainConfig rejects"),

@@ -118,10 +118,11 @@ def _load_space_file(space: str, epochs: int, trials: int, path: Path) -> Path:
     ``trials`` samples; written to ``path`` (the YAML is patched, so every key of the space is kept)."""
     import yaml
 
+    from agl.checks import load_yaml
     from agl.distributed.spaces import load_space, resolve_space_path
 
     load_space(space)  # a bad name or file fails here, naming it
-    raw = yaml.safe_load(resolve_space_path(space).read_text())
+    raw = load_yaml(resolve_space_path(space).read_text())
     raw["fixed"] = {**(raw.get("fixed") or {}), "mode": "features", "epochs": epochs, "patience": epochs}
     raw.update(num_samples=trials, scheduler={"name": "fifo"})
     if raw.get("start_with"):

@@ -143,12 +143,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from agl.data.ingest import build_store
     from agl.data.readers import read_slides
     from agl.data.store import check_target
-    from agl.fileio import check_output_folder
+    from agl.fileio import check_output_folder, check_output_location
 
     # before reading anything: never over the input, nor a folder that is not an earlier store
     check_output_folder(args.out, "ingest", inputs=[args.path, args.image], overwrite=args.overwrite,
                         what="an agl store")
     check_target(args.out, args.overwrite)
+    check_output_location(args.out)  # writable, with room: known before reading and cutting every slide
     if args.stream or args.address:
         return _cmd_ingest_streaming(args)
     adata = read_slides(args.format, args.path, **reader_kwargs(args.format, args))

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from agl.data.encoding import ValueEncoding, detect_encoding
-from agl.errors import ConfigError, DataError, show
+from agl.errors import ConfigError, DataError, OutputExistsError, show
 from agl.fileio import sha256_file, swap_folder
 
 SCHEMA_VERSION = 1
@@ -44,7 +44,7 @@ EXPRESSION_LAYOUTS = ("dense", "sparse")  # float32 rows, or CSR per spot (indic
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # slide ids and split names become file names
 
 
-class StoreExistsError(DataError):
+class StoreExistsError(OutputExistsError):
     """The target folder already exists and ``overwrite`` was not given."""
 
 

@@ -53,6 +53,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from agl.checks import load_yaml
 from agl.config import TrainConfig, all_settings
 from agl.errors import AGLError, ConfigError
 
@@ -229,7 +230,7 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
         available = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
         raise ConfigError(path, f"search space not found (bundled spaces: {', '.join(available)})")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())  # 1e-4 is a number, as in YAML 1.2
     except yaml.YAMLError as err:
         raise ConfigError(path, f"not valid YAML: {err}") from None
     return parse_space(raw, source=str(path))
@@ -471,7 +472,7 @@ def _parse_bounds(err: _Errors, where: str, kind: str, spec: dict[str, Any]) -> 
             raise err(f"{where}: missing '{key}'")
         value = spec[key]
         if isinstance(value, str):
-            hint = " (YAML reads 1e-4 as text; write 1.0e-4)" if _looks_numeric(value) else ""
+            hint = " (a quoted number is text; write it without quotes)" if _looks_numeric(value) else ""
             raise err(f"{where}.{key}: expected a number, got the string {value!r}{hint}")
         if not _is_number(value) or not math.isfinite(value):
             raise err(f"{where}.{key}: expected a finite number, got {value!r}")

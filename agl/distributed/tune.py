@@ -38,7 +38,7 @@ from agl.distributed.results import (SUMMARY_MD, SWEEP_JSON, TABLE_CSV, TABLE_PN
 from agl.distributed.spaces import SearchSpace, load_space, resolve_space_path
 from agl.distributed.sync import (PENDING_FILE, example_patch, final_checkpoint, finish_tracking, log_refit,
                                   mark_pending, relocate, report_step, sync_command)
-from agl.errors import ConfigError
+from agl.errors import ConfigError, OutputExistsError
 from agl.fileio import atomic_write_json, check_output_folder, write_output_marker
 
 log = logging.getLogger(__name__)
@@ -384,7 +384,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     state_file = out / SWEEP_JSON
     state = json.loads(state_file.read_text()) if state_file.is_file() else None
     if state and not opts.resume:
-        raise ConfigError(out, f"already holds sweep {state.get('name')!r}; pass --resume to continue it "
+        raise OutputExistsError(out, f"already holds sweep {state.get('name')!r}; pass --resume to continue it "
                                f"or choose another --out")
     if state:  # a sweep folder moved or copied since: its paths and MLflow artifact links follow it
         state = relocate(out)

@@ -8,7 +8,6 @@ over the primary genes) and figures.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -21,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from agl.errors import ConfigError
+from agl.errors import ConfigError, NonFiniteLossError, OutputExistsError
 from agl.fileio import atomic_write_json, atomic_write_text, check_output_folder, write_output_marker
 
 log = logging.getLogger(__name__)
@@ -36,11 +35,13 @@ METRICS = ("pcc", "scc", "mse")
 
 # --------------------------------------------------------------------------- specs
 def parse_value(text: str) -> Any:
-    """A command-line value as YAML scalar/list (``100`` -> int, ``true`` -> bool, ``[256]`` -> list)."""
+    """A command-line value as YAML scalar/list (``100`` -> int, ``1e-4`` -> float, ``true`` -> bool, ``[256]`` -> list)."""
     import yaml
 
+    from agl.checks import load_yaml
+
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -120,8 +121,12 @@ def run_one(store_path: str, spec: RunSpec, out: str, quiet: bool = True) -> dic
     if quiet:
         logging.getLogger("agl.training.loop").setLevel(logging.WARNING)
     # one core per worker process: --jobs sets the parallelism
-    return run_config(spec.config, open_store(store_path), spec.split, threads=1,
-                      record_to=spec.directory(Path(out)), label=spec.label).record
+    try:
+        return run_config(spec.config, open_store(store_path), spec.split, threads=1,
+                          record_to=spec.directory(Path(out)), label=spec.label).record
+    except NonFiniteLossError as err:  # name the grid run; the finished ones stay for a rerun to reuse
+        raise err.with_outcome(f"grid run {spec.label} on {spec.split}, seed {spec.seed}; no result was written "
+                               f"for it, finished runs are kept in {out}") from None
 
 
 def finished_run(spec: RunSpec, out: Path) -> dict[str, Any] | None:
@@ -133,8 +138,8 @@ def finished_run(spec: RunSpec, out: Path) -> dict[str, Any] | None:
     if record is None:
         return None
     if record.get("config") != spec.config:
-        raise ConfigError(file, "a finished run with a different configuration is here; use another --out "
-                                "or delete the folder to rerun")
+        raise OutputExistsError(file, "a finished run with a different configuration is here; use another --out "
+                                      "or delete the folder to rerun")
     return record
 
 

@@ -155,6 +155,15 @@ def _gate_scalars(gate: Any) -> dict[str, float]:
     return out
 
 
+def check_finite(loss: Tensor | float, what: str, epoch: int, step: int | None, lr: float) -> None:
+    """Stop the run at once on a NaN/inf loss (``epoch`` 0-based here, 1-based in the message)."""
+    value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+    if not math.isfinite(value):
+        from agl.errors import NonFiniteLossError
+
+        raise NonFiniteLossError(what, value, epoch + 1, step, lr)
+
+
 def _allreduce(params: list[torch.nn.Parameter]) -> None:
     if dist_info()[1] > 1:
         from agl.training.bilevel import allreduce_gradients
@@ -203,6 +212,7 @@ class Trainer:
             x, y = x.to(self.device), y.to(self.device)
             self.opt.zero_grad(set_to_none=True)
             loss = self.objective(self.model(x), y, all_genes)
+            check_finite(loss, "training loss", epoch, n_batches + 1, self.cfg.lr)  # before the step spoils the weights
             loss.backward()
             _allreduce(self.inner_params)
             self.opt.step()
@@ -353,6 +363,7 @@ def fit(cfg: TrainConfig, data: DataBundle, reporter: Reporter | None = None,
         train_loss, n_spots = tr.train_epoch(epoch, plan.all_genes)
         tr.gate.on_epoch_end(epoch, cfg.epochs)
         val_metrics, val_loss = tr.evaluate("val")
+        check_finite(val_loss, "validation loss", epoch, None, cfg.lr)
         val_pcc = float(val_metrics["pcc"])
         if val_pcc > state.best_val_pcc or state.best_epoch < 0:
             state.best_val_pcc, state.best_epoch = val_pcc, epoch
