@@ -171,12 +171,12 @@ def _number_loader() -> type:
 
     import yaml
 
-    class NumberLoader(yaml.SafeLoader):
+    class NumberSafeLoader(yaml.SafeLoader):
         """``yaml.SafeLoader`` that also reads ``1e-4``, ``1E+3``, ``-2e5`` as floats (YAML 1.2 / JSON numbers)."""
 
-    NumberLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_EXPONENT_FLOAT),
+    NumberSafeLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_EXPONENT_FLOAT),
                                        list("-+0123456789"))
-    return NumberLoader
+    return NumberSafeLoader
 
 
 _LOADER: type | None = None
@@ -193,4 +193,5 @@ def load_yaml(text: str) -> Any:
     global _LOADER
     if _LOADER is None:
         _LOADER = _number_loader()
-    return yaml.load(text, Loader=_LOADER)  # noqa: S506 - a SafeLoader subclass
+    NumberSafeLoader = _LOADER  # a yaml.SafeLoader subclass: builds no objects from tags
+    return yaml.load(text, Loader=NumberSafeLoader)  # noqa: S506

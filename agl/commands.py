@@ -157,8 +157,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_output_location(args.out)  # writable, with room, before any work
     store = open_store_arg(store_dir)
     check_store_files(store, full=args.verify)
-    summary = evaluate(store, args.protocol, seeds, methods, args.out, base=base_settings(args),
-                       jobs=args.jobs, folds=folds)
+    try:
+        summary = evaluate(store, args.protocol, seeds, methods, args.out, base=base_settings(args),
+                           jobs=args.jobs, folds=folds)
+    except KeyboardInterrupt as err:  # grid runs keep no partial state: a finished run is whole, the rest rerun
+        err.add_note(f"finished grid runs are kept in {args.out}; the same command continues the grid")
+        raise
     print(results_markdown(summary["table"], summary["wilcoxon"]))
     print(f"written: {', '.join(str(p) for p in summary['paths'].values())}")
     return 0
