@@ -41,6 +41,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from agl.errors import ConfigError
+from agl.training.precision import in_full_float32
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -260,11 +261,11 @@ def register_hypergradient(name: str, target: str) -> None:
 
 
 def hypergradient_estimator(name: str) -> Callable[..., Estimate]:
-    """The estimator function registered under ``name``."""
+    """The estimator function registered under ``name``, run with TF32 and autocast off (``full_float32``)."""
     if name not in HYPERGRADIENTS:
         raise ConfigError("hypergrad", f"unknown hypergradient estimator {name!r}; choose one of {', '.join(HYPERGRADIENTS)}")
     module, function = HYPERGRADIENTS[name].split(":")
-    return getattr(importlib.import_module(module), function)
+    return in_full_float32(getattr(importlib.import_module(module), function))
 
 
 # --------------------------------------------------------------------------- hypergradient
@@ -421,6 +422,7 @@ def checkpointed_reverse(net: Unrolled, gate: nn.Module, opt: Any, train: tuple,
     return float(val_loss.detach()), inner_losses, total
 
 
+@in_full_float32
 def _first_order(net: Unrolled, gate: nn.Module, opt: Any, train: tuple, val: tuple, n_primary: int,
                  steps: int, outer: list[Tensor], fd_eps: float) -> Estimate:
     """First-order approximation: inner gradients are computed without ``create_graph``.
