@@ -211,7 +211,8 @@ def add_features_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="imagenet", help="'imagenet', a hub name, or a weights file")
     p.add_argument("--views", type=int, default=8, help="dihedral views per patch (training draws one per epoch)")
     p.add_argument("--num-workers", type=int, default=2, help="Ray Data actors, one encoder each")
-    p.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: 1 if the cluster has GPUs)")
+    p.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: 1 if the local Ray has GPUs; required with --address on a "
+                        "cluster that shows no GPU yet)")
     p.add_argument("--batch-size", type=int, default=64, help="patches per batch")
     p.add_argument("--address", default=None, help="Ray cluster address ('auto'); default: local Ray")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
@@ -225,7 +226,8 @@ def cmd_features(args: argparse.Namespace) -> int:
     store = open_store_arg(args.store)
     init_ray(args.address, num_cpus=args.num_cpus)
     feats = feature_cache_ray(store, args.backbone, args.weights, views=args.views, num_workers=args.num_workers,
-                              batch_size=args.batch_size, num_gpus=args.num_gpus)
+                              batch_size=args.batch_size, num_gpus=args.num_gpus,
+                              joined_cluster=args.address is not None)
     print(f"feature cache {getattr(feats, 'filename', '')}: {feats.shape[0]} views x {feats.shape[1]} spots x "
           f"{feats.shape[2]} dims")
     return 0
