@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agl.distributed.features import actor_gpus
 from agl.distributed.spaces import load_space, parse_space
-from agl.distributed.tune import SweepOptions, _max_concurrent, _trial_gpus
+from agl.distributed.tune import SweepOptions, _max_concurrent
 from agl.errors import ConfigError
 
 # cluster.yaml at start-up: the head only (CPU: 0, no trials there), GPU workers at min_workers: 0
@@ -30,6 +29,8 @@ def test_concurrency_on_an_autoscaling_cluster_is_not_read_from_its_start_up_res
 def test_concurrency_on_a_local_ray_follows_its_resources():
     space = _gpu_space()
     assert _max_concurrent(SweepOptions(), space, {"CPU": 16.0, "GPU": 2.0}) == 2
+    from agl.distributed.tune import _trial_gpus
+
     # nested trainers of a space that asks for GPUs hold GPUs, so GPUs (not CPUs) bound them
     train = SweepOptions(trainer="train", workers_per_trial=1)
     assert _trial_gpus(train, space) and not _trial_gpus(train, parse_space(
@@ -43,8 +44,100 @@ def test_space_rejects_a_bad_max_concurrent():
 
 
 def test_encoder_actors_on_an_autoscaling_cluster_need_the_flag():
+    from agl.distributed.features import actor_gpus
+
     with pytest.raises(ConfigError, match="--num-gpus"):
         actor_gpus(None, HEAD_ONLY, joined_cluster=True)
     assert actor_gpus(1, HEAD_ONLY, joined_cluster=True) == 1.0
     assert actor_gpus(None, {"CPU": 4.0, "GPU": 1.0}, joined_cluster=True) == 1.0
     assert actor_gpus(None, {"CPU": 4.0}, joined_cluster=False) == 0.0  # a local Ray without GPUs
+
+
+# --------------------------------------------------------------------------- devices: no silent CPU fallback
+@pytest.fixture
+def ray_reserved_one_gpu(monkeypatch):
+    """This process looks like a Ray worker that Ray reserved GPU 0 for, on a machine without CUDA."""
+    import ray
+    import torch
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_a_ray_reserved_gpu_without_cuda_is_an_error(ray_reserved_one_gpu):
+    from agl.training.loop import resolve_device
+
+    with pytest.raises(ConfigError, match="Ray reserved GPU"):
+        resolve_device("auto")
+
+
+def test_the_resolved_device_is_logged_at_the_start_of_a_run(demo_store, caplog):
+    import logging
+
+    from agl.training.loop import fit
+    from trainkit import cheap_bundle, small_config
+
+    cfg = small_config(method="topk", k=50, epochs=1, device="auto")
+    with cheap_bundle(demo_store) as data, caplog.at_level(logging.INFO):
+        fit(cfg, data)
+    assert any(r.getMessage().startswith("device: auto -> cpu (") for r in caplog.records)
+
+
+def test_the_feature_cache_runs_on_the_configured_device(demo_store, monkeypatch):
+    import numpy as np
+
+    from agl import models
+    from agl.training.bundles import make_bundle
+    from trainkit import first_split, small_config
+
+    calls = []
+
+    def recording_cache(store, backbone, weights, **kw):
+        calls.append(kw.get("device", "cpu"))
+        return np.zeros((8, len(store.spots), 4), dtype=np.float32)
+
+    monkeypatch.setattr(models, "feature_cache", recording_cache)
+    make_bundle(demo_store, first_split(demo_store), small_config(device="cuda:1"))
+    assert calls == ["cuda:1"]
+
+
+def _features_pyfunc(device: str):
+    """The pyfunc champion of a features-mode model (random MobileNetV2 encoder), as load_context leaves it."""
+    from agl.config import TrainConfig
+    from agl.models import Estimator
+    from agl.tracking.pyfunc import AglPyfuncModel
+
+    served = AglPyfuncModel()
+    served.cfg = TrainConfig(mode="features", backbone="torchvision/mobilenet_v2", weights=None, device=device)
+    served.model = Estimator(1280, 5, trunk=(8,), dropout=0.0)
+    served.predictors = {}
+    return served
+
+
+def test_the_pyfunc_model_builds_its_encoder_once(demo_store, monkeypatch):
+    import numpy as np
+
+    from agl import models
+    from agl.data.store import open_store
+
+    built = []
+    real = models.create_backbone
+    monkeypatch.setattr(models, "create_backbone", lambda *a, **kw: built.append(a) or real(*a, **kw))
+    served = _features_pyfunc("cpu")
+    patches = np.asarray(open_store(demo_store).patches[:2])
+    outs = [served.predict(None, patches) for _ in range(3)]
+    assert len(built) == 1 and outs[0].shape == (2, 5) and all(np.array_equal(outs[0], o) for o in outs)
+
+
+def test_the_pyfunc_model_predicts_on_the_runs_device(demo_store, monkeypatch):
+    import numpy as np
+    import torch
+
+    from agl.data.store import open_store
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    patches = np.asarray(open_store(demo_store).patches[:2])
+    with pytest.raises(ConfigError, match="CUDA is not available"):  # a CUDA run's model is not served on CPU silently
+        _features_pyfunc("cuda").predict(None, patches)
+    assert _features_pyfunc("cuda").predict(None, patches, params={"device": "cpu"}).shape == (2, 5)

@@ -35,19 +35,31 @@ class AglPyfuncModel(_Base):
 
         self.checkpoint = Path(context.artifacts[ARTIFACT])
         self.model, _gate, self.cfg, self.genes = load_model(self.checkpoint)
+        self.predictors: dict[str, Any] = {}  # device -> Predictor: the encoder is built once, not per request
+
+    def predictor(self, device: str | None = None) -> Any:
+        """The loaded model on ``device`` (default: the run's ``cfg.device``), built on first use."""
+        import copy
+
+        from agl.training.inference import Predictor
+
+        device = device or self.cfg.device
+        if device not in self.predictors:  # a second device gets its own copy: Predictor moves the model
+            model = copy.deepcopy(self.model) if self.predictors else self.model
+            self.predictors[device] = Predictor(model, self.cfg, device)
+        return self.predictors[device]
 
     # model_input has no type hint on purpose: MLflow would read it as the input schema (the signature is that)
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> np.ndarray:  # noqa: ANN001
-        from agl.training.inference import run_model
-
         if isinstance(model_input, dict):  # a named-tensor request ({"patches": ...})
             model_input = model_input["patches"]
         patches = np.asarray(model_input)
         if patches.ndim != 4 or patches.shape[-1] != 3:
             raise ValueError(f"expected uint8 patches [N, px, px, 3], got shape {patches.shape}")
         options = params or {}
-        return run_model(self.model, self.cfg, patches.astype(np.uint8, copy=False),
-                         int(options.get("batch_size", 64)), str(options.get("device", "cpu")))
+        device = options.get("device")
+        return self.predictor(None if device is None else str(device)).predict(
+            patches.astype(np.uint8, copy=False), int(options.get("batch_size", 64)))
 
 
 def patch_px(checkpoint: Path) -> int:

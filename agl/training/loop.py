@@ -153,10 +153,10 @@ def hypergradient_stats(estimates: list[Tensor]) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- helpers
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``auto`` picks the Ray-reserved GPU or CUDA when present, else CPU (``agl.training.device``)."""
+    from agl.training.device import resolve_device as resolve
+
+    return resolve(name)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -211,7 +211,12 @@ class Trainer:
         from agl.training.losses import LOSSES
 
         self.cfg, self.data = cfg, data
+        from agl.training.device import check_available, log_run_device
+
         self.device = resolve_device(cfg.device)
+        check_available(self.device)
+        if dist_info()[0] == 0:
+            log_run_device(cfg.device, self.device)
         self.n_primary = int(data.n_primary)
         self.n_out = n_outputs(cfg, len(data.genes), self.n_primary)
         self.model, self.gate = build_model(cfg, data.genes, self.n_primary, data.prior_ranks, data.input_dim)
