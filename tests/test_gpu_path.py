@@ -141,3 +141,33 @@ def test_the_pyfunc_model_predicts_on_the_runs_device(demo_store, monkeypatch):
     with pytest.raises(ConfigError, match="CUDA is not available"):  # a CUDA run's model is not served on CPU silently
         _features_pyfunc("cuda").predict(None, patches)
     assert _features_pyfunc("cuda").predict(None, patches, params={"device": "cpu"}).shape == (2, 5)
+
+
+# --------------------------------------------------------------------------- feature cache
+def test_the_eight_views_in_one_pass_are_the_views_one_at_a_time(demo_store):
+    import numpy as np
+    import torch
+
+    from agl.data.store import open_store
+    from agl.models import create_backbone
+    from agl.models.features import encode_views
+
+    torch.manual_seed(0)
+    encoder, _ = create_backbone("torchvision/mobilenet_v2", None)
+    encoder = encoder.eval().to(memory_format=torch.channels_last)
+    patches = np.asarray(open_store(demo_store).patches[:3, :64, :64])
+    one = encode_views(encoder, patches, 8, "cpu", one_pass=True)
+    each = encode_views(encoder, patches, 8, "cpu", one_pass=False)
+    assert one.shape == each.shape == (8, 3, 1280)
+    np.testing.assert_allclose(one, each, rtol=1e-4, atol=1e-4)  # same view order, same patch order
+
+
+def test_the_cache_key_records_bf16_features_only(demo_store):
+    from agl.data.store import open_store
+    from agl.models.features import encoding_precision, feature_cache_key
+
+    store = open_store(demo_store)
+    fp32, _ = feature_cache_key(store, "torchvision/mobilenet_v2", "random")
+    bf16, fields = feature_cache_key(store, "torchvision/mobilenet_v2", "random", precision="bf16")
+    assert fp32 != bf16 and fields["precision"] == "bf16"
+    assert encoding_precision("cpu", "bf16") == "fp32" and encoding_precision("cuda", "bf16") == "bf16"
