@@ -65,6 +65,8 @@ def ray_reserved_one_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
+@pytest.mark.reliability(kind="bad input", case="a Ray worker holds a reserved GPU but torch sees no CUDA",
+                         outcome="ConfigError naming the setting 'device' and the reserved GPU ids; no silent CPU run")
 def test_a_ray_reserved_gpu_without_cuda_is_an_error(ray_reserved_one_gpu):
     from agl.training.loop import resolve_device
 

@@ -116,6 +116,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one TrainConfig setting")
     p.add_argument("--num-workers", type=int, default=2, help="Train workers (0 = in-process, for debugging)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+                   help="the run's device setting; cuda also reserves one GPU per worker (--use-gpu)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs per worker (with --data ray_data leave CPUs for Ray Data readers)")
     p.add_argument("--data", choices=("bundle", "ray_data"), default="bundle",
@@ -137,13 +139,15 @@ def cmd_train_ray(args: argparse.Namespace) -> int:
     from agl.distributed.train import run_train
     from agl.training.loop import TrainConfig
 
-    cfg = TrainConfig.from_dict({**read_config_file(args.config), **parse_sets(args.set)},
+    device = {"device": args.device} if args.device else {}
+    cfg = TrainConfig.from_dict({**read_config_file(args.config), **parse_sets(args.set), **device},
                                 source=args.config or "--set")
+    use_gpu = args.use_gpu or cfg.device.startswith("cuda")
     if args.tracking_uri:  # refuse an unreachable server before training, not after
         tracking.check_reachable(tracking.check_tracking_uri(args.tracking_uri))
     store = resolve_store(args.store)
     init_ray(args.address, num_cpus=args.num_cpus)
-    scaling: dict[str, Any] = {"num_workers": args.num_workers, "use_gpu": args.use_gpu}
+    scaling: dict[str, Any] = {"num_workers": args.num_workers, "use_gpu": use_gpu}
     if args.cpus_per_worker is not None:
         scaling["resources_per_worker"] = {"CPU": args.cpus_per_worker}
     name = args.name or f"agl-train-{time.strftime('%Y%m%d-%H%M%S')}"
