@@ -157,6 +157,9 @@ class TrainConfig:
     dropout: float = setting(0.1, num_in(0.0, 1.0, hi_open=True), "dropout of the trunk")
     seed: int = setting(0, int_at_least(0), "random seed of the run (initialisation, shuffles, random_k)")
     device: str = setting("auto", _device, "auto, cpu, cuda, cuda:N or mps")
+    precision: str = setting("bf16", one_of("bf16", "fp32"),
+                             "ordinary steps, prediction and features on CUDA: bf16 autocast + channels_last, "
+                             "or fp32 (CPU runs and hypergradient estimators are always float32)")
 
     def __init__(self, **values: Any):
         run, gate = run_settings(), option_settings()

@@ -205,6 +205,21 @@ def cmd_bench_selection(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- agl bench gpu
+def add_bench_gpu_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="results", help="folder for bench_gpu.json and bench_gpu.png")
+    p.add_argument("--device", default=None, help="cuda (default when present) or cpu (with --quick: the CI check)")
+    p.add_argument("--quick", action="store_true", help="every section at tiny sizes (a few minutes on 2 CPU cores)")
+    p.add_argument("--sections", default="", help="comma-separated subset of the sections (default: all)")
+
+
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from agl.bench.gpu import run_bench_gpu
+
+    run_bench_gpu(Path(args.out), args.device, args.quick, [s for s in args.sections.split(",") if s] or None)
+    return 0
+
+
 class Benchmark(NamedTuple):
     """One ``agl bench NAME`` sub-command: its help line, its arguments and its handler."""
 
@@ -228,6 +243,9 @@ BENCHMARKS.register("scale", Benchmark("streaming ingest of N x the demo section
 BENCHMARKS.register("selection", Benchmark(
     "known answer: planted helpful/conflict/noise genes on real image features; PGL, AGL-all, top-k, random-k, "
     "DkGSB per hypergradient; learned k vs planted k, paired tests", add_bench_selection_args, cmd_bench_selection))
+BENCHMARKS.register("gpu", Benchmark(
+    "the GPU path in one command: feature-cache img/s fp32 vs bf16, fine-tune and outer steps, hypergradient "
+    "accuracy with TF32 off/on, DDP step time, serving, train-ray, sweep, demo job", add_bench_gpu_args, cmd_bench_gpu))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

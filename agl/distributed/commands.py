@@ -147,6 +147,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one TrainConfig setting")
     p.add_argument("--num-workers", type=int, default=2, help="Train workers (0 = in-process, for debugging)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+                   help="the run's device setting; cuda also reserves one GPU per worker (--use-gpu)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs per worker (with --data ray_data leave CPUs for Ray Data readers)")
     p.add_argument("--data", choices=("bundle", "ray_data"), default="bundle",
@@ -168,13 +170,15 @@ def cmd_train_ray(args: argparse.Namespace) -> int:
     from agl.distributed.train import run_train
     from agl.training.loop import TrainConfig
 
-    cfg = TrainConfig.from_dict({**read_config_file(args.config), **parse_sets(args.set)},
+    device = {"device": args.device} if args.device else {}
+    cfg = TrainConfig.from_dict({**read_config_file(args.config), **parse_sets(args.set), **device},
                                 source=args.config or "--set")
+    use_gpu = args.use_gpu or cfg.device.startswith("cuda")
     if args.tracking_uri:  # refuse an unreachable server before training, not after
         tracking.check_reachable(tracking.check_database(tracking.check_tracking_uri(args.tracking_uri), False))
     store = resolve_store(args.store)
     init_ray(args.address, num_cpus=args.num_cpus)
-    scaling: dict[str, Any] = {"num_workers": args.num_workers, "use_gpu": args.use_gpu}
+    scaling: dict[str, Any] = {"num_workers": args.num_workers, "use_gpu": use_gpu}
     if args.cpus_per_worker is not None:
         scaling["resources_per_worker"] = {"CPU": args.cpus_per_worker}
     name = args.name or f"agl-train-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -253,7 +257,8 @@ def add_features_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="imagenet", help="'imagenet', a hub name, or a weights file")
     p.add_argument("--views", type=int, default=8, help="dihedral views per patch (training draws one per epoch)")
     p.add_argument("--num-workers", type=int, default=2, help="Ray Data actors, one encoder each")
-    p.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: 1 if the cluster has GPUs)")
+    p.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: 1 if the local Ray has GPUs; required with --address on a "
+                        "cluster that shows no GPU yet)")
     p.add_argument("--batch-size", type=int, default=64, help="patches per batch")
     p.add_argument("--address", default=None, help="Ray cluster address ('auto'); default: local Ray")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
@@ -267,7 +272,8 @@ def cmd_features(args: argparse.Namespace) -> int:
     store = open_store_arg(args.store)
     init_ray(args.address, num_cpus=args.num_cpus)
     feats = feature_cache_ray(store, args.backbone, args.weights, views=args.views, num_workers=args.num_workers,
-                              batch_size=args.batch_size, num_gpus=args.num_gpus)
+                              batch_size=args.batch_size, num_gpus=args.num_gpus,
+                              joined_cluster=args.address is not None)
     print(f"feature cache {getattr(feats, 'filename', '')}: {feats.shape[0]} views x {feats.shape[1]} spots x "
           f"{feats.shape[2]} dims")
     return 0

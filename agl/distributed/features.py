@@ -5,8 +5,8 @@ same ``[views, N, D]`` layout, same sidecar), so training cannot tell how it was
 done slide by slide into ``features/{key}.parts/{slide}.npy``: a run that is interrupted
 keeps its finished slides and a rerun computes only the rest (resumable per slide). When every
 slide is done the parts are assembled into the cache file (temporary name, then rename) and
-removed. Actors ask for one GPU each when the cluster has GPUs (``num_gpus=None``: auto), else
-one CPU.
+removed. Actors ask for one GPU each when the cluster has GPUs (``num_gpus=None``: auto; on a
+joined cluster, which may autoscale, ``--num-gpus`` decides), else one CPU.
 """
 from __future__ import annotations
 
@@ -56,10 +56,22 @@ class FeatureEncoder:
         return {"row": np.sort(rows), "features": np.ascontiguousarray(feats.transpose(1, 0, 2))}  # [B, V, D]
 
 
-def _cluster_gpus() -> float:
-    import ray
+def actor_gpus(num_gpus: float | None, resources: dict[str, float], joined_cluster: bool) -> float:
+    """GPUs per encoder actor: ``num_gpus`` when given; else 1 on a Ray that has GPUs.
 
-    return float(ray.cluster_resources().get("GPU", 0.0))
+    A joined cluster without GPUs at start-up may still autoscale GPU workers (``cluster.yaml``:
+    ``min_workers: 0``), so its start-up resources cannot decide: there ``--num-gpus`` is required.
+    """
+    if num_gpus is not None:
+        if num_gpus < 0:
+            raise ConfigError("--num-gpus", f"must be >= 0, got {num_gpus}")
+        return float(num_gpus)
+    if float(resources.get("GPU", 0.0)) > 0:
+        return 1.0
+    if joined_cluster:
+        raise ConfigError("--num-gpus", "the joined Ray cluster shows no GPU now but may autoscale GPU workers; "
+                                        "pass --num-gpus 1 (GPU actors) or --num-gpus 0 (CPU actors)")
+    return 0.0
 
 
 def feature_cache_ray(
@@ -74,12 +86,13 @@ def feature_cache_ray(
     dtype: str = "float32",
     sha256: str | None = None,
     threads_per_worker: int | None = 1,
+    joined_cluster: bool = False,
 ) -> np.ndarray:
     """The feature cache of ``store`` computed by ``num_workers`` Ray Data actors (Ray must be initialised).
 
     Returns the memory-mapped cache, as :func:`agl.models.features.feature_cache` does; a
     cache that already exists is reused without starting an actor. ``num_gpus`` per actor:
-    ``None`` takes 1 when the cluster has GPUs, else 0.
+    ``None`` takes 1 when the cluster has GPUs, else 0 (an error on a ``joined_cluster``: see ``actor_gpus``).
     """
     import ray
 
@@ -97,7 +110,7 @@ def feature_cache_ray(
     folder = path.parent
 
     def compute() -> None:
-        gpus = (1.0 if _cluster_gpus() > 0 else 0.0) if num_gpus is None else float(num_gpus)
+        gpus = actor_gpus(num_gpus, ray.cluster_resources(), joined_cluster)
         _compute_parts(store, folder / f"{key}.parts", backbone, weights, sha256, shape,
                        num_workers, batch_size, gpus, threads_per_worker)
         _assemble(folder, key, fields, shape, dtype, store)

@@ -156,6 +156,7 @@ class SearchSpace:
     start_with: tuple[dict[str, Any], ...] = ()
     cv: dict[str, Any] | None = None       # cross-validation folds (see the module docstring); None: one split
     min_bilevel_epochs: int = 0
+    max_concurrent: int | None = None      # trials at once; None: from the resources of a local Ray, else num_samples
 
     def define_by_run(self) -> "DefineByRun":
         """The Optuna define-by-run function of this space (conditional settings only where active)."""
@@ -303,11 +304,15 @@ def parse_space(raw: Any, source: str = "<space>") -> SearchSpace:
     _check_bilevel_budget(err, min_bilevel, params, fixed_expanded)
     if len(start_with) > num_samples:
         raise err(f"start_with: {len(start_with)} pinned trials but num_samples is {num_samples}")
+    max_concurrent = raw.get("max_concurrent")
+    if max_concurrent is not None and (not isinstance(max_concurrent, int) or isinstance(max_concurrent, bool)
+                                       or max_concurrent < 1):
+        raise err(f"max_concurrent: must be a positive integer (trials at once), got {max_concurrent!r}")
     return SearchSpace(
         source=source, params=params, fixed=dict(fixed), split=split, metric=metric, mode=mode,
         num_samples=num_samples, scheduler=scheduler, resources=dict(resources), seed=seed,
         description=str(raw.get("description", "")), start_with=start_with, cv=cv,
-        min_bilevel_epochs=min_bilevel,
+        min_bilevel_epochs=min_bilevel, max_concurrent=max_concurrent,
     )
 
 

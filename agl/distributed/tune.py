@@ -329,7 +329,7 @@ def _trainable(opts: SweepOptions, space: SearchSpace, store_path: str, storage_
         resources = {"cpu": space.resources.get("cpu", 1), "gpu": space.resources.get("gpu", 0)}
     else:
         body = tune.with_parameters(agl_train_trial, space=space, store_path=store_path,
-                                    workers=opts.workers_per_trial, use_gpu=opts.use_gpu,
+                                    workers=opts.workers_per_trial, use_gpu=_trial_gpus(opts, space),
                                     storage_path=storage_path)
         # the trial only drives its TorchTrainer, whose workers hold the real resources
         # (Tune cannot place an empty resource request, hence a sliver of a CPU)
@@ -337,19 +337,37 @@ def _trainable(opts: SweepOptions, space: SearchSpace, store_path: str, storage_
     return tune.with_resources(body, resources)
 
 
-def _max_concurrent(opts: SweepOptions, space: SearchSpace, resources: Mapping[str, float]) -> int:
-    """How many trials fit at once (nested trainers: whole worker groups, so no trial waits half-placed)."""
+def _max_concurrent(opts: SweepOptions, space: SearchSpace, resources: Mapping[str, float],
+                    joined_cluster: bool = False) -> int:
+    """How many trials run at once: ``--max-concurrent``, else the space's ``max_concurrent``, else
+    what fits in a local Ray (nested trainers: whole worker groups, so no trial waits half-placed).
+
+    A joined cluster (``--address``) may autoscale: its resources at start-up (e.g. ``cluster.yaml``'s
+    ``CPU: 0`` head with GPU workers at ``min_workers: 0``) say nothing about what it will have, so
+    there every trial is let in (``num_samples``) and Tune's pending trials make the autoscaler add nodes.
+    """
     if opts.max_concurrent:
         return opts.max_concurrent
+    if space.max_concurrent:
+        return space.max_concurrent
+    if joined_cluster:
+        log.info("joined cluster: up to %d trials at once (the space's num_samples; set max_concurrent in the "
+                 "space or --max-concurrent to cap it)", space.num_samples)
+        return space.num_samples
     cpus = max(1.0, float(resources.get("CPU", 1)))
     if opts.trainer == "train":
         per_trial = opts.workers_per_trial * 1.0 + 1.0  # workers + the Train controller
-        if opts.use_gpu:
+        if _trial_gpus(opts, space):
             return max(1, int(float(resources.get("GPU", 0)) // max(1, opts.workers_per_trial)))
         return max(1, int(cpus // per_trial))
     if space.resources.get("gpu"):
         return max(1, int(float(resources.get("GPU", 0)) // space.resources["gpu"]))
     return max(1, int(cpus // max(space.resources.get("cpu", 1), 1e-9)))
+
+
+def _trial_gpus(opts: SweepOptions, space: SearchSpace) -> bool:
+    """Whether trials train on GPUs: ``--use-gpu``, or a space that asks for GPUs (``resources.gpu``)."""
+    return bool(opts.use_gpu or space.resources.get("gpu"))
 
 
 def run_sweep(opts: SweepOptions) -> SweepSummary:
@@ -424,7 +442,8 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
             _trainable(opts, space, store_path, storage_path),
             tune_config=tune.TuneConfig(search_alg=_searcher(space), scheduler=_scheduler(space, opts.trainer, max_t),
                                         num_samples=space.num_samples,
-                                        max_concurrent_trials=_max_concurrent(opts, space, resources)),
+                                        max_concurrent_trials=_max_concurrent(opts, space, resources,
+                                                                              joined_cluster=opts.address is not None)),
             run_config=tune.RunConfig(name=opts.name, storage_path=storage_path, callbacks=[callback],
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                       failure_config=tune.FailureConfig(max_failures=1), verbose=1),

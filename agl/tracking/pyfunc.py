@@ -42,12 +42,23 @@ class AglPyfuncModel(_Base):
         self.model, _gate, self.cfg, self.genes = load_model(self.checkpoint)
         n_out = int(getattr(self.model, "n_genes", len(self.genes)))
         self.columns = self.genes["gene"].astype(str).iloc[:n_out].tolist()  # the output's column names
+        self.predictors: dict[str, Any] = {}  # device -> Predictor: the encoder is built once, not per request
+
+    def predictor(self, device: str | None = None) -> Any:
+        """The loaded model on ``device`` (default: the run's ``cfg.device``), built on first use."""
+        import copy
+
+        from agl.training.inference import Predictor
+
+        device = device or self.cfg.device
+        if device not in self.predictors:  # a second device gets its own copy: Predictor moves the model
+            model = copy.deepcopy(self.model) if self.predictors else self.model
+            self.predictors[device] = Predictor(model, self.cfg, device)
+        return self.predictors[device]
 
     # model_input has no type hint on purpose: MLflow would read it as the input schema (the signature is that)
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> "pd.DataFrame":  # noqa: ANN001
         import pandas as pd
-
-        from agl.training.inference import run_model
 
         if isinstance(model_input, dict):  # a named-tensor request ({"patches": ...})
             model_input = model_input["patches"]
@@ -57,8 +68,9 @@ class AglPyfuncModel(_Base):
         if len(patches) == 0:  # no model run: an empty table with every gene's column
             return pd.DataFrame(np.zeros((0, len(self.columns)), dtype=np.float32), columns=self.columns)
         options = params or {}
-        pred = run_model(self.model, self.cfg, patches.astype(np.uint8, copy=False),
-                         int(options.get("batch_size", 64)), str(options.get("device", "cpu")))
+        device = options.get("device")
+        pred = self.predictor(None if device is None else str(device)).predict(
+            patches.astype(np.uint8, copy=False), int(options.get("batch_size", 64)))
         return pd.DataFrame(pred, columns=self.columns)
 
 

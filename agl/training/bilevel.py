@@ -48,6 +48,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from agl.errors import ConfigError
 from agl.registry import Registry
+from agl.training.precision import in_full_float32
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -300,8 +301,11 @@ def register_hypergradient(name: str, target: str) -> None:
 
 
 def hypergradient_estimator(name: str) -> Callable[..., Estimate]:
-    """The estimator function registered under ``name`` (unknown: a ConfigError listing the known ones)."""
-    return ESTIMATORS.get(name)
+    """The estimator registered under ``name``, run with TF32 and autocast off (``full_float32``).
+
+    Unknown: a ConfigError listing the known ones.
+    """
+    return in_full_float32(ESTIMATORS.get(name))
 
 
 def estimator_options_class(fn: Callable[..., Estimate]) -> type:

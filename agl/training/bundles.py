@@ -73,8 +73,10 @@ class PatchInputs:
 
 def _feature_inputs(store: Any, cfg: "TrainConfig") -> FeatureInputs:
     from agl.models import feature_cache
+    from agl.training.loop import resolve_device
 
-    return FeatureInputs(feature_cache(store, cfg.backbone, cfg.weights))
+    return FeatureInputs(feature_cache(store, cfg.backbone, cfg.weights, device=str(resolve_device(cfg.device)),
+                                       precision=cfg.precision))
 
 
 INPUTS: dict[str, Callable[[Any, "TrainConfig"], Any]] = {

@@ -117,10 +117,10 @@ def hypergradient_stats(estimates: list[Tensor]) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- helpers
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``auto`` picks the Ray-reserved GPU or CUDA when present, else CPU (``agl.training.device``)."""
+    from agl.training.device import resolve_device as resolve
+
+    return resolve(name)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -135,11 +135,15 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def predict(model: torch.nn.Module, x: Tensor, device: torch.device, batch_size: int = 512) -> Tensor:
-    """Model outputs for every row of x, in evaluation mode, without gradients."""
+def predict(model: torch.nn.Module, x: Tensor, device: torch.device, batch_size: int = 512,
+            precision: str = "fp32") -> Tensor:
+    """Model outputs for every row of x, in evaluation mode, without gradients (bf16 autocast on CUDA
+    with ``precision="bf16"``)."""
+    from agl.training.precision import train_autocast
+
     model.eval()
     outs = []
-    with torch.no_grad():
+    with torch.no_grad(), train_autocast(device, precision):
         for start in range(0, len(x), batch_size):
             outs.append(model(x[start:start + batch_size].to(device)).float().cpu())
     return torch.cat(outs) if outs else torch.empty(0)
@@ -164,6 +168,14 @@ def check_finite(loss: Tensor | float, what: str, epoch: int, step: int | None, 
         raise NonFiniteLossError(what, value, epoch + 1, step, lr)
 
 
+def first_non_finite(loss: Tensor, step: int, first: Tensor | None) -> Tensor:
+    """``first`` (the first step whose loss was not finite, 0: none) updated with ``step``, on the loss's device."""
+    bad = torch.where(torch.isfinite(loss.detach()), 0, step)
+    if first is None:
+        return bad
+    return torch.where(first > 0, first, bad)
+
+
 def _allreduce(params: list[torch.nn.Parameter]) -> None:
     if dist_info()[1] > 1:
         from agl.training.bilevel import allreduce_gradients
@@ -184,7 +196,12 @@ class Trainer:
         from agl.training.losses import LOSSES
 
         self.cfg, self.data = cfg, data
+        from agl.training.device import check_available, log_run_device
+
         self.device = resolve_device(cfg.device)
+        check_available(self.device)
+        if dist_info()[0] == 0:
+            log_run_device(cfg.device, self.device)
         self.n_primary = int(data.n_primary)
         self.n_out = n_outputs(cfg, len(data.genes), self.n_primary)
         self.model, self.gate = build_model(cfg, data.genes, self.n_primary, data.prior_ranks, data.input_dim)
@@ -195,31 +212,59 @@ class Trainer:
         self.inner_params = list(self.model.parameters()) + list(self.gate.inner_parameters())
         self.outer_params = list(self.gate.outer_parameters())
         self.opt = torch.optim.Adam(self.inner_params, lr=cfg.lr)
+        from agl.training import ddp
+        from agl.training.precision import autocast_dtype
+
+        # ordinary steps: DDP all-reduces the model's gradients (bucketed, during backward); the gate's
+        # inner parameters, outside the model, keep the explicit all-reduce
+        self.step_model = ddp.wrap(self.model, self.device)
+        self.manual_reduce = (list(self.gate.inner_parameters()) if self.step_model is not self.model
+                              else self.inner_params)
+        self.autocast = autocast_dtype(self.device, cfg.precision)
+        if self.autocast is not None:  # bf16 convolutions run fastest on channels_last tensors
+            self.model.to(memory_format=torch.channels_last)
         self.outer_opt = torch.optim.Adam(self.outer_params, lr=cfg.outer_lr) if self.outer_params else None
 
     def objective(self, pred: Tensor, y: Tensor, all_genes: bool) -> Tensor:
-        """Per-gene loss split into primary/auxiliary and combined by the gate (or uniformly in warm-up)."""
-        per_gene = self.loss_fn(pred, y[:, : self.n_out])
+        """Per-gene loss split into primary/auxiliary and combined by the gate (or uniformly in warm-up).
+
+        The loss is taken in float32 (Pearson centring loses the signal in bf16)."""
+        per_gene = self.loss_fn(pred.float(), y[:, : self.n_out].float())
         if all_genes:
             return per_gene.mean()
         return self.gate.loss(per_gene[: self.n_primary], per_gene[self.n_primary:])
 
     def train_epoch(self, epoch: int, all_genes: bool) -> tuple[float, int]:
         """One pass of ordinary training (gate outer parameters frozen); returns (mean loss, spots seen)."""
+        from agl.training.precision import train_autocast
+        from agl.training.prefetch import prefetch
+
         self.model.train()
-        total, n_batches, n_spots = 0.0, 0, 0
-        for x, y in self.data.train_batches(self.cfg.batch_size, epoch):
-            x, y = x.to(self.device), y.to(self.device)
+        total, n_batches, n_spots = torch.zeros((), device=self.device), 0, 0
+        first_bad = None  # on an accelerator: the first step whose loss was NaN/inf, a device tensor (0: none yet)
+        # batches built on a background thread (pinned, non_blocking copies on CUDA)
+        for x, y in prefetch(self.data.train_batches(self.cfg.batch_size, epoch), self.device):
             self.opt.zero_grad(set_to_none=True)
-            loss = self.objective(self.model(x), y, all_genes)
-            check_finite(loss, "training loss", epoch, n_batches + 1, self.cfg.lr)  # before the step spoils the weights
+            with train_autocast(self.device, self.cfg.precision):
+                pred = self.step_model(_channels_last(x) if self.autocast is not None else x)
+            loss = self.objective(pred, y, all_genes)
+            if self.device.type == "cpu":  # checking costs nothing here: stop before the step spoils the weights
+                check_finite(loss, "training loss", epoch, n_batches + 1, self.cfg.lr)
+            else:  # kept on the device: no host sync per step, one per epoch
+                first_bad = first_non_finite(loss, n_batches + 1, first_bad)
             loss.backward()
-            _allreduce(self.inner_params)
+            _allreduce(self.manual_reduce)
             self.opt.step()
-            total += float(loss.detach())
+            total += loss.detach()  # summed on the device: no host sync per step
             n_batches += 1
             n_spots += len(x)
-        return total / max(n_batches, 1), n_spots
+        if self.step_model is not self.model:
+            from agl.training.ddp import broadcast_buffers
+
+            broadcast_buffers(self.model, self.device)  # BN statistics drifted per rank: evaluate rank 0's
+        if first_bad is not None and int(first_bad) > 0:  # one sync per epoch; the last good checkpoint is the epoch before
+            check_finite(float("nan"), "training loss", epoch, int(first_bad), self.cfg.lr)
+        return float(total) / max(n_batches, 1), n_spots
 
     def outer_part(self) -> str:
         """The part whose primary loss the outer parameters minimise: ``val_outer`` when the split has one."""
@@ -291,7 +336,7 @@ class Trainer:
         from agl.evaluation.metrics import evaluate_predictions
 
         x, y, slide_ids = self.data.eval_arrays(part)
-        pred = predict(self.model, x, self.device)[:, : self.n_primary]
+        pred = predict(self.model, x, self.device, precision=self.cfg.precision)[:, : self.n_primary]
         target = torch.as_tensor(np.asarray(y)[:, : self.n_primary], dtype=torch.float32)
         loss = float(self.loss_fn(pred, target).mean())
         names = list(self.data.genes["gene"].iloc[: self.n_primary])
@@ -304,6 +349,10 @@ class Trainer:
         self.model.load_state_dict(model_state)
         if gate_state:
             self.gate.load_state_dict(gate_state)
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def _clone_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -363,8 +412,11 @@ def fit(cfg: TrainConfig, data: DataBundle, reporter: Reporter | None = None,
         train_loss, n_spots = tr.train_epoch(epoch, plan.all_genes)
         tr.gate.on_epoch_end(epoch, cfg.epochs)
         val_metrics, val_loss = tr.evaluate("val")
+        # rank 0's values decide best epoch and early stopping on every rank (no rank waits alone in a collective)
+        from agl.training.ddp import from_rank0
+
+        val_pcc, val_loss = from_rank0([float(val_metrics["pcc"]), val_loss], tr.device)
         check_finite(val_loss, "validation loss", epoch, None, cfg.lr)
-        val_pcc = float(val_metrics["pcc"])
         if val_pcc > state.best_val_pcc or state.best_epoch < 0:
             state.best_val_pcc, state.best_epoch = val_pcc, epoch
             state.best_model, state.best_gate = tr.snapshot()
