@@ -45,6 +45,11 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-path", default=None,
                    help="Ray results/checkpoints (default OUT/ray; on a multi-node cluster use s3://... or a shared mount)")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard on 127.0.0.1 (local Ray only)")
+    p.add_argument("--warm-start-from", default=None, metavar="SWEEP",
+                   help="enqueue the best configurations of an earlier sweep first: its --out folder, or its MLflow "
+                        "parent run as runs:/<run_id> (on --tracking-uri)")
+    p.add_argument("--warm-start-top", type=int, default=3, metavar="N",
+                   help="how many of the earlier sweep's best configurations to enqueue (default 3)")
 
 
 def default_sweep_out(resume: bool, base: Path = Path("results/sweep")) -> str:
@@ -72,7 +77,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                         tracking_uri=args.tracking_uri, experiment=args.experiment, model_name=args.model_name,
                         resume=args.resume, trainer=args.trainer, workers_per_trial=args.workers_per_trial,
                         use_gpu=args.use_gpu, max_concurrent=args.max_concurrent, storage_path=args.storage_path,
-                        dashboard=args.dashboard)
+                        dashboard=args.dashboard, warm_start_from=args.warm_start_from,
+                        warm_start_top=args.warm_start_top)
     summary = run_sweep(opts)
     print(summary.text or format_table(summary.table, summary.best))
     print(f"\ntrial table: {summary.paths.get('table_csv')}\nplot: {summary.paths.get('table_png')}")

@@ -72,6 +72,8 @@ class SweepOptions:
     storage_path: str | None = None        # None: <out>/ray (use s3:// or a shared mount on a cluster)
     dashboard: bool = False
     threads_per_trial: int = 1
+    warm_start_from: str | None = None     # an earlier sweep's --out or its MLflow parent run (runs:/<id>)
+    warm_start_top: int = 3                # how many of its best configurations to enqueue
 
 
 @dataclass
@@ -308,16 +310,11 @@ def _scheduler(space: SearchSpace, trainer: str, max_t: int) -> Any:
     return FIFOScheduler()
 
 
-def _searcher(space: SearchSpace) -> Any:
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
+def _searcher(space: SearchSpace, concurrency: int = 1, warm_points: list[dict[str, Any]] | None = None) -> Any:
+    """Optuna TPE for parallel, conditional, pruned trials (see :mod:`agl.distributed.searcher`)."""
+    from agl.distributed.searcher import build_searcher
 
-    sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=min(10, max(2, space.num_samples // 2)))
-    # pinned first trials (start_with): OptunaSearch enqueues them in the study before sampling
-    points = [dict(p) for p in space.start_with] or None
-    # define-by-run: conditional settings (``when``) are suggested only in the trials that use them
-    return OptunaSearch(space=space.define_by_run(), metric=space.metric, mode=space.mode, sampler=sampler,
-                        points_to_evaluate=points)
+    return build_searcher(space, concurrency, warm_points or ())
 
 
 def _trainable(opts: SweepOptions, space: SearchSpace, store_path: str, storage_path: str) -> Any:
@@ -379,6 +376,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     # an unreachable tracking server is refused before anything is written
     tracking_uri = tracking.check_tracking_uri(opts.tracking_uri or tracking.default_tracking_uri(out))
     tracking.check_reachable(tracking_uri)
+    warm_points, warm_source = _warm_start(opts, space)  # a bad --warm-start-from fails before anything is written
     tracking.quick_failure_env()
     out.mkdir(parents=True, exist_ok=True)
     write_output_marker(out, "tune", name=opts.name)
@@ -414,7 +412,8 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
             experiment_id, opts.name,
             {"space": space.source, "split": space.split, "num_samples": space.num_samples,
              "trainer": opts.trainer, "store": store_path, "metric": space.metric, "mode": space.mode,
-             **{f"fixed.{k}": v for k, v in space.fixed.items()}},
+             **{f"fixed.{k}": v for k, v in space.fixed.items()},
+             **({"warm_start_from": warm_source, "warm_start_points": len(warm_points)} if warm_source else {})},
             files=[resolve_space_path(opts.space)], dataset=dataset)
         atomic_write_json(state_file, {"name": opts.name, "out": str(out), "parent_run_id": parent_run_id,
                                        "experiment_id": experiment_id, "tracking_uri": tracking_uri,
@@ -423,11 +422,12 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
         max_t = (len(_fold_names(store_path, space)) if space.cv is not None
                  else int(space.train_config({}).get("epochs", 100)) + 1)  # +1: the final report after the last epoch
         callback = TrackingCallback(tracker, experiment_id, parent_run_id, space, out=out, dataset=dataset)
+        concurrency = _max_concurrent(opts, space, resources)
         tuner = tune.Tuner(
             _trainable(opts, space, store_path, storage_path),
-            tune_config=tune.TuneConfig(search_alg=_searcher(space), scheduler=_scheduler(space, opts.trainer, max_t),
-                                        num_samples=space.num_samples,
-                                        max_concurrent_trials=_max_concurrent(opts, space, resources)),
+            tune_config=tune.TuneConfig(search_alg=_searcher(space, concurrency, warm_points),
+                                        scheduler=_scheduler(space, opts.trainer, max_t),
+                                        num_samples=space.num_samples, max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name=opts.name, storage_path=storage_path, callbacks=[callback],
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                       failure_config=tune.FailureConfig(max_failures=1), verbose=1),
@@ -462,6 +462,28 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                                                             "summary_md": str(out / SUMMARY_MD)},
                         complete=complete, tracking_pending=(out / PENDING_FILE).is_file(), champion=refit_run,
                         text=format_table(table, best, space, refit_run))
+
+
+def _warm_start(opts: SweepOptions, space: SearchSpace) -> tuple[list[dict[str, Any]], str | None]:
+    """The earlier sweep's best configurations to enqueue after the pinned trials (none on --resume)."""
+    from agl.distributed.searcher import read_earlier_trials, warm_start_points
+
+    if not opts.warm_start_from:
+        return [], None
+    if opts.resume:
+        log.warning("--warm-start-from is ignored with --resume: the restored search keeps its own trials")
+        return [], None
+    if opts.warm_start_top < 1:
+        raise ConfigError("--warm-start-top", f"must be >= 1, got {opts.warm_start_top}")
+    table, source = read_earlier_trials(opts.warm_start_from, opts.tracking_uri)
+    room = space.num_samples - len(space.start_with)
+    points = warm_start_points(table, space, min(opts.warm_start_top, max(room, 0)), source)
+    if not points:
+        log.warning("%s: no configuration of the earlier sweep fits this space (or no trial room after the "
+                    "%d pinned ones); nothing enqueued", source, len(space.start_with))
+    else:
+        log.info("warm start: %d configuration(s) of %s enqueued after the pinned trials", len(points), source)
+    return points, source
 
 
 def _fold_names(store_path: str, space: SearchSpace) -> list[str]:
