@@ -2,6 +2,7 @@
 study, and warm starts that enqueue an earlier sweep's best configurations."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -103,7 +104,12 @@ def test_warm_start_from_an_mlflow_parent_run(tmp_path: Path) -> None:
 
 
 def test_a_sweep_warm_started_from_an_earlier_one_runs_its_best_configuration_first(
-        ray_local, demo_store: Path, tmp_path: Path) -> None:
+        ray_local, demo_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`agl tune --warm-start-from`: the earlier best runs first; the gene consensus of its one trial (top-k,
+    k = 17) is those 17 genes, printed and logged to the parent run."""
+    from agl.cli import main
+    from agl.tracking import MlflowTracker
+
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     pd.DataFrame([
@@ -112,11 +118,17 @@ def test_a_sweep_warm_started_from_an_earlier_one_runs_its_best_configuration_fi
         {"trial_id": "y", "status": "finished", "param.method": "dkgsb", "param.k": 200, "param.lr": 0.001,
          "val_pcc": 0.3},
     ]).to_csv(earlier / "trials.csv", index=False)
-    summary = run_sweep(SweepOptions(space="tiny", store=str(demo_store), out=str(tmp_path / "sweep"),
-                                     num_samples=1, warm_start_from=str(earlier), warm_start_top=1))
-    row = summary.table.iloc[0]
+    out = tmp_path / "sweep"
+    assert main(["tune", "--space", "tiny", "--store", str(demo_store), "--out", str(out), "--num-samples", "1",
+                 "--warm-start-from", str(earlier), "--warm-start-top", "1"]) == 0
+    row = pd.read_csv(out / "trials.csv").iloc[0]
     assert (row["param.method"], row["param.k"], row["param.lr"]) == ("topk", 17, pytest.approx(0.0021))
-    from agl.tracking import MlflowTracker
-
-    params = MlflowTracker(summary.tracking_uri).client.get_run(summary.parent_run_id).data.params
+    printed = capsys.readouterr().out
+    assert "gene consensus: 17 auxiliary genes selected in at least half of the top 1 trials" in printed
+    consensus = pd.read_csv(out / "gene_consensus.csv")
+    assert int(consensus["in_consensus"].sum()) == 17 == int((consensus["trials_selected"] == 1).sum())
+    state = json.loads((out / "sweep.json").read_text())
+    client = MlflowTracker(state["tracking_uri"]).client
+    params = client.get_run(state["parent_run_id"]).data.params
     assert params["warm_start_from"].endswith("trials.csv") and params["warm_start_points"] == "1"
+    assert "gene_consensus.json" in {a.path for a in client.list_artifacts(state["parent_run_id"])}

@@ -50,6 +50,9 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
                         "parent run as runs:/<run_id> (on --tracking-uri)")
     p.add_argument("--warm-start-top", type=int, default=3, metavar="N",
                    help="how many of the earlier sweep's best configurations to enqueue (default 3)")
+    p.add_argument("--consensus-top", type=int, default=5, metavar="N",
+                   help="the gene consensus counts how often each auxiliary gene is selected in the N best "
+                        "finished trials (default 5)")
 
 
 def default_sweep_out(resume: bool, base: Path = Path("results/sweep")) -> str:
@@ -78,12 +81,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
                         resume=args.resume, trainer=args.trainer, workers_per_trial=args.workers_per_trial,
                         use_gpu=args.use_gpu, max_concurrent=args.max_concurrent, storage_path=args.storage_path,
                         dashboard=args.dashboard, warm_start_from=args.warm_start_from,
-                        warm_start_top=args.warm_start_top)
+                        warm_start_top=args.warm_start_top, consensus_top=args.consensus_top)
     summary = run_sweep(opts)
     print(summary.text or format_table(summary.table, summary.best))
     print(f"\ntrial table: {summary.paths.get('table_csv')}\nplot: {summary.paths.get('table_png')}")
     print(f"MLflow: {summary.tracking_uri} (parent run {summary.parent_run_id}); "
           f"champion: {args.model_name} version {summary.champion_version or '-'}")
+    if summary.consensus:
+        found = summary.consensus
+        print(f"gene consensus: {found['size']} auxiliary genes selected in at least half of the top "
+              f"{len(found['trials'])} trials ({found['paths']['consensus_csv']})")
     if summary.tracking_uri.startswith("sqlite:"):
         print(f"UI: mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri {summary.tracking_uri}")
     if summary.tracking_pending:

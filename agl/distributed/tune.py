@@ -74,6 +74,7 @@ class SweepOptions:
     threads_per_trial: int = 1
     warm_start_from: str | None = None     # an earlier sweep's --out or its MLflow parent run (runs:/<id>)
     warm_start_top: int = 3                # how many of its best configurations to enqueue
+    consensus_top: int = 5                 # the gene consensus counts selections in this many best trials
 
 
 @dataclass
@@ -90,6 +91,7 @@ class SweepSummary:
     tracking_pending: bool = False         # True: MLflow missed results; `agl tune-sync` sends them
     champion: dict[str, Any] | None = None # cross-validated sweeps: the refit (folder, test metrics, run id)
     text: str = ""                         # the printed summary (also OUT/summary.md)
+    consensus: dict[str, Any] | None = None  # gene consensus of the top trials: trials, size, paths
 
 
 # --------------------------------------------------------------------------- trial bodies
@@ -370,6 +372,8 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
         if opts.num_samples < 1:
             raise ConfigError("--num-samples", f"must be >= 1, got {opts.num_samples}")
         space = SearchSpace(**{**space.__dict__, "num_samples": opts.num_samples})
+    if opts.consensus_top < 1:
+        raise ConfigError("--consensus-top", f"must be >= 1, got {opts.consensus_top}")
     out = Path(opts.out).resolve()
     # a sweep resumes in --out: an earlier sweep is left to the --resume check below, anything else refused
     check_output_folder(out, "tune", inputs=[store_path(opts.store), space.source], reuse=True)
@@ -445,10 +449,12 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
             state = json.loads(state_file.read_text())
             atomic_write_json(state_file, {**state, "champion": {k: v for k, v in refit_run.items() if k != "run_id"}},
                               indent=1, default=str)
-    table, best, sent, _ = finish_tracking(grid, space, out, tracker, experiment_id, parent_run_id,
+    table, best, sent, problem = finish_tracking(grid, space, out, tracker, experiment_id, parent_run_id,
                                            complete, opts.model_name, champion=refit_run, dataset=dataset,
                                            input_example=example_patch(store_path) if complete else None)
     champion = sent.champion
+    consensus = _gene_consensus(grid, table, space, out, tracker, parent_run_id, opts.consensus_top,
+                                tracked=problem is None) if complete else None
     if not complete:
         log.warning("sweep %s interrupted after %d of %d trials; continue it with --resume (same --out)",
                     opts.name, grid.num_terminated + grid.num_errors, space.num_samples)
@@ -461,7 +467,8 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                                                             "table_png": str(out / TABLE_PNG),
                                                             "summary_md": str(out / SUMMARY_MD)},
                         complete=complete, tracking_pending=(out / PENDING_FILE).is_file(), champion=refit_run,
-                        text=format_table(table, best, space, refit_run))
+                        text=format_table(table, best, space, refit_run),
+                        consensus={k: v for k, v in consensus.items() if k != "table"} if consensus else None)
 
 
 def _warm_start(opts: SweepOptions, space: SearchSpace) -> tuple[list[dict[str, Any]], str | None]:
@@ -484,6 +491,20 @@ def _warm_start(opts: SweepOptions, space: SearchSpace) -> tuple[list[dict[str, 
     else:
         log.info("warm start: %d configuration(s) of %s enqueued after the pinned trials", len(points), source)
     return points, source
+
+
+def _gene_consensus(grid: Any, table: pd.DataFrame, space: SearchSpace, out: Path, tracker: tracking.Tracker,
+                    parent_run_id: str, top: int, tracked: bool) -> dict[str, Any] | None:
+    """OUT/gene_consensus.csv/png of the top trials, logged to the parent run (when the tracker is up)."""
+    from agl.distributed.consensus import log_consensus, sweep_consensus
+
+    found = sweep_consensus(grid, table, space.metric, space.mode, out, top)
+    if found is not None and tracked:
+        try:
+            log_consensus(tracker, parent_run_id, found)
+        except Exception as err:  # the files stay in OUT; tracking never fails a finished sweep
+            log.warning("MLflow failed while logging the gene consensus (%s); it stays in %s", err, out)
+    return found
 
 
 def _fold_names(store_path: str, space: SearchSpace) -> list[str]:
