@@ -50,6 +50,8 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
                         "parent run as runs:/<run_id> (on --tracking-uri)")
     p.add_argument("--warm-start-top", type=int, default=3, metavar="N",
                    help="how many of the earlier sweep's best configurations to enqueue (default 3)")
+    p.add_argument("--searcher", choices=("tpe", "random"), default="tpe",
+                   help="Optuna sampler after the pinned/warm-start trials: tpe (default) or random (a baseline)")
     p.add_argument("--consensus-top", type=int, default=5, metavar="N",
                    help="the gene consensus counts how often each auxiliary gene is selected in the N best "
                         "finished trials (default 5)")
@@ -81,7 +83,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                         resume=args.resume, trainer=args.trainer, workers_per_trial=args.workers_per_trial,
                         use_gpu=args.use_gpu, max_concurrent=args.max_concurrent, storage_path=args.storage_path,
                         dashboard=args.dashboard, warm_start_from=args.warm_start_from,
-                        warm_start_top=args.warm_start_top, consensus_top=args.consensus_top)
+                        warm_start_top=args.warm_start_top, consensus_top=args.consensus_top,
+                        searcher=args.searcher)
     summary = run_sweep(opts)
     print(summary.text or format_table(summary.table, summary.best))
     print(f"\ntrial table: {summary.paths.get('table_csv')}\nplot: {summary.paths.get('table_png')}")

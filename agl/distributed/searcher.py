@@ -84,13 +84,23 @@ class PruningOptunaSearch(_optuna_search_base()):
         self._completed_trials.add(trial_id)
 
 
-def build_searcher(space: SearchSpace, concurrency: int, warm_points: Sequence[Mapping[str, Any]] = ()) -> Any:
-    """The sweep's searcher: pinned trials, then warm-start points, then TPE (random start-up first)."""
+SAMPLERS = ("tpe", "random")   # random: Optuna's RandomSampler, the baseline a user weighs TPE against
+
+
+def build_searcher(space: SearchSpace, concurrency: int, warm_points: Sequence[Mapping[str, Any]] = (),
+                   sampler: str = "tpe") -> Any:
+    """The sweep's searcher: pinned trials, then warm-start points, then TPE (random start-up first) or random."""
+    import optuna
+
+    if sampler not in SAMPLERS:
+        raise ConfigError("--searcher", f"must be one of {SAMPLERS}, got {sampler!r}")
     points = [dict(p) for p in space.start_with] + [dict(p) for p in warm_points]
     startup = len(points) + random_startup(space.num_samples, concurrency, len(points))
+    chosen = (tpe_sampler(space.seed, startup) if sampler == "tpe"
+              else optuna.samplers.RandomSampler(seed=space.seed))
     # define-by-run: conditional settings (``when``) are suggested only in the trials that use them
     return PruningOptunaSearch(space=space.define_by_run(), metric=space.metric, mode=space.mode,
-                               sampler=tpe_sampler(space.seed, startup), points_to_evaluate=points or None)
+                               sampler=chosen, points_to_evaluate=points or None)
 
 
 # --------------------------------------------------------------------------- warm start
@@ -188,5 +198,5 @@ def _typed(raw: Any, dist: Any) -> Any:
     return value if dist.contains(value) else None
 
 
-__all__ = ["PruningOptunaSearch", "build_searcher", "random_startup", "read_earlier_trials", "tpe_sampler",
+__all__ = ["SAMPLERS", "PruningOptunaSearch", "build_searcher", "random_startup", "read_earlier_trials", "tpe_sampler",
            "warm_start_points"]

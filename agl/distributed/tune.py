@@ -75,6 +75,7 @@ class SweepOptions:
     warm_start_from: str | None = None     # an earlier sweep's --out or its MLflow parent run (runs:/<id>)
     warm_start_top: int = 3                # how many of its best configurations to enqueue
     consensus_top: int = 5                 # the gene consensus counts selections in this many best trials
+    searcher: str = "tpe"                  # tpe, or random (Optuna's RandomSampler: the baseline)
 
 
 @dataclass
@@ -312,11 +313,12 @@ def _scheduler(space: SearchSpace, trainer: str, max_t: int) -> Any:
     return FIFOScheduler()
 
 
-def _searcher(space: SearchSpace, concurrency: int = 1, warm_points: list[dict[str, Any]] | None = None) -> Any:
+def _searcher(space: SearchSpace, concurrency: int = 1, warm_points: list[dict[str, Any]] | None = None,
+              sampler: str = "tpe") -> Any:
     """Optuna TPE for parallel, conditional, pruned trials (see :mod:`agl.distributed.searcher`)."""
     from agl.distributed.searcher import build_searcher
 
-    return build_searcher(space, concurrency, warm_points or ())
+    return build_searcher(space, concurrency, warm_points or (), sampler)
 
 
 def _trainable(opts: SweepOptions, space: SearchSpace, store_path: str, storage_path: str) -> Any:
@@ -372,6 +374,8 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
         if opts.num_samples < 1:
             raise ConfigError("--num-samples", f"must be >= 1, got {opts.num_samples}")
         space = SearchSpace(**{**space.__dict__, "num_samples": opts.num_samples})
+    if opts.searcher not in ("tpe", "random"):
+        raise ConfigError("--searcher", f"must be tpe or random, got {opts.searcher!r}")
     if opts.consensus_top < 1:
         raise ConfigError("--consensus-top", f"must be >= 1, got {opts.consensus_top}")
     out = Path(opts.out).resolve()
@@ -416,6 +420,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
             experiment_id, opts.name,
             {"space": space.source, "split": space.split, "num_samples": space.num_samples,
              "trainer": opts.trainer, "store": store_path, "metric": space.metric, "mode": space.mode,
+             "searcher": opts.searcher,
              **{f"fixed.{k}": v for k, v in space.fixed.items()},
              **({"warm_start_from": warm_source, "warm_start_points": len(warm_points)} if warm_source else {})},
             files=[resolve_space_path(opts.space)], dataset=dataset)
@@ -429,7 +434,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
         concurrency = _max_concurrent(opts, space, resources)
         tuner = tune.Tuner(
             _trainable(opts, space, store_path, storage_path),
-            tune_config=tune.TuneConfig(search_alg=_searcher(space, concurrency, warm_points),
+            tune_config=tune.TuneConfig(search_alg=_searcher(space, concurrency, warm_points, opts.searcher),
                                         scheduler=_scheduler(space, opts.trainer, max_t),
                                         num_samples=space.num_samples, max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name=opts.name, storage_path=storage_path, callbacks=[callback],
