@@ -13,7 +13,9 @@ Per run (seed x budget x searcher x ASHA on/off):
 
 - the champion's test PCC (the refit on B4) and its method and k against the planted k;
 - regret: the oracle's test PCC minus the champion's; the oracle is the best top-k on that seed's own
-  test curve (top-k refit at several multiples of the planted k, scored on B4: no search can see it);
+  test curve (top-k refit at several multiples of the planted k with the default lr, scored on B4: no
+  search can see it). A champion can beat it (negative regret: a better lr, or PGL when few epochs
+  leave no auxiliary gene helpful); the JSON also gives the regret against the better of it and PGL;
 - compute: trial-epochs (epochs run, summed over every trial's folds) and trial CPU-seconds (each trial
   holds 1 CPU and one torch thread; the sum of its Tune ``time_total_s``), and the sweep's wall time.
 
@@ -126,7 +128,7 @@ def trial_compute(ray_folder: Path) -> dict[str, float]:
     """Trial-epochs and trial CPU-seconds of a finished sweep, from Tune's per-trial result.json files."""
     epochs = cpu = 0.0
     trials = 0
-    for result in ray_folder.rglob("result.json"):
+    for result in ray_folder.glob("*/*/result.json"):   # ray/<experiment>/<trial>/ (not the checkpoints' own)
         lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
         if not lines:
             continue
@@ -176,11 +178,12 @@ def oracle_curve(store: Path, work: Path, k_planted: int, n_aux: int, epochs: in
 
     space = parse_space(bench_space("tpe", 1, n_aux, seed, False, epochs, None), source="bench search oracle")
     ks = sorted({min(n_aux - 1, max(K_LOW, int(round(m * k_planted)))) for m in multiples})
-    curve = {}
-    for k in ks:
-        summary = refit(space, {"method": "topk", "k": k}, str(store), work / f"oracle-k{k}", threads=1)
+    curve: dict[Any, float] = {}
+    for k in ks + ["pgl"]:   # PGL beside the curve: with few epochs no auxiliary gene may help
+        config = {"method": "pgl"} if k == "pgl" else {"method": "topk", "k": k}
+        summary = refit(space, config, str(store), work / f"oracle-{k}", threads=1)
         curve[k] = float(summary["metrics"]["test_pcc"])
-        shutil.rmtree(work / f"oracle-k{k}", ignore_errors=True)
+        shutil.rmtree(work / f"oracle-{k}", ignore_errors=True)
     return curve
 
 
@@ -298,11 +301,13 @@ def bench_search(demo: Any, out_dir: str | Path = "results", *, n_aux: int = 200
             store = write_planted_store(demo, planted, work / f"store-s{seed}")
             t0 = time.perf_counter()
             points = oracle_curve(store, work, planted.k_planted, n_aux, epochs, seed, curve)
+            pgl = points.pop("pgl")
             best_k = max(points, key=points.get)
             oracles[seed] = {"k_planted": planted.k_planted, "curve": points, "oracle_k": best_k,
-                             "oracle_test_pcc": points[best_k], "wall_s": round(time.perf_counter() - t0, 1)}
+                             "oracle_test_pcc": points[best_k], "pgl_test_pcc": pgl,
+                             "wall_s": round(time.perf_counter() - t0, 1)}
             echo(f"seed {seed}: planted k {planted.k_planted}; oracle top-k curve on B4 "
-                 + ", ".join(f"k {k}: {v:.4f}" for k, v in points.items()))
+                 + ", ".join(f"k {k}: {v:.4f}" for k, v in points.items()) + f"; PGL {pgl:.4f}")
             for budget in budgets:
                 for searcher in searchers:
                     for mode in (("off",) if searcher == "grid" else asha):
@@ -311,6 +316,8 @@ def bench_search(demo: Any, out_dir: str | Path = "results", *, n_aux: int = 200
                         pcc = r["champion_test_pcc"]
                         r.update({"k_planted": planted.k_planted, "oracle_test_pcc": points[best_k],
                                   "regret": (points[best_k] - pcc) if pcc is not None else math.nan,
+                                  "regret_vs_best_of_topk_and_pgl": (max(points[best_k], pgl) - pcc
+                                                                     if pcc is not None else math.nan),
                                   "k_rel_error": ((r["champion_k"] - planted.k_planted) / planted.k_planted
                                                   if r["champion_k"] is not None else math.nan)})
                         runs.append(r)
