@@ -132,3 +132,14 @@ def test_a_sweep_warm_started_from_an_earlier_one_runs_its_best_configuration_fi
     params = client.get_run(state["parent_run_id"]).data.params
     assert params["warm_start_from"].endswith("trials.csv") and params["warm_start_points"] == "1"
     assert "gene_consensus.json" in {a.path for a in client.list_artifacts(state["parent_run_id"])}
+
+
+def test_random_searcher_is_optunas_random_sampler_through_the_same_code() -> None:
+    import optuna
+
+    space = load_space("default")
+    searcher = _searcher(space, 2, None, "random")
+    assert isinstance(searcher._ot_study.sampler, optuna.samplers.RandomSampler)
+    assert [searcher.suggest(f"t{i}") for i in range(3)] == [dict(p) for p in space.start_with]  # pinned first
+    with pytest.raises(ConfigError, match="--searcher"):
+        _searcher(space, 2, None, "grid")
