@@ -321,6 +321,10 @@ def bench_search(demo: Any, out_dir: str | Path = "results", *, n_aux: int = 200
                                   "k_rel_error": ((r["champion_k"] - planted.k_planted) / planted.k_planted
                                                   if r["champion_k"] is not None else math.nan)})
                         runs.append(r)
+                        # after every sweep: an interrupted benchmark keeps what it measured
+                        atomic_write_json(out_dir / "bench_search.partial.json",
+                                          {"benchmark": "search", "oracle": oracles, "runs": runs}, indent=1,
+                                          default=str)
                         echo(f"seed {seed} {searcher:<6} budget {budget:>3} ASHA {'on ' if r['asha'] else 'off'}: "
                              f"champion {r['champion_method']} k {r['champion_k']} test PCC {pcc:.4f} "
                              f"(regret {r['regret']:+.4f}); {r['trial_epochs']:.0f} trial-epochs, "
@@ -340,6 +344,7 @@ def bench_search(demo: Any, out_dir: str | Path = "results", *, n_aux: int = 200
               "compute_note": "trial CPU-s: the sum of the trials' Tune time_total_s; every trial holds 1 CPU "
                               "and one torch thread. The champion's refit and the oracle curve are not counted."}
     atomic_write_json(out_dir / "bench_search.json", result, indent=1, default=str)
+    (out_dir / "bench_search.partial.json").unlink(missing_ok=True)
     _plot(runs, out_dir / "bench_search.png")
     if not keep:
         shutil.rmtree(work, ignore_errors=True)
