@@ -44,6 +44,8 @@ def test_bench_search_quick_runs_the_real_sweep_on_a_planted_store(demo_store: P
     assert not (tmp_path / "bench_search_work").exists()          # planted stores and sweeps cleaned up
     oracle = result["oracle"]["0"]
     assert oracle["oracle_test_pcc"] == max(oracle["curve"].values()) and oracle["k_planted"] == 45
+    assert len(oracle["points"]) == 3 * (len(oracle["curve"]) + 1)          # every k and PGL at 3 lrs
+    assert not (tmp_path / "bench_search.partial.json").exists()
     runs = {r["searcher"]: r for r in result["runs"]}
     assert set(runs) == {"tpe", "grid"} and runs["tpe"]["asha"] and not runs["grid"]["asha"]
     for r in runs.values():

@@ -204,7 +204,7 @@ def cmd_bench_selection(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- agl bench search
 # --quick sizes (the CI test of the plumbing); the defaults are a small comparison, not the full grid
 SEARCH_QUICK = {"n_aux": 300, "seeds": 1, "budgets": "3", "searchers": "tpe,grid", "asha": "on", "epochs": 2,
-                "max_folds": 2, "curve": "0.5,1,2"}
+                "max_folds": 2, "curve": "1,2"}
 
 
 def add_bench_search_args(p: argparse.ArgumentParser) -> None:
@@ -220,7 +220,7 @@ def add_bench_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-folds", type=int, default=None,
                    help="leave-one-slide-out folds per trial (default 2 of the 4; 0: all)")
     p.add_argument("--curve", default=None, help="the oracle's top-k at these multiples of the planted k "
-                                                 "(default 0.25,0.5,1,2,4; --quick: 0.5,1,2)")
+                                                 "(default 0.25,0.5,1,2,4; --quick: 1,2)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (trials at once)")
     p.add_argument("--keep", action="store_true", help="keep the planted stores and sweep folders (OUT/bench_search_work)")
     p.add_argument("--quick", action="store_true", help="the plumbing on a tiny budget (a couple of minutes on 2 cores)")
