@@ -49,12 +49,12 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
                    help="enqueue the best configurations of an earlier sweep first: its --out folder, or its MLflow "
                         "parent run as runs:/<run_id> (on --tracking-uri)")
     p.add_argument("--warm-start-top", type=int, default=3, metavar="N",
-                   help="how many of the earlier sweep's best configurations to enqueue (default 3)")
+                   help="how many of the earlier sweep's best configurations to enqueue")
     p.add_argument("--searcher", choices=("tpe", "random"), default="tpe",
-                   help="Optuna sampler after the pinned/warm-start trials: tpe (default) or random (a baseline)")
+                   help="Optuna sampler after the pinned/warm-start trials: tpe, or random (a baseline)")
     p.add_argument("--consensus-top", type=int, default=5, metavar="N",
                    help="the gene consensus counts how often each auxiliary gene is selected in the N best "
-                        "finished trials (default 5)")
+                        "finished trials")
 
 
 def default_sweep_out(resume: bool, base: Path = Path("results/sweep")) -> str:
