@@ -42,7 +42,12 @@ def test_config_round_trip_and_defaults():
     cfg = TrainConfig.from_dict({"method": "topk", "k": 100, "trunk": (64, 32)})
     again = TrainConfig.from_dict(cfg.to_dict())
     assert again == cfg and again.trunk == [64, 32]
-    assert TrainConfig().to_dict()["outer_lr"] == 3e-3
+    # features mode (the default) takes DkGSB's larger outer budget; finetune mode keeps the settings' own defaults
+    assert TrainConfig().to_dict()["outer_lr"] == 0.01 and TrainConfig().outer_steps == 10
+    finetune = TrainConfig(mode="finetune")
+    assert (finetune.outer_lr, finetune.outer_val, finetune.bilevel_batch_size, finetune.outer_steps,
+            finetune.hypergrad_batches) == (3e-3, "batch", 64, None, 1)
+    assert TrainConfig.from_dict({"outer_lr": 0.05}).outer_lr == 0.05          # given explicitly: kept
 
 
 @pytest.mark.parametrize("values, key", [

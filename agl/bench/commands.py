@@ -220,6 +220,48 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- agl bench search
+# --quick sizes (the CI test of the plumbing); the defaults are a small comparison, not the issue's full grid
+SEARCH_QUICK = {"n_aux": 300, "seeds": 1, "budgets": "3", "searchers": "tpe,grid", "asha": "on", "epochs": 2,
+                "max_folds": 2, "curve": "1,2"}
+
+
+def add_bench_search_args(p: argparse.ArgumentParser) -> None:
+    add_store_arg(p)
+    p.add_argument("--out", type=Path, default=Path("results"), help="folder for bench_search.json / .png")
+    p.add_argument("--n-aux", type=int, default=None, help="planted auxiliary genes (default 2000; --quick: 300)")
+    p.add_argument("--seeds", type=int, default=None, help="planted data sets (default 2; --quick: 1)")
+    p.add_argument("--first-seed", type=int, default=0, help="seed of the first planted data set")
+    p.add_argument("--budgets", default=None, help="trials per sweep, comma-separated (default 8; --quick: 3)")
+    p.add_argument("--searchers", default=None, help="tpe,random,grid (default tpe,random; --quick: tpe,grid)")
+    p.add_argument("--asha", default=None, help="on, off or on,off (default on; grid always runs without ASHA)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per fold (default 6; --quick: 2)")
+    p.add_argument("--max-folds", type=int, default=None,
+                   help="leave-one-slide-out folds per trial (default 2 of the 4; 0: all)")
+    p.add_argument("--curve", default=None, help="the oracle's top-k at these multiples of the planted k "
+                                                 "(default 0.25,0.5,1,2,4; --quick: 1,2)")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (trials at once)")
+    p.add_argument("--keep", action="store_true", help="keep the planted stores and sweep folders (OUT/bench_search_work)")
+    p.add_argument("--quick", action="store_true", help="the plumbing on a tiny budget (a couple of minutes on 2 cores)")
+
+
+def cmd_bench_search(args: argparse.Namespace) -> int:
+    from agl.bench.search import bench_search
+
+    quick = SEARCH_QUICK if args.quick else {}
+    pick = lambda value, key, default: value if value is not None else quick.get(key, default)  # noqa: E731
+    folds = pick(args.max_folds, "max_folds", 2)
+    bench_search(open_store_arg(args.store), args.out, n_aux=pick(args.n_aux, "n_aux", 2000),
+                 seeds=pick(args.seeds, "seeds", 2), first_seed=args.first_seed,
+                 budgets=int_list(pick(args.budgets, "budgets", "8"), "--budgets"),
+                 searchers=[s for s in pick(args.searchers, "searchers", "tpe,random").split(",") if s],
+                 asha=[s for s in pick(args.asha, "asha", "on").split(",") if s],
+                 epochs=pick(args.epochs, "epochs", 6), max_folds=folds or None,
+                 curve=[float(m) for m in pick(args.curve, "curve", "0.25,0.5,1,2,4").split(",") if m.strip()],
+                 num_cpus=args.num_cpus, keep=args.keep)
+    return 0
+
+
 class Benchmark(NamedTuple):
     """One ``agl bench NAME`` sub-command: its help line, its arguments and its handler."""
 
@@ -246,6 +288,9 @@ BENCHMARKS.register("selection", Benchmark(
 BENCHMARKS.register("gpu", Benchmark(
     "the GPU path in one command: feature-cache img/s fp32 vs bf16, fine-tune and outer steps, hypergradient "
     "accuracy with TF32 off/on, DDP step time, serving, train-ray, sweep, demo job", add_bench_gpu_args, cmd_bench_gpu))
+BENCHMARKS.register("search", Benchmark(
+    "known answer for the whole sweep: planted store, Ray Tune + Optuna (TPE, random, grid over k), ASHA on/off, "
+    "cross-slide CV, refit; regret vs the oracle top-k and compute per searcher", add_bench_search_args, cmd_bench_search))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -45,6 +45,16 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-path", default=None,
                    help="Ray results/checkpoints (default OUT/ray; on a multi-node cluster use s3://... or a shared mount)")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard on 127.0.0.1 (local Ray only)")
+    p.add_argument("--warm-start-from", default=None, metavar="SWEEP",
+                   help="enqueue the best configurations of an earlier sweep first: its --out folder, or its MLflow "
+                        "parent run as runs:/<run_id> (on --tracking-uri)")
+    p.add_argument("--warm-start-top", type=int, default=3, metavar="N",
+                   help="how many of the earlier sweep's best configurations to enqueue")
+    p.add_argument("--searcher", choices=("tpe", "random"), default="tpe",
+                   help="Optuna sampler after the pinned/warm-start trials: tpe, or random (a baseline)")
+    p.add_argument("--consensus-top", type=int, default=5, metavar="N",
+                   help="the gene consensus counts how often each auxiliary gene is selected in the N best "
+                        "finished trials")
 
 
 def default_sweep_out(resume: bool, base: Path = Path("results/sweep")) -> str:
@@ -75,12 +85,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
                         tracking_uri=args.tracking_uri, experiment=args.experiment, model_name=args.model_name,
                         resume=args.resume, trainer=args.trainer, workers_per_trial=args.workers_per_trial,
                         use_gpu=args.use_gpu, max_concurrent=args.max_concurrent, storage_path=args.storage_path,
-                        dashboard=args.dashboard)
+                        dashboard=args.dashboard, warm_start_from=args.warm_start_from,
+                        warm_start_top=args.warm_start_top, consensus_top=args.consensus_top,
+                        searcher=args.searcher)
     summary = run_sweep(opts)
     print(summary.text or format_table(summary.table, summary.best))
     print(f"\ntrial table: {summary.paths.get('table_csv')}\nplot: {summary.paths.get('table_png')}")
     print(f"MLflow: {summary.tracking_uri} (parent run {summary.parent_run_id}); "
           f"champion: {args.model_name} version {summary.champion_version or '-'}")
+    if summary.consensus:
+        found = summary.consensus
+        print(f"gene consensus: {found['size']} auxiliary genes selected in at least half of the top "
+              f"{len(found['trials'])} trials ({found['paths']['consensus_csv']})")
     experiment_id = _sweep_experiment(Path(opts.out))
     if experiment_id is not None:
         print(ui_hint(summary.tracking_uri, experiment_id))

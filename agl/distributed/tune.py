@@ -72,6 +72,10 @@ class SweepOptions:
     storage_path: str | None = None        # None: <out>/ray (use s3:// or a shared mount on a cluster)
     dashboard: bool = False
     threads_per_trial: int = 1
+    warm_start_from: str | None = None     # an earlier sweep's --out or its MLflow parent run (runs:/<id>)
+    warm_start_top: int = 3                # how many of its best configurations to enqueue
+    consensus_top: int = 5                 # the gene consensus counts selections in this many best trials
+    searcher: str = "tpe"                  # tpe, or random (Optuna's RandomSampler: the baseline)
 
 
 @dataclass
@@ -88,6 +92,7 @@ class SweepSummary:
     tracking_pending: bool = False         # True: MLflow missed results; `agl tune-sync` sends them
     champion: dict[str, Any] | None = None # cross-validated sweeps: the refit (folder, test metrics, run id)
     text: str = ""                         # the printed summary (also OUT/summary.md)
+    consensus: dict[str, Any] | None = None  # gene consensus of the top trials: trials, size, paths
 
 
 # --------------------------------------------------------------------------- trial bodies
@@ -305,16 +310,12 @@ def _scheduler(space: SearchSpace, trainer: str, max_t: int) -> Any:
     return FIFOScheduler()
 
 
-def _searcher(space: SearchSpace) -> Any:
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
+def _searcher(space: SearchSpace, concurrency: int = 1, warm_points: list[dict[str, Any]] | None = None,
+              sampler: str = "tpe") -> Any:
+    """Optuna TPE for parallel, conditional, pruned trials (see :mod:`agl.distributed.searcher`)."""
+    from agl.distributed.searcher import build_searcher
 
-    sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=min(10, max(2, space.num_samples // 2)))
-    # pinned first trials (start_with): OptunaSearch enqueues them in the study before sampling
-    points = [dict(p) for p in space.start_with] or None
-    # define-by-run: conditional settings (``when``) are suggested only in the trials that use them
-    return OptunaSearch(space=space.define_by_run(), metric=space.metric, mode=space.mode, sampler=sampler,
-                        points_to_evaluate=points)
+    return build_searcher(space, concurrency, warm_points or (), sampler)
 
 
 def _trainable(opts: SweepOptions, space: SearchSpace, store_path: str, storage_path: str) -> Any:
@@ -388,12 +389,17 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
         if opts.num_samples < 1:
             raise ConfigError("--num-samples", f"must be >= 1, got {opts.num_samples}")
         space = SearchSpace(**{**space.__dict__, "num_samples": opts.num_samples})
+    if opts.searcher not in ("tpe", "random"):
+        raise ConfigError("--searcher", f"must be tpe or random, got {opts.searcher!r}")
+    if opts.consensus_top < 1:
+        raise ConfigError("--consensus-top", f"must be >= 1, got {opts.consensus_top}")
     out = Path(opts.out).resolve()
     # a sweep resumes in --out: an earlier sweep is left to the --resume check below, anything else refused
     check_output_folder(out, "tune", inputs=[store_path(opts.store), space.source], reuse=True)
     # an unreachable tracking server is refused before anything is written
     tracking_uri = tracking.check_tracking_uri(opts.tracking_uri or tracking.default_tracking_uri(out))
     tracking.check_reachable(tracking_uri)
+    warm_points, warm_source = _warm_start(opts, space)  # a bad --warm-start-from fails before anything is written
     tracking.quick_failure_env()
     out.mkdir(parents=True, exist_ok=True)
     write_output_marker(out, "tune", name=opts.name)
@@ -429,7 +435,9 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
             experiment_id, opts.name,
             {"space": space.source, "split": space.split, "num_samples": space.num_samples,
              "trainer": opts.trainer, "store": store_path, "metric": space.metric, "mode": space.mode,
-             **{f"fixed.{k}": v for k, v in space.fixed.items()}},
+             "searcher": opts.searcher,
+             **{f"fixed.{k}": v for k, v in space.fixed.items()},
+             **({"warm_start_from": warm_source, "warm_start_points": len(warm_points)} if warm_source else {})},
             files=[resolve_space_path(opts.space)], dataset=dataset)
         atomic_write_json(state_file, {"name": opts.name, "out": str(out), "parent_run_id": parent_run_id,
                                        "experiment_id": experiment_id, "tracking_uri": tracking_uri,
@@ -438,12 +446,12 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
         max_t = (len(_fold_names(store_path, space)) if space.cv is not None
                  else int(space.train_config({}).get("epochs", 100)) + 1)  # +1: the final report after the last epoch
         callback = TrackingCallback(tracker, experiment_id, parent_run_id, space, out=out, dataset=dataset)
+        concurrency = _max_concurrent(opts, space, resources, joined_cluster=opts.address is not None)
         tuner = tune.Tuner(
             _trainable(opts, space, store_path, storage_path),
-            tune_config=tune.TuneConfig(search_alg=_searcher(space), scheduler=_scheduler(space, opts.trainer, max_t),
-                                        num_samples=space.num_samples,
-                                        max_concurrent_trials=_max_concurrent(opts, space, resources,
-                                                                              joined_cluster=opts.address is not None)),
+            tune_config=tune.TuneConfig(search_alg=_searcher(space, concurrency, warm_points, opts.searcher),
+                                        scheduler=_scheduler(space, opts.trainer, max_t),
+                                        num_samples=space.num_samples, max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name=opts.name, storage_path=storage_path, callbacks=[callback],
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                       failure_config=tune.FailureConfig(max_failures=1), verbose=1),
@@ -461,10 +469,12 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
             state = json.loads(state_file.read_text())
             atomic_write_json(state_file, {**state, "champion": {k: v for k, v in refit_run.items() if k != "run_id"}},
                               indent=1, default=str)
-    table, best, sent, _ = finish_tracking(grid, space, out, tracker, experiment_id, parent_run_id,
+    table, best, sent, problem = finish_tracking(grid, space, out, tracker, experiment_id, parent_run_id,
                                            complete, opts.model_name, champion=refit_run, dataset=dataset,
                                            input_example=example_patch(store_path) if complete else None)
     champion = sent.champion
+    consensus = _gene_consensus(grid, table, space, out, tracker, parent_run_id, opts.consensus_top,
+                                tracked=problem is None) if complete else None
     if not complete:
         log.warning("sweep %s interrupted after %d of %d trials; continue it with --resume (same --out)",
                     opts.name, grid.num_terminated + grid.num_errors, space.num_samples)
@@ -477,7 +487,44 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                                                             "table_png": str(out / TABLE_PNG),
                                                             "summary_md": str(out / SUMMARY_MD)},
                         complete=complete, tracking_pending=(out / PENDING_FILE).is_file(), champion=refit_run,
-                        text=format_table(table, best, space, refit_run))
+                        text=format_table(table, best, space, refit_run),
+                        consensus={k: v for k, v in consensus.items() if k != "table"} if consensus else None)
+
+
+def _warm_start(opts: SweepOptions, space: SearchSpace) -> tuple[list[dict[str, Any]], str | None]:
+    """The earlier sweep's best configurations to enqueue after the pinned trials (none on --resume)."""
+    from agl.distributed.searcher import read_earlier_trials, warm_start_points
+
+    if not opts.warm_start_from:
+        return [], None
+    if opts.resume:
+        log.warning("--warm-start-from is ignored with --resume: the restored search keeps its own trials")
+        return [], None
+    if opts.warm_start_top < 1:
+        raise ConfigError("--warm-start-top", f"must be >= 1, got {opts.warm_start_top}")
+    table, source = read_earlier_trials(opts.warm_start_from, opts.tracking_uri)
+    room = space.num_samples - len(space.start_with)
+    points = warm_start_points(table, space, min(opts.warm_start_top, max(room, 0)), source)
+    if not points:
+        log.warning("%s: no configuration of the earlier sweep fits this space (or no trial room after the "
+                    "%d pinned ones); nothing enqueued", source, len(space.start_with))
+    else:
+        log.info("warm start: %d configuration(s) of %s enqueued after the pinned trials", len(points), source)
+    return points, source
+
+
+def _gene_consensus(grid: Any, table: pd.DataFrame, space: SearchSpace, out: Path, tracker: tracking.Tracker,
+                    parent_run_id: str, top: int, tracked: bool) -> dict[str, Any] | None:
+    """OUT/gene_consensus.csv/png of the top trials, logged to the parent run (when the tracker is up)."""
+    from agl.distributed.consensus import log_consensus, sweep_consensus
+
+    found = sweep_consensus(grid, table, space.metric, space.mode, out, top)
+    if found is not None and tracked:
+        try:
+            log_consensus(tracker, parent_run_id, found)
+        except Exception as err:  # the files stay in OUT; tracking never fails a finished sweep
+            log.warning("MLflow failed while logging the gene consensus (%s); it stays in %s", err, out)
+    return found
 
 
 def _fold_names(store_path: str, space: SearchSpace) -> list[str]:

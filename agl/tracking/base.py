@@ -75,6 +75,10 @@ class Tracker(Protocol):
                   tags: Mapping[str, str] | None = None, status: str = FINISHED) -> None:
         """Attach the sweep's summary files, metrics and tags to its parent run and close it."""
 
+    def log_table(self, run_id: str, table: Any, artifact_file: str, files: Iterable[Path] = ()) -> None:
+        """A table (a pandas DataFrame) as ``artifact_file`` in the UI's table view, and ``files`` beside it
+        (also on a closed run: the sweep's gene consensus is logged after the parent run ends)."""
+
     def register_model(self, run_id: str, folder: Path, model_name: str = DEFAULT_MODEL_NAME,
                        alias: str = CHAMPION, input_example: np.ndarray | None = None) -> str:
         """Register the checkpoint in ``folder`` (logged with ``run_id``) as a new model version; alias it; its version."""

@@ -113,6 +113,16 @@ class InMemoryTracker:
         self.runs[run_id].tags.update({k: str(v) for k, v in (tags or {}).items()})
         self.runs[run_id].status = status
 
+    def log_table(self, run_id: str, table: Any, artifact_file: str, files: Iterable[Path] = ()) -> None:
+        self._check()
+        dest = self._root / run_id / artifact_file
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        table.to_json(dest, orient="split", index=False)
+        self.runs[run_id].files[artifact_file] = dest
+        for path in files:
+            if Path(path).is_file():
+                self._copy(run_id, Path(path), Path(path).name)
+
     def register_model(self, run_id: str, folder: Path, model_name: str = DEFAULT_MODEL_NAME,
                        alias: str = CHAMPION, input_example: np.ndarray | None = None) -> str:
         self._check()

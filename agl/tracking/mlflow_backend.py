@@ -275,6 +275,12 @@ class MlflowTracker:
                 self.client.log_artifact(run_id, str(path))
         self.client.set_terminated(run_id, MLFLOW_STATUS[status])
 
+    def log_table(self, run_id: str, table: Any, artifact_file: str, files: Iterable[Path] = ()) -> None:
+        self.client.log_table(run_id, data=table, artifact_file=artifact_file)
+        for path in files:
+            if Path(path).is_file():
+                self.client.log_artifact(run_id, str(path))
+
     # -- the model registry ----------------------------------------------------------------------
     def register_model(self, run_id: str, folder: Path, model_name: str = DEFAULT_MODEL_NAME,
                        alias: str = CHAMPION, input_example: np.ndarray | None = None) -> str:

@@ -1,0 +1,360 @@
+"""``agl bench search``: does the sweep find the answer, and at what compute? A known-answer benchmark of the
+whole search (``launch/tune.py``'s code path, unchanged).
+
+The problem is the one of ``agl bench selection`` (:func:`agl.bench.selection.plant`): the demo store's
+real frozen MobileNetV2 features, planted primary / helpful / conflict / noise genes, a prior that ranks
+the helpful genes mostly first. Here it is written as a store with the demo's five slides
+(:func:`write_planted_store`; its feature cache is the demo's, linked under the new store's key), so
+that :func:`agl.distributed.tune.run_sweep` runs on it as on any store: Ray Tune, the Optuna searcher,
+ASHA, the leave-one-slide-out objective on the four non-test slides, the refit of the best
+configuration scored once on slide B4 (never seen by the search), MLflow.
+
+Per run (seed x budget x searcher x ASHA on/off):
+
+- the champion's test PCC (the refit on B4) and its method and k against the planted k;
+- regret: the oracle's test PCC minus the champion's; the oracle is the best top-k on that seed's own
+  test curve (top-k refit at several multiples of the planted k, each at the ends and middle of the
+  searched lr range, scored on B4: no search can see it). A champion can still beat it (negative
+  regret: another lr, or PGL when few epochs leave no auxiliary gene helpful); the JSON also gives
+  the regret against the better of it and PGL;
+- compute: trial-epochs (epochs run, summed over every trial's folds) and trial CPU-seconds (each trial
+  holds 1 CPU and one torch thread; the sum of its Tune ``time_total_s``), and the sweep's wall time.
+
+Searchers: ``tpe`` (the sweep's default, :mod:`agl.distributed.searcher`), ``random`` (Optuna's
+RandomSampler through the same code) and ``grid`` (top-k at ``budget`` values of k spaced evenly in
+log k: the pinned trials of a space with no sampled trial; run without ASHA, as pinned trials are never
+stopped). Writes ``OUT/bench_search.json`` and ``OUT/bench_search.png`` (regret against compute per searcher).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from agl.errors import ConfigError
+from agl.fileio import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+SEARCHERS = ("tpe", "random", "grid")
+SPLIT = "loso-B4"              # the sweep's test slide, as in the default space
+K_LOW = 8                      # the smallest k the space searches
+CURVE = (0.25, 0.5, 1.0, 2.0, 4.0)   # the oracle's top-k curve: multiples of the planted k
+QUICK = {"n_aux": 300, "seeds": 1, "budgets": [3], "searchers": ["tpe", "grid"], "asha": ["on"], "epochs": 2,
+         "max_folds": 2, "curve": (1.0, 2.0)}
+
+
+# --------------------------------------------------------------------------- the planted store
+def write_planted_store(demo: Any, planted: Any, out: Path) -> Path:
+    """The demo store with planted expression and gene sets (every split: the planted gene table), its
+    spots, slides, splits and patches unchanged; the demo's feature cache linked in (same patches)."""
+    from agl.data.store import open_store, write_store
+    from agl.models.features import cache_target
+
+    genes = planted.genes
+    expression = planted.targets
+    names = pd.DataFrame({"name": genes["gene"].astype(str), "mean": expression.mean(axis=0).astype(np.float64),
+                          "n_spots": np.full(len(genes), expression.shape[0], dtype=np.int64)})
+    splits = pd.DataFrame({name: demo.split(name).to_numpy() for name in demo.split_names})
+    table = genes.copy()
+    manifest = {k: v for k, v in demo.manifest.items() if k.startswith("patch")}
+    manifest["planted"] = dict(planted.settings)
+    write_store(out, spots=demo.spots, patches=np.asarray(demo.patches), expression=expression, genes=names,
+                splits=splits, gene_sets={name: table for name in demo.split_names}, manifest=manifest)
+    store = open_store(out)
+    from agl.config import TrainConfig
+
+    cfg = TrainConfig()
+    source = cache_target(demo, cfg.backbone, cfg.weights, 8, "float32")[3]
+    target = cache_target(store, cfg.backbone, cfg.weights, 8, "float32")[3]
+    if not source.is_file():
+        from agl.models import feature_cache
+
+        feature_cache(demo, cfg.backbone, cfg.weights)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)          # the features depend on the patches only: the same file
+    except OSError:
+        shutil.copyfile(source, target)
+    sidecar = source.with_suffix(".json")
+    if sidecar.is_file():
+        shutil.copyfile(sidecar, target.with_suffix(".json"))
+    return out
+
+
+# --------------------------------------------------------------------------- the space per searcher
+def grid_ks(n_aux: int, budget: int, low: int = K_LOW) -> list[int]:
+    """``budget`` values of k spaced evenly in log k over [low, n_aux] (distinct, rounded)."""
+    ks = np.unique(np.round(np.geomspace(low, n_aux, max(budget, 1))).astype(int))
+    return [int(k) for k in ks]
+
+
+def bench_space(searcher: str, budget: int, n_aux: int, seed: int, asha: bool, epochs: int,
+                max_folds: int | None) -> dict[str, Any]:
+    """The search space (as a space file's mapping) of one run: the default space's shape on the planted store."""
+    fixed = {"mode": "features", "epochs": epochs, "patience": epochs, "batch_size": 128, "trunk": [64],
+             "prior": "planted", "prior_weight": 1.0, "val_outer_fraction": 0.5, "outer_val": "full"}
+    params: dict[str, Any] = {
+        "method": {"type": "categorical", "choices": ["dkgsb", "topk", "pgl"]},
+        "k": {"type": "int", "low": K_LOW, "high": n_aux - 1, "log": True, "when": {"method": ["dkgsb", "topk"]}},
+        "tau": {"type": "float", "low": 0.003, "high": 0.1, "log": True, "when": {"method": "dkgsb"}},
+        "outer_lr": {"type": "float", "low": 1.0e-3, "high": 3.0e-2, "log": True, "when": {"method": "dkgsb"}},
+        "lr": {"type": "float", "low": 3.0e-4, "high": 3.0e-3, "log": True},
+    }
+    start_with: list[dict[str, Any]] = []
+    if searcher == "grid":
+        ks = grid_ks(n_aux - 1, budget)   # k < n_aux: keeping every gene is AGL-all
+        start_with = [{"method": "topk", "k": k} for k in ks]
+        budget = len(ks)
+    cv: dict[str, Any] = {"kind": "loso"}
+    if max_folds:
+        cv["max_folds"] = max_folds
+    use_asha = asha and searcher != "grid"
+    return {"description": f"agl bench search: {searcher}, budget {budget}, ASHA {'on' if use_asha else 'off'}",
+            "split": SPLIT, "cv": cv, "metric": "cv_pcc", "direction": "max", "num_samples": budget, "seed": seed,
+            "scheduler": ({"name": "asha", "grace_period": 1, "reduction_factor": 2} if use_asha else {"name": "fifo"}),
+            "resources": {"cpu": 1}, "fixed": fixed, "params": params, "start_with": start_with}
+
+
+# --------------------------------------------------------------------------- one run
+def trial_compute(ray_folder: Path) -> dict[str, float]:
+    """Trial-epochs and trial CPU-seconds of a finished sweep, from Tune's per-trial result.json files."""
+    epochs = cpu = 0.0
+    trials = 0
+    for result in ray_folder.glob("*/*/result.json"):   # ray/<experiment>/<trial>/ (not the checkpoints' own)
+        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if not lines:
+            continue
+        trials += 1
+        last = lines[-1]
+        # epochs_run is the folds' mean: times folds_done is every epoch the trial trained
+        epochs += float(last.get("epochs_run", 0) or 0) * float(last.get("folds_done", 1) or 1)
+        cpu += float(last.get("time_total_s", 0) or 0)
+    return {"trial_epochs": epochs, "trial_cpu_s": round(cpu, 1), "trials": trials}
+
+
+def run_one(store: Path, work: Path, searcher: str, budget: int, seed: int, asha: bool, n_aux: int,
+            epochs: int, max_folds: int | None, num_cpus: int) -> dict[str, Any]:
+    """One sweep on the planted store; its champion, table and compute."""
+    import yaml
+
+    from agl.distributed.tune import SweepOptions, run_sweep
+
+    name = f"{searcher}-b{budget}-s{seed}-{'asha' if asha else 'fifo'}"
+    folder = work / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    space_file = folder / "space.yaml"
+    space_file.write_text(yaml.safe_dump(bench_space(searcher, budget, n_aux, seed, asha, epochs, max_folds),
+                                         sort_keys=False))
+    started = time.perf_counter()
+    summary = run_sweep(SweepOptions(space=str(space_file), store=str(store), out=str(folder / "sweep"),
+                                     name=name, num_cpus=num_cpus, searcher="random" if searcher == "random" else "tpe"))
+    wall = time.perf_counter() - started
+    champion = summary.champion or {}
+    config = champion.get("config", {})
+    table = summary.table
+    return {"searcher": searcher, "budget": budget, "seed": seed, "asha": bool(asha and searcher != "grid"),
+            "trials": int(len(table)), "stopped": int((table["status"] == "stopped").sum()) if len(table) else 0,
+            "champion_method": config.get("method"), "champion_k": champion.get("metrics", {}).get("final_k"),
+            "champion_config": config, "champion_cv_pcc": (summary.best or {}).get("cv_pcc"),
+            "champion_test_pcc": champion.get("metrics", {}).get("test_pcc"),
+            **trial_compute(folder / "sweep" / "ray"), "wall_s": round(wall, 1),
+            "consensus_size": (summary.consensus or {}).get("size")}
+
+
+ORACLE_LRS = (3.0e-4, 1.0e-3, 3.0e-3)   # the searched lr range: its ends and its middle
+
+
+def oracle_curve(store: Path, work: Path, k_planted: int, n_aux: int, epochs: int, seed: int,
+                 multiples: Sequence[float], lrs: Sequence[float] = ORACLE_LRS
+                 ) -> tuple[dict[Any, float], list[dict[str, Any]]]:
+    """The seed's test curve: top-k at multiples of the planted k (and PGL), each at every lr of ``lrs``,
+    refit on every non-test spot and scored on B4; returns (best test PCC per k and for "pgl", every point)."""
+    from agl.distributed.cv import refit
+    from agl.distributed.spaces import parse_space
+
+    space = parse_space(bench_space("tpe", 1, n_aux, seed, False, epochs, None), source="bench search oracle")
+    ks: list[Any] = sorted({min(n_aux - 1, max(K_LOW, int(round(m * k_planted)))) for m in multiples})
+    points = []
+    for k in ks + ["pgl"]:   # PGL beside the curve: with few epochs no auxiliary gene may help
+        for lr in lrs:       # the search tunes lr: an oracle at one lr would be beaten by a better lr alone
+            config = {"method": "pgl", "lr": lr} if k == "pgl" else {"method": "topk", "k": k, "lr": lr}
+            summary = refit(space, config, str(store), work / "oracle", threads=1)
+            points.append({"k": k, "lr": lr, "test_pcc": float(summary["metrics"]["test_pcc"])})
+            shutil.rmtree(work / "oracle", ignore_errors=True)
+    best = {k: max(p["test_pcc"] for p in points if p["k"] == k) for k in ks + ["pgl"]}
+    return best, points
+
+
+# --------------------------------------------------------------------------- the benchmark
+def summarise(runs: list[dict[str, Any]], target: float = 0.005) -> dict[str, Any]:
+    """Per searcher x ASHA x budget: mean regret, share of runs within ``target``, mean compute; the issue's
+    target (TPE + ASHA at regret <= target with at most half random search's compute) where both ran."""
+    frame = pd.DataFrame(runs)
+    rows = []
+    for (searcher, asha, budget), group in frame.groupby(["searcher", "asha", "budget"], sort=True):
+        rows.append({"searcher": searcher, "asha": bool(asha), "budget": int(budget), "runs": int(len(group)),
+                     "regret_mean": float(group["regret"].mean()),
+                     "regret_sd": float(group["regret"].std(ddof=1)) if len(group) > 1 else 0.0,
+                     "within_target": int((group["regret"] <= target).sum()),
+                     "trial_epochs_mean": float(group["trial_epochs"].mean()),
+                     "trial_cpu_s_mean": float(group["trial_cpu_s"].mean()),
+                     "wall_s_mean": float(group["wall_s"].mean()),
+                     "champion_test_pcc_mean": float(group["champion_test_pcc"].mean()),
+                     "champion_methods": group["champion_method"].astype(str).value_counts().to_dict()})
+    verdict = None
+    tpe = [r for r in rows if r["searcher"] == "tpe" and r["asha"] and r["regret_mean"] <= target]
+    rnd = [r for r in rows if r["searcher"] == "random" and r["regret_mean"] <= target]
+    if tpe or rnd:
+        best_tpe = min(tpe, key=lambda r: r["trial_cpu_s_mean"]) if tpe else None
+        best_rnd = min(rnd, key=lambda r: r["trial_cpu_s_mean"]) if rnd else None
+        met = bool(best_tpe and (best_rnd is None or best_tpe["trial_cpu_s_mean"] <= 0.5 * best_rnd["trial_cpu_s_mean"]))
+        verdict = {"target_regret": target, "tpe_asha_cpu_s": best_tpe and best_tpe["trial_cpu_s_mean"],
+                   "random_cpu_s": best_rnd and best_rnd["trial_cpu_s_mean"], "met": met}
+    return {"rows": rows, "target": verdict, "target_regret": target}
+
+
+def format_rows(summary: dict[str, Any]) -> str:
+    lines = [f"{'searcher':<8}{'ASHA':>5}{'budget':>7}{'runs':>5}{'regret':>18}{'<=tgt':>6}"
+             f"{'trial-epochs':>13}{'CPU-s':>8}{'wall s':>8}  champions"]
+    for r in summary["rows"]:
+        lines.append(f"{r['searcher']:<8}{'on' if r['asha'] else 'off':>5}{r['budget']:>7}{r['runs']:>5}"
+                     f"{r['regret_mean']:>10.4f} +- {r['regret_sd']:.4f}{r['within_target']:>6}"
+                     f"{r['trial_epochs_mean']:>13.0f}{r['trial_cpu_s_mean']:>8.0f}{r['wall_s_mean']:>8.0f}  "
+                     + ", ".join(f"{m} x{n}" for m, n in r["champion_methods"].items()))
+    verdict = summary.get("target")
+    if verdict:
+        lines.append(f"target (TPE + ASHA at mean regret <= {verdict['target_regret']} with <= half of random "
+                     f"search's CPU-s): {'met' if verdict['met'] else 'not met'} "
+                     f"(TPE+ASHA {verdict['tpe_asha_cpu_s']}, random {verdict['random_cpu_s']})")
+    else:
+        lines.append(f"no searcher reached a mean regret <= {summary['target_regret']}: the target is not met")
+    return "\n".join(lines)
+
+
+def _plot(runs: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from agl.fileio import atomic_savefig
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {"tpe": "tab:blue", "random": "tab:orange", "grid": "tab:green"}
+    try:
+        for (searcher, asha), group in pd.DataFrame(runs).groupby(["searcher", "asha"]):
+            ax.scatter(group["trial_cpu_s"], group["regret"], color=colours.get(searcher, "k"),
+                       marker="o" if asha else "s", alpha=0.7, label=f"{searcher}, ASHA {'on' if asha else 'off'}")
+            means = group.groupby("budget")[["trial_cpu_s", "regret"]].mean().sort_index()
+            ax.plot(means["trial_cpu_s"], means["regret"], color=colours.get(searcher, "k"),
+                    ls="-" if asha else "--", lw=1)
+        ax.axhline(0.005, color="grey", ls=":", lw=1, label="target regret 0.005")
+        ax.set_xlabel("compute: trial CPU-seconds (sum over the sweep's trials)")
+        ax.set_ylabel("regret: oracle top-k test PCC - champion test PCC")
+        ax.set_title("agl bench search: regret against compute (lines: mean per budget)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        return atomic_savefig(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def bench_search(demo: Any, out_dir: str | Path = "results", *, n_aux: int = 2000, seeds: int = 2,
+                 first_seed: int = 0, budgets: Sequence[int] = (8,), searchers: Sequence[str] = ("tpe", "random"),
+                 asha: Sequence[str] = ("on",), epochs: int = 6, max_folds: int | None = 2,
+                 curve: Sequence[float] = CURVE, num_cpus: int = 2, keep: bool = False,
+                 echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every (seed, budget, searcher, ASHA) sweep on its seed's planted store; print, write JSON and PNG."""
+    import ray
+
+    from agl.bench.selection import plant
+    from agl.distributed.runtime import init_ray
+    from agl.models import feature_cache
+    from agl.config import TrainConfig
+
+    bad = [s for s in searchers if s not in SEARCHERS]
+    if bad:
+        raise ConfigError("--searchers", f"unknown searcher(s) {bad}; known: {list(SEARCHERS)}")
+    if not set(asha) <= {"on", "off"} or not asha:
+        raise ConfigError("--asha", f"must be on, off or on,off; got {','.join(asha)!r}")
+    if not budgets or min(budgets) < 1:
+        raise ConfigError("--budgets", f"must be positive trial counts, got {list(budgets)}")
+    if seeds < 1:
+        raise ConfigError("--seeds", f"must be >= 1, got {seeds}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = out_dir / "bench_search_work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    cfg = TrainConfig()
+    features = feature_cache(demo, cfg.backbone, cfg.weights)
+    owns_ray = not ray.is_initialized()
+    init_ray(None, num_cpus=num_cpus)
+    started = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+    oracles: dict[int, dict[str, Any]] = {}
+    try:
+        for seed in range(first_seed, first_seed + seeds):
+            planted = plant(features, n_aux=n_aux, seed=seed)
+            store = write_planted_store(demo, planted, work / f"store-s{seed}")
+            t0 = time.perf_counter()
+            points, grid = oracle_curve(store, work, planted.k_planted, n_aux, epochs, seed, curve)
+            pgl = points.pop("pgl")
+            best_k = max(points, key=points.get)
+            oracles[seed] = {"k_planted": planted.k_planted, "curve": points, "points": grid, "oracle_k": best_k,
+                             "oracle_test_pcc": points[best_k], "pgl_test_pcc": pgl,
+                             "wall_s": round(time.perf_counter() - t0, 1)}
+            echo(f"seed {seed}: planted k {planted.k_planted}; oracle top-k curve on B4 "
+                 + ", ".join(f"k {k}: {v:.4f}" for k, v in points.items()) + f"; PGL {pgl:.4f}")
+            for budget in budgets:
+                for searcher in searchers:
+                    for mode in (("off",) if searcher == "grid" else asha):
+                        r = run_one(store, work, searcher, budget, seed, mode == "on", n_aux, epochs, max_folds,
+                                    num_cpus)
+                        pcc = r["champion_test_pcc"]
+                        r.update({"k_planted": planted.k_planted, "oracle_test_pcc": points[best_k],
+                                  "regret": (points[best_k] - pcc) if pcc is not None else math.nan,
+                                  "regret_vs_best_of_topk_and_pgl": (max(points[best_k], pgl) - pcc
+                                                                     if pcc is not None else math.nan),
+                                  "k_rel_error": ((r["champion_k"] - planted.k_planted) / planted.k_planted
+                                                  if r["champion_k"] is not None else math.nan)})
+                        runs.append(r)
+                        # after every sweep: an interrupted benchmark keeps what it measured
+                        atomic_write_json(out_dir / "bench_search.partial.json",
+                                          {"benchmark": "search", "oracle": oracles, "runs": runs}, indent=1,
+                                          default=str)
+                        echo(f"seed {seed} {searcher:<6} budget {budget:>3} ASHA {'on ' if r['asha'] else 'off'}: "
+                             f"champion {r['champion_method']} k {r['champion_k']} test PCC {pcc:.4f} "
+                             f"(regret {r['regret']:+.4f}); {r['trial_epochs']:.0f} trial-epochs, "
+                             f"{r['trial_cpu_s']:.0f} CPU-s, wall {r['wall_s']:.0f} s")
+            if not keep:
+                shutil.rmtree(store, ignore_errors=True)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    summary = summarise(runs)
+    text = format_rows(summary)
+    echo(text)
+    result = {"benchmark": "search", "n_aux": n_aux, "seeds": seeds, "first_seed": first_seed,
+              "budgets": list(budgets), "searchers": list(searchers), "asha": list(asha), "epochs": epochs,
+              "max_folds": max_folds, "split": SPLIT, "oracle": oracles, "summary": summary, "table": text,
+              "runs": runs, "wall_s": round(time.perf_counter() - started, 1), "num_cpus": num_cpus,
+              "compute_note": "trial CPU-s: the sum of the trials' Tune time_total_s; every trial holds 1 CPU "
+                              "and one torch thread. The champion's refit and the oracle curve are not counted."}
+    atomic_write_json(out_dir / "bench_search.json", result, indent=1, default=str)
+    (out_dir / "bench_search.partial.json").unlink(missing_ok=True)
+    _plot(runs, out_dir / "bench_search.png")
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    echo(f"wrote {out_dir / 'bench_search.json'} and {out_dir / 'bench_search.png'} ({result['wall_s']:.0f} s)")
+    return result
