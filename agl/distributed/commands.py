@@ -45,6 +45,29 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-path", default=None,
                    help="Ray results/checkpoints (default OUT/ray; on a multi-node cluster use s3://... or a shared mount)")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard on 127.0.0.1 (local Ray only)")
+    p.add_argument("--trial-resource", action="append", default=[], metavar="NAME=AMOUNT",
+                   help="a custom Ray resource each trial needs (repeatable), e.g. trial_node=1 to keep trials on "
+                        "nodes started with --resources '{\"trial_node\": 4}'")
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="times a trial is retried from its last checkpoint after its node or process died (default 3: "
+                        "spot instances get reclaimed)")
+
+
+def parse_resources(items: list[str] | None, flag: str = "--trial-resource") -> dict[str, float]:
+    """``["name=1", ...]`` -> ``{"name": 1.0}``; a clear error naming the flag for anything else."""
+    from agl.errors import ConfigError
+
+    found: dict[str, float] = {}
+    for item in items or []:
+        name, sep, amount = item.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not name.strip() or value <= 0 or name.strip() in ("CPU", "GPU", "memory"):
+            raise ConfigError(flag, f"expected NAME=AMOUNT with a custom resource name and an amount > 0, got {item!r}")
+        found[name.strip()] = value
+    return found
 
 
 def default_sweep_out(resume: bool, base: Path = Path("results/sweep")) -> str:
@@ -72,7 +95,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
                         tracking_uri=args.tracking_uri, experiment=args.experiment, model_name=args.model_name,
                         resume=args.resume, trainer=args.trainer, workers_per_trial=args.workers_per_trial,
                         use_gpu=args.use_gpu, max_concurrent=args.max_concurrent, storage_path=args.storage_path,
-                        dashboard=args.dashboard)
+                        dashboard=args.dashboard, trial_resources=parse_resources(args.trial_resource),
+                        max_failures=args.max_failures)
+    if opts.max_failures < 0:
+        from agl.errors import ConfigError
+
+        raise ConfigError("--max-failures", f"must be >= 0, got {opts.max_failures}")
     summary = run_sweep(opts)
     print(summary.text or format_table(summary.table, summary.best))
     print(f"\ntrial table: {summary.paths.get('table_csv')}\nplot: {summary.paths.get('table_png')}")

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from agl.distributed.storage import node_store
 from agl.errors import ConfigError
 from agl.fileio import atomic_write_text
 
@@ -113,7 +114,8 @@ def train_func(config: dict[str, Any]) -> None:
     if config.get("pid_dir"):
         _write_pid(Path(config["pid_dir"]), rank)
     cfg = TrainConfig.from_dict(dict(config["train"]))
-    base = make_bundle(config["store"], config["split"], cfg, rank=rank, world_size=world)
+    # this node's copy of the store (workers may run on nodes that share no files with the driver)
+    base = make_bundle(node_store(config["store"]), config["split"], cfg, rank=rank, world_size=world)
     data: Any = base
     if config.get("data", "bundle") == "ray_data":
         data = ShardBundle(base, ray.train.get_dataset_shard("train"), base.genes["column"].to_numpy(), rank)
@@ -179,7 +181,7 @@ def build_trainer(cfg: Any, store_path: str | Path, split: str, scaling: Mapping
         if "://" in str(storage_path):
             raise ConfigError("scaling.num_workers", "in-process mode (0 workers) needs a local storage_path")
         loop_config["final_dir"] = str(Path(storage_path) / name / "final_checkpoint")
-    datasets = {"train": read_train_part(store_path, split)} if data == "ray_data" else None
+    datasets = {"train": read_train_part(node_store(str(store_path)), split)} if data == "ray_data" else None
     return TorchTrainer(
         train_func,
         train_loop_config=loop_config,

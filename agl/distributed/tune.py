@@ -36,6 +36,8 @@ from agl.distributed.results import (SUMMARY_MD, SWEEP_JSON, TABLE_CSV, TABLE_PN
                                      dataset_ref, format_table, join_path, summary_table, sweep_complete,
                                      trial_config, trial_id_of, trial_run_name, write_table)
 from agl.distributed.spaces import SearchSpace, load_space, resolve_space_path
+from agl.distributed.storage import (check_storage_path, is_uri, node_store, prepare_nodes, trial_nodes,
+                                     trial_store_spec)
 from agl.distributed.sync import (PENDING_FILE, example_patch, final_checkpoint, finish_tracking, log_refit,
                                   mark_pending, relocate, report_step, sync_command)
 from agl.errors import ConfigError
@@ -72,6 +74,8 @@ class SweepOptions:
     storage_path: str | None = None        # None: <out>/ray (use s3:// or a shared mount on a cluster)
     dashboard: bool = False
     threads_per_trial: int = 1
+    trial_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources each trial needs
+    max_failures: int = 3                  # retries of a trial from its last checkpoint (spot nodes get reclaimed)
 
 
 @dataclass
@@ -111,7 +115,8 @@ def agl_trial(config: dict[str, Any], *, space: SearchSpace, store_path: str, th
 
     torch.set_num_threads(threads)
     cfg = TrainConfig.from_dict(space.train_config(config), source=space.source)
-    data = make_bundle(store_path, space.split, cfg, rank=0, world_size=1)
+    # this node's copy of the store: the demo built here, a store URI staged here, else the same path
+    data = make_bundle(node_store(store_path), space.split, cfg, rank=0, world_size=1)
     work = Path(tempfile.mkdtemp(prefix="agl-trial-"))
     try:
         previous = tune.get_checkpoint()
@@ -247,7 +252,9 @@ class TrackingCallback(_callback_base()):
         status = tracking.FAILED if failed else (tracking.FINISHED if finished else tracking.STOPPED)
         # a cross-validated trial's folder (gene set, k, fold metrics) is logged even when stopped early
         keep = finished or "folds_done" in last
-        checkpoint = final_checkpoint(last, trial.checkpoint) if keep else None
+        storage = getattr(trial, "storage", None)  # the sweep's storage filesystem: s3 paths come without a scheme
+        checkpoint = (final_checkpoint(last, trial.checkpoint, getattr(storage, "storage_filesystem", None))
+                      if keep else None)
         if checkpoint is None:
             self.tracker.end_trial(run_id, None, status)
             return
@@ -329,15 +336,25 @@ def _trainable(opts: SweepOptions, space: SearchSpace, store_path: str, storage_
 
         body = tune.with_parameters(agl_cv_trial if space.cv is not None else agl_trial, space=space,
                                     store_path=store_path, threads=opts.threads_per_trial)
-        resources = {"cpu": space.resources.get("cpu", 1), "gpu": space.resources.get("gpu", 0)}
+        resources = {"cpu": space.resources.get("cpu", 1), "gpu": space.resources.get("gpu", 0),
+                     **({"resources": dict(opts.trial_resources)} if opts.trial_resources else {})}
     else:
         body = tune.with_parameters(agl_train_trial, space=space, store_path=store_path,
                                     workers=opts.workers_per_trial, use_gpu=opts.use_gpu,
                                     storage_path=storage_path)
         # the trial only drives its TorchTrainer, whose workers hold the real resources
         # (Tune cannot place an empty resource request, hence a sliver of a CPU)
-        resources = {"cpu": 0.1}
+        resources = {"cpu": 0.1, **({"resources": dict(opts.trial_resources)} if opts.trial_resources else {})}
     return tune.with_resources(body, resources)
+
+
+def _trial_request(opts: SweepOptions, space: SearchSpace) -> dict[str, float]:
+    """What one trial needs of a node, in Ray's resource names (the nodes that get the store ready)."""
+    if opts.trainer == "train":
+        base = {"GPU": 1.0} if opts.use_gpu else {"CPU": 1.0}
+    else:
+        base = {"CPU": float(space.resources.get("cpu", 1)), "GPU": float(space.resources.get("gpu", 0))}
+    return {**base, **{k: float(v) for k, v in opts.trial_resources.items()}}
 
 
 def _max_concurrent(opts: SweepOptions, space: SearchSpace, resources: Mapping[str, float]) -> int:
@@ -360,7 +377,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     import ray
     from ray import tune
 
-    from agl.data.locate import resolve_store, store_path
+    from agl.data.locate import store_path
     from agl.distributed.runtime import init_ray
 
     if opts.trainer not in TRAINERS:
@@ -375,7 +392,8 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
         space = SearchSpace(**{**space.__dict__, "num_samples": opts.num_samples})
     out = Path(opts.out).resolve()
     # a sweep resumes in --out: an earlier sweep is left to the --resume check below, anything else refused
-    check_output_folder(out, "tune", inputs=[store_path(opts.store), space.source], reuse=True)
+    check_output_folder(out, "tune", inputs=[space.source] + ([] if is_uri(opts.store) else [store_path(opts.store)]),
+                        reuse=True)
     # an unreachable tracking server is refused before anything is written
     tracking_uri = tracking.check_tracking_uri(opts.tracking_uri or tracking.default_tracking_uri(out))
     tracking.check_reachable(tracking_uri)
@@ -394,19 +412,23 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
         if opts.storage_path is None:
             storage_path = state["storage_path"]
             exp_path = join_path(storage_path, opts.name)
-    store_path = str(resolve_store(opts.store))
+    store_path = node_store(opts.store)  # the driver's copy: dataset record, input example, caches, refit
+    trial_store = trial_store_spec(opts.store, store_path)  # each trial locates it on its own node
     # num_to_keep forces an experiment snapshot per checkpoint; harmless at this scale, so no warning spam
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     owns_ray = not ray.is_initialized()  # shut down at the end only what this call started
     resources = init_ray(opts.address, num_cpus=opts.num_cpus, dashboard=opts.dashboard)
     warm_caches(store_path, space)
+    if opts.address not in (None, "", "local"):  # a cluster: nodes share no disk unless told otherwise
+        check_storage_path(storage_path, opts.address, len(trial_nodes({})))
+        prepare_nodes(trial_store, space, _trial_request(opts, space))
     tracker = tracking.make_tracker(tracking_uri)
     dataset = dataset_ref(store_path, space.split)
 
     if opts.resume and state and tune.Tuner.can_restore(exp_path):
         parent_run_id, experiment_id = state["parent_run_id"], state["experiment_id"]
         log.info("resuming sweep %s from %s (MLflow parent run %s)", opts.name, exp_path, parent_run_id)
-        tuner = tune.Tuner.restore(exp_path, trainable=_trainable(opts, space, store_path, storage_path),
+        tuner = tune.Tuner.restore(exp_path, trainable=_trainable(opts, space, trial_store, storage_path),
                                    resume_errored=True)
     else:
         experiment_id = tracker.experiment(opts.experiment, artifact_root=out / "mlartifacts")
@@ -424,13 +446,13 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                  else int(space.train_config({}).get("epochs", 100)) + 1)  # +1: the final report after the last epoch
         callback = TrackingCallback(tracker, experiment_id, parent_run_id, space, out=out, dataset=dataset)
         tuner = tune.Tuner(
-            _trainable(opts, space, store_path, storage_path),
+            _trainable(opts, space, trial_store, storage_path),
             tune_config=tune.TuneConfig(search_alg=_searcher(space), scheduler=_scheduler(space, opts.trainer, max_t),
                                         num_samples=space.num_samples,
                                         max_concurrent_trials=_max_concurrent(opts, space, resources)),
             run_config=tune.RunConfig(name=opts.name, storage_path=storage_path, callbacks=[callback],
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                                      failure_config=tune.FailureConfig(max_failures=1), verbose=1),
+                                      failure_config=tune.FailureConfig(max_failures=opts.max_failures), verbose=1),
         )
     started = time.perf_counter()
     grid = tuner.fit()
