@@ -23,9 +23,12 @@ class MlflowServer:
     Runs in its own session, so :meth:`stop` ends it and its workers by process group id.
     """
 
-    def __init__(self, root: Path, port: int | None = None):
+    def __init__(self, root: Path, port: int | None = None, artifacts: str | None = None,
+                 env: dict[str, str] | None = None):
         self.root, self.port = Path(root), port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.artifacts = artifacts or str(self.root / "artifacts")  # s3://... with env naming the endpoint
+        self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 120) -> "MlflowServer":
@@ -34,8 +37,9 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [str(exe), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-             "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=subprocess.DEVNULL, stderr=open(self.root / "server.log", "ab"), start_new_session=True)
+             "--artifacts-destination", self.artifacts],
+            stdout=subprocess.DEVNULL, stderr=open(self.root / "server.log", "ab"), start_new_session=True,
+            env={**os.environ, **self.env})
         deadline = time.time() + timeout_s
         while True:
             try:

@@ -126,10 +126,17 @@ def agl_trial(config: dict[str, Any], *, space: SearchSpace, store_path: str, th
         summary = runs.finalize_run(result, data, final, split=space.split)
         # val_pcc: the single-split objective, the best epoch's (Tune checks every report has it)
         tune.report({**summary["metrics"], "val_pcc": result.best_val_pcc, "epoch": result.epochs_run - 1, "final": True,
-                     "resumed": resume_from is not None},
+                     "resumed": resume_from is not None, "node_id": _node_id()},
                     checkpoint=tune.Checkpoint.from_directory(str(final)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _node_id() -> str:
+    """The Ray node this runs on (in the final report: which node ran the trial)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def agl_train_trial(config: dict[str, Any], *, space: SearchSpace, store_path: str, workers: int,
@@ -337,14 +344,14 @@ def _trainable(opts: SweepOptions, space: SearchSpace, store_path: str, storage_
         body = tune.with_parameters(agl_cv_trial if space.cv is not None else agl_trial, space=space,
                                     store_path=store_path, threads=opts.threads_per_trial)
         resources = {"cpu": space.resources.get("cpu", 1), "gpu": space.resources.get("gpu", 0),
-                     **({"resources": dict(opts.trial_resources)} if opts.trial_resources else {})}
+                     **opts.trial_resources}
     else:
         body = tune.with_parameters(agl_train_trial, space=space, store_path=store_path,
                                     workers=opts.workers_per_trial, use_gpu=opts.use_gpu,
                                     storage_path=storage_path)
         # the trial only drives its TorchTrainer, whose workers hold the real resources
         # (Tune cannot place an empty resource request, hence a sliver of a CPU)
-        resources = {"cpu": 0.1, **({"resources": dict(opts.trial_resources)} if opts.trial_resources else {})}
+        resources = {"cpu": 0.1, **opts.trial_resources}
     return tune.with_resources(body, resources)
 
 
