@@ -124,21 +124,23 @@ def test_sweep_on_a_worker_node_that_shares_no_files(small_store: Path, tmp_path
         assert set(nodes) == {"head", "worker"}, (nodes, (tmp_path / "worker.log").read_text()[-3000:])
 
         out = tmp_path / "sweep"
+        command = [sys.executable, str(REPO / "launch" / "tune.py"), "--address", address, "--space", "tiny",
+                   "--store", f"{bucket}/stores/small", "--storage-path", f"{bucket}/sweeps", "--out", str(out),
+                   "--trial-resource", f"{TRIAL_RESOURCE}=1", "--max-failures", "1"]
+        driver_env = {**env, "AGL_CACHE_DIR": str(tmp_path / "driver-cache")}
         started = time.perf_counter()
-        sweep = subprocess.run(
-            [sys.executable, str(REPO / "launch" / "tune.py"), "--address", address, "--space", "tiny",
-             "--store", f"{bucket}/stores/small", "--storage-path", f"{bucket}/sweeps", "--out", str(out),
-             "--tracking-uri", mlflow_server.url, "--trial-resource", f"{TRIAL_RESOURCE}=1", "--max-failures", "1"],
-            env={**env, "AGL_CACHE_DIR": str(tmp_path / "driver-cache")}, capture_output=True, text=True, timeout=900)
+        sweep = subprocess.run(command + ["--tracking-uri", mlflow_server.url], env=driver_env, capture_output=True,
+                               text=True, timeout=900)
         log = sweep.stdout + sweep.stderr
         (tmp_path / "sweep.log").write_text(log)
         print(f"sweep: {time.perf_counter() - started:.0f} s; nodes {nodes}")
         assert sweep.returncode == 0, log[-6000:]
+        print("\n".join(line for line in log.splitlines() if "store ready on node" in line or "staging" in line))
 
         # trials ran on the worker node (its id in each trial's final report, read back from the bucket)
         from ray.tune import ExperimentAnalysis
 
-        analysis = ExperimentAnalysis(f"{bucket}/sweeps/agl-sweep", storage_filesystem=storage_filesystem(bucket))
+        analysis = ExperimentAnalysis(f"{bucket}/sweeps/agl-sweep")
         ran_on = {trial.trial_id: trial.last_result.get("node_id") for trial in analysis.trials}
         print("trial -> node:", ran_on)
         assert len(ran_on) == 2 and set(ran_on.values()) == {nodes["worker"]}, ran_on
@@ -169,6 +171,21 @@ def test_sweep_on_a_worker_node_that_shares_no_files(small_store: Path, tmp_path
                                 env={**clean, "HOME": str(fresh), "MLFLOW_TRACKING_URI": mlflow_server.url})
         assert loaded.returncode == 0, loaded.stderr[-3000:]
         assert "prediction (1," in loaded.stdout, loaded.stdout
+
+        # a fresh head: the sweep folder is gone; --resume with only the bucket and the tracking server restores it
+        state = json.loads((out / "sweep.json").read_text())
+        assert {"sweeps/agl-sweep.agl/sweep.json", "sweeps/agl-sweep.agl/trials.csv"} <= set(keys)
+        shutil.rmtree(out)
+        shutil.rmtree(tmp_path / "driver-cache")
+        resumed = subprocess.run(command + ["--resume"], env=driver_env, capture_output=True, text=True, timeout=900)
+        log = resumed.stdout + resumed.stderr
+        (tmp_path / "resume.log").write_text(log)
+        assert resumed.returncode == 0, log[-6000:]
+        print("\n".join(line for line in log.splitlines() if "restored the sweep" in line or "resuming sweep" in line))
+        assert "resuming sweep agl-sweep" in log and state["parent_run_id"] in log
+        again = json.loads((out / "sweep.json").read_text())
+        assert again["parent_run_id"] == state["parent_run_id"] and again["tracking_uri"] == mlflow_server.url
+        assert set(pd.read_csv(out / "trials.csv")["status"]) == {"finished"}
     finally:
         stop_pids(pids_with(str(head_temp)) + pids_with(worker_temp))
         if mlflow_server is not None:

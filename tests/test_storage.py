@@ -2,6 +2,7 @@
 a store staged once per node from a storage URI, and the per-node store check before any trial."""
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -124,3 +125,58 @@ def test_store_missing_on_a_node_is_named_before_any_trial(ray_local, tmp_path: 
     missing = tmp_path / "not-here"
     with pytest.raises(DataError, match=r"not usable on 1 of 1 nodes.*node 127\.0\.0\.1 .*not-here/manifest.json"):
         prepare_nodes(str(missing), load_space("tiny"), {"CPU": 1.0})
+
+
+def test_sweep_files_round_trip_through_the_bucket(s3: MotoServer, tmp_path: Path) -> None:
+    """What a lost head would lose (sweep.json, trial table, summary, champion folder) is in the bucket."""
+    from agl.distributed.storage import fetch_from_storage, mirror_to_storage, state_uri
+
+    storage = s3.bucket("agl-state") + "/sweeps"
+    head = tmp_path / "head"
+    (head / "champion").mkdir(parents=True)
+    (head / "sweep.json").write_text('{"name": "s", "parent_run_id": "p1"}')
+    (head / "trials.csv").write_text("trial_id,status\nt1,finished\n")
+    (head / "champion" / "result.json").write_text('{"metrics": {}}')
+    mirror_to_storage(head, storage, "s", ["sweep.json", "trials.csv", "summary.md", "champion"])  # no summary yet
+    assert s3.keys("agl-state") == ["sweeps/s.agl/champion/result.json", "sweeps/s.agl/sweep.json",
+                                    "sweeps/s.agl/trials.csv"]
+    fresh = tmp_path / "fresh-head"
+    assert fetch_from_storage(fresh, storage, "s")
+    assert sorted(str(p.relative_to(fresh)) for p in fresh.rglob("*") if p.is_file()) == [
+        "champion/result.json", "sweep.json", "trials.csv"]
+    assert (fresh / "sweep.json").read_text() == (head / "sweep.json").read_text()
+    assert not fetch_from_storage(tmp_path / "other", storage, "nope") and not (tmp_path / "other").exists()
+    assert state_uri(storage, "s") == "s3://agl-state/sweeps/s.agl"
+
+
+@pytest.mark.reliability(kind="bad input", case="--resume on a fresh head where neither --out nor the bucket holds "
+                                                "the sweep, or where Tune cannot restore it",
+                         outcome="ConfigError naming what is missing, before Ray or MLflow is touched; never a new sweep")
+def test_a_resume_that_cannot_restore_is_an_error(s3: MotoServer, small_store: Path, tmp_path: Path) -> None:
+    from agl.distributed.tune import SweepOptions, run_sweep
+    from agl.fileio import write_output_marker
+
+    storage = s3.bucket("agl-resume") + "/sweeps"
+    out = tmp_path / "sweep"
+    opts = SweepOptions(space="tiny", store=str(small_store), out=str(out), resume=True, storage_path=storage,
+                        tracking_uri="http://127.0.0.1:9")  # never reached: the refusal comes first
+    with pytest.raises(ConfigError, match=r"no sweep to resume: .*sweep.json nor s3://agl-resume/sweeps/agl-sweep"
+                                          r"\.agl/sweep.json"):
+        run_sweep(opts)
+    assert not (out / "sweep.json").exists()
+    out.mkdir()
+    write_output_marker(out, "tune", name="agl-sweep")
+    (out / "sweep.json").write_text('{"name": "agl-sweep", "out": "%s", "parent_run_id": "p", "experiment_id": "1", '
+                                    '"tracking_uri": "http://127.0.0.1:9", "storage_path": "%s"}' % (out, storage))
+    with pytest.raises(ConfigError, match=r"agl-sweep: --resume: Ray Tune finds no experiment state"):
+        run_sweep(opts)
+    assert json.loads((out / "sweep.json").read_text())["parent_run_id"] == "p"  # not replaced by a new sweep
+
+
+def test_mlflow_artifacts_go_to_the_bucket(s3: MotoServer, tmp_path: Path) -> None:
+    from agl.tracking import make_tracker
+
+    tracker = make_tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    root = s3.bucket("agl-art") + "/sweeps/s.agl/mlartifacts"
+    experiment = tracker.experiment("e", artifact_root=root)
+    assert tracker.client.get_experiment(experiment).artifact_location == root

@@ -130,8 +130,6 @@ def stage_store(uri: str, cache_dir: str | Path | None = None) -> Path:
     temporary sibling and is renamed into place under a lock: concurrent trials on a node copy once, and
     a crash never leaves a half-copied store behind the final name.
     """
-    import pyarrow.fs
-
     from agl.data.store import MANIFEST, open_store
     from agl.fileio import default_cache_dir
 
@@ -150,14 +148,31 @@ def stage_store(uri: str, cache_dir: str | Path | None = None) -> Path:
             temp = target.with_name(f".{target.name}.part-{os.getpid()}")
             shutil.rmtree(temp, ignore_errors=True)
             log.info("staging the store %s into %s (once per node)", uri, target)
-            pyarrow.fs.copy_files(remote, str(temp), source_filesystem=fs,
-                                  destination_filesystem=pyarrow.fs.LocalFileSystem(), use_threads=True)
+            download_tree(fs, remote, temp)
             if json.loads((temp / MANIFEST).read_bytes()) != json.loads(manifest):
                 shutil.rmtree(temp, ignore_errors=True)
                 raise DataError(f"{uri.rstrip('/')}/{MANIFEST}", "changed while it was being copied; run again")
             os.replace(temp, target)
     open_store(target)  # a copy that does not open fails here, naming the file
     return target
+
+
+def download_tree(fs: Any, source: str, dest: Path) -> int:
+    """Copy every file under ``source`` on ``fs`` to the local folder ``dest`` (object stores have no real folders,
+    so each file's parent is made here); returns the number of files."""
+    import pyarrow.fs
+
+    count = 0
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(source, recursive=True)):
+        if info.type != pyarrow.fs.FileType.File:
+            continue
+        target = Path(dest) / info.path[len(source.rstrip("/")) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(info.path) as stream, open(target, "wb") as handle:
+            while chunk := stream.read(8 * 1024 * 1024):
+                handle.write(chunk)
+        count += 1
+    return count
 
 
 def _prepare_here(spec: str, space: Any) -> dict[str, str]:
@@ -213,5 +228,63 @@ def prepare_nodes(spec: str, space: Any, request: Mapping[str, float], timeout_s
     return {node: r["path"] for node, r in found.items()}
 
 
-__all__ = ["check_storage_path", "fs_path", "is_shared_mount", "is_uri", "mount_type", "node_store",
+# --------------------------------------------------------------------------- the sweep's own files in the bucket
+STATE_SUFFIX = ".agl"  # <storage>/<name>.agl/: sweep.json, the trial table, summary, champion, beside Tune's folder
+
+
+def state_uri(storage_path: str, name: str) -> str:
+    """Where a sweep named ``name`` keeps its own files on a storage URI (beside Tune's experiment folder)."""
+    return f"{storage_path.rstrip('/')}/{name}{STATE_SUFFIX}"
+
+
+def mirror_to_storage(out: Path, storage_path: str, name: str, entries: list[str]) -> None:
+    """Copy ``entries`` of the sweep folder (files or folders) to :func:`state_uri`, so a lost head loses nothing.
+
+    A no-op for a local storage path (the files are then in ``out`` on the same disk)."""
+    import pyarrow.fs
+
+    if not is_uri(storage_path):
+        return
+    fs, target = storage_filesystem(storage_path), fs_path(state_uri(storage_path, name))
+    local = pyarrow.fs.LocalFileSystem()
+    for entry in entries:
+        source = Path(out) / entry
+        if source.is_dir():
+            pyarrow.fs.copy_files(str(source), f"{target}/{entry}", source_filesystem=local, destination_filesystem=fs)
+        elif source.is_file():
+            with fs.open_output_stream(f"{target}/{entry}") as stream:
+                stream.write(source.read_bytes())
+
+
+def fetch_from_storage(out: Path, storage_path: str, name: str) -> bool:
+    """A fresh head's ``--resume``: copy the sweep's files from :func:`state_uri` into ``out`` (sweep.json last, so
+    a half copy is never taken for a sweep). Returns False when the storage holds no such sweep."""
+    import pyarrow.fs
+
+    from agl.distributed.results import SWEEP_JSON
+
+    if not is_uri(storage_path):
+        return False
+    fs, source = storage_filesystem(storage_path), fs_path(state_uri(storage_path, name))
+    if fs.get_file_info(f"{source}/{SWEEP_JSON}").type != pyarrow.fs.FileType.File:
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(source, recursive=False)):
+        entry = info.path.rsplit("/", 1)[-1]
+        if entry == SWEEP_JSON:
+            continue
+        if info.type == pyarrow.fs.FileType.Directory:
+            download_tree(fs, info.path, out / entry)
+        else:
+            with fs.open_input_stream(info.path) as stream:
+                (out / entry).write_bytes(stream.read())
+    from agl.fileio import atomic_write_text
+
+    with fs.open_input_stream(f"{source}/{SWEEP_JSON}") as stream:
+        atomic_write_text(out / SWEEP_JSON, stream.read().decode())
+    log.info("restored the sweep's files from %s into %s", state_uri(storage_path, name), out)
+    return True
+
+
+__all__ = ["STATE_SUFFIX", "fetch_from_storage", "mirror_to_storage", "state_uri", "check_storage_path", "fs_path", "is_shared_mount", "is_uri", "mount_type", "node_store",
            "prepare_nodes", "stage_store", "storage_filesystem", "trial_nodes", "trial_store_spec"]

@@ -36,8 +36,8 @@ from agl.distributed.results import (SUMMARY_MD, SWEEP_JSON, TABLE_CSV, TABLE_PN
                                      dataset_ref, format_table, join_path, summary_table, sweep_complete,
                                      trial_config, trial_id_of, trial_run_name, write_table)
 from agl.distributed.spaces import SearchSpace, load_space, resolve_space_path
-from agl.distributed.storage import (check_storage_path, is_uri, node_store, prepare_nodes, trial_nodes,
-                                     trial_store_spec)
+from agl.distributed.storage import (check_storage_path, fetch_from_storage, is_uri, mirror_to_storage, node_store,
+                                     prepare_nodes, state_uri, trial_nodes, trial_store_spec)
 from agl.distributed.sync import (PENDING_FILE, example_patch, final_checkpoint, finish_tracking, log_refit,
                                   mark_pending, relocate, report_step, sync_command)
 from agl.errors import ConfigError
@@ -401,24 +401,34 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     # a sweep resumes in --out: an earlier sweep is left to the --resume check below, anything else refused
     check_output_folder(out, "tune", inputs=[space.source] + ([] if is_uri(opts.store) else [store_path(opts.store)]),
                         reuse=True)
-    # an unreachable tracking server is refused before anything is written
-    tracking_uri = tracking.check_tracking_uri(opts.tracking_uri or tracking.default_tracking_uri(out))
-    tracking.check_reachable(tracking_uri)
-    tracking.quick_failure_env()
-    out.mkdir(parents=True, exist_ok=True)
-    write_output_marker(out, "tune", name=opts.name)
     storage_path = opts.storage_path or str(out / "ray")
-    exp_path = join_path(storage_path, opts.name)
     state_file = out / SWEEP_JSON
+    if opts.resume and not state_file.is_file() and is_uri(storage_path):
+        fetch_from_storage(out, storage_path, opts.name)  # a fresh head: the sweep's files come from the bucket
     state = json.loads(state_file.read_text()) if state_file.is_file() else None
     if state and not opts.resume:
         raise ConfigError(out, f"already holds sweep {state.get('name')!r}; pass --resume to continue it "
                                f"or choose another --out")
+    if opts.resume and not state:
+        where = f" nor {state_uri(storage_path, opts.name)}/{SWEEP_JSON}" if is_uri(storage_path) else ""
+        raise ConfigError("--resume", f"no sweep to resume: neither {state_file}{where} exists (a sweep on another "
+                                      f"head: pass its --storage-path s3://... and --name); nothing was started")
     if state:  # a sweep folder moved or copied since: its paths and MLflow artifact links follow it
         state = relocate(out)
         if opts.storage_path is None:
             storage_path = state["storage_path"]
-            exp_path = join_path(storage_path, opts.name)
+    exp_path = join_path(storage_path, opts.name)
+    if state and not tune.Tuner.can_restore(exp_path):  # never a silent new sweep in place of the one asked for
+        raise ConfigError(exp_path, f"--resume: Ray Tune finds no experiment state to restore here (sweep.json says "
+                                    f"storage {state['storage_path']}); nothing was started. Pass the sweep's "
+                                    f"--storage-path, or start a new sweep with another --out")
+    # an unreachable tracking server is refused before anything is written; a resumed sweep keeps its own
+    tracking_uri = tracking.check_tracking_uri(opts.tracking_uri or (state or {}).get("tracking_uri")
+                                               or tracking.default_tracking_uri(out))
+    tracking.check_reachable(tracking_uri)
+    tracking.quick_failure_env()
+    out.mkdir(parents=True, exist_ok=True)
+    write_output_marker(out, "tune", name=opts.name)
     store_path = node_store(opts.store)  # the driver's copy: dataset record, input example, caches, refit
     trial_store = trial_store_spec(opts.store, store_path)  # each trial locates it on its own node
     # num_to_keep forces an experiment snapshot per checkpoint; harmless at this scale, so no warning spam
@@ -432,13 +442,16 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     tracker = tracking.make_tracker(tracking_uri)
     dataset = dataset_ref(store_path, space.split)
 
-    if opts.resume and state and tune.Tuner.can_restore(exp_path):
+    if state:
         parent_run_id, experiment_id = state["parent_run_id"], state["experiment_id"]
         log.info("resuming sweep %s from %s (MLflow parent run %s)", opts.name, exp_path, parent_run_id)
         tuner = tune.Tuner.restore(exp_path, trainable=_trainable(opts, space, trial_store, storage_path),
                                    resume_errored=True)
     else:
-        experiment_id = tracker.experiment(opts.experiment, artifact_root=out / "mlartifacts")
+        # artifacts beside the sweep's storage when that is a bucket: a lost head loses none of them
+        artifact_root = (f"{state_uri(storage_path, opts.name)}/mlartifacts" if is_uri(storage_path)
+                         else out / "mlartifacts")
+        experiment_id = tracker.experiment(opts.experiment, artifact_root=artifact_root)
         parent_run_id = tracker.start_sweep(
             experiment_id, opts.name,
             {"space": space.source, "split": space.split, "num_samples": space.num_samples,
@@ -449,6 +462,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                                        "experiment_id": experiment_id, "tracking_uri": tracking_uri,
                                        "storage_path": storage_path, "options": asdict(opts)},
                           indent=1, default=str)
+        mirror_to_storage(out, storage_path, opts.name, [SWEEP_JSON])
         max_t = (len(_fold_names(store_path, space)) if space.cv is not None
                  else int(space.train_config({}).get("epochs", 100)) + 1)  # +1: the final report after the last epoch
         callback = TrackingCallback(tracker, experiment_id, parent_run_id, space, out=out, dataset=dataset)
@@ -478,6 +492,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                                            complete, opts.model_name, champion=refit_run, dataset=dataset,
                                            input_example=example_patch(store_path) if complete else None)
     champion = sent.champion
+    mirror_to_storage(out, storage_path, opts.name, [SWEEP_JSON, TABLE_CSV, TABLE_PNG, SUMMARY_MD, CHAMPION_DIR])
     if not complete:
         log.warning("sweep %s interrupted after %d of %d trials; continue it with --resume (same --out)",
                     opts.name, grid.num_terminated + grid.num_errors, space.num_samples)
