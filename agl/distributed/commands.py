@@ -48,6 +48,9 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trial-resource", action="append", default=[], metavar="NAME=AMOUNT",
                    help="a custom Ray resource each trial needs (repeatable), e.g. trial_node=1 to keep trials on "
                         "nodes started with --resources '{\"trial_node\": 4}'")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="hand Tune a checkpoint every N epochs (each is uploaded to --storage-path; a restarted trial "
+                        "loses up to N-1 epochs); default: 1 on a local storage path, 5 on s3:// or another URI")
     p.add_argument("--max-failures", type=int, default=3,
                    help="times a trial is retried from its last checkpoint after its node or process died (default 3: "
                         "spot instances get reclaimed)")
@@ -96,7 +99,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                         resume=args.resume, trainer=args.trainer, workers_per_trial=args.workers_per_trial,
                         use_gpu=args.use_gpu, max_concurrent=args.max_concurrent, storage_path=args.storage_path,
                         dashboard=args.dashboard, trial_resources=parse_resources(args.trial_resource),
-                        max_failures=args.max_failures)
+                        max_failures=args.max_failures, checkpoint_every=args.checkpoint_every)
     if opts.max_failures < 0:
         from agl.errors import ConfigError
 

@@ -16,14 +16,11 @@ files), so:
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -110,18 +107,6 @@ def node_store(spec: str | None) -> str:
     return str(resolve_store(spec))
 
 
-@contextlib.contextmanager
-def _locked(lock_file: Path) -> Iterator[None]:
-    """An exclusive lock between the processes of one node (the trials that stage the same store)."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def stage_store(uri: str, cache_dir: str | Path | None = None) -> Path:
     """Copy the store at ``uri`` into this node's cache once and return the local folder.
 
@@ -131,7 +116,7 @@ def stage_store(uri: str, cache_dir: str | Path | None = None) -> Path:
     a crash never leaves a half-copied store behind the final name.
     """
     from agl.data.store import MANIFEST, open_store
-    from agl.fileio import default_cache_dir
+    from agl.fileio import default_cache_dir, exclusive_lock
 
     fs, remote = storage_filesystem(uri), fs_path(uri)
     try:
@@ -143,7 +128,7 @@ def stage_store(uri: str, cache_dir: str | Path | None = None) -> Path:
     key = hashlib.sha256(uri.rstrip("/").encode() + b"\0" + manifest).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / STAGED_DIR / f"{Path(remote).name}-{key}"
-    with _locked(root / STAGED_DIR / f".{target.name}.lock"):
+    with exclusive_lock(root / STAGED_DIR / f".{target.name}.lock"):  # a node's trials stage it once
         if not (target / MANIFEST).is_file():
             temp = target.with_name(f".{target.name}.part-{os.getpid()}")
             shutil.rmtree(temp, ignore_errors=True)

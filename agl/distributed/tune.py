@@ -73,7 +73,8 @@ class SweepOptions:
     max_concurrent: int | None = None
     storage_path: str | None = None        # None: <out>/ray (use s3:// or a shared mount on a cluster)
     dashboard: bool = False
-    threads_per_trial: int = 1
+    threads_per_trial: int | None = None   # None: the CPUs the space gives a trial (resources.cpu)
+    checkpoint_every: int | None = None    # None: every epoch on a local storage path, every 5th on s3:// etc.
     trial_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources each trial needs
     max_failures: int = 3                  # retries of a trial from its last checkpoint (spot nodes get reclaimed)
 
@@ -96,16 +97,22 @@ class SweepSummary:
 
 # --------------------------------------------------------------------------- trial bodies
 class TuneReporter:
-    """``agl.training.loop.Reporter`` for a function trial: every epoch to Tune, with fit's checkpoint."""
+    """``agl.training.loop.Reporter`` for a function trial: every epoch to Tune, with fit's checkpoint every
+    ``every``-th epoch (each one is uploaded to the storage path: on S3, the cost of a restart vs. its upload)."""
+
+    def __init__(self, every: int = 1):
+        self.every = max(1, int(every))
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
         from ray import tune
 
-        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        due = (int(metrics.get("epoch", 0)) + 1) % self.every == 0
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir and due else None
         tune.report(dict(metrics), checkpoint=checkpoint)
 
 
-def agl_trial(config: dict[str, Any], *, space: SearchSpace, store_path: str, threads: int = 1) -> None:
+def agl_trial(config: dict[str, Any], *, space: SearchSpace, store_path: str, threads: int = 1,
+              checkpoint_every: int = 1) -> None:
     """One trial in-process: fit() with a TuneReporter, then a final report with the run artifacts."""
     import torch
     from ray import tune
@@ -121,7 +128,7 @@ def agl_trial(config: dict[str, Any], *, space: SearchSpace, store_path: str, th
     try:
         previous = tune.get_checkpoint()
         with (previous.as_directory() if previous else nullcontext(None)) as resume_from:
-            result = fit(cfg, data, reporter=TuneReporter(), resume_from=resume_from, out_dir=work)
+            result = fit(cfg, data, reporter=TuneReporter(checkpoint_every), resume_from=resume_from, out_dir=work)
         final = work / "final"
         summary = runs.finalize_run(result, data, final, split=space.split)
         # val_pcc: the single-split objective, the best epoch's (Tune checks every report has it)
@@ -177,6 +184,10 @@ class TrackingCallback(_callback_base()):
     the callback says so once, writes ``OUT/mlflow-pending.json`` and sends nothing for
     ``retry_s`` seconds, then tries again; what it missed stays in Tune's folder and
     :mod:`agl.distributed.sync` sends it at the end of the sweep, or later with ``agl tune-sync``.
+
+    The writes run in order on one background thread (one writer still), never on Tune's event loop:
+    finishing a run downloads the trial's checkpoint and uploads its record, which on a bucket takes
+    seconds per trial; the loop only queues it. ``on_experiment_end`` waits for the queue.
     """
 
     retry_s = 60.0
@@ -194,9 +205,23 @@ class TrackingCallback(_callback_base()):
         self.offline: str | None = None    # why the tracker was given up on, while it is
         self._offline_at = 0.0
         self._warned = False
+        self._pool: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "offline": None, "_warned": False, "_looked_up": False}
+        return {**self.__dict__, "offline": None, "_warned": False, "_looked_up": False, "_pool": None}
+
+    def _queue(self, trial: Any, what: str, send: Callable[[], None]) -> None:
+        """Run ``_send`` on the callback's writer thread (created on first use, also after a restore)."""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agl-tracking")
+        self._pool.submit(self._send, trial, what, send)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # every queued write done before the sweep's summary reads the tracker
+            self._pool = None
 
     def get_state(self) -> dict[str, Any]:
         return {"runs": dict(self.runs)}
@@ -238,19 +263,19 @@ class TrackingCallback(_callback_base()):
         return self.runs[trial.trial_id]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._send(trial, "creating the run", lambda: self.run_id(trial))
+        self._queue(trial, "creating the run", lambda: self.run_id(trial))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         found = report_step(result)  # an epoch, or a fold of a cross-validated trial
         if found is None:
             return  # end-of-run metrics come with the run record at completion
-        self._send(trial, "logging an epoch", lambda: self.tracker.log_metrics(self.run_id(trial), found[1], found[0]))
+        self._queue(trial, "logging an epoch", lambda: self.tracker.log_metrics(self.run_id(trial), found[1], found[0]))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._send(trial, "finishing the run", lambda: self._finish(trial, failed=False))
+        self._queue(trial, "finishing the run", lambda: self._finish(trial, failed=False))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._send(trial, "finishing the run", lambda: self._finish(trial, failed=True))
+        self._queue(trial, "finishing the run", lambda: self._finish(trial, failed=True))
 
     def _finish(self, trial: Any, failed: bool) -> None:
         run_id = self.run_id(trial)
@@ -341,8 +366,9 @@ def _trainable(opts: SweepOptions, space: SearchSpace, store_path: str, storage_
     if opts.trainer == "function":
         from agl.distributed.cv import agl_cv_trial
 
+        every = {} if space.cv is not None else {"checkpoint_every": _checkpoint_every(opts, storage_path)}
         body = tune.with_parameters(agl_cv_trial if space.cv is not None else agl_trial, space=space,
-                                    store_path=store_path, threads=opts.threads_per_trial)
+                                    store_path=store_path, threads=_threads(opts, space), **every)
         resources = {"cpu": space.resources.get("cpu", 1), "gpu": space.resources.get("gpu", 0),
                      **opts.trial_resources}
     else:
@@ -353,6 +379,20 @@ def _trainable(opts: SweepOptions, space: SearchSpace, store_path: str, storage_
         # (Tune cannot place an empty resource request, hence a sliver of a CPU)
         resources = {"cpu": 0.1, **opts.trial_resources}
     return tune.with_resources(body, resources)
+
+
+def _threads(opts: SweepOptions, space: SearchSpace) -> int:
+    """Torch threads per trial: as given, else the CPUs Ray reserves for the trial (at least 1)."""
+    return int(opts.threads_per_trial or max(1, int(space.resources.get("cpu", 1))))
+
+
+def _checkpoint_every(opts: SweepOptions, storage_path: str) -> int:
+    """Epochs between checkpoints handed to Tune: each is uploaded to the storage path, so fewer on a bucket."""
+    if opts.checkpoint_every is not None:
+        if opts.checkpoint_every < 1:
+            raise ConfigError("--checkpoint-every", f"must be >= 1, got {opts.checkpoint_every}")
+        return opts.checkpoint_every
+    return 5 if is_uri(storage_path) else 1
 
 
 def _trial_request(opts: SweepOptions, space: SearchSpace) -> dict[str, float]:
@@ -472,7 +512,8 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                                         num_samples=space.num_samples,
                                         max_concurrent_trials=_max_concurrent(opts, space, resources)),
             run_config=tune.RunConfig(name=opts.name, storage_path=storage_path, callbacks=[callback],
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                      # the latest only: it alone carries the optimiser state a restart needs
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       failure_config=tune.FailureConfig(max_failures=opts.max_failures), verbose=1),
         )
     started = time.perf_counter()
@@ -483,7 +524,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     refit_run = None
     if complete and space.cv is not None:
         refit_run = _refit_champion(grid, space, store_path, out, tracker, experiment_id, parent_run_id,
-                                    opts.threads_per_trial, dataset)
+                                    _threads(opts, space), dataset)
         if refit_run is not None:  # kept in sweep.json, so that `agl tune-sync` registers this champion
             state = json.loads(state_file.read_text())
             atomic_write_json(state_file, {**state, "champion": {k: v for k, v in refit_run.items() if k != "run_id"}},
