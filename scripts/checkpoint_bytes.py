@@ -8,7 +8,7 @@ the kept ones are measured file by file (optimiser state: the files whose name h
 
     python scripts/checkpoint_bytes.py --label after [--repo PATH] [--epochs 6] [-- extra launch/tune.py args]
 
-Prints the figures and adds the label's row to results/checkpoint_bytes.json.
+Prints the figures and adds the label's row to results/bench_checkpoint_bytes.json.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def main() -> int:
     parser.add_argument("--label", required=True)
     parser.add_argument("--repo", default=str(HERE), help="the checkout whose launch/tune.py runs (default: this one)")
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--out", default=str(HERE / "results" / "checkpoint_bytes.json"))
+    parser.add_argument("--out", default=str(HERE / "results" / "bench_checkpoint_bytes.json"))
     parser.add_argument("extra", nargs="*", help="more launch/tune.py arguments (after --)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="agl-ckpt-bytes-"))
