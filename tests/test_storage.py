@@ -2,6 +2,7 @@
 a store staged once per node from a storage URI, and the per-node store check before any trial."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -121,10 +122,11 @@ def test_missing_store_uri_is_named(s3: MotoServer, tmp_path: Path) -> None:
 def test_store_missing_on_a_node_is_named_before_any_trial(ray_local, tmp_path: Path) -> None:
     from agl.distributed.spaces import load_space
     from agl.distributed.storage import prepare_nodes
+    from agl.distributed.tune import warm_caches
 
     missing = tmp_path / "not-here"
     with pytest.raises(DataError, match=r"not usable on 1 of 1 nodes.*node 127\.0\.0\.1 .*not-here/manifest.json"):
-        prepare_nodes(str(missing), load_space("tiny"), {"CPU": 1.0})
+        prepare_nodes(str(missing), {"CPU": 1.0}, warm=functools.partial(warm_caches, space=load_space("tiny")))
 
 
 def test_sweep_files_round_trip_through_the_bucket(s3: MotoServer, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from agl.errors import ConfigError, DataError
 
@@ -160,18 +160,17 @@ def download_tree(fs: Any, source: str, dest: Path) -> int:
     return count
 
 
-def _prepare_here(spec: str, space: Any) -> dict[str, str]:
-    """On one node: locate (build, stage or check) the store and warm its frozen-feature cache."""
+def _prepare_here(spec: str, warm: Callable[[str], Any] | None) -> dict[str, str]:
+    """On one node: locate (build, stage or check) the store, then ``warm(path)`` (its frozen-feature cache)."""
     import socket
 
     import ray
 
-    from agl.distributed.tune import warm_caches
-
     where = {"node_ip": ray.util.get_node_ip_address(), "host": socket.gethostname()}
     try:
         path = node_store(spec)
-        warm_caches(path, space)
+        if warm is not None:
+            warm(path)
     except Exception as err:  # reported per node by the driver, with the node named
         return {**where, "error": f"{type(err).__name__}: {err}"}
     return {**where, "path": path}
@@ -185,8 +184,10 @@ def trial_nodes(request: Mapping[str, float]) -> list[dict[str, Any]]:
             and all(float(n.get("Resources", {}).get(k, 0.0)) >= v for k, v in request.items() if v > 0)]
 
 
-def prepare_nodes(spec: str, space: Any, request: Mapping[str, float], timeout_s: float = 1800) -> dict[str, str]:
-    """Make the store ``spec`` names ready on every node that can run a trial, before any trial starts.
+def prepare_nodes(spec: str, request: Mapping[str, float], warm: Callable[[str], Any] | None = None,
+                  timeout_s: float = 1800) -> dict[str, str]:
+    """Make the store ``spec`` names ready on every node that can run a trial, before any trial starts
+    (``warm``: run there on the node's store path, e.g. to compute the frozen-feature cache once per node).
 
     Returns node id -> local store path. Raises DataError naming each node that failed and why (e.g. the
     path that is missing there), so a sweep never starts trials that can only fail.
@@ -199,7 +200,7 @@ def prepare_nodes(spec: str, space: Any, request: Mapping[str, float], timeout_s
         raise ConfigError("--trial-resource", f"no alive Ray node has the resources of one trial {dict(request)}")
     prepare = ray.remote(num_cpus=0, max_retries=0)(_prepare_here)
     refs = {n["NodeID"]: prepare.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote(spec, space) for n in nodes}
+            .remote(spec, warm) for n in nodes}
     found = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s)))
     failed = [f"node {r['node_ip']} ({r['host']}, id {node[:8]}): {r['error']}" for node, r in found.items()
               if "error" in r]
@@ -241,22 +242,20 @@ def mirror_to_storage(out: Path, storage_path: str, name: str, entries: list[str
                 stream.write(source.read_bytes())
 
 
-def fetch_from_storage(out: Path, storage_path: str, name: str) -> bool:
-    """A fresh head's ``--resume``: copy the sweep's files from :func:`state_uri` into ``out`` (sweep.json last, so
-    a half copy is never taken for a sweep). Returns False when the storage holds no such sweep."""
+def fetch_from_storage(out: Path, storage_path: str, name: str, state_file: str = "sweep.json") -> bool:
+    """A fresh head's ``--resume``: copy the sweep's files from :func:`state_uri` into ``out`` (``state_file`` last,
+    so a half copy is never taken for a sweep). Returns False when the storage holds no such sweep."""
     import pyarrow.fs
-
-    from agl.distributed.results import SWEEP_JSON
 
     if not is_uri(storage_path):
         return False
     fs, source = storage_filesystem(storage_path), fs_path(state_uri(storage_path, name))
-    if fs.get_file_info(f"{source}/{SWEEP_JSON}").type != pyarrow.fs.FileType.File:
+    if fs.get_file_info(f"{source}/{state_file}").type != pyarrow.fs.FileType.File:
         return False
     out.mkdir(parents=True, exist_ok=True)
     for info in fs.get_file_info(pyarrow.fs.FileSelector(source, recursive=False)):
         entry = info.path.rsplit("/", 1)[-1]
-        if entry == SWEEP_JSON:
+        if entry == state_file:
             continue
         if info.type == pyarrow.fs.FileType.Directory:
             download_tree(fs, info.path, out / entry)
@@ -265,8 +264,8 @@ def fetch_from_storage(out: Path, storage_path: str, name: str) -> bool:
                 (out / entry).write_bytes(stream.read())
     from agl.fileio import atomic_write_text
 
-    with fs.open_input_stream(f"{source}/{SWEEP_JSON}") as stream:
-        atomic_write_text(out / SWEEP_JSON, stream.read().decode())
+    with fs.open_input_stream(f"{source}/{state_file}") as stream:
+        atomic_write_text(out / state_file, stream.read().decode())
     log.info("restored the sweep's files from %s into %s", state_uri(storage_path, name), out)
     return True
 

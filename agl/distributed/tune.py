@@ -16,6 +16,7 @@ configuration, else the best finished trial) becomes the registered model versio
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -444,7 +445,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     storage_path = opts.storage_path or str(out / "ray")
     state_file = out / SWEEP_JSON
     if opts.resume and not state_file.is_file() and is_uri(storage_path):
-        fetch_from_storage(out, storage_path, opts.name)  # a fresh head: the sweep's files come from the bucket
+        fetch_from_storage(out, storage_path, opts.name, SWEEP_JSON)  # a fresh head: the sweep's files come from the bucket
     state = json.loads(state_file.read_text()) if state_file.is_file() else None
     if state and not opts.resume:
         raise ConfigError(out, f"already holds sweep {state.get('name')!r}; pass --resume to continue it "
@@ -478,7 +479,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     warm_caches(store_path, space)
     if opts.address not in (None, "", "local"):  # a cluster: nodes share no disk unless told otherwise
         check_storage_path(storage_path, opts.address, len(trial_nodes({})))
-        prepare_nodes(trial_store, space, _trial_request(opts, space))
+        prepare_nodes(trial_store, _trial_request(opts, space), warm=functools.partial(warm_caches, space=space))
     tracker = tracking.make_tracker(tracking_uri)
     dataset = dataset_ref(store_path, space.split)
 
