@@ -4,7 +4,26 @@ from __future__ import annotations
 from pathlib import Path
 
 
-class AGLError(Exception):
+def _rebuild(cls: type[BaseException], args: tuple, state: dict) -> BaseException:
+    """An exception of ``cls`` with ``args`` and attributes ``state``, without calling ``cls.__init__``."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
+class RebuiltError(BaseException):
+    """Mixin: pickle and ``copy.copy`` rebuild the error from its message and attributes.
+
+    BaseException pickles as ``cls(*self.args)``, which fails for an ``__init__`` whose parameters are
+    not the message (``DataError(path, problem)``); Ray and Tune pickle a remote trial's error to
+    re-raise it in the driver, and the user then saw ``TypeError: __init__() missing ...`` instead."""
+
+    def __reduce__(self) -> tuple:
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
+
+
+class AGLError(RebuiltError, Exception):
     """Base class for errors that the CLI reports cleanly (message, exit code 2, no traceback)."""
 
 

@@ -23,9 +23,12 @@ class MlflowServer:
     Runs in its own session, so :meth:`stop` ends it and its workers by process group id.
     """
 
-    def __init__(self, root: Path, port: int | None = None):
+    def __init__(self, root: Path, port: int | None = None, artifacts: str | None = None,
+                 env: dict[str, str] | None = None):
         self.root, self.port = Path(root), port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.artifacts = artifacts or str(self.root / "artifacts")  # s3://... with env naming the endpoint
+        self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 120) -> "MlflowServer":
@@ -34,8 +37,9 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [str(exe), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-             "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=subprocess.DEVNULL, stderr=open(self.root / "server.log", "ab"), start_new_session=True)
+             "--artifacts-destination", self.artifacts],
+            stdout=subprocess.DEVNULL, stderr=open(self.root / "server.log", "ab"), start_new_session=True,
+            env={**os.environ, **self.env})
         deadline = time.time() + timeout_s
         while True:
             try:
@@ -53,6 +57,64 @@ class MlflowServer:
         os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its own workers, by our process group id
         try:
             self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+class MotoServer:
+    """moto's S3 in server mode on 127.0.0.1 (``moto_server``), the sweep's bucket for cluster tests.
+
+    Clients reach it through ``env`` (``AWS_ENDPOINT_URL`` and dummy credentials), which pyarrow, Ray,
+    boto3 and MLflow all read. Runs in its own session; :meth:`stop` ends it by process group id.
+    """
+
+    def __init__(self, root: Path, port: int | None = None):
+        self.root, self.port = Path(root), port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {"AWS_ENDPOINT_URL": self.url, "MLFLOW_S3_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+                    "AWS_EC2_METADATA_DISABLED": "true"}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 60) -> "MotoServer":
+        exe = Path(sys.executable).with_name("moto_server")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL,
+                                     stderr=open(self.root / "moto.log", "ab"), start_new_session=True)
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/moto-api/", timeout=2)
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"moto_server did not start: {(self.root / 'moto.log').read_text()[-2000:]}")
+                time.sleep(0.3)
+
+    def bucket(self, name: str) -> str:
+        """Create bucket ``name``; returns ``s3://name``."""
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.url, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.url, region_name="us-east-1", aws_access_key_id="testing",
+                              aws_secret_access_key="testing")
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()

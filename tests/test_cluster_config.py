@@ -48,7 +48,7 @@ def test_aws_cluster_has_gpu_workers_and_installs_the_project() -> None:
     workers = {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
     assert any(v["node_config"]["InstanceType"].startswith(("g5.", "g6.", "p3.", "p4", "p5")) for v in workers.values())
     setup = "\n".join(config["setup_commands"])
-    assert "pip install -e ~/agl" in setup and "~/agl" in config["file_mounts"]
+    assert re.search(r"pip install .*-e ~/agl", setup) and "~/agl" in config["file_mounts"]
     # torch/torchvision pinned as in pyproject.toml
     pyproject = (REPO / "pyproject.toml").read_text()
     for pin in re.findall(r'"(torch(?:vision)?==[0-9.]+)"', pyproject):
@@ -78,3 +78,20 @@ def test_broken_configs_are_rejected(name: str) -> None:
     if "available_node_types" in raw:
         with pytest.raises(ValueError, match="head_node_type"):
             prepared(bad_head)
+
+
+def test_aws_cluster_as_an_operator_wants_it() -> None:
+    """One zone, SSH limited to a range, workers without the head's EC2 rights, installs from the lock file."""
+    raw = load("cluster.yaml")
+    config = prepared(raw)
+    provider = config["provider"]
+    assert "," not in provider["availability_zone"]  # one availability zone
+    ssh = [p for p in provider["security_group"]["IpPermissions"] if p["FromPort"] <= 22 <= p["ToPort"]]
+    assert ssh and all(r["CidrIp"] != "0.0.0.0/0" for p in ssh for r in p["IpRanges"])
+    types = config["available_node_types"]
+    head_profile = types[config["head_node_type"]]["node_config"]["IamInstanceProfile"]["Name"]
+    worker_profiles = {v["node_config"]["IamInstanceProfile"]["Name"] for k, v in types.items()
+                       if k != config["head_node_type"]}
+    assert head_profile not in worker_profiles
+    installs = [c for c in config["setup_commands"] if "pip install" in c and "-U pip" not in c and "--no-deps" not in c]
+    assert installs and all("-c ~/agl/requirements-lock.txt" in c for c in installs)

@@ -55,6 +55,32 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--consensus-top", type=int, default=5, metavar="N",
                    help="the gene consensus counts how often each auxiliary gene is selected in the N best "
                         "finished trials")
+    p.add_argument("--trial-resource", action="append", default=[], metavar="NAME=AMOUNT",
+                   help="a custom Ray resource each trial needs (repeatable), e.g. trial_node=1 to keep trials on "
+                        "nodes started with --resources '{\"trial_node\": 4}'")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="hand Tune a checkpoint every N epochs (each is uploaded to --storage-path; a restarted trial "
+                        "loses up to N-1 epochs); default: 1 on a local storage path, 5 on s3:// or another URI")
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="times a trial is retried from its last checkpoint after its node or process died (default 3: "
+                        "spot instances get reclaimed)")
+
+
+def parse_resources(items: list[str] | None, flag: str = "--trial-resource") -> dict[str, float]:
+    """``["name=1", ...]`` -> ``{"name": 1.0}``; a clear error naming the flag for anything else."""
+    from agl.errors import ConfigError
+
+    found: dict[str, float] = {}
+    for item in items or []:
+        name, sep, amount = item.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not name.strip() or value <= 0 or name.strip() in ("CPU", "GPU", "memory"):
+            raise ConfigError(flag, f"expected NAME=AMOUNT with a custom resource name and an amount > 0, got {item!r}")
+        found[name.strip()] = value
+    return found
 
 
 def default_sweep_out(resume: bool, base: Path = Path("results/sweep")) -> str:
@@ -87,7 +113,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
                         use_gpu=args.use_gpu, max_concurrent=args.max_concurrent, storage_path=args.storage_path,
                         dashboard=args.dashboard, warm_start_from=args.warm_start_from,
                         warm_start_top=args.warm_start_top, consensus_top=args.consensus_top,
-                        searcher=args.searcher)
+                        searcher=args.searcher, trial_resources=parse_resources(args.trial_resource),
+                        max_failures=args.max_failures, checkpoint_every=args.checkpoint_every)
+    if opts.max_failures < 0:
+        from agl.errors import ConfigError
+
+        raise ConfigError("--max-failures", f"must be >= 0, got {opts.max_failures}")
     summary = run_sweep(opts)
     print(summary.text or format_table(summary.table, summary.best))
     print(f"\ntrial table: {summary.paths.get('table_csv')}\nplot: {summary.paths.get('table_png')}")

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from agl import runs
+from agl.distributed.storage import node_store
 from agl.fileio import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ def agl_cv_trial(config: dict[str, Any], *, space: Any, store_path: str, threads
 
     torch.set_num_threads(threads)
     cfg = TrainConfig.from_dict(space.train_config(config), source=space.source)
+    store_path = node_store(store_path)  # this node's copy: the demo built here, a store URI staged here
     store = open_store(store_path)
     roles = fold_roles(store, space)
     work = Path(tempfile.mkdtemp(prefix="agl-cv-trial-"))

@@ -44,12 +44,21 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         if num_cpus is not None or num_gpus is not None:
             log.warning("--num-cpus/--num-gpus are ignored when joining the cluster at %s", address)
         kwargs = {"address": address, "log_to_driver": True}
-    with _loopback_node() if local else contextlib.nullcontext():
+    # a cluster whose head listens on loopback (several nodes on this machine): keep 127.0.0.1 as given
+    with _loopback_node() if local or _is_loopback(address) else contextlib.nullcontext():
         ray.init(**kwargs)
     resources = ray.cluster_resources()
     log.info("Ray %s: %s", "local" if local else f"cluster {address}",
              {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")})
     return resources
+
+
+def _is_loopback(address: str | None) -> bool:
+    """True for ``127.x.x.x:PORT``, ``localhost:PORT`` or ``[::1]:PORT`` (Ray would swap it for the machine's IP)."""
+    if not address or "://" in address:
+        return False
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
 @contextlib.contextmanager

@@ -78,12 +78,25 @@ def read_pending(out: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def final_checkpoint(last: Mapping[str, Any], tune_checkpoint: Any) -> Any:
+def final_checkpoint(last: Mapping[str, Any], tune_checkpoint: Any, filesystem: Any = None) -> Any:
     """A finished trial's run folder: Tune's checkpoint, or the Train checkpoint a nested
-    TorchTrainer reported (TuneReportCallback puts its path in the result)."""
+    TorchTrainer reported (TuneReportCallback puts its path in the result).
+
+    That path is relative to the sweep's storage filesystem (``bucket/key`` for s3://, no scheme), so it is
+    opened with ``filesystem`` (the trial's or result's storage filesystem), else Tune's checkpoint's."""
     from ray.tune import Checkpoint
 
-    return Checkpoint(last["checkpoint_path"]) if last.get("checkpoint_path") else tune_checkpoint
+    if not last.get("checkpoint_path"):
+        return tune_checkpoint
+    path = str(last["checkpoint_path"])
+    if "://" in path:
+        return Checkpoint(path)
+    filesystem = filesystem or getattr(tune_checkpoint, "filesystem", None)
+    if filesystem is None:
+        import pyarrow.fs
+
+        filesystem = pyarrow.fs.LocalFileSystem()
+    return Checkpoint(path, filesystem=filesystem)
 
 
 @dataclass
@@ -105,7 +118,7 @@ class TrialView:
             {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
             for row in frame.to_dict("records")]
         final = bool(metrics.get("final"))
-        checkpoint = final_checkpoint(metrics, result.checkpoint)
+        checkpoint = final_checkpoint(metrics, result.checkpoint, getattr(result, "filesystem", None))
         trial_id = metrics.get("trial_id") or (Path(result.path).name if result.path else "")
         # a cross-validated trial's checkpoint is its run folder after every fold, stopped or not
         keep = final or "folds_done" in metrics

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from agl.distributed.storage import node_store
 from agl.errors import ConfigError
 from agl.fileio import atomic_write_text
 
@@ -121,8 +122,9 @@ def train_func(config: dict[str, Any]) -> None:
             if resume_from is not None:
                 resumed_from = int(json.loads((Path(resume_from) / "state.json").read_text()).get("next_epoch", 0))
                 log.info("rank %d resumes from %s (epoch %d)", rank, previous.path, resumed_from)
-            run = run_config(config["train"], config["store"], config["split"], threads=int(config.get("threads", 1)),
-                             rank=rank, world_size=world, wrap_data=shard if config.get("data", "bundle") == "ray_data"
+            # this node's copy of the store (workers may run on nodes that share no files with the driver)
+            run = run_config(config["train"], node_store(config["store"]), config["split"],
+                             threads=int(config.get("threads", 1)), rank=rank, world_size=world, wrap_data=shard if config.get("data", "bundle") == "ray_data"
                              else None, reporter=RayReporter({"resumed_from_epoch": resumed_from}),
                              resume_from=resume_from, out_dir=work)
             result, base = run.result, run.data
@@ -178,7 +180,7 @@ def build_trainer(cfg: Any, store_path: str | Path, split: str, scaling: Mapping
         if "://" in str(storage_path):
             raise ConfigError("scaling.num_workers", "in-process mode (0 workers) needs a local storage_path")
         loop_config["final_dir"] = str(Path(storage_path) / name / "final_checkpoint")
-    datasets = {"train": read_train_part(store_path, split)} if data == "ray_data" else None
+    datasets = {"train": read_train_part(node_store(str(store_path)), split)} if data == "ray_data" else None
     return TorchTrainer(
         train_func,
         train_loop_config=loop_config,

@@ -16,6 +16,7 @@ configuration, else the best finished trial) becomes the registered model versio
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -36,6 +37,8 @@ from agl.distributed.results import (SUMMARY_MD, SWEEP_JSON, TABLE_CSV, TABLE_PN
                                      dataset_ref, format_table, join_path, summary_table, sweep_complete,
                                      trial_config, trial_id_of, trial_run_name, write_table)
 from agl.distributed.spaces import SearchSpace, load_space, resolve_space_path
+from agl.distributed.storage import (check_storage_path, fetch_from_storage, is_uri, mirror_to_storage, node_store,
+                                     prepare_nodes, state_uri, trial_nodes, trial_store_spec)
 from agl.distributed.sync import (PENDING_FILE, example_patch, final_checkpoint, finish_tracking, log_refit,
                                   mark_pending, relocate, report_step, sync_command)
 from agl.errors import ConfigError, OutputExistsError
@@ -71,11 +74,14 @@ class SweepOptions:
     max_concurrent: int | None = None
     storage_path: str | None = None        # None: <out>/ray (use s3:// or a shared mount on a cluster)
     dashboard: bool = False
-    threads_per_trial: int = 1
+    threads_per_trial: int | None = None   # None: the CPUs the space gives a trial (resources.cpu)
     warm_start_from: str | None = None     # an earlier sweep's --out or its MLflow parent run (runs:/<id>)
     warm_start_top: int = 3                # how many of its best configurations to enqueue
     consensus_top: int = 5                 # the gene consensus counts selections in this many best trials
     searcher: str = "tpe"                  # tpe, or random (Optuna's RandomSampler: the baseline)
+    checkpoint_every: int | None = None    # None: every epoch on a local storage path, every 5th on s3:// etc.
+    trial_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources each trial needs
+    max_failures: int = 3                  # retries of a trial from its last checkpoint (spot nodes get reclaimed)
 
 
 @dataclass
@@ -97,16 +103,22 @@ class SweepSummary:
 
 # --------------------------------------------------------------------------- trial bodies
 class TuneReporter:
-    """``agl.training.loop.Reporter`` for a function trial: every epoch to Tune, with fit's checkpoint."""
+    """``agl.training.loop.Reporter`` for a function trial: every epoch to Tune, with fit's checkpoint every
+    ``every``-th epoch (each one is uploaded to the storage path: on S3, the cost of a restart vs. its upload)."""
+
+    def __init__(self, every: int = 1):
+        self.every = max(1, int(every))
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
         from ray import tune
 
-        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        due = (int(metrics.get("epoch", 0)) + 1) % self.every == 0
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir and due else None
         tune.report(dict(metrics), checkpoint=checkpoint)
 
 
-def agl_trial(config: dict[str, Any], *, space: SearchSpace, store_path: str, threads: int = 1) -> None:
+def agl_trial(config: dict[str, Any], *, space: SearchSpace, store_path: str, threads: int = 1,
+              checkpoint_every: int = 1) -> None:
     """One trial in-process: fit() with a TuneReporter, then a final report with the run artifacts."""
     from ray import tune
 
@@ -117,16 +129,24 @@ def agl_trial(config: dict[str, Any], *, space: SearchSpace, store_path: str, th
         previous = tune.get_checkpoint()
         final = work / "final"
         with (previous.as_directory() if previous else nullcontext(None)) as resume_from:
-            run = run_config(space.train_config(config), store_path, space.split, source=space.source,
-                             threads=threads, rank=0, world_size=1, reporter=TuneReporter(), resume_from=resume_from,
-                             out_dir=work, record_to=final, copy_checkpoint=True)
+            # this node's copy of the store: the demo built here, a store URI staged here, else the same path
+            run = run_config(space.train_config(config), node_store(store_path), space.split, source=space.source,
+                             threads=threads, rank=0, world_size=1, reporter=TuneReporter(checkpoint_every),
+                             resume_from=resume_from, out_dir=work, record_to=final, copy_checkpoint=True)
         result, summary = run.result, run.record
         # val_pcc: the single-split objective, the best epoch's (Tune checks every report has it)
         tune.report({**summary["metrics"], "val_pcc": result.best_val_pcc, "epoch": result.epochs_run - 1, "final": True,
-                     "resumed": resume_from is not None},
+                     "resumed": resume_from is not None, "node_id": _node_id()},
                     checkpoint=tune.Checkpoint.from_directory(str(final)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _node_id() -> str:
+    """The Ray node this runs on (in the final report: which node ran the trial)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def agl_train_trial(config: dict[str, Any], *, space: SearchSpace, store_path: str, workers: int,
@@ -167,6 +187,10 @@ class TrackingCallback(_callback_base()):
     the callback says so once, writes ``OUT/mlflow-pending.json`` and sends nothing for
     ``retry_s`` seconds, then tries again; what it missed stays in Tune's folder and
     :mod:`agl.distributed.sync` sends it at the end of the sweep, or later with ``agl tune-sync``.
+
+    The writes run in order on one background thread (one writer still), never on Tune's event loop:
+    finishing a run downloads the trial's checkpoint and uploads its record, which on a bucket takes
+    seconds per trial; the loop only queues it. ``on_experiment_end`` waits for the queue.
     """
 
     retry_s = 60.0
@@ -184,9 +208,23 @@ class TrackingCallback(_callback_base()):
         self.offline: str | None = None    # why the tracker was given up on, while it is
         self._offline_at = 0.0
         self._warned = False
+        self._pool: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "offline": None, "_warned": False, "_looked_up": False}
+        return {**self.__dict__, "offline": None, "_warned": False, "_looked_up": False, "_pool": None}
+
+    def _queue(self, trial: Any, what: str, send: Callable[[], None]) -> None:
+        """Run ``_send`` on the callback's writer thread (created on first use, also after a restore)."""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agl-tracking")
+        self._pool.submit(self._send, trial, what, send)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # every queued write done before the sweep's summary reads the tracker
+            self._pool = None
 
     def get_state(self) -> dict[str, Any]:
         return {"runs": dict(self.runs)}
@@ -228,19 +266,19 @@ class TrackingCallback(_callback_base()):
         return self.runs[trial.trial_id]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._send(trial, "creating the run", lambda: self.run_id(trial))
+        self._queue(trial, "creating the run", lambda: self.run_id(trial))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         found = report_step(result)  # an epoch, or a fold of a cross-validated trial
         if found is None:
             return  # end-of-run metrics come with the run record at completion
-        self._send(trial, "logging an epoch", lambda: self.tracker.log_metrics(self.run_id(trial), found[1], found[0]))
+        self._queue(trial, "logging an epoch", lambda: self.tracker.log_metrics(self.run_id(trial), found[1], found[0]))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._send(trial, "finishing the run", lambda: self._finish(trial, failed=False))
+        self._queue(trial, "finishing the run", lambda: self._finish(trial, failed=False))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._send(trial, "finishing the run", lambda: self._finish(trial, failed=True))
+        self._queue(trial, "finishing the run", lambda: self._finish(trial, failed=True))
 
     def _finish(self, trial: Any, failed: bool) -> None:
         run_id = self.run_id(trial)
@@ -249,7 +287,9 @@ class TrackingCallback(_callback_base()):
         status = tracking.FAILED if failed else (tracking.FINISHED if finished else tracking.STOPPED)
         # a cross-validated trial's folder (gene set, k, fold metrics) is logged even when stopped early
         keep = finished or "folds_done" in last
-        checkpoint = final_checkpoint(last, trial.checkpoint) if keep else None
+        storage = getattr(trial, "storage", None)  # the sweep's storage filesystem: s3 paths come without a scheme
+        checkpoint = (final_checkpoint(last, trial.checkpoint, getattr(storage, "storage_filesystem", None))
+                      if keep else None)
         if checkpoint is None:
             self.tracker.end_trial(run_id, None, status)
             return
@@ -325,17 +365,42 @@ def _trainable(opts: SweepOptions, space: SearchSpace, store_path: str, storage_
     if opts.trainer == "function":
         from agl.distributed.cv import agl_cv_trial
 
+        every = {} if space.cv is not None else {"checkpoint_every": _checkpoint_every(opts, storage_path)}
         body = tune.with_parameters(agl_cv_trial if space.cv is not None else agl_trial, space=space,
-                                    store_path=store_path, threads=opts.threads_per_trial)
-        resources = {"cpu": space.resources.get("cpu", 1), "gpu": space.resources.get("gpu", 0)}
+                                    store_path=store_path, threads=_threads(opts, space), **every)
+        resources = {"cpu": space.resources.get("cpu", 1), "gpu": space.resources.get("gpu", 0),
+                     **opts.trial_resources}
     else:
         body = tune.with_parameters(agl_train_trial, space=space, store_path=store_path,
                                     workers=opts.workers_per_trial, use_gpu=_trial_gpus(opts, space),
                                     storage_path=storage_path)
         # the trial only drives its TorchTrainer, whose workers hold the real resources
         # (Tune cannot place an empty resource request, hence a sliver of a CPU)
-        resources = {"cpu": 0.1}
+        resources = {"cpu": 0.1, **opts.trial_resources}
     return tune.with_resources(body, resources)
+
+
+def _threads(opts: SweepOptions, space: SearchSpace) -> int:
+    """Torch threads per trial: as given, else the CPUs Ray reserves for the trial (at least 1)."""
+    return int(opts.threads_per_trial or max(1, int(space.resources.get("cpu", 1))))
+
+
+def _checkpoint_every(opts: SweepOptions, storage_path: str) -> int:
+    """Epochs between checkpoints handed to Tune: each is uploaded to the storage path, so fewer on a bucket."""
+    if opts.checkpoint_every is not None:
+        if opts.checkpoint_every < 1:
+            raise ConfigError("--checkpoint-every", f"must be >= 1, got {opts.checkpoint_every}")
+        return opts.checkpoint_every
+    return 5 if is_uri(storage_path) else 1
+
+
+def _trial_request(opts: SweepOptions, space: SearchSpace) -> dict[str, float]:
+    """What one trial needs of a node, in Ray's resource names (the nodes that get the store ready)."""
+    if opts.trainer == "train":
+        base = {"GPU": 1.0} if opts.use_gpu else {"CPU": 1.0}
+    else:
+        base = {"CPU": float(space.resources.get("cpu", 1)), "GPU": float(space.resources.get("gpu", 0))}
+    return {**base, **{k: float(v) for k, v in opts.trial_resources.items()}}
 
 
 def _max_concurrent(opts: SweepOptions, space: SearchSpace, resources: Mapping[str, float],
@@ -376,7 +441,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     import ray
     from ray import tune
 
-    from agl.data.locate import resolve_store, store_path
+    from agl.data.locate import store_path
     from agl.distributed.runtime import init_ray
 
     if opts.trainer not in TRAINERS:
@@ -395,42 +460,60 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
         raise ConfigError("--consensus-top", f"must be >= 1, got {opts.consensus_top}")
     out = Path(opts.out).resolve()
     # a sweep resumes in --out: an earlier sweep is left to the --resume check below, anything else refused
-    check_output_folder(out, "tune", inputs=[store_path(opts.store), space.source], reuse=True)
-    # an unreachable tracking server is refused before anything is written
-    tracking_uri = tracking.check_tracking_uri(opts.tracking_uri or tracking.default_tracking_uri(out))
-    tracking.check_reachable(tracking_uri)
+    check_output_folder(out, "tune", inputs=[space.source] + ([] if is_uri(opts.store) else [store_path(opts.store)]),
+                        reuse=True)
     warm_points, warm_source = _warm_start(opts, space)  # a bad --warm-start-from fails before anything is written
-    tracking.quick_failure_env()
-    out.mkdir(parents=True, exist_ok=True)
-    write_output_marker(out, "tune", name=opts.name)
     storage_path = opts.storage_path or str(out / "ray")
-    exp_path = join_path(storage_path, opts.name)
     state_file = out / SWEEP_JSON
+    if opts.resume and not state_file.is_file() and is_uri(storage_path):
+        fetch_from_storage(out, storage_path, opts.name, SWEEP_JSON)  # a fresh head: the sweep's files come from the bucket
     state = json.loads(state_file.read_text()) if state_file.is_file() else None
     if state and not opts.resume:
         raise OutputExistsError(out, f"already holds sweep {state.get('name')!r}; pass --resume to continue it "
                                f"or choose another --out")
+    if opts.resume and not state:
+        where = f" nor {state_uri(storage_path, opts.name)}/{SWEEP_JSON}" if is_uri(storage_path) else ""
+        raise ConfigError("--resume", f"no sweep to resume: neither {state_file}{where} exists (a sweep on another "
+                                      f"head: pass its --storage-path s3://... and --name); nothing was started")
     if state:  # a sweep folder moved or copied since: its paths and MLflow artifact links follow it
         state = relocate(out)
         if opts.storage_path is None:
             storage_path = state["storage_path"]
-            exp_path = join_path(storage_path, opts.name)
-    store_path = str(resolve_store(opts.store))
+    exp_path = join_path(storage_path, opts.name)
+    if state and not tune.Tuner.can_restore(exp_path):  # never a silent new sweep in place of the one asked for
+        raise ConfigError(exp_path, f"--resume: Ray Tune finds no experiment state to restore here (sweep.json says "
+                                    f"storage {state['storage_path']}); nothing was started. Pass the sweep's "
+                                    f"--storage-path, or start a new sweep with another --out")
+    # an unreachable tracking server is refused before anything is written; a resumed sweep keeps its own
+    tracking_uri = tracking.check_tracking_uri(opts.tracking_uri or (state or {}).get("tracking_uri")
+                                               or tracking.default_tracking_uri(out))
+    tracking.check_reachable(tracking_uri)
+    tracking.quick_failure_env()
+    out.mkdir(parents=True, exist_ok=True)
+    write_output_marker(out, "tune", name=opts.name)
+    store_path = node_store(opts.store)  # the driver's copy: dataset record, input example, caches, refit
+    trial_store = trial_store_spec(opts.store, store_path)  # each trial locates it on its own node
     # num_to_keep forces an experiment snapshot per checkpoint; harmless at this scale, so no warning spam
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     owns_ray = not ray.is_initialized()  # shut down at the end only what this call started
     resources = init_ray(opts.address, num_cpus=opts.num_cpus, dashboard=opts.dashboard)
     warm_caches(store_path, space)
+    if opts.address not in (None, "", "local"):  # a cluster: nodes share no disk unless told otherwise
+        check_storage_path(storage_path, opts.address, len(trial_nodes({})))
+        prepare_nodes(trial_store, _trial_request(opts, space), warm=functools.partial(warm_caches, space=space))
     tracker = tracking.make_tracker(tracking_uri)
     dataset = dataset_ref(store_path, space.split)
 
-    if opts.resume and state and tune.Tuner.can_restore(exp_path):
+    if state:
         parent_run_id, experiment_id = state["parent_run_id"], state["experiment_id"]
         log.info("resuming sweep %s from %s (MLflow parent run %s)", opts.name, exp_path, parent_run_id)
-        tuner = tune.Tuner.restore(exp_path, trainable=_trainable(opts, space, store_path, storage_path),
+        tuner = tune.Tuner.restore(exp_path, trainable=_trainable(opts, space, trial_store, storage_path),
                                    resume_errored=True)
     else:
-        experiment_id = tracker.experiment(opts.experiment, artifact_root=out / "mlartifacts")
+        # artifacts beside the sweep's storage when that is a bucket: a lost head loses none of them
+        artifact_root = (f"{state_uri(storage_path, opts.name)}/mlartifacts" if is_uri(storage_path)
+                         else out / "mlartifacts")
+        experiment_id = tracker.experiment(opts.experiment, artifact_root=artifact_root)
         parent_run_id = tracker.start_sweep(
             experiment_id, opts.name,
             {"space": space.source, "split": space.split, "num_samples": space.num_samples,
@@ -443,18 +526,20 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                                        "experiment_id": experiment_id, "tracking_uri": tracking_uri,
                                        "storage_path": storage_path, "options": asdict(opts)},
                           indent=1, default=str)
+        mirror_to_storage(out, storage_path, opts.name, [SWEEP_JSON])
         max_t = (len(_fold_names(store_path, space)) if space.cv is not None
                  else int(space.train_config({}).get("epochs", 100)) + 1)  # +1: the final report after the last epoch
         callback = TrackingCallback(tracker, experiment_id, parent_run_id, space, out=out, dataset=dataset)
         concurrency = _max_concurrent(opts, space, resources, joined_cluster=opts.address is not None)
         tuner = tune.Tuner(
-            _trainable(opts, space, store_path, storage_path),
+            _trainable(opts, space, trial_store, storage_path),
             tune_config=tune.TuneConfig(search_alg=_searcher(space, concurrency, warm_points, opts.searcher),
                                         scheduler=_scheduler(space, opts.trainer, max_t),
                                         num_samples=space.num_samples, max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name=opts.name, storage_path=storage_path, callbacks=[callback],
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                                      failure_config=tune.FailureConfig(max_failures=1), verbose=1),
+                                      # the latest only: it alone carries the optimiser state a restart needs
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      failure_config=tune.FailureConfig(max_failures=opts.max_failures), verbose=1),
         )
     started = time.perf_counter()
     grid = tuner.fit()
@@ -464,7 +549,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     refit_run = None
     if complete and space.cv is not None:
         refit_run = _refit_champion(grid, space, store_path, out, tracker, experiment_id, parent_run_id,
-                                    opts.threads_per_trial, dataset)
+                                    _threads(opts, space), dataset)
         if refit_run is not None:  # kept in sweep.json, so that `agl tune-sync` registers this champion
             state = json.loads(state_file.read_text())
             atomic_write_json(state_file, {**state, "champion": {k: v for k, v in refit_run.items() if k != "run_id"}},
@@ -475,6 +560,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     champion = sent.champion
     consensus = _gene_consensus(grid, table, space, out, tracker, parent_run_id, opts.consensus_top,
                                 tracked=problem is None) if complete else None
+    mirror_to_storage(out, storage_path, opts.name, [SWEEP_JSON, TABLE_CSV, TABLE_PNG, SUMMARY_MD, CHAMPION_DIR])
     if not complete:
         log.warning("sweep %s interrupted after %d of %d trials; continue it with --resume (same --out)",
                     opts.name, grid.num_terminated + grid.num_errors, space.num_samples)

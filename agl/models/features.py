@@ -11,7 +11,6 @@ applied by the backbone itself), views and dtype. A JSON sidecar records those f
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -19,7 +18,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 from agl.data.augment import N_VIEWS, dihedral
 from agl.data.loaders import IMAGENET_MEAN, IMAGENET_STD  # one definition for loader and cache
 from agl.errors import ConfigError, DataError
+from agl.fileio import exclusive_lock
 from agl.models.backbones import create_backbone
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def cached_or_computed(module: nn.Module, path: Path, shape: tuple[int, int, int
     cached = _load_cached(path, shape, dtype)
     if cached is None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive(path.parent / f".{path.stem}.lock"):
+        with exclusive_lock(path.parent / f".{path.stem}.lock"):
             cached = _load_cached(path, shape, dtype)
             if cached is None:
                 compute()
@@ -204,22 +204,6 @@ def _load_cached(path: Path, shape: tuple[int, int, int], dtype: str) -> np.ndar
         return cached
     log.warning("feature cache %s has shape %s %s, expected %s; recomputing", path, cached.shape, cached.dtype, shape)
     return None
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """An advisory inter-process lock (no-op where fcntl is unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(lock_path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def compute_cache_file(module: nn.Module, patches: np.ndarray, folder: Path, key: str, fields: dict[str, Any],

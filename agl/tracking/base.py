@@ -51,7 +51,7 @@ class Tracker(Protocol):
 
     uri: str
 
-    def experiment(self, name: str, artifact_root: Path | None = None) -> str:
+    def experiment(self, name: str, artifact_root: str | Path | None = None) -> str:
         """The id of experiment ``name``, created (as a model-training experiment) if new."""
 
     def start_sweep(self, experiment_id: str, name: str, params: Mapping[str, Any],

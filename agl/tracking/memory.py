@@ -62,7 +62,7 @@ class InMemoryTracker:
         self.runs[run_id].files[as_name] = dest
 
     # -- the interface -------------------------------------------------------------------------
-    def experiment(self, name: str, artifact_root: Path | None = None) -> str:
+    def experiment(self, name: str, artifact_root: str | Path | None = None) -> str:
         self._check()
         return self.experiments.setdefault(name, str(len(self.experiments) + 1))
 

@@ -172,7 +172,7 @@ class MlflowTracker:
         return self._client
 
     # -- writing -------------------------------------------------------------------------------
-    def experiment(self, name: str, artifact_root: Path | None = None) -> str:
+    def experiment(self, name: str, artifact_root: str | Path | None = None) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
@@ -180,7 +180,8 @@ class MlflowTracker:
             return exp.experiment_id
         location = None
         if artifact_root is not None and not self.uri.startswith(("http://", "https://", "databricks")):
-            location = Path(artifact_root).resolve().as_uri()  # else MLflow would use ./mlruns of the CWD
+            location = (str(artifact_root) if "://" in str(artifact_root)  # a bucket (s3://...): as given
+                        else Path(artifact_root).resolve().as_uri())  # else MLflow would use ./mlruns of the CWD
         return self.client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
 
     def _params(self, run_id: str, values: Mapping[str, Any]) -> None:

@@ -59,6 +59,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
+from agl.errors import RebuiltError
 from agl.training.bilevel import (Estimate, HypergradProblem, grads_of, register_estimator, replay_rng, capture_rng,
                                   Unrolled, weighted_loss)
 
@@ -96,7 +97,7 @@ class _GateLoss(nn.Module):
         return weighted_loss(self.gate, per_gene, self.n_primary)
 
 
-class ForwardModeUnsupported(RuntimeError):
+class ForwardModeUnsupported(RebuiltError, RuntimeError):
     """An operator of the model has no forward-mode rule in torch (``operator`` names it)."""
 
     def __init__(self, operator: str, message: str):
