@@ -57,6 +57,15 @@ def broadcast_buffers(model: nn.Module, device: torch.device) -> None:
             buffer.copy_(moved)
 
 
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest ``value`` over all ranks (one collective): a condition any rank saw, known to every rank."""
+    if world()[1] == 1:
+        return int(value)
+    flat = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device(device))
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.MAX)
+    return int(flat.item())
+
+
 def from_rank0(values: Sequence[float], device: torch.device) -> list[float]:
     """Rank 0's ``values`` on every rank (float64, one collective)."""
     if world()[1] == 1:

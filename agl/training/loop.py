@@ -241,16 +241,19 @@ class Trainer:
 
         self.model.train()
         total, n_batches, n_spots = torch.zeros((), device=self.device), 0, 0
-        first_bad = None  # on an accelerator: the first step whose loss was NaN/inf, a device tensor (0: none yet)
+        # alone on a CPU a NaN/inf loss stops the step at once (checking is free); on an accelerator or with
+        # other ranks the first bad step is kept on the device and shared once per epoch, so no rank stops alone
+        immediate = self.device.type == "cpu" and dist_info()[1] == 1
+        first_bad = None  # the first step whose loss was NaN/inf, a device tensor (0: none yet)
         # batches built on a background thread (pinned, non_blocking copies on CUDA)
         for x, y in prefetch(self.data.train_batches(self.cfg.batch_size, epoch), self.device):
             self.opt.zero_grad(set_to_none=True)
             with train_autocast(self.device, self.cfg.precision):
                 pred = self.step_model(_channels_last(x) if self.autocast is not None else x)
             loss = self.objective(pred, y, all_genes)
-            if self.device.type == "cpu":  # checking costs nothing here: stop before the step spoils the weights
+            if immediate:  # before the step spoils the weights
                 check_finite(loss, "training loss", epoch, n_batches + 1, self.cfg.lr)
-            else:  # kept on the device: no host sync per step, one per epoch
+            else:  # no host sync per step
                 first_bad = first_non_finite(loss, n_batches + 1, first_bad)
             loss.backward()
             _allreduce(self.manual_reduce)
@@ -262,8 +265,12 @@ class Trainer:
             from agl.training.ddp import broadcast_buffers
 
             broadcast_buffers(self.model, self.device)  # BN statistics drifted per rank: evaluate rank 0's
-        if first_bad is not None and int(first_bad) > 0:  # one sync per epoch; the last good checkpoint is the epoch before
-            check_finite(float("nan"), "training loss", epoch, int(first_bad), self.cfg.lr)
+        if not immediate:  # one sync per epoch; the last good checkpoint is the epoch before
+            from agl.training.ddp import max_over_ranks
+
+            bad_step = max_over_ranks(0 if first_bad is None else int(first_bad), self.device)
+            if bad_step > 0:
+                check_finite(float("nan"), "training loss", epoch, bad_step, self.cfg.lr)
         return float(total) / max(n_batches, 1), n_spots
 
     def outer_part(self) -> str:
