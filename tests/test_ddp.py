@@ -30,6 +30,7 @@ def _register_tiny_bn_backbone() -> None:
 
 def _worker(rank: int, world: int, store: str, out: str, mode: str, use_ddp: bool) -> None:
     """One rank: fit on this rank's spots, write a digest of the whole model (parameters and buffers)."""
+    from agl.errors import NonFiniteLossError
     from agl.training import ddp
     from agl.training.bundles import make_bundle
     from agl.training.loop import fit
@@ -46,7 +47,13 @@ def _worker(rank: int, world: int, store: str, out: str, mode: str, use_ddp: boo
             use_cheap_features(pytest.MonkeyPatch())
             cfg = small_config(epochs=2)
         data = make_bundle(store, first_split(store), cfg)
-        res = fit(cfg, data)
+        if mode == "nan-on-rank1" and rank == 1:
+            _poison_second_batch(data)
+        try:
+            res = fit(cfg, data)
+        except NonFiniteLossError as err:  # every rank must get here, none left waiting in a collective
+            (Path(out) / f"rank{rank}.json").write_text(json.dumps({"error": type(err).__name__, "message": str(err)}))
+            return
         state = res.model.state_dict()
         digest = hashlib.sha256(b"".join(v.detach().numpy().tobytes() for v in state.values())).hexdigest()
         buffers = hashlib.sha256(b"".join(v.numpy().tobytes() for k, v in state.items() if "running" in k)).hexdigest()
@@ -55,6 +62,17 @@ def _worker(rank: int, world: int, store: str, out: str, mode: str, use_ddp: boo
              "t": float(getattr(res.gate, "t", float("nan"))), "train_rows": len(data.train_rows(0)[0])}))
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _poison_second_batch(data) -> None:
+    """This rank's second training batch gets NaN targets (a NaN in one rank's shard of the store)."""
+    batches = data.train_batches
+
+    def poisoned(batch_size, epoch):
+        for i, (x, y) in enumerate(batches(batch_size, epoch)):
+            yield x, (y * float("nan") if i == 1 else y)
+
+    data.train_batches = poisoned
 
 
 def run_two_ranks(store: Path, out: Path, mode: str, use_ddp: bool) -> list[dict] | None:
@@ -96,3 +114,12 @@ def test_ddp_gives_the_model_of_the_hand_all_reduce_where_that_was_right(demo_st
     legacy = run_two_ranks(demo_store, tmp_path / "legacy", "features", use_ddp=False)
     assert ddp is not None and legacy is not None
     assert ddp[0] == ddp[1] and ddp[0] == legacy[0] == legacy[1]
+
+
+@pytest.mark.reliability(kind="fault", case="2 data-parallel ranks; NaN targets in one rank's second batch only",
+                         outcome="both ranks stop with the same NonFiniteLossError after the epoch; no rank hangs")
+def test_a_nan_loss_on_one_rank_stops_every_rank(demo_store, tmp_path):
+    ranks = run_two_ranks(demo_store, tmp_path / "nan", "nan-on-rank1", use_ddp=True)
+    assert ranks is not None, "a rank hung in a collective"
+    assert [r.get("error") for r in ranks] == ["NonFiniteLossError"] * 2
+    assert ranks[0]["message"] == ranks[1]["message"] and "step 2" in ranks[0]["message"]

@@ -57,13 +57,15 @@ def broadcast_buffers(model: nn.Module, device: torch.device) -> None:
             buffer.copy_(moved)
 
 
-def max_over_ranks(value: int, device: torch.device) -> int:
-    """The largest ``value`` over all ranks (one collective): a condition any rank saw, known to every rank."""
+def earliest_over_ranks(step: int, device: torch.device) -> int:
+    """The smallest positive ``step`` over all ranks, 0 where no rank has one (one collective)."""
+    never = torch.iinfo(torch.int64).max
     if world()[1] == 1:
-        return int(value)
-    flat = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device(device))
-    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.MAX)
-    return int(flat.item())
+        return int(step)
+    flat = torch.tensor([int(step) if step > 0 else never], dtype=torch.int64, device=_collective_device(device))
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.MIN)
+    found = int(flat.item())
+    return 0 if found == never else found
 
 
 def from_rank0(values: Sequence[float], device: torch.device) -> list[float]:

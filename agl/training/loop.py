@@ -266,9 +266,9 @@ class Trainer:
 
             broadcast_buffers(self.model, self.device)  # BN statistics drifted per rank: evaluate rank 0's
         if not immediate:  # one sync per epoch; the last good checkpoint is the epoch before
-            from agl.training.ddp import max_over_ranks
+            from agl.training.ddp import earliest_over_ranks
 
-            bad_step = max_over_ranks(0 if first_bad is None else int(first_bad), self.device)
+            bad_step = earliest_over_ranks(0 if first_bad is None else int(first_bad), self.device)
             if bad_step > 0:
                 check_finite(float("nan"), "training loss", epoch, bad_step, self.cfg.lr)
         return float(total) / max(n_batches, 1), n_spots
