@@ -328,7 +328,7 @@ def _trainable(opts: SweepOptions, space: SearchSpace, store_path: str, storage_
         from agl.distributed.cv import agl_cv_trial
 
         body = tune.with_parameters(agl_cv_trial if space.cv is not None else agl_trial, space=space,
-                                    store_path=store_path, threads=opts.threads_per_trial)
+                                    store_path=store_path, threads=_trial_threads(opts, space))
         resources = {"cpu": space.resources.get("cpu", 1), "gpu": space.resources.get("gpu", 0)}
     else:
         body = tune.with_parameters(agl_train_trial, space=space, store_path=store_path,
@@ -366,6 +366,11 @@ def _max_concurrent(opts: SweepOptions, space: SearchSpace, resources: Mapping[s
     if space.resources.get("gpu"):
         return max(1, int(float(resources.get("GPU", 0)) // space.resources["gpu"]))
     return max(1, int(cpus // max(space.resources.get("cpu", 1), 1e-9)))
+
+
+def _trial_threads(opts: SweepOptions, space: SearchSpace) -> int:
+    """torch threads of a function trial: at least the CPUs it reserves (finetune-gpu: 4), not 1 of 4."""
+    return max(int(opts.threads_per_trial), int(space.resources.get("cpu", 1)))
 
 
 def _trial_gpus(opts: SweepOptions, space: SearchSpace) -> bool:
