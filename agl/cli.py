@@ -44,6 +44,7 @@ EXAMPLES: dict[str, str] = {
     "bench load": "agl bench load --store demo",
     "bench scale": "agl bench scale --max-n 8 --out results",
     "bench selection": "agl bench selection --store demo --quick --seeds 5 --out results",
+    "bench gpu": "agl bench gpu --out results   (CPU check of the command: --device cpu --quick)",
 }
 
 

@@ -38,6 +38,13 @@ def test_concurrency_on_a_local_ray_follows_its_resources():
     assert _max_concurrent(train, space, {"CPU": 16.0, "GPU": 2.0}) == 2
 
 
+def test_a_trial_uses_the_cpus_it_reserves():
+    from agl.distributed.tune import _trial_threads
+
+    assert _trial_threads(SweepOptions(), load_space("finetune-gpu")) == 4
+    assert _trial_threads(SweepOptions(threads_per_trial=2), load_space("tiny")) == 2
+
+
 def test_space_rejects_a_bad_max_concurrent():
     with pytest.raises(ConfigError, match="max_concurrent"):
         _gpu_space(max_concurrent=0)

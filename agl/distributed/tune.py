@@ -367,7 +367,7 @@ def _trainable(opts: SweepOptions, space: SearchSpace, store_path: str, storage_
 
         every = {} if space.cv is not None else {"checkpoint_every": _checkpoint_every(opts, storage_path)}
         body = tune.with_parameters(agl_cv_trial if space.cv is not None else agl_trial, space=space,
-                                    store_path=store_path, threads=_threads(opts, space), **every)
+                                    store_path=store_path, threads=_trial_threads(opts, space), **every)
         resources = {"cpu": space.resources.get("cpu", 1), "gpu": space.resources.get("gpu", 0),
                      **opts.trial_resources}
     else:
@@ -380,7 +380,7 @@ def _trainable(opts: SweepOptions, space: SearchSpace, store_path: str, storage_
     return tune.with_resources(body, resources)
 
 
-def _threads(opts: SweepOptions, space: SearchSpace) -> int:
+def _trial_threads(opts: SweepOptions, space: SearchSpace) -> int:
     """Torch threads per trial: as given, else the CPUs Ray reserves for the trial (at least 1)."""
     return int(opts.threads_per_trial or max(1, int(space.resources.get("cpu", 1))))
 
@@ -549,7 +549,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     refit_run = None
     if complete and space.cv is not None:
         refit_run = _refit_champion(grid, space, store_path, out, tracker, experiment_id, parent_run_id,
-                                    _threads(opts, space), dataset)
+                                    _trial_threads(opts, space), dataset)
         if refit_run is not None:  # kept in sweep.json, so that `agl tune-sync` registers this champion
             state = json.loads(state_file.read_text())
             atomic_write_json(state_file, {**state, "champion": {k: v for k, v in refit_run.items() if k != "run_id"}},

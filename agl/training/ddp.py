@@ -36,8 +36,8 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
         return model
     device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=True,
-                                               gradient_as_bucket_view=True)
+    # buffers are broadcast from rank 0 at construction and before every forward (DDP's default)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
 def _collective_device(fallback: torch.device) -> torch.device:
