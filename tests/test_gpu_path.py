@@ -121,6 +121,7 @@ def _features_pyfunc(device: str):
     served.cfg = TrainConfig(mode="features", backbone="torchvision/mobilenet_v2", weights=None, device=device)
     served.model = Estimator(1280, 5, trunk=(8,), dropout=0.0)
     served.predictors = {}
+    served.columns = [f"gene{i}" for i in range(5)]
     return served
 
 
