@@ -44,11 +44,8 @@ EXAMPLES: dict[str, str] = {
     "bench load": "agl bench load --store demo",
     "bench scale": "agl bench scale --max-n 8 --out results",
     "bench selection": "agl bench selection --store demo --quick --seeds 5 --out results",
-<<<<<<< HEAD
     "bench gpu": "agl bench gpu --out results   (CPU check of the command: --device cpu --quick)",
-=======
     "bench search": "agl bench search --store demo --seeds 2 --budgets 8 --searchers tpe,random --out results",
->>>>>>> i28
 }
 
 
