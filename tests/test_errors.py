@@ -44,7 +44,7 @@ def _instance(cls: type[BaseException]) -> BaseException:
     if not params:
         return cls("stores/demo/manifest.json: missing: not an agl store")
     values = {"path": "stores/demo/manifest.json", "source": "--store", "problem": "missing: not an agl store",
-              "value": float("nan"), "epoch": 2}  # NonFiniteLossError: the loss and its epoch are numbers
+              "value": float("inf"), "epoch": 2}  # NonFiniteLossError: numbers (inf, not NaN: NaN != NaN)
     return cls(*[values.get(p.name, f"the {p.name}") for p in params])
 
 

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from agl.distributed.results import TABLE_CSV
-from agl.distributed.spaces import SearchSpace, _default_value
+from agl.distributed.spaces import SearchSpace, default_value
 from agl.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def _as_point(row: pd.Series, space: SearchSpace) -> dict[str, Any] | None:
             continue
         raw = row.get(f"param.{name}")
         if raw is None or (isinstance(raw, float) and math.isnan(raw)):
-            point[name] = _default_value(name, dist)
+            point[name] = default_value(name, dist)
             continue
         value = _typed(raw, dist)
         if value is None:

@@ -151,7 +151,7 @@ class SearchSpace:
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1})
     seed: int = 0
     description: str = ""
-    # complete parameter sets of the first trials (from partial ones in the file, see _default_value);
+    # complete parameter sets of the first trials (from partial ones in the file, see default_value);
     # Optuna runs them first, then samples
     start_with: tuple[dict[str, Any], ...] = ()
     cv: dict[str, Any] | None = None       # cross-validation folds (see the module docstring); None: one split
@@ -400,7 +400,7 @@ def _parse_start_with(err: "_Errors", raw: Any, params: Mapping[str, Distributio
         full: dict[str, Any] = {}
         for key, dist in params.items():   # in file order, so conditions see the settings they name
             if dist.active(full):
-                full[key] = point[key] if key in point else _default_value(key, dist)
+                full[key] = point[key] if key in point else default_value(key, dist)
         unused = sorted(set(point) - set(full))
         if unused:
             raise err(f"{where}: {unused} are not used by this trial (their 'when' conditions do not hold)")
@@ -409,7 +409,7 @@ def _parse_start_with(err: "_Errors", raw: Any, params: Mapping[str, Distributio
     return tuple(points)
 
 
-def _default_value(key: str, dist: Distribution) -> Any:
+def default_value(key: str, dist: Distribution) -> Any:
     """A pinned trial's value for a key it leaves open (Ray's OptunaSearch needs complete points):
     TrainConfig's default when the distribution allows it, else the distribution's centre."""
     target = DERIVED[key][0] if key in DERIVED else key
