@@ -130,10 +130,14 @@ def agl_cv_trial(config: dict[str, Any], *, space: Any, store_path: str, threads
             if restored is not None and (Path(restored) / CV_JSON).is_file():
                 shutil.copytree(restored, work, dirs_exist_ok=True)
                 done = json.loads((work / CV_JSON).read_text())["folds"]
+        base = None  # built once: every fold shares its target reader and memory-mapped inputs
         for name, fold in roles.items():
             if name in done:
                 continue  # restored trial: this fold is in the checkpoint
-            data = make_bundle(store, space.split, cfg, rank=0, world_size=1, roles=fold)
+            if base is None:
+                data = base = make_bundle(store, space.split, cfg, rank=0, world_size=1, roles=fold)
+            else:
+                data = base.with_roles(fold, cfg.val_outer_fraction)
             result = fit(cfg, data)
             summary = runs.finalize_run(result, data, work / FOLDS_DIR / name, split=name)
             done[name] = summary["metrics"]
