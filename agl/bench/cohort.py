@@ -265,3 +265,20 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """One row per (spots, run kind, path): per-trial peaks (the larger of concurrent trials) and speed."""
+    lines = ["| spots | run | path | USS MB | PSS MB | anon PSS MB | RSS MB | s/epoch | spots/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(result["runs"], key=lambda r: (r["spots"], r["kind"] != "train", r["path"] != "before")):
+        rows = r["rows"]
+        if any(x.get("failed") for x in rows):
+            lines.append(f"| {r['spots']:,} | {r['kind']} x{r['trials']} | {r['path']} | failed | | | | | |")
+            continue
+        peak = {k: max(x[k] for x in rows) for k in ("uss_mb", "pss_mb", "pss_anon_mb", "rss_mb")}
+        lines.append(f"| {r['spots']:,} | {r['kind']} x{r['trials']} | {r['path']} | {peak['uss_mb']:,.0f} | "
+                     f"{peak['pss_mb']:,.0f} | {peak['pss_anon_mb']:,.0f} | {peak['rss_mb']:,.0f} | "
+                     f"{np.median([x['median_epoch_s'] for x in rows]):.1f} | "
+                     f"{np.median([x['spots_per_s'] for x in rows]):,.0f} |")
+    return "\n".join(lines)
