@@ -23,7 +23,7 @@ from agl.errors import DataError
 from agl.evaluation.metrics import StreamingMetrics, evaluate_predictions
 from agl.training import bundles
 from agl.training.bundles import make_bundle
-from agl.training.loop import fit, predict, resolve_device
+from agl.training.loop import fit
 from agl.training.streaming import MappedFeatureInputs, StoreTargets
 from trainkit import first_split, pooled_features, small_config
 
