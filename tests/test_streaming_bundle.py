@@ -210,8 +210,6 @@ def test_no_spots_by_genes_array_is_allocated(store_name, demo_store, sparse_sto
 
 def test_cv_folds_share_the_bundle(demo_store, mapped_cheap_features):
     """A CV fold is the outer bundle under other roles: the same target reader and inputs, no rebuild."""
-    from agl.data.splits import inner_folds  # noqa: F401  (the folds' source in a sweep)
-
     store = open_store(demo_store)
     cfg = small_config()
     outer = make_bundle(store, first_split(store), cfg)

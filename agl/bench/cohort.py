@@ -208,7 +208,6 @@ def bench_cohort(out_dir: str | Path = "results", copies: tuple[int, ...] = (1, 
                 run = {"copies": n, "spots": spots, **measure(store, path, kind, epochs, trials),
                        "load_avg_1m": os.getloadavg()[0]}
                 result["runs"].append(run)
-                ok = [r for r in run["rows"] if not r.get("failed")]
                 echo(f"  {kind:5s} {path:6s} x{trials}: " + "; ".join(
                     f"USS {r['uss_mb']:.0f} MB, PSS {r['pss_mb']:.0f} (anon {r['pss_anon_mb']:.0f}), RSS "
                     f"{r['rss_mb']:.0f}" + (f", {r['median_epoch_s']:.1f} s/epoch, {r['spots_per_s']:.0f} spots/s"
