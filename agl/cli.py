@@ -45,6 +45,7 @@ EXAMPLES: dict[str, str] = {
     "bench scale": "agl bench scale --max-n 8 --out results",
     "bench selection": "agl bench selection --store demo --quick --seeds 5 --out results",
     "bench gpu": "agl bench gpu --out results   (CPU check of the command: --device cpu --quick)",
+    "bench cohort": "agl bench cohort --copies 1,4,16 --out results",
     "bench search": "agl bench search --store demo --seeds 2 --budgets 8 --searchers tpe,random --out results",
 }
 

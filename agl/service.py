@@ -32,14 +32,15 @@ def run_config(settings: "TrainConfig | Mapping[str, Any]", store: Any, split: s
                reporter: "Reporter | None" = None, resume_from: str | Path | None = None,
                out_dir: str | Path | None = None, record_to: str | Path | None = None,
                record_split: str | None = None, label: str | None = None,
-               copy_checkpoint: bool = False) -> RunOutcome:
+               copy_checkpoint: bool = False, bundle: Any = None) -> RunOutcome:
     """Train one run of ``settings`` on ``split`` of ``store`` (an opened Store or its path).
 
     ``source``: named in errors about ``settings`` when they are a mapping. ``threads``: torch's
     intra-op threads (None: leave as is). ``rank``/``world_size``/``roles``: passed to
     ``make_bundle``; ``wrap_data`` wraps the bundle before ``fit`` (a Ray Data shard), the record
     reads the bundle itself. ``reporter``, ``resume_from``, ``out_dir``: passed to ``fit``.
-    ``record_to``: write the run record there (gene_set.csv, plots, result.json; with
+    ``bundle``: the split's data already built for these roles (cross-validation folds share one
+    through ``with_roles``), instead of ``make_bundle``. ``record_to``: write the run record there (gene_set.csv, plots, result.json; with
     ``copy_checkpoint`` the fit's checkpoint folder is copied there first, as sweeps keep it),
     under ``record_split`` (default ``split``) and ``label``.
     """
@@ -53,7 +54,8 @@ def run_config(settings: "TrainConfig | Mapping[str, Any]", store: Any, split: s
 
         torch.set_num_threads(int(threads))
     cfg = settings if isinstance(settings, TrainConfig) else TrainConfig.from_dict(dict(settings), source=source)
-    data = make_bundle(store, split, cfg, rank=rank, world_size=world_size, roles=roles)
+    data = bundle if bundle is not None else make_bundle(store, split, cfg, rank=rank, world_size=world_size,
+                                                         roles=roles)
     result = fit(cfg, wrap_data(data) if wrap_data is not None else data, reporter=reporter,
                  resume_from=resume_from, out_dir=out_dir)
     record = None

@@ -41,7 +41,9 @@ def use_cheap_features(monkeypatch: Any) -> None:
     """Make features mode read ``pooled_features`` instead of a CNN feature cache."""
     from agl.training import bundles as bundle
 
-    monkeypatch.setitem(bundle.INPUTS, "features", lambda store, cfg: bundle.FeatureInputs(pooled_features(store)))
+    cheap = lambda store, cfg: bundle.FeatureInputs(pooled_features(store))  # noqa: E731
+    monkeypatch.setitem(bundle.INPUTS, "features", cheap)
+    monkeypatch.setitem(bundle.IN_MEMORY_INPUTS, "features", cheap)
 
 
 def small_config(**changes: Any) -> Any:

@@ -1,4 +1,4 @@
-"""``agl bench WHAT``: every benchmark's command, registered here (core, data, ray, load, scale).
+"""``agl bench WHAT``: every benchmark's command, registered here (core, data, ray, load, scale, cohort).
 
 Each benchmark prints its figures and writes JSON (and a PNG where there is a plot) under
 ``--out`` (default ``results/``). A new benchmark is a module in ``agl/bench/`` plus one
@@ -155,6 +155,24 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- agl bench cohort
+def add_bench_cohort_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("results"), help="folder for bench_cohort.json / .png")
+    p.add_argument("--copies", default="1,4,16,64", help="cohort sizes in copies of the demo (about 1k spots each)")
+    p.add_argument("--before-max", default="train=16,cv=4",
+                   help="largest copies measured on the old in-memory path, per run kind")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per fit (seconds/epoch: the median after the first)")
+    p.add_argument("--work", default=None, help="folder for the cohort stores (default: a temporary folder)")
+
+
+def cmd_bench_cohort(args: argparse.Namespace) -> int:
+    from agl.bench.cohort import bench_cohort
+
+    bench_cohort(out_dir=args.out, copies=tuple(int_list(args.copies, "--copies")),
+                 before_max=_pairs(args.before_max, "--before-max", key=str), epochs=args.epochs, work=args.work)
+    return 0
+
+
 # --------------------------------------------------------------------------- agl bench selection
 # --quick sizes; here, not in agl.bench.selection, so that building the parser imports no numpy/pandas
 QUICK = {"n_aux": 2000, "seeds": 5, "epochs": 25, "patience": 8}
@@ -291,6 +309,9 @@ BENCHMARKS.register("gpu", Benchmark(
 BENCHMARKS.register("search", Benchmark(
     "known answer for the whole sweep: planted store, Ray Tune + Optuna (TPE, random, grid over k), ASHA on/off, "
     "cross-slide CV, refit; regret vs the oracle top-k and compute per searcher", add_bench_search_args, cmd_bench_search))
+BENCHMARKS.register("cohort", Benchmark(
+    "training at cohort scale: per-trial USS/PSS/RSS and s/epoch of train and a 2-trial CV, in-memory bundle vs "
+    "per-batch path", add_bench_cohort_args, cmd_bench_cohort))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -573,6 +573,62 @@ class Store:
             block = block[:, np.asarray(columns, dtype=np.int64)]
         return block.toarray().astype(np.float32, copy=False)
 
+    def column_positions(self, columns: np.ndarray, source: str | Path | None = None) -> np.ndarray:
+        """Position of each expression gene in ``columns`` (-1: not selected), the lookup that
+        :meth:`expression_block` uses; built once per split. ``source`` is named in errors."""
+        columns = np.asarray(columns, dtype=np.int64)
+        n_genes = int(self.manifest["n_genes"])
+        where = source or self.path / "gene_sets"
+        if columns.ndim != 1 or (len(columns) and (columns.min() < 0 or columns.max() >= n_genes)):
+            raise DataError(where, f"gene columns must lie in 0..{n_genes - 1} (the store's genes); "
+                                   f"found {columns.min() if len(columns) else '-'}..{columns.max() if len(columns) else '-'}")
+        if len(np.unique(columns)) != len(columns):
+            raise DataError(where, "a gene column is listed twice")
+        positions = np.full(n_genes, -1, dtype=np.int64)
+        positions[columns] = np.arange(len(columns))
+        return positions
+
+    def check_expression_shape(self) -> None:
+        """Raise DataError naming the array file when the expression arrays disagree with the manifest."""
+        n_spots, n_genes = int(self.manifest["n_spots"]), int(self.manifest["n_genes"])
+        if self.expression_layout == "dense":
+            shape = self.expression.shape
+            if shape != (n_spots, n_genes):
+                raise DataError(self.path / "arrays" / "expression.arrow",
+                                f"disagrees with manifest.json: it holds {shape[0]} x "
+                                f"{shape[1] if len(shape) > 1 else '?'} values, the manifest records {n_spots} spots x "
+                                f"{n_genes} genes; rebuild the store with agl ingest")
+            return
+        self._csr_arrays  # checks the CSR arrays against each other and n_spots (gene indices: per block)
+
+    def expression_block(self, rows: np.ndarray, columns: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+        """float32 [len(rows), len(columns)]: the rows' values of the genes ``columns``, read from the
+        memory-mapped arrays (only these rows are touched). ``positions``: :meth:`column_positions` of
+        ``columns``, computed once by a caller that reads many blocks."""
+        rows = np.asarray(rows, dtype=np.int64)
+        columns = np.asarray(columns, dtype=np.int64)
+        if self.expression_layout == "dense":
+            return np.ascontiguousarray(self.expression[np.ix_(rows, columns)], dtype=np.float32)
+        positions = self.column_positions(columns) if positions is None else positions
+        n_columns = len(columns)
+        indptr, indices, values = self._csr_arrays
+        starts = indptr[rows]
+        lengths = indptr[rows + 1] - starts
+        block_ptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=block_ptr[1:])
+        at = np.arange(block_ptr[-1], dtype=np.int64) + np.repeat(starts - block_ptr[:-1], lengths)
+        try:
+            where = positions[indices[at]]
+        except IndexError:
+            raise DataError(self.path / "arrays" / "expression_indices.arrow",
+                            f"a gene index is >= {len(positions)}, the manifest's gene count; rebuild the store "
+                            "with agl ingest") from None
+        keep = where >= 0
+        out = np.zeros((len(rows), n_columns), dtype=np.float32)
+        entry_rows = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)[keep]
+        out[entry_rows, where[keep]] = self.expression_encoding.decode(values[at[keep]], self.expression_table)
+        return out
+
     @cached_property
     def patches(self) -> np.ndarray:
         """uint8 [N, px, px, 3], memory-mapped, read-only."""

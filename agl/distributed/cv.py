@@ -132,11 +132,15 @@ def agl_cv_trial(config: dict[str, Any], *, space: Any, store_path: str, threads
             if restored is not None and (Path(restored) / CV_JSON).is_file():
                 shutil.copytree(restored, work, dirs_exist_ok=True)
                 done = json.loads((work / CV_JSON).read_text())["folds"]
+        base = None  # built once: every fold shares its target reader and memory-mapped inputs
         for name, fold in roles.items():
             if name in done:
                 continue  # restored trial: this fold is in the checkpoint
-            summary = run_config(cfg, store, space.split, rank=0, world_size=1, roles=fold,
-                                 record_to=work / FOLDS_DIR / name, record_split=name, copy_checkpoint=True).record
+            shared = base.with_roles(fold, cfg.val_outer_fraction) if base is not None else None
+            run = run_config(cfg, store, space.split, rank=0, world_size=1, roles=fold, bundle=shared,
+                             record_to=work / FOLDS_DIR / name, record_split=name, copy_checkpoint=True)
+            base = base if base is not None else run.data
+            summary = run.record
             done[name] = summary["metrics"]
             trial = write_trial_folder(work, done, len(roles), cfg.to_dict())
             log.info("fold %s (%d/%d) %s: held-out PCC %.4f, cv_pcc %.4f +- %.4f", name, len(done), len(roles),

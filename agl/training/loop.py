@@ -45,7 +45,8 @@ class DataBundle(Protocol):
 
     def train_batches(self, batch_size: int, epoch: int) -> Iterable[tuple[Tensor, Tensor]]: ...
     def val_batches(self, batch_size: int, epoch: int, part: str = "val") -> Iterable[tuple[Tensor, Tensor]]: ...
-    def eval_arrays(self, part: str) -> tuple[Tensor, np.ndarray, np.ndarray]: ...
+    def eval_arrays(self, part: str, n_columns: int | None = None) -> tuple[Tensor, np.ndarray, np.ndarray]: ...
+    # optional: ``eval_batches(part, batch_size, n_columns)``, eval_arrays in chunks grouped by slide (streamed)
 
 
 class Reporter(Protocol):
@@ -340,8 +341,15 @@ class Trainer:
 
     def evaluate(self, part: str) -> tuple[dict[str, Any], float]:
         """Metrics over the primary genes of one part, and its mean primary loss."""
-        from agl.evaluation.metrics import evaluate_predictions
+        from agl.evaluation.metrics import StreamingMetrics, evaluate_predictions
 
+        if hasattr(self.data, "eval_batches") and self.cfg.loss in ("pcc", "mse"):
+            # streamed in chunks, metrics summed per slide and gene: nothing of size spots x genes
+            names = list(self.data.genes["gene"].iloc[: self.n_primary])
+            metrics = StreamingMetrics(names)
+            for x, y, slide_ids in self.data.eval_batches(part, n_columns=self.n_primary):
+                metrics.update(predict(self.model, x, self.device)[:, : self.n_primary].numpy(), y, slide_ids)
+            return metrics.result(), metrics.loss(self.cfg.loss)
         x, y, slide_ids = self.data.eval_arrays(part)
         pred = predict(self.model, x, self.device, precision=self.cfg.precision)[:, : self.n_primary]
         target = torch.as_tensor(np.asarray(y)[:, : self.n_primary], dtype=torch.float32)

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def _features(data: Any, part: str, n_primary: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    x, y, slides = data.eval_arrays(part)
+    x, y, slides = data.eval_arrays(part, n_columns=n_primary)  # only the primary genes: the probe predicts those
     x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     return x.astype(np.float64), np.asarray(y, dtype=np.float64)[:, :n_primary], np.asarray(slides)
 
