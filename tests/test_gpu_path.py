@@ -117,12 +117,10 @@ def _features_pyfunc(device: str):
     from agl.models import Estimator
     from agl.tracking.pyfunc import AglPyfuncModel
 
-    served = AglPyfuncModel()
-    served.cfg = TrainConfig(mode="features", backbone="torchvision/mobilenet_v2", weights=None, device=device)
-    served.model = Estimator(1280, 5, trunk=(8,), dropout=0.0)
-    served.predictors = {}
-    served.columns = [f"gene{i}" for i in range(5)]
-    return served
+    return AglPyfuncModel().serve(Estimator(1280, 5, trunk=(8,), dropout=0.0),
+                                  TrainConfig(mode="features", backbone="torchvision/mobilenet_v2", weights=None,
+                                              device=device),
+                                  [f"gene{i}" for i in range(5)])
 
 
 def test_the_pyfunc_model_builds_its_encoder_once(demo_store, monkeypatch):

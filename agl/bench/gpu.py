@@ -365,10 +365,11 @@ def serving(store: Any, device: str, quick: bool) -> dict[str, Any]:
     from agl.tracking.pyfunc import AglPyfuncModel
     from agl.training.inference import run_model
 
-    served = AglPyfuncModel()
-    served.cfg = TrainConfig(mode="features", backbone="torchvision/mobilenet_v2", weights="imagenet", device=device)
-    served.model = Estimator(1280, int(np.shape(store.expression)[1]), trunk=(512,), dropout=0.0)
-    served.predictors = {}
+    n_genes = len(store.genes)
+    served = AglPyfuncModel().serve(
+        Estimator(1280, n_genes, trunk=(512,), dropout=0.0),
+        TrainConfig(mode="features", backbone="torchvision/mobilenet_v2", weights="imagenet", device=device),
+        [f"gene{i}" for i in range(n_genes)])
     patches = np.asarray(store.patches[:4])
     calls = 2 if quick else 10
     served.predict(None, patches)  # the first request builds the predictor

@@ -39,10 +39,15 @@ class AglPyfuncModel(_Base):
         from agl.training.checkpoint import load_model
 
         self.checkpoint = Path(context.artifacts[ARTIFACT])
-        self.model, _gate, self.cfg, self.genes = load_model(self.checkpoint)
-        n_out = int(getattr(self.model, "n_genes", len(self.genes)))
-        self.columns = self.genes["gene"].astype(str).iloc[:n_out].tolist()  # the output's column names
+        model, _gate, cfg, self.genes = load_model(self.checkpoint)
+        n_out = int(getattr(model, "n_genes", len(self.genes)))
+        self.serve(model, cfg, self.genes["gene"].astype(str).iloc[:n_out].tolist())
+
+    def serve(self, model: Any, cfg: Any, columns: list[str]) -> "AglPyfuncModel":
+        """Hold ``model`` (trained with ``cfg``) for prediction, its outputs named ``columns`` (one per gene)."""
+        self.model, self.cfg, self.columns = model, cfg, list(columns)
         self.predictors: dict[str, Any] = {}  # device -> Predictor: the encoder is built once, not per request
+        return self
 
     def predictor(self, device: str | None = None) -> Any:
         """The loaded model on ``device`` (default: the run's ``cfg.device``), built on first use."""
