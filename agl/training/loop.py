@@ -348,7 +348,8 @@ class Trainer:
             names = list(self.data.genes["gene"].iloc[: self.n_primary])
             metrics = StreamingMetrics(names)
             for x, y, slide_ids in self.data.eval_batches(part, n_columns=self.n_primary):
-                metrics.update(predict(self.model, x, self.device)[:, : self.n_primary].numpy(), y, slide_ids)
+                pred = predict(self.model, x, self.device, precision=self.cfg.precision)[:, : self.n_primary]
+                metrics.update(pred.numpy(), y, slide_ids)
             return metrics.result(), metrics.loss(self.cfg.loss)
         x, y, slide_ids = self.data.eval_arrays(part)
         pred = predict(self.model, x, self.device, precision=self.cfg.precision)[:, : self.n_primary]
