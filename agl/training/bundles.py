@@ -78,11 +78,9 @@ class PatchInputs:
 
 
 def _feature_inputs(store: Any, cfg: "TrainConfig") -> FeatureInputs:
-    from agl.models import feature_cache
-    from agl.training.loop import resolve_device
+    from agl.training.streaming import cached_features
 
-    return FeatureInputs(feature_cache(store, cfg.backbone, cfg.weights, device=str(resolve_device(cfg.device)),
-                                       precision=cfg.precision))
+    return FeatureInputs(cached_features(store, cfg))
 
 
 def _mapped_feature_inputs(store: Any, cfg: "TrainConfig") -> Any:

@@ -84,9 +84,16 @@ class MappedFeatureInputs:
         return torch.from_numpy(np.ascontiguousarray(gathered, dtype=np.float32))
 
 
+def cached_features(store: Any, cfg: Any) -> Any:
+    """The store's feature cache for ``cfg``'s backbone (computed first if missing, on ``cfg.device`` at its precision)."""
+    from agl.models import feature_cache
+    from agl.training.device import resolve_device
+
+    return feature_cache(store, cfg.backbone, cfg.weights, device=str(resolve_device(cfg.device)),
+                         precision=cfg.precision)
+
+
 def mapped_feature_inputs(store: Any, cfg: Any) -> MappedFeatureInputs:
     """The store's feature cache for ``cfg``'s backbone, memory-mapped (computed first if missing)."""
-    from agl.models import feature_cache
-
-    features = feature_cache(store, cfg.backbone, cfg.weights)
+    features = cached_features(store, cfg)
     return MappedFeatureInputs(features, getattr(features, "filename", None), int(store.manifest["n_spots"]))
