@@ -179,7 +179,9 @@ def test_no_spots_by_genes_array_is_allocated(store_name, demo_store, sparse_sto
     is small: a training batch of all genes is a few % of it), while
     the in-memory bundle does hold it. The sparse store must not even be densified."""
     store = _store(store_name, demo_store, sparse_store)
-    cfg = small_config(method="dkgsb", epochs=2, batch_size=16, bilevel_batch_size=16)  # bi-level steps hold ~4 batches
+    # bi-level steps hold ~4 batches; outer_val "batch": "full" (the features-mode default) holds the
+    # outer-validation part in one batch by design
+    cfg = small_config(method="dkgsb", epochs=2, batch_size=16, bilevel_batch_size=16, outer_val="batch")
     n_spots = int(store.manifest["n_spots"])
     n_genes = len(store.gene_set(first_split(store)))
     dense_bytes = n_spots * n_genes * 4

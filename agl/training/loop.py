@@ -306,7 +306,8 @@ class Trainer:
         options = estimator_options(cfg)
         part = self.outer_part()
         if cfg.outer_val == "full":
-            xv, yv, _ = self.data.eval_arrays(part)
+            # the whole outer-validation part in one batch (by design): its spots x the model's outputs
+            xv, yv, _ = self.data.eval_arrays(part, n_columns=self.n_out)
             full_val = (xv.to(self.device), torch.as_tensor(np.asarray(yv)[:, : self.n_out]).to(self.device))
             val_iter: Iterator[tuple[Tensor, Tensor]] = iter(lambda: full_val, None)
         else:
@@ -326,7 +327,8 @@ class Trainer:
                                     (xt.to(self.device), yt[:, : self.n_out].to(self.device)),
                                     (xv.to(self.device), yv[:, : self.n_out].to(self.device)),
                                     self.n_primary, inner_steps=cfg.inner_steps, inner_lr=cfg.lr,
-                                    inner_optimizer=cfg.inner_optimizer, first_order=cfg.first_order, optimizer=self.opt, method=cfg.hypergrad, inner_state=cfg.inner_state,
+                                    inner_optimizer=cfg.inner_optimizer, first_order=cfg.first_order,
+                                    optimizer=self.opt, method=cfg.hypergrad, inner_state=cfg.inner_state,
                                     estimator_options=options, accumulate=False)
                 flat = torch.cat([g.reshape(-1) for g in out["hypergrad"]]) if out["hypergrad"] else torch.zeros(0)
                 estimates.append(flat.detach().cpu())
