@@ -87,7 +87,7 @@ def test_aws_cluster_as_an_operator_wants_it() -> None:
     provider = config["provider"]
     assert "," not in provider["availability_zone"]  # one availability zone
     ssh = [p for p in provider["security_group"]["IpPermissions"] if p["FromPort"] <= 22 <= p["ToPort"]]
-    assert ssh and all(r["CidrIp"] != "0.0.0.0/0" for p in ssh for r in p["IpRanges"])
+    assert ssh and all(r["CidrIp"] != "0.0.0.0/0" for p in ssh for r in p["IpRanges"])  # SSH never open to all
     types = config["available_node_types"]
     head_profile = types[config["head_node_type"]]["node_config"]["IamInstanceProfile"]["Name"]
     worker_profiles = {v["node_config"]["IamInstanceProfile"]["Name"] for k, v in types.items()
