@@ -16,7 +16,7 @@ import pytest
 from agl.tracking import MlflowTracker, default_tracking_uri
 from agl.distributed.spaces import load_space
 from agl.distributed.tune import SweepOptions, _scheduler, run_sweep
-from agl.errors import ConfigError
+from agl.errors import OutputExistsError
 from trainkit import cv_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,8 +55,8 @@ def test_tiny_sweep_table_mlflow_and_champion(ray_local, demo_store: Path, tmp_p
     assert sorted(again.table["trial_id"]) == sorted(table["trial_id"])
     assert len(child_runs(summary.tracking_uri, c.get_experiment_by_name("agl-sweep").experiment_id,
                                    summary.parent_run_id)) == 2
-    # a second sweep into the same folder without --resume is refused
-    with pytest.raises(ConfigError, match="--resume"):
+    # a second sweep into the same folder without --resume is refused (an existing output: exit 1 everywhere)
+    with pytest.raises(OutputExistsError, match="--resume"):
         run_sweep(SweepOptions(space="tiny", store=str(demo_store), out=str(out)))
 
     # the sweep folder can be moved (or copied back from a cluster): tune-sync points MLflow's
