@@ -199,7 +199,8 @@ def test_sweep_logged_to_server(mlflow_server: str, ray_local, demo_store: Path,
         if trial_id != "refit":
             folds = rest(api, "/metrics/get-history", run_id=run_id, metric_key="fold_pcc")["metrics"]
             assert sorted(m["step"] for m in folds) == list(range(1, len(folds) + 1)) and folds
-            assert {"cv_pcc", "cv_pcc_se"} <= metrics
+            # the s.e. needs two folds: a trial ASHA stops after its first fold logs none (NaN is not sent)
+            assert "cv_pcc" in metrics and ("cv_pcc_se" in metrics) == (len(folds) >= 2)
         else:
             assert {"test_pcc", "best_val_pcc"} <= metrics
             history = rest(api, "/metrics/get-history", run_id=run_id, metric_key="best_epoch")["metrics"]
