@@ -4,7 +4,9 @@ Runs ``launch/tune.py`` from ``--repo`` (so a baseline checkout can be measured 
 store with a local storage path in a fresh folder: the tiny space with ``--epochs`` epochs (patience as
 long), one trial. Then reads the trial's folder: Tune numbers every checkpoint it takes
 (checkpoint_000000, ...), so the highest number + 1 is the count uploaded, even of those deleted since;
-the kept ones are measured file by file (optimiser state: the files whose name holds ``opt``).
+the kept ones are measured file by file (optimiser state: the files whose name holds ``opt``). The sweep's
+MLflow artifacts (``OUT/mlartifacts``) are measured the same way, per run: the trial's ``checkpoint/``
+artifact and the registered pyfunc ``model/`` (the champion's run).
 
     python scripts/checkpoint_bytes.py --label after [--repo PATH] [--epochs 6] [-- extra launch/tune.py args]
 
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,7 +45,10 @@ def main() -> int:
     parser.add_argument("extra", nargs="*", help="more launch/tune.py arguments (after --)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="agl-ckpt-bytes-"))
-    space = yaml.safe_load((HERE / "agl" / "search_spaces" / "tiny.yaml").read_text())
+    sys.path.insert(0, str(HERE))
+    from agl.distributed.spaces import resolve_space_path
+
+    space = yaml.safe_load(resolve_space_path("tiny").read_text())
     space["fixed"].update(epochs=args.epochs, patience=args.epochs)
     space["num_samples"] = 1
     (work / "space.yaml").write_text(yaml.safe_dump(space))
@@ -65,9 +71,18 @@ def main() -> int:
                      "kept_bytes": sum(s[0] for s in sizes), "kept_optimiser_bytes": sum(s[1] for s in sizes),
                      "bytes_per_checkpoint": [s[0] for s in sizes],
                      "uploaded_bytes_estimate": int(uploaded * sum(s[0] for s in sizes) / max(1, len(sizes)))})
+    mlflow = []
+    for run in sorted((work / "sweep" / "mlartifacts").glob("*/*/artifacts")):
+        row = {"run": run.parent.name}
+        for part in ("checkpoint", "model"):
+            total, optimiser = folder_bytes(run / part) if (run / part).is_dir() else (0, 0)
+            row.update({f"{part}_bytes": total, f"{part}_optimiser_bytes": optimiser})
+        row["files"] = sorted(str(p.relative_to(run)) for p in run.rglob("*.safetensors"))
+        mlflow.append(row)
     result = {"label": args.label, "repo": args.repo, "epochs": args.epochs, "extra_args": args.extra,
-              "wall_s": round(time.perf_counter() - started, 1), "trials": rows}
+              "wall_s": round(time.perf_counter() - started, 1), "trials": rows, "mlflow_runs": mlflow}
     print(json.dumps(result, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.is_file() else []
     previous = [r for r in previous if r.get("label") != args.label] + [result]

@@ -270,3 +270,68 @@ def test_the_tune_summary_links_the_runs_page(champion: Path, demo_store: Path, 
     assert f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning" in text
     served = "http://127.0.0.1:8080"
     assert f"{served}/#/experiments/{experiment_id}/runs?workflowType=machine_learning" in ui_hint(served, experiment_id)
+
+
+# --------------------------------------------------------------------------- issue 27: weights-only model, host device
+def _folder_files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+
+
+def test_the_registered_model_and_run_checkpoint_hold_no_optimiser_state(champion: Path, demo_store: Path,
+                                                                          tmp_path: Path) -> None:
+    """The MLflow artifacts serve predictions (best weights + config + gene set): no optimiser state, no
+    last-epoch weights; the same predictions as the full checkpoint; a clear error if one is used to resume."""
+    import mlflow
+    import torch
+
+    from agl.data.store import open_store
+    from agl.errors import CheckpointError
+    from agl.tracking import MlflowTracker
+    from agl.training import checkpoint as ckpt
+    from agl.training.inference import Predictor
+
+    root = tmp_path / "sweep"
+    uri, run_id = register(champion, root, demo_store)
+    client = MlflowTracker(uri).client
+    local = Path(client.download_artifacts(run_id, "", str(tmp_path / "artifacts")))
+    served = {"best.safetensors", "config.json", "genes.parquet", "state.json", "store.json"}
+    for folder in (local / "checkpoint", local / "model" / "artifacts" / "checkpoint"):
+        assert set(_folder_files(folder)) == served, folder
+        assert json.loads((folder / "state.json").read_text())["weights_only"] is True
+        assert "optimizer" not in json.loads((folder / "state.json").read_text())
+    full = sum(size for name, size in _folder_files(champion).items() if name.endswith(".safetensors"))
+    assert (local / "checkpoint" / "best.safetensors").stat().st_size < full / 2  # 1 of the 4 tensor files' worth
+    patches = np.asarray(open_store(demo_store).patches[:3])
+    model = mlflow.pyfunc.load_model(str(local / "model"))  # as downloaded from the run
+    reference, _gate, cfg, _genes = ckpt.load_model(champion)
+    expected = Predictor(reference, cfg, "cpu").predict(patches, 8)
+    np.testing.assert_allclose(model.predict(patches, params={"device": "cpu"}).to_numpy(), expected, atol=1e-6)
+    with pytest.raises(CheckpointError, match="cannot resume training") as err:
+        ckpt.restore(local / "checkpoint", trainer=None, cfg=cfg)
+    assert "state.json" in str(err.value)
+
+
+@pytest.mark.reliability(kind="use", case="a champion trained with device 'cuda' served by its pyfunc model on a host "
+                         "without CUDA, with no device parameter",
+                         outcome="predicts on the CPU with a warning naming the training device; the same numbers as "
+                         "params={'device': 'cpu'}")
+def test_a_cuda_champion_predicts_on_a_host_without_cuda(champion: Path, demo_store: Path, tmp_path: Path,
+                                                       monkeypatch, caplog) -> None:
+    import mlflow
+    import torch
+
+    from agl.data.store import open_store
+    from agl.tracking.pyfunc import save_pyfunc
+
+    cuda = tmp_path / "cuda-champion"
+    shutil.copytree(champion, cuda)
+    config = json.loads((cuda / "config.json").read_text())
+    (cuda / "config.json").write_text(json.dumps({**config, "device": "cuda"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this host: no CUDA, whatever the machine has
+    patches = np.asarray(open_store(demo_store).patches[:2])
+    model = mlflow.pyfunc.load_model(str(save_pyfunc(cuda, tmp_path / "model")))
+    with caplog.at_level(logging.WARNING, logger="agl.tracking.pyfunc"):
+        default = model.predict(patches)   # raised "cuda requested but CUDA is not available" before
+    assert any("trained with device 'cuda'" in r.getMessage() and "CPU" in r.getMessage() for r in caplog.records)
+    on_cpu = model.predict(patches, params={"device": "cpu"})
+    np.testing.assert_allclose(default.to_numpy(), on_cpu.to_numpy(), atol=1e-6)

@@ -232,6 +232,7 @@ class MlflowTracker:
     def log_record(self, run_id: str, folder: Path) -> dict[str, Any]:
         """The run record of ``folder`` (agl.runs): gene-set table, files, checkpoint, final metrics, tags."""
         from agl.runs import RECORD_FILES, read_gene_table, read_record
+        from agl.training.checkpoint import CHECKPOINT_FILES, export_weights
 
         folder = Path(folder)
         record = read_record(folder) or {}
@@ -243,7 +244,9 @@ class MlflowTracker:
                 self.client.log_artifact(run_id, str(folder / name))
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = Path(tmp) / ARTIFACT_CHECKPOINT
-            shutil.copytree(folder, ckpt, ignore=shutil.ignore_patterns(*RECORD_FILES, ".*"))
+            shutil.copytree(folder, ckpt, ignore=shutil.ignore_patterns(*RECORD_FILES, *CHECKPOINT_FILES, ".*"))
+            if (folder / "state.json").is_file():  # the run's weights for serving; resuming reads Tune's checkpoint
+                export_weights(folder, ckpt)
             if any(ckpt.iterdir()):
                 self.client.log_artifacts(run_id, str(ckpt), ARTIFACT_CHECKPOINT)
         metrics = record.get("metrics", {})

@@ -2,7 +2,9 @@
 
 Saved as *models from code* (``pyfunc_entry.py`` is the model's code; nothing is pickled):
 loading runs that file, which builds :class:`AglPyfuncModel`, whose ``load_context`` reads the
-bundled checkpoint folder with :func:`agl.training.checkpoint.load_model` (safetensors + JSON).
+bundled checkpoint folder with :func:`agl.training.checkpoint.load_model` (safetensors + JSON; weights
+only, :func:`agl.training.checkpoint.export_weights`: no optimiser state). It predicts on the device the
+model trained on, or where this host lacks it (CUDA), on what the host has, with a warning.
 Input: uint8 H&E patches ``[N, px, px, 3]`` cut as in training (``agl.data.patches``);
 output: a DataFrame ``[N, genes]`` of float32 predicted log1p expression, one column per gene
 named by its symbol, primary genes first (also the metadata ``genes`` and the checkpoint's
@@ -12,6 +14,8 @@ named by its symbol, primary genes first (also the metadata ``genes`` and the ch
 from __future__ import annotations
 
 import json
+import logging
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +29,7 @@ try:  # the class must derive from PythonModel; agl imports without mlflow insta
 except ImportError:  # pragma: no cover
     _Base = object
 
+log = logging.getLogger(__name__)
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 ARTIFACT = "checkpoint"
 DEFAULT_PATCH_PX = 224
@@ -50,12 +55,13 @@ class AglPyfuncModel(_Base):
         return self
 
     def predictor(self, device: str | None = None) -> Any:
-        """The loaded model on ``device`` (default: the run's ``cfg.device``), built on first use."""
+        """The loaded model on ``device`` (default: the run's ``cfg.device`` where this host has it, else what
+        the host has), built on first use."""
         import copy
 
         from agl.training.inference import Predictor
 
-        device = device or self.cfg.device
+        device = device or host_device(self.cfg.device)
         if device not in self.predictors:  # a second device gets its own copy: Predictor moves the model
             model = copy.deepcopy(self.model) if self.predictors else self.model
             self.predictors[device] = Predictor(model, self.cfg, device)
@@ -73,10 +79,22 @@ class AglPyfuncModel(_Base):
         if len(patches) == 0:  # no model run: an empty table with every gene's column
             return pd.DataFrame(np.zeros((0, len(self.columns)), dtype=np.float32), columns=self.columns)
         options = params or {}
-        device = options.get("device")
+        device = options.get("device") or None  # "": the signature's default, the host's device
         pred = self.predictor(None if device is None else str(device)).predict(
             patches.astype(np.uint8, copy=False), int(options.get("batch_size", 64)))
         return pd.DataFrame(pred, columns=self.columns)
+
+
+def host_device(trained_on: str) -> str:
+    """The device to serve on by default: the one the model trained on, else (a CUDA model on a host without
+    CUDA) ``auto``, with a warning; ``params={"device": ...}`` still forces one."""
+    import torch
+
+    if str(trained_on).startswith("cuda") and not torch.cuda.is_available():
+        log.warning("the model was trained with device %r but this host has no CUDA (torch %s); predicting on "
+                    "the CPU (pass params={'device': ...} to choose)", trained_on, torch.__version__)
+        return "auto"
+    return str(trained_on)
 
 
 def patch_px(checkpoint: Path) -> int:
@@ -91,23 +109,28 @@ def save_pyfunc(checkpoint: Path, dest: Path, input_example: np.ndarray | None =
     """Save ``checkpoint`` as a pyfunc model folder at ``dest`` (signature, input example, metadata)."""
     import mlflow
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
 
-    from agl.training.checkpoint import load_model
+    from agl.training.checkpoint import export_weights, load_model
 
     model, _gate, cfg, genes = load_model(checkpoint)
     n_out = int(getattr(model, "n_genes", len(genes)))
     px = patch_px(checkpoint)
     names = genes["gene"].astype(str).iloc[:n_out].tolist()
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, px, px, 3))]),
-                               outputs=Schema([ColSpec(DataType.float, name) for name in names]))  # gene-named
+                               outputs=Schema([ColSpec(DataType.float, name) for name in names]),  # gene-named
+                               # without a params schema MLflow drops every inference parameter
+                               params=ParamSchema([ParamSpec("device", DataType.string, ""),
+                                                   ParamSpec("batch_size", DataType.long, 64)]))
     if input_example is not None:
         input_example = np.ascontiguousarray(input_example[:1], dtype=np.uint8)
-    mlflow.pyfunc.save_model(
-        str(dest), python_model=str(ENTRY), artifacts={ARTIFACT: str(checkpoint)}, signature=signature,
-        input_example=input_example, pip_requirements=_requirements(),
-        metadata={"genes": json.dumps(names), "method": cfg.method,
-                  "backbone": cfg.backbone, "mode": cfg.mode})
+    with tempfile.TemporaryDirectory(prefix="agl-weights-") as tmp:  # the model needs no optimiser state
+        weights = export_weights(checkpoint, Path(tmp) / ARTIFACT)
+        mlflow.pyfunc.save_model(
+            str(dest), python_model=str(ENTRY), artifacts={ARTIFACT: str(weights)}, signature=signature,
+            input_example=input_example, pip_requirements=_requirements(),
+            metadata={"genes": json.dumps(names), "method": cfg.method,
+                      "backbone": cfg.backbone, "mode": cfg.mode})
     return dest
 
 

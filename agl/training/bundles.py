@@ -224,12 +224,12 @@ def make_bundle(store: Any, split: str, cfg: "TrainConfig", rank: int | None = N
     both are read per batch from memory-mapped files (other store-like objects are densified).
     """
     from agl.data.store import Store, open_store
-    from agl.training.loop import dist_info
+    from agl.training.ddp import world
 
     if isinstance(store, (str, Path)):
         store = open_store(store)
     if rank is None or world_size is None:
-        rank, world_size = dist_info()
+        rank, world_size = world()
     genes = store.gene_set(split).reset_index(drop=True)
     roles = np.asarray(store.split(split)) if roles is None else np.asarray(roles)
     slide_ids = store.spots["slide_id"].astype(str).to_numpy()

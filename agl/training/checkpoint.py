@@ -11,6 +11,11 @@ Layout of a checkpoint folder (written to a temporary sibling, then renamed into
     config.json            the TrainConfig
     genes.parquet          the gene set in model output order (roles, priors, ranks)
     store.json             the store's manifest hash, preprocessing switches and patch size
+
+A *weights-only* checkpoint (:func:`export_weights`: the registered MLflow model and each run's
+``checkpoint`` artifact) keeps what prediction reads: ``best.safetensors`` (the best epoch's model and
+gate, else the last epoch's), ``config.json``, ``genes.parquet``, ``store.json`` and ``state.json``
+(``weights_only: true``, no optimiser scalars); it serves predictions but cannot resume training.
 """
 from __future__ import annotations
 
@@ -40,6 +45,8 @@ FORMAT_VERSION = 1
 TENSOR_FILES = ("model.safetensors", "gate.safetensors", "optimizer.safetensors", "best.safetensors")
 JSON_FILES = ("state.json", "config.json", "store.json")
 GENES_FILE = "genes.parquet"
+CHECKPOINT_FILES = TENSOR_FILES + JSON_FILES + (GENES_FILE,)
+WEIGHTS_FILE = "best.safetensors"   # the one tensor file of a weights-only checkpoint
 # Settings that fix the model's shape or meaning: a checkpoint only resumes/serves a run that agrees on them.
 ARCHITECTURE_KEYS = ("method", "mode", "backbone", "trunk", "loss", "prior", "second_prior", "prior_weight")
 
@@ -58,6 +65,7 @@ class Checkpoint:
     optimizer: dict[str, Tensor]
     best_model: dict[str, Tensor]
     best_gate: dict[str, Tensor]
+    weights_only: bool = False     # exported for serving (export_weights): no optimiser, no last-epoch weights
 
 
 @dataclass
@@ -238,15 +246,38 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(genes_file, f"not a readable Parquet file: {err}") from None
     if "gene" not in genes.columns or "role" not in genes.columns:
         raise CheckpointError(genes_file, "needs columns 'gene' and 'role'")
-    tensors = {name: _load_tensors(path / name) for name in TENSOR_FILES}
-    best = tensors["best.safetensors"]
+    weights_only = bool(state.get("weights_only"))
+    tensors = {name: ({} if weights_only and name != WEIGHTS_FILE else _load_tensors(path / name))
+               for name in TENSOR_FILES}
+    best = tensors[WEIGHTS_FILE]
     return Checkpoint(
         path=path, config=config, state=state, store=store, genes=genes,
         model=tensors["model.safetensors"], gate=tensors["gate.safetensors"],
         optimizer=tensors["optimizer.safetensors"],
         best_model={k[6:]: v for k, v in best.items() if k.startswith("model/")},
         best_gate={k[5:]: v for k, v in best.items() if k.startswith("gate/")},
+        weights_only=weights_only,
     )
+
+
+def export_weights(src: str | Path, dest: str | Path) -> Path:
+    """Write the weights-only checkpoint of ``src`` into the folder ``dest`` (see the module doc); returns ``dest``.
+
+    The best epoch's model and gate (else the last epoch's) become ``best.safetensors``; the optimiser
+    state and the last epoch's weights, which only resuming needs, are left out (about 3/4 of the bytes)."""
+    from safetensors.torch import save_file
+
+    ck = load_checkpoint(src)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    model, gate = (ck.best_model, ck.best_gate) if ck.best_model else (ck.model, ck.gate)
+    weights = {**{f"model/{k}": v for k, v in model.items()}, **{f"gate/{k}": v for k, v in gate.items()}}
+    save_file(_contiguous(weights), str(dest / WEIGHTS_FILE))
+    state = {k: v for k, v in ck.state.items() if k != "optimizer"}
+    atomic_write_json(dest / "state.json", {**state, "weights_only": True})
+    for name in ("config.json", "store.json", GENES_FILE):
+        shutil.copyfile(ck.path / name, dest / name)
+    return dest
 
 
 def check_compatible(ck: Checkpoint, genes: pd.DataFrame, cfg: TrainConfig | None = None) -> None:
@@ -276,6 +307,10 @@ def restore(path: str | Path, trainer: "Trainer", cfg: TrainConfig) -> LoopState
     from agl.models.backbones import check_same_preprocessing
 
     ck = load_checkpoint(path)
+    if ck.weights_only:
+        raise CheckpointError(ck.path / "state.json", "holds a model's weights only (exported for serving: no optimiser "
+                                                      "state, no last-epoch weights); it cannot resume training. Resume "
+                                                      "from the run's full checkpoint (Tune's storage path or --out)")
     check_compatible(ck, trainer.data.genes, cfg)
     check_same_preprocessing(ck.state.get("encoder_input"), encoder_input(trainer.model, trainer.data),
                              ck.path / "state.json")

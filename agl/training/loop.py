@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from agl.config import TrainConfig
-from agl.training import checkpoint as ckpt
+from agl.training import checkpoint as ckpt, ddp
 from agl.training.checkpoint import LoopState
 from agl.training.model import build_model, gate_state, n_outputs
 from agl.training.schedules import SCHEDULES, WARMUP_FRACTION, EpochPlan, first_bilevel_epoch, warmup_epochs
@@ -129,13 +129,6 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) without torch.distributed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def predict(model: torch.nn.Module, x: Tensor, device: torch.device, batch_size: int = 512,
             precision: str = "fp32") -> Tensor:
     """Model outputs for every row of x, in evaluation mode, without gradients (bf16 autocast on CUDA
@@ -178,7 +171,7 @@ def first_non_finite(loss: Tensor, step: int, first: Tensor | None) -> Tensor:
 
 
 def _allreduce(params: list[torch.nn.Parameter]) -> None:
-    if dist_info()[1] > 1:
+    if ddp.world()[1] > 1:
         from agl.training.bilevel import allreduce_gradients
 
         allreduce_gradients(params)
@@ -201,7 +194,7 @@ class Trainer:
 
         self.device = resolve_device(cfg.device)
         check_available(self.device)
-        if dist_info()[0] == 0:
+        if ddp.world()[0] == 0:
             log_run_device(cfg.device, self.device)
         self.n_primary = int(data.n_primary)
         self.n_out = n_outputs(cfg, len(data.genes), self.n_primary)
@@ -213,7 +206,6 @@ class Trainer:
         self.inner_params = list(self.model.parameters()) + list(self.gate.inner_parameters())
         self.outer_params = list(self.gate.outer_parameters())
         self.opt = torch.optim.Adam(self.inner_params, lr=cfg.lr)
-        from agl.training import ddp
         from agl.training.precision import autocast_dtype
 
         # ordinary steps: DDP all-reduces the model's gradients (bucketed, during backward); the gate's
@@ -244,7 +236,7 @@ class Trainer:
         total, n_batches, n_spots = torch.zeros((), device=self.device), 0, 0
         # alone on a CPU a NaN/inf loss stops the step at once (checking is free); on an accelerator or with
         # other ranks the first bad step is kept on the device and shared once per epoch, so no rank stops alone
-        immediate = self.device.type == "cpu" and dist_info()[1] == 1
+        immediate = self.device.type == "cpu" and ddp.world()[1] == 1
         first_bad = None  # the first step whose loss was NaN/inf, a device tensor (0: none yet)
         # batches built on a background thread (pinned, non_blocking copies on CUDA)
         for x, y in prefetch(self.data.train_batches(self.cfg.batch_size, epoch), self.device):
@@ -408,7 +400,7 @@ def fit(cfg: TrainConfig, data: DataBundle, reporter: Reporter | None = None,
 
         module, _, name = fitter.partition(":")
         return getattr(importlib.import_module(module), name)(cfg, data)
-    rank, world = dist_info()
+    rank, world = ddp.world()
     tr = Trainer(cfg, data)
     state = LoopState()
     if resume_from is not None:
