@@ -72,7 +72,8 @@ def main() -> int:
                      "bytes_per_checkpoint": [s[0] for s in sizes],
                      "uploaded_bytes_estimate": int(uploaded * sum(s[0] for s in sizes) / max(1, len(sizes)))})
     mlflow = []
-    for run in sorted((work / "sweep" / "mlartifacts").glob("*/*/artifacts")):
+    # MLflow puts a run's files at <experiment artifact location>/<run id>/artifacts
+    for run in sorted(p for p in (work / "sweep" / "mlartifacts").rglob("artifacts") if p.is_dir()):
         row = {"run": run.parent.name}
         for part in ("checkpoint", "model"):
             total, optimiser = folder_bytes(run / part) if (run / part).is_dir() else (0, 0)

@@ -42,6 +42,27 @@ def test_a_trial_the_scheduler_stops_is_pruned_in_the_optuna_study() -> None:
     assert states[1].state == TrialState.FAIL
 
 
+
+def test_a_diverged_trial_is_failed_once_in_the_optuna_study() -> None:
+    """A NonFiniteLossError ends the trial with a diverged report: FAIL with its message, never COMPLETE with
+    NaN (Ray's OptunaSearch) nor PRUNED; a second completion of it changes nothing."""
+    from agl.distributed.results import diverged_report
+    from agl.errors import NonFiniteLossError
+
+    space = load_space("default")
+    searcher = _searcher(space, 2)
+    for i in range(2):
+        searcher.suggest(f"t{i}")
+    report = {**diverged_report(NonFiniteLossError("training loss", float("inf"), 1, 3, 1e30), space.metric),
+              "training_iteration": 2}  # Tune adds it to every report
+    searcher.on_trial_result("t0", report)
+    searcher.on_trial_complete("t0", report)
+    searcher.on_trial_complete("t0", report)
+    trial = searcher._ot_study.get_trials(deepcopy=False)[0]
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["error"].startswith("NonFiniteLossError: ") and "epoch 1, step 3" in trial.user_attrs["error"]
+
+
 EARLIER = pd.DataFrame([
     # a stopped trial with the best score ranks after the finished ones; a trial outside today's space is skipped
     {"trial_id": "a", "status": "stopped", "param.method": "topk", "param.k": 30.0, "param.prior_weight": 0.5,

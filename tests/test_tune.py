@@ -16,7 +16,7 @@ import pytest
 from agl.tracking import MlflowTracker, default_tracking_uri
 from agl.distributed.spaces import load_space
 from agl.distributed.tune import SweepOptions, _scheduler, run_sweep
-from agl.errors import OutputExistsError
+from agl.errors import ConfigError, OutputExistsError
 from trainkit import cv_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +91,60 @@ def test_trials_as_nested_torch_trainers(ray_local, demo_store: Path, tmp_path: 
     files = {a.path for a in c.list_artifacts(run_id)}
     assert {"gene_set.csv", "checkpoint", "model"} <= files
     assert c.get_model_version_by_alias("agl-model", "champion").run_id == run_id
+
+
+DIVERGING_SPACE = """description: one trial whose loss goes non-finite in its first epoch (lr 1e30)
+split: kfold-s0-f0
+metric: val_pcc
+direction: max
+num_samples: 1
+seed: 0
+scheduler: {name: fifo}
+resources: {cpu: 1}
+fixed: {mode: features, epochs: 2, patience: 2, trunk: [64], lr: 1.0e+30, k: 32}
+params:
+  method: {type: categorical, choices: [topk]}
+"""
+
+
+@pytest.mark.reliability(kind="fault", case="a sweep trial whose loss goes non-finite (NonFiniteLossError), "
+                         "with --max-failures 3", outcome="not retried: the trial ends once, status 'diverged' with "
+                         "its message in trials.csv and summary.md, its MLflow run FAILED with tag error; no champion")
+def test_a_diverging_trial_fails_once_without_retries(ray_local, demo_store: Path, tmp_path: Path) -> None:
+    space_file = tmp_path / "diverging.yaml"
+    space_file.write_text(DIVERGING_SPACE)
+    out = tmp_path / "sweep"
+    summary = run_sweep(SweepOptions(space=str(space_file), store=str(demo_store), out=str(out), max_failures=3))
+    row = summary.table.iloc[0]
+    assert row["status"] == "diverged", summary.table  # "error" after 3 retries before
+    assert row["error"].startswith("NonFiniteLossError: ") and "lr is 1e+30" in row["error"]
+    assert summary.best is None and summary.champion_version is None
+    assert "diverged: NonFiniteLossError" in (out / "summary.md").read_text()
+    assert pd.read_csv(out / "trials.csv")["status"].tolist() == ["diverged"]
+    # Tune ran the trial once: no restart (a restart would have re-run the failing epoch)
+    trial_dir = next((out / "ray" / "agl-sweep").glob("agl_trial_*"))
+    reports = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+    assert [r.get("diverged") for r in reports] == [True]
+    c = client(summary.tracking_uri)
+    run = c.get_run(row["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["error"] == row["error"]
+
+
+def test_one_train_worker_per_trial_on_gpus() -> None:
+    """--trainer train on GPUs: one worker per trial unless asked (1-GPU nodes: a trial's workers stay on one
+    node), so a 4-GPU cluster runs 4 trials at once; on CPUs 2 workers as before; a negative count is refused."""
+    from agl.distributed.tune import _max_concurrent, _workers_per_trial
+
+    space = load_space("tiny")
+    gpu = SweepOptions(trainer="train", use_gpu=True)
+    assert _workers_per_trial(gpu, space) == 1
+    assert _max_concurrent(gpu, space, {"CPU": 16, "GPU": 4}) == 4
+    assert _workers_per_trial(SweepOptions(trainer="train", use_gpu=True, workers_per_trial=2), space) == 2
+    assert _workers_per_trial(SweepOptions(trainer="train"), space) == 2
+    gpu_space = load_space("finetune-gpu")
+    assert gpu_space.resources.get("gpu") and _workers_per_trial(SweepOptions(trainer="train"), gpu_space) == 1
+    with pytest.raises(ConfigError, match="--workers-per-trial"):
+        _workers_per_trial(SweepOptions(trainer="train", workers_per_trial=-1), space)
 
 
 def test_nested_trainer_mode_never_uses_asha() -> None:

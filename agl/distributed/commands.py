@@ -39,7 +39,9 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trainer", choices=("function", "train"), default="function",
                    help="function: fit() in-process per trial (ASHA allowed); train: a TorchTrainer per trial "
                         "(data parallel, FIFO + in-loop early stopping)")
-    p.add_argument("--workers-per-trial", type=int, default=2, help="TorchTrainer workers per trial (--trainer train)")
+    p.add_argument("--workers-per-trial", type=int, default=None,
+                   help="TorchTrainer workers per trial (--trainer train; default 1 with GPUs, so a trial's workers "
+                        "never span two 1-GPU nodes, else 2)")
     p.add_argument("--use-gpu", action="store_true", help="GPU workers (--trainer train)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what fits)")
     p.add_argument("--storage-path", default=None,

@@ -116,6 +116,8 @@ def agl_cv_trial(config: dict[str, Any], *, space: Any, store_path: str, threads
     from ray import tune
 
     from agl.data.store import open_store
+    from agl.distributed.results import diverged_report
+    from agl.errors import NonFiniteLossError
     from agl.service import run_config
     from agl.training.loop import TrainConfig
 
@@ -137,8 +139,12 @@ def agl_cv_trial(config: dict[str, Any], *, space: Any, store_path: str, threads
             if name in done:
                 continue  # restored trial: this fold is in the checkpoint
             shared = base.with_roles(fold, cfg.val_outer_fraction) if base is not None else None
-            run = run_config(cfg, store, space.split, rank=0, world_size=1, roles=fold, bundle=shared,
-                             record_to=work / FOLDS_DIR / name, record_split=name, copy_checkpoint=True)
+            try:
+                run = run_config(cfg, store, space.split, rank=0, world_size=1, roles=fold, bundle=shared,
+                                 record_to=work / FOLDS_DIR / name, record_split=name, copy_checkpoint=True)
+            except NonFiniteLossError as err:  # ends the trial, failed, without a retry
+                tune.report({**diverged_report(err, space.metric), "fold": name})
+                return
             base = base if base is not None else run.data
             summary = run.record
             done[name] = summary["metrics"]
@@ -177,4 +183,57 @@ def refit(space: Any, config: Mapping[str, Any], store_path: str, dest: str | Pa
     return summary
 
 
-__all__ = ["CV_JSON", "agl_cv_trial", "consensus_genes", "fold_roles", "mean_se", "refit", "summarise"]
+def _refit_task(space: Any, config: Mapping[str, Any], store_spec: str, threads: int | None) -> dict[str, Any]:
+    """The body of the refit's Ray task: :func:`refit` on this node's copy of the store; the champion folder
+    comes back as a tar archive (the driver's node may share no disk with this one)."""
+    import io
+    import os
+    import tarfile
+
+    import ray
+
+    work = Path(tempfile.mkdtemp(prefix="agl-refit-task-"))
+    try:
+        summary = refit(space, config, node_store(store_spec), work / "champion", threads=threads)
+        archive = io.BytesIO()
+        with tarfile.open(fileobj=archive, mode="w") as tar:
+            tar.add(work / "champion", arcname=".")
+        return {"summary": summary, "archive": archive.getvalue(),
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def remote_refit(space: Any, config: Mapping[str, Any], store_spec: str, dest: str | Path,
+                 resources: Mapping[str, float], threads: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`refit` as a Ray task that holds a trial's ``resources`` (``cpu``, ``gpu`` and custom ones), so it
+    runs where trials run, never on a head without CPUs; writes ``dest`` on this (the driver's) node as
+    :func:`refit` does and returns (its summary, where it ran: node id and process id).
+
+    An error in the task is raised here as itself (Ray's wrapper removed), as an in-process refit would."""
+    import io
+    import tarfile
+
+    import ray
+    from ray.exceptions import RayTaskError
+
+    custom = {k: float(v) for k, v in resources.items() if k not in ("cpu", "gpu")}
+    task = ray.remote(num_cpus=float(resources.get("cpu", 1)), num_gpus=float(resources.get("gpu", 0)),
+                      resources=custom or None, max_retries=0)(_refit_task)
+    try:
+        found = ray.get(task.remote(space, dict(config), store_spec, threads))
+    except RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        raise (cause if isinstance(cause, Exception) else err) from None
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(found["archive"]), mode="r") as tar:
+        tar.extractall(tmp, filter="data")  # refuses links and paths outside tmp
+    shutil.rmtree(dest, ignore_errors=True)  # a previous refit of the same sweep (resume)
+    tmp.rename(dest)
+    return found["summary"], {"node_id": found["node_id"], "pid": found["pid"]}
+
+
+__all__ = ["CV_JSON", "agl_cv_trial", "consensus_genes", "fold_roles", "mean_se", "refit", "remote_refit", "summarise"]

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import pandas as pd
 
 from agl.distributed.spaces import SearchSpace
@@ -54,6 +55,33 @@ def dataset_ref(store_path: str | Path, split: str) -> Any:
                                "slides": list(store.manifest.get("slides", {}))})
 
 
+DIVERGED = "diverged"   # the last report of a trial whose loss went non-finite (see diverged_report)
+
+
+def diverged_report(err: Exception, metric: str) -> dict[str, Any]:
+    """The last report of a trial that met a NonFiniteLossError: it ends there, without a retry (the same
+    configuration diverges again; Tune's retries are for lost nodes), and the searcher records it as failed
+    (``metric`` NaN, ``diverged``), the tracker as FAILED with ``error``."""
+    return {metric: math.nan, DIVERGED: True, "error": f"{type(err).__name__}: {err}"[:1000], "final": False}
+
+
+def is_diverged(metrics: Mapping[str, Any]) -> bool:
+    """True for a trial whose last report is :func:`diverged_report`'s (numpy True as read back from Tune)."""
+    value = metrics.get(DIVERGED)
+    return isinstance(value, (bool, np.bool_)) and bool(value)
+
+
+def trial_error(result: Any) -> str:
+    """Why a trial failed: its diverged report's message, or the last line of the exception Tune kept; "" else."""
+    metrics = dict(result.metrics or {})
+    if is_diverged(metrics):
+        return str(metrics.get("error", ""))
+    if result.error is not None:
+        lines = [line for line in str(result.error).splitlines() if line.strip()]
+        return (lines[-1] if lines else type(result.error).__name__)[:1000]
+    return ""
+
+
 def trial_id_of(result: Any) -> str:
     metrics = dict(result.metrics or {})
     return str(metrics.get("trial_id") or (Path(result.path).name if result.path else ""))
@@ -78,8 +106,9 @@ def summary_table(grid: Any, space: SearchSpace, runs: Mapping[str, str] | None 
         metrics = dict(result.metrics or {})
         config = dict(result.config or {})
         trial_id = trial_id_of(result)
-        status = "error" if result.error else ("finished" if metrics.get("final") else "stopped")
-        row = {"trial_id": trial_id, "status": status,
+        status = ("error" if result.error else DIVERGED if is_diverged(metrics)
+                  else "finished" if metrics.get("final") else "stopped")
+        row = {"trial_id": trial_id, "status": status, "error": trial_error(result),
                **{f"param.{k}": config.get(k) for k in space.params},
                "val_pcc": metrics.get("best_val_pcc", metrics.get("cv_val_pcc", metrics.get("val_pcc", math.nan))),
                "test_pcc": metrics.get("test_pcc", math.nan), "test_scc": metrics.get("test_scc", math.nan),
@@ -239,6 +268,9 @@ def format_table(table: pd.DataFrame, best: Mapping[str, Any] | None, space: Sea
            ([key, f"{key}_se", "folds_done"] if key != "val_pcc" else ["val_pcc", "test_pcc"]) + ["final_k", "epochs_run"]
     view = table[[c for c in cols if c in table.columns]].rename(columns=lambda c: c.removeprefix("param."))
     text = view.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")
+    if "error" in table:  # why each failed trial failed (a diverged one: its NonFiniteLossError)
+        for _, row in table[table["error"].fillna("").astype(str) != ""].iterrows():
+            text += f"\n{row['trial_id']} {row['status']}: {str(row['error'])[:300]}"
     if space is not None:
         methods = by_method(table, space)
         if len(methods):

@@ -9,6 +9,8 @@
   together with nothing to learn from, so at least that many are random. Pinned (``start_with``)
   and warm-start trials are enqueued and do not count as random start-up: Optuna's
   ``n_startup_trials`` counts every finished trial, so it is set to enqueued + random.
+- A trial whose loss went non-finite ends with a ``diverged`` report (no retry) and is told to Optuna
+  as ``FAIL`` once, its message in the user attribute ``error``.
 - Trials that the scheduler (ASHA) stops are told to Optuna as ``PRUNED`` with the value of their
   last report as an intermediate value (Ray's ``OptunaSearch`` would record them ``COMPLETE``,
   scored on the folds they had done); a trial is finished only when its last report says ``final``.
@@ -67,6 +69,15 @@ class PruningOptunaSearch(_optuna_search_base()):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         from optuna.trial import TrialState
 
+        from agl.distributed.results import is_diverged
+
+        if result and is_diverged(result) and trial_id not in self._completed_trials:
+            # its loss went non-finite: FAIL, once (Ray's own would tell COMPLETE with NaN, which Optuna refuses)
+            trial = self._ot_trials[trial_id]
+            trial.set_user_attr("error", str(result.get("error", ""))[:1000])
+            self._ot_study.tell(trial, state=TrialState.FAIL)
+            self._completed_trials.add(trial_id)
+            return
         if error or not result or result.get("final") or trial_id in self._completed_trials:
             super().on_trial_complete(trial_id, result=result, error=error)
             return

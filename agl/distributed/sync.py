@@ -25,8 +25,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from agl.distributed.results import (SWEEP_JSON, best_trial, join_path, summary_table, sweep_complete, trial_config,
-                                     trial_run_name, write_table)
+from agl.distributed.results import (SWEEP_JSON, best_trial, is_diverged, join_path, summary_table, sweep_complete,
+                                     trial_config, trial_error, trial_run_name, write_table)
 from agl.errors import ConfigError
 from agl.fileio import atomic_write_json
 from agl.tracking import FAILED, FINISHED, STOPPED, TERMINAL, Tracker
@@ -109,6 +109,7 @@ class TrialView:
     final: bool                         # the trial reported its final metrics and run folder
     failed: bool
     checkpoint: Any                     # ray.tune.Checkpoint of the run folder, or None
+    error: str = ""                     # why it failed (a diverged trial's NonFiniteLossError, Tune's error)
 
     @classmethod
     def from_result(cls, result: Any) -> "TrialView":
@@ -123,7 +124,8 @@ class TrialView:
         # a cross-validated trial's checkpoint is its run folder after every fold, stopped or not
         keep = final or "folds_done" in metrics
         return cls(trial_id=str(trial_id), config=dict(result.config or {}), rows=rows, final=final,
-                   failed=result.error is not None, checkpoint=checkpoint if keep else None)
+                   failed=result.error is not None or is_diverged(metrics), checkpoint=checkpoint if keep else None,
+                   error=trial_error(result))
 
 
 @dataclass
@@ -188,7 +190,7 @@ def reconcile(tracker: Tracker, experiment_id: str, parent_run_id: str, trials: 
         report.epochs_logged += sent
         report.folders_logged += int(folder)
         if status is not None:
-            tracker.end_trial(run_id, None, status)
+            tracker.end_trial(run_id, None, status, tags={"error": trial.error[:4000]} if trial.error else None)
             report.closed += 1
     return report
 

@@ -104,6 +104,8 @@ def train_func(config: dict[str, Any]) -> None:
     import ray.train
 
     from agl import runs
+    from agl.distributed.results import diverged_report
+    from agl.errors import NonFiniteLossError
     from agl.service import run_config
 
     ctx = ray.train.get_context()
@@ -123,10 +125,15 @@ def train_func(config: dict[str, Any]) -> None:
                 resumed_from = int(json.loads((Path(resume_from) / "state.json").read_text()).get("next_epoch", 0))
                 log.info("rank %d resumes from %s (epoch %d)", rank, previous.path, resumed_from)
             # this node's copy of the store (workers may run on nodes that share no files with the driver)
-            run = run_config(config["train"], node_store(config["store"]), config["split"],
-                             threads=int(config.get("threads", 1)), rank=rank, world_size=world, wrap_data=shard if config.get("data", "bundle") == "ray_data"
-                             else None, reporter=RayReporter({"resumed_from_epoch": resumed_from}),
-                             resume_from=resume_from, out_dir=work)
+            try:
+                run = run_config(config["train"], node_store(config["store"]), config["split"],
+                                 threads=int(config.get("threads", 1)), rank=rank, world_size=world,
+                                 wrap_data=shard if config.get("data", "bundle") == "ray_data" else None,
+                                 reporter=RayReporter({"resumed_from_epoch": resumed_from}),
+                                 resume_from=resume_from, out_dir=work)
+            except NonFiniteLossError as err:  # every rank stops on it together: end the run, no restart
+                ray.train.report(diverged_report(err, "val_pcc"))
+                return
             result, base = run.result, run.data
         final_metrics: dict[str, Any] = {"final": True, "resumed_from_epoch": resumed_from}
         checkpoint = None

@@ -34,14 +34,15 @@ import pandas as pd
 
 from agl import runs, tracking
 from agl.distributed.results import (SUMMARY_MD, SWEEP_JSON, TABLE_CSV, TABLE_PNG, best_trial, compare_with_pgl,
-                                     dataset_ref, format_table, join_path, summary_table, sweep_complete,
-                                     trial_config, trial_id_of, trial_run_name, write_table)
+                                     dataset_ref, diverged_report, format_table, is_diverged, join_path,
+                                     summary_table, sweep_complete, trial_config, trial_id_of, trial_run_name,
+                                     write_table)
 from agl.distributed.spaces import SearchSpace, load_space, resolve_space_path
 from agl.distributed.storage import (check_storage_path, fetch_from_storage, is_uri, mirror_to_storage, node_store,
                                      prepare_nodes, state_uri, trial_nodes, trial_store_spec)
 from agl.distributed.sync import (PENDING_FILE, example_patch, final_checkpoint, finish_tracking, log_refit,
                                   mark_pending, relocate, report_step, sync_command)
-from agl.errors import ConfigError, OutputExistsError
+from agl.errors import ConfigError, NonFiniteLossError, OutputExistsError
 from agl.fileio import atomic_write_json, check_output_folder, write_output_marker
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class SweepOptions:
     model_name: str = tracking.DEFAULT_MODEL_NAME
     resume: bool = False
     trainer: str = "function"
-    workers_per_trial: int = 2             # trainer="train" only
+    workers_per_trial: int | None = None   # trainer="train" only; None: 1 with GPUs (one node per trial), else 2
     use_gpu: bool = False                  # trainer="train" only (function trials use resources.gpu)
     max_concurrent: int | None = None
     storage_path: str | None = None        # None: <out>/ray (use s3:// or a shared mount on a cluster)
@@ -130,9 +131,14 @@ def agl_trial(config: dict[str, Any], *, space: SearchSpace, store_path: str, th
         final = work / "final"
         with (previous.as_directory() if previous else nullcontext(None)) as resume_from:
             # this node's copy of the store: the demo built here, a store URI staged here, else the same path
-            run = run_config(space.train_config(config), node_store(store_path), space.split, source=space.source,
-                             threads=threads, rank=0, world_size=1, reporter=TuneReporter(checkpoint_every),
-                             resume_from=resume_from, out_dir=work, record_to=final, copy_checkpoint=True)
+            try:
+                run = run_config(space.train_config(config), node_store(store_path), space.split,
+                                 source=space.source, threads=threads, rank=0, world_size=1,
+                                 reporter=TuneReporter(checkpoint_every), resume_from=resume_from, out_dir=work,
+                                 record_to=final, copy_checkpoint=True)
+            except NonFiniteLossError as err:  # ends the trial, failed, without a retry
+                tune.report(diverged_report(err, space.metric))
+                return
         result, summary = run.result, run.record
         # val_pcc: the single-split objective, the best epoch's (Tune checks every report has it)
         tune.report({**summary["metrics"], "val_pcc": result.best_val_pcc, "epoch": result.epochs_run - 1, "final": True,
@@ -284,6 +290,9 @@ class TrackingCallback(_callback_base()):
         run_id = self.run_id(trial)
         last = trial.last_result or {}
         finished = bool(last.get("final"))
+        if is_diverged(last):  # ended by its own NonFiniteLossError: failed, with the message
+            self.tracker.end_trial(run_id, None, tracking.FAILED, tags={"error": str(last.get("error", ""))[:4000]})
+            return
         status = tracking.FAILED if failed else (tracking.FINISHED if finished else tracking.STOPPED)
         # a cross-validated trial's folder (gene set, k, fold metrics) is logged even when stopped early
         keep = finished or "folds_done" in last
@@ -368,16 +377,20 @@ def _trainable(opts: SweepOptions, space: SearchSpace, store_path: str, storage_
         every = {} if space.cv is not None else {"checkpoint_every": _checkpoint_every(opts, storage_path)}
         body = tune.with_parameters(agl_cv_trial if space.cv is not None else agl_trial, space=space,
                                     store_path=store_path, threads=_trial_threads(opts, space), **every)
-        resources = {"cpu": space.resources.get("cpu", 1), "gpu": space.resources.get("gpu", 0),
-                     **opts.trial_resources}
+        resources = _trial_resources(opts, space)
     else:
         body = tune.with_parameters(agl_train_trial, space=space, store_path=store_path,
-                                    workers=opts.workers_per_trial, use_gpu=_trial_gpus(opts, space),
+                                    workers=_workers_per_trial(opts, space), use_gpu=_trial_gpus(opts, space),
                                     storage_path=storage_path)
         # the trial only drives its TorchTrainer, whose workers hold the real resources
         # (Tune cannot place an empty resource request, hence a sliver of a CPU)
         resources = {"cpu": 0.1, **opts.trial_resources}
     return tune.with_resources(body, resources)
+
+
+def _trial_resources(opts: SweepOptions, space: SearchSpace) -> dict[str, float]:
+    """What a function trial (and the champion's refit) reserves: the space's cpu/gpu and ``--trial-resource``."""
+    return {"cpu": space.resources.get("cpu", 1), "gpu": space.resources.get("gpu", 0), **opts.trial_resources}
 
 
 def _trial_threads(opts: SweepOptions, space: SearchSpace) -> int:
@@ -422,13 +435,25 @@ def _max_concurrent(opts: SweepOptions, space: SearchSpace, resources: Mapping[s
         return space.num_samples
     cpus = max(1.0, float(resources.get("CPU", 1)))
     if opts.trainer == "train":
-        per_trial = opts.workers_per_trial * 1.0 + 1.0  # workers + the Train controller
+        workers = _workers_per_trial(opts, space)
+        per_trial = workers * 1.0 + 1.0  # workers + the Train controller
         if _trial_gpus(opts, space):
-            return max(1, int(float(resources.get("GPU", 0)) // max(1, opts.workers_per_trial)))
+            return max(1, int(float(resources.get("GPU", 0)) // max(1, workers)))
         return max(1, int(cpus // per_trial))
     if space.resources.get("gpu"):
         return max(1, int(float(resources.get("GPU", 0)) // space.resources["gpu"]))
     return max(1, int(cpus // max(space.resources.get("cpu", 1), 1e-9)))
+
+
+def _workers_per_trial(opts: SweepOptions, space: SearchSpace) -> int:
+    """TorchTrainer workers per ``--trainer train`` trial: as given, else 1 on GPUs (cloud GPU nodes have one GPU
+    each, so a second worker would sit on another node, maybe in another zone, all-reducing over its network),
+    else 2 (CPU data parallel on one machine)."""
+    if opts.workers_per_trial is not None:
+        if opts.workers_per_trial < 0:
+            raise ConfigError("--workers-per-trial", f"must be >= 0 (0: in-process), got {opts.workers_per_trial}")
+        return opts.workers_per_trial
+    return 1 if _trial_gpus(opts, space) else 2
 
 
 def _trial_gpus(opts: SweepOptions, space: SearchSpace) -> bool:
@@ -458,6 +483,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
         raise ConfigError("--searcher", f"must be tpe or random, got {opts.searcher!r}")
     if opts.consensus_top < 1:
         raise ConfigError("--consensus-top", f"must be >= 1, got {opts.consensus_top}")
+    _workers_per_trial(opts, space)  # a bad --workers-per-trial fails before anything is written
     out = Path(opts.out).resolve()
     # a sweep resumes in --out: an earlier sweep is left to the --resume check below, anything else refused
     check_output_folder(out, "tune", inputs=[space.source] + ([] if is_uri(opts.store) else [store_path(opts.store)]),
@@ -548,8 +574,8 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     complete = sweep_complete(grid, space)
     refit_run = None
     if complete and space.cv is not None:
-        refit_run = _refit_champion(grid, space, store_path, out, tracker, experiment_id, parent_run_id,
-                                    _trial_threads(opts, space), dataset)
+        refit_run = _refit_champion(grid, space, trial_store, out, tracker, experiment_id, parent_run_id,
+                                    _trial_threads(opts, space), _trial_resources(opts, space), dataset)
         if refit_run is not None:  # kept in sweep.json, so that `agl tune-sync` registers this champion
             state = json.loads(state_file.read_text())
             atomic_write_json(state_file, {**state, "champion": {k: v for k, v in refit_run.items() if k != "run_id"}},
@@ -620,12 +646,16 @@ def _fold_names(store_path: str, space: SearchSpace) -> list[str]:
     return list(fold_roles(open_store(store_path), space))
 
 
-def _refit_champion(grid: Any, space: SearchSpace, store_path: str, out: Path, tracker: tracking.Tracker,
-                    experiment_id: str, parent_run_id: str, threads: int,
+def _refit_champion(grid: Any, space: SearchSpace, store_spec: str, out: Path, tracker: tracking.Tracker,
+                    experiment_id: str, parent_run_id: str, threads: int, resources: Mapping[str, float],
                     dataset: tracking.DatasetRef | None = None) -> dict[str, Any] | None:
     """Refit the best cross-validated configuration on every non-test spot (OUT/champion), score it
-    once on the test part and log it as the sweep's ``refit`` child run; returns that record."""
-    from agl.distributed.cv import refit
+    once on the test part and log it as the sweep's ``refit`` child run; returns that record.
+
+    The refit is a Ray task with a trial's ``resources`` (:func:`agl.distributed.cv.remote_refit`): it runs
+    where trials run (a GPU node, the nodes of ``--trial-resource``), not on the head's CPU; ``store_spec``
+    is located on that node as a trial locates it."""
+    from agl.distributed.cv import remote_refit
 
     table = summary_table(grid, space)
     best = best_trial(table, space)
@@ -636,7 +666,8 @@ def _refit_champion(grid: Any, space: SearchSpace, store_path: str, out: Path, t
     dest = out / CHAMPION_DIR
     summary = runs.read_record(dest)
     if summary is None or summary.get("refit_of") != best["trial_id"]:
-        summary = refit(space, config, store_path, dest, threads=threads)
+        summary, ran_on = remote_refit(space, config, store_spec, dest, resources, threads=threads)
+        log.info("refit of %s ran on node %s (pid %s)", best["trial_id"], ran_on["node_id"], ran_on["pid"])
         summary = runs.write_record(dest, {**summary, "refit_of": best["trial_id"], "split": space.split})
     record = {"trial_id": best["trial_id"], "folder": str(dest), "metrics": summary["metrics"], "run_id": None,
               "config": config}
