@@ -73,7 +73,7 @@ def main() -> int:
                      "uploaded_bytes_estimate": int(uploaded * sum(s[0] for s in sizes) / max(1, len(sizes)))})
     mlflow = []
     # MLflow puts a run's files at <experiment artifact location>/<run id>/artifacts
-    for run in sorted(p for p in (work / "sweep" / "mlartifacts").rglob("artifacts") if p.is_dir()):
+    for run in sorted((work / "sweep" / "mlartifacts").glob("*/artifacts")):
         row = {"run": run.parent.name}
         for part in ("checkpoint", "model"):
             total, optimiser = folder_bytes(run / part) if (run / part).is_dir() else (0, 0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -101,6 +102,7 @@ def run_one(mode: str, trials: int, epochs: int) -> dict:
     wall = time.perf_counter() - started
     stop.set()
     thread.join()
+    shutil.rmtree(work, ignore_errors=True)
     done = [(a, b) for a, b in steps if b == b]
     return {"mode": mode, "trials": len(summary.table), "epochs": epochs, "wall_s": round(wall, 1),
             "step_duration": stats([b - a for a, b in done]),
