@@ -258,6 +258,26 @@ def test_cross_validated_sweep_refits_the_champion(ray_local, demo_store: Path, 
     assert "PGL trial" in text and ("beyond the fold noise" in text or "within the fold noise" in text)
 
 
+def test_the_refit_is_a_ray_task_whose_errors_come_back_as_themselves(ray_local, demo_store: Path,
+                                                                       tmp_path: Path) -> None:
+    """remote_refit trains in a Ray worker (not the driver's process) holding a trial's resources and writes the
+    champion folder on the driver's side; an agl error in the task is raised as that error, nothing written."""
+    from agl.distributed.cv import remote_refit
+    from agl.errors import DataError
+
+    space = load_space("tiny")
+    config = {"method": "topk", "k": 32, "lr": 1e-3}
+    summary, ran_on = remote_refit(space, config, str(demo_store), tmp_path / "champion", {"cpu": 1}, threads=1)
+    assert ran_on["pid"] != os.getpid()
+    files = {p.name for p in (tmp_path / "champion").iterdir()}
+    assert {"best.safetensors", "optimizer.safetensors", "gene_set.csv", "result.json"} <= files
+    assert json.loads((tmp_path / "champion" / "result.json").read_text())["metrics"] == summary["metrics"]
+    assert -1 < summary["metrics"]["test_pcc"] < 1
+    with pytest.raises(DataError, match="not an agl store"):
+        remote_refit(space, config, str(tmp_path / "no-store"), tmp_path / "other", {"cpu": 1})
+    assert not (tmp_path / "other").exists() and not (tmp_path / "other.partial").exists()
+
+
 def test_pgl_comparison_is_a_paired_t_test() -> None:
     from scipy import stats
 
