@@ -59,12 +59,12 @@ class MlflowServer:
                     raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
                 time.sleep(0.5)
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 30) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
         os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its own workers, by our process group id
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()

@@ -182,11 +182,15 @@ def cluster(small_store: Path, tmp_path_factory: pytest.TempPathFactory):
     worker_temp = f"/tmp/aglmn-w-{secrets.token_hex(4)}"                # inside the worker's own /tmp
     bucket = s3.bucket(BUCKET)
     mlflow_server = MlflowServer(root / "mlflow", artifacts=f"{bucket}/mlartifacts", env=s3.env).launch()
+    workers: list[subprocess.Popen] = []  # reaped at the end (an unreaped child stays a zombie)
     try:
         port = free_port()
         address = f"127.0.0.1:{port}"
         env = {**os.environ, **s3.env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
-               "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # this cluster's own token
+               "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),  # this cluster's own token
+               # Ray's memory monitor kills trials when the machine's memory is 95% used: here that is mostly
+               # other users' memory (a shared 24 GB machine), which would fail the test for nothing it checks
+               "RAY_memory_monitor_refresh_ms": "0"}
         env.pop("RAY_ADDRESS", None)
         head = _start_head(port, env, head_temp)
         # meanwhile: the store (with its feature cache) goes to the bucket
@@ -207,6 +211,7 @@ def cluster(small_store: Path, tmp_path_factory: pytest.TempPathFactory):
         nodes: dict[str, str] = {}
         for attempt in range(3):
             worker = _start_worker(address, env, worker_temp, root / "worker.log")
+            workers.append(worker)
             waiter = _node_waiter(address, env, 2)
             while waiter.poll() is None and worker.poll() is None:
                 time.sleep(1)
@@ -229,7 +234,10 @@ def cluster(small_store: Path, tmp_path_factory: pytest.TempPathFactory):
                       store=f"{bucket}/stores/small", phases=phases, logs=root)
     finally:
         stop_pids(pids_with(str(head_temp)) + pids_with(worker_temp))
-        mlflow_server.stop()
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+        mlflow_server.stop(grace_s=5)  # its database is not used after the test
         s3.stop()
         shutil.rmtree(head_temp, ignore_errors=True)
         for key, value in saved_env.items():

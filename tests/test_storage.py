@@ -192,7 +192,9 @@ def test_a_resume_takes_the_sweeps_own_settings(tmp_path: Path) -> None:
     started = SweepOptions(space="tiny", store="s3://b/stores/small", num_samples=3, trial_resources={"node": 1.0},
                            checkpoint_every=2, model_name="m", out="/gone/head-sweep")
     state = {"options": json.loads(json.dumps(asdict(started)))}
-    fresh = resumed_options(SweepOptions(out=str(out), resume=True, storage_path="s3://b/sweeps"), state, out)
+    # (store="demo": the command line's default, as launch/tune.py passes it)
+    fresh = resumed_options(SweepOptions(out=str(out), resume=True, storage_path="s3://b/sweeps", store="demo"),
+                            state, out)
     assert (fresh.store, fresh.num_samples, fresh.trial_resources, fresh.checkpoint_every, fresh.model_name) == (
         "s3://b/stores/small", 3, {"node": 1.0}, 2, "m")
     assert (fresh.space, fresh.out, fresh.storage_path) == (str(out / "space.yaml"), str(out), "s3://b/sweeps")

@@ -455,7 +455,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     out = Path(opts.out).resolve()
     # a sweep resumes in --out: an earlier sweep is left to the --resume check below, anything else refused
     # (a --resume without --store takes the sweep's own store, never the demo built here just for this check)
-    local_store = not is_uri(opts.store) and not (opts.resume and opts.store is None)
+    local_store = not is_uri(opts.store) and not (opts.resume and _unset(opts, "store"))
     check_output_folder(out, "tune", inputs=[space.source] + ([store_path(opts.store)] if local_store else []),
                         reuse=True)
     warm_points, warm_source = _warm_start(opts, space)  # a bad --warm-start-from fails before anything is written
@@ -549,7 +549,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     grid = tuner.fit()
     wall = time.perf_counter() - started
     # interrupted (Ctrl-C / SIGINT): Tune saved its state; keep the parent run open for --resume
-    complete = sweep_complete(grid, space)
+    grid, complete = _interrupted_as_saved(grid, space, exp_path)
     refit_run = None
     if complete and space.cv is not None:
         refit_run = _refit_champion(grid, space, store_path, out, tracker, experiment_id, parent_run_id,
@@ -579,6 +579,25 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                         complete=complete, tracking_pending=(out / PENDING_FILE).is_file(), champion=refit_run,
                         text=format_table(table, best, space, refit_run),
                         consensus={k: v for k, v in consensus.items() if k != "table"} if consensus else None)
+
+
+def _interrupted_as_saved(grid: Any, space: SearchSpace, exp_path: str) -> tuple[Any, bool]:
+    """(the sweep's results, whether every trial ended), with the trial states Tune saved to the storage path.
+
+    After Ctrl-C, Tune saves the experiment, then stops its pending and running trials, which the grid it returns
+    reports as TERMINATED: an interrupted sweep whose trials had all been created would pass for a complete one
+    (champion registered from a partial search, parent run closed, exit 0). The saved state still says PENDING or
+    RUNNING for them, and a resume runs them."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    if not sweep_complete(grid, space):
+        return grid, False
+    try:
+        saved = ResultGrid(ExperimentAnalysis(exp_path, default_metric=space.metric, default_mode=space.mode))
+    except Exception as err:  # Tune's own errors reading its state back; the sweep's results are in the grid
+        log.warning("could not read the sweep's saved state back from %s (%s); taking it as complete", exp_path, err)
+        return grid, True
+    return (grid, True) if sweep_complete(saved, space) else (saved, False)
 
 
 def _retarget_tracking(tuner: Any, tracker: tracking.Tracker, out: Path) -> None:
@@ -617,7 +636,7 @@ def resumed_options(opts: SweepOptions, state: Mapping[str, Any], out: Path) -> 
     """``opts`` of a ``--resume``, completed from the sweep's own (``sweep.json``'s "options"), so that a fresh head
     needs only ``--storage-path`` (and ``--name``) to continue it; a setting given with another value than the
     sweep's own is refused (ConfigError naming the flag), as the restored trials and searcher could not follow it."""
-    saved, defaults = state.get("options") or {}, SweepOptions()
+    saved = state.get("options") or {}
     changes: dict[str, Any] = {}
     copy = out / SPACE_COPY
     for key, flag in FIXED_ON_RESUME.items():
@@ -625,19 +644,26 @@ def resumed_options(opts: SweepOptions, state: Mapping[str, Any], out: Path) -> 
             continue
         given, own = getattr(opts, key), saved[key]
         same = (_same_space(given, str(copy) if copy.is_file() else own) if key == "space" else given == own)
-        if not same and given != getattr(defaults, key):
+        if not same and not _unset(opts, key):
             raise ConfigError(flag, f"{given!r} is not this sweep's own {own!r} (in {out / SWEEP_JSON}): a resumed "
                                     f"sweep keeps its settings; leave the flag out, or start a new sweep with "
                                     f"another --out")
         changes[key] = own
-    changes.update({key: saved[key] for key in KEPT_ON_RESUME
-                    if key in saved and getattr(opts, key) == getattr(defaults, key)})
+    changes.update({key: saved[key] for key in KEPT_ON_RESUME if key in saved and _unset(opts, key)})
     if copy.is_file():  # the file as the sweep started, wherever (and however changed) the original is now
         changes["space"] = str(copy)
     taken = {k: v for k, v in changes.items() if v != getattr(opts, k)}
     if taken:
         log.info("resume: the sweep's own settings %s", ", ".join(f"{k}={v}" for k, v in taken.items()))
     return dataclasses.replace(opts, **changes)
+
+
+def _unset(opts: SweepOptions, key: str) -> bool:
+    """Whether ``opts.key`` is its default, i.e. not given (``--store`` defaults to ``demo`` on the command line)."""
+    from agl.data.locate import DEMO
+
+    value = getattr(opts, key)
+    return value == getattr(SweepOptions(), key) or (key == "store" and value == DEMO)
 
 
 def _same_space(given: str, own: str) -> bool:
