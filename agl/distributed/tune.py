@@ -566,8 +566,10 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                                 tracked=problem is None) if complete else None
     mirror_to_storage(out, storage_path, opts.name, [SWEEP_JSON, TABLE_CSV, TABLE_PNG, SUMMARY_MD, CHAMPION_DIR])
     if not complete:
-        log.warning("sweep %s interrupted after %d of %d trials; continue it with --resume (same --out)",
-                    opts.name, grid.num_terminated + grid.num_errors, space.num_samples)
+        elsewhere = (f"; on another head: --resume --storage-path {storage_path} --name {opts.name}"
+                     if is_uri(storage_path) else "")
+        log.warning("sweep %s interrupted after %d of %d trials; continue it with --resume (same --out%s)",
+                    opts.name, grid.num_terminated + grid.num_errors, space.num_samples, elsewhere)
     log.info("sweep %s: %d trials in %.0f s (%.1f trials/h)", opts.name, len(table), wall,
              len(table) / max(wall, 1e-9) * 3600)
     if owns_ray:
