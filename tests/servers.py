@@ -32,6 +32,10 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 120) -> "MlflowServer":
+        return self.launch().ready(timeout_s)
+
+    def launch(self) -> "MlflowServer":
+        """Start the server without waiting for it (:meth:`ready` waits): other set-up can run meanwhile."""
         exe = Path(sys.executable).with_name("mlflow")
         self.root.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
@@ -40,6 +44,10 @@ class MlflowServer:
              "--artifacts-destination", self.artifacts],
             stdout=subprocess.DEVNULL, stderr=open(self.root / "server.log", "ab"), start_new_session=True,
             env={**os.environ, **self.env})
+        return self
+
+    def ready(self, timeout_s: float = 120) -> "MlflowServer":
+        """Wait until the launched server answers /health; stop it and raise if it does not in time."""
         deadline = time.time() + timeout_s
         while True:
             try:
@@ -51,12 +59,12 @@ class MlflowServer:
                     raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
                 time.sleep(0.5)
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 30) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
         os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its own workers, by our process group id
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()

@@ -53,6 +53,14 @@ def pids_with(marker: str) -> list[int]:
     return found
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not ended (a zombie waiting for its parent's wait() has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def stop_pids(pids: list[int]) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
@@ -61,7 +69,7 @@ def stop_pids(pids: list[int]) -> None:
             except ProcessLookupError:
                 pass
         deadline = time.time() + 15
-        while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        while time.time() < deadline and any(_running(p) for p in pids):
             time.sleep(0.3)
 
 

@@ -175,6 +175,39 @@ def test_a_resume_that_cannot_restore_is_an_error(s3: MotoServer, small_store: P
     assert json.loads((out / "sweep.json").read_text())["parent_run_id"] == "p"  # not replaced by a new sweep
 
 
+@pytest.mark.reliability(kind="bad input", case="--resume on a fresh head with only --storage-path, or with a "
+                                                "--space / --num-samples other than the sweep's own",
+                         outcome="without the flags the sweep's own settings (space file as it started, store, trial "
+                                 "resources, checkpoint interval) are used; another value is refused naming the flag "
+                                 "and the sweep's own value")
+def test_a_resume_takes_the_sweeps_own_settings(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from agl.distributed.spaces import SPACES_DIR
+    from agl.distributed.tune import SweepOptions, resumed_options
+
+    out = tmp_path / "new-head"
+    out.mkdir()
+    (out / "space.yaml").write_text((SPACES_DIR / "tiny.yaml").read_text())  # the copy fetched from the bucket
+    started = SweepOptions(space="tiny", store="s3://b/stores/small", num_samples=3, trial_resources={"node": 1.0},
+                           checkpoint_every=2, model_name="m", out="/gone/head-sweep")
+    state = {"options": json.loads(json.dumps(asdict(started)))}
+    # (store="demo": the command line's default, as launch/tune.py passes it)
+    fresh = resumed_options(SweepOptions(out=str(out), resume=True, storage_path="s3://b/sweeps", store="demo"),
+                            state, out)
+    assert (fresh.store, fresh.num_samples, fresh.trial_resources, fresh.checkpoint_every, fresh.model_name) == (
+        "s3://b/stores/small", 3, {"node": 1.0}, 2, "m")
+    assert (fresh.space, fresh.out, fresh.storage_path) == (str(out / "space.yaml"), str(out), "s3://b/sweeps")
+    # the same settings given again are fine (the space compared by content), a store that moved is taken
+    again = resumed_options(SweepOptions(space=str(SPACES_DIR / "tiny.yaml"), num_samples=3, store="/here/small",
+                                         resume=True), state, out)
+    assert again.store == "/here/small" and again.space == str(out / "space.yaml")
+    with pytest.raises(ConfigError, match=r"--space: 'large' is not this sweep's own 'tiny' .*leave the flag out"):
+        resumed_options(SweepOptions(space="large", resume=True), state, out)
+    with pytest.raises(ConfigError, match=r"--num-samples: 5 is not this sweep's own 3"):
+        resumed_options(SweepOptions(num_samples=5, resume=True), state, out)
+
+
 def test_mlflow_artifacts_go_to_the_bucket(s3: MotoServer, tmp_path: Path) -> None:
     from agl.tracking import make_tracker
 

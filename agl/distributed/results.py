@@ -18,6 +18,7 @@ from agl.distributed.spaces import SearchSpace
 from agl.fileio import atomic_savefig, atomic_write_text
 
 SWEEP_JSON = "sweep.json"
+SPACE_COPY = "space.yaml"  # the space file as the sweep started: a resume on another head searches the same space
 TABLE_CSV = "trials.csv"
 TABLE_PNG = "trials.png"
 SUMMARY_MD = "summary.md"

@@ -25,8 +25,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from agl.distributed.results import (SWEEP_JSON, best_trial, is_diverged, join_path, summary_table, sweep_complete,
-                                     trial_config, trial_error, trial_run_name, write_table)
+from agl.distributed.results import (SPACE_COPY, SWEEP_JSON, best_trial, is_diverged, join_path, summary_table,
+                                     sweep_complete, trial_config, trial_error, trial_run_name, write_table)
 from agl.errors import ConfigError
 from agl.fileio import atomic_write_json
 from agl.tracking import FAILED, FINISHED, STOPPED, TERMINAL, Tracker
@@ -323,8 +323,8 @@ def sync_sweep(out: str | Path, tracking_uri: str | None = None) -> SyncReport:
     """``agl tune-sync``: send the tracker what a sweep in ``out`` holds locally and the tracker missed."""
     from ray.tune import ExperimentAnalysis, ResultGrid
 
-    from agl.data.locate import resolve_store
     from agl.distributed.spaces import SearchSpace, load_space
+    from agl.distributed.storage import node_store
     from agl.distributed.results import dataset_ref
     from agl.tracking import (DEFAULT_MODEL_NAME, TrackingUnavailable, check_database, check_reachable,
                               check_tracking_uri, make_tracker)
@@ -337,7 +337,7 @@ def sync_sweep(out: str | Path, tracking_uri: str | None = None) -> SyncReport:
     # the sweep's runs must be in that tracker already: a mistyped SQLite path is refused, not created
     uri = check_reachable(check_database(check_tracking_uri(tracking_uri or state["tracking_uri"]), must_exist=True))
     options = state.get("options", {})
-    space = load_space(options.get("space", "default"))
+    space = load_space(out / SPACE_COPY if (out / SPACE_COPY).is_file() else options.get("space", "default"))
     if options.get("num_samples"):
         space = SearchSpace(**{**space.__dict__, "num_samples": int(options["num_samples"])})
     exp_path = join_path(state["storage_path"], state["name"])
@@ -345,7 +345,7 @@ def sync_sweep(out: str | Path, tracking_uri: str | None = None) -> SyncReport:
         grid = ResultGrid(ExperimentAnalysis(exp_path, default_metric=space.metric, default_mode=space.mode))
     except Exception as err:  # Tune's own errors for a missing or damaged experiment folder
         raise ConfigError(exp_path, f"cannot read the sweep's Tune results: {err}") from None
-    store_path = str(resolve_store(options.get("store")))
+    store_path = node_store(options.get("store"))  # a store in the bucket is staged here
     tracker, dataset = make_tracker(uri), dataset_ref(store_path, space.split)
     champion = dict(state["champion"]) if state.get("champion") else None
     if champion is not None:  # the refit of a cross-validated sweep, logged now if the tracker missed it

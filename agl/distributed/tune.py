@@ -16,6 +16,7 @@ configuration, else the best finished trial) becomes the registered model versio
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -33,17 +34,17 @@ import numpy as np
 import pandas as pd
 
 from agl import runs, tracking
-from agl.distributed.results import (SUMMARY_MD, SWEEP_JSON, TABLE_CSV, TABLE_PNG, best_trial, compare_with_pgl,
-                                     dataset_ref, diverged_report, format_table, is_diverged, join_path,
-                                     summary_table, sweep_complete, trial_config, trial_id_of, trial_run_name,
-                                     write_table)
+from agl.distributed.results import (SPACE_COPY, SUMMARY_MD, SWEEP_JSON, TABLE_CSV, TABLE_PNG, best_trial,
+                                     compare_with_pgl, dataset_ref, diverged_report, format_table, is_diverged,
+                                     join_path, summary_table, sweep_complete, trial_config, trial_id_of,
+                                     trial_run_name, write_table)
 from agl.distributed.spaces import SearchSpace, load_space, resolve_space_path
 from agl.distributed.storage import (check_storage_path, fetch_from_storage, is_uri, mirror_to_storage, node_store,
                                      prepare_nodes, state_uri, trial_nodes, trial_store_spec)
 from agl.distributed.sync import (PENDING_FILE, example_patch, final_checkpoint, finish_tracking, log_refit,
                                   mark_pending, relocate, report_step, sync_command)
 from agl.errors import ConfigError, NonFiniteLossError, OutputExistsError
-from agl.fileio import atomic_write_json, check_output_folder, write_output_marker
+from agl.fileio import atomic_write_json, atomic_write_text, check_output_folder, write_output_marker
 
 log = logging.getLogger(__name__)
 
@@ -471,14 +472,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
 
     if opts.trainer not in TRAINERS:
         raise ConfigError("--trainer", f"must be one of {TRAINERS}, got {opts.trainer!r}")
-    space = load_space(opts.space)
-    if space.cv is not None and opts.trainer != "function":
-        raise ConfigError(space.source, "cv: cross-validated trials run as function trials; "
-                                        "use --trainer function or a space without 'cv'")
-    if opts.num_samples is not None:
-        if opts.num_samples < 1:
-            raise ConfigError("--num-samples", f"must be >= 1, got {opts.num_samples}")
-        space = SearchSpace(**{**space.__dict__, "num_samples": opts.num_samples})
+    space = _sweep_space(opts)
     if opts.searcher not in ("tpe", "random"):
         raise ConfigError("--searcher", f"must be tpe or random, got {opts.searcher!r}")
     if opts.consensus_top < 1:
@@ -486,7 +480,9 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     _workers_per_trial(opts, space)  # a bad --workers-per-trial fails before anything is written
     out = Path(opts.out).resolve()
     # a sweep resumes in --out: an earlier sweep is left to the --resume check below, anything else refused
-    check_output_folder(out, "tune", inputs=[space.source] + ([] if is_uri(opts.store) else [store_path(opts.store)]),
+    # (a --resume without --store takes the sweep's own store, never the demo built here just for this check)
+    local_store = not is_uri(opts.store) and not (opts.resume and _unset(opts, "store"))
+    check_output_folder(out, "tune", inputs=[space.source] + ([store_path(opts.store)] if local_store else []),
                         reuse=True)
     warm_points, warm_source = _warm_start(opts, space)  # a bad --warm-start-from fails before anything is written
     storage_path = opts.storage_path or str(out / "ray")
@@ -505,6 +501,8 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
         state = relocate(out)
         if opts.storage_path is None:
             storage_path = state["storage_path"]
+        opts = resumed_options(opts, state, out)  # the sweep's own space, store, trainer... unless given
+        space = _sweep_space(opts)
     exp_path = join_path(storage_path, opts.name)
     if state and not tune.Tuner.can_restore(exp_path):  # never a silent new sweep in place of the one asked for
         raise ConfigError(exp_path, f"--resume: Ray Tune finds no experiment state to restore here (sweep.json says "
@@ -535,6 +533,11 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
         log.info("resuming sweep %s from %s (MLflow parent run %s)", opts.name, exp_path, parent_run_id)
         tuner = tune.Tuner.restore(exp_path, trainable=_trainable(opts, space, trial_store, storage_path),
                                    resume_errored=True)
+        _retarget_tracking(tuner, tracker, out)
+        if tracking_uri != state.get("tracking_uri"):  # the server moved: later syncs and resumes go to the new one
+            state = {**json.loads(state_file.read_text()), "tracking_uri": tracking_uri}
+            atomic_write_json(state_file, state, indent=1, default=str)
+            mirror_to_storage(out, storage_path, opts.name, [SWEEP_JSON])
     else:
         # artifacts beside the sweep's storage when that is a bucket: a lost head loses none of them
         artifact_root = (f"{state_uri(storage_path, opts.name)}/mlartifacts" if is_uri(storage_path)
@@ -552,7 +555,8 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                                        "experiment_id": experiment_id, "tracking_uri": tracking_uri,
                                        "storage_path": storage_path, "options": asdict(opts)},
                           indent=1, default=str)
-        mirror_to_storage(out, storage_path, opts.name, [SWEEP_JSON])
+        atomic_write_text(out / SPACE_COPY, Path(space.source).read_text())
+        mirror_to_storage(out, storage_path, opts.name, [SPACE_COPY, SWEEP_JSON])
         max_t = (len(_fold_names(store_path, space)) if space.cv is not None
                  else int(space.train_config({}).get("epochs", 100)) + 1)  # +1: the final report after the last epoch
         callback = TrackingCallback(tracker, experiment_id, parent_run_id, space, out=out, dataset=dataset)
@@ -571,7 +575,7 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     grid = tuner.fit()
     wall = time.perf_counter() - started
     # interrupted (Ctrl-C / SIGINT): Tune saved its state; keep the parent run open for --resume
-    complete = sweep_complete(grid, space)
+    grid, complete = _interrupted_as_saved(grid, space, exp_path)
     refit_run = None
     if complete and space.cv is not None:
         refit_run = _refit_champion(grid, space, trial_store, out, tracker, experiment_id, parent_run_id,
@@ -588,8 +592,10 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                                 tracked=problem is None) if complete else None
     mirror_to_storage(out, storage_path, opts.name, [SWEEP_JSON, TABLE_CSV, TABLE_PNG, SUMMARY_MD, CHAMPION_DIR])
     if not complete:
-        log.warning("sweep %s interrupted after %d of %d trials; continue it with --resume (same --out)",
-                    opts.name, grid.num_terminated + grid.num_errors, space.num_samples)
+        elsewhere = (f"; on another head: --resume --storage-path {storage_path} --name {opts.name}"
+                     if is_uri(storage_path) else "")
+        log.warning("sweep %s interrupted after %d of %d trials; continue it with --resume (same --out%s)",
+                    opts.name, grid.num_terminated + grid.num_errors, space.num_samples, elsewhere)
     log.info("sweep %s: %d trials in %.0f s (%.1f trials/h)", opts.name, len(table), wall,
              len(table) / max(wall, 1e-9) * 3600)
     if owns_ray:
@@ -601,6 +607,100 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                         complete=complete, tracking_pending=(out / PENDING_FILE).is_file(), champion=refit_run,
                         text=format_table(table, best, space, refit_run),
                         consensus={k: v for k, v in consensus.items() if k != "table"} if consensus else None)
+
+
+def _interrupted_as_saved(grid: Any, space: SearchSpace, exp_path: str) -> tuple[Any, bool]:
+    """(the sweep's results, whether every trial ended), with the trial states Tune saved to the storage path.
+
+    After Ctrl-C, Tune saves the experiment, then stops its pending and running trials, which the grid it returns
+    reports as TERMINATED: an interrupted sweep whose trials had all been created would pass for a complete one
+    (champion registered from a partial search, parent run closed, exit 0). The saved state still says PENDING or
+    RUNNING for them, and a resume runs them."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    if not sweep_complete(grid, space):
+        return grid, False
+    try:
+        saved = ResultGrid(ExperimentAnalysis(exp_path, default_metric=space.metric, default_mode=space.mode))
+    except Exception as err:  # Tune's own errors reading its state back; the sweep's results are in the grid
+        log.warning("could not read the sweep's saved state back from %s (%s); taking it as complete", exp_path, err)
+        return grid, True
+    return (grid, True) if sweep_complete(saved, space) else (saved, False)
+
+
+def _retarget_tracking(tuner: Any, tracker: tracking.Tracker, out: Path) -> None:
+    """Point a restored sweep's TrackingCallback at this head's tracker and --out: Tuner.restore brings the callback
+    as pickled when the sweep started, with the first head's tracking URI and folder (gone, or moved since)."""
+    internal = getattr(tuner, "_local_tuner", None)  # Ray 2.60 keeps the restored RunConfig there; no public setter
+    callbacks = internal.get_run_config().callbacks if internal is not None else None
+    for callback in callbacks or []:
+        if isinstance(callback, TrackingCallback):
+            callback.tracker, callback.out = tracker, str(out)
+
+
+def _sweep_space(opts: SweepOptions) -> SearchSpace:
+    """The space ``opts`` names, checked against the trainer, with ``num_samples`` as given."""
+    space = load_space(opts.space)
+    if space.cv is not None and opts.trainer != "function":
+        raise ConfigError(space.source, "cv: cross-validated trials run as function trials; "
+                                        "use --trainer function or a space without 'cv'")
+    if opts.num_samples is not None:
+        if opts.num_samples < 1:
+            raise ConfigError("--num-samples", f"must be >= 1, got {opts.num_samples}")
+        space = SearchSpace(**{**space.__dict__, "num_samples": opts.num_samples})
+    return space
+
+
+# what a sweep keeps for life (its trials were drawn and run with it): a resume takes it from sweep.json
+FIXED_ON_RESUME = {"space": "--space", "num_samples": "--num-samples", "trainer": "--trainer",
+                   "workers_per_trial": "--workers-per-trial", "use_gpu": "--use-gpu", "searcher": "--searcher",
+                   "trial_resources": "--trial-resource", "checkpoint_every": "--checkpoint-every",
+                   "threads_per_trial": "threads_per_trial"}
+# what a resume takes from sweep.json unless given again (the store may have moved on a new head)
+KEPT_ON_RESUME = ("store", "model_name", "consensus_top")
+
+
+def resumed_options(opts: SweepOptions, state: Mapping[str, Any], out: Path) -> SweepOptions:
+    """``opts`` of a ``--resume``, completed from the sweep's own (``sweep.json``'s "options"), so that a fresh head
+    needs only ``--storage-path`` (and ``--name``) to continue it; a setting given with another value than the
+    sweep's own is refused (ConfigError naming the flag), as the restored trials and searcher could not follow it."""
+    saved = state.get("options") or {}
+    changes: dict[str, Any] = {}
+    copy = out / SPACE_COPY
+    for key, flag in FIXED_ON_RESUME.items():
+        if key not in saved:
+            continue
+        given, own = getattr(opts, key), saved[key]
+        same = (_same_space(given, str(copy) if copy.is_file() else own) if key == "space" else given == own)
+        if not same and not _unset(opts, key):
+            raise ConfigError(flag, f"{given!r} is not this sweep's own {own!r} (in {out / SWEEP_JSON}): a resumed "
+                                    f"sweep keeps its settings; leave the flag out, or start a new sweep with "
+                                    f"another --out")
+        changes[key] = own
+    changes.update({key: saved[key] for key in KEPT_ON_RESUME if key in saved and _unset(opts, key)})
+    if copy.is_file():  # the file as the sweep started, wherever (and however changed) the original is now
+        changes["space"] = str(copy)
+    taken = {k: v for k, v in changes.items() if v != getattr(opts, k)}
+    if taken:
+        log.info("resume: the sweep's own settings %s", ", ".join(f"{k}={v}" for k, v in taken.items()))
+    return dataclasses.replace(opts, **changes)
+
+
+def _unset(opts: SweepOptions, key: str) -> bool:
+    """Whether ``opts.key`` is its default, i.e. not given (``--store`` defaults to ``demo`` on the command line)."""
+    from agl.data.locate import DEMO
+
+    value = getattr(opts, key)
+    return value == getattr(SweepOptions(), key) or (key == "store" and value == DEMO)
+
+
+def _same_space(given: str, own: str) -> bool:
+    """Whether two space names/paths define the same search (the file's content, not its name)."""
+    try:
+        first, second = load_space(given), load_space(own)
+    except ConfigError:
+        return False
+    return {**first.__dict__, "source": ""} == {**second.__dict__, "source": ""}
 
 
 def _warm_start(opts: SweepOptions, space: SearchSpace) -> tuple[list[dict[str, Any]], str | None]:
