@@ -261,7 +261,7 @@ def read_split_table(path: Path, n_spots: int) -> SplitTable:
         schema = pq.read_schema(str(path))
         layout = json.loads((schema.metadata or {})[SPLIT_LAYOUT_KEY.encode()])
     except (OSError, KeyError, ValueError, pa.ArrowException) as err:
-        raise DataError(path, f"not a readable split table (truncated or corrupt?): {err}") from None
+        raise DataError(path, f"not a readable Parquet file (truncated or corrupt?): {err}") from None
     if not isinstance(layout, dict) or layout.get("n_spots") != n_spots:
         raise DataError(path, f"holds splits of {layout.get('n_spots') if isinstance(layout, dict) else '?'} spots, "
                               f"the manifest records {n_spots}; rebuild the store with agl ingest")
