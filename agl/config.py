@@ -170,6 +170,9 @@ class TrainConfig:
     dropout: float = setting(0.1, num_in(0.0, 1.0, hi_open=True), "dropout of the trunk")
     seed: int = setting(0, int_at_least(0), "random seed of the run (initialisation, shuffles, random_k)")
     device: str = setting("auto", _device, "auto, cpu, cuda, cuda:N or mps")
+    feature_dtype: str = setting("float32", one_of("float32", "float16"),
+                                 "features mode: dtype of the frozen-feature cache file (float16 halves its disk "
+                                 "and page cache; batches are float32 either way)")
     precision: str = setting("bf16", one_of("bf16", "fp32"),
                              "ordinary steps, prediction and features on CUDA: bf16 autocast + channels_last, "
                              "or fp32 (CPU runs and hypergradient estimators are always float32)")

@@ -212,8 +212,8 @@ CASES = [
          ".jpg", "outside the"),
     # ---- stores (agl info / agl train --store)
     Case("store-truncated-parquet", "store", "a truncated Parquet file (the splits table)",
-         lambda c: ["info", str(_truncate((s := c.store()) / "splits.parquet").parent)],
-         lambda c: str(c.root / "store" / "splits.parquet"), "not a readable Parquet file"),
+         lambda c: ["info", str(_truncate((s := c.store()) / "split_table.parquet").parent)],
+         lambda c: str(c.root / "store" / "split_table.parquet"), "not a readable Parquet file"),
     Case("store-truncated-partition", "store", "a truncated Parquet spot partition, opened for training",
          lambda c: (_truncate(next((s := c.store()).glob("spots/slide_id=C2/part-0.parquet"))),
                     ["train", "--store", str(s), "--method", "pgl", "--split", SPLIT, "--out", str(c.root / "run")])[1],
@@ -275,7 +275,7 @@ CASES = [
     # ---- command-line arguments
     Case("cli-unknown-split", "CLI", "--split that the store does not have",
          lambda c: ["train", "--store", str(c.small_store), "--method", "pgl", "--split", "kfold-s9-f9", "--out", str(c.root / "run")],
-         "splits.parquet", "unknown split 'kfold-s9-f9'"),
+         "split_table.parquet", "unknown split 'kfold-s9-f9'"),
     Case("cli-num-samples-zero", "CLI", "agl tune --num-samples 0",
          lambda c: _tune(c, GOOD_SPACE, "--num-samples", "0"), "--num-samples", ">= 1"),
     Case("cli-bad-trainer", "CLI", "agl tune --trainer bogus (argparse)",

@@ -116,3 +116,34 @@ def test_imagenet_features_on_real_her2st_patches(demo_store, tmp_path) -> None:
     # an ImageNet CNN is nearly invariant to rotating/flipping tissue, far less to changing the spot
     assert same_spot > other_spot + 0.1  # measured: 0.87 vs 0.73
     assert feature_cache(subset, "torchvision/mobilenet_v2", "imagenet").filename == feats.filename
+
+
+def test_float16_cache_is_cast_from_the_float32_one_and_recorded(tmp_path, monkeypatch) -> None:
+    import json
+
+    from agl.training.streaming import MappedFeatureInputs, cached_features
+    from agl.training.loop import TrainConfig
+
+    store = FakeStore(tmp_path / "a", n=4)
+    full = feature_cache(store, BACKBONE, weights=None)
+    fresh = FakeStore(tmp_path / "b", n=4)  # the same patches, no float32 cache: the encoder writes float16 itself
+    encoded = feature_cache(fresh, BACKBONE, weights=None, dtype="float16")
+
+    def boom(*a, **k):
+        raise AssertionError("encoded although a float32 cache exists")
+
+    monkeypatch.setattr(features, "_encode", boom)
+    half = feature_cache(store, BACKBONE, weights=None, dtype="float16")
+    assert half.dtype == np.float16 and np.array_equal(half, np.asarray(full).astype(np.float16))
+    assert np.array_equal(half, encoded)  # casting the file = encoding in float16
+    assert half.nbytes * 2 == full.nbytes
+    sidecar = json.loads(Path(half.filename).with_suffix(".json").read_text())
+    assert sidecar["dtype"] == "float16" and sidecar["converted_from"] == Path(full.filename).stem
+    # the training config picks the file; batches are float32 either way
+    cfg = TrainConfig(backbone=BACKBONE, weights=None, device="cpu", feature_dtype="float16")
+    picked = cached_features(store, cfg)
+    assert picked.filename == half.filename
+    batch = MappedFeatureInputs(picked).batch(np.array([3, 0]), np.array([1, 0]))
+    assert batch.dtype == torch.float32 and torch.equal(batch[0], torch.from_numpy(half[1, 3].astype(np.float32)))
+    with pytest.raises(ConfigError, match="feature_dtype"):
+        TrainConfig.from_dict({"feature_dtype": "bfloat16"})

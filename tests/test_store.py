@@ -22,7 +22,7 @@ def store(small_store):
 
 def test_layout(store, small_store):
     files = {p.relative_to(small_store).as_posix() for p in small_store.rglob("*") if p.is_file()}
-    assert {"manifest.json", "genes.parquet", "splits.parquet", "arrays/patches.arrow",
+    assert {"manifest.json", "genes.parquet", "split_table.parquet", "arrays/patches.arrow",
             "arrays/expression.arrow", "spots/slide_id=C2/part-0.parquet",
             "spots/slide_id=C3/part-0.parquet"} <= files
     assert {f"gene_sets/{s}.parquet" for s in store.split_names} <= files
@@ -85,10 +85,10 @@ def test_verify_detects_a_modified_file(small_store, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(small_store, copy)
     open_store(copy).verify()
-    with open(copy / "splits.parquet", "r+b") as fh:
+    with open(copy / "split_table.parquet", "r+b") as fh:
         fh.seek(100)
         fh.write(b"\x00\x01\x02")
-    with pytest.raises(DataError, match="splits.parquet: sha256 differs"):
+    with pytest.raises(DataError, match="split_table.parquet: sha256 differs"):
         open_store(copy).verify()
 
 

@@ -37,7 +37,10 @@ def reference_store(her2st_dir, tmp_path_factory):
 def assert_same_store(ref, new) -> None:
     assert ref.split_names == new.split_names
     pd.testing.assert_frame_equal(ref.spots, new.spots)
-    pd.testing.assert_frame_equal(ref._splits, new._splits)
+    assert ref.split_table.layout() == new.split_table.layout()  # the same compact table, column for column
+    ref_columns, new_columns = ref.split_table.loaded(), new.split_table.loaded()
+    assert ref_columns.keys() == new_columns.keys()
+    assert all(np.array_equal(ref_columns[c], new_columns[c]) for c in ref_columns)
     assert np.array_equal(ref.patches, new.patches)
     assert ref.gene_names == new.gene_names
     assert np.array_equal(ref.expression, new.expression)  # densified from CSR when new is sparse

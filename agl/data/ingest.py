@@ -25,7 +25,7 @@ from agl.data.patches import extract_patches
 from agl.data.preprocess import (PRIORS, PriorContext, check_min_detection, check_panel, filtered_out_message,
                                  gene_set, gene_table, preprocess, primary_genes, prior_names)
 from agl.data.schema import OBS_SLIDE, UNS_SLIDES, validate_canonical
-from agl.data.splits import SPLIT_KINDS, SPLITS_VERSION, loso_validation, make_splits, split_kind
+from agl.data.splits import SPLIT_KINDS, SPLITS_VERSION, SplitTable, loso_validation, split_kind, split_table
 from agl.data.stats import GeneMoments, seurat_hvg
 from agl.data.encoding import ValueEncoding, counts_encoding, settings_transform
 from agl.data.store import (SAFE_NAME, check_layout, check_target, finish_store, new_temp_folder, write_ipc_blocks,
@@ -82,7 +82,7 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
     """Ingest a canonical AnnData (all slides, with images) into a store at ``out``.
 
     Steps: extract patches (H1's ``extract_patches``), drop spots without a patch,
-    ``preprocess``, ``make_splits``, one ``gene_set`` per split (primary HVGs, optionally
+    ``preprocess``, ``split_table``, one ``gene_set`` per split (primary HVGs, optionally
     only among genes detected in ``primary_min_detection`` of the spots, and priors on
     that split's training spots; "coexpr" from ``prior_data`` when given), then
     ``write_store``. Nothing appears at ``out`` unless every step succeeds.
@@ -121,14 +121,14 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
         prior_pp = preprocess(prior_data, min_genes=min_genes, min_cells=0,
                               normalize_total=normalize_total, log1p=log1p)
 
-    splits = make_splits(pp.obs, kinds=split_kinds, n_folds=n_folds, seeds=seeds)
+    splits = split_table(pp.obs, kinds=split_kinds, n_folds=n_folds, seeds=seeds)
     progress.step(f"splits: {len(splits.columns)} ({', '.join(split_kinds)}; seeds {seeds})")
 
     gene_sets: dict[str, pd.DataFrame] = {}
     t0 = time.perf_counter()
     for i, name in enumerate(splits.columns, 1):
         try:
-            gene_sets[name] = gene_set(pp, (splits[name] == "train").to_numpy(), n_primary=n_primary, priors=priors,
+            gene_sets[name] = gene_set(pp, splits.mask(name, "train"), n_primary=n_primary, priors=priors,
                                        prior_data=prior_pp, primary_min_detection=primary_min_detection)
         except DataError as err:
             raise DataError(None, f"split {name}: {err}") from err
@@ -471,7 +471,7 @@ class _Splits:
     """The splits of the kept spots and the spot groups whose sums the gene sets need."""
 
     obs: pd.DataFrame
-    table: pd.DataFrame
+    table: SplitTable
     loso: list[str]
     within: list[str]  # kfold/spatial: every slide has training spots in each
     is_train: np.ndarray  # bool [groups, spots]: within splits' training spots, all spots, each slide's loso part
@@ -562,16 +562,16 @@ def _split_pass(stage: Path, order: list[str], kept: _Filtered, settings: Ingest
     obs = pd.concat([pd.read_parquet(stage / s / "obs.parquet")[keep[s]] for s in order], ignore_index=True)
     obs.index = obs["spot_id"].to_numpy()
     obs[OBS_SLIDE] = pd.Categorical(obs[OBS_SLIDE].astype(str), categories=order)
-    splits = make_splits(obs, kinds=list(settings.split_kinds), n_folds=settings.n_folds, seeds=list(settings.seeds))
+    splits = split_table(obs, kinds=list(settings.split_kinds), n_folds=settings.n_folds, seeds=list(settings.seeds))
     names = list(splits.columns)
     loso = [c for c in names if split_kind(c) == "loso"]
     within = [c for c in names if c not in loso]
     # groups: within-slide splits' training spots, all spots, every slide's loso part (its non-validation spots)
-    is_train = np.vstack([(splits[c] == "train").to_numpy() for c in within]
+    is_train = np.vstack([splits.mask(c, "train") for c in within]
                          + [np.ones(kept.n_spots, dtype=bool), ~loso_validation(obs)])
     slide_of_spot = obs[OBS_SLIDE].astype(str).to_numpy()
-    for c in loso[:1]:  # the loso sums below rely on it (make_splits draws loso validation by loso_validation)
-        if not np.array_equal(splits[c].to_numpy() == "train", is_train[-1] & (slide_of_spot != c[len("loso-"):])):
+    for c in loso[:1]:  # the loso sums below rely on it (split_table draws loso validation by loso_validation)
+        if not np.array_equal(splits.mask(c, "train"), is_train[-1] & (slide_of_spot != c[len("loso-"):])):
             raise DataError(None, f"split {c}: training spots are not every other slide's loso part")
     return _Splits(obs, splits, loso, within, is_train)
 
@@ -689,7 +689,7 @@ def ingest_slides(source: Callable[[Any], AnnData], out: str | Path, settings: I
         _write_arrays_from_partitions(tmp, stage, order, kept.keep, kept.n_spots, len(kept.genes_kept),
                                       settings.expression_layout, sum(nnz.values()), patch_shape, kept.encoding)
         write_tables(tmp, spot_ids=splits.obs["spot_id"].to_numpy(), genes=genes,
-                     splits=splits.table.reset_index(drop=True), gene_sets=None)
+                     splits=splits.table, gene_sets=None)
         finish_store(tmp, out, manifest=_ingest_manifest(staged, kept, settings, prior_data, address),
                      n_spots=kept.n_spots, n_genes=len(kept.genes_kept), patch_shape=patch_shape,
                      slides={s: int(kept.keep[s].sum()) for s in order if kept.keep[s].any()}, splits=names,

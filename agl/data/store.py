@@ -2,10 +2,15 @@
 
 Layout (docs/architecture.md)::
 
-    STORE/manifest.json  genes.parquet  splits.parquet  gene_sets/SPLIT.parquet
+    STORE/manifest.json  genes.parquet  split_table.parquet  gene_sets/SPLIT.parquet
     STORE/spots/slide_id=S/part-0.parquet   (spot table with patch and expression vectors)
     STORE/arrays/patches.arrow  arrays/expression.arrow  (uncompressed, one record batch)
     STORE/cache/                 (derived data, safe to delete, not hashed)
+
+``split_table.parquet`` holds the splits compactly (``agl.data.splits.SplitTable``: slide codes,
+the loso validation mask, int8 fold ids per kind and seed), read one column at a time; stores
+written before it hold ``splits.parquet`` (one string column of roles per split), which is
+still read, one split's column at a time.
 
 ``write_store`` builds everything in a hidden temporary folder beside the target and
 renames it into place at the end, so a crash never leaves a half store under the
@@ -34,6 +39,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from agl.data.encoding import ValueEncoding, detect_encoding
+from agl.data.splits import ROLE_CODES, SplitTable, role_codes
 from agl.errors import ConfigError, DataError, OutputExistsError, show
 from agl.fileio import sha256_file, swap_folder
 
@@ -42,6 +48,9 @@ MANIFEST = "manifest.json"
 SPOT_COLUMNS = ("spot_id", "slide_id", "barcode", "pixel_x", "pixel_y", "row")
 EXPRESSION_LAYOUTS = ("dense", "sparse")  # float32 rows, or CSR per spot (indices + values)
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # slide ids and split names become file names
+SPLIT_TABLE = "split_table.parquet"  # the compact splits (agl.data.splits.SplitTable)
+ROLE_COLUMNS = "splits.parquet"  # the splits of stores written before SPLIT_TABLE: a string column of roles per split
+SPLIT_LAYOUT_KEY = "agl_split_layout"  # schema metadata of SPLIT_TABLE: SplitTable.layout()
 
 
 class StoreExistsError(OutputExistsError):
@@ -229,22 +238,75 @@ def write_gene_set(tmp: Path, split: str, table: pd.DataFrame) -> None:
     _write_parquet(table, tmp / "gene_sets" / f"{split}.parquet")
 
 
-def write_tables(tmp: Path, *, spot_ids: np.ndarray, genes: pd.DataFrame, splits: pd.DataFrame,
+def as_split_table(splits: SplitTable | pd.DataFrame, where: Any = None) -> SplitTable:
+    """``splits`` as a SplitTable (a DataFrame of role columns is stored as int8 role codes per split)."""
+    if isinstance(splits, SplitTable):
+        return splits
+    return SplitTable.from_roles(splits, len(splits), source=where or "splits")
+
+
+def write_split_table(table: SplitTable, path: Path) -> None:
+    """``split_table.parquet``: the table's columns, its layout (every split's spec, the slides) in the schema metadata."""
+    columns = table.loaded()
+    arrow = pa.table({name: pa.array(values) for name, values in columns.items()})
+    arrow = arrow.replace_schema_metadata({SPLIT_LAYOUT_KEY: json.dumps(table.layout())})
+    pq.write_table(arrow, str(path), compression="zstd")
+
+
+def read_split_table(path: Path, n_spots: int) -> SplitTable:
+    """The SplitTable of ``split_table.parquet``: the layout now, each column on first use (one column read)."""
+    if not path.is_file():
+        raise DataError(path, "missing from the store")
+    try:
+        schema = pq.read_schema(str(path))
+        layout = json.loads((schema.metadata or {})[SPLIT_LAYOUT_KEY.encode()])
+    except (OSError, KeyError, ValueError, pa.ArrowException) as err:
+        raise DataError(path, f"not a readable Parquet file (truncated or corrupt?): {err}") from None
+    if not isinstance(layout, dict) or layout.get("n_spots") != n_spots:
+        raise DataError(path, f"holds splits of {layout.get('n_spots') if isinstance(layout, dict) else '?'} spots, "
+                              f"the manifest records {n_spots}; rebuild the store with agl ingest")
+
+    def read_column(name: str) -> np.ndarray:
+        if name not in schema.names:
+            raise DataError(path, f"has no column {name!r} (its layout names it); rebuild the store with agl ingest")
+        return _read_parquet(path, columns=[name])[name].to_numpy()
+
+    return SplitTable.from_layout(layout, read_column, source=path)
+
+
+def read_role_columns(path: Path, names: list[str], n_spots: int) -> SplitTable:
+    """The SplitTable of a ``splits.parquet`` written before ``split_table.parquet`` (a string column of roles per
+    split): each split's column read and coded on first use."""
+    return SplitTable(n_spots, {name: ("roles", name) for name in names}, source=path,
+                      read_column=lambda name: role_codes(_read_parquet(path, columns=[name])[name].to_numpy(), path))
+
+
+def write_role_columns(splits: pd.DataFrame, spot_ids: np.ndarray, path: Path) -> None:
+    """``splits.parquet`` as stores before ``split_table.parquet`` held it (spot_id + a string column of roles per
+    split): what ``read_role_columns`` reads; written only to test and measure that format."""
+    table = splits.reset_index(drop=True).astype(str)
+    table.insert(0, "spot_id", np.asarray(spot_ids))
+    _write_parquet(table, path)
+
+
+def write_tables(tmp: Path, *, spot_ids: np.ndarray, genes: pd.DataFrame, splits: SplitTable | pd.DataFrame,
                  gene_sets: Mapping[str, pd.DataFrame] | None) -> None:
-    """genes.parquet, splits.parquet and gene_sets/ of a store being written in ``tmp`` (``gene_sets`` None: every
-    split's was already written by ``write_gene_set``)."""
+    """genes.parquet, split_table.parquet and gene_sets/ of a store being written in ``tmp`` (``gene_sets`` None:
+    every split's was already written by ``write_gene_set``). ``spot_ids``: the spots in row order (their count is
+    checked; the spot table keeps the ids)."""
+    table = as_split_table(splits, tmp)
+    if table.n_spots != len(spot_ids):
+        raise DataError(tmp, f"the splits cover {table.n_spots} spots, the store has {len(spot_ids)}")
     if gene_sets is None:
-        missing = [s for s in splits.columns if not (tmp / "gene_sets" / f"{s}.parquet").is_file()]
+        missing = [s for s in table.columns if not (tmp / "gene_sets" / f"{s}.parquet").is_file()]
     else:
-        missing = [s for s in splits.columns if s not in gene_sets]
+        missing = [s for s in table.columns if s not in gene_sets]
     if missing:
         raise DataError(tmp, f"no gene set for split(s) {missing}")
     _write_parquet(genes.reset_index(drop=True), tmp / "genes.parquet")
-    split_table = splits.reset_index(drop=True).astype(str)
-    split_table.insert(0, "spot_id", np.asarray(spot_ids))
-    _write_parquet(split_table, tmp / "splits.parquet")
+    write_split_table(table, tmp / SPLIT_TABLE)
     (tmp / "gene_sets").mkdir(exist_ok=True)
-    for name in splits.columns if gene_sets is not None else ():
+    for name in table.columns if gene_sets is not None else ():
         write_gene_set(tmp, name, gene_sets[name])
 
 
@@ -332,8 +394,9 @@ def write_store(out: str | Path, *, spots: pd.DataFrame, patches: np.ndarray, ex
 
     ``spots``: spot_id, slide_id, barcode, pixel_x, pixel_y in row order; ``patches``
     uint8 [N, px, px, 3]; ``expression`` float32 [N, G] (dense, or scipy sparse);
-    ``genes``: one row per expression column (name, mean, n_spots); ``splits``: one
-    column of roles per split (row order); ``gene_sets``: split -> gene-set table;
+    ``genes``: one row per expression column (name, mean, n_spots); ``splits``: a
+    ``SplitTable`` of the spots, or a DataFrame with one column of roles per split (row
+    order); ``gene_sets``: split -> gene-set table;
     ``manifest``: extra fields (preprocessing, patch settings, sources);
     ``expression_layout``: "dense" (float32 rows) or "sparse" (CSR per spot: indices +
     values). Refuses an existing ``out`` unless ``overwrite``, in which case the old store
@@ -342,9 +405,10 @@ def write_store(out: str | Path, *, spots: pd.DataFrame, patches: np.ndarray, ex
     out = check_target(out, overwrite)
     layout = check_layout(expression_layout)
     n = len(spots)
-    if patches.shape[0] != n or expression.shape[0] != n or len(splits) != n:
+    splits = as_split_table(splits, out)
+    if patches.shape[0] != n or expression.shape[0] != n or splits.n_spots != n:
         raise DataError(out, f"row counts differ: spots {n}, patches {patches.shape[0]}, "
-                             f"expression {expression.shape[0]}, splits {len(splits)}")
+                             f"expression {expression.shape[0]}, splits {splits.n_spots}")
     if patches.dtype != np.uint8 or patches.ndim != 4 or expression.dtype != np.float32:
         raise DataError(out, "patches must be uint8 [N, px, px, 3] and expression float32 [N, G]")
     if expression.shape[1] != len(genes):
@@ -647,23 +711,44 @@ class Store:
     def split_names(self) -> list[str]:
         return list(self.manifest.get("splits", []))
 
+    @property
+    def split_file(self) -> Path:
+        """``split_table.parquet``, or ``splits.parquet`` in a store written before it."""
+        compact = SPLIT_TABLE in self.manifest.get("files", {}) or (self.path / SPLIT_TABLE).is_file()
+        return self.path / (SPLIT_TABLE if compact else ROLE_COLUMNS)
+
     @cached_property
-    def _splits(self) -> pd.DataFrame:
-        return _read_parquet(self.path / "splits.parquet")
+    def split_table(self) -> SplitTable:
+        """The splits, reading each column on first use (a split reads only the columns it derives from)."""
+        n_spots = int(self.manifest["n_spots"])
+        path = self.split_file
+        if path.name == SPLIT_TABLE:
+            table = read_split_table(path, n_spots)
+            missing = [s for s in self.split_names if s not in table.specs]
+            if missing:
+                raise DataError(path, f"holds no split {missing[:3]} that manifest.json lists; rebuild the store "
+                                      "with agl ingest")
+            return table
+        return read_role_columns(path, self.split_names, n_spots)
 
     def _check_split(self, name: str) -> None:
         if name not in self.split_names:
-            raise ConfigError(self.path / "splits.parquet",
-                              f"unknown split {name!r}; this store has {self.split_names}")
+            raise ConfigError(self.split_file, f"unknown split {name!r}; this store has {self.split_names}")
 
     def split(self, name: str) -> pd.Series:
-        """Roles ("train" | "val" | "test" | "") of every spot, in row order."""
+        """Roles ("train" | "val" | "test" | "" | "val_outer") of every spot, in row order."""
         self._check_split(name)
-        return self._splits[name].rename(name)
+        return pd.Series(self.split_table[name], name=name)
+
+    def split_codes(self, name: str) -> np.ndarray:
+        """int8 role codes of every spot in ``name`` (positions in ``agl.data.splits.ROLE_NAMES``)."""
+        self._check_split(name)
+        return self.split_table.codes(name)
 
     def rows(self, split: str, part: str) -> np.ndarray:
         """Row indices of the spots with role ``part`` in ``split``."""
-        return np.flatnonzero(self.split(split).to_numpy() == part)
+        codes = self.split_codes(split)
+        return np.flatnonzero(codes == ROLE_CODES[part]) if part in ROLE_CODES else np.zeros(0, dtype=np.int64)
 
     def gene_set(self, split: str) -> pd.DataFrame:
         """The split's genes: gene, column, role, prior_*, rank_*; primary first."""

@@ -309,6 +309,9 @@ def add_features_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: 1 if the local Ray has GPUs; required with --address on a "
                         "cluster that shows no GPU yet)")
     p.add_argument("--batch-size", type=int, default=64, help="patches per batch")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="cache file dtype (float16: half the disk and page cache; train with feature_dtype: float16 "
+                        "to use it; cast from the float32 cache when that exists)")
     p.add_argument("--address", default=None, help="Ray cluster address ('auto'); default: local Ray")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
 
@@ -321,10 +324,10 @@ def cmd_features(args: argparse.Namespace) -> int:
     store = open_store_arg(args.store)
     init_ray(args.address, num_cpus=args.num_cpus)
     feats = feature_cache_ray(store, args.backbone, args.weights, views=args.views, num_workers=args.num_workers,
-                              batch_size=args.batch_size, num_gpus=args.num_gpus,
+                              batch_size=args.batch_size, num_gpus=args.num_gpus, dtype=args.dtype,
                               joined_cluster=args.address is not None)
     print(f"feature cache {getattr(feats, 'filename', '')}: {feats.shape[0]} views x {feats.shape[1]} spots x "
-          f"{feats.shape[2]} dims")
+          f"{feats.shape[2]} dims, {feats.dtype}")
     return 0
 
 

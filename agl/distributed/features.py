@@ -10,7 +10,6 @@ joined cluster, which may autoscale, ``--num-gpus`` decides), else one CPU.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -97,7 +96,7 @@ def feature_cache_ray(
     import ray
 
     from agl.data.augment import N_VIEWS
-    from agl.models.features import cache_target, cached_or_computed
+    from agl.models.features import cache_target, cached_or_computed, converted_from_float32
 
     views = N_VIEWS if views is None else views
     if not 1 <= views <= N_VIEWS:
@@ -110,6 +109,8 @@ def feature_cache_ray(
     folder = path.parent
 
     def compute() -> None:
+        if converted_from_float32(store, module, backbone, path, key, fields, shape, dtype):
+            return
         gpus = actor_gpus(num_gpus, ray.cluster_resources(), joined_cluster)
         _compute_parts(store, folder / f"{key}.parts", backbone, weights, sha256, shape,
                        num_workers, batch_size, gpus, threads_per_worker)
@@ -205,20 +206,13 @@ def _assemble(folder: Path, key: str, fields: dict[str, Any], shape: tuple[int, 
     """Write the ``[views, N, D]`` cache from the per-slide parts (temporary names, then rename), drop the parts."""
     import shutil
 
+    from agl.models.features import write_cache_file
+
     parts = folder / f"{key}.parts"
-    tmp = folder / f".{key}.tmp-{uuid.uuid4().hex[:8]}.npy"
-    try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+
+    def fill(out: np.ndarray) -> None:
         for sid, rows in _slide_rows(store).items():
             out[:, rows] = np.load(_part_path(parts, sid), mmap_mode="r").transpose(1, 0, 2).astype(dtype, copy=False)
-        out.flush()
-        del out
-        meta = {**fields, "key": key, "dim": shape[2], "computed_by": "ray-data"}
-        tmp_meta = folder / f".{key}.tmp-{uuid.uuid4().hex[:8]}.json"
-        tmp_meta.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, folder / f"{key}.npy")
-        os.replace(tmp_meta, folder / f"{key}.json")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    write_cache_file(folder, key, fields, shape, dtype, fill, computed_by="ray-data")
     shutil.rmtree(parts, ignore_errors=True)

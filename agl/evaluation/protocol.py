@@ -339,9 +339,10 @@ def prepare_inputs(store: Any, specs: list[RunSpec]) -> None:
     """Build the frozen-feature caches once, before worker processes would race to build them."""
     from agl.models import feature_cache
 
-    for backbone, weights in sorted({(s.config["backbone"], s.config["weights"]) for s in specs
-                                     if s.config["mode"] == "features"}, key=str):
-        feature_cache(store, backbone, weights)
+    for backbone, weights, dtype in sorted({(s.config["backbone"], s.config["weights"],
+                                             s.config.get("feature_dtype", "float32"))
+                                            for s in specs if s.config["mode"] == "features"}, key=str):
+        feature_cache(store, backbone, weights, dtype=dtype)
 
 
 def evaluate(store: Any, protocol: str, seeds: Sequence[int], methods: Sequence[str], out: str | Path,

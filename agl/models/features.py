@@ -158,9 +158,36 @@ def feature_cache(
 
     precision = encoding_precision(device, precision)
     module, key, fields, path, shape = cache_target(store, backbone, weights, views, dtype, sha256, precision)
-    return cached_or_computed(module, path, shape, dtype,
-                              lambda: compute_cache_file(module, patches, path.parent, key, fields, shape, dtype,
-                                                         batch_size, device, precision))
+
+    def compute() -> None:
+        if not converted_from_float32(store, module, backbone, path, key, fields, shape, dtype, precision):
+            compute_cache_file(module, patches, path.parent, key, fields, shape, dtype, batch_size, device, precision)
+
+    return cached_or_computed(module, path, shape, dtype, compute)
+
+
+def converted_from_float32(store: Any, module: nn.Module, backbone: str, path: Path, key: str, fields: dict[str, Any],
+                           shape: tuple[int, int, int], dtype: str, precision: str = "fp32") -> bool:
+    """Write the ``dtype`` cache at ``path`` by casting the store's float32 cache of the same encoder, if it has one.
+
+    ``compute_cache_file`` encodes in float32 and casts each batch to ``dtype``, so casting the float32
+    file gives the same array without running the encoder again. Returns False when there is no such file.
+    """
+    if dtype == "float32":
+        return False
+    source_key, _ = feature_cache_key(store, backbone, module.weights_id, shape[0], "float32",
+                                      preprocessing=getattr(module, "preprocessing", None), precision=precision)
+    source = _load_cached(path.parent / f"{source_key}.npy", shape, "float32")
+    if source is None:
+        return False
+
+    def cast(out: np.ndarray) -> None:
+        for view in range(shape[0]):  # one view at a time: bounded memory on a large cache
+            out[view] = source[view].astype(dtype)
+
+    write_cache_file(path.parent, key, fields, shape, dtype, cast, converted_from=source_key)
+    log.info("feature cache written: %s (%s, cast from %s.npy)", path, dtype, source_key)
+    return True
 
 
 def cached_or_computed(module: nn.Module, path: Path, shape: tuple[int, int, int], dtype: str,
@@ -206,30 +233,39 @@ def _load_cached(path: Path, shape: tuple[int, int, int], dtype: str) -> np.ndar
     return None
 
 
-def compute_cache_file(module: nn.Module, patches: np.ndarray, folder: Path, key: str, fields: dict[str, Any],
-             shape: tuple[int, int, int], dtype: str, batch_size: int, device: str, precision: str = "fp32") -> None:
-    """Encode every patch and view into a temporary file, then rename it (and its JSON sidecar) into place."""
-    views = shape[0]
+def write_cache_file(folder: Path, key: str, fields: dict[str, Any], shape: tuple[int, int, int], dtype: str,
+                     fill: Callable[[np.ndarray], None], **meta: Any) -> Path:
+    """``folder/{key}.npy`` filled by ``fill(out)`` and its JSON sidecar (``fields`` + ``meta``): temporary names, then
+    renamed into place, so a reader never sees a half-written cache."""
     path = folder / f"{key}.npy"
     tmp = folder / f".{key}.tmp-{uuid.uuid4().hex[:8]}.npy"
-    module = module.to(device).eval().to(memory_format=torch.channels_last)
     started = time.perf_counter()
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        _encode(module, patches, out, views, batch_size, device, precision)
+        fill(out)
         out.flush()
         del out
-        seconds = time.perf_counter() - started
-        meta = {**fields, "key": key, "dim": shape[2], "seconds": round(seconds, 2)}
+        sidecar = {**fields, "key": key, "dim": shape[2], "seconds": round(time.perf_counter() - started, 2), **meta}
         tmp_meta = folder / f".{key}.tmp-{uuid.uuid4().hex[:8]}.json"
-        tmp_meta.write_text(json.dumps(meta, indent=1))
+        tmp_meta.write_text(json.dumps(sidecar, indent=1))
         os.replace(tmp, path)
         os.replace(tmp_meta, folder / f"{key}.json")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def compute_cache_file(module: nn.Module, patches: np.ndarray, folder: Path, key: str, fields: dict[str, Any],
+             shape: tuple[int, int, int], dtype: str, batch_size: int, device: str, precision: str = "fp32") -> None:
+    """Encode every patch and view into a temporary file, then rename it (and its JSON sidecar) into place."""
+    module = module.to(device).eval().to(memory_format=torch.channels_last)
+    started = time.perf_counter()
+    path = write_cache_file(folder, key, fields, shape, dtype,
+                            lambda out: _encode(module, patches, out, shape[0], batch_size, device, precision))
+    seconds = time.perf_counter() - started
     log.info("feature cache written: %s (%d images in %.1f s, %.1f img/s)", path,
-             views * patches.shape[0], seconds, views * patches.shape[0] / max(seconds, 1e-9))
+             shape[0] * patches.shape[0], seconds, shape[0] * patches.shape[0] / max(seconds, 1e-9))
 
 
 def share_feature_cache(source: Any, target: Any) -> list[Path]:

@@ -85,12 +85,13 @@ class MappedFeatureInputs:
 
 
 def cached_features(store: Any, cfg: Any) -> Any:
-    """The store's feature cache for ``cfg``'s backbone (computed first if missing, on ``cfg.device`` at its precision)."""
+    """The store's feature cache for ``cfg``'s backbone in ``cfg.feature_dtype`` (computed first if missing, on
+    ``cfg.device`` at its precision)."""
     from agl.models import feature_cache
     from agl.training.device import resolve_device
 
     return feature_cache(store, cfg.backbone, cfg.weights, device=str(resolve_device(cfg.device)),
-                         precision=cfg.precision)
+                         precision=cfg.precision, dtype=cfg.feature_dtype)
 
 
 def mapped_feature_inputs(store: Any, cfg: Any) -> MappedFeatureInputs:
