@@ -35,3 +35,29 @@ def test_table_lists_before_then_after_per_size():
                                                     [" 1,000 ", " cv x2 ", " after "],
                                                     [" 4,000 ", " train x1 ", " after "]]
     assert np.isclose(float(lines[2].split("|")[8]), 2.0)
+
+
+def test_tree_sampler_finds_trial_processes_below_the_driver(tmp_path):
+    """The sweep phase's sampler: a process whose title holds Ray's trial marker, two levels below the root,
+    is reported as a trial with its own peaks; the root is the driver; the tree's PSS covers both."""
+    import subprocess
+    import sys
+    import time
+
+    from agl.bench.cohort import TRIAL_MARKER, TreeSampler, descendants
+
+    # the root starts a grandchild whose argv (its /proc cmdline) carries the marker, as Ray's trial actors do
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+            "'import time, numpy; a = numpy.ones(40 * 2**20 // 8); time.sleep(3)', " + repr(TRIAL_MARKER) + "]); "
+            "p.wait()")
+    root = subprocess.Popen([sys.executable, "-c", code])
+    sampler = TreeSampler(root.pid, interval_s=0.2)
+    deadline = time.time() + 30
+    while time.time() < deadline and len(descendants(root.pid)) < 1:
+        time.sleep(0.1)
+    root.wait(timeout=60)
+    peaks = sampler.stop()
+    assert len(peaks["trials"]) == 1, peaks
+    trial = peaks["trials"][0]
+    assert trial["pss_anon_mb"] >= 35  # the 40 MB array it allocated, measured in the trial itself
+    assert peaks["driver"]["rss_mb"] > 0 and peaks["tree_pss_peak_mb"] >= trial["pss_mb"]
