@@ -27,20 +27,15 @@ def s3_ray(tmp_path_factory):
     from agl.distributed.runtime import init_ray
 
     server = MotoServer(tmp_path_factory.mktemp("moto")).start()
-    saved = {k: os.environ.get(k) for k in [*server.env, "OMP_NUM_THREADS"]}
-    os.environ.update(server.env)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    init_ray(num_cpus=2, object_store_memory=300 * 1024**2)
-    try:
-        yield server
-    finally:
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
+    with pytest.MonkeyPatch.context() as env:  # restored after the module
+        for key, value in {**server.env, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}.items():
+            env.setenv(key, value)
+        init_ray(num_cpus=2, object_store_memory=300 * 1024**2)
+        try:
+            yield server
+        finally:
+            ray.shutdown()
+            server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +119,9 @@ def test_store_uri_training_table_is_read_from_the_bucket(s3_ray, stores, tmp_pa
     uri = s3_ray.bucket("agl-data") + "/stores/small-sparse"
     pyarrow.fs.copy_files(str(stores["sparse"]), fs_path(uri), source_filesystem=pyarrow.fs.LocalFileSystem(),
                           destination_filesystem=storage_filesystem(uri))
-    os.environ["AGL_CACHE_DIR"] = str(tmp_path / "node-cache")  # this node's staged copy: metadata only
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AGL_CACHE_DIR", str(tmp_path / "node-cache"))  # this node's staged copy: metadata only
         ds = read_train_part(uri, SPLIT)
-    finally:
-        del os.environ["AGL_CACHE_DIR"]
     assert ds.input_files() and all(f.startswith("agl-data/stores/small-sparse/spots/") for f in ds.input_files())
     local = open_store(stores["sparse"])
     targets = StoreTargets(local, local.gene_set(SPLIT)["column"].to_numpy())

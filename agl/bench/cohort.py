@@ -325,7 +325,9 @@ def measure_sweep(store: Path, work: Path, epochs: int) -> dict[str, Any]:
     # Ray kills trials when the whole machine's memory passes 95%; on a shared machine other users' jobs decide
     # that, so the bench lets the kernel decide instead unless told otherwise (the trials' own peaks are recorded)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_memory_usage_threshold":
-           os.environ.get("RAY_memory_usage_threshold", SWEEP_RAY_MEMORY_THRESHOLD)}
+           os.environ.get("RAY_memory_usage_threshold", SWEEP_RAY_MEMORY_THRESHOLD),
+           # Ray starts workers 15 nicer than its raylet: trials at 19 would measure the machine's other jobs
+           "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}
     started = time.perf_counter()
     log_path = work / "sweep.log"  # the whole sweep's output (Ray, Tune, MLflow), kept for a failed run
     with open(log_path, "w") as log_file:
