@@ -192,8 +192,8 @@ def measure(store: Path, path: str, kind: str, epochs: int, trials: int) -> dict
 
 # --------------------------------------------------------------------------- the sweep phase
 # A cross-validated space on the cohort's outer split: 2 trials at once (1 CPU and 1 torch thread each),
-# every trial fitting 2 inner kfold folds; DkGSB in features mode keeps its default outer_val: full (the
-# whole outer-validation part in one batch), so the measurement includes that part's memory.
+# every trial fitting 2 inner kfold folds. ``method``: pgl by default (the train phase's; cheapest on a loaded
+# machine); dkgsb keeps its features-mode default outer_val: full (the whole outer-validation part in one batch).
 SWEEP_SPACE = """\
 description: agl bench cohort's sweep phase (2 concurrent CV trials on a tiled cohort)
 split: {split}
@@ -206,7 +206,7 @@ scheduler: {{name: fifo}}
 resources: {{cpu: 1}}
 cv: {{kind: kfold, folds: 3, max_folds: 2, seed: 0}}
 fixed:
-  method: dkgsb
+  method: {method}
   mode: features
   backbone: {backbone}
   weights: {weights}
@@ -300,13 +300,14 @@ class TreeSampler:
                 "tree_pss_peak_mb": round(self.tree_pss_peak_mb, 1)}
 
 
-def sweep_child(store_path: str, work: str, epochs: int) -> dict[str, Any]:
+def sweep_child(store_path: str, work: str, epochs: int, method: str = "pgl") -> dict[str, Any]:
     """The sweep phase in this process (the driver): ``agl tune``'s run_sweep of :data:`SWEEP_SPACE` on the cohort."""
     from agl.distributed.tune import SweepOptions, run_sweep
 
     work_dir = Path(work)
     space = work_dir / "cohort-sweep.yaml"
-    space.write_text(SWEEP_SPACE.format(split=SPLITS[0], backbone=BACKBONE, weights=WEIGHTS, epochs=epochs))
+    space.write_text(SWEEP_SPACE.format(split=SPLITS[0], backbone=BACKBONE, weights=WEIGHTS, epochs=epochs,
+                                        method=method))
     started = time.perf_counter()
     summary = run_sweep(SweepOptions(space=str(space), store=store_path, out=str(work_dir / "sweep"),
                                      name="cohort-sweep", num_cpus=2, max_concurrent=2, threads_per_trial=1))
@@ -317,10 +318,10 @@ def sweep_child(store_path: str, work: str, epochs: int) -> dict[str, Any]:
             "champion_test_pcc": (summary.champion or {}).get("metrics", {}).get("test_pcc")}
 
 
-def measure_sweep(store: Path, work: Path, epochs: int) -> dict[str, Any]:
+def measure_sweep(store: Path, work: Path, epochs: int, method: str = "pgl") -> dict[str, Any]:
     """Run :func:`sweep_child` in a fresh process (nice 10) and sample its process tree."""
     code = ("import json, sys; from agl.bench.cohort import sweep_child; "
-            "print('RESULT ' + json.dumps(sweep_child(sys.argv[1], sys.argv[2], int(sys.argv[3]))))")
+            "print('RESULT ' + json.dumps(sweep_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])))")
     work.mkdir(parents=True, exist_ok=True)
     # Ray kills trials when the whole machine's memory passes 95%; on a shared machine other users' jobs decide
     # that, so the bench lets the kernel decide instead unless told otherwise (the trials' own peaks are recorded)
@@ -331,7 +332,7 @@ def measure_sweep(store: Path, work: Path, epochs: int) -> dict[str, Any]:
     started = time.perf_counter()
     log_path = work / "sweep.log"  # the whole sweep's output (Ray, Tune, MLflow), kept for a failed run
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen([*niced(), sys.executable, "-c", code, str(store), str(work), str(epochs)],
+        proc = subprocess.Popen([*niced(), sys.executable, "-c", code, str(store), str(work), str(epochs), method],
                                 stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env)
         sampler = TreeSampler(proc.pid)
         proc.wait()
@@ -383,16 +384,17 @@ def bench_cohort(out_dir: str | Path = "results", copies: tuple[int, ...] = (1, 
     return result
 
 
-def bench_cohort_sweep(out_dir: str | Path = "results", copies: tuple[int, ...] = (128,), epochs: int = 2,
-                       work: str | Path | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+def bench_cohort_sweep(out_dir: str | Path = "results", copies: tuple[int, ...] = (128,), epochs: int = 1,
+                       work: str | Path | None = None, method: str = "pgl",
+                       echo: Callable[[str], None] = print) -> dict[str, Any]:
     """The sweep phase: for each cohort, a 2-trial cross-validated Tune sweep (``run_sweep``, local Ray, 2 CPUs);
     per-trial peak USS/PSS/anonymous PSS/RSS of the trial processes, the driver's, the tree's PSS, wall time."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(work or tempfile.mkdtemp(prefix="agl-bench-cohort-"))
-    result: dict[str, Any] = {"copies": list(copies), "epochs": epochs, "method": "dkgsb", "mode": "features",
-                              "outer_val": "full", "space": SWEEP_SPACE.format(split=SPLITS[0], backbone=BACKBONE,
-                                                                             weights=WEIGHTS, epochs=epochs),
+    result: dict[str, Any] = {"copies": list(copies), "epochs": epochs, "method": method, "mode": "features",
+                              "space": SWEEP_SPACE.format(split=SPLITS[0], backbone=BACKBONE, weights=WEIGHTS,
+                                                          epochs=epochs, method=method),
                               "load_avg_1m_start": os.getloadavg()[0], "cpus": os.cpu_count(),
                               "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
                               "ray_memory_usage_threshold": float(os.environ.get("RAY_memory_usage_threshold",
@@ -412,7 +414,7 @@ def bench_cohort_sweep(out_dir: str | Path = "results", copies: tuple[int, ...] 
 
             shutil.rmtree(sweep_work)
         echo(f"cohort x{n}: {spots} spots; 2-trial CV sweep ...")
-        row = measure_sweep(store, sweep_work, epochs)
+        row = measure_sweep(store, sweep_work, epochs, method)
         run = {"copies": n, "spots": spots, "outer_val_spots": int((roles == "val").sum()),
                "load_avg_1m": os.getloadavg()[0], **row}
         result["runs"].append(run)

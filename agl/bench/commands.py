@@ -167,7 +167,9 @@ def add_bench_cohort_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-copies", default="",
                    help="also run the sweep phase (a 2-trial cross-validated Ray Tune sweep) on these cohort sizes, "
                         "e.g. 128 (~127k spots); results in bench_cohort_sweep.json / .png")
-    p.add_argument("--sweep-epochs", type=int, default=2, help="epochs per fold of the sweep phase")
+    p.add_argument("--sweep-epochs", type=int, default=1, help="epochs per fold of the sweep phase")
+    p.add_argument("--sweep-method", default="pgl", choices=("pgl", "dkgsb"),
+                   help="the sweep phase's method (dkgsb: its features-mode outer_val full, the outer part in one batch)")
 
 
 def cmd_bench_cohort(args: argparse.Namespace) -> int:
@@ -181,7 +183,8 @@ def cmd_bench_cohort(args: argparse.Namespace) -> int:
         bench_cohort(out_dir=args.out, copies=copies, before_max=_pairs(args.before_max, "--before-max", key=str),
                      epochs=args.epochs, work=args.work)
     if sweep_copies:
-        bench_cohort_sweep(out_dir=args.out, copies=sweep_copies, epochs=args.sweep_epochs, work=args.work)
+        bench_cohort_sweep(out_dir=args.out, copies=sweep_copies, epochs=args.sweep_epochs, work=args.work,
+                           method=args.sweep_method)
     return 0
 
 
