@@ -15,6 +15,12 @@ the memory-mapped pages it touches, which the OS page cache shares between proce
 does, without Ray), with ``before`` = the in-memory bundle (``make_bundle(in_memory=True)``, a
 bundle per fold) and ``after`` = the per-batch path (one bundle per trial, folds by
 ``with_roles``).
+
+The sweep phase (``--sweep-copies``) runs ``agl tune``'s :func:`agl.distributed.tune.run_sweep` of a
+cross-validated space (:data:`SWEEP_SPACE`: 2 trials at once, 2 inner kfold folds each, local Ray with 2
+CPUs) on a cohort, in a fresh driver process; the driver's process tree is sampled every second: each
+trial process's peaks (Ray's ``ray::ImplicitFunc`` actors), the driver's (it also refits the champion)
+and the tree's summed PSS, with the wall time.
 """
 from __future__ import annotations
 
@@ -312,10 +318,10 @@ def sweep_child(store_path: str, work: str, epochs: int, method: str = "pgl") ->
     summary = run_sweep(SweepOptions(space=str(space), store=store_path, out=str(work_dir / "sweep"),
                                      name="cohort-sweep", num_cpus=2, max_concurrent=2, threads_per_trial=1))
     table = summary.table
-    return {"seconds": time.perf_counter() - started, "complete": summary.complete, "trials": len(table),
+    return {"seconds": time.perf_counter() - started, "complete": summary.complete, "trials_done": len(table),
             "cv_pcc": [float(v) for v in table.get("cv_pcc", [])],
             "trial_time_s": [float(v) for v in table.get("time_total_s", [])],
-            "champion_test_pcc": (summary.champion or {}).get("metrics", {}).get("test_pcc")}
+            "champion_test_pcc": float((summary.champion or {}).get("metrics", {}).get("test_pcc", float("nan")))}
 
 
 def measure_sweep(store: Path, work: Path, epochs: int, method: str = "pgl") -> dict[str, Any]:
@@ -430,8 +436,7 @@ def sweep_line(run: dict[str, Any]) -> str:
         return f"  {run['spots']:,} spots: sweep FAILED (exit {run.get('returncode')}): {run.get('stderr', '')[-300:]}"
     trials = "; ".join(f"trial {t['pid']}: USS {t['uss_mb']:,.0f} MB, PSS {t['pss_mb']:,.0f} (anon "
                        f"{t['pss_anon_mb']:,.0f}), RSS {t['rss_mb']:,.0f}, {t['alive_s']:.0f} s" for t in run["trials"])
-    return (f"  {run['spots']:,} spots: {run['trials'] if isinstance(run['trials'], int) else len(run['trials'])} "
-            f"trials, complete={run.get('complete')}, {run['wall_s']:.0f} s wall; {trials}; driver PSS "
+    return (f"  {run['spots']:,} spots: {run.get('trials_done')} trials done, complete={run.get('complete')}, {run['wall_s']:.0f} s wall; {trials}; driver PSS "
             f"{run['driver'].get('pss_mb', 0):,.0f} MB; whole tree PSS peak {run['tree_pss_peak_mb']:,.0f} MB")
 
 
