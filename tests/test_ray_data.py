@@ -130,3 +130,20 @@ def test_store_uri_training_table_is_read_from_the_bucket(s3_ray, stores, tmp_pa
     assert sorted(rows.tolist()) == local.rows(SPLIT, "train").tolist()
     for r, expression in batches:
         np.testing.assert_array_equal(expression, targets[r])
+
+
+def test_every_trial_body_trains_on_the_per_batch_path(demo_store, monkeypatch) -> None:
+    """Tune's function trials (agl_trial, agl_cv_trial) and Ray Train workers (train_func) all build their data with
+    service.run_config; it reads targets and features per batch, never the in-memory bundle."""
+    import inspect
+
+    from agl.distributed import cv, train, tune
+    from agl.service import run_config
+    from agl.training.streaming import MappedFeatureInputs
+    from trainkit import small_config
+
+    for body in (tune.agl_trial, cv.agl_cv_trial, train.train_func):
+        assert "run_config(" in inspect.getsource(body) and "in_memory" not in inspect.getsource(body)
+    run = run_config(small_config(method="pgl", epochs=1, mode="features", weights="imagenet"), demo_store,
+                     "kfold-s0-f0", rank=0, world_size=1)
+    assert isinstance(run.data.targets, StoreTargets) and isinstance(run.data.inputs, MappedFeatureInputs)
