@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple
 
 from agl.commands import int_list
 from agl.data.locate import add_store_arg, open_store_arg
+from agl.errors import ConfigError
 from agl.registry import Registry
 
 
@@ -163,13 +164,27 @@ def add_bench_cohort_args(p: argparse.ArgumentParser) -> None:
                    help="largest copies measured on the old in-memory path, per run kind")
     p.add_argument("--epochs", type=int, default=3, help="epochs per fit (seconds/epoch: the median after the first)")
     p.add_argument("--work", default=None, help="folder for the cohort stores (default: a temporary folder)")
+    p.add_argument("--sweep-copies", default="",
+                   help="also run the sweep phase (a 2-trial cross-validated Ray Tune sweep) on these cohort sizes, "
+                        "e.g. 128 (~127k spots); results in bench_cohort_sweep.json / .png")
+    p.add_argument("--sweep-epochs", type=int, default=1, help="epochs per fold of the sweep phase")
+    p.add_argument("--sweep-method", default="pgl", choices=("pgl", "dkgsb"),
+                   help="the sweep phase's method (dkgsb: its features-mode outer_val full, the outer part in one batch)")
 
 
 def cmd_bench_cohort(args: argparse.Namespace) -> int:
-    from agl.bench.cohort import bench_cohort
+    from agl.bench.cohort import bench_cohort, bench_cohort_sweep
 
-    bench_cohort(out_dir=args.out, copies=tuple(int_list(args.copies, "--copies")),
-                 before_max=_pairs(args.before_max, "--before-max", key=str), epochs=args.epochs, work=args.work)
+    copies = tuple(int_list(args.copies, "--copies"))
+    sweep_copies = tuple(int_list(args.sweep_copies, "--sweep-copies"))
+    if not copies and not sweep_copies:
+        raise ConfigError("--copies", "no cohort sizes: give --copies and/or --sweep-copies")
+    if copies:
+        bench_cohort(out_dir=args.out, copies=copies, before_max=_pairs(args.before_max, "--before-max", key=str),
+                     epochs=args.epochs, work=args.work)
+    if sweep_copies:
+        bench_cohort_sweep(out_dir=args.out, copies=sweep_copies, epochs=args.sweep_epochs, work=args.work,
+                           method=args.sweep_method)
     return 0
 
 

@@ -199,29 +199,46 @@ def iter_patch_batches(store: Store, rows: Sequence[int] | np.ndarray,
 
 
 def ray_dataset(store: Store, split: str, part: str,
-                columns: Sequence[str] = ("row", "patch", "expression")) -> "ray.data.Dataset":
+                columns: Sequence[str] = ("row", "patch", "expression"),
+                gene_columns: Sequence[int] | np.ndarray | None = None,
+                uri: str | None = None) -> "ray.data.Dataset":
     """A Ray Dataset over ``spots/`` restricted to the spots with role ``part`` in ``split``.
 
     Only the slide partitions holding such spots are listed, and a row filter is pushed
-    down to the Parquet reader.
+    down to the Parquet reader. ``gene_columns``: the ``expression`` column holds only these
+    genes, in this order (a split's gene set: ``[B, len(gene_columns)]`` per batch, never all
+    the store's genes). ``uri``: the same store at a storage URI (``s3://bucket/stores/NAME``):
+    the Parquet files are read from there through its pyarrow filesystem, so read tasks run on
+    any node; ``store`` (a local copy, e.g. :func:`agl.distributed.storage.node_store`'s) gives
+    only the split's rows and the manifest.
     """
     import ray.data
     from ray.data.expressions import col
 
     rows = store.rows(split, part)
     slides = sorted(set(store.spots["slide_id"].to_numpy()[rows]))
-    paths = [str(store.path / "spots" / f"slide_id={s}" / "part-0.parquet") for s in slides]
+    filesystem = None
+    root = str(store.path)
+    if uri is not None:
+        from agl.distributed.storage import fs_path, storage_filesystem
+
+        filesystem, root = storage_filesystem(uri), fs_path(uri)
+    paths = [f"{root}/spots/slide_id={s}/part-0.parquet" for s in slides]
     wanted = list(columns)
     read = set(wanted) | {"row"}
     if "expression" in read and store.expression_layout == "sparse":  # densified per batch below
         read = (read - {"expression"}) | {"expression_indices", store.expression_encoding.column}
-    ds = ray.data.read_parquet(paths).select_columns(sorted(read))  # projection pushdown
+    ds = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(sorted(read))  # projection pushdown
     # an expression filter (not a Python callable) is pushed down into the Parquet scan
     ds = ds.filter(expr=col("row").is_in(rows.tolist()))
     if "row" not in wanted:
         ds = ds.select_columns(wanted)
-    shapes = {"patch": tuple(store.manifest["patch_shape"]), "expression": (int(store.manifest["n_genes"]),)}
-    return ds.map_batches(_ListsToTensors(shapes, store.expression_encoding, store.expression_table),
+    n_genes = int(store.manifest["n_genes"])
+    shapes = {"patch": tuple(store.manifest["patch_shape"]), "expression": (n_genes,)}
+    if gene_columns is not None:
+        gene_columns = np.asarray(gene_columns, dtype=np.int64)
+        store.column_positions(gene_columns)  # out-of-range or repeated columns: a DataError naming the store
+    return ds.map_batches(_ListsToTensors(shapes, store.expression_encoding, store.expression_table, gene_columns),
                           batch_format="pyarrow")
 
 
@@ -229,42 +246,59 @@ class _ListsToTensors:
     """Turn fixed-size-list columns into numpy tensor columns ([B, px, px, 3], [B, G]).
 
     A sparse store's ``expression_indices`` / ``expression_counts`` (or ``expression_values``)
-    lists become one dense float32 ``expression`` column [B, G] per batch, decoded through the
-    store's value table (a few KB, shipped with this callable).
+    lists become one dense float32 ``expression`` column per batch, decoded through the
+    store's value table (a few KB, shipped with this callable). ``gene_columns`` keeps only
+    those genes' columns, in that order (the others are never densified).
     """
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], encoding: Any = None, table: np.ndarray | None = None):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], encoding: Any = None, table: np.ndarray | None = None,
+                 gene_columns: np.ndarray | None = None):
         from agl.data.encoding import LEGACY
 
         self.shapes, self.encoding, self.table = shapes, encoding or LEGACY, table
+        self.columns, self.positions = gene_columns, None
+        if gene_columns is not None:  # gene -> output column (-1: not kept), mapped once
+            self.positions = np.full(shapes["expression"][0], -1, dtype=np.int64)
+            self.positions[gene_columns] = np.arange(len(gene_columns))
 
     def __call__(self, batch):  # pyarrow.Table -> dict of numpy arrays
         out = {}
         if self.encoding.column in batch.column_names:
             out["expression"] = densify_csr_lists(batch.column("expression_indices"),
                                                   batch.column(self.encoding.column), self.shapes["expression"][0],
-                                                  self.encoding, self.table)
+                                                  self.encoding, self.table, self.positions)
         for name in batch.column_names:
             if name.startswith("expression_"):
                 continue
             column = batch.column(name).combine_chunks()
             if name in self.shapes:
-                out[name] = column.values.to_numpy().reshape((len(batch), *self.shapes[name]))
+                out[name] = column.flatten().to_numpy().reshape((len(batch), *self.shapes[name]))  # slice-aware
+                if name == "expression" and self.columns is not None:  # dense layout: the gene set's columns
+                    out[name] = np.ascontiguousarray(out[name][:, self.columns], dtype=np.float32)
             else:
                 out[name] = column.to_numpy()
         return out
 
 
-def densify_csr_lists(indices, values, n_genes: int, encoding: Any = None, table: np.ndarray | None = None) -> np.ndarray:
+def densify_csr_lists(indices, values, n_genes: int, encoding: Any = None, table: np.ndarray | None = None,
+                      positions: np.ndarray | None = None) -> np.ndarray:
     """float32 [B, n_genes] from Arrow list columns of per-spot gene indices and stored values (``encoding``:
-    agl.data.encoding.ValueEncoding, default float32 values; ``table``: its count -> value table)."""
-    import scipy.sparse as sp
-
+    agl.data.encoding.ValueEncoding, default float32 values; ``table``: its count -> value table).
+    ``positions`` (gene -> output column, -1: dropped): float32 [B, genes kept] instead, the rest never densified."""
     from agl.data.encoding import LEGACY
 
     idx, val = indices.combine_chunks(), values.combine_chunks()
     offsets = idx.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    genes = idx.flatten().to_numpy().astype(np.int64)
     decoded = (encoding or LEGACY).decode(val.flatten().to_numpy(), table)
-    csr = sp.csr_matrix((decoded, idx.flatten().to_numpy().astype(np.int32), offsets - offsets[0]),
-                        shape=(len(idx), n_genes))
-    return csr.toarray().astype(np.float32, copy=False)
+    spot = np.repeat(np.arange(len(idx), dtype=np.int64), lengths)
+    if positions is None:
+        out = np.zeros((len(idx), n_genes), dtype=np.float32)
+        out[spot, genes] = decoded
+        return out
+    where = positions[genes]
+    keep = where >= 0
+    out = np.zeros((len(idx), int((positions >= 0).sum())), dtype=np.float32)
+    out[spot[keep], where[keep]] = decoded[keep]
+    return out

@@ -225,7 +225,10 @@ def cmd_train_ray(args: argparse.Namespace) -> int:
     use_gpu = args.use_gpu or cfg.device.startswith("cuda")
     if args.tracking_uri:  # refuse an unreachable server before training, not after
         tracking.check_reachable(tracking.check_database(tracking.check_tracking_uri(args.tracking_uri), False))
-    store = resolve_store(args.store)
+    from agl.distributed.storage import is_uri
+
+    # a storage URI is staged on each worker's node (and its training table read in place by --data ray_data)
+    store = args.store if is_uri(args.store) else resolve_store(args.store)
     init_ray(args.address, num_cpus=args.num_cpus)
     scaling: dict[str, Any] = {"num_workers": args.num_workers, "use_gpu": use_gpu}
     if args.cpus_per_worker is not None:

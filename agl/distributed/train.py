@@ -11,11 +11,17 @@ Two ways a worker gets its training spots (``data``):
 
 - ``"bundle"``: ``make_bundle(store, split, cfg, rank, world_size)`` slices the seeded
   shuffled order per rank (every worker memory-maps the Arrow store);
-- ``"ray_data"``: the store's Parquet spot table is read through Ray Data and split by
-  Ray Train (``get_dataset_shard("train")``, equal shards); a batch's targets come from
-  the shard's ``expression`` column and its inputs (cached features or patches) by the
-  shard's ``row``. Validation/test still use the in-memory bundle (all ranks evaluate
-  the same spots).
+- ``"ray_data"``: the training spots of the store's Parquet spot table are read through Ray
+  Data (``row`` and the split's gene columns of ``expression``, decoded per batch) and split
+  by Ray Train: ``get_dataset_shard("train")`` is this worker's part of
+  ``Dataset.streaming_split(world_size, equal=True)``, so a worker receives only its share of
+  the rows, block by block, and no process materialises the table. A batch's targets come
+  from the shard's ``expression`` column and its inputs (memory-mapped cached features, or
+  patches) by the shard's ``row``. Validation and test use the per-batch path of every other
+  run (``StoreTargets`` + streamed ``StreamingMetrics``, ``agl.training.streaming``; all ranks
+  evaluate the same spots). A store given as a storage URI (``s3://...``) is staged once per
+  node for those (:func:`agl.distributed.storage.node_store`), while the training table is read
+  from the URI itself through its pyarrow filesystem, so Ray Data's read tasks run on any node.
 """
 from __future__ import annotations
 
@@ -59,7 +65,9 @@ class RayReporter:
 class ShardBundle:
     """A bundle whose training batches come from this worker's Ray Data shard.
 
-    Everything else (gene set, priors, validation and test arrays) is the in-memory bundle's.
+    Everything else (gene set, priors, streamed validation and test) is the base bundle's, whose
+    targets are read per batch. The shard's ``expression`` holds the split's genes in the base
+    bundle's order (``read_train_part``'s ``gene_columns``).
     """
 
     base: Any
@@ -82,17 +90,28 @@ class ShardBundle:
                                              local_shuffle_buffer_size=SHUFFLE_BUFFER,
                                              local_shuffle_seed=int(rng.integers(2**31))):
             rows = np.asarray(batch["row"], dtype=np.int64)
-            expression = np.stack(batch["expression"]).astype(np.float32, copy=False)
+            expression = np.stack(batch["expression"]).astype(np.float32, copy=False)  # a 2-D column or rows
+            if expression.shape != (len(rows), len(self.columns)):
+                raise ValueError(f"a Ray Data batch holds {expression.shape[1:]} genes, the split has "
+                                 f"{len(self.columns)}: build the dataset with read_train_part")
             views = rng.integers(0, N_VIEWS, size=len(rows))
-            yield self.base.inputs.batch(rows, views), torch.from_numpy(np.ascontiguousarray(expression[:, self.columns]))
+            yield self.base.inputs.batch(rows, views), torch.from_numpy(np.ascontiguousarray(expression))
 
 
-def read_train_part(store_path: str | Path, split: str) -> Any:
-    """The training spots of ``split`` as a Ray Dataset of (row, expression) from the Parquet spot table."""
+def read_train_part(store: str | Path, split: str) -> Any:
+    """The training spots of ``split`` as a Ray Dataset of (row, the split's gene columns of expression).
+
+    ``store``: a local store folder, or a storage URI (``s3://bucket/stores/NAME``) whose Parquet files
+    Ray Data then reads in place through the URI's pyarrow filesystem (the split's rows and gene set come
+    from this node's staged copy, :func:`agl.distributed.storage.node_store`)."""
     from agl.data.loaders import ray_dataset
     from agl.data.store import open_store
+    from agl.distributed.storage import is_uri
 
-    return ray_dataset(open_store(store_path), split, "train", columns=("row", "expression"))
+    opened = open_store(node_store(str(store)))
+    columns = opened.gene_set(split)["column"].to_numpy()
+    return ray_dataset(opened, split, "train", columns=("row", "expression"), gene_columns=columns,
+                       uri=str(store) if is_uri(store) else None)
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -187,7 +206,7 @@ def build_trainer(cfg: Any, store_path: str | Path, split: str, scaling: Mapping
         if "://" in str(storage_path):
             raise ConfigError("scaling.num_workers", "in-process mode (0 workers) needs a local storage_path")
         loop_config["final_dir"] = str(Path(storage_path) / name / "final_checkpoint")
-    datasets = {"train": read_train_part(node_store(str(store_path)), split)} if data == "ray_data" else None
+    datasets = {"train": read_train_part(str(store_path), split)} if data == "ray_data" else None
     return TorchTrainer(
         train_func,
         train_loop_config=loop_config,

@@ -298,9 +298,11 @@ class Trainer:
         options = estimator_options(cfg)
         part = self.outer_part()
         if cfg.outer_val == "full":
-            # the whole outer-validation part in one batch (by design): its spots x the model's outputs
-            xv, yv, _ = self.data.eval_arrays(part, n_columns=self.n_out)
-            full_val = (xv.to(self.device), torch.as_tensor(np.asarray(yv)[:, : self.n_out]).to(self.device))
+            # the whole outer-validation part in one batch (by design): its inputs and only its primary genes'
+            # targets, the only ones an outer loss reads (per_gene(..., val, n_primary) in every estimator), so it
+            # holds part x (input dim + primary genes), not part x every output (1.9 GB at 34k spots x 13,949 genes)
+            xv, yv, _ = self.data.eval_arrays(part, n_columns=self.n_primary)
+            full_val = (xv.to(self.device), torch.as_tensor(np.asarray(yv)[:, : self.n_primary]).to(self.device))
             val_iter: Iterator[tuple[Tensor, Tensor]] = iter(lambda: full_val, None)
         else:
             val_iter = _cycle(lambda e: self.data.val_batches(bs, e, part), epoch, part)
