@@ -166,6 +166,9 @@ def checkpoint(stores, tmp_path_factory) -> Path:
     return out / "checkpoint"
 
 
+@pytest.mark.reliability(kind="use", case="agl predict of C3 with a model trained on a Macenko-normalised store (C2 + C3)",
+                         outcome="the patches given to the model equal the store's normalised C3 patches, spot by spot; "
+                                 "the .h5ad records stain=macenko")
 def test_predict_applies_the_stores_normalisation(stores, checkpoint: Path, her2st_dir: Path, tmp_path: Path,
                                                   monkeypatch) -> None:
     import agl.predict as predict_module
@@ -190,6 +193,9 @@ def test_predict_applies_the_stores_normalisation(stores, checkpoint: Path, her2
     assert all(np.array_equal(a, b) for a, b in pairs)  # predict cut and normalised them exactly as ingest did
 
 
+@pytest.mark.reliability(kind="use", case="the champion's pyfunc of a model trained on a Macenko-normalised store, "
+                         "given raw patches", outcome="normalises them with the store's reference: the same predictions "
+                                                     "as the model given the store's normalised patches")
 def test_pyfunc_applies_the_stores_normalisation(stores, checkpoint: Path) -> None:
     from types import SimpleNamespace
 

@@ -117,7 +117,7 @@ def fit_reference(patches: np.ndarray, method: str, slide_ids: Sequence[str] | n
         reference = {"target_means": median[:3].tolist(), "target_stds": median[3:6].tolist()}
     from importlib.metadata import version
 
-    used = sorted(set(slides[rows])) if slides is not None else None
+    used = sorted(map(str, set(slides[rows]))) if slides is not None else None
     return {"version": RECORD_VERSION, "method": method, "reference": reference,
             "reference_from": {"slides": used, "n_patches": len(fits), "n_looked_at": int(len(rows)),
                                "rule": "element-wise median of per-patch fits over tissue patches"},
