@@ -209,3 +209,30 @@ def test_pyfunc_applies_the_stores_normalisation(stores, checkpoint: Path) -> No
     plain = AglPyfuncModel().serve(served.model, served.cfg, served.columns)  # the same model, no stain record
     assert np.allclose(served.predict(None, raw).to_numpy(), plain.predict(None, done).to_numpy(), atol=1e-5)
     assert not np.allclose(served.predict(None, raw).to_numpy(), plain.predict(None, raw).to_numpy(), atol=1e-3)
+
+
+def test_info_shows_the_stain(stores, capsys) -> None:
+    capsys.readouterr()
+    assert main(["info", str(stores["macenko"])]) == 0
+    assert "stain=macenko (reference from" in capsys.readouterr().out
+    assert main(["info", str(stores["none"])]) == 0
+    assert "stain=none" in capsys.readouterr().out
+
+
+@pytest.mark.reliability(kind="bad input", case="agl predict with a checkpoint whose store.json stain record has no "
+                         "usable reference (edited or truncated)",
+                         outcome="DataError naming store.json before any patch is cut; no output folder")
+def test_predict_refuses_a_broken_stain_record(checkpoint: Path, her2st_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from agl.predict import PredictOptions, predict_slides
+
+    broken = Path(shutil.copytree(checkpoint, tmp_path / "ckpt"))
+    record = json.loads((broken / "store.json").read_text())
+    del record["stain"]["reference"]["HERef"]
+    (broken / "store.json").write_text(json.dumps(record))
+    out = tmp_path / "pred"
+    with pytest.raises(DataError, match="store.json"):
+        predict_slides(PredictOptions(out=str(out), input=str(her2st_dir), format="her2st",
+                                      reader_args={"sections": ["C3"]}, checkpoint=str(broken), top_genes=0))
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".pred")]

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stain", choices=STAIN_METHODS, default="none",
                    help="stain normalisation of the patches (torchstain): macenko (H and E stain vectors) or reinhard "
                         "(LAB colour statistics), to a reference fitted on the store's slides; agl predict applies "
-                        "the same to new slides (default: none)")
+                        "the same to new slides")
     add_list_arg(p, "--stain-reference-slides", help="fit the stain reference on these slides only (default: all "
                                                      "slides of the store)")
     p.add_argument("--min-genes", type=int, default=200)
