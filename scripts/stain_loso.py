@@ -71,6 +71,25 @@ def compare(base: pd.DataFrame, stained: pd.DataFrame, method: str) -> dict[str,
                       for (s, k), n, m in zip(both.index, both["pcc_none"], both["pcc_stain"])]}
 
 
+def colour_spread(store_paths: dict[str, str]) -> dict[str, Any]:
+    """Per-slide mean RGB of tissue pixels (every 4th pixel) in each store, and its between-slide s.d."""
+    from agl.data.stain import BETA, IO
+    from agl.data.store import open_store
+
+    out: dict[str, Any] = {}
+    for name, path in store_paths.items():
+        store = open_store(path)
+        slides = store.spots["slide_id"].astype(str).to_numpy()
+        means = {}
+        for sid in sorted(set(slides)):
+            px = np.asarray(store.patches[np.flatnonzero(slides == sid), ::4, ::4]).reshape(-1, 3).astype(np.float64)
+            tissue = np.all(-np.log((px + 1.0) / IO) >= BETA, axis=1)  # the stain module's tissue mask
+            means[sid] = px[tissue].mean(axis=0).round(2).tolist()
+        out[name] = {"tissue_mean_rgb": means,
+                     "between_slide_sd_rgb": np.std(np.array(list(means.values())), axis=0, ddof=1).round(2).tolist()}
+    return out
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     """Per-run paired differences by held-out slide, one panel per method."""
     import matplotlib
@@ -80,7 +99,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     from agl.fileio import atomic_savefig
 
-    methods = result["methods"]
+    methods = [m for m in result["methods"] if m["n_pairs"]]
+    if not methods:
+        return
     fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4), squeeze=False, sharey=True)
     for ax, m in zip(axes[0], methods):
         pairs = pd.DataFrame(m["pairs"])
@@ -106,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stained", type=Path, required=True, help="agl evaluate output on the stain-normalised store")
     p.add_argument("--stain", default="macenko", help="the normalisation of --stained (for the labels)")
     p.add_argument("--stain-store", default=None, help="the normalised store (its reference goes into the JSON)")
+    p.add_argument("--none-store", default=None, help="the unnormalised store (for the per-slide colour table)")
     p.add_argument("--out", type=Path, default=Path("results/bench_stain_loso"), help="OUT.json and OUT.png")
     args = p.parse_args(argv)
     base, stained = load_runs(args.none), load_runs(args.stained)
@@ -121,11 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         from agl.data.store import open_store
 
         result["stain_record"] = store_record(open_store(args.stain_store))
+        if args.none_store:
+            result["colour"] = colour_spread({"none": args.none_store, args.stain: args.stain_store})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(args.out.with_suffix(".json"))
-    plot(result, args.out.with_suffix(".png"))
+    plot(result, args.out.with_suffix(".png"))  # none when no run has its pair yet
+    for name, c in result.get("colour", {}).items():
+        print(f"{name}: between-slide s.d. of the tissue mean RGB {c['between_slide_sd_rgb']}")
     for m in result["methods"]:
         print(f"{m['method']}: {m['n_pairs']} pairs (seeds {m['seeds']}); none {m['none']['mean']:.4f} ± "
               f"{m['none']['se']:.4f}, {args.stain} {m['stain']['mean']:.4f} ± {m['stain']['se']:.4f}; "
