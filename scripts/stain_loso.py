@@ -121,6 +121,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The table for docs/results.md: per method, both arms (mean ± s.e. over runs) and the paired difference."""
+    lines = [f"| method | pairs (seeds) | none | {result['stain']} | {result['stain']} - none (± s.e.) | wins / losses | "
+             "Wilcoxon p | paired t p | per gene (wins / losses, p) |", "|---" * 9 + "|"]
+    for m in result["methods"]:
+        g = m["per_gene"]
+        lines.append(f"| {m['method']} | {m['n_pairs']} ({','.join(map(str, m['seeds']))}) | {m['none']['mean']:.4f} ± "
+                     f"{m['none']['se']:.4f} | {m['stain']['mean']:.4f} ± {m['stain']['se']:.4f} | "
+                     f"{m['diff']['mean']:+.4f} ± {m['diff']['se']:.4f} | {m['wins']} / {m['losses']} | "
+                     f"{m['p_wilcoxon']:.3g} | {m['p_t']:.3g} | {g['mean_diff']:+.4f} ({g['wins']} / {g['losses']} of "
+                     f"{g['n_genes']}, p = {g['p_wilcoxon']:.3g}) |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--none", type=Path, required=True, help="agl evaluate output on the unnormalised store")
@@ -159,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
               f"Wilcoxon p = {m['p_wilcoxon']:.3g}, paired t p = {m['p_t']:.3g}; per gene "
               f"{m['per_gene']['mean_diff']:+.4f} ({m['per_gene']['wins']}/{m['per_gene']['losses']} of "
               f"{m['per_gene']['n_genes']}), p = {m['per_gene']['p_wilcoxon']:.3g}")
+    print(markdown(result))
     print(f"written: {args.out.with_suffix('.json')}, {args.out.with_suffix('.png')}")
     return 0
 
