@@ -2,7 +2,8 @@
 
 ``predict_slides`` takes a checkpoint folder (or the MLflow model version
 ``<model>@champion``), reads the slide in any supported format
-(``agl.data.readers.read_slides``), cuts patches as in training, runs the model and
+(``agl.data.readers.read_slides``), cuts patches as in training (same size, same stain
+normalisation with the training store's reference: ``store.json``), runs the model and
 writes ``OUT/predictions.h5ad`` plus PNG spatial maps (predicted vs measured) of the
 best-predicted primary genes (or the genes named by ``--genes``) under ``OUT/maps/``. A slide
 the checkpoint trained or validated on (its ``store.json`` records the split's slides) gets a
@@ -111,6 +112,13 @@ def patch_settings(ckpt: Path, opts: PredictOptions) -> tuple[float, int]:
         log.warning("%s records no patch size; using %s um / %s px (pass --patch-um/--patch-px to match training)",
                     ckpt, um or DEFAULT_PATCH_UM, px or DEFAULT_PATCH_PX)
     return float(um or DEFAULT_PATCH_UM), int(px or DEFAULT_PATCH_PX)
+
+
+def stain_record(ckpt: Path) -> dict[str, Any]:
+    """The stain normalisation the checkpoint's store applied to its patches (``{"method": "none"}`` if none)."""
+    from agl.data.stain import check_record
+
+    return check_record(store_record(ckpt).get("stain"), ckpt / "store.json")
 
 
 def preprocessing(ckpt: Path) -> dict[str, Any]:
@@ -363,6 +371,7 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
     from agl.training.checkpoint import load_model
     from agl.data.patches import extract_patches
     from agl.data.readers import read_slides
+    from agl.data.stain import normalise_patches
 
     out = Path(opts.out)
     check_output_folder(out, COMMAND, inputs=input_paths(opts), overwrite=opts.overwrite)  # before any work
@@ -398,9 +407,14 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
         if slides is None:
             log.info("%s records no training slides (a checkpoint of earlier agl, its store not in the agl cache): "
                      "whether %s was among them is unknown", ckpt, ", ".join(predicted_slides))
+        stain = stain_record(ckpt)  # read before cutting: a damaged record stops here
         patches, keep, report = extract_patches(adata, patch_um=patch_um, patch_px=patch_px, border="pad")
         if not keep.all():
             adata, patches, measured = adata[keep].copy(), patches[keep], measured[keep]
+        patches, n_as_cut = normalise_patches(patches, stain)  # as the training store's patches were
+        if stain["method"] != "none":
+            log.info("stain %s with the training store's reference: %d of %d patches background, kept as cut",
+                     stain["method"], n_as_cut, len(patches))
         pred = run_model(model, cfg, patches, opts.batch_size, opts.device)
         var = out_genes.set_index(out_genes["gene"].astype(str))
         var.index.name = None
@@ -415,6 +429,7 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
         result.uns["agl_predict"] = {
             "checkpoint": str(opts.checkpoint or f"models:/{opts.model_name}@{opts.alias}"),
             "config": json.dumps(cfg.to_dict()), "patch_um": patch_um, "patch_px": patch_px,
+            "stain": stain["method"],
             "n_dropped_spots": int((~keep).sum()), "input": str(opts.input), "format": opts.format,
             "training_slides": json.dumps(slides), "in_sample_slides": json.dumps(in_sample),
         }

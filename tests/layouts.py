@@ -451,10 +451,10 @@ def write_xenium(adata: ad.AnnData, bundle: Path, *, affine: np.ndarray, spot_um
                   "transcript_counts": np.vstack(cell_rows).sum(axis=1)}).to_parquet(bundle / "cells.parquet", index=False)
     stem = bundle.name
     os.symlink(meta["image_path"], bundle.parent / f"{stem}_he_image{Path(meta['image_path']).suffix}")
-    if keypoints:  # Xenium Explorer >= 2.0: pairs of H&E pixels (alignment) and Xenium microns (fixed)
+    if keypoints:  # Xenium Explorer: pairs of H&E pixels (alignment) and morphology-image pixels (fixed)
         he = np.array([[500.0, 700.0], [8000.0, 900.0], [4000.0, 8500.0], [1200.0, 6000.0], [7000.0, 7000.0]])
-        um = (np.column_stack([he, np.ones(len(he))]) @ affine.T)[:, :2] * XENIUM_PIXEL_SIZE
-        pd.DataFrame({"fixedX": um[:, 0], "fixedY": um[:, 1], "alignmentX": he[:, 0], "alignmentY": he[:, 1]}).to_csv(
+        px = (np.column_stack([he, np.ones(len(he))]) @ affine.T)[:, :2]  # not microns: Explorer writes pixels
+        pd.DataFrame({"fixedX": px[:, 0], "fixedY": px[:, 1], "alignmentX": he[:, 0], "alignmentY": he[:, 1]}).to_csv(
             bundle.parent / f"{stem}_keypoints.csv", index=False)
     else:
         np.savetxt(bundle.parent / f"{stem}_he_imagealignment.csv", affine, delimiter=",", fmt="%.17g")

@@ -80,7 +80,7 @@ def test_xenium_transcripts_pool_back_into_spots(c3, affine, bundle):
 
 
 @pytest.mark.reliability(kind="layout", case="Xenium bundle without transcripts.parquet (cells only), and the "
-                         "alignment as a Xenium Explorer keypoints CSV (fixedX/fixedY um, alignmentX/alignmentY px)",
+                         "alignment as a Xenium Explorer keypoints CSV (fixedX/fixedY morphology px, alignmentX/alignmentY H&E px)",
                          outcome="cells pooled by centroid give each spot's counts exactly (a warning says cells are "
                                  "used); the affine fitted to 5 keypoints places the squares as the matrix does")
 def test_xenium_cells_only_with_keypoints(c3, affine, tmp_path):

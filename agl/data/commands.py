@@ -14,6 +14,7 @@ from agl.errors import ConfigError
 FORMATS = ("her2st", "hest", "visium", "visium-hd", "xenium", "anndata")
 ARRAY_CHOICES = ("auto", "1k", "2k")  # agl.data.readers.ST_ARRAY_CHOICES (the parser stays light)
 DUPLICATE_CHOICES = ("error", "sum", "first")  # agl.data.readers.DUPLICATE_POLICIES
+STAIN_METHODS = ("none", "macenko", "reinhard")  # agl.data.stain.STAIN_METHODS (the parser stays light)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-um", type=float, default=112.0, help="tissue width of a patch in micrometres")
     p.add_argument("--patch-px", type=int, default=224, help="patch size in pixels")
     p.add_argument("--border", choices=("pad", "drop"), default="pad", help="spots near the image edge")
+    p.add_argument("--stain", choices=STAIN_METHODS, default="none",
+                   help="stain normalisation of the patches (torchstain): macenko (H and E stain vectors) or reinhard "
+                        "(LAB colour statistics), to a reference fitted on the store's slides; agl predict applies "
+                        "the same to new slides")
+    add_list_arg(p, "--stain-reference-slides", help="fit the stain reference on these slides only (default: all "
+                                                     "slides of the store)")
     p.add_argument("--min-genes", type=int, default=200)
     p.add_argument("--min-cells", type=int, default=3)
     p.add_argument("--normalize-total", type=float, default=None, metavar="X",
@@ -150,7 +157,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                         what="an agl store")
     check_target(args.out, args.overwrite)
     check_output_location(args.out)  # writable, with room: known before reading and cutting every slide
+    if args.stain_reference_slides and args.stain == "none":
+        raise ConfigError("--stain-reference-slides", "only with --stain macenko or --stain reinhard")
     if args.stream or args.address:
+        if args.stain != "none":  # the reference needs every slide's patches before any slide is written
+            raise ConfigError("--stain", "is not available with --stream/--address yet; ingest without them")
         return _cmd_ingest_streaming(args)
     adata = read_slides(args.format, args.path, **reader_kwargs(args.format, args))
     prior_data = None
@@ -163,7 +174,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                        log1p=not args.no_log1p, n_primary=args.n_primary,
                        primary_min_detection=args.primary_min_detection, priors=args.priors,
                        prior_data=prior_data, split_kinds=args.split_kinds, seeds=args.seeds,
-                       overwrite=args.overwrite, expression_layout=args.expression or "dense")
+                       overwrite=args.overwrite, expression_layout=args.expression or "dense",
+                       stain=args.stain, stain_reference_slides=args.stain_reference_slides)
     print(f"store written: {path}")
     return 0
 
@@ -211,8 +223,11 @@ def describe(store: Any, split: str | None = None) -> str:
              + ", ".join(f"{s} {n}" for s, n in m["slides"].items()),
              f"genes      {m['n_genes']}"]
     patch = m.get("patch", {})
+    stain = patch.get("stain") or {"method": "none"}
     lines.append(f"patches    {' x '.join(map(str, m['patch_shape']))} uint8, "
-                 f"{patch.get('patch_um')} um wide, border={patch.get('border')}")
+                 f"{patch.get('patch_um')} um wide, border={patch.get('border')}, stain={stain['method']}"
+                 + (f" (reference from {stain['reference_from']['n_patches']} patches of "
+                    f"{', '.join(stain['reference_from']['slides'] or [])})" if stain.get("reference_from") else ""))
     lines.append(f"preprocess {m.get('preprocessing')}")
     names = store.split_names
     kinds: dict[str, int] = {}

@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,7 @@ from agl.data.preprocess import (PRIORS, PriorContext, check_min_detection, chec
                                  gene_set, gene_table, preprocess, primary_genes, prior_names)
 from agl.data.schema import OBS_SLIDE, UNS_SLIDES, validate_canonical
 from agl.data.splits import SPLIT_KINDS, SPLITS_VERSION, SplitTable, loso_validation, split_kind, split_table
+from agl.data.stain import check_method as check_stain_method, fit_reference, normalise_patches
 from agl.data.stats import GeneMoments, seurat_hvg
 from agl.data.encoding import ValueEncoding, counts_encoding, settings_transform
 from agl.data.store import (SAFE_NAME, check_layout, check_target, finish_store, new_temp_folder, write_ipc_blocks,
@@ -78,7 +79,8 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
                 primary_min_detection: float = 0.0,
                 priors: Iterable[str] = ("hvg", "mean"), prior_data: AnnData | None = None,
                 split_kinds: Iterable[str] = ("kfold", "spatial", "loso"), seeds: Iterable[int] = (0, 1, 2),
-                n_folds: int = 5, overwrite: bool = False, expression_layout: str = "dense") -> Path:
+                n_folds: int = 5, overwrite: bool = False, expression_layout: str = "dense",
+                stain: str = "none", stain_reference_slides: Sequence[str] | None = None) -> Path:
     """Ingest a canonical AnnData (all slides, with images) into a store at ``out``.
 
     Steps: extract patches (H1's ``extract_patches``), drop spots without a patch,
@@ -86,6 +88,10 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
     only among genes detected in ``primary_min_detection`` of the spots, and priors on
     that split's training spots; "coexpr" from ``prior_data`` when given), then
     ``write_store``. Nothing appears at ``out`` unless every step succeeds.
+
+    ``stain`` (``agl.data.stain``): normalise the kept patches to a reference fitted on the
+    patches of ``stain_reference_slides`` (default: every slide of the store); the record goes
+    into the manifest (``patch.stain``) and ``stain.json``.
     """
     out = check_target(out, overwrite)  # fail before the expensive work
     try:
@@ -99,6 +105,13 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
         raise ConfigError("ingest", f"need --patch-um > 0, --patch-px > 0, --n-primary > 0 and --border pad|drop; "
                                     f"got {patch_um}, {patch_px}, {n_primary}, {border!r}")
     check_min_detection(primary_min_detection)
+    check_stain_method(stain)
+    if stain_reference_slides:  # before cutting patches: a misspelt slide must not cost an ingest
+        present = set(adata.obs[OBS_SLIDE].astype(str))
+        missing = sorted(set(map(str, stain_reference_slides)) - present)
+        if missing:
+            raise ConfigError("--stain-reference-slides", f"slides {missing} are not ingested; the store's slides "
+                                                          f"are {sorted(present)}")
     progress = _Progress(6)
     n_read = adata.n_obs
 
@@ -115,6 +128,14 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
         check_panel(pp.n_vars, n_primary)
     progress.step(f"preprocess: {pp.n_obs} spots x {pp.n_vars} genes "
                   f"(min_genes={min_genes}, min_cells={min_cells}, log1p={log1p}, normalize_total={normalize_total})")
+    stain_record = {"method": "none"}
+    if stain != "none":  # after QC: the reference and the store hold the same patches
+        stain_record = fit_reference(patches, stain, pp.obs[OBS_SLIDE].astype(str).to_numpy(), stain_reference_slides)
+        patches, n_as_cut = normalise_patches(patches, stain_record, progress=True)
+        stain_record["n_kept_as_cut"] = int(n_as_cut)
+        log.info("stain %s: reference from %d tissue patches of %s; %d of %d patches background, kept as cut",
+                 stain, stain_record["reference_from"]["n_patches"], stain_record["reference_from"]["slides"],
+                 n_as_cut, len(patches))
 
     prior_pp = None
     if prior_data is not None:
@@ -157,7 +178,9 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
                           "prior_slides": None if prior_data is None
                           else sorted(map(str, prior_data.obs[OBS_SLIDE].unique()))},
         "patch": {"patch_um": float(patch_um), "patch_px": int(patch_px), "border": border,
-                  "report": jsonable(report, max_array=1000)},
+                  "report": jsonable(report, max_array=1000),
+                  # only when on: the feature-cache keys of stores cut without it stay what they were
+                  **({"stain": stain_record} if stain != "none" else {})},
         "split_settings": {"kinds": split_kinds, "seeds": seeds, "n_folds": int(n_folds), "version": SPLITS_VERSION},
         "spots_read": int(n_read),
         "slide_meta": slides_meta,
@@ -165,7 +188,8 @@ def build_store(adata: AnnData, out: str | Path, *, patch_um: float = 112.0, pat
     }
     path = write_store(out, spots=spots, patches=np.ascontiguousarray(patches, dtype=np.uint8),
                        expression=expression, genes=genes, splits=splits, gene_sets=gene_sets,
-                       manifest=manifest, overwrite=overwrite, expression_layout=expression_layout)
+                       manifest=manifest, overwrite=overwrite, expression_layout=expression_layout,
+                       stain_record=stain_record if stain != "none" else None)
     progress.step(f"wrote {path}")
     return path
 

@@ -99,5 +99,8 @@ def check_store_files(store: Any, full: bool = False) -> dict[str, int]:
             log.debug("could not keep the integrity stamp of %s: %s", root, err)
     if hashed:
         log.info("checked %d of %d store files by sha256 (%s)", hashed, len(listed), root)
+    from agl.data.stain import store_record
+
+    store_record(store)  # the manifest's stain record and stain.json agree (a store cut without one: nothing to do)
     return {"files": len(listed), "hashed": hashed if not full else len(listed), "sampled": sampled}
 

@@ -389,7 +389,7 @@ def write_expression_arrays(folder: Path, n_spots: int, n_genes: int, layout: st
 def write_store(out: str | Path, *, spots: pd.DataFrame, patches: np.ndarray, expression: np.ndarray | sp.spmatrix,
                 genes: pd.DataFrame, splits: pd.DataFrame, gene_sets: Mapping[str, pd.DataFrame],
                 manifest: Mapping[str, Any] | None = None, overwrite: bool = False,
-                expression_layout: str = "dense") -> Path:
+                expression_layout: str = "dense", stain_record: Mapping[str, Any] | None = None) -> Path:
     """Write a complete store at ``out`` (temp folder beside it, renamed into place at the end).
 
     ``spots``: spot_id, slide_id, barcode, pixel_x, pixel_y in row order; ``patches``
@@ -400,7 +400,8 @@ def write_store(out: str | Path, *, spots: pd.DataFrame, patches: np.ndarray, ex
     ``manifest``: extra fields (preprocessing, patch settings, sources);
     ``expression_layout``: "dense" (float32 rows) or "sparse" (CSR per spot: indices +
     values). Refuses an existing ``out`` unless ``overwrite``, in which case the old store
-    is swapped out only once the new one is complete.
+    is swapped out only once the new one is complete. ``stain_record``: the patches' stain
+    normalisation (``agl.data.stain``), written to ``stain.json`` (listed and hashed like every file).
     """
     out = check_target(out, overwrite)
     layout = check_layout(expression_layout)
@@ -446,6 +447,10 @@ def write_store(out: str | Path, *, spots: pd.DataFrame, patches: np.ndarray, ex
             write_expression_arrays(tmp / "arrays", n, expression.shape[1], layout, lambda: [matrix],
                                     encoding=encoding)
         write_tables(tmp, spot_ids=table["spot_id"].to_numpy(), genes=genes, splits=splits, gene_sets=gene_sets)
+        if stain_record is not None:
+            from agl.data.stain import write_record
+
+            write_record(tmp, stain_record)
         finish_store(tmp, out, manifest=manifest or {}, n_spots=n, n_genes=int(expression.shape[1]),
                      patch_shape=patches.shape[1:], slides={s: int((table["slide_id"] == s).sum())
                                                             for s in pd.unique(table["slide_id"])},

@@ -55,7 +55,8 @@ def her2st_demo_store(cache_dir: str | Path | None = None, **overrides: Any) -> 
     """Path of a store built from the bundled sections; built on first use (about a minute).
 
     ``overrides`` change ingest settings (e.g. ``primary_min_detection=0.3`` for a primary
-    panel of genes detected in at least 30% of the training spots); the default store has none.
+    panel of genes detected in at least 30% of the training spots, ``stain="macenko"`` for
+    stain-normalised patches); the default store has none.
     The folder name carries a hash of the data and settings, so a changed package never
     reuses a stale store. Concurrent callers are safe: each builds in a temporary folder
     and renames it into place; whoever loses the race discards its copy and uses the winner's.
@@ -63,7 +64,7 @@ def her2st_demo_store(cache_dir: str | Path | None = None, **overrides: Any) -> 
     from agl.data.ingest import build_store
     from agl.data.store import StoreExistsError, open_store
 
-    unknown = sorted(set(overrides) - set(DEMO_STORE_SETTINGS) - {"primary_min_detection"})
+    unknown = sorted(set(overrides) - set(DEMO_STORE_SETTINGS) - {"primary_min_detection", "stain"})
     if unknown:
         from agl.errors import ConfigError
 

@@ -5,7 +5,9 @@ loading runs that file, which builds :class:`AglPyfuncModel`, whose ``load_conte
 bundled checkpoint folder with :func:`agl.training.checkpoint.load_model` (safetensors + JSON; weights
 only, :func:`agl.training.checkpoint.export_weights`: no optimiser state). It predicts on the device the
 model trained on, or where this host lacks it (CUDA), on what the host has, with a warning.
-Input: uint8 H&E patches ``[N, px, px, 3]`` cut as in training (``agl.data.patches``);
+Input: uint8 H&E patches ``[N, px, px, 3]`` cut as in training (``agl.data.patches``), before any
+stain normalisation: a model whose store normalised its patches (``agl ingest --stain``) applies the
+same transform with the store's reference (recorded in the bundled checkpoint's ``store.json``);
 output: a DataFrame ``[N, genes]`` of float32 predicted log1p expression, one column per gene
 named by its symbol, primary genes first (also the metadata ``genes`` and the checkpoint's
 ``genes.parquet``), so ``mlflow models serve`` answers with gene names; an empty batch gives
@@ -46,11 +48,14 @@ class AglPyfuncModel(_Base):
         self.checkpoint = Path(context.artifacts[ARTIFACT])
         model, _gate, cfg, self.genes = load_model(self.checkpoint)
         n_out = int(getattr(model, "n_genes", len(self.genes)))
-        self.serve(model, cfg, self.genes["gene"].astype(str).iloc[:n_out].tolist())
+        self.serve(model, cfg, self.genes["gene"].astype(str).iloc[:n_out].tolist(), stain_of(self.checkpoint))
 
-    def serve(self, model: Any, cfg: Any, columns: list[str]) -> "AglPyfuncModel":
-        """Hold ``model`` (trained with ``cfg``) for prediction, its outputs named ``columns`` (one per gene)."""
+    def serve(self, model: Any, cfg: Any, columns: list[str],
+              stain: dict[str, Any] | None = None) -> "AglPyfuncModel":
+        """Hold ``model`` (trained with ``cfg``) for prediction, its outputs named ``columns`` (one per gene);
+        ``stain``: the training store's stain record, applied to every request's patches."""
         self.model, self.cfg, self.columns = model, cfg, list(columns)
+        self.stain = dict(stain or {"method": "none"})
         self.predictors: dict[str, Any] = {}  # device -> Predictor: the encoder is built once, not per request
         return self
 
@@ -80,8 +85,10 @@ class AglPyfuncModel(_Base):
             return pd.DataFrame(np.zeros((0, len(self.columns)), dtype=np.float32), columns=self.columns)
         options = params or {}
         device = options.get("device") or None  # "": the signature's default, the host's device
-        pred = self.predictor(None if device is None else str(device)).predict(
-            patches.astype(np.uint8, copy=False), int(options.get("batch_size", 64)))
+        from agl.data.stain import normalise_patches
+
+        patches, _ = normalise_patches(patches.astype(np.uint8, copy=False), getattr(self, "stain", {}))
+        pred = self.predictor(None if device is None else str(device)).predict(patches, int(options.get("batch_size", 64)))
         return pd.DataFrame(pred, columns=self.columns)
 
 
@@ -103,6 +110,19 @@ def patch_px(checkpoint: Path) -> int:
 
     record = load_checkpoint(checkpoint).store
     return int((record.get("patch") or {}).get("patch_px") or record.get("patch_px") or DEFAULT_PATCH_PX)
+
+
+def stain_of(checkpoint: Path) -> dict[str, Any]:
+    """The stain record of the checkpoint's training store (``{"method": "none"}`` when it had none)."""
+    from agl.data.stain import check_record
+
+    return check_record(_store_json(checkpoint).get("stain"), Path(checkpoint) / "store.json")
+
+
+def _store_json(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's ``store.json`` (empty when absent: checkpoints of earlier agl)."""
+    path = Path(checkpoint) / "store.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def save_pyfunc(checkpoint: Path, dest: Path, input_example: np.ndarray | None = None) -> Path:
@@ -129,7 +149,7 @@ def save_pyfunc(checkpoint: Path, dest: Path, input_example: np.ndarray | None =
         mlflow.pyfunc.save_model(
             str(dest), python_model=str(ENTRY), artifacts={ARTIFACT: str(weights)}, signature=signature,
             input_example=input_example, pip_requirements=_requirements(),
-            metadata={"genes": json.dumps(names), "method": cfg.method,
+            metadata={"genes": json.dumps(names), "method": cfg.method, "stain": stain_of(checkpoint)["method"],
                       "backbone": cfg.backbone, "mode": cfg.mode})
     return dest
 

@@ -10,7 +10,7 @@ Layout of a checkpoint folder (written to a temporary sibling, then renamed into
                            the encoder input preprocessing (``encoder_input``: mean/std, size, crop)
     config.json            the TrainConfig
     genes.parquet          the gene set in model output order (roles, priors, ranks)
-    store.json             the store's manifest hash, preprocessing switches and patch size
+    store.json             the store's manifest hash, preprocessing switches, patch size (and stain record)
 
 A *weights-only* checkpoint (:func:`export_weights`: the registered MLflow model and each run's
 ``checkpoint`` artifact) keeps what prediction reads: ``best.safetensors`` (the best epoch's model and
@@ -26,7 +26,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -179,8 +179,16 @@ def _write_checkpoint_files(tmp: Path, trainer: "Trainer", cfg: TrainConfig, sta
                                            "preprocessing": manifest.get("preprocessing"),
                                            # prediction must cut patches of the physical size the model saw
                                            "patch": {k: (manifest.get("patch") or {}).get(k)
-                                                     for k in ("patch_um", "patch_px", "border")}})
+                                                     for k in ("patch_um", "patch_px", "border")},
+                                           # and normalise their stain as the store did (absent: none)
+                                           **stain_entry(manifest)})
     data.genes.reset_index(drop=True).to_parquet(tmp / GENES_FILE, index=False)
+
+
+def stain_entry(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"stain": record}`` for a store whose patches were stain-normalised, else ``{}`` (store.json as before)."""
+    record = (manifest.get("patch") or {}).get("stain")
+    return {"stain": dict(record)} if record and record.get("method", "none") != "none" else {}
 
 
 def slides_by_part(data: Any) -> dict[str, list[str]] | None:

@@ -6,8 +6,11 @@ morphology-image pixel), ``transcripts.parquet`` (x_location, y_location in um, 
 ``cells.parquet`` (cell_id, x_centroid, y_centroid in um) and ``cell_feature_matrix.h5`` (the 10x HDF5 schema).
 The H&E is a separate image; ``*_he_imagealignment.csv`` is a 3 x 3 affine from H&E pixels to morphology pixels
 (10x: "How can I convert coordinates between H&E image and Xenium data"; microns = pixels x pixel_size).
-Xenium Explorer >= 2.0 can export the keypoints instead (fixedX, fixedY: Xenium microns; alignmentX, alignmentY:
-H&E pixels): an affine is fitted to them.
+Xenium Explorer can export the keypoints instead (header ``fixedX,fixedY,alignmentX,alignmentY``; fixed: Xenium
+morphology-image pixels, like the matrix's output; alignment: H&E pixels): an affine is fitted to them and scaled
+by ``pixel_size`` as the matrix is. Checked against keypoints files written for Xenium Explorer by Xenium-Align
+(github.com/YuLin-code/Xenium-Align: fixed = cell microns / pixel_size; their fit gives 1.78 morphology pixels per
+H&E pixel, i.e. 0.38 um H&E pixels, where microns would give 1.78 um pixels and slides over 3 cm long).
 """
 from __future__ import annotations
 
@@ -60,7 +63,8 @@ def _find_alignment(bundle: Path, alignment_path: str | Path | None) -> Path:
 
 def read_alignment(path: Path, pixel_size: float) -> np.ndarray:
     """The 3 x 3 affine from H&E pixels to Xenium microns, from a transformation matrix CSV (H&E pixels to
-    morphology pixels, scaled here by ``pixel_size``) or a keypoints CSV (least squares over >= 3 pairs)."""
+    morphology pixels) or a keypoints CSV (H&E pixels and morphology pixels; least squares over >= 3 pairs), both
+    scaled here by ``pixel_size``."""
     try:
         text = path.read_text().strip()
     except (OSError, UnicodeDecodeError) as err:
@@ -76,7 +80,7 @@ def read_alignment(path: Path, pixel_size: float) -> np.ndarray:
                                   "3 keypoints not on one line; place more in Xenium Explorer or pass --alignment "
                                   "with the exported transformation matrix")
         coef, *_ = np.linalg.lstsq(design, xy[:, :2], rcond=None)
-        um = np.vstack([coef.T, [0.0, 0.0, 1.0]])
+        matrix = np.vstack([coef.T, [0.0, 0.0, 1.0]])  # H&E pixels -> morphology pixels, as the exported matrix
     else:
         try:
             matrix = np.array([[float(v) for v in line.replace(";", ",").split(",") if v.strip()]
@@ -87,7 +91,7 @@ def read_alignment(path: Path, pixel_size: float) -> np.ndarray:
         if matrix.shape != (3, 3):
             raise DataError(path, f"the alignment matrix is {matrix.shape[0]} x "
                                   f"{matrix.shape[1] if matrix.ndim == 2 else '?'}, a 3 x 3 affine expected")
-        um = matrix * np.array([[pixel_size], [pixel_size], [1.0]])
+    um = matrix * np.array([[pixel_size], [pixel_size], [1.0]])
     if not np.isfinite(um).all() or not np.allclose(um[2], [0.0, 0.0, 1.0]):
         raise DataError(path, f"not an affine (last row {show(um[2].tolist())}, [0, 0, 1] expected, or non-finite)")
     det = float(np.linalg.det(um[:2, :2]))
