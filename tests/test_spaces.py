@@ -228,3 +228,32 @@ def test_gate_options_are_searchable_and_checked_by_their_declaration(tmp_path: 
     assert TrainConfig.from_dict(space.train_config({"per_gene": True})).per_gene is True
     with pytest.raises(ConfigError, match=r"params.per_gene=1: TrainConfig rejects it: per_gene: .*takes \['bool'\]"):
         load_space(write(tmp_path, "params: {per_gene: {type: categorical, choices: [1, 0]}}\n"))
+
+
+@pytest.mark.parametrize("path", [p for p in BUNDLED if load_space(p).fixed.get("mode", "features") == "features"],
+                         ids=lambda p: p.stem)
+def test_features_mode_spaces_keep_the_measured_dkgsb_defaults(path: Path) -> None:
+    """A bundled features-mode sweep runs DkGSB's outer loop as measured (agl.config.MODE_DEFAULTS): no space
+    fixes or pins one of those settings to an unmeasured value (default.yaml pinned bilevel_batch_size: 64)."""
+    from agl.config import MODE_DEFAULTS
+
+    space = load_space(path)
+    defaults = MODE_DEFAULTS["features"]
+    for where, values in (("fixed", space.fixed), *((f"start_with[{i}]", p) for i, p in enumerate(space.start_with))):
+        changed = {name: values[name] for name in set(values) & set(defaults) if values[name] != defaults[name]}
+        assert not changed, f"{path.name} {where} sets {changed} over the features-mode defaults {defaults}"
+    cfg = TrainConfig.from_dict(space.train_config({"method": "dkgsb"}))
+    for name, value in defaults.items():  # searched: its range must hold the default, so the search can find it
+        assert space.params[name].contains(value) if name in space.params else getattr(cfg, name) == value, name
+
+
+def test_a_pinned_trial_leaves_open_settings_at_its_modes_defaults() -> None:
+    """outer_lr's default depends on the mode (0.01 in features mode, 0.003 in finetune): a pinned trial of a
+    finetune space that leaves it open gets finetune's, not the features-mode value."""
+    space = {"fixed": {"mode": "finetune", "epochs": 2}, "start_with": [{"method": "dkgsb"}],
+             "params": {"method": {"type": "categorical", "choices": ["dkgsb", "pgl"]},
+                        "outer_lr": {"type": "float", "low": 1.0e-3, "high": 3.0e-2, "log": True,
+                                     "when": {"method": ["dkgsb"]}}}}
+    assert parse_space(space).start_with[0]["outer_lr"] == TrainConfig(mode="finetune").outer_lr == 3e-3
+    space["fixed"]["mode"] = "features"
+    assert parse_space(space).start_with[0]["outer_lr"] == TrainConfig(mode="features").outer_lr == 0.01

@@ -103,6 +103,14 @@ def test_threshold_summary_tells_a_drifting_threshold_from_one_that_moves_on_sig
     assert moving["p_delta"] < 0.01 and "not more than noise" not in threshold_lines(moving)[0]
     assert threshold_summary([{"method": "pgl"}]) is None
 
+    # two training batches per outer step (the features-mode default): 20 estimates per epoch of 10 steps, so
+    # |snr| = 0.5 is 2.24 standard errors (strong), where counting steps alone would give 1.58
+    two = run([0.5] * 10, 0.4, 11)
+    two["config"]["hypergrad_batches"] = 2
+    s = threshold_summary([two])
+    assert s["strong_epochs"] == 10 and s["noise_rate"] == pytest.approx(2 * student_t.sf(2.0, 19))
+    assert threshold_summary([run([0.5] * 10, 0.4, 11)])["strong_epochs"] == 0
+
 
 def test_detected_panel_store_has_exactly_n_detected_primary_genes_and_shares_features(demo_store, tmp_path):
     from agl.datasets import her2st_demo_store

@@ -188,7 +188,7 @@ def _as_point(row: pd.Series, space: SearchSpace) -> dict[str, Any] | None:
             continue
         raw = row.get(f"param.{name}")
         if raw is None or (isinstance(raw, float) and math.isnan(raw)):
-            point[name] = default_value(name, dist)
+            point[name] = default_value(name, dist, space.fixed.get("mode"))
             continue
         value = _typed(raw, dist)
         if value is None:

@@ -400,7 +400,7 @@ def _parse_start_with(err: "_Errors", raw: Any, params: Mapping[str, Distributio
         full: dict[str, Any] = {}
         for key, dist in params.items():   # in file order, so conditions see the settings they name
             if dist.active(full):
-                full[key] = point[key] if key in point else default_value(key, dist)
+                full[key] = point[key] if key in point else default_value(key, dist, fixed.get("mode"))
         unused = sorted(set(point) - set(full))
         if unused:
             raise err(f"{where}: {unused} are not used by this trial (their 'when' conditions do not hold)")
@@ -409,11 +409,13 @@ def _parse_start_with(err: "_Errors", raw: Any, params: Mapping[str, Distributio
     return tuple(points)
 
 
-def default_value(key: str, dist: Distribution) -> Any:
+def default_value(key: str, dist: Distribution, mode: str | None = None) -> Any:
     """A pinned trial's value for a key it leaves open (Ray's OptunaSearch needs complete points):
-    TrainConfig's default when the distribution allows it, else the distribution's centre."""
+    TrainConfig's default in the space's training ``mode`` when the distribution allows it, else the
+    distribution's centre."""
     target = DERIVED[key][0] if key in DERIVED else key
-    default = getattr(TrainConfig(), target, None)
+    # the mode picks some defaults (agl.config.MODE_DEFAULTS): a finetune space's pinned trial gets finetune's
+    default = getattr(TrainConfig(**({"mode": mode} if mode else {})), target, None)
     if key in DERIVED and isinstance(default, list) and len(default) == 1:
         default = default[0]
     if dist.contains(default):

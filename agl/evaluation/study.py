@@ -294,8 +294,9 @@ def threshold_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
 
     Per run: t at the start (``t_init``), at the best validation epoch (the tested model) and at the end;
     per epoch with outer steps, whether the mean of its single-batch hypergradients lies more than two
-    standard errors from zero (``|snr| * sqrt(outer steps) > 2``, a t-statistic). Across runs: a
-    one-sample t-test of the net change of t against 0.
+    standard errors from zero (``|snr| * sqrt(n) > 2``, a t-statistic, n = outer steps x ``hypergrad_batches``:
+    each outer step logs one estimate per training batch it averages). Across runs: a one-sample t-test of the
+    net change of t against 0.
     """
     from scipy.stats import binomtest, t as student_t, ttest_1samp
 
@@ -309,13 +310,14 @@ def threshold_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
         t0.append(float(r.get("config", {}).get("t_init", h[0]["t"])))
         t_best.append(float(best["t"]))
         t_end.append(float(h[-1]["t"]))
+        per_step = int(r.get("config", {}).get("hypergrad_batches") or 1)
         for row in h:
-            steps, snr = row.get("outer_steps") or 0, row.get("hypergrad_snr")
-            if steps > 1 and snr is not None and math.isfinite(snr):
+            n, snr = (row.get("outer_steps") or 0) * per_step, row.get("hypergrad_snr")
+            if n > 1 and snr is not None and math.isfinite(snr):
                 epochs += 1
-                strong += abs(snr) * math.sqrt(steps) > 2
+                strong += abs(snr) * math.sqrt(n) > 2
                 agreement.append(float(row["hypergrad_sign_agreement"]))
-                null.append(2 * float(student_t.sf(2.0, steps - 1)))  # the share pure noise would give
+                null.append(2 * float(student_t.sf(2.0, n - 1)))  # the share pure noise would give
     delta = np.asarray(t_end) - np.asarray(t0)
     p = float(ttest_1samp(delta, 0.0).pvalue) if len(delta) > 1 and delta.std(ddof=1) > 0 else float("nan")
     rate = float(np.mean(null)) if null else float("nan")
