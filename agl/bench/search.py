@@ -145,20 +145,54 @@ def trial_compute(ray_folder: Path) -> dict[str, float]:
     return {"trial_epochs": epochs, "trial_cpu_s": round(cpu, 1), "trial_wall_s": round(wall, 1), "trials": trials}
 
 
-def tree_cpu_s() -> float:
-    """CPU-seconds used so far by this process and every process under it (Ray's raylet, GCS and workers;
-    ended workers count through their parent's reaped-children times): the whole sweep's compute."""
-    import psutil
+class TreeCpu:
+    """CPU-seconds of this process and every process under it (Tune and MLflow in the driver, Ray's raylet, GCS
+    and workers, the refit) while it runs: each process is sampled every ``interval_s`` seconds and counted from
+    its first to its last sample (Ray workers that end are not reaped into their parent's times, so a before/after
+    reading of the tree misses them; a sampled process loses at most its last interval)."""
 
-    me = psutil.Process()
-    total = 0.0
-    for proc in [me] + me.children(recursive=True):
-        try:
-            t = proc.cpu_times()
-        except psutil.Error:   # ended between the listing and the read
-            continue
-        total += t.user + t.system + t.children_user + t.children_system
-    return total
+    def __init__(self, interval_s: float = 0.5):
+        import threading
+
+        self.interval_s = interval_s
+        self.first: dict[tuple[int, float], float] = {}
+        self.last: dict[tuple[int, float], float] = {}
+        self._started = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="agl-tree-cpu", daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        for proc in [me] + me.children(recursive=True):
+            try:
+                key, t = (proc.pid, proc.create_time()), proc.cpu_times()
+            except psutil.Error:   # ended between the listing and the read
+                continue
+            used = t.user + t.system
+            # a process that started after the first sample counts from zero: all its CPU is the sweep's
+            self.first.setdefault(key, 0.0 if self._started else used)
+            self.last[key] = used
+        self._started = True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> "TreeCpu":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(self.last[k] - self.first[k] for k in self.last))
 
 
 def run_one(store: Path, work: Path, searcher: str, budget: int, seed: int, asha: bool, n_aux: int,
@@ -175,11 +209,13 @@ def run_one(store: Path, work: Path, searcher: str, budget: int, seed: int, asha
     space_file = folder / "space.yaml"
     space_file.write_text(yaml.safe_dump(bench_space(searcher, budget, n_aux, seed, asha, epochs, max_folds),
                                          sort_keys=False))
-    started, cpu_before = time.perf_counter(), tree_cpu_s()
-    summary = run_sweep(SweepOptions(space=str(space_file), store=str(store), out=str(folder / "sweep"),
-                                     name=name, num_cpus=num_cpus, searcher="random" if searcher == "random" else "tpe",
-                                     reuse_actors=reuse_actors))
-    wall, sweep_cpu = time.perf_counter() - started, tree_cpu_s() - cpu_before
+    started = time.perf_counter()
+    with TreeCpu() as meter:
+        summary = run_sweep(SweepOptions(space=str(space_file), store=str(store), out=str(folder / "sweep"),
+                                         name=name, num_cpus=num_cpus,
+                                         searcher="random" if searcher == "random" else "tpe",
+                                         reuse_actors=reuse_actors))
+    wall, sweep_cpu = time.perf_counter() - started, meter.seconds
     champion = summary.champion or {}
     config = champion.get("config", {})
     table = summary.table
