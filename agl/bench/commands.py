@@ -276,6 +276,10 @@ def add_bench_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (trials at once)")
     p.add_argument("--keep", action="store_true", help="keep the planted stores and sweep folders (OUT/bench_search_work)")
     p.add_argument("--quick", action="store_true", help="the plumbing on a tiny budget (a couple of minutes on 2 cores)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no sweep after this many minutes; the JSON lists the sweeps not run")
+    p.add_argument("--no-reuse-actors", action="store_true",
+                   help="a fresh Ray worker process per trial (the sweep's default) instead of reusing a warm one")
 
 
 def cmd_bench_search(args: argparse.Namespace) -> int:
@@ -291,7 +295,8 @@ def cmd_bench_search(args: argparse.Namespace) -> int:
                  asha=[s for s in pick(args.asha, "asha", "on").split(",") if s],
                  epochs=pick(args.epochs, "epochs", 6), max_folds=folds or None,
                  curve=[float(m) for m in pick(args.curve, "curve", "0.25,0.5,1,2,4").split(",") if m.strip()],
-                 num_cpus=args.num_cpus, keep=args.keep)
+                 num_cpus=args.num_cpus, keep=args.keep, reuse_actors=not args.no_reuse_actors,
+                 max_minutes=args.max_minutes)
     return 0
 
 

@@ -126,8 +126,11 @@ def bench_space(searcher: str, budget: int, n_aux: int, seed: int, asha: bool, e
 
 # --------------------------------------------------------------------------- one run
 def trial_compute(ray_folder: Path) -> dict[str, float]:
-    """Trial-epochs and trial CPU-seconds of a finished sweep, from Tune's per-trial result.json files."""
-    epochs = cpu = 0.0
+    """Trial-epochs, trial CPU-seconds and trial wall-seconds of a finished sweep, from Tune's per-trial result.json.
+
+    CPU: each trial reports its own thread's CPU time (``trial_cpu_s``: one torch thread computes in it), which
+    does not grow with the machine's load; wall: the sum of the trials' Tune ``time_total_s``, which does."""
+    epochs = cpu = wall = 0.0
     trials = 0
     for result in ray_folder.glob("*/*/result.json"):   # ray/<experiment>/<trial>/ (not the checkpoints' own)
         lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
@@ -137,12 +140,63 @@ def trial_compute(ray_folder: Path) -> dict[str, float]:
         last = lines[-1]
         # epochs_run is the folds' mean: times folds_done is every epoch the trial trained
         epochs += float(last.get("epochs_run", 0) or 0) * float(last.get("folds_done", 1) or 1)
-        cpu += float(last.get("time_total_s", 0) or 0)
-    return {"trial_epochs": epochs, "trial_cpu_s": round(cpu, 1), "trials": trials}
+        cpu += float(last.get("trial_cpu_s", 0) or 0)
+        wall += float(last.get("time_total_s", 0) or 0)
+    return {"trial_epochs": epochs, "trial_cpu_s": round(cpu, 1), "trial_wall_s": round(wall, 1), "trials": trials}
+
+
+class TreeCpu:
+    """CPU-seconds of this process and every process under it (Tune and MLflow in the driver, Ray's raylet, GCS
+    and workers, the refit) while it runs: each process is sampled every ``interval_s`` seconds and counted from
+    its first to its last sample (Ray workers that end are not reaped into their parent's times, so a before/after
+    reading of the tree misses them; a sampled process loses at most its last interval)."""
+
+    def __init__(self, interval_s: float = 0.5):
+        import threading
+
+        self.interval_s = interval_s
+        self.first: dict[tuple[int, float], float] = {}
+        self.last: dict[tuple[int, float], float] = {}
+        self._started = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="agl-tree-cpu", daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        for proc in [me] + me.children(recursive=True):
+            try:
+                key, t = (proc.pid, proc.create_time()), proc.cpu_times()
+            except psutil.Error:   # ended between the listing and the read
+                continue
+            used = t.user + t.system
+            # a process that started after the first sample counts from zero: all its CPU is the sweep's
+            self.first.setdefault(key, 0.0 if self._started else used)
+            self.last[key] = used
+        self._started = True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> "TreeCpu":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(self.last[k] - self.first[k] for k in self.last))
 
 
 def run_one(store: Path, work: Path, searcher: str, budget: int, seed: int, asha: bool, n_aux: int,
-            epochs: int, max_folds: int | None, num_cpus: int) -> dict[str, Any]:
+            epochs: int, max_folds: int | None, num_cpus: int, reuse_actors: bool = True) -> dict[str, Any]:
     """One sweep on the planted store; its champion, table and compute."""
     import yaml
 
@@ -156,9 +210,12 @@ def run_one(store: Path, work: Path, searcher: str, budget: int, seed: int, asha
     space_file.write_text(yaml.safe_dump(bench_space(searcher, budget, n_aux, seed, asha, epochs, max_folds),
                                          sort_keys=False))
     started = time.perf_counter()
-    summary = run_sweep(SweepOptions(space=str(space_file), store=str(store), out=str(folder / "sweep"),
-                                     name=name, num_cpus=num_cpus, searcher="random" if searcher == "random" else "tpe"))
-    wall = time.perf_counter() - started
+    with TreeCpu() as meter:
+        summary = run_sweep(SweepOptions(space=str(space_file), store=str(store), out=str(folder / "sweep"),
+                                         name=name, num_cpus=num_cpus,
+                                         searcher="random" if searcher == "random" else "tpe",
+                                         reuse_actors=reuse_actors))
+    wall, sweep_cpu = time.perf_counter() - started, meter.seconds
     champion = summary.champion or {}
     config = champion.get("config", {})
     table = summary.table
@@ -167,7 +224,7 @@ def run_one(store: Path, work: Path, searcher: str, budget: int, seed: int, asha
             "champion_method": config.get("method"), "champion_k": champion.get("metrics", {}).get("final_k"),
             "champion_config": config, "champion_cv_pcc": (summary.best or {}).get("cv_pcc"),
             "champion_test_pcc": champion.get("metrics", {}).get("test_pcc"),
-            **trial_compute(folder / "sweep" / "ray"), "wall_s": round(wall, 1),
+            **trial_compute(folder / "sweep" / "ray"), "sweep_cpu_s": round(sweep_cpu, 1), "wall_s": round(wall, 1),
             "consensus_size": (summary.consensus or {}).get("size")}
 
 
@@ -208,6 +265,8 @@ def summarise(runs: list[dict[str, Any]], target: float = 0.005) -> dict[str, An
                      "within_target": int((group["regret"] <= target).sum()),
                      "trial_epochs_mean": float(group["trial_epochs"].mean()),
                      "trial_cpu_s_mean": float(group["trial_cpu_s"].mean()),
+                     "trial_wall_s_mean": float(group["trial_wall_s"].mean()) if "trial_wall_s" in group else math.nan,
+                     "sweep_cpu_s_mean": float(group["sweep_cpu_s"].mean()) if "sweep_cpu_s" in group else math.nan,
                      "wall_s_mean": float(group["wall_s"].mean()),
                      "champion_test_pcc_mean": float(group["champion_test_pcc"].mean()),
                      "champion_methods": group["champion_method"].astype(str).value_counts().to_dict()})
@@ -220,17 +279,42 @@ def summarise(runs: list[dict[str, Any]], target: float = 0.005) -> dict[str, An
         met = bool(best_tpe and (best_rnd is None or best_tpe["trial_cpu_s_mean"] <= 0.5 * best_rnd["trial_cpu_s_mean"]))
         verdict = {"target_regret": target, "tpe_asha_cpu_s": best_tpe and best_tpe["trial_cpu_s_mean"],
                    "random_cpu_s": best_rnd and best_rnd["trial_cpu_s_mean"], "met": met}
-    return {"rows": rows, "target": verdict, "target_regret": target}
+    return {"rows": rows, "target": verdict, "target_regret": target, "paired": paired_tpe_random(frame)}
+
+
+def paired_tpe_random(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """TPE minus random on the same seeds (same planted store, same oracle), per budget and ASHA setting:
+    mean difference in regret and in trial CPU-s with their standard errors (is the gap above the seed noise?)."""
+    out: list[dict[str, Any]] = []
+    if "seed" not in frame:
+        return out
+    for (budget, asha), group in frame[frame["searcher"].isin(["tpe", "random"])].groupby(["budget", "asha"]):
+        wide = group.pivot_table(index="seed", columns="searcher", values=["regret", "trial_cpu_s"])
+        wide = wide.dropna()
+        if "tpe" not in wide["regret"] or "random" not in wide["regret"] or not len(wide):
+            continue
+        row: dict[str, Any] = {"budget": int(budget), "asha": bool(asha), "seeds": int(len(wide))}
+        for value in ("regret", "trial_cpu_s"):
+            diff = (wide[value]["tpe"] - wide[value]["random"]).to_numpy(dtype=np.float64)
+            row[f"{value}_diff_mean"] = float(diff.mean())
+            row[f"{value}_diff_se"] = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.nan
+        out.append(row)
+    return out
 
 
 def format_rows(summary: dict[str, Any]) -> str:
     lines = [f"{'searcher':<8}{'ASHA':>5}{'budget':>7}{'runs':>5}{'regret':>18}{'<=tgt':>6}"
-             f"{'trial-epochs':>13}{'CPU-s':>8}{'wall s':>8}  champions"]
+             f"{'trial-epochs':>13}{'CPU-s':>8}{'sweep CPU-s':>12}{'wall s':>8}  champions"]
     for r in summary["rows"]:
         lines.append(f"{r['searcher']:<8}{'on' if r['asha'] else 'off':>5}{r['budget']:>7}{r['runs']:>5}"
                      f"{r['regret_mean']:>10.4f} +- {r['regret_sd']:.4f}{r['within_target']:>6}"
-                     f"{r['trial_epochs_mean']:>13.0f}{r['trial_cpu_s_mean']:>8.0f}{r['wall_s_mean']:>8.0f}  "
+                     f"{r['trial_epochs_mean']:>13.0f}{r['trial_cpu_s_mean']:>8.0f}"
+                     f"{r.get('sweep_cpu_s_mean', math.nan):>12.0f}{r['wall_s_mean']:>8.0f}  "
                      + ", ".join(f"{m} x{n}" for m, n in r["champion_methods"].items()))
+    for p in summary.get("paired", []):
+        lines.append(f"TPE - random, budget {p['budget']}, ASHA {'on' if p['asha'] else 'off'}, {p['seeds']} paired "
+                     f"seeds: regret {p['regret_diff_mean']:+.4f} +- {p['regret_diff_se']:.4f} (s.e.), trial CPU-s "
+                     f"{p['trial_cpu_s_diff_mean']:+.0f} +- {p['trial_cpu_s_diff_se']:.0f}")
     verdict = summary.get("target")
     if verdict:
         lines.append(f"target (TPE + ASHA at mean regret <= {verdict['target_regret']} with <= half of random "
@@ -269,12 +353,29 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> Path:
         plt.close(fig)
 
 
+def sweep_plan(seeds: Sequence[int], budgets: Sequence[int], searchers: Sequence[str],
+               asha: Sequence[str]) -> list[tuple[int, str, bool, int]]:
+    """(budget, searcher, ASHA, seed) in the order they run, so that a run cut short has the comparison that
+    matters most: TPE and random with ASHA first (the same seed one after the other), then the grid, then
+    ASHA off; smaller budgets first within each."""
+    combos = [(s, m == "on") for m in asha for s in searchers if s != "grid"]
+    if "grid" in searchers:
+        combos.append(("grid", False))
+    phase = {True: 0, False: 2}
+    plan = [(b, s, a, seed) for b in budgets for s, a in combos for seed in seeds]
+    return sorted(plan, key=lambda p: (1 if p[1] == "grid" else phase[p[2]], p[0], p[3],
+                                       [c[0] for c in combos].index(p[1])))
+
+
 def bench_search(demo: Any, out_dir: str | Path = "results", *, n_aux: int = 2000, seeds: int = 2,
                  first_seed: int = 0, budgets: Sequence[int] = (8,), searchers: Sequence[str] = ("tpe", "random"),
                  asha: Sequence[str] = ("on",), epochs: int = 6, max_folds: int | None = 2,
                  curve: Sequence[float] = CURVE, num_cpus: int = 2, keep: bool = False,
+                 reuse_actors: bool = True, max_minutes: float | None = None,
                  echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every (seed, budget, searcher, ASHA) sweep on its seed's planted store; print, write JSON and PNG."""
+    """Every (budget, searcher, ASHA, seed) sweep (:func:`sweep_plan`'s order) on its seed's planted store;
+    OUT/bench_search.json is rewritten after every sweep (``complete`` false until the last), so an interrupted
+    run keeps what it measured; ``max_minutes``: start no sweep after that long (the JSON says which were left)."""
     import ray
 
     from agl.bench.selection import plant
@@ -291,6 +392,8 @@ def bench_search(demo: Any, out_dir: str | Path = "results", *, n_aux: int = 200
         raise ConfigError("--budgets", f"must be positive trial counts, got {list(budgets)}")
     if seeds < 1:
         raise ConfigError("--seeds", f"must be >= 1, got {seeds}")
+    if max_minutes is not None and max_minutes <= 0:
+        raise ConfigError("--max-minutes", f"must be > 0, got {max_minutes}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / "bench_search_work"
@@ -298,62 +401,86 @@ def bench_search(demo: Any, out_dir: str | Path = "results", *, n_aux: int = 200
     work.mkdir()
     cfg = TrainConfig()
     features = feature_cache(demo, cfg.backbone, cfg.weights)
+    plan = sweep_plan(range(first_seed, first_seed + seeds), budgets, searchers, asha)
+    settings = {"benchmark": "search", "n_aux": n_aux, "seeds": seeds, "first_seed": first_seed,
+                "budgets": list(budgets), "searchers": list(searchers), "asha": list(asha), "epochs": epochs,
+                "max_folds": max_folds, "split": SPLIT, "num_cpus": num_cpus, "reuse_actors": reuse_actors,
+                "max_minutes": max_minutes,
+                "compute_note": "trial CPU-s: the sum over the sweep's trials of each trial's own CPU time (its "
+                                "thread: one torch thread each), independent of the machine's load; trial wall-s: "
+                                "the sum of Tune's time_total_s; sweep CPU-s: every process of the sweep (driver, "
+                                "Tune, MLflow, Ray, trials, the champion's refit). The oracle curve is not counted."}
     owns_ray = not ray.is_initialized()
     init_ray(None, num_cpus=num_cpus)
     started = time.perf_counter()
     runs: list[dict[str, Any]] = []
     oracles: dict[int, dict[str, Any]] = {}
+    stores: dict[int, tuple[Path, Any]] = {}
+    left: list[tuple[int, str, bool, int]] = []
+    failed: list[dict[str, Any]] = []
+
+    def write(complete: bool) -> dict[str, Any]:
+        summary = summarise(runs) if runs else {"rows": [], "target": None, "target_regret": 0.005, "paired": []}
+        result = {**settings, "complete": complete, "oracle": oracles, "summary": summary,
+                  "table": format_rows(summary), "runs": runs, "failed": failed, "not_run": [
+                      {"budget": b, "searcher": s, "asha": a, "seed": seed} for b, s, a, seed in left],
+                  "wall_s": round(time.perf_counter() - started, 1)}
+        atomic_write_json(out_dir / "bench_search.json", result, indent=1, default=str)
+        if runs:
+            _plot(runs, out_dir / "bench_search.png")
+        return result
+
     try:
-        for seed in range(first_seed, first_seed + seeds):
-            planted = plant(features, n_aux=n_aux, seed=seed)
-            store = write_planted_store(demo, planted, work / f"store-s{seed}")
-            t0 = time.perf_counter()
-            points, grid = oracle_curve(store, work, planted.k_planted, n_aux, epochs, seed, curve)
-            pgl = points.pop("pgl")
-            best_k = max(points, key=points.get)
-            oracles[seed] = {"k_planted": planted.k_planted, "curve": points, "points": grid, "oracle_k": best_k,
-                             "oracle_test_pcc": points[best_k], "pgl_test_pcc": pgl,
-                             "wall_s": round(time.perf_counter() - t0, 1)}
-            echo(f"seed {seed}: planted k {planted.k_planted}; oracle top-k curve on B4 "
-                 + ", ".join(f"k {k}: {v:.4f}" for k, v in points.items()) + f"; PGL {pgl:.4f}")
-            for budget in budgets:
-                for searcher in searchers:
-                    for mode in (("off",) if searcher == "grid" else asha):
-                        r = run_one(store, work, searcher, budget, seed, mode == "on", n_aux, epochs, max_folds,
-                                    num_cpus)
-                        pcc = r["champion_test_pcc"]
-                        r.update({"k_planted": planted.k_planted, "oracle_test_pcc": points[best_k],
-                                  "regret": (points[best_k] - pcc) if pcc is not None else math.nan,
-                                  "regret_vs_best_of_topk_and_pgl": (max(points[best_k], pgl) - pcc
-                                                                     if pcc is not None else math.nan),
-                                  "k_rel_error": ((r["champion_k"] - planted.k_planted) / planted.k_planted
-                                                  if r["champion_k"] is not None else math.nan)})
-                        runs.append(r)
-                        # after every sweep: an interrupted benchmark keeps what it measured
-                        atomic_write_json(out_dir / "bench_search.partial.json",
-                                          {"benchmark": "search", "oracle": oracles, "runs": runs}, indent=1,
-                                          default=str)
-                        echo(f"seed {seed} {searcher:<6} budget {budget:>3} ASHA {'on ' if r['asha'] else 'off'}: "
-                             f"champion {r['champion_method']} k {r['champion_k']} test PCC {pcc:.4f} "
-                             f"(regret {r['regret']:+.4f}); {r['trial_epochs']:.0f} trial-epochs, "
-                             f"{r['trial_cpu_s']:.0f} CPU-s, wall {r['wall_s']:.0f} s")
-            if not keep:
-                shutil.rmtree(store, ignore_errors=True)
+        for i, (budget, searcher, use_asha, seed) in enumerate(plan):
+            if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
+                left = plan[i:]
+                echo(f"--max-minutes {max_minutes} reached: {len(left)} sweep(s) not started")
+                break
+            if seed not in stores:   # the seed's planted store and its oracle, when its first sweep comes
+                planted = plant(features, n_aux=n_aux, seed=seed)
+                store = write_planted_store(demo, planted, work / f"store-s{seed}")
+                stores[seed] = (store, planted)
+                t0 = time.perf_counter()
+                points, grid = oracle_curve(store, work, planted.k_planted, n_aux, epochs, seed, curve)
+                pgl = points.pop("pgl")
+                best_k = max(points, key=points.get)
+                oracles[seed] = {"k_planted": planted.k_planted, "curve": points, "points": grid, "oracle_k": best_k,
+                                 "oracle_test_pcc": points[best_k], "pgl_test_pcc": pgl,
+                                 "wall_s": round(time.perf_counter() - t0, 1)}
+                echo(f"seed {seed}: planted k {planted.k_planted}; oracle top-k curve on B4 "
+                     + ", ".join(f"k {k}: {v:.4f}" for k, v in points.items()) + f"; PGL {pgl:.4f}")
+            store, planted = stores[seed]
+            oracle = oracles[seed]
+            try:
+                r = run_one(store, work, searcher, budget, seed, use_asha, n_aux, epochs, max_folds, num_cpus,
+                            reuse_actors)
+            except Exception as err:  # one sweep lost (e.g. Ray's memory monitor on a full machine): note it, go on
+                failed.append({"budget": budget, "searcher": searcher, "asha": use_asha, "seed": seed,
+                               "error": f"{type(err).__name__}: {str(err)[:300]}"})
+                echo(f"seed {seed} {searcher} budget {budget} ASHA {'on' if use_asha else 'off'}: FAILED ({err!r:.200})")
+                left = plan[i + 1:]
+                write(complete=False)
+                continue
+            pcc = r["champion_test_pcc"]
+            best = oracle["oracle_test_pcc"]
+            r.update({"k_planted": planted.k_planted, "oracle_test_pcc": best,
+                      "regret": (best - pcc) if pcc is not None else math.nan,
+                      "regret_vs_best_of_topk_and_pgl": (max(best, oracle["pgl_test_pcc"]) - pcc
+                                                         if pcc is not None else math.nan),
+                      "k_rel_error": ((r["champion_k"] - planted.k_planted) / planted.k_planted
+                                      if r["champion_k"] is not None else math.nan)})
+            runs.append(r)
+            left = plan[i + 1:]
+            write(complete=False)   # after every sweep: an interrupted benchmark keeps what it measured
+            echo(f"seed {seed} {searcher:<6} budget {budget:>3} ASHA {'on ' if r['asha'] else 'off'}: "
+                 f"champion {r['champion_method']} k {r['champion_k']} test PCC {pcc:.4f} "
+                 f"(regret {r['regret']:+.4f}); {r['trial_epochs']:.0f} trial-epochs, "
+                 f"{r['trial_cpu_s']:.0f} trial CPU-s, sweep {r['sweep_cpu_s']:.0f} CPU-s, wall {r['wall_s']:.0f} s")
     finally:
         if owns_ray:
             ray.shutdown()
-    summary = summarise(runs)
-    text = format_rows(summary)
-    echo(text)
-    result = {"benchmark": "search", "n_aux": n_aux, "seeds": seeds, "first_seed": first_seed,
-              "budgets": list(budgets), "searchers": list(searchers), "asha": list(asha), "epochs": epochs,
-              "max_folds": max_folds, "split": SPLIT, "oracle": oracles, "summary": summary, "table": text,
-              "runs": runs, "wall_s": round(time.perf_counter() - started, 1), "num_cpus": num_cpus,
-              "compute_note": "trial CPU-s: the sum of the trials' Tune time_total_s; every trial holds 1 CPU "
-                              "and one torch thread. The champion's refit and the oracle curve are not counted."}
-    atomic_write_json(out_dir / "bench_search.json", result, indent=1, default=str)
-    (out_dir / "bench_search.partial.json").unlink(missing_ok=True)
-    _plot(runs, out_dir / "bench_search.png")
+    result = write(complete=not left and not failed)
+    echo(result["table"])
     if not keep:
         shutil.rmtree(work, ignore_errors=True)
     echo(f"wrote {out_dir / 'bench_search.json'} and {out_dir / 'bench_search.png'} ({result['wall_s']:.0f} s)")

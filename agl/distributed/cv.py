@@ -27,6 +27,7 @@ import logging
 import math
 import shutil
 import tempfile
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping
@@ -122,6 +123,7 @@ def agl_cv_trial(config: dict[str, Any], *, space: Any, store_path: str, threads
     from agl.training.loop import TrainConfig
 
     torch.set_num_threads(threads)
+    cpu_started = time.thread_time()  # the trial's own CPU (one torch thread computes in this thread), not the load's
     cfg = TrainConfig.from_dict(space.train_config(config), source=space.source)
     store_path = node_store(store_path)  # this node's copy: the demo built here, a store URI staged here
     store = open_store(store_path)
@@ -152,7 +154,7 @@ def agl_cv_trial(config: dict[str, Any], *, space: Any, store_path: str, threads
             log.info("fold %s (%d/%d) %s: held-out PCC %.4f, cv_pcc %.4f +- %.4f", name, len(done), len(roles),
                      cfg.method, done[name]["test_pcc"], trial["metrics"]["cv_pcc"], trial["metrics"]["cv_pcc_se"])
             tune.report({**trial["metrics"], "fold": name, "fold_pcc": done[name]["test_pcc"],
-                         "final": len(done) == len(roles)},
+                         "final": len(done) == len(roles), "trial_cpu_s": time.thread_time() - cpu_started},
                         checkpoint=tune.Checkpoint.from_directory(str(work)))
     finally:
         shutil.rmtree(work, ignore_errors=True)

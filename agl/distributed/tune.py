@@ -84,6 +84,7 @@ class SweepOptions:
     checkpoint_every: int | None = None    # None: every epoch on a local storage path, every 5th on s3:// etc.
     trial_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources each trial needs
     max_failures: int = 3                  # retries of a trial from its last checkpoint (spot nodes get reclaimed)
+    reuse_actors: bool = False             # run the next trial in a finished trial's warm process (no start-up, no imports)
 
 
 @dataclass
@@ -565,7 +566,8 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
             _trainable(opts, space, trial_store, storage_path),
             tune_config=tune.TuneConfig(search_alg=_searcher(space, concurrency, warm_points, opts.searcher),
                                         scheduler=_scheduler(space, opts.trainer, max_t),
-                                        num_samples=space.num_samples, max_concurrent_trials=concurrency),
+                                        num_samples=space.num_samples, max_concurrent_trials=concurrency,
+                                        reuse_actors=opts.reuse_actors),
             run_config=tune.RunConfig(name=opts.name, storage_path=storage_path, callbacks=[callback],
                                       # the latest only: it alone carries the optimiser state a restart needs
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
