@@ -88,6 +88,10 @@ def test_worker_shards_partition_the_training_rows_with_the_per_batch_targets(s3
     assert len(rows[0]) == len(rows[1]) > 0  # equal shards keep the ranks' all-reduces in step
     assert not set(rows[0]) & set(rows[1])  # each worker reads only its own rows
     assert set(rows[0]) | set(rows[1]) <= set(train) and len(rows[0]) * 2 >= len(train) - 1
+    from agl.data.loaders import ray_dataset
+
+    every = ray_dataset(store, SPLIT, "val", columns=("row", "expression")).take_batch(5)  # all the store's genes
+    np.testing.assert_array_equal(every["expression"], store.expression_rows(every["row"]))
 
 
 def test_shard_bundle_trains_on_its_shard_and_evaluates_per_batch(s3_ray, stores) -> None:
