@@ -446,7 +446,7 @@ def _plot_sweep(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in result["runs"] if not r.get("failed")]
+    runs = [r for r in result["runs"] if r.get("trials")]  # a failed sweep still has its trials' peaks until then
     if not runs:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -456,7 +456,7 @@ def _plot_sweep(result: dict[str, Any], path: Path) -> None:
     for i, run in enumerate(runs):
         for j, trial in enumerate(run["trials"]):
             x = i * (len(run["trials"]) + 1) + j
-            labels.append((x, f"{run['spots']:,} spots\ntrial {j + 1}"))
+            labels.append((x, f"{run.get('label', str(run['spots']) + ' spots')}\ntrial {j + 1}"))
             for m, key in enumerate(keys):
                 ax.bar(x + (m - 1.5) * width, trial[key], width, color=f"C{m}", label=key if not labels[1:] else None)
     ax.set_xticks([x for x, _ in labels], [t for _, t in labels], fontsize=8)
