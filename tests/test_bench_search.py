@@ -54,3 +54,60 @@ def test_bench_search_quick_runs_the_real_sweep_on_a_planted_store(demo_store: P
         assert r["champion_method"] in ("dkgsb", "topk", "pgl") and r["trial_epochs"] > 0 and r["trial_cpu_s"] > 0
     assert runs["grid"]["champion_method"] == "topk" and runs["grid"]["champion_k"] in (8, 49, 299)
     assert np.isfinite([row["regret_mean"] for row in result["summary"]["rows"]]).all()
+
+
+def test_sweep_plan_runs_the_comparison_that_matters_first() -> None:
+    from agl.bench.search import sweep_plan
+
+    plan = sweep_plan(range(2), [16, 8], ["grid", "random", "tpe"], ["off", "on"])
+    assert len(plan) == 2 * 2 * (2 * 2 + 1)
+    # TPE and random with ASHA first, smaller budget first, the same seed's pair one after the other
+    assert plan[:4] == [(8, "random", True, 0), (8, "tpe", True, 0), (8, "random", True, 1), (8, "tpe", True, 1)]
+    assert [p[1] for p in plan[8:12]] == ["grid"] * 4 and all(not p[2] for p in plan[8:])   # then grid, then off
+    assert plan[-1] == (16, "tpe", False, 1)
+
+
+def test_tree_cpu_counts_a_child_process_that_ended() -> None:
+    import subprocess
+    import sys
+
+    from agl.bench.search import TreeCpu
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass"
+    with TreeCpu(interval_s=0.1) as meter:
+        subprocess.run([sys.executable, "-c", burn], check=True)
+    assert 0.9 <= meter.seconds < 5.0
+
+
+def test_an_interrupted_benchmark_keeps_its_finished_sweeps(demo_store: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The JSON is rewritten after every sweep: a sweep that fails is listed and skipped; an interrupt keeps the rest."""
+    import agl.bench.search as search
+    import agl.distributed.runtime as runtime
+    from agl.data.store import open_store
+
+    calls: list[tuple[str, int]] = []
+
+    def fake_run(store, work, searcher, budget, seed, asha, *args, **kwargs):
+        calls.append((searcher, seed))
+        if len(calls) == 2:
+            raise RuntimeError("worker killed: node out of memory")
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return {"searcher": searcher, "budget": budget, "seed": seed, "asha": asha, "trials": budget, "stopped": 0,
+                "champion_method": "topk", "champion_k": 40, "champion_config": {}, "champion_cv_pcc": 0.3,
+                "champion_test_pcc": 0.3, "trial_epochs": 8.0, "trial_cpu_s": 5.0, "trial_wall_s": 9.0,
+                "sweep_cpu_s": 12.0, "wall_s": 10.0, "consensus_size": 3}
+
+    monkeypatch.setattr(search, "run_one", fake_run)
+    monkeypatch.setattr(search, "write_planted_store", lambda demo, planted, out: out)
+    monkeypatch.setattr(search, "oracle_curve", lambda *a, **k: ({45: 0.31, 90: 0.305, "pgl": 0.29}, []))
+    monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: {})
+    with pytest.raises(KeyboardInterrupt):
+        search.bench_search(open_store(demo_store), tmp_path, n_aux=300, seeds=2, budgets=[3], epochs=2,
+                            echo=lambda line: None)
+    result = json.loads((tmp_path / "bench_search.json").read_text())
+    assert not result["complete"] and [r["seed"] for r in result["runs"]] == [0]
+    assert result["runs"][0]["regret"] == pytest.approx(0.01)
+    assert result["failed"][0]["searcher"] == "random" and "out of memory" in result["failed"][0]["error"]
+    assert len(result["not_run"]) == 2 and (tmp_path / "bench_search.png").is_file()

@@ -17,13 +17,19 @@ Per run (seed x budget x searcher x ASHA on/off):
   searched lr range, scored on B4: no search can see it). A champion can still beat it (negative
   regret: another lr, or PGL when few epochs leave no auxiliary gene helpful); the JSON also gives
   the regret against the better of it and PGL;
-- compute: trial-epochs (epochs run, summed over every trial's folds) and trial CPU-seconds (each trial
-  holds 1 CPU and one torch thread; the sum of its Tune ``time_total_s``), and the sweep's wall time.
+- compute: trial-epochs (epochs run, summed over every trial's folds), trial CPU-seconds (each trial's own
+  CPU time, reported by the trial: one torch thread each, so the machine's load does not inflate it), the
+  sweep's CPU-seconds (every process of the sweep: Tune, MLflow, Ray, trials, the refit) and its wall time.
+
+Trials reuse warm Ray workers (``reuse_actors``; ``--no-reuse-actors`` for a fresh process per trial, the
+sweep's default): the process start and imports were most of a trial's CPU on this problem (measured in
+docs/benchmarks.md), and reusing a process changes nothing a trial computes.
 
 Searchers: ``tpe`` (the sweep's default, :mod:`agl.distributed.searcher`), ``random`` (Optuna's
 RandomSampler through the same code) and ``grid`` (top-k at ``budget`` values of k spaced evenly in
 log k: the pinned trials of a space with no sampled trial; run without ASHA, as pinned trials are never
-stopped). Writes ``OUT/bench_search.json`` and ``OUT/bench_search.png`` (regret against compute per searcher).
+stopped). Writes ``OUT/bench_search.json`` after every sweep (``complete`` false until the last; a failed sweep is
+listed and skipped) and ``OUT/bench_search.png`` (regret against compute per searcher).
 """
 from __future__ import annotations
 
@@ -343,7 +349,7 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> Path:
             ax.plot(means["trial_cpu_s"], means["regret"], color=colours.get(searcher, "k"),
                     ls="-" if asha else "--", lw=1)
         ax.axhline(0.005, color="grey", ls=":", lw=1, label="target regret 0.005")
-        ax.set_xlabel("compute: trial CPU-seconds (sum over the sweep's trials)")
+        ax.set_xlabel("compute: trial CPU-seconds (each trial's own CPU, summed over the sweep)")
         ax.set_ylabel("regret: oracle top-k test PCC - champion test PCC")
         ax.set_title("agl bench search: regret against compute (lines: mean per budget)")
         ax.legend(fontsize=7)
