@@ -127,14 +127,16 @@ def main() -> int:
               "protocol": "loso", "base": BASE, "methods": methods, "load_average_start": os.getloadavg(),
               "cache": {dtype: cache_bytes(store, dtype) for dtype in DTYPES}}
     print(json.dumps(report["cache"], indent=1), flush=True)
-    records: dict[str, list[dict]] = {dtype: [] for dtype in DTYPES}
     started = time.perf_counter()
     for seed in seeds:  # seed by seed, both dtypes, so an interrupted run still has complete pairs
         for dtype in DTYPES:
-            result = evaluate(store, "loso", [seed], methods, Path(args.work) / dtype / f"seed{seed}",
-                              base={**BASE, "feature_dtype": dtype}, jobs=args.jobs)
-            records[dtype] += result["records"]
-        report.update(paired=paired(records, methods), wall_seconds=round(time.perf_counter() - started),
+            evaluate(store, "loso", [seed], methods, Path(args.work) / dtype / f"seed{seed}",
+                     base={**BASE, "feature_dtype": dtype}, jobs=args.jobs)
+        # every finished run in the work folder (earlier calls' too, e.g. another method's seeds)
+        records = {dtype: [json.loads(f.read_text()) for f in sorted(Path(args.work).glob(f"{dtype}/seed*/runs/*/*/*/result.json"))]
+                   for dtype in DTYPES}
+        found = sorted({r["method"] for rs in records.values() for r in rs})
+        report.update(methods=found, paired=paired(records, found), wall_seconds=round(time.perf_counter() - started),
                       load_average_end=os.getloadavg(),
                       runs={d: [{k: r[k] for k in ("method", "split", "seed", "pcc", "epochs", "wall_time_s")}
                                 for r in rs] for d, rs in records.items()})

@@ -48,7 +48,7 @@ def test_train_checkpoint_path_without_scheme_opens_on_s3(s3: MotoServer, small_
     from agl.distributed.sync import TrialView
 
     bucket = s3.bucket("agl-ckpt")
-    _upload(small_store / "splits.parquet", f"{bucket}/sweep/train-t1/checkpoint_000001/splits.parquet")
+    _upload(small_store / "genes.parquet", f"{bucket}/sweep/train-t1/checkpoint_000001/genes.parquet")
 
     class Result:  # what ResultGrid yields for a nested-TorchTrainer trial (no Tune checkpoint of its own)
         metrics = {"final": True, "checkpoint_path": "agl-ckpt/sweep/train-t1/checkpoint_000001", "trial_id": "t1"}
@@ -61,7 +61,7 @@ def test_train_checkpoint_path_without_scheme_opens_on_s3(s3: MotoServer, small_
 
     view = TrialView.from_result(Result())
     with view.checkpoint.as_directory() as local:
-        assert (Path(local) / "splits.parquet").read_bytes() == (small_store / "splits.parquet").read_bytes()
+        assert (Path(local) / "genes.parquet").read_bytes() == (small_store / "genes.parquet").read_bytes()
 
 
 @pytest.mark.reliability(kind="bad input", case="--address of a multi-node cluster with a local --storage-path "

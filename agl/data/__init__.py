@@ -17,7 +17,8 @@ _EXPORTS = {
     "build_store": "agl.data.ingest",
     "PatchDataset": "agl.data.loaders", "iter_patch_batches": "agl.data.loaders", "ray_dataset": "agl.data.loaders",
     "PRIORS": "agl.data.preprocess", "gene_set": "agl.data.preprocess", "preprocess": "agl.data.preprocess",
-    "SPLIT_KINDS": "agl.data.splits", "make_splits": "agl.data.splits",
+    "SPLIT_KINDS": "agl.data.splits", "make_splits": "agl.data.splits", "split_table": "agl.data.splits",
+    "SplitTable": "agl.data.splits",
     "Store": "agl.data.store", "open_store": "agl.data.store", "write_store": "agl.data.store",
 }
 __all__ = sorted(_EXPORTS)

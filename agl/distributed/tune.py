@@ -789,4 +789,4 @@ def warm_caches(store_path: str, space: SearchSpace) -> None:
         from agl.data.store import open_store
         from agl.models import feature_cache
 
-        feature_cache(open_store(store_path), cfg.backbone, cfg.weights)
+        feature_cache(open_store(store_path), cfg.backbone, cfg.weights, dtype=cfg.feature_dtype)
