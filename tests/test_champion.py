@@ -295,8 +295,13 @@ def test_the_registered_model_and_run_checkpoint_hold_no_optimiser_state(champio
     client = MlflowTracker(uri).client
     local = Path(client.download_artifacts(run_id, "", str(tmp_path / "artifacts")))
     served = {"best.safetensors", "config.json", "genes.parquet", "state.json", "store.json"}
-    for folder in (local / "checkpoint", local / "model" / "artifacts" / "checkpoint"):
-        assert set(_folder_files(folder)) == served, folder
+    # the run's checkpoint/ beside its record files; the model's folder carries the record too (kilobytes)
+    record = {name for name in runs.RECORD_FILES if (champion / name).is_file()}
+    assert "result.json" in record
+    expected = {"checkpoint": served, "model/artifacts/checkpoint": served | record}
+    for name, files in expected.items():
+        folder = local / name
+        assert set(_folder_files(folder)) == files, folder
         assert json.loads((folder / "state.json").read_text())["weights_only"] is True
         assert "optimizer" not in json.loads((folder / "state.json").read_text())
     full = sum(size for name, size in _folder_files(champion).items() if name.endswith(".safetensors"))

@@ -44,6 +44,16 @@ def test_in_process_mode_writes_a_loadable_checkpoint(ray_local, demo_store: Pat
     assert set(selected["gene"]) <= set(genes["gene"].iloc[int((genes["role"] == "primary").sum()):])
 
 
+def test_a_diverging_sweep_run_ends_with_a_diverged_report(ray_local, demo_store: Path, tmp_path: Path) -> None:
+    """report_divergence (a sweep trial): a NonFiniteLossError ends the run once with a diverged report (val_pcc
+    NaN, the message), so Train does not restart it and Tune does not retry it; without it the run fails as before."""
+    result = run_train(small_cfg(lr=1e30, method="topk"), demo_store, SPLIT, {"num_workers": 0}, tmp_path,
+                       name="diverging", report_divergence=True)
+    m = result.metrics
+    assert result.error is None and m["diverged"] is True and not m["final"] and np.isnan(m["val_pcc"])
+    assert m["error"].startswith("NonFiniteLossError: ") and "lr is 1e+30" in m["error"]
+
+
 def test_two_workers_read_ray_data_shards(ray_local, demo_store: Path, tmp_path: Path) -> None:
     # Ray Data readers need CPUs too: 0.5 CPU per worker leaves one for them on 2 cores
     result = run_train(small_cfg(), demo_store, SPLIT,

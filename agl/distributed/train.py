@@ -118,7 +118,9 @@ def train_func(config: dict[str, Any]) -> None:
     """The Ray Train loop: one ``fit`` per worker, resumed from the latest checkpoint after a failure.
 
     ``config``: ``train`` (TrainConfig dict), ``store``, ``split``, ``data`` ("bundle" | "ray_data"),
-    ``threads``, optionally ``pid_dir`` (each worker writes its PID there; used by failure drills).
+    ``threads``, optionally ``pid_dir`` (each worker writes its PID there; used by failure drills) and
+    ``report_divergence`` (a sweep trial: a NonFiniteLossError ends the run with a ``diverged`` report
+    instead of failing it, so neither Train nor Tune retries it).
     """
     import ray.train
 
@@ -150,8 +152,10 @@ def train_func(config: dict[str, Any]) -> None:
                                  wrap_data=shard if config.get("data", "bundle") == "ray_data" else None,
                                  reporter=RayReporter({"resumed_from_epoch": resumed_from}),
                                  resume_from=resume_from, out_dir=work)
-            except NonFiniteLossError as err:  # every rank stops on it together: end the run, no restart
-                ray.train.report(diverged_report(err, "val_pcc"))
+            except NonFiniteLossError as err:  # every rank stops on it together
+                if not config.get("report_divergence"):
+                    raise
+                ray.train.report(diverged_report(err, "val_pcc"))  # a sweep trial: end it, failed, no restart
                 return
             result, base = run.result, run.data
         final_metrics: dict[str, Any] = {"final": True, "resumed_from_epoch": resumed_from}
@@ -192,7 +196,7 @@ def scaling_config(scaling: Mapping[str, Any]) -> Any:
 def build_trainer(cfg: Any, store_path: str | Path, split: str, scaling: Mapping[str, Any],
                   storage_path: str | Path, name: str = "agl-train", failure_max: int = 1,
                   data: str = "bundle", callbacks: list | None = None, pid_dir: str | Path | None = None,
-                  threads: int = 1, num_to_keep: int = 2) -> Any:
+                  threads: int = 1, num_to_keep: int = 2, report_divergence: bool = False) -> Any:
     """A ``TorchTrainer`` running :func:`train_func` for one TrainConfig (dict or TrainConfig)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -201,7 +205,8 @@ def build_trainer(cfg: Any, store_path: str | Path, split: str, scaling: Mapping
         raise ConfigError("data", f"must be one of {DATA_SOURCES}, got {data!r}")
     cfg_dict = cfg if isinstance(cfg, dict) else cfg.to_dict()
     loop_config = {"train": cfg_dict, "store": str(store_path), "split": split, "data": data,
-                   "threads": threads, "pid_dir": str(pid_dir) if pid_dir else None}
+                   "threads": threads, "pid_dir": str(pid_dir) if pid_dir else None,
+                   "report_divergence": report_divergence}
     if scaling.get("num_workers", 1) == 0:
         if "://" in str(storage_path):
             raise ConfigError("scaling.num_workers", "in-process mode (0 workers) needs a local storage_path")

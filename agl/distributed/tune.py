@@ -170,7 +170,7 @@ def agl_train_trial(config: dict[str, Any], *, space: SearchSpace, store_path: s
     # the same name + storage path lets a restored sweep resume the nested run from its checkpoint
     trainer = build_trainer(cfg, store_path, space.split, {"num_workers": workers, "use_gpu": use_gpu},
                             storage_path=storage_path, name=f"train-{trial_id}",
-                            failure_max=1, callbacks=[TuneReportCallback()])
+                            failure_max=1, callbacks=[TuneReportCallback()], report_divergence=True)
     trainer.fit()
 
 

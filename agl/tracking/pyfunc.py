@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,6 +132,7 @@ def save_pyfunc(checkpoint: Path, dest: Path, input_example: np.ndarray | None =
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
 
+    from agl.runs import RECORD_FILES
     from agl.training.checkpoint import export_weights, load_model
 
     model, _gate, cfg, genes = load_model(checkpoint)
@@ -146,6 +148,9 @@ def save_pyfunc(checkpoint: Path, dest: Path, input_example: np.ndarray | None =
         input_example = np.ascontiguousarray(input_example[:1], dtype=np.uint8)
     with tempfile.TemporaryDirectory(prefix="agl-weights-") as tmp:  # the model needs no optimiser state
         weights = export_weights(checkpoint, Path(tmp) / ARTIFACT)
+        for name in RECORD_FILES:  # the run record beside the weights (result.json: metrics, refit_of), kilobytes
+            if (Path(checkpoint) / name).is_file():
+                shutil.copyfile(Path(checkpoint) / name, weights / name)
         mlflow.pyfunc.save_model(
             str(dest), python_model=str(ENTRY), artifacts={ARTIFACT: str(weights)}, signature=signature,
             input_example=input_example, pip_requirements=_requirements(),
