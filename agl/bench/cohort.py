@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from agl.errors import ConfigError
 from agl.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -390,11 +391,16 @@ def bench_cohort(out_dir: str | Path = "results", copies: tuple[int, ...] = (1, 
     return result
 
 
+SWEEP_METHODS = ("pgl", "dkgsb")  # the sweep phase's methods: the train phase's, and the bilevel one
+
+
 def bench_cohort_sweep(out_dir: str | Path = "results", copies: tuple[int, ...] = (128,), epochs: int = 1,
                        work: str | Path | None = None, method: str = "pgl",
                        echo: Callable[[str], None] = print) -> dict[str, Any]:
     """The sweep phase: for each cohort, a 2-trial cross-validated Tune sweep (``run_sweep``, local Ray, 2 CPUs);
     per-trial peak USS/PSS/anonymous PSS/RSS of the trial processes, the driver's, the tree's PSS, wall time."""
+    if method not in SWEEP_METHODS:
+        raise ConfigError("--sweep-method", f"must be one of {', '.join(SWEEP_METHODS)}, got {method!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(work or tempfile.mkdtemp(prefix="agl-bench-cohort-"))
