@@ -66,6 +66,10 @@ class OutputExistsError(DataError):
     """
 
 
+class ResourceError(AGLError):
+    """A run stopped by its machines running out of a resource (memory) more often than it may be restarted."""
+
+
 class NonFiniteLossError(AGLError):
     """Training met a non-finite loss (NaN or inf): a diverging run or non-finite values in the data.
 

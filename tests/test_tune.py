@@ -339,3 +339,73 @@ def test_fair_asha_never_stops_pinned_trials() -> None:
             decisions[t.trial_id] = scheduler.on_trial_result(None, t, {"folds_done": folds, "cv_pcc": score,
                                                                         "training_iteration": folds})
     assert all(decisions[f"t{i}"] == FairASHA.CONTINUE for i in range(3))
+
+
+class _Tuner:
+    """A stand-in for ray.tune.Tuner whose fit() gives the next outcome: an exception to raise, or a result."""
+
+    def __init__(self, outcomes: list) -> None:
+        self.outcomes = outcomes
+
+    def fit(self):
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+def _tune_stopped_by_a_memory_kill() -> RuntimeError:
+    """What Tune 2.60 raises when Ray's memory monitor kills a trial (measured: a tiny sweep under
+    RAY_memory_usage_threshold=0.1): a RuntimeError whose cause is Ray's OutOfMemoryError."""
+    from ray.exceptions import OutOfMemoryError
+
+    try:
+        raise RuntimeError("Caught unexpected exception: 1 worker(s) were killed") from OutOfMemoryError(
+            "1 worker(s) were killed due to the node running low on memory.\nMemory on the node ...")
+    except RuntimeError as err:
+        return err
+
+
+@pytest.mark.reliability(kind="fault", case="Ray's memory monitor kills a trial's worker (Tune 2.60 then stops the "
+                         "whole sweep with 'Caught unexpected exception')",
+                         outcome="the sweep is restored from its saved state and continued, up to --max-failures "
+                                 "times; beyond that a clear error (exit 1) that names --resume; other errors pass through")
+def test_a_memory_killed_trial_restores_the_sweep_instead_of_ending_it():
+    from agl.cli import exit_code
+    from agl.distributed.tune import fit_surviving_memory_kills
+    from agl.errors import ResourceError
+
+    restored = []
+
+    def restore():
+        restored.append(1)
+        return _Tuner(["grid after the restore"])
+
+    assert fit_surviving_memory_kills(_Tuner([_tune_stopped_by_a_memory_kill()]), restore, 3, "s") == \
+        "grid after the restore"
+    assert len(restored) == 1
+
+    def always_killed():
+        return _Tuner([_tune_stopped_by_a_memory_kill()])
+
+    with pytest.raises(ResourceError, match=r"killed trial workers 3 time\(s\).*--resume") as info:
+        fit_surviving_memory_kills(always_killed(), always_killed, 2, "s")
+    assert exit_code(info.value) == 1
+    with pytest.raises(RuntimeError, match="something else"):  # not a memory kill: Tune's error as it was
+        fit_surviving_memory_kills(_Tuner([RuntimeError("something else")]), restore, 3, "s")
+
+
+def test_a_memory_killed_trial_shows_why_in_the_table():
+    """trials.csv's error column: the memory monitor's line (node memory used / limit), not Ray's closing advice."""
+    from types import SimpleNamespace
+
+    from agl.distributed.results import trial_error
+
+    text = ("Task was killed due to the node running low on memory.\n"
+            "ray.exceptions.OutOfMemoryError: 1 worker(s) were killed due to the node running low on memory. "
+            "Memory on the node (IP: 127.0.0.1) was 22.4GB used / 23.54GB limit (0.95)\n"
+            "Refer to the documentation on how to address the out of memory issue: https://docs.ray.io/...")
+    shown = trial_error(SimpleNamespace(metrics={}, error=RuntimeError(text)))
+    assert "1 worker(s) were killed" in shown and "22.4GB used / 23.54GB limit" in shown
+    other = trial_error(SimpleNamespace(metrics={}, error=ValueError("Traceback ...\nValueError: bad value")))
+    assert other == "ValueError: bad value"

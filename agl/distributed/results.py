@@ -79,7 +79,10 @@ def trial_error(result: Any) -> str:
         return str(metrics.get("error", ""))
     if result.error is not None:
         lines = [line for line in str(result.error).splitlines() if line.strip()]
-        return (lines[-1] if lines else type(result.error).__name__)[:1000]
+        # a worker killed by Ray's memory monitor: its last line is Ray's generic advice, the cause is further up
+        oom = sorted((line.strip() for line in lines if "running low on memory" in line),
+                     key=lambda line: "Memory on the node" not in line)  # the line with the node's figures first
+        return (oom[0] if oom else lines[-1] if lines else type(result.error).__name__)[:1000]
     return ""
 
 

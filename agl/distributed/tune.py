@@ -43,7 +43,7 @@ from agl.distributed.storage import (check_storage_path, fetch_from_storage, is_
                                      prepare_nodes, state_uri, trial_nodes, trial_store_spec)
 from agl.distributed.sync import (PENDING_FILE, example_patch, final_checkpoint, finish_tracking, log_refit,
                                   mark_pending, relocate, report_step, sync_command)
-from agl.errors import ConfigError, NonFiniteLossError, OutputExistsError
+from agl.errors import ConfigError, NonFiniteLossError, OutputExistsError, ResourceError
 from agl.fileio import atomic_write_json, atomic_write_text, check_output_folder, write_output_marker
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,8 @@ log = logging.getLogger(__name__)
 TRAINERS = ("function", "train")
 CHAMPION_DIR = "champion"          # the refit of the best configuration (cross-validated sweeps)
 __all__ = ["CHAMPION_DIR", "FairASHA", "SUMMARY_MD", "SWEEP_JSON", "SweepOptions", "SweepSummary", "TABLE_CSV",
-           "TABLE_PNG", "TrackingCallback", "best_trial", "compare_with_pgl", "format_table", "run_sweep",
-           "summary_table", "sweep_complete", "trial_config", "write_table"]
+           "TABLE_PNG", "TrackingCallback", "best_trial", "compare_with_pgl", "fit_surviving_memory_kills",
+           "format_table", "run_sweep", "summary_table", "sweep_complete", "trial_config", "write_table"]
 
 
 @dataclass
@@ -574,7 +574,14 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                                       failure_config=tune.FailureConfig(max_failures=opts.max_failures), verbose=1),
         )
     started = time.perf_counter()
-    grid = tuner.fit()
+
+    def restore() -> Any:  # the sweep again from the state Tune saved, its tracking pointed at this head
+        restored = tune.Tuner.restore(exp_path, trainable=_trainable(opts, space, trial_store, storage_path),
+                                      resume_errored=True)
+        _retarget_tracking(restored, tracker, out)
+        return restored
+
+    grid = fit_surviving_memory_kills(tuner, restore, opts.max_failures, opts.name)
     wall = time.perf_counter() - started
     # interrupted (Ctrl-C / SIGINT): Tune saved its state; keep the parent run open for --resume
     grid, complete = _interrupted_as_saved(grid, space, exp_path)
@@ -609,6 +616,46 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
                         complete=complete, tracking_pending=(out / PENDING_FILE).is_file(), champion=refit_run,
                         text=format_table(table, best, space, refit_run),
                         consensus={k: v for k, v in consensus.items() if k != "table"} if consensus else None)
+
+
+def _memory_kill(err: BaseException) -> BaseException | None:
+    """Ray's OutOfMemoryError behind ``err``, if Ray's memory monitor killed a trial's worker: Tune 2.60's actor
+    manager handles only RayActorError and RayTaskError, and stops the whole sweep with a RuntimeError on this one
+    instead of counting it as the trial's failure (so FailureConfig's max_failures never applies)."""
+    from ray.exceptions import OutOfMemoryError
+
+    cause = err.__cause__ if isinstance(err, RuntimeError) else None
+    return cause if isinstance(cause, OutOfMemoryError) else None
+
+
+def fit_surviving_memory_kills(tuner: Any, restore: Callable[[], Any], max_restores: int, name: str) -> Any:
+    """``tuner.fit()``; when Ray's memory monitor kills a trial's worker (which stops Tune), the sweep is restored
+    from its saved state and continued, up to ``max_restores`` times (``--max-failures``): on a node short of
+    memory the killed trial is retried as any failed trial would be. More kills than that: a ResourceError
+    that says how to continue (``--resume``) and what to change."""
+    restores = 0
+    while True:
+        try:
+            return tuner.fit()
+        except RuntimeError as err:
+            killed = _memory_kill(err)
+            if killed is None:
+                raise
+            first_line = str(killed).splitlines()[0]
+            advice = ("continue it with --resume (same --out) after freeing memory on the node, with fewer trials "
+                      "at once (max_concurrent in the space), or with RAY_memory_usage_threshold raised when Ray starts")
+            if restores >= max_restores:
+                raise ResourceError(f"sweep {name}: Ray's memory monitor killed trial workers {restores + 1} time(s) "
+                                    f"({first_line}); the sweep's state is saved: {advice}") from err
+            restores += 1
+            log.warning("sweep %s: Ray's memory monitor killed trial workers (%s), which stops Tune; restoring the "
+                        "sweep from its saved state and continuing (restore %d of at most %d, --max-failures)",
+                        name, first_line, restores, max_restores)
+            try:
+                tuner = restore()
+            except Exception as restore_err:  # e.g. killed before Tune saved any state
+                raise ResourceError(f"sweep {name}: Ray's memory monitor killed trial workers ({first_line}) and the "
+                                    f"sweep could not be restored ({restore_err}); {advice}") from err
 
 
 def _interrupted_as_saved(grid: Any, space: SearchSpace, exp_path: str) -> tuple[Any, bool]:
