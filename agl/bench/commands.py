@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from agl.bench.cohort import SWEEP_METHODS
 from agl.commands import int_list
 from agl.data.locate import add_store_arg, open_store_arg
 from agl.errors import ConfigError
@@ -170,8 +169,8 @@ def add_bench_cohort_args(p: argparse.ArgumentParser) -> None:
                         "e.g. 128 (~127k spots); results in bench_cohort_sweep.json / .png")
     p.add_argument("--sweep-epochs", type=int, default=1, help="epochs per fold of the sweep phase")
     p.add_argument("--sweep-method", default=None,
-                   help="the sweep phase's method: " + ", ".join(SWEEP_METHODS) + " (default: the first, the train "
-                        "phase's; the bilevel one runs its features-mode outer_val full, the outer part in one batch)")
+                   help="the sweep phase's method (default: the train phase's, PGL; or DkGSB, whose features-mode "
+                        "outer_val full takes the outer part in one batch)")
 
 
 def cmd_bench_cohort(args: argparse.Namespace) -> int:
@@ -186,7 +185,7 @@ def cmd_bench_cohort(args: argparse.Namespace) -> int:
                      epochs=args.epochs, work=args.work)
     if sweep_copies:
         bench_cohort_sweep(out_dir=args.out, copies=sweep_copies, epochs=args.sweep_epochs, work=args.work,
-                           method=args.sweep_method or SWEEP_METHODS[0])
+                           **({"method": args.sweep_method} if args.sweep_method else {}))
     return 0
 
 
