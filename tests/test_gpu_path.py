@@ -147,8 +147,9 @@ def test_the_pyfunc_model_predicts_on_the_runs_device(demo_store, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     patches = np.asarray(open_store(demo_store).patches[:2])
     # a CUDA run's model on a host without CUDA: the host's device (with a warning), as asking for the CPU does
-    on_host = _features_pyfunc("cuda").predict(None, patches)
-    asked = _features_pyfunc("cuda").predict(None, patches, params={"device": "cpu"})
+    model = _features_pyfunc("cuda")  # one model: its encoder is random
+    on_host = model.predict(None, patches)
+    asked = model.predict(None, patches, params={"device": "cpu"})
     assert on_host.shape == asked.shape == (2, 5)
     np.testing.assert_allclose(on_host.to_numpy(), asked.to_numpy())
 
