@@ -114,13 +114,6 @@ def patch_settings(ckpt: Path, opts: PredictOptions) -> tuple[float, int]:
     return float(um or DEFAULT_PATCH_UM), int(px or DEFAULT_PATCH_PX)
 
 
-def stain_record(ckpt: Path) -> dict[str, Any]:
-    """The stain normalisation the checkpoint's store applied to its patches (``{"method": "none"}`` if none)."""
-    from agl.data.stain import check_record
-
-    return check_record(store_record(ckpt).get("stain"), ckpt / "store.json")
-
-
 def preprocessing(ckpt: Path) -> dict[str, Any]:
     """The store's preprocessing switches recorded in the checkpoint (log1p by default)."""
     return dict(store_record(ckpt).get("preprocessing") or {"log1p": True, "normalize_total": None})
@@ -371,7 +364,7 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
     from agl.training.checkpoint import load_model
     from agl.data.patches import extract_patches
     from agl.data.readers import read_slides
-    from agl.data.stain import normalise_patches
+    from agl.data.stain import checkpoint_stain, normalise_patches
 
     out = Path(opts.out)
     check_output_folder(out, COMMAND, inputs=input_paths(opts), overwrite=opts.overwrite)  # before any work
@@ -407,7 +400,7 @@ def predict_slides(opts: PredictOptions) -> dict[str, Any]:
         if slides is None:
             log.info("%s records no training slides (a checkpoint of earlier agl, its store not in the agl cache): "
                      "whether %s was among them is unknown", ckpt, ", ".join(predicted_slides))
-        stain = stain_record(ckpt)  # read before cutting: a damaged record stops here
+        stain = checkpoint_stain(ckpt)  # read before cutting: a damaged record stops here
         patches, keep, report = extract_patches(adata, patch_um=patch_um, patch_px=patch_px, border="pad")
         if not keep.all():
             adata, patches, measured = adata[keep].copy(), patches[keep], measured[keep]

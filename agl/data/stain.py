@@ -187,6 +187,15 @@ def normalise_patches(patches: np.ndarray, record: Mapping[str, Any], progress: 
     return out, kept
 
 
+def checkpoint_stain(checkpoint: str | Path) -> dict[str, Any]:
+    """The stain record a checkpoint keeps in its ``store.json`` (``{"method": "none"}`` when it has none, or no
+    ``store.json``: checkpoints of earlier agl); a DataError naming the file when the record is unusable.
+    ``agl predict`` and the served champion both read it here, so they apply the same transform."""
+    path = Path(checkpoint) / "store.json"
+    record = json.loads(path.read_text()).get("stain") if path.is_file() else None
+    return check_record(record, path)
+
+
 def write_record(folder: Path, record: Mapping[str, Any]) -> None:
     """``folder/stain.json`` (a store being written: its sha256 goes into the manifest)."""
     (folder / STAIN_FILE).write_text(json.dumps(dict(record), indent=1, sort_keys=True))

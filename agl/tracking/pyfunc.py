@@ -115,15 +115,9 @@ def patch_px(checkpoint: Path) -> int:
 
 def stain_of(checkpoint: Path) -> dict[str, Any]:
     """The stain record of the checkpoint's training store (``{"method": "none"}`` when it had none)."""
-    from agl.data.stain import check_record
+    from agl.data.stain import checkpoint_stain
 
-    return check_record(_store_json(checkpoint).get("stain"), Path(checkpoint) / "store.json")
-
-
-def _store_json(checkpoint: Path) -> dict[str, Any]:
-    """The checkpoint's ``store.json`` (empty when absent: checkpoints of earlier agl)."""
-    path = Path(checkpoint) / "store.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return checkpoint_stain(checkpoint)
 
 
 def save_pyfunc(checkpoint: Path, dest: Path, input_example: np.ndarray | None = None) -> Path:
