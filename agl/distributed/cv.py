@@ -219,6 +219,8 @@ def remote_refit(space: Any, config: Mapping[str, Any], store_spec: str, dest: s
     import ray
     from ray.exceptions import RayTaskError
 
+    from agl.fileio import swap_folder
+
     custom = {k: float(v) for k, v in resources.items() if k not in ("cpu", "gpu")}
     task = ray.remote(num_cpus=float(resources.get("cpu", 1)), num_gpus=float(resources.get("gpu", 0)),
                       resources=custom or None, max_retries=0)(_refit_task)
@@ -233,8 +235,7 @@ def remote_refit(space: Any, config: Mapping[str, Any], store_spec: str, dest: s
     tmp.mkdir(parents=True)
     with tarfile.open(fileobj=io.BytesIO(found["archive"]), mode="r") as tar:
         tar.extractall(tmp, filter="data")  # refuses links and paths outside tmp
-    shutil.rmtree(dest, ignore_errors=True)  # a previous refit of the same sweep (resume)
-    tmp.rename(dest)
+    swap_folder(tmp, dest)  # a previous refit of the same sweep (resume) is replaced only once this one is in place
     return found["summary"], {"node_id": found["node_id"], "pid": found["pid"]}
 
 
