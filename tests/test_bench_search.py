@@ -111,3 +111,21 @@ def test_an_interrupted_benchmark_keeps_its_finished_sweeps(demo_store: Path, tm
     assert result["runs"][0]["regret"] == pytest.approx(0.01)
     assert result["failed"][0]["searcher"] == "random" and "out of memory" in result["failed"][0]["error"]
     assert len(result["not_run"]) == 2 and (tmp_path / "bench_search.png").is_file()
+
+
+def test_paired_differences_match_scipy_on_constructed_seeds() -> None:
+    """TPE minus random and TPE minus tpe-plain, paired by seed: mean, s.e. and the t-test p match scipy's."""
+    from scipy import stats
+
+    regrets = {"tpe": [0.001, 0.004, 0.002], "random": [0.020, 0.011, 0.030], "tpe-plain": [0.006, 0.003, 0.009]}
+    runs = [{"searcher": s, "asha": True, "budget": 8, "seed": i, "regret": r, "trial_epochs": 10,
+             "trial_cpu_s": 10.0 + i, "wall_s": 1, "champion_test_pcc": 0.5, "champion_method": "topk"}
+            for s, values in regrets.items() for i, r in enumerate(values)]
+    paired = {(p["a"], p["b"]): p for p in summarise(runs)["paired"]}
+    for b in ("random", "tpe-plain"):
+        diff = np.subtract(regrets["tpe"], regrets[b])
+        row = paired[("tpe", b)]
+        assert row["seeds"] == 3 and row["regret_diff_mean"] == pytest.approx(diff.mean())
+        assert row["regret_diff_se"] == pytest.approx(stats.sem(diff))
+        assert row["p_t"] == pytest.approx(stats.ttest_rel(regrets["tpe"], regrets[b]).pvalue)
+        assert row["trial_cpu_s_diff_mean"] == pytest.approx(0.0)

@@ -164,3 +164,27 @@ def test_random_searcher_is_optunas_random_sampler_through_the_same_code() -> No
     assert [searcher.suggest(f"t{i}") for i in range(3)] == [dict(p) for p in space.start_with]  # pinned first
     with pytest.raises(ConfigError, match="--searcher"):
         _searcher(space, 2, None, "grid")
+
+
+def test_tpe_plain_is_the_earlier_searcher_that_scores_a_stopped_trial_as_complete() -> None:
+    """The baseline of agl bench search: TPE with Optuna's defaults (in Optuna 5.0 these already include constant
+    liar, and multivariate for one objective; not group), a start-up budget that counts the pinned trials, and a
+    trial the scheduler stopped is COMPLETE at its last score (what the sweep did before it was told PRUNED)."""
+    import argparse
+
+    from agl.distributed.commands import add_tune_args
+    from agl.distributed.searcher import SAMPLERS
+
+    space = load_space("default")
+    searcher = _searcher(space, 2, None, "tpe-plain")
+    sampler = searcher._ot_study.sampler
+    assert not sampler._group and sampler._n_startup_trials == min(10, max(2, space.num_samples // 2))
+    assert [searcher.suggest(f"t{i}") for i in range(4)][:3] == [dict(p) for p in space.start_with]
+    searcher.on_trial_result("t3", {"cv_pcc": 0.10, "training_iteration": 1, "folds_done": 1})
+    searcher.on_trial_complete("t3", {"cv_pcc": 0.12, "training_iteration": 2, "folds_done": 2})
+    stopped = searcher._ot_study.get_trials(deepcopy=False)[3]
+    assert stopped.state == TrialState.COMPLETE and stopped.value == pytest.approx(0.12)
+    parser = argparse.ArgumentParser()
+    add_tune_args(parser)
+    choices = next(a.choices for a in parser._actions if a.dest == "searcher")
+    assert tuple(choices) == SAMPLERS   # the CLI offers every sampler the sweep builds, and no other

@@ -267,7 +267,7 @@ def add_bench_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=None, help="planted data sets (default 2; --quick: 1)")
     p.add_argument("--first-seed", type=int, default=0, help="seed of the first planted data set")
     p.add_argument("--budgets", default=None, help="trials per sweep, comma-separated (default 8; --quick: 3)")
-    p.add_argument("--searchers", default=None, help="tpe,random,grid (default tpe,random; --quick: tpe,grid)")
+    p.add_argument("--searchers", default=None, help="tpe,random,grid,tpe-plain (default tpe,random; --quick: tpe,grid)")
     p.add_argument("--asha", default=None, help="on, off or on,off (default on; grid always runs without ASHA)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per fold (default 6; --quick: 2)")
     p.add_argument("--max-folds", type=int, default=None,

@@ -28,7 +28,8 @@ docs/benchmarks.md), and reusing a process changes nothing a trial computes.
 Searchers: ``tpe`` (the sweep's default, :mod:`agl.distributed.searcher`), ``random`` (Optuna's
 RandomSampler through the same code) and ``grid`` (top-k at ``budget`` values of k spaced evenly in
 log k: the pinned trials of a space with no sampled trial; run without ASHA, as pinned trials are never
-stopped). Writes ``OUT/bench_search.json`` after every sweep (``complete`` false until the last; a failed sweep is
+stopped), and ``tpe-plain`` (the searcher before 2026-12-07: Optuna's TPE with its defaults, stopped trials scored
+as complete; the A/B of the sweep's searcher set-up). Writes ``OUT/bench_search.json`` after every sweep (``complete`` false until the last; a failed sweep is
 listed and skipped) and ``OUT/bench_search.png`` (regret against compute per searcher).
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ from agl.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-SEARCHERS = ("tpe", "random", "grid")
+SEARCHERS = ("tpe", "random", "grid", "tpe-plain")
 SPLIT = "loso-B4"              # the sweep's test slide, as in the default space
 K_LOW = 8                      # the smallest k the space searches
 CURVE = (0.25, 0.5, 1.0, 2.0, 4.0)   # the oracle's top-k curve: multiples of the planted k
@@ -219,7 +220,7 @@ def run_one(store: Path, work: Path, searcher: str, budget: int, seed: int, asha
     with TreeCpu() as meter:
         summary = run_sweep(SweepOptions(space=str(space_file), store=str(store), out=str(folder / "sweep"),
                                          name=name, num_cpus=num_cpus,
-                                         searcher="random" if searcher == "random" else "tpe",
+                                         searcher="tpe" if searcher == "grid" else searcher,
                                          reuse_actors=reuse_actors))
     wall, sweep_cpu = time.perf_counter() - started, meter.seconds
     champion = summary.champion or {}
@@ -288,38 +289,54 @@ def summarise(runs: list[dict[str, Any]], target: float = 0.005) -> dict[str, An
     return {"rows": rows, "target": verdict, "target_regret": target, "paired": paired_tpe_random(frame)}
 
 
+PAIRS = (("tpe", "random"), ("tpe", "tpe-plain"))   # (a, b): a minus b on the same seeds
+
+
 def paired_tpe_random(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """TPE minus random on the same seeds (same planted store, same oracle), per budget and ASHA setting:
-    mean difference in regret and in trial CPU-s with their standard errors (is the gap above the seed noise?)."""
+    """TPE minus random (and minus tpe-plain) on the same seeds (same planted store, same oracle), per budget and
+    ASHA setting: mean difference in regret and in trial CPU-s with their standard errors (above the seed noise?)."""
     out: list[dict[str, Any]] = []
     if "seed" not in frame:
         return out
-    for (budget, asha), group in frame[frame["searcher"].isin(["tpe", "random"])].groupby(["budget", "asha"]):
-        wide = group.pivot_table(index="seed", columns="searcher", values=["regret", "trial_cpu_s"])
-        wide = wide.dropna()
-        if "tpe" not in wide["regret"] or "random" not in wide["regret"] or not len(wide):
-            continue
-        row: dict[str, Any] = {"budget": int(budget), "asha": bool(asha), "seeds": int(len(wide))}
-        for value in ("regret", "trial_cpu_s"):
-            diff = (wide[value]["tpe"] - wide[value]["random"]).to_numpy(dtype=np.float64)
-            row[f"{value}_diff_mean"] = float(diff.mean())
-            row[f"{value}_diff_se"] = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.nan
-        out.append(row)
+    for a, b in PAIRS:
+        for (budget, asha), group in frame[frame["searcher"].isin([a, b])].groupby(["budget", "asha"]):
+            wide = group.pivot_table(index="seed", columns="searcher", values=["regret", "trial_cpu_s"])
+            wide = wide.dropna()
+            if a not in wide["regret"] or b not in wide["regret"] or not len(wide):
+                continue
+            row: dict[str, Any] = {"a": a, "b": b, "budget": int(budget), "asha": bool(asha), "seeds": int(len(wide))}
+            for value in ("regret", "trial_cpu_s"):
+                diff = (wide[value][a] - wide[value][b]).to_numpy(dtype=np.float64)
+                row[f"{value}_diff_mean"] = float(diff.mean())
+                row[f"{value}_diff_se"] = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.nan
+                if value == "regret":
+                    row["p_t"] = _paired_p(diff)
+            out.append(row)
     return out
 
 
+def _paired_p(diff: np.ndarray) -> float:
+    """Two-sided one-sample t-test of paired differences (nan below 2 pairs or with no spread)."""
+    from scipy import stats
+
+    if len(diff) < 2 or not np.std(diff) > 0:
+        return math.nan
+    return float(stats.ttest_1samp(diff, 0.0).pvalue)
+
+
 def format_rows(summary: dict[str, Any]) -> str:
-    lines = [f"{'searcher':<8}{'ASHA':>5}{'budget':>7}{'runs':>5}{'regret':>18}{'<=tgt':>6}"
+    lines = [f"{'searcher':<10}{'ASHA':>5}{'budget':>7}{'runs':>5}{'regret':>18}{'<=tgt':>6}"
              f"{'trial-epochs':>13}{'CPU-s':>8}{'sweep CPU-s':>12}{'wall s':>8}  champions"]
     for r in summary["rows"]:
-        lines.append(f"{r['searcher']:<8}{'on' if r['asha'] else 'off':>5}{r['budget']:>7}{r['runs']:>5}"
+        lines.append(f"{r['searcher']:<10}{'on' if r['asha'] else 'off':>5}{r['budget']:>7}{r['runs']:>5}"
                      f"{r['regret_mean']:>10.4f} +- {r['regret_sd']:.4f}{r['within_target']:>6}"
                      f"{r['trial_epochs_mean']:>13.0f}{r['trial_cpu_s_mean']:>8.0f}"
                      f"{r.get('sweep_cpu_s_mean', math.nan):>12.0f}{r['wall_s_mean']:>8.0f}  "
                      + ", ".join(f"{m} x{n}" for m, n in r["champion_methods"].items()))
     for p in summary.get("paired", []):
-        lines.append(f"TPE - random, budget {p['budget']}, ASHA {'on' if p['asha'] else 'off'}, {p['seeds']} paired "
-                     f"seeds: regret {p['regret_diff_mean']:+.4f} +- {p['regret_diff_se']:.4f} (s.e.), trial CPU-s "
+        lines.append(f"{p.get('a', 'tpe')} - {p.get('b', 'random')}, budget {p['budget']}, ASHA "
+                     f"{'on' if p['asha'] else 'off'}, {p['seeds']} paired seeds: regret {p['regret_diff_mean']:+.4f} "
+                     f"+- {p['regret_diff_se']:.4f} (s.e., t-test p {p.get('p_t', math.nan):.2f}), trial CPU-s "
                      f"{p['trial_cpu_s_diff_mean']:+.0f} +- {p['trial_cpu_s_diff_se']:.0f}")
     verdict = summary.get("target")
     if verdict:
@@ -340,7 +357,7 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> Path:
     from agl.fileio import atomic_savefig
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = {"tpe": "tab:blue", "random": "tab:orange", "grid": "tab:green"}
+    colours = {"tpe": "tab:blue", "random": "tab:orange", "grid": "tab:green", "tpe-plain": "tab:purple"}
     try:
         for (searcher, asha), group in pd.DataFrame(runs).groupby(["searcher", "asha"]):
             ax.scatter(group["trial_cpu_s"], group["regret"], color=colours.get(searcher, "k"),

@@ -52,8 +52,10 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
                         "parent run as runs:/<run_id> (on --tracking-uri)")
     p.add_argument("--warm-start-top", type=int, default=3, metavar="N",
                    help="how many of the earlier sweep's best configurations to enqueue")
-    p.add_argument("--searcher", choices=("tpe", "random"), default="tpe",
-                   help="Optuna sampler after the pinned/warm-start trials: tpe, or random (a baseline)")
+    p.add_argument("--searcher", choices=("tpe", "random", "tpe-plain"), default="tpe",  # searcher.SAMPLERS (tested)
+                   help="Optuna sampler after the pinned/warm-start trials: tpe; random (a baseline); tpe-plain "
+                        "(TPE with Optuna's defaults and stopped trials scored as complete: the searcher before "
+                        "2026-12-07, a baseline)")
     p.add_argument("--consensus-top", type=int, default=5, metavar="N",
                    help="the gene consensus counts how often each auxiliary gene is selected in the N best "
                         "finished trials")

@@ -5,6 +5,8 @@
   ``group`` (the conditional space is split into the groups of settings that occur together:
   a PGL trial's settings are modelled apart from a DkGSB trial's); see the Optuna ``TPESampler``
   docs (``group``: "the search space is decomposed ... for conditional search spaces").
+  Optuna 5.0's defaults already turn on constant liar and, for one objective, multivariate; they are
+  set here explicitly so that the searcher does not change with Optuna's defaults.
 - A random start-up budget that scales with concurrency: the first ``concurrency`` trials start
   together with nothing to learn from, so at least that many are random. Pinned (``start_with``)
   and warm-start trials are enqueued and do not count as random start-up: Optuna's
@@ -95,17 +97,27 @@ class PruningOptunaSearch(_optuna_search_base()):
         self._completed_trials.add(trial_id)
 
 
-SAMPLERS = ("tpe", "random")   # random: Optuna's RandomSampler, the baseline a user weighs TPE against
+# random: Optuna's RandomSampler, the baseline a user weighs TPE against; tpe-plain: the searcher before
+# 2026-12-07 (TPESampler with Optuna's defaults: in 5.0 constant liar on, multivariate for one objective, no
+# group; pinned trials counted as start-up; ASHA-stopped trials COMPLETE at their last score), kept so that
+# agl bench search can measure what the set-up above changes
+SAMPLERS = ("tpe", "random", "tpe-plain")
 
 
 def build_searcher(space: SearchSpace, concurrency: int, warm_points: Sequence[Mapping[str, Any]] = (),
                    sampler: str = "tpe") -> Any:
-    """The sweep's searcher: pinned trials, then warm-start points, then TPE (random start-up first) or random."""
+    """The sweep's searcher: pinned trials, then warm-start points, then TPE (random start-up first), random, or
+    ``tpe-plain`` (Ray's own OptunaSearch over a default TPESampler: the baseline of ``agl bench search``)."""
     import optuna
 
     if sampler not in SAMPLERS:
         raise ConfigError("--searcher", f"must be one of {SAMPLERS}, got {sampler!r}")
     points = [dict(p) for p in space.start_with] + [dict(p) for p in warm_points]
+    if sampler == "tpe-plain":
+        plain = optuna.samplers.TPESampler(seed=space.seed,
+                                           n_startup_trials=min(MAX_RANDOM_STARTUP, max(2, space.num_samples // 2)))
+        return _optuna_search_base()(space=space.define_by_run(), metric=space.metric, mode=space.mode,
+                                     sampler=plain, points_to_evaluate=points or None)
     startup = len(points) + random_startup(space.num_samples, concurrency, len(points))
     chosen = (tpe_sampler(space.seed, startup) if sampler == "tpe"
               else optuna.samplers.RandomSampler(seed=space.seed))

@@ -80,7 +80,7 @@ class SweepOptions:
     warm_start_from: str | None = None     # an earlier sweep's --out or its MLflow parent run (runs:/<id>)
     warm_start_top: int = 3                # how many of its best configurations to enqueue
     consensus_top: int = 5                 # the gene consensus counts selections in this many best trials
-    searcher: str = "tpe"                  # tpe, or random (Optuna's RandomSampler: the baseline)
+    searcher: str = "tpe"                  # tpe, random or tpe-plain (agl.distributed.searcher.SAMPLERS)
     checkpoint_every: int | None = None    # None: every epoch on a local storage path, every 5th on s3:// etc.
     trial_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources each trial needs
     max_failures: int = 3                  # retries of a trial from its last checkpoint (spot nodes get reclaimed)
@@ -474,8 +474,10 @@ def run_sweep(opts: SweepOptions) -> SweepSummary:
     if opts.trainer not in TRAINERS:
         raise ConfigError("--trainer", f"must be one of {TRAINERS}, got {opts.trainer!r}")
     space = _sweep_space(opts)
-    if opts.searcher not in ("tpe", "random"):
-        raise ConfigError("--searcher", f"must be tpe or random, got {opts.searcher!r}")
+    from agl.distributed.searcher import SAMPLERS
+
+    if opts.searcher not in SAMPLERS:
+        raise ConfigError("--searcher", f"must be one of {', '.join(SAMPLERS)}; got {opts.searcher!r}")
     if opts.consensus_top < 1:
         raise ConfigError("--consensus-top", f"must be >= 1, got {opts.consensus_top}")
     _workers_per_trial(opts, space)  # a bad --workers-per-trial fails before anything is written
