@@ -26,11 +26,12 @@ sweep's default): the process start and imports were most of a trial's CPU on th
 docs/benchmarks.md), and reusing a process changes nothing a trial computes.
 
 Searchers: ``tpe`` (the sweep's default, :mod:`agl.distributed.searcher`), ``random`` (Optuna's
-RandomSampler through the same code) and ``grid`` (top-k at ``budget`` values of k spaced evenly in
+RandomSampler through the same code), ``grid`` (top-k at ``budget`` values of k spaced evenly in
 log k: the pinned trials of a space with no sampled trial; run without ASHA, as pinned trials are never
-stopped), and ``tpe-plain`` (the searcher before 2026-12-07: Optuna's TPE with its defaults, stopped trials scored
-as complete; the A/B of the sweep's searcher set-up). Writes ``OUT/bench_search.json`` after every sweep (``complete`` false until the last; a failed sweep is
-listed and skipped) and ``OUT/bench_search.png`` (regret against compute per searcher).
+stopped), and ``tpe-plain`` (the searcher before 2026-12-07: Optuna's TPE with its defaults, stopped trials
+scored as complete; the A/B of the sweep's searcher set-up). Writes ``OUT/bench_search.json`` after every sweep
+(``complete`` false until the last; a failed sweep is listed and skipped) and ``OUT/bench_search.png`` (regret
+against compute per searcher).
 """
 from __future__ import annotations
 
@@ -290,13 +291,13 @@ def summarise(runs: list[dict[str, Any]], target: float = 0.005) -> dict[str, An
         verdict = {"target_regret": target, "tpe_asha_cpu_s": best_tpe and best_tpe["trial_cpu_s_mean"],
                    "random_cpu_s": best_rnd and best_rnd["trial_cpu_s_mean"], "random_reached": best_rnd is not None,
                    "random_max_cpu_s": random_spent, "met": met}
-    return {"rows": rows, "target": verdict, "target_regret": target, "paired": paired_tpe_random(frame)}
+    return {"rows": rows, "target": verdict, "target_regret": target, "paired": paired_differences(frame)}
 
 
 PAIRS = (("tpe", "random"), ("tpe", "tpe-plain"))   # (a, b): a minus b on the same seeds
 
 
-def paired_tpe_random(frame: pd.DataFrame) -> list[dict[str, Any]]:
+def paired_differences(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """TPE minus random (and minus tpe-plain) on the same seeds (same planted store, same oracle), per budget and
     ASHA setting: mean difference in regret and in trial CPU-s with their standard errors (above the seed noise?)."""
     out: list[dict[str, Any]] = []
