@@ -352,7 +352,8 @@ def format_rows(summary: dict[str, Any]) -> str:
         lines.append(f"target (TPE + ASHA at mean regret <= {verdict['target_regret']} with <= half of random "
                      f"search's CPU-s): {'met' if verdict['met'] else 'not met'} ({tpe_part}; {random_part})")
     else:
-        lines.append(f"no searcher reached a mean regret <= {summary['target_regret']}: the target is not met")
+        lines.append(f"neither TPE + ASHA nor random reached a mean regret <= {summary['target_regret']} at any "
+                     "budget: the target is not met")
     return "\n".join(lines)
 
 
