@@ -37,7 +37,7 @@ import pandas as pd
 
 from agl import runs
 from agl.distributed.storage import node_store
-from agl.fileio import atomic_write_json, atomic_write_text
+from agl.fileio import atomic_write_json, atomic_write_text, swap_folder
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,7 @@ def refit(space: Any, config: Mapping[str, Any], store_path: str, dest: str | Pa
         tmp = dest.with_name(dest.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(work / "final", tmp)
-        shutil.rmtree(dest, ignore_errors=True)  # a previous refit of the same sweep (resume)
-        tmp.rename(dest)
+        swap_folder(tmp, dest)  # a previous refit of the same sweep (resume) is replaced only once this one is in place
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("refit %s on %s (all non-test spots): test PCC %.4f, k %d", cfg.method, space.split,
@@ -218,8 +217,6 @@ def remote_refit(space: Any, config: Mapping[str, Any], store_spec: str, dest: s
 
     import ray
     from ray.exceptions import RayTaskError
-
-    from agl.fileio import swap_folder
 
     custom = {k: float(v) for k, v in resources.items() if k not in ("cpu", "gpu")}
     task = ray.remote(num_cpus=float(resources.get("cpu", 1)), num_gpus=float(resources.get("gpu", 0)),
