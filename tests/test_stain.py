@@ -199,13 +199,14 @@ def test_predict_applies_the_stores_normalisation(stores, checkpoint: Path, her2
 def test_pyfunc_applies_the_stores_normalisation(stores, checkpoint: Path) -> None:
     from types import SimpleNamespace
 
-    from agl.tracking.pyfunc import ARTIFACT, AglPyfuncModel, stain_of
+    from agl.data.stain import checkpoint_stain
+    from agl.tracking.pyfunc import ARTIFACT, AglPyfuncModel
 
     raw = np.asarray(open_store(stores["none"]).patches[:6])
     done = np.asarray(open_store(stores["macenko"]).patches[:6])
     served = AglPyfuncModel()
     served.load_context(SimpleNamespace(artifacts={ARTIFACT: str(checkpoint)}))
-    assert stain_of(checkpoint)["method"] == "macenko"
+    assert checkpoint_stain(checkpoint)["method"] == "macenko"
     plain = AglPyfuncModel().serve(served.model, served.cfg, served.columns)  # the same model, no stain record
     assert np.allclose(served.predict(None, raw).to_numpy(), plain.predict(None, done).to_numpy(), atol=1e-5)
     assert not np.allclose(served.predict(None, raw).to_numpy(), plain.predict(None, raw).to_numpy(), atol=1e-3)

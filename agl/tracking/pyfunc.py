@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from agl.data.stain import checkpoint_stain
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -49,7 +51,7 @@ class AglPyfuncModel(_Base):
         self.checkpoint = Path(context.artifacts[ARTIFACT])
         model, _gate, cfg, self.genes = load_model(self.checkpoint)
         n_out = int(getattr(model, "n_genes", len(self.genes)))
-        self.serve(model, cfg, self.genes["gene"].astype(str).iloc[:n_out].tolist(), stain_of(self.checkpoint))
+        self.serve(model, cfg, self.genes["gene"].astype(str).iloc[:n_out].tolist(), checkpoint_stain(self.checkpoint))
 
     def serve(self, model: Any, cfg: Any, columns: list[str],
               stain: dict[str, Any] | None = None) -> "AglPyfuncModel":
@@ -113,13 +115,6 @@ def patch_px(checkpoint: Path) -> int:
     return int((record.get("patch") or {}).get("patch_px") or record.get("patch_px") or DEFAULT_PATCH_PX)
 
 
-def stain_of(checkpoint: Path) -> dict[str, Any]:
-    """The stain record of the checkpoint's training store (``{"method": "none"}`` when it had none)."""
-    from agl.data.stain import checkpoint_stain
-
-    return checkpoint_stain(checkpoint)
-
-
 def save_pyfunc(checkpoint: Path, dest: Path, input_example: np.ndarray | None = None) -> Path:
     """Save ``checkpoint`` as a pyfunc model folder at ``dest`` (signature, input example, metadata)."""
     import mlflow
@@ -148,7 +143,7 @@ def save_pyfunc(checkpoint: Path, dest: Path, input_example: np.ndarray | None =
         mlflow.pyfunc.save_model(
             str(dest), python_model=str(ENTRY), artifacts={ARTIFACT: str(weights)}, signature=signature,
             input_example=input_example, pip_requirements=_requirements(),
-            metadata={"genes": json.dumps(names), "method": cfg.method, "stain": stain_of(checkpoint)["method"],
+            metadata={"genes": json.dumps(names), "method": cfg.method, "stain": checkpoint_stain(checkpoint)["method"],
                       "backbone": cfg.backbone, "mode": cfg.mode})
     return dest
 
