@@ -222,8 +222,10 @@ def plot(panels: list[dict[str, Any]], unfinished: list[dict[str, Any]], png: Pa
         old = STUDY_2026_12_06[panel]["dkgsb_k"]
         row[0].axhline(float(np.mean(list(old.values()))), color="grey", ls=":", lw=1,
                        label="study 2026-12-06 (old defaults), mean k")
-        row[0].set(xlabel="epoch", ylabel="DkGSB k (genes kept)", yscale="log",
-                   title=f"{panel}: DkGSB k per epoch (dashed: unfinished)")
+        dashed = " (dashed: unfinished)" if any(u["panel"] == panel for u in unfinished) else ""
+        row[0].set(xlabel="epoch", ylabel="DkGSB k (genes kept)", title=f"{panel}: DkGSB k per epoch{dashed}")
+        row[0].set_yscale("symlog", linthresh=100)  # symlog, not log: a selection that closed (k = 0) stays on the plot
+        row[0].set_ylim(bottom=-30)  # room below 0 so k = 0 shows
         row[0].legend(fontsize=8, title="held-out slide")
         if rep is None:
             for ax in row[1:]:
@@ -234,7 +236,9 @@ def plot(panels: list[dict[str, Any]], unfinished: list[dict[str, Any]], png: Pa
             row[1].scatter([i], [s["dkgsb_k_study_2026_12_06"]], marker="x", color="black", s=40,
                            label="study 2026-12-06 (old defaults), mean" if i == 0 else None)
         row[1].set_xticks(range(len(rep["per_slide"])), [s["slide"] for s in rep["per_slide"]])
-        row[1].set(yscale="log", ylabel="learned k (tested epoch)", title=f"{panel}: DkGSB k per held-out slide")
+        row[1].set(ylabel="learned k (tested epoch)", title=f"{panel}: DkGSB k per held-out slide")
+        row[1].set_yscale("symlog", linthresh=100)
+        row[1].set_ylim(bottom=-30)  # room below 0 so k = 0 shows
         row[1].legend(fontsize=8)
         others = list(rep["paired_runs"])
         for j, m in enumerate(others):
@@ -270,6 +274,7 @@ def report(work: Path, out: Path, seeds: tuple[int, ...]) -> dict[str, Any]:
               "dkgsb_defaults": MODE_DEFAULTS["features"], "command": " ".join(["python", *sys.argv]),
               "load_average": os.getloadavg(), "cpus": os.cpu_count(), "panels": panels,
               "unfinished_dkgsb_runs": unfinished}
+    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result)
     plot(panels, unfinished, out.with_suffix(".png"))
     for p in panels:
