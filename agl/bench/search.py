@@ -341,7 +341,7 @@ def format_rows(summary: dict[str, Any]) -> str:
     for p in summary.get("paired", []):
         lines.append(f"{p.get('a', 'tpe')} - {p.get('b', 'random')}, budget {p['budget']}, ASHA "
                      f"{'on' if p['asha'] else 'off'}, {p['seeds']} paired seeds: regret {p['regret_diff_mean']:+.4f} "
-                     f"+- {p['regret_diff_se']:.4f} (s.e., t-test p {p.get('p_t', math.nan):.2f}), trial CPU-s "
+                     f"+- {p['regret_diff_se']:.4f} (s.e., t-test p {p.get('p_t', math.nan):.2g}), trial CPU-s "
                      f"{p['trial_cpu_s_diff_mean']:+.0f} +- {p['trial_cpu_s_diff_se']:.0f}")
     verdict = summary.get("target")
     if verdict:
